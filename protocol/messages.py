@@ -1,0 +1,237 @@
+"""Wire messages between agents and the control plane.
+
+Every payload is JSON with an explicit ``schema`` (``slmfleet.<kind>/<n>``),
+is validated strictly (unknown fields rejected, strings and lists capped) and
+is refused outright above :data:`MAX_PAYLOAD_BYTES` before parsing.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from .errors import MalformedPayload, PayloadTooLarge, SchemaMismatch
+from .topics import DEVICE_ID_PATTERN, TopicKind
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+ShortStr = Annotated[str, StringConstraints(max_length=128)]
+LongStr = Annotated[str, StringConstraints(max_length=1024)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Timestamp = Annotated[float, Field(ge=0, description="seconds since the Unix epoch")]
+Labels = Annotated[dict[ShortStr, ShortStr], Field(max_length=32)]
+
+
+class Tier(StrEnum):
+    """Hardware tiers, after the SLM size classes (see DESIGN.md)."""
+
+    MICRO = "micro"
+    SMALL = "small"
+    MEDIUM = "medium"
+
+    @property
+    def rank(self) -> int:
+        """Ordering: micro < small < medium."""
+        return _TIER_RANK[self]
+
+
+_TIER_RANK = {Tier.MICRO: 0, Tier.SMALL: 1, Tier.MEDIUM: 2}
+
+
+class _Wire(BaseModel):
+    """Base for wire models: strict shape, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=4096)
+
+
+class CpuInfo(_Wire):
+    model: ShortStr = ""
+    arch: ShortStr
+    cores: Annotated[int, Field(ge=1, le=4096)]
+    threads: Annotated[int, Field(ge=1, le=8192)]
+    flags: Annotated[list[Annotated[str, StringConstraints(max_length=32)]], Field(max_length=64)] = []
+
+
+class Accelerator(_Wire):
+    kind: Literal["gpu", "npu"]
+    vendor: ShortStr = ""
+    name: ShortStr = ""
+    memory_bytes: NonNegInt = 0
+
+
+class OsInfo(_Wire):
+    system: ShortStr
+    release: ShortStr = ""
+    distro: ShortStr = ""
+
+
+class Runtime(_Wire):
+    name: Literal["llama.cpp", "onnxruntime"]
+    version: ShortStr
+    providers: Annotated[list[ShortStr], Field(max_length=16)] = []
+
+
+class Capabilities(_Wire):
+    """What the device's hardware can do, measured by the agent's probe."""
+
+    cpu: CpuInfo
+    ram_bytes: NonNegInt
+    disk_free_bytes: NonNegInt
+    accelerators: Annotated[list[Accelerator], Field(max_length=16)] = []
+    os: OsInfo
+    board_model: ShortStr = ""
+
+
+class ActiveModel(_Wire):
+    name: ShortStr
+    version: ShortStr
+    tier: Tier
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Hello(_Wire):
+    """Retained capability report, re-sent on every (re)connect."""
+
+    schema_: Literal["slmfleet.hello/1"] = Field("slmfleet.hello/1", alias="schema")
+    device_id: DeviceId
+    ts: Timestamp
+    agent_version: ShortStr
+    capabilities: Capabilities
+    profile: ShortStr
+    tier: Tier
+    runtimes: Annotated[list[Runtime], Field(max_length=8)] = []
+    active_model: ActiveModel | None = None
+    labels: Labels = {}
+    #: True when the capabilities come from a simulated-hardware override
+    #: (``slmfleet dev``, the fleet simulator), never from a real probe.
+    simulated: bool = False
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class DeviceState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class State(_Wire):
+    """Retained liveness; the ``offline`` form is the MQTT Last Will."""
+
+    schema_: Literal["slmfleet.state/1"] = Field("slmfleet.state/1", alias="schema")
+    device_id: DeviceId
+    state: DeviceState
+    ts: Timestamp
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class InferenceStats(_Wire):
+    """Inference counters for one model version since the previous heartbeat."""
+
+    model: ShortStr
+    version: ShortStr
+    requests: NonNegInt = 0
+    errors: NonNegInt = 0
+    tokens: NonNegInt = 0
+    ttft_p50_ms: NonNegFloat | None = None
+    ttft_p95_ms: NonNegFloat | None = None
+    latency_p50_ms: NonNegFloat | None = None
+    latency_p95_ms: NonNegFloat | None = None
+    tokens_per_s: NonNegFloat | None = None
+    crashes: NonNegInt = 0
+    ooms: NonNegInt = 0
+
+
+class Telemetry(_Wire):
+    """Periodic heartbeat with resource use and inference counters."""
+
+    schema_: Literal["slmfleet.telemetry/1"] = Field("slmfleet.telemetry/1", alias="schema")
+    device_id: DeviceId
+    ts: Timestamp
+    seq: NonNegInt
+    uptime_s: NonNegFloat
+    cpu_percent: Annotated[float, Field(ge=0, le=100 * 4096)]
+    ram_used_bytes: NonNegInt
+    temp_c: Annotated[float, Field(ge=-100, le=200)] | None = None
+    active_model: ShortStr | None = None
+    inference: Annotated[list[InferenceStats], Field(max_length=8)] = []
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class EventType(StrEnum):
+    """Update-pipeline progress reported on ``events``."""
+
+    RECEIVED = "received"
+    REJECTED = "rejected"
+    VERIFIED = "verified"
+    FIT_CHECKED = "fit_checked"
+    DOWNLOADING = "downloading"
+    STAGED = "staged"
+    HEALTH_PASSED = "health_passed"
+    HEALTH_FAILED = "health_failed"
+    ACTIVATED = "activated"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Event(_Wire):
+    """One update-pipeline step; ``seq`` is monotonic per device (idempotent ingest)."""
+
+    schema_: Literal["slmfleet.event/1"] = Field("slmfleet.event/1", alias="schema")
+    device_id: DeviceId
+    ts: Timestamp
+    seq: NonNegInt
+    type: EventType
+    assignment_id: ShortStr | None = None
+    reason: LongStr | None = None
+    progress_pct: Annotated[float, Field(ge=0, le=100)] | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+DeviceMessage = Hello | State | Telemetry | Event
+
+MODEL_FOR_KIND: dict[TopicKind, type[_Wire]] = {
+    TopicKind.HELLO: Hello,
+    TopicKind.STATE: State,
+    TopicKind.TELEMETRY: Telemetry,
+    TopicKind.EVENTS: Event,
+}
+
+
+def encode(message: _Wire) -> bytes:
+    """Serialise a wire message to compact JSON bytes (with ``schema``)."""
+    return message.model_dump_json(by_alias=True, exclude_none=True).encode("utf-8")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"{where}: {err['msg']}"
+
+
+def decode(kind: TopicKind | str, payload: bytes) -> Any:
+    """Parse and validate ``payload`` as the message for topic ``kind``.
+
+    Raises :class:`PayloadTooLarge` above the cap (before parsing),
+    :class:`SchemaMismatch` when ``schema`` names another message, and
+    :class:`MalformedPayload` for anything else that does not validate.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
+    kind = TopicKind(kind)
+    model = MODEL_FOR_KIND.get(kind)
+    if model is None:
+        raise ValueError(f"no device message is carried on {kind.value!r}")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        expected = model.model_fields["schema_"].default
+        if any(e["loc"] == ("schema",) for e in exc.errors()):
+            raise SchemaMismatch(f"expected schema {expected!r}") from exc
+        raise MalformedPayload(_first_error(exc)) from exc
