@@ -23,6 +23,7 @@ LongStr = Annotated[str, StringConstraints(max_length=1024)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Timestamp = Annotated[float, Field(ge=0, description="seconds since the Unix epoch")]
+CpuFlag = Annotated[str, StringConstraints(max_length=32)]
 Labels = Annotated[dict[ShortStr, ShortStr], Field(max_length=32)]
 
 
@@ -45,7 +46,7 @@ _TIER_RANK = {Tier.MICRO: 0, Tier.SMALL: 1, Tier.MEDIUM: 2}
 class _Wire(BaseModel):
     """Base for wire models: strict shape, immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=4096)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, str_max_length=4096)
 
 
 class CpuInfo(_Wire):
@@ -53,7 +54,7 @@ class CpuInfo(_Wire):
     arch: ShortStr
     cores: Annotated[int, Field(ge=1, le=4096)]
     threads: Annotated[int, Field(ge=1, le=8192)]
-    flags: Annotated[list[Annotated[str, StringConstraints(max_length=32)]], Field(max_length=64)] = []
+    flags: Annotated[list[CpuFlag], Field(max_length=64)] = []
 
 
 class Accelerator(_Wire):

@@ -13,20 +13,27 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
-
 from .canonical import canonical_json
 from .errors import SignatureError
+
+
+def _ed25519() -> Any:
+    """The cryptography Ed25519 module, imported on first use.
+
+    Importing cryptography costs an idle agent several MB of RSS; a device
+    pays it only once an assignment or key list actually needs verifying.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519
+
+
+def _raw(key: Any, private: bool = False) -> bytes:
+    from cryptography.hazmat.primitives import serialization as ser
+
+    if private:
+        return key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    return key.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
 
 
 def _b64(data: bytes) -> str:
@@ -70,8 +77,10 @@ class PublicKey:
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         """Return True if ``signature`` is this key's signature over ``data``."""
+        from cryptography.exceptions import InvalidSignature
+
         try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
+            _ed25519().Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -86,8 +95,7 @@ class SigningKey:
     @classmethod
     def generate(cls) -> SigningKey:
         """Create a fresh random key."""
-        key = Ed25519PrivateKey.generate()
-        return cls(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+        return cls(_raw(_ed25519().Ed25519PrivateKey.generate(), private=True))
 
     @classmethod
     def from_b64(cls, text: str) -> SigningKey:
@@ -104,8 +112,8 @@ class SigningKey:
     @property
     def public(self) -> PublicKey:
         """The matching public key."""
-        key = Ed25519PrivateKey.from_private_bytes(self.raw)
-        return PublicKey(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        key = _ed25519().Ed25519PrivateKey.from_private_bytes(self.raw)
+        return PublicKey(_raw(key.public_key()))
 
     @property
     def key_id(self) -> str:
@@ -114,7 +122,7 @@ class SigningKey:
 
     def sign(self, data: bytes) -> bytes:
         """Sign raw bytes."""
-        return Ed25519PrivateKey.from_private_bytes(self.raw).sign(data)
+        return _ed25519().Ed25519PrivateKey.from_private_bytes(self.raw).sign(data)
 
     def sign_value(self, value: Any) -> dict[str, str]:
         """Sign the canonical JSON of ``value``; return ``{"keyid", "sig"}``."""

@@ -1,0 +1,98 @@
+"""Agent configuration: one TOML file, typically /etc/slmfleet/agent.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protocol import check_device_id
+
+DEFAULT_CONFIG_PATH = Path("/etc/slmfleet/agent.toml")
+
+
+class SimulatedHardware(BaseModel):
+    """SIMULATED hardware: report a recorded device instead of probing this one.
+
+    Only for ``slmfleet dev`` and the fleet simulator, where many agents on one
+    machine stand in for different boards. Every hello sent under it carries
+    ``simulated: true`` so the control plane never mistakes it for a probe.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str
+
+
+class AgentConfig(BaseModel):
+    """Everything an agent needs to join its fleet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    #: MQTT username; defaults to the device id, which the broker ACL relies on
+    username: str | None = None
+    password: str | None = None
+    #: read the MQTT password from this file instead (kept out of the config)
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None
+    state_dir: Path = Path("/var/lib/slmfleet/agent")
+    #: where model versions live; defaults to ``state_dir/models``
+    model_dir: Path | None = None
+    profiles_dir: Path | None = None
+    heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 1.0
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    labels: dict[str, str] = {}
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    simulate: SimulatedHardware | None = None
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        return check_device_id(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError("broker_url must look like mqtt://host:1883 or mqtts://host:8883")
+        return value
+
+    @property
+    def models_path(self) -> Path:
+        """Directory holding versioned model directories."""
+        return self.model_dir or self.state_dir / "models"
+
+    @property
+    def mqtt_username(self) -> str:
+        return self.username or self.device_id
+
+    def mqtt_password(self) -> str | None:
+        """The MQTT password, read from ``password_file`` when one is set."""
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate an agent TOML config; errors name the file and field."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"agent config {path} not found (pass --config PATH)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"agent config {path} is not valid TOML: {exc}") from exc
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"agent config {path}: {problems}") from exc

@@ -1,0 +1,499 @@
+"""Measure what this device can do: the capability report sent in ``hello``.
+
+The probe runs at every agent start, so it stays cheap: a few small files
+under ``/proc``, ``/sys`` and ``/etc``, psutil, at most one ``nvidia-smi``
+call and one short-lived Python child for onnxruntime's providers. It never
+imports ``llama_cpp`` or ``onnxruntime`` into the agent process (importing
+onnxruntime alone adds about 40 MB of RSS to an agent that should idle under
+40 MB; native provider libraries are also better kept out of the agent, see
+DESIGN.md "Inference runs in a worker subprocess").
+
+Every optional part of the probe is guarded: if it fails, it is logged and
+skipped, so an odd board still reports what could be measured instead of
+keeping the agent from starting.
+
+File reads go through ``root`` (``/`` on a device) so tests can feed recorded
+``/proc``, ``/sys``, ``/dev`` and ``/etc`` trees. psutil and :mod:`platform`
+always describe the running machine.
+
+Accelerators reported:
+
+* NVIDIA GPUs from ``nvidia-smi``. ``memory_bytes`` is the GPU's dedicated
+  memory; ``0`` means it shares system RAM (Jetson), so the RAM figure
+  already counts it.
+* The integrated GPU of an NVIDIA Tegra SoC (Jetson), from the devicetree
+  ``compatible`` list, when ``nvidia-smi`` reported none (JetPack 5 ships
+  without it).
+* NPUs: every ``/dev/accel/accel*`` node of the kernel's compute-accelerator
+  subsystem (Intel NPU driver ``intel_vpu``, AMD ``amdxdna``, ...), and a
+  misc device named ``npu`` (``/sys/class/misc/npu``, used by some vendor
+  NPU drivers). NPUs behind DRM render nodes (e.g. Rockchip ``rknpu``) are
+  not detected; match such boards by ``board_model`` in a firmware profile.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+from protocol import Accelerator, Capabilities, CpuInfo, OsInfo, Runtime
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Longest string the wire accepts in a ``ShortStr`` field.
+_SHORT = 128
+#: ``CpuInfo.flags`` and ``Capabilities.accelerators`` caps on the wire.
+MAX_FLAGS = 64
+MAX_ACCELERATORS = 16
+MAX_PROVIDERS = 16
+
+NVIDIA_SMI_TIMEOUT_S = 5.0
+#: Importing onnxruntime from a cold SD card on a Pi 4 takes a few seconds.
+ONNX_PROVIDERS_TIMEOUT_S = 20.0
+
+#: CPU flags that select inference kernels in llama.cpp / onnxruntime; the
+#: rest of ``/proc/cpuinfo`` is noise on the wire. Kernel spellings: x86
+#: ``flags`` and ARM ``Features`` (``asimddp`` is the dot-product extension,
+#: llama.cpp's DOTPROD; ``neon``/``vfpv4`` appear on 32-bit ARM only).
+INFERENCE_FLAGS = frozenset(
+    {
+        # x86
+        "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni",
+        "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi",
+        "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+        # ARM
+        "neon", "vfpv4", "asimd", "asimdhp", "asimddp", "fphp", "i8mm", "bf16",
+        "sve", "sve2", "svei8mm", "svebf16", "sme",
+    }
+)  # fmt: skip
+
+#: ``CPU part`` of ARM Ltd (implementer 0x41) cores, as ``/proc/cpuinfo`` on
+#: arm64 gives no ``model name``.
+_ARM_PARTS = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1",
+    "0xd41": "Cortex-A78",
+    "0xd42": "Cortex-A78AE",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd48": "Cortex-X2",
+    "0xd49": "Neoverse-N2",
+    "0xd4b": "Cortex-A78C",
+    "0xd4f": "Neoverse-V2",
+    "0xd80": "Cortex-A520",
+    "0xd81": "Cortex-A720",
+}
+
+#: Tegra SoC (devicetree ``nvidia,<soc>``) to the name nvidia-smi gives its iGPU.
+_TEGRA_GPUS = {"tegra234": "Orin", "tegra194": "Xavier", "tegra210": "Tegra X1"}
+
+#: Kernel driver of a ``/dev/accel`` node to (vendor, name).
+_ACCEL_DRIVERS = {
+    "intel_vpu": ("Intel", "Intel NPU"),
+    "amdxdna": ("AMD", "AMD XDNA NPU"),
+    "qaic": ("Qualcomm", "Qualcomm Cloud AI"),
+}
+
+#: DMI strings firmware vendors leave unfilled; they identify nothing.
+_DMI_PLACEHOLDERS = frozenset(
+    {
+        "", "default string", "not specified", "none", "o.e.m.", "system manufacturer",
+        "system product name", "to be filled by o.e.m.",
+    }
+)  # fmt: skip
+
+#: ``platform.machine()`` spellings of other OSes to the Linux ones profiles use.
+_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+
+_ONNX_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "onnxruntime-qnn",
+    "onnxruntime-rocm",
+)
+_ONNX_PROVIDERS_SCRIPT = (
+    "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _guarded(part: str, probe: Callable[[], T], default: T) -> T:
+    """Run one probe part; on any error log it and return ``default``.
+
+    Catching everything is deliberate: a capability report missing one part
+    is worth more than an agent that does not start on an unusual board.
+    """
+    try:
+        return probe()
+    except Exception as exc:
+        log.warning("capability probe: %s skipped: %s", part, exc)
+        log.debug("capability probe: %s traceback", part, exc_info=True)
+        return default
+
+
+def _read_text(path: Path) -> str:
+    """The file's text without NULs (devicetree strings end in one), or ``""``."""
+    try:
+        return path.read_bytes().replace(b"\0", b"").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _short(text: str) -> str:
+    return text.strip()[:_SHORT]
+
+
+# -- CPU -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuinfoFacts:
+    """What ``/proc/cpuinfo`` says beyond core counts."""
+
+    model: str = ""
+    flags: list[str] = field(default_factory=list)
+    #: the ``Model`` line Raspberry Pi kernels add (a board, not a CPU)
+    board_model: str = ""
+
+
+def _cpuinfo_fields(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _arm_core_names(pairs: list[tuple[str, str]]) -> list[str]:
+    """Distinct ARM core names in order (big.LITTLE SoCs list two or three)."""
+    names: list[str] = []
+    implementer = ""
+    for key, value in pairs:
+        if key == "CPU implementer":
+            implementer = value.lower()
+        elif key == "CPU part":
+            part = value.lower()
+            if implementer == "0x41" and part in _ARM_PARTS:
+                name = _ARM_PARTS[part]
+            else:
+                name = f"implementer {implementer} part {part}"
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def parse_cpuinfo(text: str) -> CpuinfoFacts:
+    """Extract CPU model, inference-relevant flags and a board model from cpuinfo text."""
+    pairs = _cpuinfo_fields(text)
+    first: dict[str, str] = {}
+    for key, value in pairs:
+        first.setdefault(key, value)
+    # x86 and 32-bit ARM say "model name"; MIPS "cpu model"; RISC-V "uarch";
+    # arm64 says only implementer/part codes.
+    model = first.get("model name") or first.get("cpu model") or first.get("uarch") or ""
+    if not model:
+        model = " + ".join(_arm_core_names(pairs))
+    raw_flags = (first.get("flags") or first.get("Features") or "").split()
+    flags = [f for f in dict.fromkeys(raw_flags) if f in INFERENCE_FLAGS][:MAX_FLAGS]
+    return CpuinfoFacts(
+        model=_short(model), flags=flags, board_model=_short(first.get("Model", ""))
+    )
+
+
+def _normalise_arch(machine: str) -> str:
+    return _ARCH_ALIASES.get(machine.lower(), machine)
+
+
+def probe_cpu(root: Path = Path("/")) -> CpuInfo:
+    """CPU model, arch, core and thread counts, inference-relevant flags."""
+    facts = _guarded(
+        "/proc/cpuinfo", lambda: parse_cpuinfo(_read_text(root / "proc/cpuinfo")), CpuinfoFacts()
+    )
+    threads = psutil.cpu_count(logical=True) or 1
+    # psutil returns None for physical cores where the topology is hidden
+    # (some ARM kernels, containers); logical count is the honest fallback.
+    cores = min(psutil.cpu_count(logical=False) or threads, threads)
+    return CpuInfo(
+        model=facts.model,
+        arch=_normalise_arch(platform.machine()) or "unknown",
+        cores=cores,
+        threads=threads,
+        flags=facts.flags,
+    )
+
+
+# -- board ---------------------------------------------------------------------
+
+
+def _devicetree_model(root: Path) -> str:
+    return _read_text(root / "proc/device-tree/model")
+
+
+def _dmi_model(root: Path) -> str:
+    dmi = root / "sys/class/dmi/id"
+    vendor = _read_text(dmi / "sys_vendor")
+    product = _read_text(dmi / "product_name")
+    vendor = "" if vendor.lower() in _DMI_PLACEHOLDERS else vendor
+    product = "" if product.lower() in _DMI_PLACEHOLDERS else product
+    if not product:
+        return ""
+    # "NVIDIA" + "NVIDIA Jetson ..." must not read "NVIDIA NVIDIA Jetson ..."
+    if vendor and not product.lower().startswith(vendor.split()[0].lower()):
+        return f"{vendor} {product}"
+    return product
+
+
+def probe_board_model(root: Path = Path("/")) -> str:
+    """The board's model string: devicetree, else DMI vendor + product, else cpuinfo.
+
+    The devicetree wins on ARM boards because it is the string board vendors
+    document ("Raspberry Pi 4 Model B Rev 1.4") and profiles are written against.
+    """
+    model = _devicetree_model(root) or _dmi_model(root)
+    if not model:
+        model = parse_cpuinfo(_read_text(root / "proc/cpuinfo")).board_model
+    return _short(model)
+
+
+# -- accelerators --------------------------------------------------------------
+
+
+def _mib_to_bytes(value: str) -> int:
+    """nvidia-smi memory in MiB; ``[N/A]`` (shared-memory iGPU) reads as 0."""
+    try:
+        return int(float(value)) * 1024 * 1024
+    except ValueError:
+        return 0
+
+
+def parse_nvidia_smi(text: str) -> list[Accelerator]:
+    """Parse ``nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits``."""
+    gpus = []
+    for line in text.splitlines():
+        name, sep, memory = line.rpartition(",")
+        if not sep or not name.strip():
+            continue
+        gpus.append(
+            Accelerator(
+                kind="gpu",
+                vendor="NVIDIA",
+                name=_short(name),
+                memory_bytes=_mib_to_bytes(memory.strip()),
+            )
+        )
+    return gpus
+
+
+def probe_nvidia_gpus(
+    nvidia_smi: str = "nvidia-smi", timeout_s: float = NVIDIA_SMI_TIMEOUT_S
+) -> list[Accelerator]:
+    """NVIDIA GPUs as ``nvidia-smi`` lists them; none when it is absent or fails."""
+    binary = shutil.which(nvidia_smi)
+    if binary is None:
+        return []
+    try:
+        result = subprocess.run(
+            [binary, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("capability probe: nvidia-smi skipped: %s", exc)
+        return []
+    if result.returncode != 0:
+        # e.g. "NVIDIA-SMI has failed because it couldn't communicate with the driver"
+        log.warning(
+            "capability probe: nvidia-smi exited %d: %s",
+            result.returncode,
+            (result.stdout + result.stderr).strip()[:200],
+        )
+        return []
+    return parse_nvidia_smi(result.stdout)
+
+
+def probe_tegra_gpu(root: Path = Path("/")) -> list[Accelerator]:
+    """The iGPU of an NVIDIA Tegra SoC (Jetson), from devicetree ``compatible``."""
+    try:
+        raw = (root / "proc/device-tree/compatible").read_bytes()
+    except FileNotFoundError:
+        return []  # no devicetree: not an ARM board
+    # a NUL-separated list, most specific first: "nvidia,p3768-0000+p3767-0005",
+    # ..., "nvidia,tegra234"
+    for entry in raw.decode("ascii", "replace").split("\0"):
+        vendor, _, soc = entry.partition(",")
+        if vendor == "nvidia" and soc.startswith("tegra"):
+            name = _TEGRA_GPUS.get(soc, "Tegra")
+            # memory_bytes 0: the iGPU shares system RAM
+            return [Accelerator(kind="gpu", vendor="NVIDIA", name=name)]
+    return []
+
+
+def _accel_node(root: Path, name: str) -> Accelerator:
+    driver_link = root / "sys/class/accel" / name / "device/driver"
+    driver = driver_link.resolve().name if driver_link.exists() else ""
+    vendor, label = _ACCEL_DRIVERS.get(driver, ("", driver or name))
+    return Accelerator(kind="npu", vendor=vendor, name=_short(label))
+
+
+def probe_npus(root: Path = Path("/")) -> list[Accelerator]:
+    """NPUs: ``/dev/accel/accel*`` nodes and a ``/sys/class/misc/npu`` device.
+
+    Presence is all that is checked: an NPU shares system RAM, so there is
+    no memory figure to report.
+    """
+    npus = [_accel_node(root, node.name) for node in sorted((root / "dev/accel").glob("accel*"))]
+    if (root / "sys/class/misc/npu").exists():
+        npus.append(Accelerator(kind="npu", name="npu"))
+    return npus
+
+
+def probe_accelerators(root: Path = Path("/"), nvidia_smi: str = "nvidia-smi") -> list[Accelerator]:
+    """GPUs and NPUs of this device (see the module docstring for what is detected)."""
+    gpus = _guarded("nvidia-smi", lambda: probe_nvidia_gpus(nvidia_smi), [])
+    if not gpus:
+        gpus = _guarded("tegra gpu", lambda: probe_tegra_gpu(root), [])
+    npus = _guarded("npu", lambda: probe_npus(root), [])
+    return (gpus + npus)[:MAX_ACCELERATORS]
+
+
+# -- OS and disk ---------------------------------------------------------------
+
+
+def parse_os_release(text: str) -> str:
+    """``PRETTY_NAME`` from os-release text (shell-quoted per os-release(5)), or ``""``."""
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "PRETTY_NAME":
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                words = [value.strip().strip("\"'")]
+            return _short(" ".join(words))
+    return ""
+
+
+def probe_os(root: Path = Path("/")) -> OsInfo:
+    """Kernel name and release of the running system, distro from os-release."""
+
+    def distro() -> str:
+        # os-release(5): /etc/os-release, falling back to /usr/lib/os-release
+        text = _read_text(root / "etc/os-release") or _read_text(root / "usr/lib/os-release")
+        return parse_os_release(text)
+
+    return OsInfo(
+        system=_short(platform.system()) or "unknown",
+        release=_short(platform.release()),
+        distro=_guarded("os-release", distro, ""),
+    )
+
+
+def disk_free_bytes(model_dir: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) ``model_dir``."""
+    path = model_dir.absolute()
+    # The model directory may not exist yet on first start; the filesystem
+    # it will be created on is the one that matters.
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def probe_capabilities(
+    model_dir: Path, *, root: Path = Path("/"), nvidia_smi: str = "nvidia-smi"
+) -> Capabilities:
+    """Measure this device: CPU, RAM, disk free for models, accelerators, OS, board."""
+    return Capabilities(
+        cpu=probe_cpu(root),
+        ram_bytes=_guarded("ram", lambda: psutil.virtual_memory().total, 0),
+        disk_free_bytes=_guarded("disk", lambda: disk_free_bytes(model_dir), 0),
+        accelerators=probe_accelerators(root, nvidia_smi),
+        os=probe_os(root),
+        board_model=_guarded("board model", lambda: probe_board_model(root), ""),
+    )
+
+
+# -- runtimes ------------------------------------------------------------------
+
+
+def _installed_version(*distributions: str) -> str | None:
+    for dist in distributions:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def onnxruntime_providers(timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[str]:
+    """onnxruntime's available execution providers, asked of a child interpreter.
+
+    A child keeps onnxruntime's ~40 MB and its native provider libraries out
+    of the agent process; it costs a fraction of a second once per start.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", _ONNX_PROVIDERS_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip()[-300:]}")
+    providers = json.loads(result.stdout.strip().splitlines()[-1])
+    if not isinstance(providers, list):
+        raise RuntimeError(f"unexpected get_available_providers() output: {providers!r}")
+    return [_short(str(p)) for p in providers][:MAX_PROVIDERS]
+
+
+def probe_runtimes(*, onnx_timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[Runtime]:
+    """Inference runtimes installed for the agent: llama.cpp and onnxruntime.
+
+    The llama.cpp version is that of the ``llama-cpp-python`` binding (read
+    from package metadata; importing ``llama_cpp`` loads the native library).
+    """
+    runtimes = []
+    llama = _installed_version("llama-cpp-python")
+    if llama is not None:
+        runtimes.append(Runtime(name="llama.cpp", version=_short(llama)))
+    onnx = _installed_version(*_ONNX_DISTRIBUTIONS)
+    # find_spec on a top-level name locates the package without importing it
+    if onnx is not None and importlib.util.find_spec("onnxruntime") is not None:
+        providers = _guarded(
+            "onnxruntime providers", lambda: onnxruntime_providers(onnx_timeout_s), []
+        )
+        runtimes.append(Runtime(name="onnxruntime", version=_short(onnx), providers=providers))
+    return runtimes

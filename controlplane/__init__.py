@@ -1,0 +1,1 @@
+"""slmfleet control plane: registry, ingest, director and rollout engine."""

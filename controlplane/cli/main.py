@@ -1,0 +1,72 @@
+"""Entry point of the ``slmfleet`` command.
+
+Sub-commands are imported only when asked for, so ``slmfleet agent run`` on a
+small device never loads the control plane's web and database stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+#: group name -> (module, attribute) of its Typer app
+_GROUPS: dict[str, tuple[str, str, str]] = {
+    "controlplane": ("controlplane.cli.serve", "app", "Run the control plane."),
+}
+#: top-level commands -> (module, function)
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "dev": ("controlplane.cli.dev", "dev"),
+}
+
+
+_KNOWN = {*_GROUPS, *_COMMANDS, "agent"}
+
+
+def build_app(wanted: str | None = None) -> typer.Typer:
+    """Build the CLI, importing only ``wanted`` (or everything for help)."""
+    app = typer.Typer(
+        help="slmfleet: small language models on fleets of edge devices.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def _root() -> None:
+        """slmfleet: small language models on fleets of edge devices."""
+    for name, (module, attr, help_text) in _GROUPS.items():
+        if wanted in (None, name) or wanted not in _KNOWN:
+            app.add_typer(getattr(importlib.import_module(module), attr), name=name, help=help_text)
+    @app.command(
+        "agent",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        add_help_option=False,
+    )
+    def _agent(ctx: typer.Context) -> None:
+        """Run the device agent (see `slmfleet agent --help`)."""
+        raise typer.Exit(_agent_main(ctx.args))
+
+    for name, (module, attr) in _COMMANDS.items():
+        if wanted in (None, name) or wanted not in _KNOWN:
+            app.command(name)(getattr(importlib.import_module(module), attr))
+    return app
+
+
+def _agent_main(argv: list[str]) -> int:
+    from agent.cli import main as agent_main
+
+    return agent_main(argv)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    wanted = sys.argv[1] if len(sys.argv) > 1 else None
+    if wanted == "agent":
+        # The agent runs for months on small devices: skip Typer entirely.
+        sys.exit(_agent_main(sys.argv[2:]))
+    build_app(wanted)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Assignments: what one device should run now, signed by the director key.
+
+An :class:`Assignment` names a device, a tier and a release, and embeds that
+release's envelope *verbatim*, still signed by the offline release keys. The
+control plane's online director key signs the assignment and re-signs it on
+a schedule before it expires (DESIGN.md "Trust: two signatures").
+
+:func:`verify_assignment` is the agent's acceptance check, the analogue of
+python-tuf's ``TrustedMetadataSet``: fed the retained ``desired`` payload,
+the pinned key lists, the clock and the highest sequence ever accepted, it
+either returns a :class:`VerifiedAssignment` or raises one
+:class:`~protocol.errors.ProtocolError` subclass per failed check. Steps, in
+order (cited as A1..A11 in the code):
+
+A1  size cap                      :class:`PayloadTooLarge`
+A2  JSON and envelope shape       :class:`MalformedPayload`
+A3  pinned key lists not expired  :class:`KeyListExpired`
+A4  director threshold            :class:`ThresholdError`
+A5  assignment schema             :class:`SchemaMismatch` / :class:`MalformedPayload`
+A6  addressed to this device      :class:`WrongDeviceError`
+A7  not expired, not from the future :class:`ExpiredError` / :class:`NotYetValidError`
+A8  sequence above highest seen   :class:`ReplayError`
+A9  release threshold + schema    :class:`ThresholdError` / :class:`MalformedPayload`
+A10 release has the tier          :class:`VariantMismatch`
+A11 variant fits tier and RAM     :class:`DoesNotFit`
+
+Nothing signed is interpreted before its signature verifies (A4 before A5,
+A9 before the manifest is read), and the cheap, local checks (A6-A8) come
+before the second round of signature work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from .canonical import canonical_json
+from .errors import (
+    DoesNotFit,
+    ExpiredError,
+    KeyListExpired,
+    NotYetValidError,
+    ReplayError,
+    VariantMismatch,
+    WrongDeviceError,
+)
+from .fit import ram_needed_bytes
+from .keys import (
+    KeyList,
+    PositiveInt,
+    Signatures,
+    SignedPart,
+    Timestamp,
+    check_signatures,
+    make_envelope,
+    open_envelope,
+    validate_envelope,
+)
+from .manifest import ReleaseManifest, Variant, verify_release
+from .messages import MAX_PAYLOAD_BYTES, Capabilities, DeviceId, Tier
+from .signing import SigningKey
+from .topics import is_valid_device_id
+
+ASSIGNMENT_SCHEMA = "slmfleet.assignment/1"
+
+#: The same 64 KiB cap as every other payload (DESIGN.md): an assignment embeds
+#: a whole signed release (at most MAX_RELEASE_BYTES) plus the director's own
+#: fields and signature, which leaves 16 KiB for those. A small, bounded read
+#: for the agent before it parses anything.
+MAX_ASSIGNMENT_BYTES = MAX_PAYLOAD_BYTES
+
+#: How far ``issued_at`` may lie ahead of the device's clock. Covers ordinary
+#: NTP drift between device and control plane; an assignment from further in
+#: the future means one of the clocks is wrong, and accepting it would let an
+#: assignment outlive its intended validity window. Agents should verify only
+#: once the clock is synchronised (boards without an RTC boot in the past).
+CLOCK_SKEW_S = 300.0
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+AssignmentId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
+
+
+class Assignment(SignedPart):
+    """What one device should run now: a tier of a release, until ``expires_at``.
+
+    Re-signing before expiry must raise ``sequence`` (the agent accepts only a
+    higher one); the agent treats a higher sequence with the same release and
+    tier as a refresh, not a new install. Rolling back to an older model is
+    likewise a new assignment with a higher sequence.
+    """
+
+    schema_: Literal["slmfleet.assignment/1"] = Field(ASSIGNMENT_SCHEMA, alias="schema")
+    assignment_id: AssignmentId
+    device_id: DeviceId
+    rollout_id: AssignmentId | None = None
+    sequence: PositiveInt
+    issued_at: Timestamp
+    expires_at: Timestamp
+    #: the tier of the chosen variant in ``release``
+    tier: Tier
+    #: the SignedRelease envelope exactly as the release signers produced it:
+    #: kept as raw JSON so re-serialising a model can never disturb the bytes
+    #: its signatures cover; verified by :func:`verify_release`
+    release: dict[str, Any]
+    #: where to fetch artifacts (``<base>/<variant.artifact>``); None: agent default
+    artifact_url_base: (
+        Annotated[str, StringConstraints(max_length=512, pattern=r"^https?://[!-~]+$")] | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _window(self) -> Assignment:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+
+class SignedAssignment(BaseModel):
+    """Envelope of an assignment, signed by a threshold of director keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    signed: Assignment
+    signatures: Signatures
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedAssignment:
+    """An assignment that passed every check, with its release and chosen variant."""
+
+    assignment: Assignment
+    manifest: ReleaseManifest
+    variant: Variant
+
+    @property
+    def tier(self) -> Tier:
+        """The tier of the chosen variant."""
+        return self.assignment.tier
+
+
+def sign_assignment(
+    assignment: Assignment, director_key: SigningKey | Sequence[SigningKey]
+) -> dict[str, Any]:
+    """Sign ``assignment`` with the director key(s); return the envelope as a plain dict.
+
+    Raises ``ValueError`` if the envelope would exceed
+    :data:`MAX_ASSIGNMENT_BYTES` (the device would refuse it).
+    """
+    keys = [director_key] if isinstance(director_key, SigningKey) else list(director_key)
+    envelope = make_envelope(assignment.model_dump(mode="json", by_alias=True), keys)
+    size = len(canonical_json(envelope))
+    if size > MAX_ASSIGNMENT_BYTES:
+        raise ValueError(f"signed assignment is {size} bytes, limit {MAX_ASSIGNMENT_BYTES}")
+    return envelope
+
+
+def _check_caller(
+    device_id: str, release_keys: KeyList, director_keys: KeyList, highest_sequence: int
+) -> None:
+    # Caller misuse, not bad remote data: ValueError (STYLE.md item 3).
+    if release_keys.role != "release" or director_keys.role != "director":
+        raise ValueError(
+            "pass the release key list as release_keys, the director's as director_keys"
+        )
+    # A key in both lists would let the online director sign releases too,
+    # which is exactly what the two-signature split exists to prevent.
+    if set(release_keys.keys) & set(director_keys.keys):
+        raise ValueError("release and director key lists share a key")
+    if not is_valid_device_id(device_id):
+        raise ValueError(f"invalid device id {device_id!r}")
+    if highest_sequence < 0:
+        raise ValueError("highest_sequence must not be negative")
+
+
+def verify_assignment(
+    payload: bytes,
+    *,
+    device_id: str,
+    release_keys: KeyList,
+    director_keys: KeyList,
+    now: float,
+    highest_sequence: int,
+    hardware: Capabilities | None = None,
+    device_tier: Tier | None = None,
+) -> VerifiedAssignment:
+    """Run checks A1-A11 (module docstring) on a ``desired`` payload.
+
+    ``highest_sequence`` is the highest sequence this device ever accepted
+    (0 before the first); the caller persists the new one only after acting
+    on the result. ``device_tier``, when given, must rank at least the
+    assigned tier; ``hardware``, when given, must have the RAM the variant
+    needs (:func:`protocol.fit.ram_needed_bytes`). Disk is left to
+    :func:`protocol.fit.fit_check` right before downloading, when the agent
+    knows what it can clean up.
+    """
+    _check_caller(device_id, release_keys, director_keys, highest_sequence)
+    what = "assignment"
+
+    # A1 + A2: bound the read before parsing, then split the envelope without
+    # interpreting anything inside 'signed'.
+    signed, signatures = open_envelope(payload, max_bytes=MAX_ASSIGNMENT_BYTES, what=what)
+
+    # A3: a pinned key list past its expiry is a frozen trust root; rotate first.
+    for keys in (director_keys, release_keys):
+        if keys.is_expired(now):
+            raise KeyListExpired(f"{keys.role} key list v{keys.version} has expired")
+
+    # A4: the director vouches for this exact object (raw, not re-serialised).
+    check_signatures(signed, signatures, director_keys, what=what)
+
+    # A5: now interpret it; unknown fields and foreign schemas are refused.
+    assignment = validate_envelope(SignedAssignment, signed, signatures, what=what).signed
+
+    # A6: a valid assignment for another device must not install here
+    # (retained messages can be misrouted; ACLs are not the only guard).
+    if assignment.device_id != device_id:
+        raise WrongDeviceError(f"assignment is for {assignment.device_id!r}, not {device_id!r}")
+
+    # A7: freeze attack: an attacker who withholds newer assignments can only
+    # keep this one alive until it expires. And no issuing from the future:
+    # that would stretch the window the director meant to grant.
+    if assignment.expires_at <= now:
+        raise ExpiredError(f"assignment expired at {assignment.expires_at}, now {now}")
+    if assignment.issued_at > now + CLOCK_SKEW_S:
+        raise NotYetValidError(
+            f"assignment issued at {assignment.issued_at}, more than {CLOCK_SKEW_S:g} s "
+            f"after now ({now})"
+        )
+
+    # A8: rollback/replay: an old, still-valid assignment (or the current one
+    # again) must not move the device; a deliberate rollback gets a new sequence.
+    if assignment.sequence <= highest_sequence:
+        raise ReplayError(
+            f"sequence {assignment.sequence} is not above the highest accepted, {highest_sequence}"
+        )
+
+    # A9: the release keys, not the director, vouch for what the model is: a
+    # compromised control plane alone cannot make a device run an unsigned
+    # model. Verified over the raw embedded envelope, not the parsed model.
+    manifest = verify_release(signed["release"], release_keys)
+
+    # A10: the director chose a tier; the release must actually have it.
+    variant = manifest.variants.get(assignment.tier)
+    if variant is None:
+        have = ", ".join(sorted(tier.value for tier in manifest.variants))
+        raise VariantMismatch(
+            f"{manifest.ref} has no {assignment.tier.value} variant (has: {have})"
+        )
+
+    # A11: the variant must fit this device: never a tier above the device's,
+    # and never more RAM than it has (DESIGN.md: "the variant fits its
+    # measured hardware").
+    if device_tier is not None and device_tier.rank < assignment.tier.rank:
+        raise DoesNotFit(f"{assignment.tier.value} variant on a {device_tier.value} device")
+    if hardware is not None:
+        ram_needed = ram_needed_bytes(variant)
+        if ram_needed > hardware.ram_bytes:
+            raise DoesNotFit(
+                f"{manifest.ref} {assignment.tier.value} needs {ram_needed} bytes of RAM, "
+                f"device has {hardware.ram_bytes}"
+            )
+
+    return VerifiedAssignment(assignment=assignment, manifest=manifest, variant=variant)

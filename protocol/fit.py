@@ -1,0 +1,124 @@
+"""Will this variant fit this device? The check the agent runs before downloading.
+
+DESIGN.md "Tiers and firmware profiles": disk for the artifact plus staging,
+RAM for the weights plus the KV cache at the variant's context. Pure
+arithmetic over the manifest and measured numbers; deliberately conservative,
+because a model that does not fit fails late (OOM in the worker) and the
+manifest can always state the real figure in ``min_ram_bytes``.
+
+The estimates, in order of preference:
+
+* **RAM** -- the manifest's ``min_ram_bytes`` when the release states it: the
+  release author's measured peak RSS at the runtime context, which already
+  includes the KV cache and runtime overhead. Otherwise
+  ``size_bytes * 1.2`` (weights resident, plus runtime buffers) plus a KV
+  cache allowance (:func:`kv_cache_allowance_bytes`).
+* **KV cache** -- exactly ``2 (K and V) * n_layers * kv_dim * context *
+  bytes_per_element``, but layer count and KV width live in the model file,
+  not the manifest. With ``P ~= 12 * n_layers * d**2`` parameters, f16
+  elements and no grouped-query attention, ``4 * n_layers * d`` bytes per
+  token is ``4 * sqrt(n_layers * P / 12)``, which stays below
+  ``8 * sqrt(P)`` for ``n_layers <= 48``. So the allowance is
+  ``8 * sqrt(parameters)`` bytes per token of runtime context: about 93 KB
+  per token for a 135M model (real: ~23 KB), 670 KB for 7B (real without
+  GQA: 512 KiB). Models with grouped-query attention need far less; state
+  ``min_ram_bytes`` for those.
+* **Disk** -- ``size_bytes * staging_factor`` (the partial download and the
+  verified copy in the versioned store can exist at once), or the
+  manifest's ``min_disk_bytes`` if larger.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .manifest import Variant
+
+#: resident weights plus runtime buffers, when the manifest states no RAM figure
+WEIGHTS_OVERHEAD_FACTOR = 1.2
+#: upper bound of f16 KV-cache bytes per token per sqrt(parameter count)
+KV_BYTES_PER_TOKEN_PER_SQRT_PARAM = 8
+#: download in progress + verified copy in the store
+DEFAULT_STAGING_FACTOR = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """Outcome of :func:`fit_check`; ``reason`` is ``ok``, ``insufficient_ram`` or
+    ``insufficient_disk`` (RAM is reported first: deleting files cannot fix it)."""
+
+    ok: bool
+    reason: str
+    ram_needed_bytes: int
+    disk_needed_bytes: int
+    detail: str
+
+
+def kv_cache_allowance_bytes(parameters: int, context: int) -> int:
+    """Conservative KV-cache bytes for a model of ``parameters`` at ``context`` tokens."""
+    if parameters < 1 or context < 1:
+        raise ValueError("parameters and context must be positive")
+    return KV_BYTES_PER_TOKEN_PER_SQRT_PARAM * (math.isqrt(parameters) + 1) * context
+
+
+def ram_needed_bytes(variant: Variant) -> int:
+    """RAM the variant needs: its stated ``min_ram_bytes``, or the estimate above."""
+    if variant.min_ram_bytes is not None:
+        return variant.min_ram_bytes
+    weights = math.ceil(variant.size_bytes * WEIGHTS_OVERHEAD_FACTOR)
+    return weights + kv_cache_allowance_bytes(variant.parameters, variant.runtime_context)
+
+
+def disk_needed_bytes(variant: Variant, staging_factor: float = DEFAULT_STAGING_FACTOR) -> int:
+    """Free disk the variant needs to download, verify and stage."""
+    if not math.isfinite(staging_factor) or staging_factor < 1.0:
+        raise ValueError("staging_factor must be a finite number >= 1")
+    staged = math.ceil(variant.size_bytes * staging_factor)
+    return max(staged, variant.min_disk_bytes or 0)
+
+
+def fit_check(
+    variant: Variant,
+    *,
+    ram_bytes: int,
+    disk_free_bytes: int,
+    os_reserved_bytes: int = 0,
+    staging_factor: float = DEFAULT_STAGING_FACTOR,
+) -> FitResult:
+    """Decide whether ``variant`` fits before anything is downloaded.
+
+    ``ram_bytes`` is the device's total RAM and ``disk_free_bytes`` the free
+    space in the model directory, as measured. ``os_reserved_bytes`` is RAM
+    the model may not use: what the firmware profile reserves for the OS,
+    plus -- when the new model is loaded while the old one keeps serving --
+    the old worker's resident size.
+    """
+    if min(ram_bytes, disk_free_bytes, os_reserved_bytes) < 0:
+        raise ValueError("byte counts must not be negative")
+    ram_needed = ram_needed_bytes(variant)
+    disk_needed = disk_needed_bytes(variant, staging_factor)
+    usable_ram = ram_bytes - os_reserved_bytes
+    if ram_needed > usable_ram:
+        return FitResult(
+            ok=False,
+            reason="insufficient_ram",
+            ram_needed_bytes=ram_needed,
+            disk_needed_bytes=disk_needed,
+            detail=f"needs {ram_needed} bytes of RAM, {max(usable_ram, 0)} usable",
+        )
+    if disk_needed > disk_free_bytes:
+        return FitResult(
+            ok=False,
+            reason="insufficient_disk",
+            ram_needed_bytes=ram_needed,
+            disk_needed_bytes=disk_needed,
+            detail=f"needs {disk_needed} bytes of disk, {disk_free_bytes} free",
+        )
+    return FitResult(
+        ok=True,
+        reason="ok",
+        ram_needed_bytes=ram_needed,
+        disk_needed_bytes=disk_needed,
+        detail=f"fits: {ram_needed} of {usable_ram} RAM, {disk_needed} of {disk_free_bytes} disk",
+    )
