@@ -33,8 +33,6 @@ Accelerators reported:
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import logging
 import platform
@@ -45,7 +43,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
@@ -138,9 +136,27 @@ _ONNX_DISTRIBUTIONS = (
     "onnxruntime-qnn",
     "onnxruntime-rocm",
 )
-_ONNX_PROVIDERS_SCRIPT = (
-    "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
-)
+#: Run in a child interpreter: reports installed runtime versions and
+#: onnxruntime's providers as one JSON line. importlib.metadata alone costs
+#: ~6 MB and onnxruntime ~40 MB of RSS; the agent keeps neither.
+_RUNTIMES_SCRIPT = """
+import importlib.metadata as md, importlib.util, json, sys
+def version(*names):
+    for name in names:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return None
+out = {"llama": version("llama-cpp-python"), "onnx": version(*sys.argv[1:]), "providers": []}
+if out["onnx"] and importlib.util.find_spec("onnxruntime") is not None:
+    try:
+        import onnxruntime
+        out["providers"] = list(onnxruntime.get_available_providers())
+    except Exception as exc:
+        out["providers_error"] = repr(exc)[:300]
+print(json.dumps(out))
+"""
 
 
 # -- helpers -------------------------------------------------------------------
@@ -449,23 +465,15 @@ def probe_capabilities(
 # -- runtimes ------------------------------------------------------------------
 
 
-def _installed_version(*distributions: str) -> str | None:
-    for dist in distributions:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+def runtime_facts(timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> dict[str, Any]:
+    """Installed runtime versions and onnxruntime providers, asked of a child interpreter.
 
-
-def onnxruntime_providers(timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[str]:
-    """onnxruntime's available execution providers, asked of a child interpreter.
-
-    A child keeps onnxruntime's ~40 MB and its native provider libraries out
-    of the agent process; it costs a fraction of a second once per start.
+    A child keeps package metadata parsing and onnxruntime's native provider
+    libraries out of the agent process; it costs a fraction of a second once
+    per start.
     """
     result = subprocess.run(
-        [sys.executable, "-c", _ONNX_PROVIDERS_SCRIPT],
+        [sys.executable, "-c", _RUNTIMES_SCRIPT, *_ONNX_DISTRIBUTIONS],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -473,10 +481,12 @@ def onnxruntime_providers(timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[s
     )
     if result.returncode != 0:
         raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip()[-300:]}")
-    providers = json.loads(result.stdout.strip().splitlines()[-1])
-    if not isinstance(providers, list):
-        raise RuntimeError(f"unexpected get_available_providers() output: {providers!r}")
-    return [_short(str(p)) for p in providers][:MAX_PROVIDERS]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    if not isinstance(facts, dict) or not isinstance(facts.get("providers"), list):
+        raise RuntimeError(f"unexpected runtime probe output: {facts!r}")
+    if "providers_error" in facts:
+        log.warning("onnxruntime providers unavailable: %s", facts["providers_error"])
+    return facts
 
 
 def probe_runtimes(*, onnx_timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[Runtime]:
@@ -485,15 +495,13 @@ def probe_runtimes(*, onnx_timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[
     The llama.cpp version is that of the ``llama-cpp-python`` binding (read
     from package metadata; importing ``llama_cpp`` loads the native library).
     """
+    facts = _guarded("runtimes", lambda: runtime_facts(onnx_timeout_s), {})
     runtimes = []
-    llama = _installed_version("llama-cpp-python")
-    if llama is not None:
-        runtimes.append(Runtime(name="llama.cpp", version=_short(llama)))
-    onnx = _installed_version(*_ONNX_DISTRIBUTIONS)
-    # find_spec on a top-level name locates the package without importing it
-    if onnx is not None and importlib.util.find_spec("onnxruntime") is not None:
-        providers = _guarded(
-            "onnxruntime providers", lambda: onnxruntime_providers(onnx_timeout_s), []
+    if facts.get("llama"):
+        runtimes.append(Runtime(name="llama.cpp", version=_short(str(facts["llama"]))))
+    if facts.get("onnx"):
+        providers = [_short(str(p)) for p in facts["providers"]][:MAX_PROVIDERS]
+        runtimes.append(
+            Runtime(name="onnxruntime", version=_short(str(facts["onnx"])), providers=providers)
         )
-        runtimes.append(Runtime(name="onnxruntime", version=_short(onnx), providers=providers))
     return runtimes
