@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker  # noqa: E402
+from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 
 
 def scratch_broker(device_ids: list[str]) -> MosquittoBroker:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from _common import report, scratch_broker
 
 IDLE_S = 60.0
@@ -54,7 +53,8 @@ def main() -> None:
         rss_mb, cpu_pct = measure(proc, IDLE_S)
         base_cpu1 = base.cpu_times()
         base_rss = base.memory_info().rss / 1e6
-        base_cpu = (base_cpu1.user + base_cpu1.system - base_cpu0.user - base_cpu0.system) / IDLE_S * 100
+        base_used = base_cpu1.user + base_cpu1.system - base_cpu0.user - base_cpu0.system
+        base_cpu = base_used / IDLE_S * 100
         print(f"agent: RSS {rss_mb:.1f} MB, CPU {cpu_pct:.2f} %  (target <= 40 MB, <= 1 %)")
         print(f"bare python: RSS {base_rss:.1f} MB, CPU {base_cpu:.2f} %")
         report({
