@@ -38,7 +38,8 @@ def hash_password(password: str, *, salt: bytes | None = None) -> str:
     """Return a mosquitto 2.x password-file hash for ``password``."""
     salt = salt if salt is not None else secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ITERATIONS, 64)
-    return f"$7${_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    salt_b64 = base64.b64encode(salt).decode()
+    return f"$7${_PBKDF2_ITERATIONS}${salt_b64}${base64.b64encode(digest).decode()}"
 
 
 def acl_text(control_plane_users: list[str]) -> str:
@@ -79,7 +80,9 @@ def find_mosquitto() -> str:
         "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
     )
     if not found:
-        raise FileNotFoundError(f"mosquitto broker not found on PATH or in /usr/sbin; {INSTALL_HINT}")
+        raise FileNotFoundError(
+            f"mosquitto broker not found on PATH or in /usr/sbin; {INSTALL_HINT}"
+        )
     return found
 
 
@@ -207,7 +210,9 @@ class MosquittoBroker:
             if self._proc.poll() is not None and self._proc.stderr:
                 err = self._proc.stderr.read()
             self.stop()
-            log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            log = (
+                self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            )
             raise RuntimeError(
                 f"mosquitto did not start on {self.host}:{self.port}: "
                 f"{err.decode(errors='replace')}{log}"
