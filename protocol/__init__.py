@@ -33,7 +33,14 @@ from .errors import (
     WrongRoleError,
 )
 from .fit import FitResult, fit_check
-from .keys import KeyList, SignedKeyList, sign_key_list, trusted_keys, verify_key_rotation
+from .keys import (
+    KeyList,
+    SignedKeyList,
+    sign_key_list,
+    trusted_keys,
+    verify_key_rotation,
+    verify_pinned_key_list,
+)
 from .manifest import (
     MAX_RELEASE_BYTES,
     GoldenPrompt,
@@ -63,6 +70,8 @@ from .messages import (
     State,
     Telemetry,
     Tier,
+    UpdateState,
+    UpdateStatus,
     decode,
     encode,
 )
@@ -126,6 +135,8 @@ __all__ = [
     "Tier",
     "TopicError",
     "TopicKind",
+    "UpdateState",
+    "UpdateStatus",
     "Variant",
     "VariantMismatch",
     "VerifiedAssignment",
@@ -148,6 +159,7 @@ __all__ = [
     "trusted_keys",
     "verify_assignment",
     "verify_key_rotation",
+    "verify_pinned_key_list",
     "verify_release",
     "verify_value",
 ]

@@ -322,3 +322,21 @@ def verify_key_rotation(current: KeyList, new_envelope_bytes: bytes) -> KeyList:
             f"new {what} is version {new.version}, expected {current.version + 1}"
         )
     return new
+
+
+def verify_pinned_key_list(envelope_bytes: bytes, role: Role) -> KeyList:
+    """Read the key list a device or control plane pins at install time.
+
+    The first list of a role is trusted because the operator installed it
+    (TUF's root v1 is trusted the same way); it must still be well formed,
+    be for ``role``, and carry a threshold of signatures by its own keys,
+    which proves the installer holds them. Later lists arrive only through
+    :func:`verify_key_rotation`.
+    """
+    what = f"pinned {role} key list"
+    signed, signatures = open_envelope(envelope_bytes, max_bytes=MAX_KEY_LIST_BYTES, what=what)
+    key_list = validate_envelope(SignedKeyList, signed, signatures, what=what).signed
+    if key_list.role != role:
+        raise WrongRoleError(f"{what} is for role {key_list.role!r}")
+    check_signatures(signed, signatures, key_list, what=what)
+    return key_list

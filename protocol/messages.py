@@ -94,6 +94,50 @@ class ActiveModel(_Wire):
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
+class UpdateState(StrEnum):
+    """States of the agent's persisted update state machine.
+
+    ``received -> verified -> fit_checked -> downloading -> staged ->
+    health_checked -> activated``; or it ends ``rejected`` (the assignment was
+    refused before anything was downloaded), ``failed`` (download, staging or
+    health check went wrong; the active model never changed) or
+    ``rolled_back`` (the device went back to the previous version).
+    """
+
+    RECEIVED = "received"
+    VERIFIED = "verified"
+    FIT_CHECKED = "fit_checked"
+    DOWNLOADING = "downloading"
+    STAGED = "staged"
+    HEALTH_CHECKED = "health_checked"
+    ACTIVATED = "activated"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+    @property
+    def is_final(self) -> bool:
+        """True for the states an update ends in."""
+        return self in _FINAL_UPDATE_STATES
+
+
+_FINAL_UPDATE_STATES = frozenset(
+    {UpdateState.ACTIVATED, UpdateState.REJECTED, UpdateState.FAILED, UpdateState.ROLLED_BACK}
+)
+
+
+class UpdateStatus(_Wire):
+    """Where the device's latest assignment stands, carried in ``hello``."""
+
+    assignment_id: ShortStr
+    sequence: NonNegInt
+    #: ``name@version`` of the assigned release, when it could be read
+    ref: ShortStr | None = None
+    state: UpdateState
+    reason: LongStr | None = None
+    ts: Timestamp
+
+
 class Hello(_Wire):
     """Retained capability report, re-sent on every (re)connect."""
 
@@ -106,6 +150,8 @@ class Hello(_Wire):
     tier: Tier
     runtimes: Annotated[list[Runtime], Field(max_length=8)] = []
     active_model: ActiveModel | None = None
+    #: the latest assignment's state; None before the first one
+    update: UpdateStatus | None = None
     labels: Labels = {}
     #: True when the capabilities come from a simulated-hardware override
     #: (``slmfleet dev``, the fleet simulator), never from a real probe.

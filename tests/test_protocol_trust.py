@@ -570,3 +570,18 @@ def test_kv_allowance_is_conservative() -> None:
     assert KV_BYTES_PER_TOKEN_PER_SQRT_PARAM == 8
     with pytest.raises(ValueError):
         fit_check(make_variant(), ram_bytes=1, disk_free_bytes=1, staging_factor=0.5)
+
+
+def test_pinned_key_list_needs_its_own_threshold_and_role() -> None:
+    from protocol import SigningKey, sign_key_list, verify_pinned_key_list
+    from protocol.canonical import canonical_json
+    from protocol.errors import ThresholdError, WrongRoleError
+
+    a, b, stranger = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    keys = KeyList.of("release", [a.public, b.public], threshold=2)
+    pinned = verify_pinned_key_list(canonical_json(sign_key_list(keys, [a, b])), "release")
+    assert pinned == keys
+    with pytest.raises(ThresholdError):
+        verify_pinned_key_list(canonical_json(sign_key_list(keys, [a, stranger])), "release")
+    with pytest.raises(WrongRoleError):
+        verify_pinned_key_list(canonical_json(sign_key_list(keys, [a, b])), "director")
