@@ -1,0 +1,213 @@
+"""Ingest throughput: simulated devices' telemetry (QoS 1) through the real
+broker into SQLite, against the raw paho receive rate of the same stream.
+
+N devices, each with its own broker credentials (ACLs on), publish K
+telemetry messages each. Two consumers hold persistent MQTT v5 sessions on
+the broker: the control plane's ingest (validate, batch, write to SQLite)
+and a bare paho subscriber that only counts. Both are offline while the
+devices publish, so the broker queues the same stream for each; then each
+drains its queue alone on the machine. On 2 cores this keeps the Python
+publishers from stealing the consumers' CPU, and measures what each
+consumer can sustain, which is what a control plane restarting into a
+backlog, or a fleet at peak, asks of it.
+Targets (issue 2): >= 5,000 msg/s ingested, ratio vs raw paho >= 0.7.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from _common import report, scratch_broker
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+DEVICES = 200
+PER_DEVICE = 150
+PUBLISHERS = 2
+TIMEOUT_S = 180.0
+SESSION_EXPIRY_S = 3600
+RAW_CLIENT_ID = "bench-raw-counter"
+INGEST_CLIENT_ID = "bench-controlplane"
+
+
+def _telemetry(device_id: str, seq: int) -> bytes:
+    from protocol import InferenceStats, Telemetry, encode
+
+    return encode(Telemetry(
+        device_id=device_id, ts=time.time(), seq=seq, uptime_s=seq * 30.0,
+        cpu_percent=12.5, ram_used_bytes=512 << 20, temp_c=48.0, active_model="smollm2@1.0.0",
+        inference=[InferenceStats(model="smollm2", version="1.0.0", requests=20, tokens=900,
+                                  ttft_p50_ms=35.0, ttft_p95_ms=60.0, latency_p50_ms=400.0,
+                                  latency_p95_ms=700.0, tokens_per_s=85.0)],
+    ))
+
+
+def publisher(host: str, port: int, creds: list[tuple[str, str]], per_device: int,
+              start: mp.Event, done: mp.Queue) -> None:
+    """Connect every device of this share, then publish round-robin at full speed."""
+    clients = []
+    for device_id, password in creds:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
+        c.username_pw_set(device_id, password)
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.connect(host, port)
+        c.loop_start()
+        clients.append((device_id, c))
+    payloads = {d: [_telemetry(d, s) for s in range(per_device)] for d, _ in clients}
+    start.wait()
+    infos = []
+    for seq in range(per_device):
+        for device_id, c in clients:
+            infos.append(c.publish(f"slmfleet/v1/dev/{device_id}/telemetry",
+                                   payloads[device_id][seq], qos=1))
+    for info in infos:
+        info.wait_for_publish(timeout=TIMEOUT_S)
+    for _, c in clients:
+        c.disconnect()
+        c.loop_stop()
+    done.put(len(infos))
+
+
+class RawCounter:
+    """A bare paho subscriber: counts telemetry messages, nothing else."""
+
+    def __init__(self, host: str, port: int, user: str, password: str) -> None:
+        self.count = 0
+        self.first = self.last = 0.0
+        self.host, self.port = host, port
+        self.subscribed = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=RAW_CLIENT_ID,
+                             protocol=mqtt.MQTTv5)
+        self.c.username_pw_set(user, password)
+        self.c.on_subscribe = lambda *_: self.subscribed.set()
+        self.c.on_message = self._on_message
+
+    def connect(self, subscribe: bool) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.c.connect(self.host, self.port, clean_start=subscribe, properties=props)
+        if subscribe:
+            self.c.subscribe("slmfleet/v1/dev/+/telemetry", qos=1)
+        self.c.loop_start()
+
+    def disconnect(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+    def _on_message(self, *_args) -> None:
+        now = time.monotonic()
+        if not self.count:
+            self.first = now
+        self.count += 1
+        self.last = now
+
+
+def publish_all(broker, devices: list[str]) -> float:
+    """Every device publishes its share; returns the publish rate (msg/s)."""
+    ctx = mp.get_context("spawn")
+    start, done = ctx.Event(), ctx.Queue()
+    shares = [devices[i::PUBLISHERS] for i in range(PUBLISHERS)]
+    procs = [ctx.Process(target=publisher, args=(broker.host, broker.port,
+                                                  [(d, broker.users[d]) for d in share],
+                                                  PER_DEVICE, start, done))
+             for share in shares]
+    for p in procs:
+        p.start()
+    time.sleep(3.0)  # let every device connect before the clock starts
+    t0 = time.monotonic()
+    start.set()
+    try:
+        published = sum(done.get(timeout=TIMEOUT_S) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return published / (time.monotonic() - t0)
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from controlplane.config import ControlPlaneSettings
+    from controlplane.mosquitto import CONTROL_PLANE_USER
+    from controlplane.service import ControlPlane
+
+    devices = [f"bench-{i:05d}" for i in range(DEVICES)]
+    total = DEVICES * PER_DEVICE
+    broker = scratch_broker(devices)
+    cp_pw = broker.users[CONTROL_PLANE_USER]
+    settings = ControlPlaneSettings(
+        data_dir=Path(tempfile.mkdtemp(prefix="slmfleet-ingest-")), mqtt_url=broker.url,
+        mqtt_username=CONTROL_PLANE_USER, mqtt_password=cp_pw, api_port=0,
+        mqtt_client_id=INGEST_CLIENT_ID, mqtt_session_expiry_s=SESSION_EXPIRY_S,
+    )
+    try:
+        # 1. both consumers open persistent sessions, then go offline
+        ControlPlane(settings).start().stop()
+        raw = RawCounter(broker.host, broker.port, CONTROL_PLANE_USER, cp_pw)
+        raw.connect(subscribe=True)
+        raw.subscribed.wait(10)
+        raw.disconnect()
+        # 2. the fleet publishes; the broker queues it for both sessions
+        print(f"{DEVICES} devices x {PER_DEVICE} telemetry messages = {total} (QoS 1)",
+              flush=True)
+        pub_rate = publish_all(broker, devices)
+        print(f"published at {pub_rate:,.0f} msg/s; both consumers offline, broker queued it")
+        # 3. raw paho drains its queue alone
+        t0 = time.monotonic()
+        raw.connect(subscribe=False)
+        deadline = t0 + TIMEOUT_S
+        while raw.count < total and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raw.disconnect()
+        raw_elapsed = raw.last - raw.first
+        raw_rate = raw.count / raw_elapsed
+        print(f"raw paho drained {raw.count} in {raw_elapsed:.2f} s ({raw_rate:,.0f} msg/s)")
+        # 4. the control plane's ingest drains the same stream into SQLite;
+        # the clock starts at its first message, not at process start-up
+        cp = ControlPlane(settings)
+        first = threading.Event()
+        stamp: list[float] = []
+
+        def watch_first() -> None:
+            while cp.ingest is None or cp.ingest.stats().received == 0:
+                time.sleep(0.0005)
+            stamp.append(time.monotonic())
+            first.set()
+
+        threading.Thread(target=watch_first, daemon=True).start()
+        cp.start()
+        try:
+            settled = cp.ingest.flush(timeout=TIMEOUT_S, received_at_least=total)
+            first.wait(5)
+            elapsed = time.monotonic() - stamp[0]
+            stats = cp.ingest.stats()
+        finally:
+            cp.stop()
+        ingest_rate = stats.written / elapsed
+        print(f"ingest validated and wrote {stats.written} rows in {elapsed:.2f} s "
+              f"({ingest_rate:,.0f} msg/s), rejected {stats.rejected_total}, "
+              f"{stats.batches} batches, settled={settled}")
+        report({
+            "ingest_msgs_per_s": round(ingest_rate),
+            "raw_paho_msgs_per_s": round(raw_rate),
+            "ratio_vs_raw": round(ingest_rate / raw_rate, 3),
+            "publish_msgs_per_s": round(pub_rate),
+            "messages": total,
+            "written": stats.written,
+            "devices": DEVICES,
+        })
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``/v1/devices``: the device registry."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from controlplane.api.deps import ContextDep, SessionDep
+from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
+from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
+from controlplane.db import queries
+from protocol import Tier
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+DEFAULT_LIMIT = 100
+RECENT_TELEMETRY = 20
+
+
+def parse_labels(raw: list[str]) -> tuple[tuple[str, str], ...]:
+    """``["k=v", ...]`` as pairs; a 422 for an entry without ``=`` or key."""
+    pairs = []
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise query_error("label", "label filters look like key=value", item)
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+@router.get("", response_model=DevicePage)
+def list_devices(
+    session: SessionDep,
+    context: ContextDep,
+    tier: Tier | None = None,
+    profile: str | None = None,
+    online: bool | None = None,
+    label: Annotated[
+        list[str] | None,
+        Query(description="key=value; repeat for several, all must match"),
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
+    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+) -> DevicePage:
+    """Devices matching every filter, ordered by id, one page at a time."""
+    cap = context.settings.page_max
+    size = check_limit(limit, cap) if limit is not None else min(DEFAULT_LIMIT, cap)
+    flt = queries.DeviceFilter(
+        tier=tier.value if tier else None,
+        profile=profile,
+        online=online,
+        labels=parse_labels(label or []),
+    )
+    after = decode_cursor(cursor) if cursor else None
+    # One row more than asked tells whether another page exists.
+    rows = queries.list_devices(session, flt, after=after, limit=size + 1)
+    page = rows[:size]
+    more = len(rows) > size
+    return DevicePage(
+        items=[DeviceSummary.model_validate(d) for d in page],
+        next=encode_cursor(page[-1].id) if more else None,
+    )
+
+
+@router.get(
+    "/{device_id}",
+    response_model=DeviceDetail,
+    responses={404: {"description": "no such device"}},
+)
+def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
+    """One device with its latest capabilities and its recent telemetry."""
+    device = queries.get_device(session, device_id)
+    if device is None:
+        raise HTTPException(status_code=404, detail=f"device {device_id!r} not found")
+    telemetry = queries.recent_telemetry(session, device_id, RECENT_TELEMETRY)
+    return DeviceDetail(
+        **DeviceSummary.model_validate(device).model_dump(),
+        capabilities=device.latest_capabilities,
+        runtimes=device.latest_runtimes,
+        recent_telemetry=[TelemetryPoint.model_validate(t) for t in telemetry],
+    )

@@ -1,0 +1,82 @@
+"""Response bodies of the API, kept apart from the tables they are read from."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DeviceSummary(BaseModel):
+    """A device as listed: identity, placement and liveness."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tier: str | None = Field(description="null until the device's first hello")
+    profile: str | None
+    agent_version: str | None
+    labels: dict[str, str]
+    simulated: bool = Field(description="capabilities come from a simulated-hardware override")
+    online: bool
+    first_seen: float = Field(description="Unix seconds")
+    last_seen: float | None = Field(description="last time heard live, Unix seconds")
+    state_changed_at: float = Field(description="last online/offline transition, Unix seconds")
+    active_model: dict[str, Any] | None
+
+
+class TelemetryPoint(BaseModel):
+    """One heartbeat as stored."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    ts: float
+    received_at: float
+    seq: int
+    uptime_s: float
+    cpu_percent: float
+    ram_used_bytes: int
+    temp_c: float | None
+    active_model: str | None
+    inference: list[dict[str, Any]]
+
+
+class DeviceDetail(DeviceSummary):
+    """A device with its latest capability report and recent telemetry."""
+
+    capabilities: dict[str, Any] | None = Field(description="latest capability report")
+    runtimes: list[dict[str, Any]] | None
+    recent_telemetry: list[TelemetryPoint] = Field(description="newest first")
+
+
+class DevicePage(BaseModel):
+    """One page of devices; pass ``next`` as ``cursor`` for the following page."""
+
+    items: list[DeviceSummary]
+    next: str | None
+
+
+class Health(BaseModel):
+    """Liveness of the control plane's dependencies."""
+
+    status: Literal["ok", "degraded"]
+    database: bool
+    mqtt: bool
+
+
+class IngestStats(BaseModel):
+    """Counters of the MQTT ingest since this process started."""
+
+    received: int
+    accepted: int
+    written: int
+    rejected: dict[str, int] = Field(description="refused messages by reason")
+    rejected_total: int
+    dropped: int = Field(description="accepted but abandoned at shutdown")
+    batches: int
+    last_batch_ms: float | None
+    last_batch_size: int
+    write_errors: int = Field(description="failed batch write attempts (retried)")
+    queue_depth: int
+    queue_max: int
+    connected: bool

@@ -1,0 +1,64 @@
+"""`slmfleet dev`: broker, control plane and local agents in one command."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def fleet_table(devices: list[dict]) -> Table:
+    """A rich table of devices as returned by ``GET /v1/devices``."""
+    table = Table(title="fleet")
+    for column in ("device", "tier", "profile", "online", "labels", "active model"):
+        table.add_column(column)
+    for d in devices:
+        active = d.get("active_model") or {}
+        table.add_row(
+            d["id"],
+            d.get("tier") or "?",
+            d.get("profile") or "?",
+            "yes" if d.get("online") else "no",
+            ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items())),
+            f"{active['name']}@{active['version']}" if active else "-",
+        )
+    return table
+
+
+def dev(
+    data_dir: Path = typer.Option(Path(".dev-data"), "--data-dir", help="state for this demo"),
+    api_port: int = typer.Option(0, "--api-port", help="API port (0: pick a free one)"),
+) -> None:
+    """Run a local fleet: Mosquitto, the control plane on SQLite and three agents."""
+    from controlplane.devenv import DevFleet
+    from controlplane.mosquitto import find_mosquitto
+
+    try:
+        find_mosquitto()
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    fleet = DevFleet(data_dir.resolve(), api_port=api_port, log=lambda m: console.print(f"• {m}"))
+    try:
+        fleet.start()
+        devices = fleet.wait_for_devices([])
+        console.print(fleet_table(devices))
+        print(f"API {fleet.api_url}", flush=True)
+        console.print(f"OpenAPI docs at {fleet.api_url}/docs — Ctrl-C stops everything.")
+        stop.wait()
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        console.print("stopping…")
+        fleet.stop()

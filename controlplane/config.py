@@ -1,0 +1,173 @@
+"""Control-plane settings: a typed model, read from TOML with ``SLMFLEET_*`` overrides.
+
+Precedence, lowest first: field defaults, the TOML file, then environment
+variables named ``SLMFLEET_<FIELD>`` (e.g. ``SLMFLEET_API_PORT=0``). Every
+error names the key and where it came from, so a typo in a config file or a
+unit's ``Environment=`` line is found at start-up, not at the first message.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from controlplane.mosquitto import CONTROL_PLANE_USER
+
+ENV_PREFIX = "SLMFLEET_"
+DEFAULT_DATA_DIR = Path("/var/lib/slmfleet/controlplane")
+
+#: a shared-subscription group name may not contain MQTT level separators or wildcards
+SharedGroup = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message names each bad key and its source."""
+
+
+class ControlPlaneSettings(BaseModel):
+    """Everything the control plane needs to start. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    #: defaults to an SQLite file inside ``data_dir``
+    database_url: str
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_username: str = CONTROL_PLANE_USER
+    mqtt_password: SecretStr | None = None
+    #: fixed MQTT client id; default: a random one per start. Needed for a
+    #: persistent session, and must differ between replicas.
+    mqtt_client_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    #: with a fixed client id, keep the broker session (and the QoS 1 messages
+    #: queued in it) this long across a control-plane restart; 0 = clean start
+    mqtt_session_expiry_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    #: MQTT v5 shared-subscription group; set it when several replicas split the ingest
+    mqtt_shared_group: SharedGroup | None = None
+    api_host: str = "127.0.0.1"
+    #: 0 picks a free port at start-up
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    #: the agents' telemetry interval
+    heartbeat_interval_s: PositiveFloat = 30.0
+    #: a device silent for this many heartbeats is marked offline
+    offline_after_missed: PositiveInt = 3
+    liveness_check_interval_s: PositiveFloat = 10.0
+    ingest_batch_max: Annotated[int, Field(ge=1, le=100_000)] = 500
+    ingest_flush_ms: PositiveFloat = 50.0
+    #: bound on decoded messages waiting for the writer; a full queue blocks the
+    #: MQTT thread, which stops acking QoS 1 and so pushes back on the broker
+    ingest_queue_max: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    #: hard cap on list page sizes
+    page_max: Annotated[int, Field(ge=1, le=100_000)] = 500
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_database_url(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and not data.get("database_url"):
+            data_dir = Path(data.get("data_dir") or DEFAULT_DATA_DIR)
+            data = {**data, "database_url": f"sqlite:///{data_dir / 'controlplane.db'}"}
+        return data
+
+    @model_validator(mode="after")
+    def _session_needs_client_id(self) -> ControlPlaneSettings:
+        if self.mqtt_session_expiry_s and not self.mqtt_client_id:
+            raise ValueError("mqtt_session_expiry_s needs a fixed mqtt_client_id")
+        return self
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme != "mqtt" or not url.hostname:
+            raise ValueError("must look like mqtt://host:port (TLS is not supported yet)")
+        try:
+            url.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @property
+    def mqtt_host(self) -> str:
+        """Broker host name from ``mqtt_url``."""
+        return urlsplit(self.mqtt_url).hostname or "127.0.0.1"
+
+    @property
+    def mqtt_port(self) -> int:
+        """Broker port from ``mqtt_url`` (1883 when absent)."""
+        return urlsplit(self.mqtt_url).port or 1883
+
+    @property
+    def offline_after_s(self) -> float:
+        """Silence after which a device counts as offline."""
+        return self.heartbeat_interval_s * self.offline_after_missed
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """``SLMFLEET_<FIELD>`` values for known fields.
+
+    Other ``SLMFLEET_*`` variables belong to other components (the agent, the
+    test cache) and are ignored. An empty value clears an optional field.
+    """
+    fields = ControlPlaneSettings.model_fields
+    out: dict[str, str | None] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in fields:
+            out[key] = None if value == "" and not fields[key].is_required() else value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_settings(
+    path: Path | None = None, environ: Mapping[str, str] = os.environ
+) -> ControlPlaneSettings:
+    """Build settings from the TOML file at ``path`` (optional) and ``environ``.
+
+    Raises :class:`SettingsError` naming each bad key and its source.
+    """
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if path is not None:
+        for key, value in _read_toml(path).items():
+            values[key] = value
+            source[key] = f"{path}: {key}"
+    for key, value in _env_overrides(environ).items():
+        values[key] = value
+        source[key] = f"{ENV_PREFIX}{key.upper()}"
+    try:
+        return ControlPlaneSettings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            key = str(err["loc"][0]) if err["loc"] else ""
+            where = source.get(key, key or "settings")
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}: {msg}")
+        raise SettingsError("invalid control-plane settings:\n  " + "\n  ".join(problems)) from exc

@@ -1,0 +1,178 @@
+"""The control-plane process: database, MQTT ingest, scheduler and HTTP API together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+
+from .api import create_app
+from .config import ControlPlaneSettings
+from .context import AppContext
+from .db import make_engine, session_factory, upgrade_to_head
+from .ingest import MqttIngest
+from .liveness import add_liveness_job
+from .scheduler import create_scheduler
+
+log = logging.getLogger(__name__)
+
+#: how long start() waits for the broker before going on degraded
+MQTT_READY_TIMEOUT_S = 10.0
+API_READY_TIMEOUT_S = 10.0
+API_STOP_TIMEOUT_S = 5.0
+
+
+class ControlPlane:
+    """Start, serve and stop everything the control plane runs.
+
+    ``start()`` returns once the API answers; a broker that cannot be reached
+    yet is retried in the background (``/healthz`` says ``degraded``), but
+    refused credentials fail the start, since retrying cannot fix them.
+    """
+
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.ingest: MqttIngest | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self._port: int | None = None
+        self._lock = threading.Lock()
+        self._started = False
+
+    @property
+    def api_url(self) -> str:
+        """``http://host:port`` of the running API."""
+        if self._port is None:
+            raise RuntimeError("the control plane is not running")
+        host = self.settings.api_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self._port}"
+
+    def start(self) -> ControlPlane:
+        """Migrate, connect, schedule and serve; return once the API answers."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("the control plane is already started")
+            self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(settings.database_url)
+        upgrade_to_head(self.engine)
+        sessions = session_factory(self.engine)
+
+        self.ingest = MqttIngest(settings)
+        self.ingest.start()
+        if not self.ingest.wait_ready(MQTT_READY_TIMEOUT_S):
+            log.warning(
+                "broker %s not reachable yet; retrying in the background", settings.mqtt_url
+            )
+
+        self.scheduler = create_scheduler()
+        add_liveness_job(
+            self.scheduler,
+            self.engine,
+            max_silence_s=settings.offline_after_s,
+            interval_s=settings.liveness_check_interval_s,
+        )
+        self.scheduler.start()
+
+        app = create_app(AppContext(settings, self.engine, sessions, self.ingest))
+        self._serve(app)
+        log.info("control plane API at %s", self.api_url)
+
+    def _serve(self, app: object) -> None:
+        # Bind here, not in uvicorn, so port 0 resolves before serving starts
+        # and the chosen port is known without racing another process for it.
+        family = socket.AF_INET6 if ":" in self.settings.api_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.api_host, self.settings.api_port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(
+                f"cannot listen on {self.settings.api_host}:{self.settings.api_port}: {exc}"
+            ) from exc
+        self._port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,  # type: ignore[arg-type]
+            log_config=None,  # leave logging to the process, not uvicorn's dictConfig
+            access_log=False,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        # uvicorn installs signal handlers only on the main thread, so in this
+        # thread it leaves SIGINT/SIGTERM to serve_forever().
+        self._server_thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="api", daemon=True
+        )
+        self._server_thread.start()
+        deadline = time.monotonic() + API_READY_TIMEOUT_S
+        while not server.started:
+            if not self._server_thread.is_alive():
+                raise RuntimeError("the API server exited during start-up; see the log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start within {API_READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the API, scheduler and ingest, then close the database. Idempotent."""
+        server, self._server = self._server, None
+        thread, self._server_thread = self._server_thread, None
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(API_STOP_TIMEOUT_S)
+            if thread.is_alive():
+                server.force_exit = True  # type: ignore[union-attr]
+                thread.join(API_STOP_TIMEOUT_S)
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None and scheduler.running:
+            scheduler.shutdown(wait=True)
+        ingest, self.ingest = self.ingest, None
+        if ingest is not None:
+            ingest.stop()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.dispose()
+        self._port = None
+
+    def serve_forever(self) -> None:
+        """Start if needed, block until SIGINT or SIGTERM, then stop.
+
+        Must run on the main thread (Python delivers signals there).
+        """
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self._port is None:
+                self.start()
+            while not stop.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
