@@ -168,14 +168,23 @@ class MqttIngest:
         client.loop_start()
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until subscribed; raise :class:`MqttAuthError` if the broker refused us."""
+        """Wait until subscribed and the writer process is up.
+
+        Raises :class:`MqttAuthError` if the broker refused us.
+        """
         deadline = time.monotonic() + timeout
         while not self._subscribed.wait(0.05):
             if self._auth_error:
                 raise MqttAuthError(self._auth_error)
             if time.monotonic() > deadline:
                 return False
-        return True
+        # The writer's first report says its database engine is ready; until
+        # then the first messages would wait on the process start-up.
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._worker is not None and bool(self._worker.report),
+                max(deadline - time.monotonic(), 0.0),
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect, write what was received, stop the worker. Idempotent."""
