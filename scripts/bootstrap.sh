@@ -21,6 +21,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pkgs+=(postgresql)
 command -v c++ >/dev/null || pkgs+=(build-essential)
 command -v cmake >/dev/null || pkgs+=(cmake)
 python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
+# systemd-analyze/-sysusers/-tmpfiles check the units in systemd/ (tests/test_systemd_*.py)
+command -v systemd-analyze >/dev/null || pkgs+=(systemd)
 if [ ${#pkgs[@]} -gt 0 ]; then
     say "installing Debian packages: ${pkgs[*]}"
     sudo=""

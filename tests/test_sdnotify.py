@@ -1,0 +1,230 @@
+"""sd_notify against a real notify socket: the agent/sdnotify.py functions, and
+a real agent process talking to a socket bound the way systemd binds it.
+
+The socket receives with ``SO_PASSCRED``, so each datagram carries the
+sender's pid from the kernel, which is what systemd's ``NotifyAccess=main``
+checks: the messages must come from the agent process itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+import statistics
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.sdnotify import notify, watchdog_interval_s
+from controlplane.mosquitto import MosquittoBroker, free_port
+from tests.support.agents import AgentProcess, write_agent_config
+
+#: WATCHDOG_USEC handed to the agent: it should ping every 0.5 s
+WATCHDOG_USEC = 1_000_000
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """One notification as systemd would see it."""
+
+    at: float  #: time.monotonic() on receipt
+    pid: int  #: sender pid, from the kernel (SCM_CREDENTIALS)
+    fields: dict[str, str]
+
+
+class NotifySocket:
+    """An ``AF_UNIX``/``SOCK_DGRAM`` socket bound like systemd's notify socket.
+
+    ``address`` is a path, or ``@name`` for the abstract namespace; use it as
+    ``NOTIFY_SOCKET``. A thread collects datagrams until :meth:`close`.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.datagrams: list[Datagram] = []
+        self._cond = threading.Condition()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self._sock.settimeout(0.05)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        creds_size = struct.calcsize("iII")
+        while not self._closing.is_set():
+            try:
+                data, ancillary, _flags, _addr = self._sock.recvmsg(
+                    4096, socket.CMSG_SPACE(creds_size)
+                )
+            except TimeoutError:
+                continue
+            pid = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:creds_size])[0]
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self._cond:
+                self.datagrams.append(Datagram(time.monotonic(), pid, fields))
+                self._cond.notify_all()
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 15.0) -> Datagram:
+        """The first datagram setting ``key`` (to ``value``, if given); fail on timeout."""
+
+        def find() -> Datagram | None:
+            return next((d for d in self.datagrams if key in d.fields
+                         and (value is None or d.fields[key] == value)), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: find() is not None, timeout)
+            found = find()
+        assert found is not None, f"no {key}={value or '*'} within {timeout} s: {self.datagrams}"
+        return found
+
+    def with_field(self, key: str, value: str) -> list[Datagram]:
+        with self._cond:
+            return [d for d in self.datagrams if d.fields.get(key) == value]
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+        if not self.address.startswith("@"):
+            Path(self.address).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: AF_UNIX paths are limited to 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="sdn-") as path:
+        yield Path(path)
+
+
+@pytest.fixture
+def notify_socket(short_dir: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(str(short_dir / "notify.sock"))
+    yield sock
+    sock.close()
+
+
+def _agent_env(notify_address: str) -> dict[str, str]:
+    # WATCHDOG_PID empty reads as unset; it also overrides one this test run
+    # may have inherited from a service manager.
+    return {"NOTIFY_SOCKET": notify_address, "WATCHDOG_USEC": str(WATCHDOG_USEC),
+            "WATCHDOG_PID": ""}
+
+
+@pytest.fixture
+def device(new_device) -> tuple[str, str]:
+    device_id = f"sdn-{secrets.token_hex(4)}"
+    return device_id, new_device(device_id)
+
+
+# -- agent/sdnotify.py on its own ------------------------------------------------
+
+
+def test_notify_without_socket_is_a_no_op() -> None:
+    assert notify("READY=1", environ={}) is False
+    assert notify("READY=1", environ={"NOTIFY_SOCKET": ""}) is False
+
+
+def test_notify_reaches_a_path_socket(notify_socket: NotifySocket) -> None:
+    assert notify("READY=1\nSTATUS=hi", environ={"NOTIFY_SOCKET": notify_socket.address})
+    got = notify_socket.wait_for("READY", "1", timeout=2)
+    assert got.fields == {"READY": "1", "STATUS": "hi"}
+    assert got.pid == os.getpid()
+
+
+def test_notify_reaches_an_abstract_socket() -> None:
+    sock = NotifySocket(f"@slmfleet-test-{secrets.token_hex(6)}")
+    try:
+        assert notify("WATCHDOG=1", environ={"NOTIFY_SOCKET": sock.address})
+        assert sock.wait_for("WATCHDOG", "1", timeout=2).pid == os.getpid()
+    finally:
+        sock.close()
+
+
+def test_notify_to_a_socket_nobody_listens_on_returns_false(short_dir: Path) -> None:
+    assert notify("READY=1", environ={"NOTIFY_SOCKET": str(short_dir / "gone.sock")}) is False
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    assert watchdog_interval_s({"WATCHDOG_USEC": "60000000"}) == 30.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}) \
+        == 0.5
+    assert watchdog_interval_s({}) is None
+    # The watchdog belongs to another process (we were forked from the service).
+    assert watchdog_interval_s({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}) is None
+
+
+# -- a real agent process --------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_agent_sends_ready_watchdog_and_stopping(
+    tmp_path: Path, broker: MosquittoBroker, device: tuple[str, str],
+    notify_socket: NotifySocket,
+) -> None:
+    config = write_agent_config(tmp_path, device[0], broker.url, device[1])
+    agent = AgentProcess(config, env=_agent_env(notify_socket.address))
+    try:
+        ready = notify_socket.wait_for("READY", "1")
+        assert ready.fields["STATUS"] == "connected to broker"
+        assert f"connected to {broker.url}" in agent.log(), "READY=1 only after the connect"
+
+        # Watch the watchdog for a few periods after READY.
+        time.sleep(2.2)
+        pings = [d.at for d in notify_socket.with_field("WATCHDOG", "1") if d.at >= ready.at]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert len(pings) >= 4, pings
+        assert 0.4 <= statistics.median(gaps) <= 0.7, gaps
+        assert max(gaps) < WATCHDOG_USEC / 1e6, f"systemd would have killed it: {gaps}"
+
+        assert agent.terminate() == 0, agent.log()
+        notify_socket.wait_for("STOPPING", "1", timeout=2)
+        # NotifyAccess=main: every message came from the agent process itself.
+        assert {d.pid for d in notify_socket.datagrams} == {agent.pid}
+    finally:
+        agent.stop()
+
+
+@pytest.mark.integration
+def test_agent_without_broker_keeps_watchdog_but_is_not_ready(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """READY=1 waits for the broker connection; the watchdog does not."""
+    nowhere = f"mqtt://127.0.0.1:{free_port()}"
+    config = write_agent_config(tmp_path, "sdn-offline", nowhere, "unused")
+    agent = AgentProcess(config, env=_agent_env(notify_socket.address))
+    try:
+        notify_socket.wait_for("WATCHDOG", "1")
+        time.sleep(1.2)
+        assert len(notify_socket.with_field("WATCHDOG", "1")) >= 2
+        assert not notify_socket.with_field("READY", "1")
+    finally:
+        agent.stop()
+
+
+@pytest.mark.integration
+def test_agent_notifies_an_abstract_socket(
+    tmp_path: Path, broker: MosquittoBroker, device: tuple[str, str]
+) -> None:
+    sock = NotifySocket(f"@slmfleet-test-{secrets.token_hex(6)}")
+    agent = AgentProcess(write_agent_config(tmp_path, device[0], broker.url, device[1]),
+                         env=_agent_env(sock.address))
+    try:
+        assert sock.wait_for("READY", "1").pid == agent.pid
+        assert agent.terminate() == 0
+        sock.wait_for("STOPPING", "1", timeout=2)
+    finally:
+        agent.stop()
+        sock.close()
