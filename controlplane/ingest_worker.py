@@ -20,6 +20,7 @@ import contextlib
 import logging
 import pickle
 import queue
+import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -91,6 +92,9 @@ class _Reporter:
 
 def run_worker(config: WorkerConfig, inbox: Connection, outbox: Connection) -> None:
     """Entry point of the worker process: decode and write until told to stop."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # when this process stops (it ships the last batch first, then STOP).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

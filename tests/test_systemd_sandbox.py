@@ -100,17 +100,21 @@ print(json.dumps({"onnx": out.tolist(), "llama": text["choices"][0]["text"]}))
 def _interpreter_dropin() -> list[str]:
     """Drop-in lines that let the sandbox run this checkout's interpreter.
 
-    ``ProtectHome=yes`` hides /root and /home; when the interpreter or the
-    checkout lives there, mount an empty home and bind just those paths in,
-    read-only. Everything else in the unit stays as shipped.
+    ``ProtectHome=yes`` hides /root and /home, ``PrivateTmp=yes`` hides
+    /tmp and /var/tmp; when the interpreter or the checkout lives there (a CI
+    clone often does), bind just those paths in, read-only, over an empty
+    home or the private tmp. Everything else in the unit stays as shipped.
     """
     lines = [f"WorkingDirectory={REPO}"]
     homes = (Path("/root"), Path("/home"), Path("/run/user"))
+    tmps = (Path("/tmp"), Path("/var/tmp"))
     needed = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), REPO,
               Path(sys.executable).resolve().parent}
-    hidden = sorted(str(path) for path in needed if any(path.is_relative_to(h) for h in homes))
-    if hidden:
-        lines += ["ProtectHome=tmpfs", *(f"BindReadOnlyPaths={path}" for path in hidden)]
+    in_home = sorted(str(path) for path in needed if any(path.is_relative_to(h) for h in homes))
+    in_tmp = sorted(str(path) for path in needed if any(path.is_relative_to(t) for t in tmps))
+    if in_home:
+        lines.append("ProtectHome=tmpfs")
+    lines += [f"BindReadOnlyPaths={path}" for path in in_home + in_tmp]
     return lines
 
 
