@@ -36,6 +36,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def ensure_dir(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` (and missing parents) durably: each new entry's parent is fsynced."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    ensure_dir(path.parent)
+    path.mkdir(exist_ok=True)
+    # A new directory is an entry in its parent; without this a power cut can lose it
+    # together with everything written inside.
+    fsync_dir(path.parent)
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically and durably; the file gets ``mode``."""
     path = Path(path)

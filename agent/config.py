@@ -51,6 +51,25 @@ class AgentConfig(BaseModel):
     labels: dict[str, str] = {}
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     simulate: SimulatedHardware | None = None
+    #: pinned release key list (SignedKeyList JSON); default ``state_dir/trust/release-keys.json``
+    release_keys_file: Path | None = None
+    #: pinned director key list; default ``state_dir/trust/director-keys.json``
+    director_keys_file: Path | None = None
+    #: artifact base URL when an assignment names none (``<base>/<variant.artifact>``)
+    artifact_base_url: str | None = None
+    #: a download slower than this over a whole stall window is abandoned
+    download_min_bytes_per_s: Annotated[float, Field(ge=0)] = 10_000.0
+    download_stall_window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    #: transport failures are retried (resuming with Range) this many times in all
+    download_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    #: first pause between download attempts; doubles each time
+    download_retry_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    #: the health-check subprocess is killed after this long
+    health_check_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    #: installed versions kept on disk, active and previous included
+    keep_versions: Annotated[int, Field(ge=2, le=16)] = 2
+    #: update events kept on disk while the broker is unreachable; the oldest go first
+    max_spooled_events: Annotated[int, Field(ge=10, le=100_000)] = 1000
 
     @field_validator("device_id")
     @classmethod
@@ -65,10 +84,39 @@ class AgentConfig(BaseModel):
             raise ValueError("broker_url must look like mqtt://host:1883 or mqtts://host:8883")
         return value
 
+    @field_validator("artifact_base_url")
+    @classmethod
+    def _artifact_base_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            url = urlsplit(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError("artifact_base_url must be an http:// or https:// URL")
+        return value
+
     @property
     def models_path(self) -> Path:
         """Directory holding versioned model directories."""
         return self.model_dir or self.state_dir / "models"
+
+    @property
+    def release_keys_path(self) -> Path:
+        """The pinned release key list."""
+        return self.release_keys_file or self.state_dir / "trust" / "release-keys.json"
+
+    @property
+    def director_keys_path(self) -> Path:
+        """The pinned director key list."""
+        return self.director_keys_file or self.state_dir / "trust" / "director-keys.json"
+
+    @property
+    def update_state_path(self) -> Path:
+        """The update pipeline's persisted record."""
+        return self.state_dir / "update" / "state.json"
+
+    @property
+    def event_spool_path(self) -> Path:
+        """Directory of update events not yet delivered to the broker."""
+        return self.state_dir / "events"
 
     @property
     def mqtt_username(self) -> str:

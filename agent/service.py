@@ -1,4 +1,5 @@
-"""The agent process: probe the hardware, join the fleet, heartbeat, shut down cleanly."""
+"""The agent process: probe the hardware, join the fleet, heartbeat, install
+assigned models, shut down cleanly."""
 
 from __future__ import annotations
 
@@ -12,17 +13,27 @@ from protocol import Capabilities, Hello, Runtime, TopicKind, encode
 
 from . import __version__
 from .config import AgentConfig
+from .events import EventLog
+from .health import HealthChecker
 from .link import MqttLink
-from .probe import probe_capabilities, probe_runtimes
+from .probe import disk_free_bytes, probe_capabilities, probe_runtimes
 from .profiles import FirmwareProfile, default_profiles_dir, load_profiles, match_profile
 from .sdnotify import notify, watchdog_interval_s
 from .simulated import simulated_capabilities
 from .telemetry import TelemetrySampler
+from .updater import Updater
 
 log = logging.getLogger(__name__)
 
+Hardware = tuple[Capabilities, list[Runtime], FirmwareProfile]
 
-def detect_hardware(config: AgentConfig) -> tuple[Capabilities, list[Runtime], FirmwareProfile]:
+#: how long a stopping agent waits for a running update to reach a safe point
+STOP_UPDATE_TIMEOUT_S = 10.0
+#: how long a stopping agent tries to deliver spooled events (they survive anyway)
+STOP_EVENTS_TIMEOUT_S = 2.0
+
+
+def detect_hardware(config: AgentConfig) -> Hardware:
     """Measure (or, under a simulated-hardware override, recall) this device."""
     config.models_path.mkdir(parents=True, exist_ok=True)
     if config.simulate is not None:
@@ -34,14 +45,36 @@ def detect_hardware(config: AgentConfig) -> tuple[Capabilities, list[Runtime], F
 
 
 class Agent:
-    """One device agent. ``await run()`` until :meth:`request_stop`."""
+    """One device agent. ``await run()`` until :meth:`request_stop`.
 
-    def __init__(self, config: AgentConfig) -> None:
+    ``hardware`` and ``health`` replace the probe and the health-check
+    subprocess (benchmarks that start many agents from one process).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        hardware: Hardware | None = None,
+        health: HealthChecker | None = None,
+    ) -> None:
         self.config = config
-        self.capabilities, self.runtimes, self.profile = detect_hardware(config)
-        self.link = MqttLink(config, self.hello_payload, on_connected=self._on_connected)
-        self.telemetry = TelemetrySampler(config.device_id)
+        self.capabilities, self.runtimes, self.profile = hardware or detect_hardware(config)
+        self.events = EventLog(config.event_spool_path, config.device_id,
+                               max_spooled=config.max_spooled_events)
+        self.updater = Updater(
+            config,
+            capabilities=self.capabilities,
+            profile=self.profile,
+            events=self.events,
+            health=health,
+            on_status=self._hello_changed,
+        )
+        self.link = MqttLink(config, self.hello_payload, on_desired=self.updater.offer,
+                             on_connected=self._on_connected)
+        self.telemetry = TelemetrySampler(config.device_id, active_model=self.updater.active_ref)
         self._stop = asyncio.Event()
+        self._hello_dirty = asyncio.Event()
         log.info(
             "device %s: profile %s, tier %s%s",
             config.device_id,
@@ -56,19 +89,45 @@ class Agent:
             device_id=self.config.device_id,
             ts=time.time(),
             agent_version=__version__,
-            capabilities=self.capabilities,
+            capabilities=self._current_capabilities(),
             profile=self.profile.id,
             tier=self.profile.tier,
             runtimes=self.runtimes,
+            active_model=self.updater.active_model(),
+            update=self.updater.status(),
             labels=self.config.labels,
             simulated=self.config.simulate is not None,
         )
+
+    def _current_capabilities(self) -> Capabilities:
+        # Free disk changes with every install; the director should see it as it is now.
+        if self.config.simulate is not None:
+            return self.capabilities
+        try:
+            free = disk_free_bytes(self.config.models_path)
+        except OSError:
+            return self.capabilities
+        return self.capabilities.model_copy(update={"disk_free_bytes": free})
 
     def hello_payload(self) -> bytes:
         return encode(self.hello())
 
     async def _on_connected(self) -> None:
         notify("READY=1\nSTATUS=connected to broker")
+        self.events.kick()
+
+    def _hello_changed(self) -> None:
+        self._hello_dirty.set()
+
+    async def _hello_publisher(self) -> None:
+        # Its own task: the updater must never wait on the network.
+        while True:
+            await self._hello_dirty.wait()
+            self._hello_dirty.clear()
+            await self.link.publish_hello()  # offline: the next connect sends a fresh one
+
+    async def _publish_event(self, payload: bytes) -> bool:
+        return await self.link.publish(TopicKind.EVENTS, payload)
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval_s
@@ -91,18 +150,31 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        # Before connecting: hello must report a model that survived the last run.
+        await self.updater.start()
+        updates = asyncio.create_task(self.updater.run(), name="updater")
         tasks = [
             asyncio.create_task(self.link.run(), name="mqtt-link"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self.events.run(self._publish_event), name="events"),
+            asyncio.create_task(self._hello_publisher(), name="hello"),
         ]
         if (wd := watchdog_interval_s()) is not None:
             tasks.append(asyncio.create_task(self._watchdog(wd), name="watchdog"))
         await self._stop.wait()
         notify("STOPPING=1")
+        self.updater.stop()
+        done, _ = await asyncio.wait({updates}, timeout=STOP_UPDATE_TIMEOUT_S)
+        if updates not in done:
+            log.warning("update still busy after %.0f s; it resumes on the next start",
+                        STOP_UPDATE_TIMEOUT_S)
+            updates.cancel()
+        await self.events.wait_delivered(STOP_EVENTS_TIMEOUT_S)
         await self.link.close()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(updates, *tasks, return_exceptions=True)
+        self.updater.mark_clean_shutdown()
         log.info("agent %s stopped", self.config.device_id)
 
 

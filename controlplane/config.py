@@ -29,12 +29,17 @@ from pydantic import (
 )
 
 from controlplane.mosquitto import CONTROL_PLANE_USER
+from protocol.manifest import MAX_ARTIFACT_BYTES
 
 ENV_PREFIX = "SLMFLEET_"
 DEFAULT_DATA_DIR = Path("/var/lib/slmfleet/controlplane")
 
 #: a shared-subscription group name may not contain MQTT level separators or wildcards
 SharedGroup = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+#: what agents prepend to ``/v1/artifacts``: the assignment's own URL rule, no trailing slash
+PublicUrl = Annotated[
+    str, StringConstraints(max_length=480, pattern=r"^https?://[!-~]+[^/]$")
+]
 
 
 class SettingsError(ValueError):
@@ -76,13 +81,72 @@ class ControlPlaneSettings(BaseModel):
     #: hard cap on list page sizes
     page_max: Annotated[int, Field(ge=1, le=100_000)] = 500
 
+    # -- model registry and director (docs/models.md) -------------------------
+    #: the pinned release key list (``slmfleet keys list --role release``); the
+    #: registry refuses manifests not signed by its threshold. None: registry off
+    release_keys_file: Path | None = None
+    #: the director key list the agents pin (``slmfleet keys list --role director``)
+    director_keys_file: Path | None = None
+    #: the director's private key file(s), at least the director list's threshold
+    #: of them; from the environment, comma-separated
+    director_key_files: list[Path] = []
+    #: base URL agents reach this API at; artifacts are fetched from
+    #: ``<public_url>/v1/artifacts/...``. Default: the API's own address
+    public_url: PublicUrl | None = None
+    #: where uploaded artifacts live; default ``<data_dir>/artifacts``
+    artifacts_dir: Path
+    #: largest artifact an upload may carry
+    artifact_max_bytes: Annotated[int, Field(ge=1, le=MAX_ARTIFACT_BYTES)] = 64 << 30
+    #: how long a signed assignment stays valid
+    assignment_ttl_s: Annotated[float, Field(ge=60)] = 86_400.0
+    #: re-sign a live assignment once less than this is left; default ttl/2
+    resign_margin_s: PositiveFloat | None = None
+    #: how often the re-sign job looks for assignments to refresh; default
+    #: margin/4, at most 300 s
+    resign_interval_s: PositiveFloat | None = None
+
     @model_validator(mode="before")
     @classmethod
-    def _default_database_url(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and not data.get("database_url"):
+    def _default_paths(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
             data_dir = Path(data.get("data_dir") or DEFAULT_DATA_DIR)
-            data = {**data, "database_url": f"sqlite:///{data_dir / 'controlplane.db'}"}
+            if not data.get("database_url"):
+                data = {**data, "database_url": f"sqlite:///{data_dir / 'controlplane.db'}"}
+            if not data.get("artifacts_dir"):
+                data = {**data, "artifacts_dir": data_dir / "artifacts"}
         return data
+
+    @field_validator("director_key_files", mode="before")
+    @classmethod
+    def _split_key_files(cls, value: Any) -> Any:
+        # One environment variable carries the whole list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _director_complete(self) -> ControlPlaneSettings:
+        # Half a director configuration is a typo, not a choice: say which half.
+        if self.director_key_files and self.director_keys_file is None:
+            raise ValueError("director_key_files needs director_keys_file (the pinned list)")
+        if self.director_keys_file is not None and not self.director_key_files:
+            raise ValueError(
+                "director_keys_file needs director_key_files (the private director keys; "
+                "create one with `slmfleet keys generate --role director`)"
+            )
+        if self.director_keys_file is not None and self.release_keys_file is None:
+            raise ValueError("the director needs release_keys_file to check what it assigns")
+        return self
+
+    @model_validator(mode="after")
+    def _resign_window(self) -> ControlPlaneSettings:
+        # An interval at least as long as the margin could let an assignment
+        # expire between two runs of the re-sign job.
+        if self.resign_margin >= self.assignment_ttl_s:
+            raise ValueError("resign_margin_s must be below assignment_ttl_s")
+        if self.resign_interval >= self.resign_margin:
+            raise ValueError("resign_interval_s must be below resign_margin_s")
+        return self
 
     @model_validator(mode="after")
     def _session_needs_client_id(self) -> ControlPlaneSettings:
@@ -111,6 +175,16 @@ class ControlPlaneSettings(BaseModel):
     def mqtt_port(self) -> int:
         """Broker port from ``mqtt_url`` (1883 when absent)."""
         return urlsplit(self.mqtt_url).port or 1883
+
+    @property
+    def resign_margin(self) -> float:
+        """Re-sign an assignment once less than this many seconds of validity remain."""
+        return self.resign_margin_s or self.assignment_ttl_s / 2
+
+    @property
+    def resign_interval(self) -> float:
+        """Seconds between two runs of the re-sign job."""
+        return self.resign_interval_s or min(300.0, self.resign_margin / 4)
 
     @property
     def offline_after_s(self) -> float:

@@ -1,4 +1,4 @@
-"""What the API and jobs share: settings, database and the ingest's status."""
+"""What the API and jobs share: settings, database, trust material and the services."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from .artifacts import ArtifactStore
 from .config import ControlPlaneSettings
+from .director import Director
 from .ingest_stats import IngestStatsSnapshot
+from .trust import Trust
 
 
 class IngestStatus(Protocol):
@@ -21,11 +24,22 @@ class IngestStatus(Protocol):
     def stats(self) -> IngestStatsSnapshot: ...
 
 
+#: no keys configured: registry and director off
+NO_TRUST = Trust(release_keys=None, director=None)
+
+
 @dataclass(frozen=True)
 class AppContext:
-    """Handed to :func:`controlplane.api.create_app`; one per control-plane process."""
+    """Handed to :func:`controlplane.api.create_app`; one per control-plane process.
+
+    ``artifacts`` and ``director`` are None when not configured; the routes
+    that need them answer 503 naming the setting to add.
+    """
 
     settings: ControlPlaneSettings
     engine: Engine
     sessions: sessionmaker[Session]
     ingest: IngestStatus
+    trust: Trust = NO_TRUST
+    artifacts: ArtifactStore | None = None
+    director: Director | None = None

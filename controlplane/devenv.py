@@ -17,13 +17,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import tomli_w
+import yaml
 
 from .config import ControlPlaneSettings
+from .keyfiles import build_key_list, generate_key, read_private_key, write_atomic
 from .mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from .service import ControlPlane
+
+#: the model scripts/bootstrap.sh fetches (SmolLM2-135M-Instruct, Q4_1 GGUF)
+DEMO_MODEL = Path("~/.cache/slmfleet/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
+
+#: golden prompts SmolLM2-135M answers correctly and stably at temperature 0
+#: through its chat template (see examples/smollm2.release.yaml)
+_DEMO_HEALTH_CHECK = {
+    "max_ttft_ms": 3000,
+    "min_tokens_per_s": 5,
+    "golden_prompts": [
+        {"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 32},
+        {"prompt": "What is the opposite of hot?", "expected": ["cold"], "max_tokens": 32},
+    ],
+}
+
+_FINAL_STATES = {"activated", "rejected", "failed", "rolled_back"}
 
 #: (device id, simulated board preset, labels) of the demo fleet
 DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
@@ -31,6 +50,72 @@ DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
     ("jetson-lab", "jetson-orin-nano-8gb", {"site": "lab"}),
     ("ws-render", "x86_64-gpu-workstation", {"site": "lab"}),
 ]
+
+
+def demo_release_spec(model: Path, version: str = "1.0.0") -> dict[str, Any]:
+    """A release spec with a variant for every tier, for ``slmfleet models publish``.
+
+    The demo has one real model, so every tier's variant is the same GGUF
+    with that tier's runtime settings (a bigger context where there is more
+    memory); a real release would ship a bigger model for bigger tiers.
+    """
+
+    def variant(context: int) -> dict[str, Any]:
+        return {
+            "file": str(model),
+            "format": "gguf",
+            "quantization": "Q4_1",
+            "parameters": 135_000_000,
+            "context_length": 8192,
+            "runtime_defaults": {"context": context, "mmap": True},
+            "health_check": _DEMO_HEALTH_CHECK,
+        }
+
+    return {
+        "name": "smollm2",
+        "version": version,
+        "description": "SmolLM2-135M-Instruct Q4_1 (the demo's model for every tier)",
+        "variants": {"micro": variant(2048), "small": variant(4096), "medium": variant(8192)},
+    }
+
+
+@dataclass(frozen=True)
+class DevKeys:
+    """The demo's trust material: one release key, one director key, both pinned lists."""
+
+    release_key: Path
+    director_key: Path
+    release_keys_file: Path
+    director_keys_file: Path
+
+
+def ensure_dev_keys(directory: Path) -> DevKeys:
+    """Create 1-of-1 release and director keys and their pinned lists on first run.
+
+    Later runs reuse them, so agents that already pinned the lists keep
+    trusting the control plane. Real fleets keep release keys offline
+    (docs/models.md); here the release key sits beside the data for the demo.
+    """
+    paths = {}
+    for role in ("release", "director"):
+        pinned = directory / f"{role}-keys.json"
+        existing = sorted((directory / role).glob("*.key"))
+        if existing and pinned.is_file():
+            paths[role] = (existing[0], pinned)
+            continue
+        key, key_path, _ = generate_key(directory / role, role)
+        write_atomic(
+            pinned,
+            build_key_list(role, [key.public], [read_private_key(key_path)], threshold=1,
+                           now=time.time()),
+        )
+        paths[role] = (key_path, pinned)
+    return DevKeys(
+        release_key=paths["release"][0],
+        director_key=paths["director"][0],
+        release_keys_file=paths["release"][1],
+        director_keys_file=paths["director"][1],
+    )
 
 
 @dataclass
@@ -43,11 +128,14 @@ class DevFleet:
     log: Callable[[str], None] = print
     broker: MosquittoBroker | None = None
     controlplane: ControlPlane | None = None
+    keys: DevKeys | None = None
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self) -> None:
         """Start broker, control plane and agents; wait until all agents reported."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = keys = ensure_dev_keys(self.data_dir / "keys")
+        self.log(f"release key {keys.release_key} (for `slmfleet models publish --key`)")
         users = {CONTROL_PLANE_USER: secrets.token_urlsafe(18)}
         users |= {dev: secrets.token_urlsafe(18) for dev, _, _ in DEMO_DEVICES}
         self.log("starting Mosquitto (passwords and ACLs on)")
@@ -60,6 +148,9 @@ class DevFleet:
             mqtt_password=users[CONTROL_PLANE_USER],
             api_port=self.api_port,
             heartbeat_interval_s=self.heartbeat_s,
+            release_keys_file=keys.release_keys_file,
+            director_keys_file=keys.director_keys_file,
+            director_key_files=[keys.director_key],
         )
         self.log("starting the control plane (SQLite)")
         self.controlplane = ControlPlane(settings)
@@ -69,7 +160,7 @@ class DevFleet:
         self.wait_for_devices([d for d, _, _ in DEMO_DEVICES])
 
     def _start_agent(self, device_id: str, preset: str, labels: dict[str, str], pw: str) -> None:
-        assert self.broker is not None
+        assert self.broker is not None and self.keys is not None
         agent_dir = self.data_dir / "agents" / device_id
         agent_dir.mkdir(parents=True, exist_ok=True)
         config = {
@@ -81,6 +172,9 @@ class DevFleet:
             "labels": labels,
             # SIMULATED hardware: all demo agents share this machine.
             "simulate": {"preset": preset},
+            # What a real install pins at provisioning time (docs/models.md).
+            "release_keys_file": str(self.keys.release_keys_file),
+            "director_keys_file": str(self.keys.director_keys_file),
         }
         path = agent_dir / "agent.toml"
         path.write_text(tomli_w.dumps(config))
@@ -118,6 +212,80 @@ class DevFleet:
                 missing = sorted(set(device_ids) - online)
                 raise RuntimeError(f"devices never came online: {', '.join(missing)}")
             time.sleep(0.2)
+
+    def publish_and_assign(
+        self,
+        model: Path = DEMO_MODEL,
+        timeout: float = 180.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[dict]:
+        """Publish the demo release, assign it to every device, wait until all serve it."""
+        from .cli.models import publish_release
+
+        assert self.keys is not None
+        if not model.is_file():
+            raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
+        spec = self.data_dir / "smollm2.release.yaml"
+        spec.write_text(yaml.safe_dump(demo_release_spec(model), sort_keys=False))
+        if httpx.get(f"{self.api_url}/v1/models/smollm2/versions/1.0.0").status_code == 200:
+            self.log("smollm2@1.0.0 is already published (from an earlier run)")
+        else:
+            self.log("publishing smollm2@1.0.0 (signed with the demo release key)")
+            publish_release(spec, [self.keys.release_key], self.api_url)
+        # One device at a time: the demo's agents share this machine's cores,
+        # and health checks running side by side would fail on speed alone.
+        # (Staged rollouts across a real fleet are the rollout engine's job.)
+        details = []
+        for device_id, _, _ in DEMO_DEVICES:
+            response = httpx.post(
+                f"{self.api_url}/v1/devices/{device_id}/assignment",
+                json={"model": "smollm2", "version": "1.0.0"},
+            )
+            response.raise_for_status()
+            result = response.json()["results"][0]
+            self.log(f"assigned smollm2@1.0.0 to {device_id}: {result['status']} "
+                     f"({result.get('tier') or result.get('reason')})")
+            if result["status"] != "assigned":
+                continue
+            details += self._wait_for_updates(
+                {device_id: result["assignment_id"]}, timeout, should_stop
+            )
+            if should_stop():
+                break
+        return details
+
+    def _wait_for_updates(
+        self,
+        assignments: dict[str, str],
+        timeout: float,
+        should_stop: Callable[[], bool],
+    ) -> list[dict]:
+        """Log each device's update of the given assignment as it moves, until all are final."""
+        device_ids = list(assignments)
+        deadline = time.monotonic() + timeout
+        seen: dict[str, str] = {}
+        while True:
+            devices = {
+                d["id"]: d
+                for d in (
+                    httpx.get(f"{self.api_url}/v1/devices/{device_id}").json()
+                    for device_id in device_ids
+                )
+            }
+            for device_id, detail in devices.items():
+                update = detail.get("update") or {}
+                if update.get("assignment_id") != assignments[device_id]:
+                    update = {}  # still the previous assignment's outcome
+                state = update.get("state", "waiting")
+                if seen.get(device_id) != state:
+                    seen[device_id] = state
+                    reason = f" ({update['reason']})" if update.get("reason") else ""
+                    self.log(f"{device_id}: {state}{reason}")
+            if should_stop() or all(seen.get(d) in _FINAL_STATES for d in device_ids):
+                return list(devices.values())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"updates did not finish within {timeout:.0f} s: {seen}")
+            time.sleep(0.3)
 
     def stop(self) -> None:
         """Stop agents (SIGTERM, so they publish offline), then control plane and broker."""

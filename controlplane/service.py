@@ -14,12 +14,16 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from .api import create_app
+from .artifacts import ArtifactStore
 from .config import ControlPlaneSettings
 from .context import AppContext
 from .db import make_engine, session_factory, upgrade_to_head
+from .director import Director, add_resign_job
 from .ingest import MqttIngest
 from .liveness import add_liveness_job
+from .publisher import DesiredPublisher
 from .scheduler import create_scheduler
+from .trust import load_trust
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,13 @@ class ControlPlane:
         self.settings = settings
         self.engine: Engine | None = None
         self.ingest: MqttIngest | None = None
+        self.publisher: DesiredPublisher | None = None
+        self.director: Director | None = None
         self.scheduler: BackgroundScheduler | None = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._port: int | None = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._started = False
 
@@ -70,12 +77,28 @@ class ControlPlane:
             raise
         return self
 
+    @property
+    def public_url(self) -> str:
+        """Base URL agents use for this API: ``public_url`` or the API's own address."""
+        return self.settings.public_url or self.api_url
+
     def _start(self) -> None:
         settings = self.settings
+        # Key files first: a misconfigured trust root should stop the start
+        # before anything listens or touches the database.
+        trust = load_trust(settings)
+        if trust.release_keys is None:
+            log.warning(
+                "model registry off: set release_keys_file (see `slmfleet keys --help` "
+                "and docs/models.md)"
+            )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes).open()
         self.engine = make_engine(settings.database_url)
         upgrade_to_head(self.engine)
         sessions = session_factory(self.engine)
+        # Bound before the director is built: its artifact URL names the port.
+        sock = self._bind()
 
         self.ingest = MqttIngest(settings)
         self.ingest.start()
@@ -91,13 +114,38 @@ class ControlPlane:
             max_silence_s=settings.offline_after_s,
             interval_s=settings.liveness_check_interval_s,
         )
+        if trust.director is not None:
+            assert trust.release_keys is not None
+            self.publisher = DesiredPublisher(settings, self.engine).start()
+            self.director = Director(
+                self.engine,
+                trust.director,
+                trust.release_keys,
+                artifact_url_base=f"{self.public_url}/v1/artifacts",
+                ttl_s=settings.assignment_ttl_s,
+                on_change=self.publisher.kick,
+            )
+            add_resign_job(
+                self.scheduler,
+                self.director,
+                margin_s=settings.resign_margin,
+                interval_s=settings.resign_interval,
+            )
         self.scheduler.start()
 
-        app = create_app(AppContext(settings, self.engine, sessions, self.ingest))
-        self._serve(app)
+        context = AppContext(
+            settings,
+            self.engine,
+            sessions,
+            self.ingest,
+            trust=trust,
+            artifacts=artifacts,
+            director=self.director,
+        )
+        self._serve(create_app(context), sock)
         log.info("control plane API at %s", self.api_url)
 
-    def _serve(self, app: object) -> None:
+    def _bind(self) -> socket.socket:
         # Bind here, not in uvicorn, so port 0 resolves before serving starts
         # and the chosen port is known without racing another process for it.
         family = socket.AF_INET6 if ":" in self.settings.api_host else socket.AF_INET
@@ -111,6 +159,10 @@ class ControlPlane:
                 f"cannot listen on {self.settings.api_host}:{self.settings.api_port}: {exc}"
             ) from exc
         self._port = sock.getsockname()[1]
+        self._sock = sock
+        return sock
+
+    def _serve(self, app: object, sock: socket.socket) -> None:
         config = uvicorn.Config(
             app,  # type: ignore[arg-type]
             log_config=None,  # leave logging to the process, not uvicorn's dictConfig
@@ -147,12 +199,19 @@ class ControlPlane:
         scheduler, self.scheduler = self.scheduler, None
         if scheduler is not None and scheduler.running:
             scheduler.shutdown(wait=True)
+        self.director = None
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            publisher.stop()
         ingest, self.ingest = self.ingest, None
         if ingest is not None:
             ingest.stop()
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.dispose()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
         self._port = None
 
     def serve_forever(self) -> None:

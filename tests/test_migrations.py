@@ -104,3 +104,59 @@ def test_database_runs_in_wal_mode(tmp_path: Path, db_url: str, engine: Engine) 
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         raw.close()
+
+
+# --- 0002: model registry and director ----------------------------------------
+
+
+def test_registry_upgrade_keeps_devices_and_starts_with_no_update_status(
+    db_url: str, engine: Engine
+) -> None:
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+        conn.execute(
+            text(
+                "INSERT INTO devices (id, labels, simulated, online, first_seen, "
+                "state_changed_at) VALUES ('dev-1', '{}', 0, 0, 1.0, 1.0)"
+            )
+        )
+    upgrade_to_head(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, update_status FROM devices")).all()
+    assert [tuple(r) for r in rows] == [("dev-1", None)]
+    assert _schema_diffs(engine) == []
+    # ...and back: 0001's schema again, the device still there.
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0001")
+    assert "assignments" not in _tables(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id FROM devices")).scalars().all() == ["dev-1"]
+
+
+def test_head_matches_the_models_on_postgresql() -> None:
+    """The semver sort key's collation and the 64-bit ids are PostgreSQL-only variants."""
+    from tests.support.postgres import PostgresCluster, server_bin
+
+    if server_bin() is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    cluster = PostgresCluster().start()
+    try:
+        engine = make_engine(cluster.create_database("migrations"))
+        try:
+            upgrade_to_head(engine)
+            assert _schema_diffs(engine) == []
+            with engine.connect() as conn:
+                collation = conn.execute(
+                    text(
+                        "SELECT collation_name FROM information_schema.columns "
+                        "WHERE table_name = 'model_versions' AND column_name = 'sort_key'"
+                    )
+                ).scalar()
+            assert collation == "C"
+            with engine.begin() as conn:
+                command.downgrade(alembic_config(conn), "base")
+            assert _tables(engine) <= {"alembic_version"}
+        finally:
+            engine.dispose()
+    finally:
+        cluster.stop()

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from controlplane.context import AppContext
 from controlplane.metrics import build_registry
 
-from .routes import devices, health, ingest, metrics
+from .routes import artifacts, assignments, devices, health, ingest, metrics, models
 
 
 def create_app(context: AppContext) -> FastAPI:
@@ -15,7 +15,7 @@ def create_app(context: AppContext) -> FastAPI:
     app = FastAPI(
         title="slmfleet control plane",
         version="1",
-        summary="Device registry, ingest status and metrics of an slmfleet fleet.",
+        summary="Devices, signed model releases, artifacts and assignments of an slmfleet fleet.",
     )
     app.state.context = context
     # A registry per app, not prometheus_client's global one, so several apps
@@ -23,6 +23,9 @@ def create_app(context: AppContext) -> FastAPI:
     app.state.metrics_registry = build_registry(context)
     app.include_router(health.router)
     app.include_router(devices.router)
+    app.include_router(assignments.router)
+    app.include_router(models.router)
+    app.include_router(artifacts.router)
     app.include_router(ingest.router)
     app.include_router(metrics.router)
     return app

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .schemas_registry import AssignmentSummary
+
 
 class DeviceSummary(BaseModel):
     """A device as listed: identity, placement and liveness."""
@@ -42,11 +44,17 @@ class TelemetryPoint(BaseModel):
 
 
 class DeviceDetail(DeviceSummary):
-    """A device with its latest capability report and recent telemetry."""
+    """A device with its latest capability report, recent telemetry and assignment."""
 
     capabilities: dict[str, Any] | None = Field(description="latest capability report")
     runtimes: list[dict[str, Any]] | None
     recent_telemetry: list[TelemetryPoint] = Field(description="newest first")
+    update: dict[str, Any] | None = Field(
+        None, description="the agent's latest update state, as reported in hello.update"
+    )
+    assignment: AssignmentSummary | None = Field(
+        None, description="the live assignment the control plane issued, if any"
+    )
 
 
 class DevicePage(BaseModel):

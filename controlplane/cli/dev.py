@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Wide enough for the fleet table when the output is a pipe or a log file.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def fleet_table(devices: list[dict]) -> Table:
@@ -36,6 +39,7 @@ def dev(
     api_port: int = typer.Option(0, "--api-port", help="API port (0: pick a free one)"),
 ) -> None:
     """Run a local fleet: Mosquitto, the control plane on SQLite and three agents."""
+    from controlplane.cli.models import PublishError
     from controlplane.devenv import DevFleet
     from controlplane.mosquitto import find_mosquitto
 
@@ -51,12 +55,12 @@ def dev(
     fleet = DevFleet(data_dir.resolve(), api_port=api_port, log=lambda m: console.print(f"• {m}"))
     try:
         fleet.start()
-        devices = fleet.wait_for_devices([])
-        console.print(fleet_table(devices))
+        console.print(fleet_table(fleet.wait_for_devices([])))
         print(f"API {fleet.api_url}", flush=True)
+        console.print(fleet_table(fleet.publish_and_assign(should_stop=stop.is_set)))
         console.print(f"OpenAPI docs at {fleet.api_url}/docs — Ctrl-C stops everything.")
         stop.wait()
-    except RuntimeError as exc:
+    except (RuntimeError, PublishError, httpx.HTTPError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     finally:

@@ -14,6 +14,8 @@ import typer
 #: group name -> (module, attribute) of its Typer app
 _GROUPS: dict[str, tuple[str, str, str]] = {
     "controlplane": ("controlplane.cli.serve", "app", "Run the control plane."),
+    "keys": ("controlplane.cli.keys", "app", "Release and director keys; the lists agents pin."),
+    "models": ("controlplane.cli.models", "app", "Publish signed model releases and list them."),
 }
 #: top-level commands -> (module, function)
 _COMMANDS: dict[str, tuple[str, str]] = {

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -80,6 +81,8 @@ class Device(Base):
     active_model: Mapped[dict[str, Any] | None]
     latest_capabilities: Mapped[dict[str, Any] | None]
     latest_runtimes: Mapped[list[Any] | None]
+    #: the agent's latest assignment state (``hello.update``), as it reported it
+    update_status: Mapped[dict[str, Any] | None]
 
 
 class DeviceLabel(Base):
@@ -156,3 +159,146 @@ class DeviceEvent(Base):
     progress_pct: Mapped[float | None]
 
     __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+
+# --- model registry (docs/models.md) -------------------------------------------
+
+#: release names and semver strings are capped at 64 characters by the protocol
+NAME_LEN = 64
+VERSION_LEN = 64
+#: hex of the order-preserving semver encoding (controlplane.semver_order)
+SORT_KEY_LEN = 512
+ARTIFACT_PATH_LEN = 256
+SHA256_LEN = 64
+
+
+class Model(Base):
+    """A model name; its versions hang off it."""
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    created_at: Mapped[float]
+
+
+class ModelVersion(Base):
+    """One signed release of a model, kept exactly as the release keys signed it."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(
+        String(NAME_LEN), ForeignKey("models.name", ondelete="CASCADE"), nullable=False
+    )
+    version: Mapped[str] = mapped_column(String(VERSION_LEN))
+    #: sorts like semver precedence under byte order (collation "C" on PostgreSQL)
+    sort_key: Mapped[str] = mapped_column(
+        String(SORT_KEY_LEN).with_variant(String(SORT_KEY_LEN, collation="C"), "postgresql")
+    )
+    released_at: Mapped[float]
+    registered_at: Mapped[float]
+    description: Mapped[str] = mapped_column(Text, default="")
+    #: sha256 of the canonical JSON of the signed manifest: what "identical" means
+    manifest_sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    #: the signed release envelope as canonical JSON; its signatures cover the
+    #: canonical form of ``signed``, so this text verifies as uploaded
+    envelope: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("model_name", "version"),
+        Index("ix_model_versions_model_name_sort_key", "model_name", "sort_key"),
+    )
+
+
+class Artifact(Base):
+    """A file in the artifact store, verified on upload."""
+
+    __tablename__ = "artifacts"
+
+    path: Mapped[str] = mapped_column(String(ARTIFACT_PATH_LEN), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    stored_at: Mapped[float]
+
+
+class ModelVariant(Base):
+    """One tier's variant of a release, copied out of the manifest for queries."""
+
+    __tablename__ = "model_variants"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    version_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("model_versions.id", ondelete="CASCADE"), nullable=False
+    )
+    tier: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: a registered variant's artifact cannot be deleted from under it
+    artifact: Mapped[str] = mapped_column(
+        String(ARTIFACT_PATH_LEN),
+        ForeignKey("artifacts.path", ondelete="RESTRICT"),
+        nullable=False,
+        index=True,
+    )
+    quantization: Mapped[str | None] = mapped_column(String(32))
+    parameters: Mapped[int] = mapped_column(BigInteger)
+    context_length: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (UniqueConstraint("version_id", "tier"),)
+
+
+class AssignmentRecord(Base):
+    """One director-signed assignment envelope, as issued.
+
+    A re-sign keeps ``assignment_id``, release and tier and gets a row of its
+    own with a higher ``sequence`` (``kind`` ``refresh``); the row it replaces
+    becomes ``superseded``. At most one row per device is ``active``.
+    """
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    assignment_id: Mapped[str] = mapped_column(String(SHORT_LEN), index=True)
+    device_id: Mapped[str] = _device_fk()
+    version_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    #: ``name@version`` of the release, kept beside the key for timelines
+    ref: Mapped[str] = mapped_column(String(SHORT_LEN))
+    tier: Mapped[str] = mapped_column(String(16))
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[float]
+    expires_at: Mapped[float]
+    rollout_id: Mapped[str | None] = mapped_column(String(SHORT_LEN), index=True)
+    #: ``assign`` (a new assignment) or ``refresh`` (a re-sign of the same one)
+    kind: Mapped[str] = mapped_column(String(16))
+    #: ``active``, ``superseded`` (a newer row replaced it) or ``revoked`` (unassigned)
+    status: Mapped[str] = mapped_column(String(16))
+    #: when it stopped being active
+    ended_at: Mapped[float | None]
+    #: the signed envelope as canonical JSON: the exact ``desired`` payload
+    envelope: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("device_id", "sequence"),
+        Index("ix_assignments_status_expires_at", "status", "expires_at"),
+        Index("ix_assignments_device_id_issued_at", "device_id", "issued_at"),
+    )
+
+
+class DeviceSequence(Base):
+    """Per device: the highest assignment sequence issued and the one on the broker.
+
+    No foreign key to ``devices`` on purpose: agents persist the highest
+    sequence they accepted and refuse anything not above it, so this counter
+    must outlive a device row that is deleted and re-created.
+    """
+
+    __tablename__ = "device_sequences"
+
+    device_id: Mapped[str] = mapped_column(String(DEVICE_ID_LEN), primary_key=True)
+    last_sequence: Mapped[int] = mapped_column(BigInteger)
+    #: the ``last_sequence`` whose desired state the broker acknowledged; below
+    #: ``last_sequence`` means the publisher still owes the device a message
+    published_sequence: Mapped[int] = mapped_column(BigInteger)

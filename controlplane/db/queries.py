@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Exists, func, select
 from sqlalchemy.orm import Session
 
 from .models import Device, DeviceLabel, TelemetryRow
@@ -19,6 +19,19 @@ class DeviceFilter:
     profile: str | None = None
     online: bool | None = None
     labels: Sequence[tuple[str, str]] = ()
+
+
+def _has_label(key: str, value: str) -> Exists:
+    """The device (correlated on ``Device.id``) carries label ``key=value``."""
+    return (
+        select(DeviceLabel.device_id)
+        .where(
+            DeviceLabel.device_id == Device.id,
+            DeviceLabel.key == key,
+            DeviceLabel.value == value,
+        )
+        .exists()
+    )
 
 
 def list_devices(
@@ -39,15 +52,7 @@ def list_devices(
     if flt.online is not None:
         query = query.where(Device.online.is_(flt.online))
     for key, value in flt.labels:
-        query = query.where(
-            select(DeviceLabel.device_id)
-            .where(
-                DeviceLabel.device_id == Device.id,
-                DeviceLabel.key == key,
-                DeviceLabel.value == value,
-            )
-            .exists()
-        )
+        query = query.where(_has_label(key, value))
     return session.scalars(query).all()
 
 
@@ -72,3 +77,27 @@ def count_devices_by_tier_and_state(session: Session) -> list[tuple[str | None, 
         select(Device.tier, Device.online, func.count()).group_by(Device.tier, Device.online)
     ).all()
     return [(tier, bool(online), int(count)) for tier, online, count in rows]
+
+
+@dataclass(frozen=True)
+class DeviceSelector:
+    """Devices for a bulk assignment: every given criterion must match; list values: any."""
+
+    tiers: Sequence[str] = ()
+    profiles: Sequence[str] = ()
+    labels: Sequence[tuple[str, str]] = ()
+    device_ids: Sequence[str] = ()
+
+
+def select_device_ids(session: Session, sel: DeviceSelector, *, limit: int) -> list[str]:
+    """Ids of up to ``limit`` devices matching ``sel``, by id."""
+    query = select(Device.id).order_by(Device.id).limit(limit)
+    if sel.tiers:
+        query = query.where(Device.tier.in_(sel.tiers))
+    if sel.profiles:
+        query = query.where(Device.profile.in_(sel.profiles))
+    if sel.device_ids:
+        query = query.where(Device.id.in_(sel.device_ids))
+    for key, value in sel.labels:
+        query = query.where(_has_label(key, value))
+    return list(session.scalars(query).all())

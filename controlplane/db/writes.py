@@ -284,6 +284,7 @@ _HELLO_UPDATE = (
         active_model=bindparam("b_active_model", type_=devices.c.active_model.type),
         latest_capabilities=bindparam("b_caps", type_=devices.c.latest_capabilities.type),
         latest_runtimes=bindparam("b_runtimes", type_=devices.c.latest_runtimes.type),
+        update_status=bindparam("b_update", type_=devices.c.update_status.type),
     )
 )
 
@@ -310,6 +311,7 @@ def _write_hellos(conn: Connection, hellos: dict[str, IngestItem]) -> None:
                 else None,
                 "b_caps": report["capabilities"],
                 "b_runtimes": report["runtimes"],
+                "b_update": hello.update.model_dump(mode="json") if hello.update else None,
             }
         )
     conn.execute(_HELLO_UPDATE, params)

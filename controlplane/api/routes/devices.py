@@ -9,7 +9,9 @@ from fastapi import APIRouter, HTTPException, Query
 from controlplane.api.deps import ContextDep, SessionDep
 from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
 from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
+from controlplane.api.schemas_registry import AssignmentSummary
 from controlplane.db import queries
+from controlplane.db.history import current_assignment
 from protocol import Tier
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -69,14 +71,17 @@ def list_devices(
     responses={404: {"description": "no such device"}},
 )
 def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
-    """One device with its latest capabilities and its recent telemetry."""
+    """One device: latest capabilities, recent telemetry, update state and live assignment."""
     device = queries.get_device(session, device_id)
     if device is None:
         raise HTTPException(status_code=404, detail=f"device {device_id!r} not found")
     telemetry = queries.recent_telemetry(session, device_id, RECENT_TELEMETRY)
+    live = current_assignment(session, device_id)
     return DeviceDetail(
         **DeviceSummary.model_validate(device).model_dump(),
         capabilities=device.latest_capabilities,
         runtimes=device.latest_runtimes,
         recent_telemetry=[TelemetryPoint.model_validate(t) for t in telemetry],
+        update=device.update_status,
+        assignment=AssignmentSummary.model_validate(live) if live else None,
     )

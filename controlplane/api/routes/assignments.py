@@ -1,0 +1,164 @@
+"""``/v1/devices/{id}/assignment`` and ``/history``: the operator's direct lever.
+
+``POST /v1/devices/{id}/assignment`` pins one device to ``model@version``;
+with ``*`` as the id and a ``selector`` in the body it pins every matching
+device. The director picks each device's variant (its own tier, else the
+highest below it), signs, stores and publishes. ``DELETE`` revokes a
+device's assignment and clears its retained ``desired``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from controlplane.api.deps import ContextDep, SessionDep
+from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
+from controlplane.api.schemas_registry import (
+    AssignRequest,
+    AssignResponse,
+    AssignResultOut,
+    HistoryItem,
+    HistoryPage,
+)
+from controlplane.context import AppContext
+from controlplane.db import queries
+from controlplane.db.history import TimelineKey, device_timeline
+from controlplane.director import Director, UnknownRelease
+from protocol import ProtocolError
+
+router = APIRouter(prefix="/v1/devices", tags=["assignments"])
+
+#: the path id that means "the devices the selector matches"
+ALL = "*"
+#: devices one selector call may assign
+MAX_SELECTED = 100_000
+DEFAULT_HISTORY_LIMIT = 100
+DIRECTOR_OFF = (
+    "assignments are off: set director_keys_file (the director key list agents pin) and "
+    "director_key_files (the private director keys); see docs/models.md"
+)
+
+
+def _director(context: AppContext) -> Director:
+    if context.director is None:
+        raise HTTPException(503, detail=DIRECTOR_OFF)
+    return context.director
+
+
+def _targets(device_id: str, body: AssignRequest, context: AppContext) -> list[str]:
+    if device_id != ALL:
+        if body.selector is not None:
+            raise HTTPException(
+                422, detail=f"a selector assigns many devices: POST /v1/devices/{ALL}/assignment"
+            )
+        return [device_id]
+    sel = body.selector
+    if sel is None or sel.is_empty():
+        raise HTTPException(
+            422, detail="give a selector with at least one of tiers, profiles, labels, device_ids"
+        )
+    selector = queries.DeviceSelector(
+        tiers=[t.value for t in sel.tiers or []],
+        profiles=sel.profiles or [],
+        labels=sorted((sel.labels or {}).items()),
+        device_ids=sel.device_ids or [],
+    )
+    with context.sessions() as session:
+        found = queries.select_device_ids(session, selector, limit=MAX_SELECTED)
+        # A named device that does not exist is reported (the director answers
+        # unknown_device); one that exists but fails another criterion is not.
+        named = set(sel.device_ids or ()) - set(found)
+        existing = set(
+            queries.select_device_ids(
+                session, queries.DeviceSelector(device_ids=sorted(named)), limit=len(named)
+            )
+        ) if named else set()
+    return found + sorted(named - existing)
+
+
+@router.post(
+    "/{device_id}/assignment",
+    response_model=AssignResponse,
+    responses={
+        404: {"description": "no such device (single device) or release"},
+        409: {"description": "the device has no variant it can run (single device)"},
+        422: {"description": "bad body or selector"},
+        503: {"description": "no director keys configured"},
+    },
+)
+def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignResponse:
+    """Pin a device (or, with id `*`, every device the selector matches) to a release."""
+    director = _director(context)
+    targets = _targets(device_id, body, context)
+    try:
+        results = director.assign(targets, body.model, body.version)
+    except UnknownRelease as exc:
+        raise HTTPException(404, detail=str(exc)) from exc
+    except ProtocolError as exc:
+        # The stored release no longer verifies (the release keys were rotated).
+        raise HTTPException(409, detail={"reason": exc.reason, "message": str(exc)}) from exc
+    out = [AssignResultOut.model_validate(r) for r in results]
+    if device_id != ALL:
+        result = out[0]
+        if result.status == "unknown_device":
+            raise HTTPException(404, detail=result.model_dump())
+        if result.status == "incompatible":
+            raise HTTPException(409, detail=result.model_dump())
+    return AssignResponse(
+        model=body.model,
+        version=body.version,
+        results=out,
+        assigned=sum(r.status == "assigned" for r in out),
+        incompatible=sum(r.status == "incompatible" for r in out),
+        unknown=sum(r.status == "unknown_device" for r in out),
+    )
+
+
+@router.delete(
+    "/{device_id}/assignment",
+    response_model=AssignResultOut,
+    responses={404: {"description": "the device has no live assignment"}},
+)
+def unassign(device_id: str, context: ContextDep) -> AssignResultOut:
+    """Revoke the device's assignment: its retained `desired` is cleared; it keeps its model."""
+    director = _director(context)
+    result = AssignResultOut.model_validate(director.unassign([device_id])[0])
+    if result.status != "unassigned":
+        raise HTTPException(404, detail=f"device {device_id!r} has no live assignment")
+    return result
+
+
+@router.get(
+    "/{device_id}/history",
+    response_model=HistoryPage,
+    responses={404: {"description": "no such device"}},
+)
+def history(
+    device_id: str,
+    session: SessionDep,
+    context: ContextDep,
+    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
+    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+) -> HistoryPage:
+    """The device's timeline, oldest first: assignments issued and revoked, and its events."""
+    if queries.get_device(session, device_id) is None:
+        raise HTTPException(404, detail=f"device {device_id!r} not found")
+    cap = context.settings.page_max
+    size = check_limit(limit, cap) if limit is not None else min(DEFAULT_HISTORY_LIMIT, cap)
+    after = None
+    if cursor:
+        try:
+            after = TimelineKey.decode(decode_cursor(cursor))
+        except ValueError as exc:
+            raise query_error("cursor", "invalid cursor", cursor) from exc
+    entries = device_timeline(session, device_id, after=after, limit=size + 1)
+    page = entries[:size]
+    return HistoryPage(
+        items=[
+            HistoryItem(ts=e.key.ts, kind=e.kind, type=e.type, **e.fields)
+            for e in page
+        ],
+        next=encode_cursor(page[-1].key.encode()) if len(entries) > size else None,
+    )

@@ -1,0 +1,192 @@
+"""``/v1/models``: register signed releases and read the registry."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from sqlalchemy.orm import Session
+
+from controlplane.api.deps import ContextDep, SessionDep
+from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
+from controlplane.api.schemas_registry import (
+    ModelPage,
+    ModelSummary,
+    VariantOut,
+    VersionDetail,
+    VersionPage,
+    VersionSummary,
+)
+from controlplane.context import AppContext
+from controlplane.db.models import ModelVersion
+from controlplane.registry import (
+    ReleaseConflict,
+    ReleaseRejected,
+    get_version,
+    latest_versions,
+    list_models,
+    list_versions,
+    register_release,
+    variants_of,
+)
+from protocol import MAX_RELEASE_BYTES, KeyList
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+DEFAULT_LIMIT = 100
+#: protocol reasons that mean "not a release envelope at all" rather than "untrusted"
+_BAD_REQUEST = {"malformed", "wrong_schema"}
+REGISTRY_OFF = (
+    "the model registry is off: set release_keys_file to the pinned release key list "
+    "(`slmfleet keys generate --role release`, then `slmfleet keys list`; see docs/models.md)"
+)
+
+
+def _release_keys(context: AppContext) -> KeyList:
+    if context.trust.release_keys is None:
+        raise HTTPException(503, detail=REGISTRY_OFF)
+    return context.trust.release_keys
+
+
+def _page_size(limit: int | None, cap: int) -> int:
+    return check_limit(limit, cap) if limit is not None else min(DEFAULT_LIMIT, cap)
+
+
+async def _read_body(request: Request) -> bytes:
+    # A release is small by protocol (MAX_RELEASE_BYTES); stop reading past it.
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_RELEASE_BYTES:
+            raise HTTPException(
+                413,
+                detail={
+                    "reason": "too_large",
+                    "message": f"a signed release is at most {MAX_RELEASE_BYTES} bytes",
+                },
+            )
+    return bytes(body)
+
+
+def _detail(row: ModelVersion, session: Session) -> VersionDetail:
+    envelope = json.loads(row.envelope)
+    variants = variants_of(session, row.id)
+    return VersionDetail(
+        **VersionSummary.model_validate(row).model_dump(),
+        variants=[VariantOut.model_validate(v) for v in variants],
+        manifest=envelope["signed"],
+        envelope=envelope,
+    )
+
+
+@router.get("", response_model=ModelPage)
+def get_models(
+    session: SessionDep,
+    context: ContextDep,
+    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
+    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+) -> ModelPage:
+    """Registered models by name, each with its newest version."""
+    size = _page_size(limit, context.settings.page_max)
+    rows = list_models(session, after=decode_cursor(cursor) if cursor else None, limit=size + 1)
+    page = rows[:size]
+    latest = latest_versions(session, [m.name for m in page])
+    return ModelPage(
+        items=[
+            ModelSummary(
+                name=m.name,
+                created_at=m.created_at,
+                latest_version=latest[m.name].version if m.name in latest else None,
+                description=latest[m.name].description if m.name in latest else "",
+            )
+            for m in page
+        ],
+        next=encode_cursor(page[-1].name) if len(rows) > size else None,
+    )
+
+
+@router.post(
+    "",
+    response_model=VersionDetail,
+    status_code=201,
+    responses={
+        200: {"description": "this exact manifest was already registered", "model": VersionDetail},
+        400: {"description": "not a release envelope (JSON, shape, schema)"},
+        409: {"description": "name@version is registered with a different manifest"},
+        413: {"description": "larger than a release may be"},
+        422: {"description": "release signatures below threshold, or an artifact is missing"},
+        503: {"description": "no release keys configured"},
+    },
+)
+async def post_model(request: Request, response: Response, context: ContextDep) -> VersionDetail:
+    """Register a signed release envelope (the JSON `slmfleet models publish` sends).
+
+    Signatures are checked against the pinned release keys before anything
+    is read from it; every variant's artifact must already be uploaded.
+    """
+    release_keys = _release_keys(context)
+    payload = await _read_body(request)
+
+    def register() -> VersionDetail:
+        with context.sessions() as session:
+            outcome = register_release(session, payload, release_keys)
+            response.status_code = 201 if outcome.created else 200
+            return _detail(outcome.version, session)
+
+    try:
+        return await to_thread.run_sync(register)
+    except ReleaseRejected as exc:
+        code = 413 if exc.reason == "too_large" else 400 if exc.reason in _BAD_REQUEST else 422
+        raise HTTPException(code, detail={"reason": exc.reason, "message": str(exc)}) from exc
+    except ReleaseConflict as exc:
+        raise HTTPException(409, detail={"reason": exc.reason, "message": str(exc)}) from exc
+
+
+@router.get(
+    "/{name}/versions",
+    response_model=VersionPage,
+    responses={404: {"description": "no such model"}},
+)
+def get_versions(
+    name: str,
+    session: SessionDep,
+    context: ContextDep,
+    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
+    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+) -> VersionPage:
+    """Versions of a model, newest first by semver precedence."""
+    size = _page_size(limit, context.settings.page_max)
+    after = None
+    if cursor:
+        key, sep, version = decode_cursor(cursor).partition(" ")
+        if not sep:
+            raise query_error("cursor", "invalid cursor", cursor)
+        after = (key, version)
+    rows = list_versions(session, name, after=after, limit=size + 1)
+    if not rows and after is None:
+        raise HTTPException(404, detail=f"model {name!r} not found")
+    page = rows[:size]
+    last = page[-1] if page else None
+    return VersionPage(
+        items=[VersionSummary.model_validate(v) for v in page],
+        next=encode_cursor(f"{last.sort_key} {last.version}")
+        if last and len(rows) > size
+        else None,
+    )
+
+
+@router.get(
+    "/{name}/versions/{version}",
+    response_model=VersionDetail,
+    responses={404: {"description": "no such version"}},
+)
+def get_model_version(
+    name: str, version: str, session: SessionDep, context: ContextDep
+) -> VersionDetail:
+    """One release: manifest, variants and the signed envelope exactly as registered."""
+    row = get_version(session, name, version)
+    if row is None:
+        raise HTTPException(404, detail=f"{name}@{version} not found")
+    return _detail(row, session)

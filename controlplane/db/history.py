@@ -1,0 +1,173 @@
+"""Read queries over assignments: a device's live one and its merged timeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import and_, or_, select, true
+from sqlalchemy.orm import Session
+
+from .models import AssignmentRecord, DeviceEvent, DeviceSequence
+
+#: tie-break between timeline sources at the same timestamp: an assignment is
+#: issued before the device can react to it
+ISSUED, ENDED, EVENT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TimelineKey:
+    """Position in a timeline: ``(ts, source, id)``, strictly increasing."""
+
+    ts: float
+    source: int
+    id: int
+
+    def encode(self) -> str:
+        """Text form for a cursor (``repr`` round-trips floats exactly)."""
+        return f"{self.ts!r} {self.source} {self.id}"
+
+    @classmethod
+    def decode(cls, text: str) -> TimelineKey:
+        """Parse :meth:`encode`'s output; ``ValueError`` for anything else."""
+        ts, source, id_ = text.split(" ")
+        return cls(float(ts), int(source), int(id_))
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One timeline row and its position."""
+
+    key: TimelineKey
+    kind: Literal["assignment", "event"]
+    type: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LiveAssignment:
+    """A device's active assignment and whether the broker acknowledged it."""
+
+    assignment_id: str
+    ref: str
+    tier: str
+    sequence: int
+    issued_at: float
+    expires_at: float
+    rollout_id: str | None
+    published: bool
+
+
+def current_assignment(session: Session, device_id: str) -> LiveAssignment | None:
+    """The device's active assignment, or None."""
+    row = session.scalars(
+        select(AssignmentRecord).where(
+            AssignmentRecord.device_id == device_id, AssignmentRecord.status == "active"
+        )
+    ).first()
+    if row is None:
+        return None
+    counter = session.get(DeviceSequence, device_id)
+    return LiveAssignment(
+        assignment_id=row.assignment_id,
+        ref=row.ref,
+        tier=row.tier,
+        sequence=row.sequence,
+        issued_at=row.issued_at,
+        expires_at=row.expires_at,
+        rollout_id=row.rollout_id,
+        published=counter is not None and counter.published_sequence >= row.sequence,
+    )
+
+
+def _after(ts_col: Any, id_col: Any, source: int, after: TimelineKey | None) -> Any:
+    if after is None:
+        return true()
+    if source > after.source:
+        return ts_col >= after.ts
+    if source < after.source:
+        return ts_col > after.ts
+    return or_(ts_col > after.ts, and_(ts_col == after.ts, id_col > after.id))
+
+
+def _assignment_fields(row: AssignmentRecord) -> dict[str, Any]:
+    return {
+        "assignment_id": row.assignment_id,
+        "ref": row.ref,
+        "tier": row.tier,
+        "sequence": row.sequence,
+        "rollout_id": row.rollout_id,
+        "expires_at": row.expires_at,
+    }
+
+
+def device_timeline(
+    session: Session, device_id: str, *, after: TimelineKey | None, limit: int
+) -> list[TimelineEntry]:
+    """Up to ``limit`` timeline entries of ``device_id`` after ``after``, oldest first.
+
+    Merges three sources, each read in key order: assignments issued (by
+    ``issued_at``), assignments revoked (by ``ended_at``) and device events
+    (by the device's own ``ts``).
+    """
+    A, E = AssignmentRecord, DeviceEvent
+    entries: list[TimelineEntry] = []
+    issued = session.scalars(
+        select(A)
+        .where(A.device_id == device_id, _after(A.issued_at, A.id, ISSUED, after))
+        .order_by(A.issued_at, A.id)
+        .limit(limit)
+    )
+    for row in issued:
+        entries.append(
+            TimelineEntry(
+                TimelineKey(row.issued_at, ISSUED, row.id),
+                "assignment",
+                "refreshed" if row.kind == "refresh" else "assigned",
+                _assignment_fields(row),
+            )
+        )
+    ended = session.scalars(
+        select(A)
+        .where(
+            A.device_id == device_id,
+            A.status == "revoked",
+            A.ended_at.is_not(None),
+            _after(A.ended_at, A.id, ENDED, after),
+        )
+        .order_by(A.ended_at, A.id)
+        .limit(limit)
+    )
+    for row in ended:
+        assert row.ended_at is not None
+        entries.append(
+            TimelineEntry(
+                TimelineKey(row.ended_at, ENDED, row.id),
+                "assignment",
+                "unassigned",
+                _assignment_fields(row),
+            )
+        )
+    events = session.scalars(
+        select(E)
+        .where(E.device_id == device_id, _after(E.ts, E.id, EVENT, after))
+        .order_by(E.ts, E.id)
+        .limit(limit)
+    )
+    for ev in events:
+        entries.append(
+            TimelineEntry(
+                TimelineKey(ev.ts, EVENT, ev.id),
+                "event",
+                ev.type,
+                {
+                    "assignment_id": ev.assignment_id,
+                    "seq": ev.seq,
+                    "reason": ev.reason,
+                    "progress_pct": ev.progress_pct,
+                    "received_at": ev.received_at,
+                },
+            )
+        )
+    entries.sort(key=lambda e: (e.key.ts, e.key.source, e.key.id))
+    return entries[:limit]

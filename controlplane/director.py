@@ -1,0 +1,416 @@
+"""The director: signs per-device assignments and keeps them fresh.
+
+For each device it picks the release's variant for the device's tier
+(:func:`choose_tier`), takes the next number from the device's sequence
+counter, signs an :class:`protocol.Assignment` with the director key(s),
+stores it and asks the publisher to put it, retained, on the device's
+``desired`` topic. Storing comes first and publishing is retried until the
+broker acknowledges, so an assignment made while the broker is down is
+delivered when it is back.
+
+Sequence numbers come from one counter row per device, bumped with
+``UPDATE ... SET last_sequence = last_sequence + 1 RETURNING`` as the first
+write of the transaction that stores the assignment: PostgreSQL serialises
+concurrent bumps on the row lock, SQLite on its single writer lock, so
+numbers are strictly increasing per device across assignments, re-signs,
+rollbacks and unassignments, whichever replica or thread issues them.
+
+Re-signing (:meth:`Director.resign_due`) keeps ``assignment_id``, release,
+tier and rollout and issues a new sequence and validity window: agents treat
+that as a refresh, not a reinstall.
+
+Python API for rollouts: :meth:`Director.assign`, :meth:`Director.unassign`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from apscheduler.schedulers.base import BaseScheduler
+from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from protocol import (
+    Assignment,
+    Capabilities,
+    KeyList,
+    ReleaseManifest,
+    Tier,
+    canonical_json,
+    sign_assignment,
+    verify_release,
+)
+from protocol.fit import ram_needed_bytes
+
+from .db.models import AssignmentRecord, Device, DeviceSequence, ModelVersion
+from .trust import DirectorKeys
+
+log = logging.getLogger(__name__)
+
+assignments: Table = AssignmentRecord.__table__  # type: ignore[assignment]
+sequences: Table = DeviceSequence.__table__  # type: ignore[assignment]
+
+#: re-signs per database read; the job repeats while a batch comes back full
+RESIGN_BATCH = 500
+
+ACTIVE = "active"
+SUPERSEDED = "superseded"
+REVOKED = "revoked"
+
+Status = Literal["assigned", "incompatible", "unknown_device", "unassigned", "not_assigned"]
+
+
+class UnknownRelease(LookupError):
+    """No registered release has this name and version."""
+
+
+@dataclass(frozen=True)
+class AssignResult:
+    """What happened for one device."""
+
+    device_id: str
+    status: Status
+    tier: str | None = None
+    assignment_id: str | None = None
+    sequence: int | None = None
+    expires_at: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _DeviceFacts:
+    tier: Tier | None
+    ram_bytes: int | None
+
+
+def choose_tier(
+    manifest: ReleaseManifest, device_tier: Tier | None, ram_bytes: int | None = None
+) -> tuple[Tier | None, str]:
+    """The variant tier to give a device, or None and why not.
+
+    The device's own tier when the release has it; otherwise the highest
+    variant *below* it (a medium device runs a small model; agents accept a
+    variant at or below their tier). A variant the device's reported RAM
+    cannot hold is skipped for the next lower one. Never a tier above the
+    device's: the agent would refuse it.
+    """
+    if device_tier is None:
+        return None, "the device has not reported its tier yet (no hello)"
+    candidates = sorted(
+        (tier for tier in manifest.variants if tier.rank <= device_tier.rank),
+        key=lambda tier: tier.rank,
+        reverse=True,
+    )
+    if not candidates:
+        have = ", ".join(sorted(t.value for t in manifest.variants))
+        return None, (
+            f"{manifest.ref} has no variant at or below tier {device_tier.value} (has: {have})"
+        )
+    for tier in candidates:
+        variant = manifest.variants[tier]
+        if ram_bytes is None or ram_needed_bytes(variant) <= ram_bytes:
+            return tier, "ok"
+    return None, f"no variant of {manifest.ref} fits the device's {ram_bytes} bytes of RAM"
+
+
+def new_assignment_id() -> str:
+    """A fresh id: ``a-`` and 24 hex digits (fits ``Assignment.assignment_id``)."""
+    return f"a-{secrets.token_hex(12)}"
+
+
+def _insert_counter(dialect: str) -> Any:
+    if dialect == "postgresql":
+        return postgresql.insert(sequences).on_conflict_do_nothing(index_elements=["device_id"])
+    if dialect == "sqlite":
+        return sqlite.insert(sequences).on_conflict_do_nothing(index_elements=["device_id"])
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+def next_sequence(conn: Connection, device_id: str) -> int:
+    """Allocate the device's next sequence number inside ``conn``'s transaction.
+
+    Call it as the transaction's first write: it takes the lock that
+    serialises every allocation for this device until commit.
+    """
+    conn.execute(
+        _insert_counter(conn.dialect.name),
+        {"device_id": device_id, "last_sequence": 0, "published_sequence": 0},
+    )
+    return int(
+        conn.execute(
+            update(sequences)
+            .where(sequences.c.device_id == device_id)
+            .values(last_sequence=sequences.c.last_sequence + 1)
+            .returning(sequences.c.last_sequence)
+        ).scalar_one()
+    )
+
+
+class Director:
+    """Signs, stores and hands out assignments. Thread-safe; one per process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        keys: DirectorKeys,
+        release_keys: KeyList,
+        *,
+        artifact_url_base: str,
+        ttl_s: float,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._engine = engine
+        self._keys = keys
+        self._release_keys = release_keys
+        self._url_base = artifact_url_base
+        self._ttl_s = ttl_s
+        #: called after every commit that changes what a device should get
+        self._on_change = on_change
+        self._clock = clock
+
+    # -- assigning -------------------------------------------------------------
+
+    def _release(self, name: str, version: str) -> tuple[int, dict[str, Any], ReleaseManifest]:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(ModelVersion.id, ModelVersion.envelope).where(
+                    ModelVersion.model_name == name, ModelVersion.version == version
+                )
+            ).one_or_none()
+        if row is None:
+            raise UnknownRelease(f"{name}@{version} is not registered")
+        envelope = json.loads(row.envelope)
+        # Re-verified on every use: the database is not a trust root, and an
+        # assignment embedding a release the agents would refuse helps nobody.
+        manifest = verify_release(envelope, self._release_keys, now=self._clock())
+        return row.id, envelope, manifest
+
+    def _facts(self, device_ids: Sequence[str]) -> dict[str, _DeviceFacts]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(Device.id, Device.tier, Device.latest_capabilities).where(
+                    Device.id.in_(device_ids)
+                )
+            ).all()
+        facts = {}
+        for device_id, tier, caps in rows:
+            ram = None
+            if caps:
+                try:
+                    ram = Capabilities.model_validate(caps).ram_bytes
+                except ValueError:
+                    ram = None
+            facts[device_id] = _DeviceFacts(Tier(tier) if tier else None, ram)
+        return facts
+
+    def assign(
+        self,
+        device_ids: Iterable[str],
+        name: str,
+        version: str,
+        *,
+        rollout_id: str | None = None,
+    ) -> list[AssignResult]:
+        """Assign ``name@version`` to each device; one result per device, in order.
+
+        Raises :class:`UnknownRelease` if the release is not registered.
+        Each device is its own transaction: one device's failure never holds
+        back another's assignment.
+        """
+        ids = list(dict.fromkeys(device_ids))
+        version_id, envelope, manifest = self._release(name, version)
+        facts = self._facts(ids)
+        results = []
+        for device_id in ids:
+            fact = facts.get(device_id)
+            if fact is None:
+                results.append(AssignResult(device_id, "unknown_device", reason="no such device"))
+                continue
+            tier, why = choose_tier(manifest, fact.tier, fact.ram_bytes)
+            if tier is None:
+                results.append(AssignResult(device_id, "incompatible", reason=why))
+                continue
+            results.append(
+                self._issue(
+                    device_id,
+                    version_id=version_id,
+                    ref=manifest.ref,
+                    release=envelope,
+                    tier=tier,
+                    assignment_id=new_assignment_id(),
+                    rollout_id=rollout_id,
+                    kind="assign",
+                )
+            )
+        if any(r.status == "assigned" for r in results):
+            self._on_change()
+        return results
+
+    def _issue(
+        self,
+        device_id: str,
+        *,
+        version_id: int,
+        ref: str,
+        release: dict[str, Any],
+        tier: Tier,
+        assignment_id: str,
+        rollout_id: str | None,
+        kind: str,
+        replaces: int | None = None,
+    ) -> AssignResult:
+        with self._engine.begin() as conn:
+            sequence = next_sequence(conn, device_id)
+            now = self._clock()
+            ended = (
+                update(assignments)
+                .where(assignments.c.device_id == device_id, assignments.c.status == ACTIVE)
+                .values(status=SUPERSEDED, ended_at=now)
+            )
+            if replaces is not None:
+                # A re-sign applies only if that row is still the live one; a
+                # new assignment made meanwhile wins.
+                ended = ended.where(assignments.c.id == replaces)
+                if conn.execute(ended).rowcount != 1:
+                    conn.rollback()
+                    return AssignResult(device_id, "not_assigned", reason="replaced meanwhile")
+            else:
+                conn.execute(ended)
+            assignment = Assignment(
+                assignment_id=assignment_id,
+                device_id=device_id,
+                rollout_id=rollout_id,
+                sequence=sequence,
+                issued_at=now,
+                expires_at=now + self._ttl_s,
+                tier=tier,
+                release=release,
+                artifact_url_base=self._url_base,
+            )
+            signed = sign_assignment(assignment, list(self._keys.signers))
+            conn.execute(
+                insert(assignments),
+                {
+                    "assignment_id": assignment_id,
+                    "device_id": device_id,
+                    "version_id": version_id,
+                    "ref": ref,
+                    "tier": tier.value,
+                    "sequence": sequence,
+                    "issued_at": now,
+                    "expires_at": assignment.expires_at,
+                    "rollout_id": rollout_id,
+                    "kind": kind,
+                    "status": ACTIVE,
+                    "ended_at": None,
+                    "envelope": canonical_json(signed).decode("utf-8"),
+                },
+            )
+        log.info("%s %s -> %s (%s, seq %d)", kind, ref, device_id, tier.value, sequence)
+        return AssignResult(
+            device_id,
+            "assigned",
+            tier=tier.value,
+            assignment_id=assignment_id,
+            sequence=sequence,
+            expires_at=assignment.expires_at,
+        )
+
+    def unassign(self, device_ids: Iterable[str]) -> list[AssignResult]:
+        """Revoke each device's live assignment; the publisher clears its ``desired``.
+
+        The device keeps serving what it runs; it just has nothing pending.
+        """
+        results = []
+        for device_id in dict.fromkeys(device_ids):
+            with self._engine.begin() as conn:
+                # Bumped even though nothing is signed: the publisher owes the
+                # device a (clearing) message until this number is acknowledged.
+                next_sequence(conn, device_id)
+                revoked = conn.execute(
+                    update(assignments)
+                    .where(assignments.c.device_id == device_id, assignments.c.status == ACTIVE)
+                    .values(status=REVOKED, ended_at=self._clock())
+                ).rowcount
+                if not revoked:
+                    conn.rollback()
+            results.append(
+                AssignResult(device_id, "unassigned" if revoked else "not_assigned")
+            )
+        if any(r.status == "unassigned" for r in results):
+            self._on_change()
+        return results
+
+    # -- re-signing -------------------------------------------------------------
+
+    def resign_due(self, margin_s: float, *, batch: int = RESIGN_BATCH) -> int:
+        """Re-sign live assignments with less than ``margin_s`` left; return how many."""
+        now = self._clock()
+        with self._engine.connect() as conn:
+            due = conn.execute(
+                select(
+                    assignments.c.id,
+                    assignments.c.device_id,
+                    assignments.c.assignment_id,
+                    assignments.c.version_id,
+                    assignments.c.ref,
+                    assignments.c.tier,
+                    assignments.c.rollout_id,
+                    assignments.c.envelope,
+                )
+                .where(assignments.c.status == ACTIVE, assignments.c.expires_at < now + margin_s)
+                .order_by(assignments.c.expires_at)
+                .limit(batch)
+            ).all()
+        done = 0
+        for row in due:
+            # The release exactly as embedded before: same bytes, same signatures.
+            release = json.loads(row.envelope)["signed"]["release"]
+            result = self._issue(
+                row.device_id,
+                version_id=row.version_id,
+                ref=row.ref,
+                release=release,
+                tier=Tier(row.tier),
+                assignment_id=row.assignment_id,
+                rollout_id=row.rollout_id,
+                kind="refresh",
+                replaces=row.id,
+            )
+            done += result.status == "assigned"
+        if done:
+            log.info("re-signed %d assignment(s)", done)
+            self._on_change()
+        return done
+
+
+RESIGN_JOB_ID = "resign-assignments"
+
+
+def add_resign_job(
+    scheduler: BaseScheduler, director: Director, *, margin_s: float, interval_s: float
+) -> None:
+    """Run :meth:`Director.resign_due` every ``interval_s`` seconds on ``scheduler``."""
+
+    def job() -> None:
+        # Drain in batches so a backlog (after downtime) clears in one run.
+        while director.resign_due(margin_s) >= RESIGN_BATCH:
+            pass
+
+    scheduler.add_job(
+        job,
+        "interval",
+        seconds=interval_s,
+        id=RESIGN_JOB_ID,
+        replace_existing=True,
+        # First run at start-up: after downtime, assignments may be close to expiry.
+        next_run_time=datetime.now(UTC),
+    )

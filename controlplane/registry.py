@@ -1,0 +1,269 @@
+"""The model registry: signed releases and the artifacts they name, in SQL.
+
+:func:`register_release` is the only way a release gets in. It verifies the
+envelope against the pinned release keys (:func:`protocol.verify_release`)
+before reading anything from it, requires every variant's artifact to be in
+the store already with the declared digest and size, and stores the
+envelope as canonical JSON -- the bytes every assignment will embed, which
+verify on the device exactly as they verified here.
+
+Errors: :class:`ReleaseRejected` (the release is bad: signatures, schema,
+size, a missing artifact), :class:`ReleaseConflict` (``name@version`` is
+taken by a different manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from protocol import (
+    MAX_RELEASE_BYTES,
+    KeyList,
+    ProtocolError,
+    ReleaseManifest,
+    canonical_json,
+    verify_release,
+)
+from protocol.keys import load_json
+
+from .artifacts import StoredFile
+from .db.models import Artifact, Model, ModelVariant, ModelVersion
+from .semver_order import sort_key
+
+
+class RegistryError(Exception):
+    """Base of the registry's refusals; ``reason`` is a short machine label."""
+
+    reason = "registry_error"
+
+
+class ReleaseRejected(RegistryError):
+    """The release cannot be registered; ``reason`` says why (a protocol reason or ours)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ReleaseConflict(RegistryError):
+    """``name@version`` is already registered with a different manifest."""
+
+    reason = "conflict"
+
+
+class ArtifactMismatch(RegistryError):
+    """The artifact's database record disagrees with what was just stored on disk."""
+
+    reason = "conflict"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Outcome of :func:`register_release`."""
+
+    version: ModelVersion
+    created: bool
+
+
+def manifest_digest(signed: dict[str, object]) -> str:
+    """sha256 of the canonical signed manifest: two uploads are identical iff these match."""
+    return hashlib.sha256(canonical_json(signed)).hexdigest()
+
+
+def _check_artifacts(session: Session, manifest: ReleaseManifest) -> None:
+    paths = [variant.artifact for variant in manifest.variants.values()]
+    stored = {a.path: a for a in session.scalars(select(Artifact).where(Artifact.path.in_(paths)))}
+    for tier, variant in sorted(manifest.variants.items()):
+        found = stored.get(variant.artifact)
+        if found is None:
+            raise ReleaseRejected(
+                "missing_artifact",
+                f"{tier.value} variant: artifact {variant.artifact!r} is not in the store; "
+                f"upload it first (PUT /v1/artifacts/{variant.artifact})",
+            )
+        if (found.sha256, found.size_bytes) != (variant.sha256, variant.size_bytes):
+            raise ReleaseRejected(
+                "artifact_mismatch",
+                f"{tier.value} variant: stored {variant.artifact!r} is sha256 {found.sha256}, "
+                f"{found.size_bytes} bytes; the manifest says {variant.sha256}, "
+                f"{variant.size_bytes} bytes",
+            )
+
+
+def _existing(session: Session, name: str, version: str) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.model_name == name, ModelVersion.version == version)
+    ).one_or_none()
+
+
+def _same_or_conflict(existing: ModelVersion, digest: str) -> Registered:
+    if existing.manifest_sha256 != digest:
+        raise ReleaseConflict(
+            f"{existing.model_name}@{existing.version} is already registered with a different "
+            "manifest; publish a new version instead"
+        )
+    return Registered(existing, created=False)
+
+
+def register_release(
+    session: Session, payload: bytes, release_keys: KeyList, *, now: float | None = None
+) -> Registered:
+    """Verify and store a signed release envelope (wire bytes); commit on success.
+
+    Idempotent: registering the same manifest again returns the stored
+    version with ``created=False``.
+    """
+    now = time.time() if now is None else now
+    try:
+        # R1-R4 in protocol.manifest: bounded, signatures first, then schema.
+        manifest = verify_release(payload, release_keys, now=now)
+    except ProtocolError as exc:
+        raise ReleaseRejected(exc.reason, str(exc)) from exc
+    # Parsed again only to keep the raw object: what the signatures cover.
+    envelope = load_json(payload, max_bytes=MAX_RELEASE_BYTES, what="release manifest")
+    digest = manifest_digest(envelope["signed"])
+    try:
+        order = sort_key(manifest.version)
+    except ValueError as exc:
+        raise ReleaseRejected("bad_version", str(exc)) from exc
+
+    existing = _existing(session, manifest.name, manifest.version)
+    if existing is not None:
+        return _same_or_conflict(existing, digest)
+    _check_artifacts(session, manifest)
+
+    if session.get(Model, manifest.name) is None:
+        session.add(Model(name=manifest.name, created_at=now))
+    row = ModelVersion(
+        model_name=manifest.name,
+        version=manifest.version,
+        sort_key=order,
+        released_at=manifest.released_at,
+        registered_at=now,
+        description=manifest.description,
+        manifest_sha256=digest,
+        envelope=canonical_json(envelope).decode("utf-8"),
+    )
+    session.add(row)
+    session.flush()
+    for tier, variant in manifest.variants.items():
+        session.add(
+            ModelVariant(
+                version_id=row.id,
+                tier=tier.value,
+                format=variant.format,
+                sha256=variant.sha256,
+                size_bytes=variant.size_bytes,
+                artifact=variant.artifact,
+                quantization=variant.quantization,
+                parameters=variant.parameters,
+                context_length=variant.context_length,
+            )
+        )
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another request registered the same name@version (or model) first.
+        session.rollback()
+        existing = _existing(session, manifest.name, manifest.version)
+        if existing is None:
+            raise
+        return _same_or_conflict(existing, digest)
+    return Registered(row, created=True)
+
+
+def record_artifact(session: Session, stored: StoredFile, *, now: float | None = None) -> bool:
+    """Record a verified file; return True if the record is new. Commits.
+
+    The file is placed on disk before it is recorded, so a crash between
+    the two leaves a file the next identical upload records.
+    """
+    row = session.get(Artifact, stored.path)
+    if row is not None:
+        if (row.sha256, row.size_bytes) != (stored.sha256, stored.size_bytes):
+            raise ArtifactMismatch(f"{stored.path} is recorded with sha256 {row.sha256}")
+        return False
+    session.add(
+        Artifact(
+            path=stored.path,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            stored_at=time.time() if now is None else now,
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return record_artifact(session, stored, now=now)
+    return True
+
+
+def get_artifact(session: Session, path: str) -> Artifact | None:
+    """The stored artifact at ``path``, or None."""
+    return session.get(Artifact, path)
+
+
+# --- reads ----------------------------------------------------------------------
+
+
+def list_models(session: Session, *, after: str | None, limit: int) -> Sequence[Model]:
+    """Up to ``limit`` models with a name above ``after``, by name."""
+    query = select(Model).order_by(Model.name).limit(limit)
+    if after is not None:
+        query = query.where(Model.name > after)
+    return session.scalars(query).all()
+
+
+def latest_versions(session: Session, names: Sequence[str]) -> dict[str, ModelVersion]:
+    """The newest (semver) version of each model in ``names``."""
+    out: dict[str, ModelVersion] = {}
+    rows = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.model_name.in_(names))
+        .order_by(ModelVersion.model_name, ModelVersion.sort_key, ModelVersion.version)
+    )
+    for row in rows:
+        out[row.model_name] = row  # ascending, so the last one wins
+    return out
+
+
+def list_versions(
+    session: Session, name: str, *, after: tuple[str, str] | None, limit: int
+) -> Sequence[ModelVersion]:
+    """Versions of ``name``, newest first by semver precedence.
+
+    ``after`` is the ``(sort_key, version)`` of the last row of the previous
+    page; build metadata ties on ``sort_key`` and is broken by the string.
+    """
+    key = tuple_(ModelVersion.sort_key, ModelVersion.version)
+    query = (
+        select(ModelVersion)
+        .where(ModelVersion.model_name == name)
+        .order_by(ModelVersion.sort_key.desc(), ModelVersion.version.desc())
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(key < tuple_(*after))
+    return session.scalars(query).all()
+
+
+def get_version(session: Session, name: str, version: str) -> ModelVersion | None:
+    """``name@version``, or None."""
+    return _existing(session, name, version)
+
+
+def variants_of(session: Session, version_id: int) -> Sequence[ModelVariant]:
+    """The variants of one registered version, by tier."""
+    return session.scalars(
+        select(ModelVariant).where(ModelVariant.version_id == version_id).order_by(
+            ModelVariant.tier
+        )
+    ).all()

@@ -1,0 +1,145 @@
+"""The release spec: a small YAML file from which ``slmfleet models publish`` builds a manifest.
+
+Example (``examples/smollm2.release.yaml`` has a complete one)::
+
+    name: smollm2
+    version: 1.0.0
+    description: SmolLM2-135M-Instruct, Q4_1
+    variants:
+      micro:
+        file: ~/.cache/slmfleet/models/SmolLM2-135M-Instruct.Q4_1.gguf
+        format: gguf
+        quantization: Q4_1
+        parameters: 135000000
+        context_length: 8192
+        runtime_defaults: {context: 2048}
+        health_check:
+          max_ttft_ms: 2000
+          min_tokens_per_s: 5
+          golden_prompts:
+            - {prompt: "What is the capital of Germany?", expected: [Berlin]}
+
+``file`` is relative to the spec's directory (``~`` and ``$VARS`` expand).
+``artifact``, the path in the store, defaults to
+``<name>/<version>/<tier>/<file name>``. Everything else is a
+:class:`protocol.Variant` field with the same name and rules; the hash and
+size are measured from the file, never written by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from protocol import HealthCheck, ReleaseManifest, RuntimeDefaults, Tier, Variant
+from protocol.manifest import RELEASE_NAME_PATTERN, SEMVER_PATTERN
+
+#: a spec is a few KiB; anything far bigger is the wrong file
+MAX_SPEC_BYTES = 256 * 1024
+
+
+class SpecError(ValueError):
+    """The spec file is missing, not YAML, or does not describe a valid release."""
+
+
+class VariantSpec(BaseModel):
+    """One tier's build: the artifact file and the manifest fields that describe it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Path
+    format: Literal["gguf", "onnx"]
+    artifact: str | None = None
+    quantization: str | None = None
+    parameters: int
+    context_length: int
+    min_ram_bytes: int | None = None
+    min_disk_bytes: int | None = None
+    tokenizer_sha256: str | None = None
+    runtime_defaults: RuntimeDefaults = Field(default_factory=RuntimeDefaults)
+    health_check: HealthCheck
+
+
+class ReleaseSpec(BaseModel):
+    """A release to publish, before its files are hashed and it is signed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(pattern=RELEASE_NAME_PATTERN)]
+    version: Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
+    description: str = ""
+    variants: Annotated[dict[Tier, VariantSpec], Field(min_length=1)]
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+        for err in exc.errors(include_url=False)
+    )
+
+
+def load_spec(path: Path) -> ReleaseSpec:
+    """Read a spec; file paths come back absolute, resolved against the spec's directory."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"release spec {path} does not exist") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"release spec {path} is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"release spec {path} is not valid YAML: {exc}") from exc
+    try:
+        spec = ReleaseSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(f"release spec {path}: {_problems(exc)}") from exc
+    base = path.resolve().parent
+    for variant in spec.variants.values():
+        expanded = Path(os.path.expandvars(os.path.expanduser(str(variant.file))))
+        variant.file = expanded if expanded.is_absolute() else base / expanded
+    return spec
+
+
+def artifact_path(spec: ReleaseSpec, tier: Tier) -> str:
+    """Where the tier's file goes in the artifact store."""
+    variant = spec.variants[tier]
+    return variant.artifact or f"{spec.name}/{spec.version}/{tier.value}/{variant.file.name}"
+
+
+def build_manifest(
+    spec: ReleaseSpec, measured: dict[Tier, tuple[str, int]], *, released_at: float
+) -> ReleaseManifest:
+    """The release manifest for ``spec``, given each tier's measured (sha256, size)."""
+    variants = {}
+    for tier, v in spec.variants.items():
+        sha256, size = measured[tier]
+        fields = v.model_dump(exclude={"file", "artifact"}, exclude_none=True)
+        fields.update(
+            sha256=sha256,
+            size_bytes=size,
+            artifact=artifact_path(spec, tier),
+            runtime_defaults=v.runtime_defaults,
+            health_check=v.health_check,
+        )
+        try:
+            variants[tier] = Variant(**fields)
+        except ValidationError as exc:
+            hint = ""
+            if any(err["loc"] == ("artifact",) for err in exc.errors()):
+                hint = " (set `artifact:` to a path of [A-Za-z0-9._-] segments)"
+            raise SpecError(f"variants.{tier.value}: {_problems(exc)}{hint}") from exc
+    try:
+        return ReleaseManifest(
+            name=spec.name,
+            version=spec.version,
+            released_at=released_at,
+            description=spec.description,
+            variants=variants,
+        )
+    except ValidationError as exc:
+        raise SpecError(_problems(exc)) from exc

@@ -1,0 +1,282 @@
+"""Drive a real agent's update pipeline from the outside.
+
+An honest control-plane stand-in: :class:`~tests.support.signer.TrustSimulator`
+signs releases and assignments with real Ed25519 keys, they are published
+retained on the device's ``desired`` topic with the control plane's broker
+credentials, artifacts come from a real :class:`ArtifactServer`, and the
+test reads what the device reports (``events``, ``hello``) and what is on
+its disk (the model store), never the agent's insides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import protocol as p
+from agent.store import ModelStore, model_key
+from controlplane.mosquitto import MosquittoBroker
+from protocol.canonical import canonical_json
+from protocol.keys import KeyList, sign_key_list
+from protocol.manifest import GoldenPrompt, HealthCheck, RuntimeDefaults, Variant
+from protocol.signing import SigningKey
+from tests.support.agents import AgentProcess, write_agent_config
+from tests.support.http_artifacts import ArtifactServer
+from tests.support.mqtt import RawClient
+from tests.support.signer import TrustSimulator
+
+#: SmolLM2-135M-Instruct answers these correctly at temperature 0, with any
+#: thread count and context (checked: "The answer to this classic math problem
+#: is 4.", "The chemical symbol for water is H2O.")
+PASSING_PROMPTS = (
+    GoldenPrompt(prompt="What is 2 + 2?", expected=["4", "four"], max_tokens=24),
+    GoldenPrompt(prompt="What is the chemical symbol for water?", expected=["h2o"], max_tokens=24),
+)
+#: ...and reliably gets this one wrong ("L'Étoile, la Marseillaise, la femme, ...")
+FAILING_PROMPT = GoldenPrompt(
+    prompt="What is the capital of France?", expected=["paris"], max_tokens=32
+)
+FINAL_EVENTS = frozenset({
+    p.EventType.ACTIVATED, p.EventType.REJECTED, p.EventType.FAILED, p.EventType.ROLLED_BACK,
+})
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> Path:
+    """Put ``src`` at ``dst`` without copying 93 MB when a hard link will do."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def pinned_file(key_list: KeyList, signers: Iterable[SigningKey]) -> bytes:
+    """A key list as an operator installs it: signed by a threshold of its own keys."""
+    return canonical_json(sign_key_list(key_list, list(signers)[: key_list.threshold]))
+
+
+def write_trust(state_dir: Path, sim: TrustSimulator) -> None:
+    """Install the simulator's public keys as the agent's pinned trust files."""
+    trust = state_dir / "trust"
+    trust.mkdir(parents=True, exist_ok=True)
+    (trust / "release-keys.json").write_bytes(pinned_file(sim.release_keys, sim.release_signers))
+    (trust / "director-keys.json").write_bytes(
+        pinned_file(sim.director_keys, sim.director_signers)
+    )
+
+
+def variant_for(
+    path: Path,
+    artifact: str,
+    *,
+    prompts: Iterable[GoldenPrompt] = PASSING_PROMPTS,
+    **overrides: Any,
+) -> Variant:
+    """A micro GGUF variant describing the real file at ``path`` served as ``artifact``."""
+    fields: dict[str, Any] = {
+        "format": "gguf",
+        "sha256": file_sha256(path),
+        "size_bytes": path.stat().st_size,
+        "artifact": artifact,
+        "quantization": "Q4_1",
+        "parameters": 135_000_000,
+        "context_length": 8192,
+        "runtime_defaults": RuntimeDefaults(context=2048),
+        # Generous: the 2-core test machine runs agents and checks side by side
+        # (and sometimes other suites); tests of the gates set their own.
+        "health_check": HealthCheck(
+            golden_prompts=list(prompts), max_ttft_ms=30_000.0, min_tokens_per_s=1.0
+        ),
+    }
+    fields.update(overrides)
+    return Variant(**fields)
+
+
+def seed_active(store_root: Path, name: str, version: str, artifact: Path) -> str:
+    """Install ``artifact`` as the active version before the agent first starts."""
+    store = ModelStore(store_root)
+    key = model_key(name, version, "micro")
+    staged = store.staging_path(key)
+    shutil.copyfile(artifact, staged)
+    manifest = {
+        "sha256": file_sha256(artifact), "size": artifact.stat().st_size,
+        "name": name, "version": version, "tier": "micro", "format": "gguf",
+    }
+    store.install(key, staged, manifest)
+    store.activate(key)
+    return key
+
+
+class DeviceRig:
+    """One device: its agent process, its broker traffic, its disk."""
+
+    def __init__(
+        self,
+        work: Path,
+        broker: MosquittoBroker,
+        cp_credentials: tuple[str, str],
+        device_id: str,
+        password: str,
+        server: ArtifactServer,
+        sim: TrustSimulator,
+        **agent_extra: Any,
+    ) -> None:
+        self.work, self.device_id, self.server, self.sim = work, device_id, server, sim
+        self.state_dir = work / "state"
+        write_trust(self.state_dir, sim)
+        config: dict[str, Any] = {
+            "heartbeat_interval_s": 5.0,
+            "download_retry_s": 0.2,
+            "download_stall_window_s": 5.0,
+            "health_check_timeout_s": 120.0,
+        }
+        config.update(agent_extra)
+        self.config_path = write_agent_config(work, device_id, broker.url, password, **config)
+        self.cp = RawClient(broker.url, *cp_credentials)
+        self.cp.connect()
+        self.cp.subscribe(f"{p.TOPIC_ROOT}/{device_id}/#")
+        self.agent: AgentProcess | None = None
+        self._sequence = 0
+        self._decoded_upto = 0
+        self._events: list[p.Event] = []
+        self._event_seqs: set[int] = set()
+        self._hellos: list[p.Hello] = []
+
+    # -- the agent process ---------------------------------------------------
+
+    @property
+    def store(self) -> ModelStore:
+        return ModelStore(self.state_dir / "models")
+
+    @property
+    def staging(self) -> list[str]:
+        return sorted(entry.name for entry in (self.state_dir / "models" / "staging").iterdir())
+
+    def start(self, *, wait: bool = True) -> AgentProcess:
+        self.agent = AgentProcess(self.config_path)
+        if wait:
+            wait_for(lambda: "connected to" in self.agent.log() or self.agent.proc.poll(),
+                     20, "the agent to connect")
+            assert self.agent.proc.poll() is None, self.agent.log()[-3000:]
+        return self.agent
+
+    def kill(self) -> None:
+        assert self.agent is not None
+        self.agent.kill()
+        # The next process's "connected" must not be read from this one's log.
+        self.agent.log_path.rename(self.agent.log_path.with_name(f"agent.log.{time.monotonic_ns()}"))
+
+    def restart(self) -> AgentProcess:
+        self.kill()
+        return self.start()
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+        # Leave no assignment behind on the shared broker.
+        self.cp.publish(p.device_topic(self.device_id, p.TopicKind.DESIRED), b"", retain=True)
+        self.cp.close()
+
+    # -- the control plane's side --------------------------------------------------
+
+    def next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def release(self, version: str, variant: Variant, name: str = "smollm2-135m",
+                **kwargs: Any) -> dict[str, Any]:
+        return self.sim.release(name, version, variants={p.Tier.MICRO: variant}, **kwargs)
+
+    def assign(self, release: dict[str, Any], *, sequence: int | None = None,
+               device_id: str | None = None, **kwargs: Any) -> bytes:
+        """A signed assignment of ``release`` (micro) to this device, served by our server."""
+        sequence = self.next_sequence() if sequence is None else sequence
+        kwargs.setdefault("artifact_url_base", self.server.base_url)
+        kwargs.setdefault("assignment_id", f"a-{self.device_id}-{sequence}")
+        self.sim.now = time.time()
+        return self.sim.assign(device_id or self.device_id, release, p.Tier.MICRO,
+                               sequence=sequence, **kwargs)
+
+    def publish(self, payload: bytes) -> None:
+        rc = self.cp.publish(p.device_topic(self.device_id, p.TopicKind.DESIRED), payload,
+                             retain=True)
+        assert not rc.is_failure, rc
+
+    # -- what the device says ------------------------------------------------------
+
+    def _decode_new(self) -> None:
+        # Each message is decoded once: tests poll these lists in tight loops.
+        messages = self.cp.messages[self._decoded_upto:]
+        self._decoded_upto += len(messages)
+        for msg in messages:
+            _, kind = p.parse_topic(msg.topic)
+            if not msg.payload:
+                continue
+            if kind == p.TopicKind.EVENTS:
+                event = p.decode(kind, msg.payload)
+                if event.seq not in self._event_seqs:  # a crash may resend one
+                    self._event_seqs.add(event.seq)
+                    self._events.append(event)
+            elif kind == p.TopicKind.HELLO:
+                self._hellos.append(p.decode(kind, msg.payload))
+
+    def events(self, assignment_id: str | None = None) -> list[p.Event]:
+        """Events in arrival order, without duplicates."""
+        self._decode_new()
+        return [e for e in self._events if assignment_id in (None, e.assignment_id)]
+
+    def hellos(self) -> list[p.Hello]:
+        self._decode_new()
+        return list(self._hellos)
+
+    def wait_final(self, assignment_id: str, timeout: float = 60.0) -> p.Event:
+        """The event that ended ``assignment_id``'s update."""
+        def final() -> p.Event | None:
+            return next((e for e in self.events(assignment_id) if e.type in FINAL_EVENTS), None)
+
+        try:
+            return wait_for(final, timeout, f"a final event for {assignment_id}")
+        except AssertionError:
+            tail = self.agent.log()[-4000:] if self.agent else ""
+            raise AssertionError(
+                f"no final event for {assignment_id}; agent log:\n{tail}"
+            ) from None
+
+    def wait_hello(self, predicate: Callable[[p.Hello], bool], timeout: float = 30.0) -> p.Hello:
+        return wait_for(lambda: next((h for h in reversed(self.hellos()) if predicate(h)), None),
+                        timeout, "a matching hello")
+
+    def active(self) -> tuple[str, str] | None:
+        """``(key, sha256)`` of the active version on disk, after re-hashing it."""
+        version = self.store.active()
+        if version is None:
+            return None
+        assert self.store.verify_hash(version.key), f"active {version.key} fails its hash"
+        return version.key, version.manifest["sha256"]

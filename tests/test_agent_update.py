@@ -1,0 +1,229 @@
+"""The agent's update pipeline end to end: real Mosquitto, real agent processes,
+the real SmolLM2-135M GGUF over real HTTP, signed by an honest control-plane
+simulator. Happy path, re-signing, rollback, resume, a trickling server, a
+model that fails its health check, and a device without trust files."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import protocol as p
+from agent.gguf import tokenizer_sha256
+from tests.support.http_artifacts import ArtifactServer
+from tests.support.signer import TrustSimulator
+from tests.support.updates import (
+    FAILING_PROMPT,
+    DeviceRig,
+    link_or_copy,
+    seed_active,
+    variant_for,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+GGUF = "smollm2.gguf"
+E = p.EventType
+
+
+@pytest.fixture
+def server(tmp_path: Path, model_path: Path) -> Iterator[ArtifactServer]:
+    root = tmp_path / "artifacts"
+    link_or_copy(model_path, root / GGUF)
+    (root / "tiny.bin").write_bytes(secrets.token_bytes(64 * 1024))
+    with ArtifactServer(root) as s:
+        yield s
+
+
+@pytest.fixture
+def make_rig(
+    tmp_path, broker, cp_credentials, new_device, server
+) -> Iterator[Callable[..., DeviceRig]]:
+    rigs: list[DeviceRig] = []
+
+    def make(**agent_extra) -> DeviceRig:
+        device_id = f"upd-{secrets.token_hex(3)}"
+        rig = DeviceRig(tmp_path / device_id, broker, cp_credentials, device_id,
+                        new_device(device_id), server, TrustSimulator(), **agent_extra)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def _types(events: list[p.Event]) -> list[p.EventType]:
+    """Event types with consecutive `downloading` progress collapsed into one."""
+    out: list[p.EventType] = []
+    for e in events:
+        if not (out and out[-1] == e.type == E.DOWNLOADING):
+            out.append(e.type)
+    return out
+
+
+def test_assignment_activates_model_and_reports_every_step(make_rig, server, model_path) -> None:
+    rig = make_rig()
+    rig.start()
+    variant = variant_for(server.directory / GGUF, GGUF,
+                          tokenizer_sha256=tokenizer_sha256(model_path))
+    release = rig.release("1.0.0", variant)
+    payload = rig.assign(release)
+    aid = f"a-{rig.device_id}-1"
+    rig.publish(payload)
+
+    final = rig.wait_final(aid)
+    assert final.type == E.ACTIVATED, final
+    events = rig.events(aid)
+    assert _types(events) == [E.RECEIVED, E.VERIFIED, E.FIT_CHECKED, E.DOWNLOADING, E.STAGED,
+                              E.HEALTH_PASSED, E.ACTIVATED]
+    seqs = [e.seq for e in rig.events()]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    progress = [e.progress_pct for e in events if e.type == E.DOWNLOADING]
+    assert progress == sorted(progress) and progress[-1] == 100.0
+    assert len(progress) <= 11, "progress is rate-limited to one event per 10 %"
+
+    hello = rig.wait_hello(lambda h: h.update is not None and h.update.state.is_final)
+    assert hello.active_model == p.ActiveModel(name="smollm2-135m", version="1.0.0",
+                                               tier=p.Tier.MICRO, sha256=variant.sha256)
+    assert hello.update.state == p.UpdateState.ACTIVATED
+    assert hello.update.sequence == 1 and hello.update.assignment_id == aid
+    assert hello.update.ref == "smollm2-135m@1.0.0"
+    assert rig.active() == ("smollm2-135m@1.0.0-micro", variant.sha256)
+    assert rig.staging == []
+
+
+def test_resign_refreshes_and_rollback_reuses_previous(make_rig, server) -> None:
+    rig = make_rig()
+    rig.start()
+    v1 = rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))
+    first = rig.assign(v1, sequence=1, assignment_id="roll-1")
+    rig.publish(first)
+    assert rig.wait_final("roll-1").type == E.ACTIVATED
+    served, reported = len(server.requests(GGUF)), len(rig.events("roll-1"))
+
+    # The director re-signs before expiry: same id, release and tier, higher sequence.
+    rig.publish(rig.assign(v1, sequence=2, assignment_id="roll-1"))
+    hello = rig.wait_hello(lambda h: h.update is not None and h.update.sequence == 2)
+    assert hello.update.state == p.UpdateState.ACTIVATED
+    assert len(rig.events("roll-1")) == reported, "a refresh reports no new steps"
+    assert len(server.requests(GGUF)) == served, "a refresh downloads nothing"
+
+    v2 = rig.release("1.1.0", variant_for(server.directory / GGUF, GGUF))
+    rig.publish(rig.assign(v2, sequence=3, assignment_id="roll-2"))
+    assert rig.wait_final("roll-2").type == E.ACTIVATED
+    assert rig.store.previous().key == "smollm2-135m@1.0.0-micro"
+    served = len(server.requests(GGUF))
+
+    # Rolling back is a new assignment with a higher sequence; 1.0.0 is still `previous`.
+    rig.publish(rig.assign(v1, sequence=4, assignment_id="roll-3"))
+    assert rig.wait_final("roll-3").type == E.ACTIVATED
+    assert _types(rig.events("roll-3")) == [E.RECEIVED, E.VERIFIED, E.FIT_CHECKED, E.STAGED,
+                                            E.HEALTH_PASSED, E.ACTIVATED]
+    assert len(server.requests(GGUF)) == served, "the previous version is reused, not fetched"
+    assert rig.active()[0] == "smollm2-135m@1.0.0-micro"
+    assert rig.store.previous().key == "smollm2-135m@1.1.0-micro"
+
+
+def test_download_cut_at_half_resumes_with_range(make_rig, server) -> None:
+    rig = make_rig()
+    size = (server.directory / GGUF).stat().st_size
+    cut = size // 2
+    server.set_fault(GGUF, cut_after=cut, times=1)
+    rig.start()
+    rig.publish(rig.assign(rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))))
+    assert rig.wait_final(f"a-{rig.device_id}-1").type == E.ACTIVATED
+
+    requests = server.requests(GGUF)
+    assert [r.range for r in requests] == [None, f"bytes={cut}-"]
+    assert requests[0].sent == cut
+    assert server.bytes_sent(GGUF) == size, "the second request fetched only the missing half"
+    assert rig.staging == []
+
+
+def test_trickling_server_is_abandoned_with_a_reason(make_rig, server) -> None:
+    rig = make_rig(download_min_bytes_per_s=1000.0, download_stall_window_s=1.5,
+                   download_attempts=2)
+    old = seed_active(rig.state_dir / "models", "seed", "0.1.0", server.directory / "tiny.bin")
+    server.set_fault("tiny.bin", trickle_bps=1)
+    rig.start()
+    variant = variant_for(server.directory / "tiny.bin", "tiny.bin")
+    rig.publish(rig.assign(rig.release("2.0.0", variant)))
+
+    final = rig.wait_final(f"a-{rig.device_id}-1", timeout=30)
+    assert final.type == E.FAILED
+    assert final.reason.startswith("too_slow: download too slow"), final.reason
+    assert "need >= 1000 B/s" in final.reason
+    assert len(server.requests("tiny.bin")) == 2, "retried once, then abandoned"
+    assert rig.staging == []
+    assert rig.active()[0] == old
+
+
+def test_failing_health_check_never_activates(make_rig, server) -> None:
+    rig = make_rig()
+    old = seed_active(rig.state_dir / "models", "seed", "0.1.0", server.directory / "tiny.bin")
+    old_sha = rig.store.active().manifest["sha256"]
+    rig.start()
+    variant = variant_for(server.directory / GGUF, GGUF, prompts=[FAILING_PROMPT])
+    rig.publish(rig.assign(rig.release("1.0.0", variant)))
+    aid = f"a-{rig.device_id}-1"
+
+    final = rig.wait_final(aid)
+    assert final.type == E.FAILED
+    events = rig.events(aid)
+    assert _types(events)[-3:] == [E.STAGED, E.HEALTH_FAILED, E.FAILED]
+    health = next(e for e in events if e.type == E.HEALTH_FAILED)
+    assert "contains none of ['paris']" in health.reason, health.reason
+    assert final.reason.startswith("health_failed: prompt 1: answer")
+    assert E.ACTIVATED not in {e.type for e in events}
+    assert rig.active() == (old, old_sha), "the previous model keeps serving"
+
+    hello = rig.wait_hello(lambda h: h.update is not None and h.update.state.is_final)
+    assert hello.update.state == p.UpdateState.FAILED
+    assert hello.active_model.name == "seed" and hello.active_model.sha256 == old_sha
+    assert rig.staging == []
+
+
+def test_without_trust_files_the_agent_joins_but_refuses(make_rig, server) -> None:
+    rig = make_rig()
+    missing = rig.state_dir / "trust" / "director-keys.json"
+    missing.unlink()
+    rig.start()
+    hello = rig.wait_hello(lambda h: True)
+    assert hello.update is None and hello.active_model is None
+    rig.publish(rig.assign(rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))))
+
+    final = rig.wait_final(f"a-{rig.device_id}-1", timeout=20)
+    assert final.type == E.REJECTED
+    assert final.reason.startswith("keys_unavailable: director key file")
+    assert str(missing) in final.reason
+    assert server.requests(GGUF) == []
+    hello = rig.wait_hello(lambda h: h.update is not None)
+    assert hello.update.state == p.UpdateState.REJECTED
+
+
+def test_stop_mid_download_resumes_after_restart(make_rig, server) -> None:
+    """A clean stop keeps the partial download; the next start resumes it with Range."""
+    rig = make_rig()
+    size = (server.directory / GGUF).stat().st_size
+    server.set_fault(GGUF, trickle_bps=8 << 20, times=1)
+    rig.start()
+    rig.publish(rig.assign(rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))))
+    aid = f"a-{rig.device_id}-1"
+    wait_for(lambda: any(e.type == E.DOWNLOADING and e.progress_pct >= 10
+                         for e in rig.events(aid)), 30, "the download to be under way")
+    assert rig.agent.terminate() == 0
+    partial = rig.state_dir / "models" / "staging" / "smollm2-135m@1.0.0-micro.partial"
+    held = partial.stat().st_size
+    assert 0 < held < size
+
+    rig.start()
+    assert rig.wait_final(aid).type == E.ACTIVATED
+    requests = server.requests(GGUF)
+    assert requests[-1].range is not None
+    resumed_at = int(requests[-1].range.removeprefix("bytes=").rstrip("-"))
+    assert resumed_at >= held
