@@ -26,9 +26,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import httpx
+if TYPE_CHECKING:
+    # httpx is imported only once there is something to download: with its
+    # optional CLI extras installed it pulls in click, rich and pygments,
+    # about a fifth of an idle agent's memory.
+    import httpx
 
 from agent.errors import (
     ArtifactError,
@@ -99,16 +103,25 @@ class Fetcher(ABC):
 class HttpFetcher(Fetcher):
     """:class:`Fetcher` over HTTP(S) with httpx: ``Range`` requests, redirects followed.
 
-    One connection pool for the fetcher's life; close it (or use it as a
-    context manager) when done. Pass ``client`` to configure TLS or proxies.
+    One connection pool for the fetcher's life, opened on the first request;
+    close it (or use it as a context manager) when done. Pass ``client`` to
+    configure TLS or proxies.
     """
 
     def __init__(self, client: httpx.Client | None = None) -> None:
-        self._client = client or httpx.Client(follow_redirects=True)
+        self._client = client
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(follow_redirects=True)
+        return self._client
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> HttpFetcher:
         return self
@@ -123,11 +136,12 @@ class HttpFetcher(Fetcher):
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = self._client.build_request(
-            "GET", url, headers=headers, timeout=httpx.Timeout(timeout)
-        )
+        import httpx
+
+        client = self._http()
+        request = client.build_request("GET", url, headers=headers, timeout=httpx.Timeout(timeout))
         try:
-            response = self._client.send(request, stream=True)
+            response = client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise TooSlow(f"{url}: no response within {timeout:g} s") from exc
         except httpx.HTTPError as exc:
@@ -163,6 +177,8 @@ def _parse_response(response: httpx.Response, url: str, offset: int) -> tuple[in
 def _chunks(response: httpx.Response, url: str, timeout: float) -> Iterator[bytes]:
     # iter_raw, not iter_bytes(chunk_size): httpx would hold a trickle back
     # until a whole chunk arrived, hiding it from the throughput check.
+    import httpx
+
     try:
         yield from response.iter_raw()
     except httpx.TimeoutException as exc:
