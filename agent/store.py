@@ -156,7 +156,10 @@ class ModelStore:
         entries = []
         for entry in self._versions.iterdir():
             if _KEY.fullmatch(entry.name) and ".." not in entry.name:
-                entries.append((entry.stat().st_mtime_ns, entry.name))
+                try:
+                    entries.append((entry.stat().st_mtime_ns, entry.name))
+                except FileNotFoundError:
+                    continue  # renamed away by gc() since the listing: not installed
         return [name for _, name in sorted(entries)]
 
     def verify_hash(self, key: str) -> bool:

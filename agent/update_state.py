@@ -70,8 +70,6 @@ class UpdateRecord(BaseModel):
     #: the ``desired`` payload as received (canonical JSON text) and its sha256
     payload: str
     payload_sha256: str
-    #: the store key that was active when the update began (kept serving on failure)
-    previous_key: str | None = None
     #: start-ups that found this update unfinished; bounds a crash loop
     resumes: NonNegInt = 0
 

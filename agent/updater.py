@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from protocol import (
     ActiveModel,
@@ -72,7 +72,6 @@ from protocol.assignment import MAX_ASSIGNMENT_BYTES
 from .config import AgentConfig
 from .errors import ArtifactError, Cancelled, DownloadError, StoreError
 from .events import EventLog
-from .fetcher import Fetcher, HttpFetcher, download_artifact
 from .health import HealthAborted, HealthChecker, HealthRequest, SubprocessHealthChecker
 from .profiles import FirmwareProfile
 from .recovery import check_active, consume_clean_marker, write_clean_marker
@@ -81,6 +80,9 @@ from .staging import StagingError, check_tokenizer, disk_fit, installed_copy, st
 from .store import ModelStore, model_key
 from .trust import TrustRoots, TrustUnavailable, load_trust
 from .update_state import StateCorrupt, UpdateFile, UpdateRecord, UpdateStateStore
+
+if TYPE_CHECKING:
+    from .fetcher import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ class Updater:
         profile: FirmwareProfile,
         events: EventLog,
         health: HealthChecker | None = None,
-        fetcher_factory: Callable[[], Fetcher] = HttpFetcher,
+        fetcher_factory: Callable[[], Fetcher] | None = None,
         on_status: Callable[[], None] = lambda: None,
     ) -> None:
         self._config = config
@@ -224,6 +226,9 @@ class Updater:
         pending = self._pending()
         if pending is not None:
             self._reconcile(pending)
+        elif not self._disabled:
+            # A crash between an activation and its clean-up leaves an old version behind.
+            await asyncio.to_thread(self.store.gc, self._config.keep_versions)
         self._refresh_active()
 
     def _pending(self) -> UpdateRecord | None:
@@ -603,8 +608,13 @@ class Updater:
         def progress(done: int, total: int) -> None:
             loop.call_soon_threadsafe(self._progress, update_id, done, total)
 
+        # Imported here: httpx costs an idle agent memory it needs only while downloading.
+        from .fetcher import HttpFetcher, download_artifact
+
+        factory = self._fetcher_factory or HttpFetcher
+
         def fetch() -> None:
-            fetcher = self._fetcher_factory()
+            fetcher = factory()
             try:
                 download_artifact(
                     fetcher, url, partial,

@@ -46,7 +46,9 @@ FINAL_EVENTS = frozenset({
 })
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.02
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; return that."""
     deadline = time.monotonic() + timeout
     while True:
@@ -55,7 +57,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(poll)
 
 
 def file_sha256(path: Path) -> str:
@@ -272,6 +274,11 @@ class DeviceRig:
     def wait_hello(self, predicate: Callable[[p.Hello], bool], timeout: float = 30.0) -> p.Hello:
         return wait_for(lambda: next((h for h in reversed(self.hellos()) if predicate(h)), None),
                         timeout, "a matching hello")
+
+    def wait_clean(self, keep: int = 2, timeout: float = 10.0) -> None:
+        """Wait for the clean-up after an activation: old versions deleted, staging empty."""
+        wait_for(lambda: not self.staging and len(self.store.installed()) <= keep, timeout,
+                 "old versions deleted and staging empty")
 
     def active(self) -> tuple[str, str] | None:
         """``(key, sha256)`` of the active version on disk, after re-hashing it."""

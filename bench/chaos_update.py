@@ -1,0 +1,343 @@
+"""Crash consistency at scale: 1,000 SIGKILLs at random points of the update pipeline.
+
+Every trial publishes a new signed assignment (a new release, or every fifth
+time a rollback to the previous one) on a real Mosquitto, lets a real agent
+start working on it, SIGKILLs the agent at a random moment inside a chosen
+phase (just after the publish, verified, fit-checked, downloading, staged /
+health-checking, activated / cleaning up), checks the disk, restarts the
+agent and waits until it settles by itself. Invariants, per trial:
+
+- right after the kill: the active version is the old or the new one, and
+  its bytes match its sha256 (never neither, never a damaged one);
+- after the restart, with no new input: the update ends ``activated`` (all
+  assignments are valid), the new version is active and intact, and
+  staging is empty.
+
+To fit 1,000 restarts in a few minutes on 2 cores, three things differ from
+``tests/test_agent_update_crash.py`` (which runs the real thing, 50 times):
+
+- the agent runs in a process forked from this one (the real ``Agent``
+  class: MQTT link, updater, event spool, model store), not a fresh
+  ``slmfleet agent run``; that skips ~0.8 s of interpreter start and
+  hardware probe per restart, which is not what is under test;
+- the artifact is a 1 MiB file of random bytes, not the 93 MB GGUF (trials
+  that kill during the download fetch it at 8 MiB/s, so the kill lands
+  mid-transfer);
+- the health check is a stand-in subprocess (``sh``: read the request,
+  sleep 20 ms, pass) behind the same ``SubprocessHealthChecker``, since a
+  random file cannot be loaded by llama.cpp.
+
+This process never starts a thread (the artifact server runs in a child
+process, MQTT is driven by hand), so forking it is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, NoReturn
+
+from _common import report, scratch_broker
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+import protocol as p  # noqa: E402
+from agent.config import AgentConfig  # noqa: E402
+from agent.health import SubprocessHealthChecker  # noqa: E402
+from agent.profiles import generic_profile  # noqa: E402
+from agent.service import Agent  # noqa: E402
+from agent.store import ModelStore  # noqa: E402
+from agent.update_state import UpdateStateStore  # noqa: E402
+from controlplane.mosquitto import CONTROL_PLANE_USER  # noqa: E402
+from tests.support.signer import TrustSimulator, capabilities  # noqa: E402
+from tests.support.updates import seed_active, variant_for, write_trust  # noqa: E402
+
+TRIALS = int(os.environ.get("CHAOS_TRIALS", "1000"))
+#: stop early (and say so) rather than run past this
+TIME_BUDGET_S = 480.0
+ARTIFACT_BYTES = 1 << 20
+#: the same bytes under a second name, served at this rate (in ~50 ms
+#: pieces): trials that kill during the download use it, so the kill lands
+#: mid-transfer and leaves a partial file to resume with Range
+TRICKLE_BPS = 8 << 20
+DEVICE = "chaos-1"
+STAND_IN_HEALTH = [
+    "sh", "-c", """cat >/dev/null; sleep 0.02; echo '{"passed": true, "reasons": []}'""",
+]
+ORDER = ["verified", "fit_checked", "downloading", "staged", "health_checked", "activated"]
+#: phase -> (persisted state that starts it, longest random delay after it, s)
+PHASES: dict[str, tuple[str | None, float]] = {
+    "publish": (None, 0.03),
+    "verified": ("verified", 0.003),
+    "fit_checked": ("fit_checked", 0.003),
+    "downloading": ("downloading", 0.2),
+    "staged": ("staged", 0.05),
+    "activated": ("activated", 0.02),
+}
+NO_DOWNLOAD = ("publish", "verified", "fit_checked", "staged", "activated")
+
+SERVE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.support.http_artifacts import ArtifactServer
+server = ArtifactServer(sys.argv[2]).start()
+server.set_fault("slow.bin", trickle_bps=float(sys.argv[3]))
+print(server.base_url, flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+class Publisher:
+    """The control plane's MQTT client, driven by hand (no network thread)."""
+
+    def __init__(self, host: str, port: int, password: str) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="chaos-cp",
+                                  protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(CONTROL_PLANE_USER, password)
+        self.client.connect(host, port, keepalive=600)
+        deadline = time.monotonic() + 10
+        while not self.client.is_connected():
+            self.client.loop(0.05)
+            if time.monotonic() > deadline:
+                raise SystemExit("control-plane client could not connect")
+
+    def publish(self, device_id: str, payload: bytes) -> None:
+        info = self.client.publish(p.device_topic(device_id, p.TopicKind.DESIRED), payload,
+                                   qos=1, retain=True)
+        while not info.is_published():
+            self.client.loop(0.01)
+
+
+class Chaos:
+    """One device, its disk, and the trials."""
+
+    def __init__(self, work: Path, broker: Any, base_url: str, artifact: Path) -> None:
+        self.work, self.base_url, self.artifact = work, base_url, artifact
+        self.sim = TrustSimulator()
+        self.config = AgentConfig(
+            device_id=DEVICE, broker_url=broker.url, password=broker.users[DEVICE],
+            state_dir=work / "state", heartbeat_interval_s=60, reconnect_min_s=0.05,
+            reconnect_max_s=0.2, log_level="WARNING",
+        )
+        write_trust(self.config.state_dir, self.sim)
+        seed_active(self.config.models_path, "chaos", "0.0.1", artifact)
+        caps = capabilities()
+        self.hardware = (caps, [], generic_profile(caps))
+        self.store = ModelStore(self.config.models_path)
+        self.state = UpdateStateStore(self.config.update_state_path)
+        self.publisher = Publisher(broker.host, broker.port, broker.users[CONTROL_PLANE_USER])
+        self.releases: dict[str, dict[str, Any]] = {}
+        self.sequence = 0
+        self.log = work / "agents.log"
+        self.pid: int | None = None
+
+    def warm_up(self) -> None:
+        """Pay one-time costs here, once, instead of in every forked agent.
+
+        A real agent imports httpx and cryptography and builds its pydantic
+        validators once in its life; forked from a cold parent, every child
+        would pay them again on its first download and verification.
+        """
+        import agent.fetcher  # noqa: F401 - imported for its side effect of being imported
+
+        release = self.sim.release("warm", "0.0.0", variants={p.Tier.MICRO: variant_for(
+            self.artifact, "model.bin")})
+        self.sim.verify(self.sim.assign(DEVICE, release, p.Tier.MICRO), device_id=DEVICE)
+
+    # -- the agent ---------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start an agent in a forked child; it becomes ``self.pid``."""
+        pid = os.fork()
+        if pid == 0:
+            self._child()
+        self.pid = pid
+
+    def _child(self) -> NoReturn:
+        try:
+            logging.basicConfig(filename=self.log, level=logging.WARNING, force=True,
+                                format="%(asctime)s %(process)d %(name)s: %(message)s")
+            health = SubprocessHealthChecker(30, STAND_IN_HEALTH)
+            asyncio.run(Agent(self.config, hardware=self.hardware, health=health).run())
+        except BaseException:
+            logging.exception("agent died")
+        finally:
+            os._exit(0)
+
+    def kill(self) -> None:
+        """SIGKILL the running agent and reap it."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+
+    # -- observing the disk ----------------------------------------------------------
+
+    def persisted(self, sequence: int) -> str:
+        current = self.state.load().current
+        if current is None or current.sequence != sequence:
+            return "before verified"
+        return current.state.value
+
+    def wait_state(self, sequence: int, at_least: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        want = ORDER.index(at_least)
+        while True:
+            state = self.persisted(sequence)
+            if state in ORDER and ORDER.index(state) >= want:
+                return
+            if state in ("rejected", "failed", "rolled_back") or time.monotonic() > deadline:
+                raise RuntimeError(f"sequence {sequence} stuck at {state}")
+            time.sleep(0.002)
+
+    def staging(self) -> list[str]:
+        return sorted(e.name for e in (self.config.models_path / "staging").iterdir())
+
+    # -- one trial ----------------------------------------------------------------------
+
+    def assign(self, i: int, slow: bool) -> tuple[int, str, bool]:
+        previous = self.store.previous()
+        rollback = i % 5 == 4 and previous is not None and previous.key in self.releases
+        if rollback and previous is not None:
+            key = previous.key
+        else:
+            version = f"1.{i}.0"
+            key = f"chaos@{version}-micro"
+            variant = variant_for(self.artifact, "slow.bin" if slow else "model.bin")
+            self.releases[key] = self.sim.release("chaos", version,
+                                                  variants={p.Tier.MICRO: variant})
+        self.sequence += 1
+        self.sim.now = time.time()
+        payload = self.sim.assign(DEVICE, self.releases[key], p.Tier.MICRO,
+                                  sequence=self.sequence, artifact_url_base=self.base_url,
+                                  assignment_id=f"chaos-{self.sequence}")
+        self.publisher.publish(DEVICE, payload)
+        return self.sequence, key, rollback
+
+    def trial(self, i: int, rng: random.Random) -> dict[str, Any]:
+        """Run trial ``i`` against the running agent; leave the restarted one running."""
+        old = self.store.active().key
+        will_rollback = i % 5 == 4
+        choices = NO_DOWNLOAD if will_rollback else tuple(PHASES)
+        phase = choices[i % len(choices)]
+        sequence, new, rollback = self.assign(i, slow=phase == "downloading")
+        start, longest = PHASES[phase]
+        if start is not None:
+            self.wait_state(sequence, start)
+        time.sleep(rng.uniform(0, longest))
+        self.kill()
+
+        result: dict[str, Any] = {"phase": phase, "killed_at": self.persisted(sequence),
+                                  "rollback": rollback, "problems": []}
+        partial = self.store.staging_path(new)
+        result["partial_left"] = partial.is_file() and partial.stat().st_size > 0
+        active = self.store.active()
+        if active is None or active.key not in (old, new) or not self.store.verify_hash(
+            active.key
+        ):
+            result["problems"].append(f"after kill: active {active and active.key!r}")
+
+        self.spawn()
+        try:
+            self.wait_state(sequence, "activated")
+            # gc of the oldest version runs right after the activation is recorded.
+            deadline = time.monotonic() + 10
+            while self.staging() or len(self.store.installed()) > self.config.keep_versions:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.002)
+            result["settled"] = {"installed": self.store.installed(), "staging": self.staging(),
+                                 "t": time.monotonic()}
+        except RuntimeError as exc:
+            result["problems"].append(str(exc))
+        active = self.store.active()
+        if active is None or active.key != new or not self.store.verify_hash(new):
+            result["problems"].append(f"after restart: active {active and active.key!r}")
+        if self.staging():
+            result["problems"].append(f"staging not empty: {self.staging()} "
+                                      f"at {time.monotonic()}")
+        self.publisher.client.loop(0)  # keepalive
+        return result
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="slmfleet-chaos-"))
+    artifacts = work / "artifacts"
+    artifacts.mkdir()
+    artifact = artifacts / "model.bin"
+    artifact.write_bytes(secrets.token_bytes(ARTIFACT_BYTES))
+    (artifacts / "slow.bin").write_bytes(artifact.read_bytes())
+    broker = scratch_broker([DEVICE])
+    server = subprocess.Popen([sys.executable, "-c", SERVE, str(ROOT), str(artifacts),
+                               str(TRICKLE_BPS)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    base_url = server.stdout.readline().strip()
+    print(f"{TRIALS} trials; artifact {ARTIFACT_BYTES >> 20} MiB of random bytes; "
+          f"stand-in health check; work dir {work}", flush=True)
+    chaos = Chaos(work, broker, base_url, artifact)
+    chaos.warm_up()
+    rng = random.Random(20261123)
+    results: list[dict[str, Any]] = []
+    durations: list[float] = []
+    started = time.monotonic()
+    chaos.spawn()
+    try:
+        for i in range(TRIALS):
+            if time.monotonic() - started > TIME_BUDGET_S:
+                print(f"time budget of {TIME_BUDGET_S:.0f} s spent; stopping early", flush=True)
+                break
+            t0 = time.monotonic()
+            result = chaos.trial(i, rng)
+            durations.append(time.monotonic() - t0)
+            results.append(result)
+            if result["problems"]:
+                print(f"trial {i}: VIOLATION {result}", flush=True)
+            if (i + 1) % 100 == 0:
+                bad = sum(1 for r in results if r["problems"])
+                print(f"{i + 1} trials in {time.monotonic() - started:.0f} s, "
+                      f"{bad} violations", flush=True)
+    finally:
+        chaos.kill()
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(timeout=10)
+        broker.stop()
+
+    killed_at = Counter(r["killed_at"] for r in results)
+    phases = Counter(r["phase"] for r in results)
+    violations = sum(1 for r in results if r["problems"])
+    print(f"kills by phase: {dict(phases)}")
+    print(f"kills by persisted state: {dict(killed_at)}")
+    print(f"violations: {violations} of {len(results)}")
+    report({
+        "trials": len(results),
+        "violations": violations,
+        "rollback_trials": sum(1 for r in results if r["rollback"]),
+        "partial_download_left_at_kill": sum(1 for r in results if r["partial_left"]),
+        "kills_by_state": json.dumps(dict(killed_at), sort_keys=True),
+        "trial_median_s": round(statistics.median(durations), 3),
+        "total_s": round(time.monotonic() - started, 1),
+        "artifact_mib": ARTIFACT_BYTES >> 20,
+    })
+
+
+if __name__ == "__main__":
+    main()
