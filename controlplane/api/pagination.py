@@ -39,3 +39,12 @@ def check_limit(limit: int, cap: int) -> int:
     if limit > cap:
         raise query_error("limit", f"limit must be at most {cap}", limit)
     return limit
+
+
+#: page size when a list request names none
+DEFAULT_PAGE_SIZE = 100
+
+
+def page_size(limit: int | None, cap: int, default: int = DEFAULT_PAGE_SIZE) -> int:
+    """The page size to serve: ``limit`` (a 422 above ``cap``), else ``default`` capped."""
+    return check_limit(limit, cap) if limit is not None else min(default, cap)

@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
+from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
 from controlplane.api.schemas_registry import (
     AssignRequest,
     AssignResponse,
@@ -34,7 +34,7 @@ router = APIRouter(prefix="/v1/devices", tags=["assignments"])
 ALL = "*"
 #: devices one selector call may assign
 MAX_SELECTED = 100_000
-DEFAULT_HISTORY_LIMIT = 100
+
 DIRECTOR_OFF = (
     "assignments are off: set director_keys_file (the director key list agents pin) and "
     "director_key_files (the private director keys); see docs/models.md"
@@ -145,8 +145,7 @@ def history(
     """The device's timeline, oldest first: assignments issued and revoked, and its events."""
     if queries.get_device(session, device_id) is None:
         raise HTTPException(404, detail=f"device {device_id!r} not found")
-    cap = context.settings.page_max
-    size = check_limit(limit, cap) if limit is not None else min(DEFAULT_HISTORY_LIMIT, cap)
+    size = page_size(limit, context.settings.page_max)
     after = None
     if cursor:
         try:

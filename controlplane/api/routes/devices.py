@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
+from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
 from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
 from controlplane.api.schemas_registry import AssignmentSummary
 from controlplane.db import queries
@@ -16,7 +16,6 @@ from protocol import Tier
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
-DEFAULT_LIMIT = 100
 RECENT_TELEMETRY = 20
 
 
@@ -46,8 +45,7 @@ def list_devices(
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
 ) -> DevicePage:
     """Devices matching every filter, ordered by id, one page at a time."""
-    cap = context.settings.page_max
-    size = check_limit(limit, cap) if limit is not None else min(DEFAULT_LIMIT, cap)
+    size = page_size(limit, context.settings.page_max)
     flt = queries.DeviceFilter(
         tier=tier.value if tier else None,
         profile=profile,

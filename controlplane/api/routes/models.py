@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import check_limit, decode_cursor, encode_cursor, query_error
+from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
 from controlplane.api.schemas_registry import (
     ModelPage,
     ModelSummary,
@@ -35,7 +35,6 @@ from protocol import MAX_RELEASE_BYTES, KeyList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-DEFAULT_LIMIT = 100
 #: protocol reasons that mean "not a release envelope at all" rather than "untrusted"
 _BAD_REQUEST = {"malformed", "wrong_schema"}
 REGISTRY_OFF = (
@@ -48,10 +47,6 @@ def _release_keys(context: AppContext) -> KeyList:
     if context.trust.release_keys is None:
         raise HTTPException(503, detail=REGISTRY_OFF)
     return context.trust.release_keys
-
-
-def _page_size(limit: int | None, cap: int) -> int:
-    return check_limit(limit, cap) if limit is not None else min(DEFAULT_LIMIT, cap)
 
 
 async def _read_body(request: Request) -> bytes:
@@ -89,7 +84,7 @@ def get_models(
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
 ) -> ModelPage:
     """Registered models by name, each with its newest version."""
-    size = _page_size(limit, context.settings.page_max)
+    size = page_size(limit, context.settings.page_max)
     rows = list_models(session, after=decode_cursor(cursor) if cursor else None, limit=size + 1)
     page = rows[:size]
     latest = latest_versions(session, [m.name for m in page])
@@ -157,7 +152,7 @@ def get_versions(
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
 ) -> VersionPage:
     """Versions of a model, newest first by semver precedence."""
-    size = _page_size(limit, context.settings.page_max)
+    size = page_size(limit, context.settings.page_max)
     after = None
     if cursor:
         key, sep, version = decode_cursor(cursor).partition(" ")
