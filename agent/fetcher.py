@@ -16,10 +16,12 @@ bounded by the stall window).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
 import re
+import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -100,6 +102,18 @@ class Fetcher(ABC):
         """
 
 
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle, ``SSL_CERT_FILE``), built once per process.
+
+    Loading the CA bundle takes ~50 ms on a desktop and far longer on a
+    small board; every new ``httpx.Client`` would load it again.
+    """
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 class HttpFetcher(Fetcher):
     """:class:`Fetcher` over HTTP(S) with httpx: ``Range`` requests, redirects followed.
 
@@ -115,7 +129,7 @@ class HttpFetcher(Fetcher):
         if self._client is None:
             import httpx
 
-            self._client = httpx.Client(follow_redirects=True)
+            self._client = httpx.Client(follow_redirects=True, verify=default_ssl_context())
         return self._client
 
     def close(self) -> None:

@@ -226,7 +226,7 @@ class Updater:
         pending = self._pending()
         if pending is not None:
             self._reconcile(pending)
-        elif not self._disabled:
+        if self._pending() is None and not self._disabled:
             # A crash between an activation and its clean-up leaves an old version behind.
             await asyncio.to_thread(self.store.gc, self._config.keep_versions)
         self._refresh_active()

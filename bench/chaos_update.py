@@ -21,14 +21,15 @@ To fit 1,000 restarts in a few minutes on 2 cores, three things differ from
   ``slmfleet agent run``; that skips ~0.8 s of interpreter start and
   hardware probe per restart, which is not what is under test;
 - the artifact is a 1 MiB file of random bytes, not the 93 MB GGUF (trials
-  that kill during the download fetch it at 8 MiB/s, so the kill lands
-  mid-transfer);
+  that kill during the download fetch a 3 MiB one at 16 MiB/s, so the kill
+  lands mid-transfer and leaves a partial file to resume);
 - the health check is a stand-in subprocess (``sh``: read the request,
   sleep 20 ms, pass) behind the same ``SubprocessHealthChecker``, since a
   random file cannot be loaded by llama.cpp.
 
-This process never starts a thread (the artifact server runs in a child
-process, MQTT is driven by hand), so forking it is safe.
+Two devices run their trials side by side, each in a worker process of its
+own. No process here starts a thread before it forks (the artifact server
+runs in a child process, MQTT is driven by hand), so forking is safe.
 """
 
 from __future__ import annotations
@@ -71,12 +72,17 @@ from tests.support.updates import seed_active, variant_for, write_trust  # noqa:
 TRIALS = int(os.environ.get("CHAOS_TRIALS", "1000"))
 #: stop early (and say so) rather than run past this
 TIME_BUDGET_S = 480.0
+#: an update that has not settled after this long counts as a violation
+SETTLE_TIMEOUT_S = 30.0
+#: devices (each with its own worker process) running trials side by side
+WORKERS = 2
+FAST, SLOW = "model.bin", "slow.bin"
 ARTIFACT_BYTES = 1 << 20
-#: the same bytes under a second name, served at this rate (in ~50 ms
-#: pieces): trials that kill during the download use it, so the kill lands
-#: mid-transfer and leaves a partial file to resume with Range
-TRICKLE_BPS = 8 << 20
-DEVICE = "chaos-1"
+#: trials that kill during the download fetch this one, served at this rate
+#: (in ~50 ms pieces), so the kill lands mid-transfer; the downloader writes
+#: 1 MiB batches, so it must be a few MiB for a partial file to be left
+SLOW_ARTIFACT_BYTES = 3 << 20
+TRICKLE_BPS = 16 << 20
 STAND_IN_HEALTH = [
     "sh", "-c", """cat >/dev/null; sleep 0.02; echo '{"passed": true, "reasons": []}'""",
 ]
@@ -86,7 +92,7 @@ PHASES: dict[str, tuple[str | None, float]] = {
     "publish": (None, 0.03),
     "verified": ("verified", 0.003),
     "fit_checked": ("fit_checked", 0.003),
-    "downloading": ("downloading", 0.2),
+    "downloading": ("downloading", 0.25),
     "staged": ("staged", 0.05),
     "activated": ("activated", 0.02),
 }
@@ -97,7 +103,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from tests.support.http_artifacts import ArtifactServer
 server = ArtifactServer(sys.argv[2]).start()
-server.set_fault("slow.bin", trickle_bps=float(sys.argv[3]))
+server.set_fault(sys.argv[3], trickle_bps=float(sys.argv[4]))
 print(server.base_url, flush=True)
 sys.stdin.read()
 server.close()
@@ -107,8 +113,8 @@ server.close()
 class Publisher:
     """The control plane's MQTT client, driven by hand (no network thread)."""
 
-    def __init__(self, host: str, port: int, password: str) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="chaos-cp",
+    def __init__(self, host: str, port: int, password: str, client_id: str) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
         self.client.username_pw_set(CONTROL_PLANE_USER, password)
         self.client.connect(host, port, keepalive=600)
@@ -128,21 +134,24 @@ class Publisher:
 class Chaos:
     """One device, its disk, and the trials."""
 
-    def __init__(self, work: Path, broker: Any, base_url: str, artifact: Path) -> None:
-        self.work, self.base_url, self.artifact = work, base_url, artifact
+    def __init__(self, work: Path, broker: Any, base_url: str, device_id: str) -> None:
+        self.work, self.base_url, self.device_id = work, base_url, device_id
+        self.artifact = base_dir(work) / FAST
+        self.slow_artifact = base_dir(work) / SLOW
         self.sim = TrustSimulator()
         self.config = AgentConfig(
-            device_id=DEVICE, broker_url=broker.url, password=broker.users[DEVICE],
+            device_id=device_id, broker_url=broker.url, password=broker.users[device_id],
             state_dir=work / "state", heartbeat_interval_s=60, reconnect_min_s=0.05,
             reconnect_max_s=0.2, log_level="WARNING",
         )
         write_trust(self.config.state_dir, self.sim)
-        seed_active(self.config.models_path, "chaos", "0.0.1", artifact)
+        seed_active(self.config.models_path, "chaos", "0.0.1", self.artifact)
         caps = capabilities()
         self.hardware = (caps, [], generic_profile(caps))
         self.store = ModelStore(self.config.models_path)
         self.state = UpdateStateStore(self.config.update_state_path)
-        self.publisher = Publisher(broker.host, broker.port, broker.users[CONTROL_PLANE_USER])
+        self.publisher = Publisher(broker.host, broker.port, broker.users[CONTROL_PLANE_USER],
+                                   f"cp-{device_id}")
         self.releases: dict[str, dict[str, Any]] = {}
         self.sequence = 0
         self.log = work / "agents.log"
@@ -151,15 +160,18 @@ class Chaos:
     def warm_up(self) -> None:
         """Pay one-time costs here, once, instead of in every forked agent.
 
-        A real agent imports httpx and cryptography and builds its pydantic
-        validators once in its life; forked from a cold parent, every child
-        would pay them again on its first download and verification.
+        A real agent imports httpx and cryptography, loads its CA bundle and
+        builds its pydantic validators once in its life; forked from a cold
+        parent, every child would pay for them again.
         """
-        import agent.fetcher  # noqa: F401 - imported for its side effect of being imported
+        from agent.fetcher import default_ssl_context
+
+        default_ssl_context()  # the CA bundle, loaded once for every child to inherit
 
         release = self.sim.release("warm", "0.0.0", variants={p.Tier.MICRO: variant_for(
             self.artifact, "model.bin")})
-        self.sim.verify(self.sim.assign(DEVICE, release, p.Tier.MICRO), device_id=DEVICE)
+        self.sim.verify(self.sim.assign(self.device_id, release, p.Tier.MICRO),
+                        device_id=self.device_id)
 
     # -- the agent ---------------------------------------------------------------
 
@@ -196,7 +208,7 @@ class Chaos:
             return "before verified"
         return current.state.value
 
-    def wait_state(self, sequence: int, at_least: str, timeout: float = 30) -> None:
+    def wait_state(self, sequence: int, at_least: str, timeout: float = SETTLE_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         want = ORDER.index(at_least)
         while True:
@@ -220,15 +232,16 @@ class Chaos:
         else:
             version = f"1.{i}.0"
             key = f"chaos@{version}-micro"
-            variant = variant_for(self.artifact, "slow.bin" if slow else "model.bin")
+            variant = (variant_for(self.slow_artifact, SLOW) if slow
+                       else variant_for(self.artifact, FAST))
             self.releases[key] = self.sim.release("chaos", version,
                                                   variants={p.Tier.MICRO: variant})
         self.sequence += 1
         self.sim.now = time.time()
-        payload = self.sim.assign(DEVICE, self.releases[key], p.Tier.MICRO,
+        payload = self.sim.assign(self.device_id, self.releases[key], p.Tier.MICRO,
                                   sequence=self.sequence, artifact_url_base=self.base_url,
                                   assignment_id=f"chaos-{self.sequence}")
-        self.publisher.publish(DEVICE, payload)
+        self.publisher.publish(self.device_id, payload)
         return self.sequence, key, rollback
 
     def trial(self, i: int, rng: random.Random) -> dict[str, Any]:
@@ -257,70 +270,109 @@ class Chaos:
         self.spawn()
         try:
             self.wait_state(sequence, "activated")
-            # gc of the oldest version runs right after the activation is recorded.
-            deadline = time.monotonic() + 10
-            while self.staging() or len(self.store.installed()) > self.config.keep_versions:
+            # gc of the oldest version runs right after the activation is recorded;
+            # it fsyncs, and fsync on a busy shared disk can stall for seconds.
+            deadline = time.monotonic() + SETTLE_TIMEOUT_S
+            # Versions first: gc renames one into staging/ in one step, so
+            # reading staging first could miss it in both places.
+            while len(self.store.installed()) > self.config.keep_versions or self.staging():
                 if time.monotonic() > deadline:
+                    result["problems"].append(
+                        f"not cleaned up after {SETTLE_TIMEOUT_S:g} s: "
+                        f"{self.store.installed()} installed, staging {self.staging()}"
+                    )
                     break
                 time.sleep(0.002)
-            result["settled"] = {"installed": self.store.installed(), "staging": self.staging(),
-                                 "t": time.monotonic()}
         except RuntimeError as exc:
             result["problems"].append(str(exc))
         active = self.store.active()
         if active is None or active.key != new or not self.store.verify_hash(new):
             result["problems"].append(f"after restart: active {active and active.key!r}")
         if self.staging():
-            result["problems"].append(f"staging not empty: {self.staging()} "
-                                      f"at {time.monotonic()}")
+            result["problems"].append(f"staging not empty: {self.staging()}")
         self.publisher.client.loop(0)  # keepalive
         return result
+
+
+def base_dir(work: Path) -> Path:
+    """Where the artifacts live (shared by the workers)."""
+    return work.parent / "artifacts"
+
+
+def run_worker(index: int, trials: int, broker: Any, base_url: str, work: Path) -> NoReturn:
+    """One device's trials, in a forked worker; results go to ``work/results.json``."""
+    status = 1
+    try:
+        chaos = Chaos(work, broker, base_url, f"chaos-{index}")
+        chaos.warm_up()
+        rng = random.Random(20261123 + index)
+        results: list[dict[str, Any]] = []
+        started = time.monotonic()
+        chaos.spawn()
+        try:
+            for i in range(trials):
+                if time.monotonic() - started > TIME_BUDGET_S:
+                    print(f"[{index}] time budget spent; stopping early", flush=True)
+                    break
+                t0 = time.monotonic()
+                result = chaos.trial(i, rng)
+                result["s"] = time.monotonic() - t0
+                results.append(result)
+                if result["problems"]:
+                    print(f"[{index}] trial {i}: VIOLATION {result}", flush=True)
+                if (i + 1) % 100 == 0:
+                    bad = sum(1 for r in results if r["problems"])
+                    print(f"[{index}] {i + 1} trials in {time.monotonic() - started:.0f} s, "
+                          f"{bad} violations", flush=True)
+        finally:
+            chaos.kill()
+        (work / "results.json").write_text(json.dumps(results))
+        status = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(status)
 
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="slmfleet-chaos-"))
     artifacts = work / "artifacts"
     artifacts.mkdir()
-    artifact = artifacts / "model.bin"
-    artifact.write_bytes(secrets.token_bytes(ARTIFACT_BYTES))
-    (artifacts / "slow.bin").write_bytes(artifact.read_bytes())
-    broker = scratch_broker([DEVICE])
+    (artifacts / FAST).write_bytes(secrets.token_bytes(ARTIFACT_BYTES))
+    (artifacts / SLOW).write_bytes(secrets.token_bytes(SLOW_ARTIFACT_BYTES))
+    devices = [f"chaos-{i}" for i in range(WORKERS)]
+    broker = scratch_broker(devices)
     server = subprocess.Popen([sys.executable, "-c", SERVE, str(ROOT), str(artifacts),
-                               str(TRICKLE_BPS)],
+                               SLOW, str(TRICKLE_BPS)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     base_url = server.stdout.readline().strip()
-    print(f"{TRIALS} trials; artifact {ARTIFACT_BYTES >> 20} MiB of random bytes; "
-          f"stand-in health check; work dir {work}", flush=True)
-    chaos = Chaos(work, broker, base_url, artifact)
-    chaos.warm_up()
-    rng = random.Random(20261123)
-    results: list[dict[str, Any]] = []
-    durations: list[float] = []
+    print(f"{TRIALS} trials on {WORKERS} devices side by side; artifact "
+          f"{ARTIFACT_BYTES >> 20} MiB of random bytes ({SLOW_ARTIFACT_BYTES >> 20} MiB, "
+          f"trickled, when the kill targets the download); stand-in health check; "
+          f"work dir {work}", flush=True)
     started = time.monotonic()
-    chaos.spawn()
+    workers = {}
     try:
-        for i in range(TRIALS):
-            if time.monotonic() - started > TIME_BUDGET_S:
-                print(f"time budget of {TIME_BUDGET_S:.0f} s spent; stopping early", flush=True)
-                break
-            t0 = time.monotonic()
-            result = chaos.trial(i, rng)
-            durations.append(time.monotonic() - t0)
-            results.append(result)
-            if result["problems"]:
-                print(f"trial {i}: VIOLATION {result}", flush=True)
-            if (i + 1) % 100 == 0:
-                bad = sum(1 for r in results if r["problems"])
-                print(f"{i + 1} trials in {time.monotonic() - started:.0f} s, "
-                      f"{bad} violations", flush=True)
+        for index in range(WORKERS):
+            share = TRIALS // WORKERS + (1 if index < TRIALS % WORKERS else 0)
+            device_work = work / devices[index]
+            pid = os.fork()
+            if pid == 0:
+                run_worker(index, share, broker, base_url, device_work)
+            workers[pid] = device_work
+        failed = [pid for pid in workers if os.waitpid(pid, 0)[1] != 0]
     finally:
-        chaos.kill()
         if server.stdin is not None:
             server.stdin.close()
         server.wait(timeout=10)
         broker.stop()
+    if failed:
+        raise SystemExit(f"{len(failed)} worker(s) crashed; see above")
 
+    results = [r for d in workers.values() for r in json.loads((d / "results.json").read_text())]
     killed_at = Counter(r["killed_at"] for r in results)
     phases = Counter(r["phase"] for r in results)
     violations = sum(1 for r in results if r["problems"])
@@ -333,7 +385,7 @@ def main() -> None:
         "rollback_trials": sum(1 for r in results if r["rollback"]),
         "partial_download_left_at_kill": sum(1 for r in results if r["partial_left"]),
         "kills_by_state": json.dumps(dict(killed_at), sort_keys=True),
-        "trial_median_s": round(statistics.median(durations), 3),
+        "trial_median_s": round(statistics.median(r["s"] for r in results), 3),
         "total_s": round(time.monotonic() - started, 1),
         "artifact_mib": ARTIFACT_BYTES >> 20,
     })

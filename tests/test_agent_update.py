@@ -13,6 +13,7 @@ import pytest
 
 import protocol as p
 from agent.gguf import tokenizer_sha256
+from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.signer import TrustSimulator
 from tests.support.updates import (
@@ -227,3 +228,46 @@ def test_stop_mid_download_resumes_after_restart(make_rig, server) -> None:
     assert requests[-1].range is not None
     resumed_at = int(requests[-1].range.removeprefix("bytes=").rstrip("-"))
     assert resumed_at >= held
+
+
+def test_offline_update_spools_events_and_flushes_them_on_reconnect(
+    tmp_path, cp_credentials, server, model_path
+) -> None:
+    """The broker goes away mid-download: the update carries on, its events wait
+    on disk, and reach the control plane in order once the broker is back."""
+    device_id = f"upd-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(8)
+    cp_user, cp_password = CONTROL_PLANE_USER, secrets.token_urlsafe(8)
+    # A broker of its own (persistence off): stopping the shared one would disturb others.
+    own = MosquittoBroker(tmp_path / "broker", users={cp_user: cp_password,
+                                                      device_id: password}).start()
+    rig = DeviceRig(tmp_path / device_id, own, (cp_user, cp_password), device_id, password,
+                    server, TrustSimulator(), reconnect_min_s=0.2, reconnect_max_s=0.5)
+    server.set_fault(GGUF, trickle_bps=40 << 20, times=1)  # ~2.5 s of download
+    try:
+        rig.start()
+        rig.publish(rig.assign(rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))))
+        aid = f"a-{device_id}-1"
+        wait_for(lambda: any(e.type == E.DOWNLOADING for e in rig.events(aid)), 20,
+                 "the download to start")
+        online = {e.seq for e in rig.events()}
+        own.stop()
+        wait_for(lambda: f"activated {aid}" in rig.agent.log(), 60, "the update to finish offline")
+
+        # Back, but the device is let in only once the control plane listens again.
+        del own.users[device_id]
+        own.start()
+        rig.watch_again()
+        own.add_users({device_id: password})
+        wait_for(lambda: any(e.type == E.ACTIVATED for e in rig.events(aid)), 30,
+                 "the spooled events")
+        late = [e for e in rig.events(aid) if e.seq not in online]
+        assert _types(late)[-3:] == [E.STAGED, E.HEALTH_PASSED, E.ACTIVATED]
+        assert [e.seq for e in late] == sorted(e.seq for e in late)
+        hello = rig.wait_hello(lambda h: h.update is not None)
+        assert hello.update.state == p.UpdateState.ACTIVATED
+        assert (rig.state_dir / "events" / "spool").exists()
+        assert list((rig.state_dir / "events" / "spool").iterdir()) == []
+    finally:
+        rig.close()
+        own.stop()

@@ -29,7 +29,7 @@ from agent.update_state import UpdateStateStore
 from agent.updater import Updater
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.signer import TrustSimulator, capabilities
-from tests.support.updates import variant_for, write_trust
+from tests.support.updates import file_sha256, variant_for, write_trust
 
 E = p.EventType
 DEVICE = "dev-1"
@@ -228,20 +228,29 @@ def test_staged_update_rechecks_health_after_a_crash(device: Device) -> None:
 
 def test_activation_not_yet_recorded_is_reconciled(device: Device) -> None:
     async def go() -> None:
-        await device.boot()
-        aid = await _activate(device, "a.bin", "1.0.0")
+        updater = await device.boot()
+        await _activate(device, "a.bin", "1.0.0")
+        await _activate(device, "b.bin", "1.1.0")
+        aid = await _activate(device, "a.bin", "1.2.0")
         await device.crash()
-        # As if killed between the pointer swap and writing the record.
+        # As if killed between the pointer swap and writing the record, so
+        # also before the clean-up that deletes the oldest version.
         store = UpdateStateStore(device.config.update_state_path)
         state = store.load()
         current = state.current.model_copy(update={"state": p.UpdateState.HEALTH_CHECKED})
         store.save(state.model_copy(update={"current": current}))
-        activated = [e for e in device.events(aid) if e.type == E.ACTIVATED]
+        old = device.server.directory / "a.bin"
+        left_over = updater.store.staging_path("m@0.9.0-micro")
+        left_over.write_bytes(old.read_bytes())
+        updater.store.install("m@0.9.0-micro", left_over,
+                              {"sha256": file_sha256(old), "size": old.stat().st_size})
+        assert len(updater.store.installed()) == 3
 
         updater = await device.boot()
         assert updater.status().state == p.UpdateState.ACTIVATED
-        assert len([e for e in device.events(aid) if e.type == E.ACTIVATED]) == 2
-        assert activated and device.health.calls and len(device.health.calls) == 1
+        assert [e.type for e in device.events(aid)].count(E.ACTIVATED) == 2
+        assert len(device.health.calls) == 3, "no health check is run again"
+        assert updater.store.installed() == ["m@1.1.0-micro", "m@1.2.0-micro"]
 
     run(go)
 

@@ -161,15 +161,27 @@ class DeviceRig:
         }
         config.update(agent_extra)
         self.config_path = write_agent_config(work, device_id, broker.url, password, **config)
-        self.cp = RawClient(broker.url, *cp_credentials)
-        self.cp.connect()
-        self.cp.subscribe(f"{p.TOPIC_ROOT}/{device_id}/#")
+        self._broker, self._cp_credentials = broker, cp_credentials
+        self.cp = self._watch()
         self.agent: AgentProcess | None = None
         self._sequence = 0
         self._decoded_upto = 0
         self._events: list[p.Event] = []
         self._event_seqs: set[int] = set()
         self._hellos: list[p.Hello] = []
+
+    def _watch(self) -> RawClient:
+        client = RawClient(self._broker.url, *self._cp_credentials)
+        client.connect()
+        client.subscribe(f"{p.TOPIC_ROOT}/{self.device_id}/#")
+        return client
+
+    def watch_again(self) -> None:
+        """A fresh control-plane client (after a broker restart); what was seen is kept."""
+        self.cp.close()
+        self.cp = self._watch()
+        self._decoded_upto = 0
+        self._hellos.clear()
 
     # -- the agent process ---------------------------------------------------
 
@@ -277,7 +289,9 @@ class DeviceRig:
 
     def wait_clean(self, keep: int = 2, timeout: float = 10.0) -> None:
         """Wait for the clean-up after an activation: old versions deleted, staging empty."""
-        wait_for(lambda: not self.staging and len(self.store.installed()) <= keep, timeout,
+        # Versions first: gc renames one into staging/ in one step, so reading
+        # staging first could miss it in both places.
+        wait_for(lambda: len(self.store.installed()) <= keep and not self.staging, timeout,
                  "old versions deleted and staging empty")
 
     def active(self) -> tuple[str, str] | None:
