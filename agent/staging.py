@@ -17,6 +17,7 @@ touch big files):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from protocol import Capabilities, FitResult, Variant, VerifiedAssignment, canonical_json, fit_check
 from protocol.fit import disk_needed_bytes
 
+from .cgroup import memory_limit_bytes
 from .errors import StoreError
 from .gguf import GgufError, tokenizer_sha256
 from .probe import disk_free_bytes
@@ -122,10 +124,13 @@ def disk_fit(
     capabilities: Capabilities,
     profile: FirmwareProfile,
     installed: bool,
+    memory_limit: Callable[[], int | None] = memory_limit_bytes,
 ) -> DiskFit:
     """Run :func:`protocol.fit_check` with this device's measured figures.
 
-    RAM is the measured (or simulated) total less the profile's reserve.
+    RAM is the measured (or simulated) total less the profile's reserve, or,
+    when the agent's cgroup limit (``memory_limit()``, e.g. the unit's
+    ``MemoryMax=``) is tighter, that limit less what the agent itself uses.
     Disk is measured now, on the model directory's filesystem, plus what
     the store can clean up and what a partial download of ``key`` already
     holds. An ``installed`` variant needs no disk, only RAM.
@@ -137,14 +142,27 @@ def disk_fit(
         # Nothing to download: only the RAM check can fail.
         free = max(free, disk_needed_bytes(variant))
     reclaimable = 0 if installed else _reclaimable_bytes(store)
+    ram, reserved = capabilities.ram_bytes, profile.runtime.os_reserved_mb * MIB
+    limit = memory_limit()
+    if limit is not None:
+        # The OS lives outside the cgroup; the agent's own memory counts inside it.
+        own = _own_rss_bytes()
+        if limit - own < ram - reserved:
+            ram, reserved = limit, own
     result = fit_check(
         variant,
-        ram_bytes=capabilities.ram_bytes,
+        ram_bytes=ram,
         disk_free_bytes=free + held + reclaimable,
-        os_reserved_bytes=profile.runtime.os_reserved_mb * MIB,
+        os_reserved_bytes=reserved,
     )
     needs_gc = result.ok and free + held < result.disk_needed_bytes
     return DiskFit(result, needs_gc)
+
+
+def _own_rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def check_tokenizer(path: Path, variant: Variant) -> None:
