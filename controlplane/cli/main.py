@@ -20,6 +20,7 @@ _GROUPS: dict[str, tuple[str, str, str]] = {
 #: top-level commands -> (module, function)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "dev": ("controlplane.cli.dev", "dev"),
+    "simulate": ("controlplane.cli.simulate", "simulate"),
 }
 
 

@@ -1,0 +1,191 @@
+"""A simulated fleet against the real broker and control plane: ingest under load.
+
+    .venv/bin/python bench/fleet.py              # FLEET_DEVICES=N, FLEET_HOLD_S=S to change
+
+One broker, one control plane (API, ingest parent and its writer process, on
+SQLite) and ``slmfleet simulate`` in a process of its own, all on this
+machine. Two phases, the same devices:
+
+1. **hold**: 10,000 devices at a 30 s heartbeat (~333 msg/s) for
+   ``FLEET_HOLD_S`` seconds after they came up: CPU of each process and of
+   the machine (headroom = what is left of all cores), ingest lag, database
+   growth per device-day.
+2. **ceiling**: the same devices at a 1 s heartbeat (~10,000 msg/s offered)
+   for 30 s: telemetry rows written per second, and whether the ingest
+   keeps up (lag) or drops.
+
+Ingest lag is the time from a heartbeat's ``ts`` (set by the simulated
+device when it sends) until the row can be read from the database, sampled
+by polling every 0.2 s, so it is an upper bound with that resolution.
+
+The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from _common import report, scratch_broker
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controlplane.db import TelemetryRow  # noqa: E402
+from controlplane.mosquitto import CONTROL_PLANE_USER  # noqa: E402
+from controlplane.service import ControlPlane  # noqa: E402
+from tests.support.controlplane import cp_settings  # noqa: E402
+
+DEVICES = int(os.environ.get("FLEET_DEVICES", "10000"))
+HOLD_S = float(os.environ.get("FLEET_HOLD_S", "60"))
+CEILING_S = 30.0
+POLL_S = 0.2
+
+
+class LagProbe:
+    """Polls the telemetry table and records, for each new row, now - its ``ts``."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+        self.lags: list[float] = []
+        self.rows = 0
+        self._last_id = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LagProbe:
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            self._last_id = conn.execute(select(func.max(TelemetryRow.id))).scalar() or 0
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            with self.engine.connect() as conn:  # type: ignore[attr-defined]
+                rows = conn.execute(select(TelemetryRow.id, TelemetryRow.ts).where(
+                    TelemetryRow.id > self._last_id)).all()
+            now = time.time()
+            if rows:
+                self._last_id = max(r.id for r in rows)
+                self.rows += len(rows)
+                self.lags += [now - r.ts for r in rows]
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 100 else max(values or [0])
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def db_bytes(data_dir: Path) -> int:
+    return sum(f.stat().st_size for f in data_dir.glob("*.db*"))
+
+
+def broker_process(data_dir: Path) -> psutil.Process:
+    """The mosquitto process whose command line names ``data_dir`` (its config is there)."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if "mosquitto" in (proc.info["name"] or "") and str(data_dir) in " ".join(
+                proc.info["cmdline"] or []):
+            return proc
+    raise RuntimeError(f"no mosquitto process for {data_dir}")
+
+
+def simulate(broker_url: str, password: str, heartbeat: float, ramp: float,
+             duration: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli.main", "simulate", "--broker", broker_url,
+         "--username", CONTROL_PLANE_USER, "--password", password, "--devices", str(DEVICES),
+         "--heartbeat", str(heartbeat), "--ramp", str(ramp), "--duration", str(duration),
+         "--output", "json"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+
+
+def measure(name: str, sim: subprocess.Popen[str], procs: dict[str, psutil.Process],
+            probe: LagProbe, seconds: float, data_dir: Path) -> dict[str, float]:
+    groups = {k: [p, *p.children(recursive=True)] for k, p in procs.items()}
+    groups["simulator"] = [psutil.Process(sim.pid)]
+    cpu0 = {k: cpu_seconds(v) for k, v in groups.items()}
+    rows0, lags0, size0 = probe.rows, len(probe.lags), db_bytes(data_dir)
+    psutil.cpu_percent()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    machine = psutil.cpu_percent()
+    figures = {f"{name}_{k}_cpu_pct": round(100 * (cpu_seconds(v) - cpu0[k]) / elapsed, 1)
+               for k, v in groups.items()}
+    lags = probe.lags[lags0:]
+    cores = psutil.cpu_count() or 1
+    figures |= {
+        # psutil's machine-wide figure is per core; as a share of all cores x 100
+        f"{name}_machine_cpu_pct": round(machine * cores, 1),
+        f"{name}_machine_cpu_capacity_pct": cores * 100,
+        f"{name}_ingested_msgs_per_s": round((probe.rows - rows0) / elapsed, 1),
+        f"{name}_lag_p50_s": round(statistics.median(lags), 3) if lags else -1,
+        f"{name}_lag_p99_s": round(p99(lags), 3),
+        f"{name}_db_growth_bytes": db_bytes(data_dir) - size0,
+        f"{name}_seconds": round(elapsed, 1),
+    }
+    print(f"{name}: {figures}", flush=True)
+    return figures
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="slmfleet-bench-fleet-"))
+    broker = scratch_broker([])
+    password = broker.users[CONTROL_PLANE_USER]
+    settings = cp_settings(work / "cp", broker, (CONTROL_PLANE_USER, password),
+                           ingest_flush_ms=200)
+    cp = ControlPlane(settings).start()
+    probe = LagProbe(cp.engine).start()
+    me = psutil.Process()
+    procs = {"broker": broker_process(broker.data_dir), "controlplane": me}
+    figures: dict[str, float | int | str] = {"devices": DEVICES}
+    try:
+        ramp = 20.0
+        print(f"{DEVICES} devices coming up over {ramp:g} s, 30 s heartbeat", flush=True)
+        sim = simulate(broker.url, password, 30.0, ramp, ramp + 35 + HOLD_S)
+        time.sleep(ramp + 35)  # up, plus one full heartbeat period to settle
+        hold = measure("hold", sim, procs, probe, HOLD_S, work / "cp")
+        sim.wait(timeout=120)
+        device_seconds = DEVICES * hold["hold_seconds"]
+        figures |= hold
+        figures["db_bytes_per_device_day"] = round(
+            hold["hold_db_growth_bytes"] / device_seconds * 86400)
+
+        print(f"ceiling: {DEVICES} devices at a 1 s heartbeat for {CEILING_S:g} s", flush=True)
+        sim = simulate(broker.url, password, 1.0, 5.0, 5 + 5 + CEILING_S)
+        time.sleep(10)
+        figures |= measure("ceiling", sim, procs, probe, CEILING_S, work / "cp")
+        figures["ceiling_offered_msgs_per_s"] = DEVICES
+        sim.wait(timeout=120)
+    finally:
+        probe.stop()
+        cp.stop()
+        broker.stop()
+    report(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""One simulated device: what it reports and how it acts on an assignment.
+
+Everything a device sends is a real protocol message (``protocol.messages``)
+and every assignment is checked with the agent's own verification
+(:func:`protocol.verify_assignment`: both signatures, device id, expiry,
+sequence, tier and RAM fit). What is simulated is the work in between:
+downloads and health checks take time drawn from the scenario, fail at its
+rates, and inference figures come from it too. The hardware is a recorded
+board preset, and every hello says ``simulated: true``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from agent.profiles import FirmwareProfile, match_profile
+from agent.simulated import simulated_capabilities
+from agent.trust import TrustRoots
+from protocol import (
+    ActiveModel,
+    Capabilities,
+    DeviceState,
+    Event,
+    EventType,
+    Hello,
+    InferenceStats,
+    ProtocolError,
+    State,
+    Telemetry,
+    Tier,
+    UpdateState,
+    UpdateStatus,
+    VerifiedAssignment,
+    encode,
+    verify_assignment,
+)
+
+from .scenario import Behaviour, Scenario
+
+AGENT_VERSION = "fleetsim"
+#: tokens an average simulated request produces (for the tokens counter)
+TOKENS_PER_REQUEST = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One event of an update, ``delay_s`` after the previous step."""
+
+    delay_s: float
+    event: EventType
+    reason: str | None = None
+    #: the update's final state, reached with this step
+    final: UpdateState | None = None
+
+
+@dataclass
+class Update:
+    """The assignment a device is working on."""
+
+    assignment_id: str
+    sequence: int
+    ref: str
+    tier: Tier
+    active: ActiveModel
+    state: UpdateState = UpdateState.RECEIVED
+    reason: str | None = None
+
+
+@dataclass
+class SimDevice:
+    """A device's state; the runner decides when each method is called."""
+
+    device_id: str
+    board: str
+    capabilities: Capabilities
+    profile: FirmwareProfile
+    labels: dict[str, str]
+    started: float = field(default_factory=time.time)
+    active: ActiveModel | None = None
+    #: refs installed on the device (the active and previous, as the agent keeps)
+    installed: list[str] = field(default_factory=list)
+    highest_sequence: int = 0
+    update: Update | None = None
+    event_seq: int = 0
+    telemetry_seq: int = 0
+
+    @property
+    def tier(self) -> Tier:
+        """The tier of the device's firmware profile."""
+        return self.profile.tier
+
+    # -- reports -----------------------------------------------------------------
+
+    def hello(self) -> bytes:
+        """The retained capability report, with the active model and update state."""
+        status = None
+        if self.update is not None:
+            status = UpdateStatus(assignment_id=self.update.assignment_id,
+                                  sequence=self.update.sequence, ref=self.update.ref,
+                                  state=self.update.state, reason=self.update.reason,
+                                  ts=time.time())
+        return encode(Hello(device_id=self.device_id, ts=time.time(), agent_version=AGENT_VERSION,
+                            capabilities=self.capabilities, profile=self.profile.id,
+                            tier=self.tier, active_model=self.active, update=status,
+                            labels=self.labels, simulated=True))
+
+    def state(self, online: bool) -> bytes:
+        """The retained liveness message."""
+        return encode(State(device_id=self.device_id, ts=time.time(),
+                            state=DeviceState.ONLINE if online else DeviceState.OFFLINE))
+
+    def telemetry(self, scenario: Scenario, rng: random.Random) -> bytes:
+        """One heartbeat, with inference figures for the active model."""
+        self.telemetry_seq += 1
+        ram = self.capabilities.ram_bytes
+        inference = []
+        if self.active is not None:
+            inference.append(self._inference(
+                scenario.behaviour(self.tier, f"{self.active.name}@{self.active.version}"), rng))
+        return encode(Telemetry(
+            device_id=self.device_id, ts=time.time(), seq=self.telemetry_seq,
+            uptime_s=time.time() - self.started, cpu_percent=round(rng.uniform(3, 60), 1),
+            ram_used_bytes=int(ram * rng.uniform(0.2, 0.6)), temp_c=round(rng.uniform(40, 70), 1),
+            active_model=f"{self.active.name}@{self.active.version}" if self.active else None,
+            inference=inference,
+        ))
+
+    def _inference(self, b: Behaviour, rng: random.Random) -> InferenceStats:
+        assert self.active is not None
+        requests = max(0, round(b.requests_per_heartbeat * rng.uniform(0.5, 1.5)))
+        errors = sum(rng.random() < b.error_rate for _ in range(requests))
+
+        def spread(value: float) -> float:
+            return round(value * rng.uniform(0.9, 1.1), 1)
+
+        served = requests > errors
+        return InferenceStats(
+            model=self.active.name, version=self.active.version, requests=requests,
+            errors=errors, tokens=(requests - errors) * TOKENS_PER_REQUEST,
+            ttft_p50_ms=spread(b.ttft_ms) if served else None,
+            ttft_p95_ms=spread(b.ttft_ms * 1.6) if served else None,
+            latency_p50_ms=spread(b.latency_ms) if served else None,
+            latency_p95_ms=spread(b.latency_ms * 1.5) if served else None,
+            tokens_per_s=spread(b.tokens_per_s) if served else None,
+            crashes=int(rng.random() < b.crash_rate), ooms=0,
+        )
+
+    def event(self, event: EventType, assignment_id: str | None, reason: str | None = None,
+              progress_pct: float | None = None) -> bytes:
+        """One update-pipeline event with the next sequence number."""
+        self.event_seq += 1
+        return encode(Event(device_id=self.device_id, ts=time.time(), seq=self.event_seq,
+                            type=event, assignment_id=assignment_id, reason=reason,
+                            progress_pct=progress_pct))
+
+    # -- assignments ---------------------------------------------------------------
+
+    def verify(self, payload: bytes, trust: TrustRoots | None) -> VerifiedAssignment | str:
+        """The verified assignment, or the reason it is refused (as the agent words it)."""
+        if trust is None:
+            return "keys_unavailable: the simulator was started without key lists"
+        try:
+            return verify_assignment(
+                payload, device_id=self.device_id, release_keys=trust.release,
+                director_keys=trust.director, now=time.time(),
+                highest_sequence=self.highest_sequence, hardware=self.capabilities,
+                device_tier=self.tier,
+            )
+        except ProtocolError as exc:
+            return f"{exc.reason}: {exc}"
+
+    def is_refresh(self, verified: VerifiedAssignment) -> bool:
+        """A re-signed copy of the assignment already in hand: nothing to do but take it."""
+        u = self.update
+        return (u is not None and u.assignment_id == verified.assignment.assignment_id
+                and u.ref == verified.manifest.ref and u.tier == verified.tier)
+
+    def accept(self, verified: VerifiedAssignment, scenario: Scenario,
+               rng: random.Random) -> list[Step]:
+        """Start working on ``verified``; the steps the runner plays out, in order."""
+        a, variant = verified.assignment, verified.variant
+        self.highest_sequence = a.sequence
+        ref = verified.manifest.ref
+        self.update = Update(a.assignment_id, a.sequence, ref, verified.tier, ActiveModel(
+            name=verified.manifest.name, version=verified.manifest.version,
+            tier=verified.tier, sha256=variant.sha256))
+        b = scenario.behaviour(self.tier, ref)
+
+        def t(mean: float) -> float:
+            return max(0.0, mean * rng.uniform(1 - b.jitter, 1 + b.jitter))
+
+        steps = [Step(0.0, EventType.RECEIVED), Step(0.0, EventType.VERIFIED)]
+        if rng.random() < b.fit_fail_rate:
+            return [*steps, Step(0.01, EventType.REJECTED, "insufficient_disk: simulated",
+                                 UpdateState.REJECTED)]
+        steps.append(Step(0.01, EventType.FIT_CHECKED))
+        if ref not in self.installed:
+            steps.append(Step(0.01, EventType.DOWNLOADING))
+            download = t(variant.size_bytes / b.download_bytes_per_s)
+            if rng.random() < b.download_fail_rate:
+                return [*steps, Step(download * rng.random(), EventType.FAILED,
+                                     "download: connection reset (simulated)", UpdateState.FAILED)]
+            steps.append(Step(download, EventType.STAGED))
+        health = t(b.health_check_s)
+        if rng.random() < b.health_fail_rate:
+            reason = "golden prompt 1: expected text not found (simulated)"
+            return [*steps, Step(health, EventType.HEALTH_FAILED, reason),
+                    Step(0.0, EventType.FAILED, f"health_failed: {reason}", UpdateState.FAILED)]
+        return [*steps, Step(health, EventType.HEALTH_PASSED),
+                Step(0.01, EventType.ACTIVATED, None, UpdateState.ACTIVATED)]
+
+    def finish(self, state: UpdateState, reason: str | None) -> None:
+        """The update ended in ``state``: switch models if it was activated."""
+        assert self.update is not None
+        self.update.state, self.update.reason = state, reason
+        if state is UpdateState.ACTIVATED:
+            self.active = self.update.active
+            ref = self.update.ref
+            self.installed = [*[r for r in self.installed if r != ref][-1:], ref]
+
+
+def make_devices(scenario: Scenario, profiles: list[FirmwareProfile]) -> list[SimDevice]:
+    """The scenario's devices, boards drawn by weight with the scenario's seed."""
+    rng = random.Random(scenario.seed)
+    boards = sorted(scenario.boards)
+    weights = [scenario.boards[b] for b in boards]
+    caps = {b: simulated_capabilities(b) for b in boards}
+    chosen = {b: match_profile(caps[b], profiles) for b in boards}
+    devices = []
+    for device_id in scenario.device_ids():
+        board = rng.choices(boards, weights)[0]
+        devices.append(SimDevice(device_id, board, caps[board], chosen[board],
+                                 {**scenario.labels, "board": board}))
+    return devices

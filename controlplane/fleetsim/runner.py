@@ -1,0 +1,275 @@
+"""Many simulated devices on a few MQTT connections, driven by one timer thread.
+
+10,000 devices with a paho client (and its thread) each would need far more
+than two cores, so devices share connections: device *i* publishes and
+subscribes through connection ``i % connections``, every message on its own
+device's topics, so the broker and the control plane see exactly the
+traffic real devices would send. The one thing lost is the per-device Last
+Will: a simulator killed outright leaves its devices to the control plane's
+missed-heartbeat detection; stopped cleanly, it publishes ``offline`` for
+each of them. The broker user needs write access to every device's
+``hello``/``state``/``telemetry``/``events`` and read access to every
+``desired`` (docs/simulator.md has the ACL lines).
+
+All device work (verifying assignments, building reports) runs on the timer
+thread; paho's network threads only hand incoming ``desired`` payloads over
+through a queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.profiles import FirmwareProfile
+from agent.trust import TrustRoots
+from protocol import EventType, TopicError, TopicKind, UpdateState, device_topic, parse_topic
+
+from .device import Step, make_devices
+from .scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+#: topics per SUBSCRIBE packet
+SUBSCRIBE_BATCH = 500
+#: QoS 1 messages a connection may have unacknowledged (paho's default, 20,
+#: would cap a connection at 20 round trips' worth of messages)
+MAX_INFLIGHT = 2000
+#: the timer thread looks at the incoming queue at least this often
+TICK_S = 0.05
+
+
+@dataclass
+class FleetStats:
+    """What the simulator has done so far; read it from any thread."""
+
+    started: float = field(default_factory=time.monotonic)
+    published: Counter[str] = field(default_factory=Counter)
+    assignments: Counter[str] = field(default_factory=Counter)
+    publish_errors: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, counter: Counter[str], key: str) -> None:
+        """Add one to ``counter[key]`` under the lock."""
+        with self.lock:
+            counter[key] += 1
+
+    def snapshot(self) -> dict[str, object]:
+        """A consistent copy, with messages per second since start."""
+        with self.lock:
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            total = sum(self.published.values())
+            return {"elapsed_s": round(elapsed, 1), "published": dict(self.published),
+                    "published_per_s": round(total / elapsed, 1),
+                    "assignments": dict(self.assignments),
+                    "publish_errors": self.publish_errors}
+
+
+class FleetSimulator:
+    """Run ``scenario`` against the broker at ``broker_url``."""
+
+    def __init__(self, scenario: Scenario, broker_url: str, username: str, password: str,
+                 *, trust: TrustRoots | None, profiles: list[FirmwareProfile],
+                 connections: int | None = None, client_prefix: str = "fleetsim") -> None:
+        self.scenario = scenario
+        self.devices = make_devices(scenario, profiles)
+        self.trust = trust
+        self.stats = FleetStats()
+        url = urlsplit(broker_url)
+        if url.scheme != "mqtt" or not url.hostname:
+            raise ValueError(f"broker URL must look like mqtt://host:1883, got {broker_url!r}")
+        self._host, self._port = url.hostname, url.port or 1883
+        self._credentials = (username, password)
+        count = connections or max(1, min(16, len(self.devices) // 1000 + 1))
+        self._clients = [self._client(f"{client_prefix}-{i}") for i in range(count)]
+        self._rng = random.Random(scenario.seed)
+        self._incoming: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._by_id = {d.device_id: i for i, d in enumerate(self.devices)}
+
+    # -- connections -------------------------------------------------------------------
+
+    def _client(self, client_id: str) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        client.username_pw_set(*self._credentials)
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)
+        client.on_message = self._on_message
+        return client
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self._incoming.put((msg.topic, msg.payload))
+
+    def _connection(self, index: int) -> mqtt.Client:
+        return self._clients[index % len(self._clients)]
+
+    def _publish(self, index: int, kind: TopicKind, payload: bytes, retain: bool = False) -> None:
+        device = self.devices[index]
+        info = self._connection(index).publish(device_topic(device.device_id, kind), payload,
+                                               qos=1, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            with self.stats.lock:
+                self.stats.publish_errors += 1
+            return
+        self.stats.count(self.stats.published, kind.value)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect, subscribe every device's ``desired``, and start the devices."""
+        for client in self._clients:
+            client.connect(self._host, self._port, keepalive=60)
+            client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not all(c.is_connected() for c in self._clients):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConnectionError(f"could not connect to {self._host}:{self._port} within "
+                                      f"{timeout:g} s; is the broker running and the user allowed?")
+            time.sleep(0.02)
+        for c, client in enumerate(self._clients):
+            topics = [(device_topic(d.device_id, TopicKind.DESIRED), 1)
+                      for i, d in enumerate(self.devices) if i % len(self._clients) == c]
+            for start in range(0, len(topics), SUBSCRIBE_BATCH):
+                client.subscribe(topics[start:start + SUBSCRIBE_BATCH])
+        now = time.monotonic()
+        ramp, beat = self.scenario.ramp_s, self.scenario.heartbeat_s
+        for i in range(len(self.devices)):
+            come_up = now + ramp * i / len(self.devices)
+            self._at(come_up, lambda i=i: self._come_up(i))
+            # First heartbeat a random fraction of a period after coming up,
+            # so the fleet's telemetry is spread evenly, as a real one's is.
+            self._at(come_up + beat * self._rng.random(), lambda i=i: self._heartbeat(i))
+        self._thread = threading.Thread(target=self._run, name="fleetsim", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, say_offline: bool = True) -> None:
+        """Stop the devices; with ``say_offline``, each reports ``offline`` first."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if say_offline:
+            pending = [self._connection(i).publish(
+                device_topic(d.device_id, TopicKind.STATE), d.state(False), qos=1, retain=True)
+                for i, d in enumerate(self.devices)]
+            for info in pending[-len(self._clients):]:
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    info.wait_for_publish(timeout=10)
+        for client in self._clients:
+            client.disconnect()
+            client.loop_stop()
+
+    def run_for(self, seconds: float) -> None:
+        """Block for ``seconds`` (or until :meth:`stop`)."""
+        self._stop.wait(seconds)
+
+    def states(self) -> Counter[str]:
+        """Devices by their update state (``none`` before any assignment)."""
+        return Counter(d.update.state.value if d.update else "none" for d in self.devices)
+
+    def active_versions(self) -> Counter[str]:
+        """Devices by active ``name@version`` (``none`` when none is active)."""
+        return Counter(f"{d.active.name}@{d.active.version}" if d.active else "none"
+                       for d in self.devices)
+
+    # -- the timer thread -----------------------------------------------------------------
+
+    def _at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (when, next(self._order), action))
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, action = heapq.heappop(self._timers)
+                    action()
+                wait = TICK_S if not self._timers else min(TICK_S, self._timers[0][0] - now)
+                try:
+                    topic, payload = self._incoming.get(timeout=max(wait, 0.0))
+                except queue.Empty:
+                    continue
+                self._desired(topic, payload)
+                while True:  # drain what else arrived before going back to the timers
+                    try:
+                        topic, payload = self._incoming.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._desired(topic, payload)
+        except Exception:
+            log.exception("the simulator's timer thread failed; devices stop reporting")
+            raise
+
+    def _come_up(self, i: int) -> None:
+        self._publish(i, TopicKind.STATE, self.devices[i].state(True), retain=True)
+        self._publish(i, TopicKind.HELLO, self.devices[i].hello(), retain=True)
+
+    def _heartbeat(self, i: int) -> None:
+        self._publish(i, TopicKind.TELEMETRY, self.devices[i].telemetry(self.scenario, self._rng))
+        self._at(time.monotonic() + self.scenario.heartbeat_s, lambda: self._heartbeat(i))
+
+    def _desired(self, topic: str, payload: bytes) -> None:
+        try:
+            device_id, kind = parse_topic(topic)
+        except TopicError:
+            return
+        i = self._by_id.get(device_id)
+        if i is None or kind is not TopicKind.DESIRED or not payload:
+            return  # not ours, or a cleared retained message
+        device = self.devices[i]
+        verified = device.verify(payload, self.trust)
+        if isinstance(verified, str):
+            self.stats.count(self.stats.assignments, "rejected")
+            log.info("%s rejected an assignment: %s", device.device_id, verified)
+            self._publish(i, TopicKind.EVENTS, device.event(_REJECTED, None, verified))
+            return
+        if device.is_refresh(verified):
+            device.highest_sequence = verified.assignment.sequence
+            self.stats.count(self.stats.assignments, "refreshed")
+            return
+        self.stats.count(self.stats.assignments, "accepted")
+        steps = device.accept(verified, self.scenario, self._rng)
+        self._play(i, verified.assignment.assignment_id, steps, 0)
+
+    def _play(self, i: int, assignment_id: str, steps: list[Step], at: int) -> None:
+        """Send ``steps[at]`` and schedule the next; a newer assignment ends the chain."""
+        device = self.devices[i]
+        if device.update is None or device.update.assignment_id != assignment_id:
+            return  # superseded: the new assignment has its own chain
+        step = steps[at]
+        self._publish(i, TopicKind.EVENTS, device.event(step.event, assignment_id, step.reason))
+        if step.final is not None:
+            device.finish(step.final, step.reason)
+            self.stats.count(self.stats.assignments, step.final.value)
+            self._publish(i, TopicKind.HELLO, device.hello(), retain=True)
+            return
+        device.update.state = _STATE_AFTER.get(step.event, device.update.state)
+        delay = steps[at + 1].delay_s
+        self._at(time.monotonic() + delay, lambda: self._play(i, assignment_id, steps, at + 1))
+
+
+_REJECTED = EventType.REJECTED
+#: the persisted state an agent is in after sending each event (hello reports it)
+_STATE_AFTER = {
+    EventType.VERIFIED: UpdateState.VERIFIED,
+    EventType.FIT_CHECKED: UpdateState.FIT_CHECKED,
+    EventType.DOWNLOADING: UpdateState.DOWNLOADING,
+    EventType.STAGED: UpdateState.STAGED,
+    EventType.HEALTH_PASSED: UpdateState.HEALTH_CHECKED,
+}
