@@ -70,6 +70,29 @@ class AgentConfig(BaseModel):
     keep_versions: Annotated[int, Field(ge=2, le=16)] = 2
     #: update events kept on disk while the broker is unreachable; the oldest go first
     max_spooled_events: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    #: serve the local OpenAI-compatible API (and run inference workers)
+    api_enabled: bool = True
+    #: loopback only: apps on the device, never the network
+    api_host: Literal["127.0.0.1", "::1"] = "127.0.0.1"
+    #: TCP port of the local API; 0 picks a free one (logged at start)
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 11435
+    #: also serve the API on this unix socket (mode 0660)
+    api_socket: Path | None = None
+    #: largest request body, bytes
+    api_max_body_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 1 << 20
+    #: longest prompt (all messages together), characters
+    api_max_prompt_chars: Annotated[int, Field(ge=1, le=16 << 20)] = 64 * 1024
+    #: max_tokens when a request names none
+    api_default_max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512
+    #: requests waiting for the worker; more are answered 503 with Retry-After
+    inference_max_queue: Annotated[int, Field(ge=0, le=10_000)] = 8
+    #: a request waiting longer than this for the worker is answered 503
+    inference_queue_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    #: a worker that has not loaded its model after this long is killed
+    inference_load_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    #: this many worker crashes within inference_crash_window_s make the model unhealthy
+    inference_crash_limit: Annotated[int, Field(ge=1, le=1000)] = 3
+    inference_crash_window_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
 
     @field_validator("device_id")
     @classmethod

@@ -5,7 +5,9 @@ downloads): the update pipeline hands it a model file, the runtime settings
 and the variant's health check, and gets a verdict. The real one,
 :class:`SubprocessHealthChecker`, runs :mod:`agent.healthcheck` in a child
 interpreter, time-bounded, so that llama.cpp's memory and native crashes
-stay out of the agent process.
+stay out of the agent process. The agent itself uses
+:class:`agent.inference.checker.WorkerHealthChecker`, which checks the model
+in the inference worker that will then serve it (a warm swap).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class HealthRequest:
     format: str
     runtime: EffectiveRuntime
     spec: HealthCheck
+    #: the store key and release identity of the model (labels the worker that loads it)
+    key: str | None = None
+    name: str | None = None
+    version: str | None = None
+    sha256: str | None = None
 
     def to_json(self) -> bytes:
         """The request as :mod:`agent.healthcheck` reads it on stdin."""

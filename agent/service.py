@@ -15,11 +15,17 @@ from . import __version__
 from .config import AgentConfig
 from .events import EventLog
 from .health import HealthChecker
+from .inference.api import ApiSettings, LocalApi
+from .inference.checker import WorkerHealthChecker
+from .inference.runtime import InferenceRuntime, RuntimeLimits
+from .inference.schemas import Limits
+from .inference.spec import spec_for_version
 from .link import MqttLink
 from .probe import disk_free_bytes, probe_capabilities, probe_runtimes
 from .profiles import FirmwareProfile, default_profiles_dir, load_profiles, match_profile
 from .sdnotify import notify, watchdog_interval_s
 from .simulated import simulated_capabilities
+from .store import ModelVersion
 from .telemetry import TelemetrySampler
 from .updater import Updater
 
@@ -62,6 +68,19 @@ class Agent:
         self.capabilities, self.runtimes, self.profile = hardware or detect_hardware(config)
         self.events = EventLog(config.event_spool_path, config.device_id,
                                max_spooled=config.max_spooled_events)
+        self.inference: InferenceRuntime | None = None
+        self.api: LocalApi | None = None
+        if config.api_enabled:
+            self.inference = InferenceRuntime(RuntimeLimits(
+                max_queue=config.inference_max_queue,
+                queue_timeout_s=config.inference_queue_timeout_s,
+                load_timeout_s=config.inference_load_timeout_s,
+                crash_limit=config.inference_crash_limit,
+                crash_window_s=config.inference_crash_window_s,
+            ))
+            if health is None:
+                health = WorkerHealthChecker(self.inference, self.profile.runtime,
+                                             config.health_check_timeout_s)
         self.updater = Updater(
             config,
             capabilities=self.capabilities,
@@ -69,10 +88,15 @@ class Agent:
             events=self.events,
             health=health,
             on_status=self._hello_changed,
+            on_activated=self._activated,
         )
         self.link = MqttLink(config, self.hello_payload, on_desired=self.updater.offer,
                              on_connected=self._on_connected)
-        self.telemetry = TelemetrySampler(config.device_id, active_model=self.updater.active_ref)
+        self.telemetry = TelemetrySampler(
+            config.device_id,
+            active_model=self.updater.active_ref,
+            inference=self.inference.telemetry if self.inference else list,
+        )
         self._stop = asyncio.Event()
         self._hello_dirty = asyncio.Event()
         log.info(
@@ -126,6 +150,41 @@ class Agent:
             self._hello_dirty.clear()
             await self.link.publish_hello()  # offline: the next connect sends a fresh one
 
+    def _activated(self, version: ModelVersion) -> None:
+        if self.inference is not None:
+            self.inference.activated(spec_for_version(version, self.profile.runtime))
+
+    async def _start_inference(self) -> None:
+        """Serve the active model and open the local API (neither delays joining the fleet)."""
+        if self.inference is None:
+            return
+        config = self.config
+        active = self.updater.store.active() if self.updater.active_model() else None
+        if active is not None:
+            await self.inference.serve(spec_for_version(active, self.profile.runtime))
+        api = LocalApi(self.inference, ApiSettings(
+            host=config.api_host, port=config.api_port, socket_path=config.api_socket,
+            max_body_bytes=config.api_max_body_bytes,
+            limits=Limits(max_prompt_chars=config.api_max_prompt_chars,
+                          default_max_tokens=config.api_default_max_tokens),
+        ))
+        try:
+            await api.start()
+        except OSError as exc:
+            # Updates and telemetry go on; apps on the device get no API until fixed.
+            log.error("local API cannot listen on %s:%s: %s", config.api_host,
+                      config.api_port, exc)
+            return
+        self.api = api
+        log.info("local API on http://%s:%d%s", config.api_host, api.port,
+                 f" and {config.api_socket}" if config.api_socket else "")
+        if not self.link.connected.is_set():
+            # Ready means useful (DESIGN.md): apps on the device are served from
+            # what is installed even while the broker is out of reach, and a
+            # restart by systemd's start timeout would not bring the broker back.
+            model = self.updater.active_ref() or "no model yet"
+            notify(f"READY=1\nSTATUS=serving locally ({model}); broker not connected yet")
+
     async def _publish_event(self, payload: bytes) -> bool:
         return await self.link.publish(TopicKind.EVENTS, payload)
 
@@ -158,6 +217,7 @@ class Agent:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self.events.run(self._publish_event), name="events"),
             asyncio.create_task(self._hello_publisher(), name="hello"),
+            asyncio.create_task(self._start_inference(), name="inference"),
         ]
         if (wd := watchdog_interval_s()) is not None:
             tasks.append(asyncio.create_task(self._watchdog(wd), name="watchdog"))
@@ -170,6 +230,10 @@ class Agent:
                         STOP_UPDATE_TIMEOUT_S)
             updates.cancel()
         await self.events.wait_delivered(STOP_EVENTS_TIMEOUT_S)
+        if self.api is not None:
+            await self.api.close()
+        if self.inference is not None:
+            await self.inference.close()
         await self.link.close()
         for task in tasks:
             task.cancel()

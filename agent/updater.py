@@ -83,6 +83,7 @@ from .update_state import StateCorrupt, UpdateFile, UpdateRecord, UpdateStateSto
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher
+    from .store import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class Updater:
         health: HealthChecker | None = None,
         fetcher_factory: Callable[[], Fetcher] | None = None,
         on_status: Callable[[], None] = lambda: None,
+        on_activated: Callable[[ModelVersion], None] = lambda version: None,
     ) -> None:
         self._config = config
         self._caps = capabilities
@@ -168,6 +170,7 @@ class Updater:
         self._health = health or SubprocessHealthChecker(config.health_check_timeout_s)
         self._fetcher_factory = fetcher_factory
         self._on_status = on_status
+        self._on_activated = on_activated
         self.store = ModelStore(config.models_path)
         self._state_store = UpdateStateStore(config.update_state_path)
         self._file = UpdateFile()
@@ -682,6 +685,10 @@ class Updater:
             format=verified.variant.format,
             runtime=effective_runtime(self._profile.runtime, verified.variant),
             spec=verified.variant.health_check,
+            key=record.key,
+            name=verified.manifest.name,
+            version=verified.manifest.version,
+            sha256=verified.variant.sha256,
         )
         try:
             result = await self._health.check(request, self._abort)
@@ -700,6 +707,9 @@ class Updater:
         record = self._current(update_id)
         self.store.activate(record.key)
         self._refresh_active()
+        # Traffic follows the pointer at once: the warm worker that passed the
+        # health check takes new requests, in-flight ones finish on the old.
+        self._notify_activated()
         self._finish(update_id, UpdateState.ACTIVATED, None)
         removed = await asyncio.to_thread(self.store.gc, self._config.keep_versions)
         if removed:
@@ -716,6 +726,15 @@ class Updater:
     def _save_record(self, record: UpdateRecord, state: UpdateState, reason: str | None) -> None:
         record = record.model_copy(update={"state": state, "reason": reason, "ts": time.time()})
         self._save(self._file.model_copy(update={"current": record, "status": record.status()}))
+
+    def _notify_activated(self) -> None:
+        try:
+            version = self.store.active()
+        except StoreError as exc:
+            log.error("active model unreadable after activation: %s", exc)
+            return
+        if version is not None:
+            self._on_activated(version)
 
     def _active_key(self) -> str | None:
         try:

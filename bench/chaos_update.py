@@ -142,7 +142,7 @@ class Chaos:
         self.config = AgentConfig(
             device_id=device_id, broker_url=broker.url, password=broker.users[device_id],
             state_dir=work / "state", heartbeat_interval_s=60, reconnect_min_s=0.05,
-            reconnect_max_s=0.2, log_level="WARNING",
+            reconnect_max_s=0.2, log_level="WARNING", api_port=0,
         )
         write_trust(self.config.state_dir, self.sim)
         seed_active(self.config.models_path, "chaos", "0.0.1", self.artifact)

@@ -25,6 +25,8 @@ def write_agent_config(directory: Path, device_id: str, broker_url: str, passwor
         "reconnect_min_s": 0.2,
         "reconnect_max_s": 1.0,
         "log_level": "DEBUG",
+        # A free port each: tests run several agents at once on one machine.
+        "api_port": 0,
     }
     config.update(extra)
     path = directory / "agent.toml"

@@ -1,0 +1,76 @@
+"""The inference backend interface, as the worker subprocess sees it.
+
+One :class:`Backend` per loaded model, inside the worker only: the agent
+process never imports llama.cpp or onnxruntime (its idle RSS budget is a
+few MB, and a native crash must take the worker, not the agent).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class BadRequest(Exception):
+    """The request cannot run on this model; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """How a generation ended; the text itself went out through ``emit``."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Backend(ABC):
+    """A loaded model."""
+
+    #: serves /v1/embeddings rather than completions
+    embeddings: bool = False
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What was loaded and how (runtime, providers, fallbacks), for the agent's log."""
+
+    def complete(
+        self,
+        request: dict[str, Any],
+        emit: Callable[[str], None],
+        cancelled: Callable[[], bool],
+    ) -> Completion:
+        """Generate for a chat (``messages``) or text (``prompt``) request.
+
+        Each piece of text goes to ``emit`` as soon as it is decoded;
+        generation stops early once ``cancelled()`` is true.
+        """
+        raise BadRequest("this model does not generate text", code="unsupported")
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One vector per text, and the number of tokens read."""
+        raise BadRequest("this model does not serve embeddings", code="unsupported")
+
+    def infer(self, inputs: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]:
+        """Run the graph on named inputs; return the named outputs (ONNX only)."""
+        raise BadRequest("this model has no generic inference path", code="unsupported")
+
+
+def load_backend(model: str, fmt: str, runtime: dict[str, Any]) -> Backend:
+    """Load ``model`` with the runtime its format needs (imported only here)."""
+    if fmt == "gguf":
+        from .llama_backend import LlamaBackend
+
+        return LlamaBackend(model, runtime)
+    if fmt == "onnx":
+        from .onnx_backend import OnnxBackend
+
+        return OnnxBackend(model, runtime)
+    raise ValueError(f"unknown model format {fmt!r}")

@@ -1,0 +1,74 @@
+"""``/metrics``: Prometheus text exposition, per model version.
+
+Rendered by hand: the format is a few lines per series, and the
+``prometheus_client`` registry would cost the agent resident memory it
+does not have to spare.
+"""
+
+from __future__ import annotations
+
+from .stats import BUCKETS_S, Histogram, VersionStats
+
+PREFIX = "slmfleet_inference"
+
+
+def _labels(stats: VersionStats, **extra: str) -> str:
+    pairs = {"model": stats.name, "version": stats.version, **extra}
+    body = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items())
+    return "{" + body + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _histogram(lines: list[str], name: str, stats: VersionStats, hist: Histogram) -> None:
+    for bound, count in zip(BUCKETS_S, hist.counts, strict=True):
+        lines.append(f"{name}_bucket{_labels(stats, le=f'{bound:g}')} {count}")
+    lines.append(f"{name}_bucket{_labels(stats, le='+Inf')} {hist.total}")
+    lines.append(f"{name}_sum{_labels(stats)} {hist.sum_s:.6f}")
+    lines.append(f"{name}_count{_labels(stats)} {hist.total}")
+
+
+def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
+    """The exposition text; ``queue_depth`` by ``name@version``."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> str:
+        full = f"{PREFIX}_{name}"
+        out.append(f"# HELP {full} {help_text}")
+        out.append(f"# TYPE {full} {kind}")
+        return full
+
+    name = family("requests_total", "counter", "Requests answered, by outcome.")
+    for s in versions:
+        out.append(f"{name}{_labels(s, outcome='ok')} {s.requests_ok}")
+        out.append(f"{name}{_labels(s, outcome='error')} {s.requests_error}")
+        out.append(f"{name}{_labels(s, outcome='rejected')} {s.rejected}")
+    name = family("errors_total", "counter", "Requests that failed or were turned away.")
+    for s in versions:
+        out.append(f"{name}{_labels(s)} {s.requests_error + s.rejected}")
+    name = family("tokens_total", "counter", "Tokens read (prompt) and generated (completion).")
+    for s in versions:
+        out.append(f"{name}{_labels(s, kind='prompt')} {s.prompt_tokens}")
+        out.append(f"{name}{_labels(s, kind='completion')} {s.completion_tokens}")
+    name = family("ttft_seconds", "histogram", "Time to first token, queueing included.")
+    for s in versions:
+        _histogram(out, name, s, s.ttft)
+    name = family("latency_seconds", "histogram", "Request latency, queueing included.")
+    for s in versions:
+        _histogram(out, name, s, s.latency)
+    name = family("tokens_per_second", "gauge", "Decode throughput of the latest request.")
+    for s in versions:
+        if s.last_tokens_per_s is not None:
+            out.append(f"{name}{_labels(s)} {s.last_tokens_per_s:.3f}")
+    name = family("queue_depth", "gauge", "Requests waiting for the worker.")
+    for s in versions:
+        out.append(f"{name}{_labels(s)} {queue_depth.get(f'{s.name}@{s.version}', 0)}")
+    name = family("worker_restarts_total", "counter", "Worker restarts after a crash.")
+    for s in versions:
+        out.append(f"{name}{_labels(s)} {s.crashes}")
+    name = family("worker_ooms_total", "counter", "Worker deaths by the OOM killer.")
+    for s in versions:
+        out.append(f"{name}{_labels(s)} {s.ooms}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,255 @@
+"""Request validation and response shapes of the local OpenAI-compatible API.
+
+Validation is by hand rather than with pydantic models: these few fields
+are checked in a few lines, and every model class the agent builds costs
+resident memory on devices with a tight budget. Unknown fields are
+ignored, as OpenAI-compatible servers do (clients send options such as
+``stream_options`` or ``user`` that a local model has no use for).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
+#: longest list of stop strings (OpenAI's own limit)
+MAX_STOP = 4
+#: most texts in one embeddings request
+MAX_EMBED_INPUTS = 256
+
+
+class ApiError(Exception):
+    """A request answered with an error status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, code: str = "invalid_request",
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {...}}`` as OpenAI clients parse it."""
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps on one request."""
+
+    max_prompt_chars: int = 64 * 1024
+    default_max_tokens: int = 512
+    max_tokens: int = 8192
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") \
+            from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _model(data: dict[str, Any]) -> str:
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required and must be a string", param="model")
+    return model
+
+
+def _number(data: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be a number from {lo:g} to {hi:g}", param=name)
+    return float(value)
+
+
+def _int(data: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be an integer from {lo} to {hi}", param=name)
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise ApiError(400, f"{where}: only text content parts are supported",
+                               param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}: content must be a string or a list of text parts",
+                   param="messages")
+
+
+def _sampling(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    if data.get("n", 1) != 1:
+        raise ApiError(400, "'n' must be 1: one choice per request", param="n")
+    max_tokens = _int(data, "max_completion_tokens", 1, limits.max_tokens)
+    if max_tokens is None:
+        max_tokens = _int(data, "max_tokens", 1, limits.max_tokens)
+    stop = data.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= MAX_STOP
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} "
+                       "non-empty strings", param="stop")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    return {
+        "max_tokens": max_tokens or limits.default_max_tokens,
+        "temperature": _number(data, "temperature", 0.0, 2.0, 1.0),
+        "top_p": _number(data, "top_p", 0.0, 1.0, 1.0),
+        "stop": stop or [],
+        "seed": _int(data, "seed", -(2**63), 2**63 - 1),
+    }
+
+
+def _check_size(chars: int, limits: Limits) -> None:
+    if chars > limits.max_prompt_chars:
+        raise ApiError(413, f"prompt is {chars} characters, limit {limits.max_prompt_chars}",
+                       code="prompt_too_long", param="messages")
+
+
+def chat_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[str, Any]]:
+    """(model, stream, worker request) for ``/v1/chat/completions``."""
+    model = _model(data)
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a role ({', '.join(sorted(ROLES))})",
+                           param="messages")
+        clean.append({"role": message["role"],
+                      "content": _text(message.get("content", ""), f"messages[{i}]")})
+    _check_size(sum(len(m["content"]) for m in clean), limits)
+    request = {"messages": clean, **_sampling(data, limits)}
+    return model, data.get("stream", False), request
+
+
+def completion_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[str, Any]]:
+    """(model, stream, worker request) for ``/v1/completions``."""
+    model = _model(data)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    _check_size(len(prompt), limits)
+    request = {"prompt": prompt, **_sampling(data, limits)}
+    return model, data.get("stream", False), request
+
+
+def embeddings_request(data: dict[str, Any], limits: Limits) -> tuple[str, list[str]]:
+    """(model, texts) for ``/v1/embeddings``."""
+    model = _model(data)
+    texts = data.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not (isinstance(texts, list) and 0 < len(texts) <= MAX_EMBED_INPUTS
+            and all(isinstance(t, str) and t for t in texts)):
+        raise ApiError(400, f"'input' must be a non-empty string or a list of 1 to "
+                       f"{MAX_EMBED_INPUTS} non-empty strings", param="input")
+    if data.get("encoding_format", "float") != "float":
+        raise ApiError(400, "only encoding_format 'float' is supported",
+                       param="encoding_format")
+    _check_size(sum(len(t) for t in texts), limits)
+    return model, texts
+
+
+def infer_request(data: dict[str, Any]) -> tuple[str, dict[str, Any], list[str] | None]:
+    """(model, inputs, outputs) for the generic ``/v1/infer`` (ONNX by name)."""
+    model = _model(data)
+    inputs, outputs = data.get("inputs"), data.get("outputs")
+    if not isinstance(inputs, dict) or not inputs:
+        raise ApiError(400, "'inputs' must be an object of input name -> nested list",
+                       param="inputs")
+    if outputs is not None and not (isinstance(outputs, list)
+                                    and all(isinstance(o, str) for o in outputs)):
+        raise ApiError(400, "'outputs' must be a list of output names", param="outputs")
+    return model, inputs, outputs
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id."""
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """The ``usage`` object."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def chat_response(rid: str, ref: str, text: str, done: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed ``chat.completion``."""
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": ref,
+        "system_fingerprint": ref,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": done["finish_reason"]}],
+        "usage": usage(done["prompt_tokens"], done["completion_tokens"]),
+    }
+
+
+def chat_chunk(rid: str, ref: str, delta: dict[str, Any], finish: str | None = None,
+               use: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed ``chat.completion.chunk``."""
+    chunk: dict[str, Any] = {
+        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": ref, "system_fingerprint": ref,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if use is not None:
+        chunk["usage"] = use
+    return chunk
+
+
+def text_response(rid: str, ref: str, text: str, done: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed ``text_completion``."""
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": ref,
+        "system_fingerprint": ref,
+        "choices": [{"index": 0, "text": text, "logprobs": None,
+                     "finish_reason": done["finish_reason"]}],
+        "usage": usage(done["prompt_tokens"], done["completion_tokens"]),
+    }
+
+
+def text_chunk(rid: str, ref: str, text: str, finish: str | None = None,
+               use: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk."""
+    chunk: dict[str, Any] = {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": ref,
+        "system_fingerprint": ref,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    if use is not None:
+        chunk["usage"] = use
+    return chunk

@@ -1,0 +1,64 @@
+"""What a worker loads: one installed model version and its runtime settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..profiles import RuntimeSettings
+from ..runtime import EffectiveRuntime, runtime_from_defaults
+from ..store import ModelVersion
+
+#: context for a model stored without its release (nothing says better)
+FALLBACK_CONTEXT = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One model version as a worker runs it."""
+
+    key: str
+    name: str
+    version: str
+    format: str
+    path: Path
+    runtime: EffectiveRuntime
+    sha256: str = ""
+
+    @property
+    def ref(self) -> str:
+        """``name@version``: what responses and metrics call it."""
+        return f"{self.name}@{self.version}"
+
+    def load_frame(self) -> dict[str, Any]:
+        """The worker's ``load`` request."""
+        return {"op": "load", "model": str(self.path), "format": self.format,
+                "runtime": self.runtime.as_dict()}
+
+
+def spec_for_version(version: ModelVersion, profile: RuntimeSettings) -> ModelSpec:
+    """The spec of an installed version, its runtime settings from the stored release.
+
+    The release was verified when the version was installed; the store is
+    the agent's own trusted state, so its runtime defaults are read as they are.
+    """
+    from protocol.manifest import RuntimeDefaults, Variant
+
+    manifest = version.manifest
+    tier = manifest.get("tier", "micro")
+    try:
+        variant = Variant.model_validate(manifest["release"]["signed"]["variants"][tier])
+        defaults, context = variant.runtime_defaults, variant.runtime_context
+    except (KeyError, TypeError, ValueError):
+        defaults, context = RuntimeDefaults(), FALLBACK_CONTEXT
+    fmt = manifest.get("format", "gguf")
+    return ModelSpec(
+        key=version.key,
+        name=manifest["name"],
+        version=manifest["version"],
+        format=fmt,
+        path=version.artifact,
+        runtime=runtime_from_defaults(profile, defaults, context, onnx=fmt == "onnx"),
+        sha256=manifest.get("sha256", ""),
+    )

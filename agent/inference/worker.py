@@ -1,0 +1,133 @@
+"""The inference worker: one model in one subprocess, ``python -m agent.inference.worker``.
+
+The agent (:mod:`agent.inference.supervisor`) talks to it in JSON lines:
+requests on stdin, replies on the file descriptor that was stdout (native
+code's own prints are sent to stderr, so they cannot corrupt a reply).
+
+agent -> worker::
+
+    {"op": "load", "model": PATH, "format": "gguf"|"onnx", "runtime": {...}}
+    {"op": "check", "id": N, "health_check": {...}}      golden prompts, see golden.py
+    {"op": "complete", "id": N, "request": {"messages"|"prompt", "max_tokens", ...}}
+    {"op": "embed", "id": N, "input": [TEXT, ...]}
+    {"op": "infer", "id": N, "inputs": {NAME: TENSOR}, "outputs": [NAME]|null}
+    {"op": "cancel", "id": N}                             stop generating N
+
+worker -> agent::
+
+    {"op": "ready", "load_ms": F, "info": {...}}  |  {"op": "load_failed", "error": S}
+    {"op": "delta", "id": N, "text": S}           (complete only, as decoded)
+    {"op": "done", "id": N, ...result}
+    {"op": "error", "id": N, "status": 4xx|5xx, "code": S, "message": S}
+
+Requests run one at a time, in order; the agent queues and never sends a
+second before the first is done (``cancel`` excepted, read by a thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+from .backend import Backend, BadRequest, load_backend
+from .golden import run_golden
+from .lifeline import die_with, parent_from
+
+
+class _Channel:
+    """Reply writer (one lock: the reader thread never writes, but be safe) and
+    request reader (a thread, so ``cancel`` lands while a generation runs)."""
+
+    def __init__(self, out_fd: int) -> None:
+        self._out = os.fdopen(out_fd, "w", buffering=1)
+        self._lock = threading.Lock()
+        self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancelled: set[int] = set()
+        threading.Thread(target=self._read, name="requests", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            frame = json.loads(line)
+            if frame.get("op") == "cancel":
+                self.cancelled.add(frame["id"])
+            else:
+                self.requests.put(frame)
+        self.requests.put(None)  # the agent closed our stdin: time to go
+
+    def send(self, frame: dict[str, Any]) -> None:
+        data = json.dumps(frame, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._out.write(data)
+
+
+def _handle(backend: Backend, frame: dict[str, Any], channel: _Channel) -> dict[str, Any]:
+    op, rid = frame["op"], frame["id"]
+    if op == "check":
+        return run_golden(backend, frame["health_check"])
+    if op == "complete":
+        started = time.perf_counter()
+        first: list[float] = []
+
+        def emit(text: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            channel.send({"op": "delta", "id": rid, "text": text})
+
+        result = backend.complete(frame["request"], emit, lambda: rid in channel.cancelled)
+        return {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "ttft_ms": round((first[0] - started) * 1000, 3) if first else None}
+    if op == "embed":
+        vectors, tokens = backend.embed(frame["input"])
+        return {"embeddings": vectors, "prompt_tokens": tokens}
+    if op == "infer":
+        return {"outputs": backend.infer(frame["inputs"], frame.get("outputs"))}
+    raise BadRequest(f"unknown op {op!r}", status=500, code="internal_error")
+
+
+def serve(channel: _Channel) -> int:
+    """Load the model the first frame names, then answer requests until stdin closes."""
+    load = channel.requests.get()
+    if load is None:
+        return 0
+    started = time.perf_counter()
+    try:
+        backend = load_backend(load["model"], load["format"], load["runtime"])
+    except (ValueError, RuntimeError, OSError) as exc:
+        channel.send({"op": "load_failed", "error": f"model does not load: {exc}"})
+        return 0
+    channel.send({"op": "ready", "load_ms": round((time.perf_counter() - started) * 1000, 1),
+                  "info": backend.info()})
+    while (frame := channel.requests.get()) is not None:
+        rid = frame.get("id")
+        try:
+            result = _handle(backend, frame, channel)
+        except BadRequest as exc:
+            channel.send({"op": "error", "id": rid, "status": exc.status, "code": exc.code,
+                          "message": str(exc)})
+        except (ValueError, RuntimeError) as exc:
+            # llama.cpp reports a failed decode (e.g. KV cache full) this way.
+            channel.send({"op": "error", "id": rid, "status": 500, "code": "runtime_error",
+                          "message": f"{type(exc).__name__}: {exc}"})
+        else:
+            channel.send({"op": "done", "id": rid, **result})
+        channel.cancelled.discard(rid)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``[--parent PID]``; frames on stdin, replies on stdout."""
+    die_with(parent_from(sys.argv[1:] if argv is None else argv))
+    # Keep fd 1 for replies alone: anything native code prints goes to stderr.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    return serve(_Channel(out_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Reach a real agent's local inference API and its worker processes from a test."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+import protocol as p
+from tests.support.updates import DeviceRig, wait_for
+
+_API_LINE = re.compile(r"local API on (http://127\.0\.0\.1:\d+)")
+WORKER_MODULE = "agent.inference.worker"
+
+
+def api_url(rig: DeviceRig, timeout: float = 30.0) -> str:
+    """The agent's API base URL, from its log (the tests run it on port 0)."""
+    assert rig.agent is not None
+
+    def found() -> str | None:
+        match = _API_LINE.search(rig.agent.log())
+        return match.group(1) if match else None
+
+    return wait_for(found, timeout, "the local API to listen")
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    """Pids of the agent's inference workers."""
+    pids = []
+    for child in psutil.Process(agent_pid).children(recursive=True):
+        try:
+            if WORKER_MODULE in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def telemetry(rig: DeviceRig) -> list[p.Telemetry]:
+    """Every heartbeat the device published so far."""
+    topic = p.device_topic(rig.device_id, p.TopicKind.TELEMETRY)
+    return [p.decode(p.TopicKind.TELEMETRY, m.payload) for m in list(rig.cp.messages)
+            if m.topic == topic and m.payload]
+
+
+def write_onnx_embedder(path: Path, dim: int = 8) -> list[list[float]]:
+    """A real ONNX graph: byte ids -> per-token vectors (Gather from a table).
+
+    ``input_ids`` int64 (1, n), ``attention_mask`` int64 (1, n) ->
+    ``last_hidden_state`` float (1, n, dim). Returns the table, so a test
+    can compute the expected mean-pooled embedding itself.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    table = [[((i * 7 + j * 3) % 17) / 17.0 for j in range(dim)] for i in range(256)]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["last_hidden_state"], axis=0)],
+        "byte-embedder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "n"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "n"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [1, "n", dim])],
+        [helper.make_tensor("table", TensorProto.FLOAT, [256, dim],
+                            [v for row in table for v in row])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return table
+
+
+@dataclass
+class LoadClient:
+    """Sends chat requests back to back from a thread; bounded in count and time."""
+
+    url: str
+    model: str
+    max_requests: int = 2000
+    max_seconds: float = 240.0
+    results: list[tuple[int, str, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> LoadClient:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            for i in range(self.max_requests):
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    return
+                started = time.monotonic()
+                try:
+                    r = client.post("/v1/chat/completions", json={
+                        "model": self.model, "max_tokens": 6, "temperature": 0,
+                        "messages": [{"role": "user", "content": f"Say hello ({i})"}]})
+                    model = r.json().get("model", "") if r.status_code == 200 else r.text
+                    self.results.append((r.status_code, model, time.monotonic() - started))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, repr(exc), time.monotonic() - started))
+
+    def stop(self) -> list[tuple[int, str, float]]:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=150)
+        return self.results

@@ -1,0 +1,86 @@
+"""Warm swap under continuous load: a real agent, real Mosquitto, the real SmolLM2 GGUF.
+
+A client sends chat requests back to back while the agent swaps
+1.0.0 -> 1.1.0 (same weights, another release) and is then assigned a
+variant that fails its health check: no request fails, and once 1.1.0 is
+active every response reports it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import protocol as p
+from tests.support.http_artifacts import ArtifactServer
+from tests.support.inference import LoadClient, api_url, worker_pids
+from tests.support.mqtt import provision_device
+from tests.support.signer import TrustSimulator
+from tests.support.updates import (
+    FAILING_PROMPT,
+    DeviceRig,
+    link_or_copy,
+    seed_active,
+    variant_for,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+GGUF = "smollm2.gguf"
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture
+def rig(tmp_path: Path, broker, cp_credentials, model_path: Path) -> Iterator[DeviceRig]:
+    link_or_copy(model_path, tmp_path / "artifacts" / GGUF)
+    device_id = f"swap-{secrets.token_hex(3)}"
+    with ArtifactServer(tmp_path / "artifacts") as server:
+        rig = DeviceRig(tmp_path / device_id, broker, cp_credentials, device_id,
+                        provision_device(broker, device_id), server, TrustSimulator(),
+                        api_port=0)
+        seed_active(rig.state_dir / "models", MODEL, "1.0.0", model_path)
+        rig.start()
+        try:
+            yield rig
+        finally:
+            rig.close()
+
+
+def test_warm_swap_under_load_fails_no_request(rig: DeviceRig) -> None:
+    url = api_url(rig)
+    wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "1.0.0 to load")
+    load = LoadClient(url, MODEL).start()
+    try:
+        wait_for(lambda: len(load.results) >= 3, 60, "steady traffic on 1.0.0")
+        good = rig.release("1.1.0", variant_for(rig.server.directory / GGUF, GGUF))
+        rig.publish(rig.assign(good, assignment_id="swap-good"))
+        assert rig.wait_final("swap-good", timeout=180).type == p.EventType.ACTIVATED
+        swapped_at = len(load.results)
+        wait_for(lambda: len(load.results) >= swapped_at + 3, 60, "traffic on 1.1.0")
+
+        bad = rig.release("1.2.0", variant_for(rig.server.directory / GGUF, GGUF,
+                                               prompts=[FAILING_PROMPT]))
+        rig.publish(rig.assign(bad, assignment_id="swap-bad"))
+        final = rig.wait_final("swap-bad", timeout=180)
+        assert final.type == p.EventType.FAILED and final.reason.startswith("health_failed")
+        after_bad = len(load.results)
+        wait_for(lambda: len(load.results) >= after_bad + 3, 60, "traffic after the failure")
+    finally:
+        results = load.stop()
+
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
+    models = [m for _, m, _ in results]
+    assert models[0] == f"{MODEL}@1.0.0"
+    # Requests answered after the activation event report the new version, never the old.
+    assert set(models[swapped_at + 1:]) == {f"{MODEL}@1.1.0"}, models[swapped_at - 2:]
+    assert f"{MODEL}@1.2.0" not in models
+    assert rig.agent is not None
+    wait_for(lambda: len(worker_pids(rig.agent.pid)) == 1, 20,
+             "only the serving worker left (old and failed candidate stopped)")
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["version"] == "1.1.0"
