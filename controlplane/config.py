@@ -9,6 +9,7 @@ unit's ``Environment=`` line is found at start-up, not at the first message.
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,12 @@ from controlplane.mosquitto import CONTROL_PLANE_USER
 from protocol.manifest import MAX_ARTIFACT_BYTES
 
 ENV_PREFIX = "SLMFLEET_"
+#: placeholders refused as secrets outside ``slmfleet dev`` (compared lower-cased)
+DEFAULT_SECRETS = frozenset(
+    {"", "changethis", "changeme", "change-me", "password", "secret", "admin", "slmfleet", "token"}
+)
+#: shortest acceptable configured admin token
+MIN_TOKEN_LEN = 32
 DEFAULT_DATA_DIR = Path("/var/lib/slmfleet/controlplane")
 
 #: a shared-subscription group name may not contain MQTT level separators or wildcards
@@ -54,7 +61,10 @@ class ControlPlaneSettings(BaseModel):
     data_dir: Path = DEFAULT_DATA_DIR
     #: defaults to an SQLite file inside ``data_dir``
     database_url: str
+    #: ``mqtt://host:1883``, or ``mqtts://host:8883`` for TLS
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    #: CA bundle that signed the broker's certificate (mqtts); default: the system's
+    mqtt_tls_ca_file: Path | None = None
     mqtt_username: str = CONTROL_PLANE_USER
     mqtt_password: SecretStr | None = None
     #: fixed MQTT client id; default: a random one per start. Needed for a
@@ -66,6 +76,10 @@ class ControlPlaneSettings(BaseModel):
     #: MQTT v5 shared-subscription group; set it when several replicas split the ingest
     mqtt_shared_group: SharedGroup | None = None
     api_host: str = "127.0.0.1"
+    #: serve the API over HTTPS with this certificate (PEM, chain included) ...
+    api_tls_cert_file: Path | None = None
+    #: ... and this private key (PEM)
+    api_tls_key_file: Path | None = None
     #: 0 picks a free port at start-up
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8080
     #: the agents' telemetry interval
@@ -80,6 +94,22 @@ class ControlPlaneSettings(BaseModel):
     ingest_queue_max: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     #: hard cap on list page sizes
     page_max: Annotated[int, Field(ge=1, le=100_000)] = 500
+
+    # -- access control (docs/security.md) ------------------------------------
+    #: ``slmfleet dev`` only: lets well-known placeholder secrets through
+    dev_mode: bool = False
+    #: the first admin token, for automated installs; used only when the
+    #: database holds no token yet. Unset: a random one is logged once
+    bootstrap_token: SecretStr | None = None
+
+    # -- device enrollment: the control plane owns the broker's auth files -----
+    #: mosquitto ``password_file`` the control plane rewrites on each enrollment;
+    #: None: enrollment is off (the broker's users are managed by hand)
+    mosquitto_passwd_file: Path | None = None
+    #: mosquitto ``acl_file``, rewritten beside the password file
+    mosquitto_acl_file: Path | None = None
+    #: mosquitto ``pid_file``: the broker is sent SIGHUP to re-read both
+    mosquitto_pid_file: Path | None = None
 
     # -- model registry and director (docs/models.md) -------------------------
     #: the pinned release key list (``slmfleet keys list --role release``); the
@@ -149,6 +179,43 @@ class ControlPlaneSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _tls_complete(self) -> ControlPlaneSettings:
+        if (self.api_tls_cert_file is None) != (self.api_tls_key_file is None):
+            raise ValueError("api_tls_cert_file and api_tls_key_file go together")
+        if self.mqtt_tls_ca_file is not None and not self.mqtt_tls:
+            raise ValueError("mqtt_tls_ca_file needs an mqtts:// mqtt_url")
+        return self
+
+    @model_validator(mode="after")
+    def _enrollment_complete(self) -> ControlPlaneSettings:
+        if (self.mosquitto_passwd_file is None) != (self.mosquitto_acl_file is None):
+            raise ValueError("mosquitto_passwd_file and mosquitto_acl_file go together")
+        if self.mosquitto_passwd_file is not None and self.mqtt_password is None:
+            raise ValueError(
+                "mosquitto_passwd_file needs mqtt_password: the control plane writes its own "
+                "user into the file it manages"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_default_secrets(self) -> ControlPlaneSettings:
+        # Placeholder secrets copied from an example config are the classic
+        # way a production install ends up with a guessable credential.
+        if self.dev_mode:
+            return self
+        for name in ("mqtt_password", "bootstrap_token"):
+            secret: SecretStr | None = getattr(self, name)
+            if secret is not None and secret.get_secret_value().lower() in DEFAULT_SECRETS:
+                raise ValueError(f"{name} is a well-known placeholder; set a random secret")
+        token = self.bootstrap_token
+        if token is not None and not MIN_TOKEN_LEN <= len(token.get_secret_value()) <= 256:
+            raise ValueError(
+                f"bootstrap_token must be {MIN_TOKEN_LEN} to 256 characters "
+                "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _session_needs_client_id(self) -> ControlPlaneSettings:
         if self.mqtt_session_expiry_s and not self.mqtt_client_id:
             raise ValueError("mqtt_session_expiry_s needs a fixed mqtt_client_id")
@@ -158,8 +225,8 @@ class ControlPlaneSettings(BaseModel):
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:
         url = urlsplit(value)
-        if url.scheme != "mqtt" or not url.hostname:
-            raise ValueError("must look like mqtt://host:port (TLS is not supported yet)")
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883 (TLS)")
         try:
             url.port  # noqa: B018 - raises ValueError on a malformed port
         except ValueError as exc:
@@ -172,9 +239,31 @@ class ControlPlaneSettings(BaseModel):
         return urlsplit(self.mqtt_url).hostname or "127.0.0.1"
 
     @property
+    def mqtt_tls(self) -> bool:
+        """Whether the broker is reached over TLS (``mqtts://``)."""
+        return urlsplit(self.mqtt_url).scheme == "mqtts"
+
+    @property
     def mqtt_port(self) -> int:
-        """Broker port from ``mqtt_url`` (1883 when absent)."""
-        return urlsplit(self.mqtt_url).port or 1883
+        """Broker port from ``mqtt_url`` (1883, or 8883 for mqtts, when absent)."""
+        return urlsplit(self.mqtt_url).port or (8883 if self.mqtt_tls else 1883)
+
+    @property
+    def api_tls(self) -> bool:
+        """Whether the API is served over HTTPS."""
+        return self.api_tls_cert_file is not None
+
+    def mqtt_tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the broker connection (None for plain ``mqtt://``).
+
+        Verifies the broker's certificate and host name against
+        ``mqtt_tls_ca_file`` (or the system store); raises :class:`OSError` or
+        :class:`ssl.SSLError` when the CA file cannot be read.
+        """
+        if not self.mqtt_tls:
+            return None
+        cafile = str(self.mqtt_tls_ca_file) if self.mqtt_tls_ca_file else None
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
 
     @property
     def resign_margin(self) -> float:

@@ -148,6 +148,9 @@ class MqttIngest:
             settings.mqtt_username, password.get_secret_value() if password else None
         )
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        tls = settings.mqtt_tls_context()
+        if tls is not None:
+            client.tls_set_context(tls)
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -63,6 +64,26 @@ def acl_text(control_plane_users: list[str]) -> str:
     return "\n".join(lines)
 
 
+def password_file_text(hashes: Mapping[str, str]) -> str:
+    """A mosquitto password file: one ``user:hash`` line per user, sorted."""
+    for user in hashes:
+        # ':' separates user from hash and a newline ends the entry: either
+        # in a username would let one entry forge another.
+        if not user or ":" in user or "\n" in user:
+            raise ValueError(f"invalid MQTT username {user!r}")
+    return "".join(f"{u}:{h}\n" for u, h in sorted(hashes.items()))
+
+
+def reload_broker(pid_file: Path) -> None:
+    """SIGHUP the broker whose pid is in ``pid_file``, so it re-reads passwords and ACLs.
+
+    Raises :class:`OSError` (the file is missing or the process is gone) or
+    :class:`ValueError` (the file holds no pid).
+    """
+    pid = int(pid_file.read_text().strip())
+    os.kill(pid, signal.SIGHUP)
+
+
 def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
     """Replace ``path`` with ``text`` so readers see the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -105,6 +126,15 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """PEM files for a TLS listener: the broker's certificate and key, and the CA."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
 @dataclass
 class MosquittoBroker:
     """A Mosquitto process on a loopback port with passwords and ACLs on.
@@ -119,12 +149,14 @@ class MosquittoBroker:
     host: str = "127.0.0.1"
     port: int = 0
     max_inflight: int = 0
+    #: serve MQTT over TLS only (``mqtts://``) with these files
+    tls: BrokerTls | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        """``mqtt://host:port`` of the running broker."""
-        return f"mqtt://{self.host}:{self.port}"
+        """``mqtt://host:port`` (``mqtts://`` with TLS) of the running broker."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def passwd_file(self) -> Path:
@@ -133,6 +165,11 @@ class MosquittoBroker:
     @property
     def acl_file(self) -> Path:
         return self.data_dir / "acl"
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the broker writes its pid (for :func:`reload_broker`)."""
+        return self.data_dir / "mosquitto.pid"
 
     @property
     def log_file(self) -> Path:
@@ -157,7 +194,7 @@ class MosquittoBroker:
 
     def _write_auth(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        passwd = "".join(f"{u}:{hash_password(p)}\n" for u, p in sorted(self.users.items()))
+        passwd = password_file_text({u: hash_password(p) for u, p in self.users.items()})
         write_atomically(self.passwd_file, passwd)
         write_atomically(self.acl_file, acl_text(self.cp_users))
 
@@ -173,6 +210,7 @@ class MosquittoBroker:
                 "allow_anonymous false",
                 f"password_file {self.passwd_file}",
                 f"acl_file {self.acl_file}",
+                f"pid_file {self.pid_file}",
                 "persistence false",
                 f"log_dest file {self.log_file}",
                 "log_type error",
@@ -185,11 +223,25 @@ class MosquittoBroker:
                 f"max_inflight_messages {self.max_inflight}",
                 "max_queued_messages 100000",
                 f"listener {self.port} {self.host}",
+                *self._tls_lines(),
                 "",
             ]
         )
         write_atomically(conf, text, mode=0o644)
         return conf
+
+    def _tls_lines(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"certfile {self.tls.cert_file}",
+            f"keyfile {self.tls.key_file}",
+            f"cafile {self.tls.ca_file}",
+            # Clients authenticate with username and password over the channel;
+            # the certificate proves the broker to them, not the other way round.
+            "require_certificate false",
+            "tls_version tlsv1.2",
+        ]
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
         """Write config and auth files, start the broker, wait until it listens."""

@@ -27,6 +27,8 @@ from controlplane.context import AppContext
 from controlplane.db import make_engine, session_factory, upgrade_to_head
 from controlplane.db.writes import BatchStore, IngestItem
 from controlplane.ingest import MqttIngest
+from tests.support import database
+from tests.support.auth import admin_client
 from tests.support.controlplane import hello, state, telemetry
 
 PAGE_MAX = 5
@@ -47,16 +49,15 @@ def _offline(device_id: str) -> IngestItem:
 
 
 def _make_app(tmp_path: Path, database_url: str | None = None) -> tuple[TestClient, Engine]:
+    given = {"database_url": database_url} if database_url else {}
     settings = ControlPlaneSettings(
-        data_dir=tmp_path,
-        page_max=PAGE_MAX,
-        **({"database_url": database_url} if database_url else {}),
+        data_dir=tmp_path, page_max=PAGE_MAX, **given, **database.settings(given)
     )
     engine = make_engine(settings.database_url)
     if database_url is None:
         upgrade_to_head(engine)
     context = AppContext(settings, engine, session_factory(engine), MqttIngest(settings))
-    return TestClient(create_app(context)), engine
+    return admin_client(create_app(context)), engine
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ FLEET = {
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, database_backend: str) -> Iterator[TestClient]:
     client, engine = _make_app(tmp_path_factory.mktemp("api"))
     store = BatchStore(engine)
     items = [_item(p.TopicKind.TELEMETRY, telemetry("bare-01", 0))]
@@ -355,7 +356,9 @@ def test_healthz_reports_an_unreachable_database(app_factory: Any, tmp_path: Pat
     assert r.status_code == 503
     assert r.json()["database"] is False
     # the listing fails as a server error, not as an empty fleet
-    client_no_raise = TestClient(client.app, raise_server_exceptions=False)
+    client_no_raise = TestClient(
+        client.app, raise_server_exceptions=False, headers=client.headers
+    )
     assert client_no_raise.get("/v1/devices").status_code == 500
 
 

@@ -33,6 +33,7 @@ from controlplane.db.models import (
     TelemetryRow,
 )
 from controlplane.service import ControlPlane
+from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings, event, hello, state, telemetry, wait_until
 from tests.support.mqtt import RawClient
 
@@ -276,7 +277,10 @@ def test_retained_replay_fills_the_registry_but_is_not_liveness(start_cp: StartC
         row = wait_until(lambda: (r := _row(cp, did)) and r["online"] and r, 5, "replayed state")
         assert row["tier"] == "micro" and row["labels"] == {"kept": "yes"}
         assert row["last_seen"] is None  # a replay is old news
-        assert httpx.get(f"{cp.api_url}/v1/devices/{did}").json()["last_seen"] is None
+        assert httpx.get(
+            f"{cp.api_url}/v1/devices/{did}",
+            headers=ADMIN_HEADERS
+        ).json()["last_seen"] is None
 
         before = time.time()
         _send(dev, telemetry(did, 0))
@@ -397,7 +401,7 @@ def test_bad_payloads_are_counted_by_reason_and_good_ones_still_land(
     for reason in expected:
         key = ("slmfleet_ingest_rejected_total", (("reason", reason),))
         assert metrics[key] - metrics_before.get(key, 0.0) == 1, reason
-    api = httpx.get(f"{cp.api_url}/v1/ingest/stats").json()
+    api = httpx.get(f"{cp.api_url}/v1/ingest/stats", headers=ADMIN_HEADERS).json()
     assert api["rejected_total"] == sum(api["rejected"].values())
     assert {k: api["rejected"][k] - rejected_before.get(k, 0) for k in expected} == expected
     assert api["write_errors"] == 0 and api["dropped"] == 0
@@ -406,6 +410,7 @@ def test_bad_payloads_are_counted_by_reason_and_good_ones_still_land(
 # -- the database going away ---------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartCP, device) -> None:
     """Another process holding SQLite's write lock (a backup, a sqlite3 shell)
     makes every write fail with "database is locked" after the busy timeout.
@@ -432,10 +437,13 @@ def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartC
         assert stats.written == written_before
         assert stats.queue_depth >= 20
         assert stats.dropped == 0
-        assert httpx.get(f"{cp.api_url}/v1/ingest/stats").json()["write_errors"] >= 1
+        assert httpx.get(
+            f"{cp.api_url}/v1/ingest/stats",
+            headers=ADMIN_HEADERS
+        ).json()["write_errors"] >= 1
         assert _metrics(cp)[("slmfleet_ingest_write_errors_total", ())] >= 1
         # readers are not blocked in WAL mode: the API still answers
-        assert httpx.get(f"{cp.api_url}/v1/devices/{did}").status_code == 200
+        assert httpx.get(f"{cp.api_url}/v1/devices/{did}", headers=ADMIN_HEADERS).status_code == 200
         for seq in range(20, 30):  # more arrive while the database is down
             _send(dev, telemetry(did, seq))
     finally:

@@ -15,6 +15,7 @@ import pytest
 import protocol as p
 from controlplane.service import ControlPlane
 from tests.support.agents import AgentProcess, write_agent_config
+from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings, wait_until
 from tests.support.mqtt import RawClient
 
@@ -29,7 +30,7 @@ def controlplane(tmp_path: Path, broker, cp_credentials) -> Iterator[ControlPlan
 
 
 def _device(api: str, device_id: str) -> dict | None:
-    r = httpx.get(f"{api}/v1/devices/{device_id}")
+    r = httpx.get(f"{api}/v1/devices/{device_id}", headers=ADMIN_HEADERS)
     return r.json() if r.status_code == 200 else None
 
 
@@ -68,11 +69,14 @@ def test_agent_hello_reaches_api_with_tier_within_5s(
         assert found["profile"] == profile
         assert found["online"] is True
         assert found["labels"] == {"suite": "e2e"}
-        listed = httpx.get(f"{controlplane.api_url}/v1/devices",
+        listed = httpx.get(f"{controlplane.api_url}/v1/devices", headers=ADMIN_HEADERS,
                            params={"tier": tier, "label": "suite=e2e"}).json()["items"]
         assert device_id in {d["id"] for d in listed}
         other = "micro" if tier != "micro" else "medium"
-        listed = httpx.get(f"{controlplane.api_url}/v1/devices", params={"tier": other}).json()
+        listed = httpx.get(
+            f"{controlplane.api_url}/v1/devices",
+            headers=ADMIN_HEADERS,
+            params={"tier": other}).json()
         assert device_id not in {d["id"] for d in listed["items"]}
     finally:
         agent.stop()
@@ -128,7 +132,7 @@ def test_bad_payloads_are_counted_and_the_rest_still_lands(tmp_path, broker, new
     client = RawClient(broker.url, device_id, new_device(device_id))
     client.connect()
     api = controlplane.api_url
-    before = httpx.get(f"{api}/v1/ingest/stats").json()["rejected"]
+    before = httpx.get(f"{api}/v1/ingest/stats", headers=ADMIN_HEADERS).json()["rejected"]
     topic = p.device_topic(device_id, "telemetry")
     good = p.Telemetry(device_id=device_id, ts=1.0, seq=1, uptime_s=1, cpu_percent=1,
                        ram_used_bytes=1)
@@ -150,7 +154,7 @@ def test_bad_payloads_are_counted_and_the_rest_still_lands(tmp_path, broker, new
     client.close()
 
     def delta() -> dict[str, int]:
-        now = httpx.get(f"{api}/v1/ingest/stats").json()["rejected"]
+        now = httpx.get(f"{api}/v1/ingest/stats", headers=ADMIN_HEADERS).json()["rejected"]
         return {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0)}
 
     expected = {"malformed": 2, "too_large": 1, "wrong_schema": 1, "id_mismatch": 1}

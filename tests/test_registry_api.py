@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 import protocol as p
 from controlplane.db.models import ModelVariant, ModelVersion
 from controlplane.semver_order import sort_key
+from tests.support.auth import ADMIN_HEADERS
 from tests.support.registry import blob, publish, registry_app, release_with_blobs, upload
 from tests.support.signer import TrustSimulator, flip_byte
 
@@ -283,7 +284,10 @@ def test_publish_real_smollm2_with_the_cli(
         server = plane.api_url
         out = cli("models", "publish", "--spec", str(spec), "--key", str(key), "--server", server)
         assert "published smollm2@1.0.0 (micro)" in out
-        detail = httpx.get(f"{server}/v1/models/smollm2/versions/1.0.0").json()
+        detail = httpx.get(
+            f"{server}/v1/models/smollm2/versions/1.0.0",
+            headers=ADMIN_HEADERS
+        ).json()
         (variant,) = detail["variants"]
         data = model_path.read_bytes()
         assert variant["sha256"] == hashlib.sha256(data).hexdigest()

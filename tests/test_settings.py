@@ -100,7 +100,7 @@ def test_environment_data_dir_moves_the_default_database(tmp_path: Path) -> None
         ("", {"SLMFLEET_API_PORT": "abc"}, "SLMFLEET_API_PORT: Input should be a valid integer"),
         ("heartbeat_interval_s = 0", {}, "heartbeat_interval_s: Input should be greater than 0"),
         ("page_max = 0", {}, "page_max: Input should be greater than or equal to 1"),
-        ('mqtt_url = "mqtts://h:8883"', {}, "mqtt_url: Value error, must look like mqtt://"),
+        ('mqtt_url = "ws://h:8883"', {}, "mqtt_url: Value error, must look like mqtt://"),
         ('mqtt_url = "mqtt://h:port"', {}, "mqtt_url: Value error, bad port"),
         ('mqtt_shared_group = "a/b"', {}, "mqtt_shared_group: String should match pattern"),
         ("api_prot = 8080", {}, "controlplane.toml: api_prot: unknown key"),

@@ -16,6 +16,7 @@ import yaml
 from controlplane.devenv import DevKeys, ensure_dev_keys
 from controlplane.service import ControlPlane
 from tests.support.agents import AgentProcess, write_agent_config
+from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings, wait_until
 
 #: what the device reports, in order, for an update that goes through
@@ -44,13 +45,16 @@ def controlplane(tmp_path: Path, broker, cp_credentials, keys: DevKeys) -> Itera
 def _spec(tmp_path: Path, model_path: Path) -> Path:
     spec = yaml.safe_load((Path(__file__).parents[1] / "examples/smollm2.release.yaml").read_text())
     spec["variants"]["micro"]["file"] = str(model_path)
+    # The example's speed limits suit a device serving alone; this machine runs
+    # the whole suite beside it. The golden answers are still checked.
+    spec["variants"]["micro"]["health_check"].update(max_ttft_ms=30_000, min_tokens_per_s=0.5)
     path = tmp_path / "smollm2.release.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 def _device(api: str, device_id: str) -> dict:
-    response = httpx.get(f"{api}/v1/devices/{device_id}")
+    response = httpx.get(f"{api}/v1/devices/{device_id}", headers=ADMIN_HEADERS)
     return response.json() if response.status_code == 200 else {}
 
 
@@ -65,7 +69,7 @@ def test_publish_assign_and_serve_smollm2(
         capture_output=True, text=True, timeout=120,
     )
     assert published.returncode == 0, published.stdout + published.stderr
-    version = httpx.get(f"{api}/v1/models/smollm2/versions/1.0.0").json()
+    version = httpx.get(f"{api}/v1/models/smollm2/versions/1.0.0", headers=ADMIN_HEADERS).json()
     assert version["version"] == "1.0.0"
 
     device_id = "e2e-update-pi"
@@ -78,7 +82,7 @@ def test_publish_assign_and_serve_smollm2(
     agent = AgentProcess(config)
     try:
         wait_until(lambda: _device(api, device_id), 15, "device in the API")
-        assigned = httpx.post(f"{api}/v1/devices/{device_id}/assignment",
+        assigned = httpx.post(f"{api}/v1/devices/{device_id}/assignment", headers=ADMIN_HEADERS,
                               json={"model": "smollm2", "version": "1.0.0"})
         assert assigned.status_code == 200, assigned.text
         result = assigned.json()["results"][0]
@@ -94,7 +98,10 @@ def test_publish_assign_and_serve_smollm2(
         try:
             detail = wait_until(serving, 120, "smollm2@1.0.0 active on the device")
         except AssertionError:
-            history = httpx.get(f"{api}/v1/devices/{device_id}/history").json()["items"]
+            history = httpx.get(
+                f"{api}/v1/devices/{device_id}/history",
+                headers=ADMIN_HEADERS
+            ).json()["items"]
             raise AssertionError(
                 f"{[(h['type'], h.get('reason')) for h in history]}\n{agent.log()[-3000:]}"
             ) from None
@@ -104,7 +111,10 @@ def test_publish_assign_and_serve_smollm2(
             v for v in version["variants"] if v["tier"] == "micro")
         assert detail["active_model"]["sha256"] == micro["sha256"]
 
-        history = httpx.get(f"{api}/v1/devices/{device_id}/history").json()["items"]
+        history = httpx.get(
+            f"{api}/v1/devices/{device_id}/history",
+            headers=ADMIN_HEADERS
+        ).json()["items"]
         mine = [h for h in history if h.get("assignment_id") == result["assignment_id"]]
         assert mine[0]["kind"] == "assignment"
         steps = [h["type"] for h in mine if h["kind"] == "event"]

@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import logging
 
+from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
+
+from controlplane.auth import openapi
+from controlplane.auth.bootstrap import bootstrap_admin
+from controlplane.auth.middleware import AuthMiddleware
 from controlplane.context import AppContext
 from controlplane.metrics import build_registry
 
-from .routes import artifacts, assignments, devices, health, ingest, metrics, models
+from .routes import (
+    artifacts,
+    assignments,
+    audit,
+    credentials,
+    devices,
+    health,
+    ingest,
+    metrics,
+    models,
+    rollouts,
+    tokens,
+    whoami,
+)
+from .timing import TimingMiddleware
+
+log = logging.getLogger(__name__)
+
+
+def _bootstrap(context: AppContext) -> str | None:
+    """Create the first admin token on an empty database; the generated one, if any."""
+    secret = context.settings.bootstrap_token
+    try:
+        issued = bootstrap_admin(context.sessions, secret.get_secret_value() if secret else None)
+    except SQLAlchemyError as exc:
+        # The API still starts, so /healthz can say the database is down.
+        log.error("cannot check for API tokens (database unreachable?): %s", exc)
+        return None
+    return issued.secret if issued and secret is None else None
 
 
 def create_app(context: AppContext) -> FastAPI:
-    """Build the API for ``context``; OpenAPI docs are served at ``/docs``."""
+    """Build the API for ``context``; OpenAPI docs are served at ``/docs``.
+
+    Every route, including any added later with ``include_router``, is behind
+    :class:`AuthMiddleware`: the role it needs comes from the method and the
+    route template (:mod:`controlplane.auth.policy`), not from the route module.
+    """
     app = FastAPI(
         title="slmfleet control plane",
         version="1",
@@ -21,6 +60,11 @@ def create_app(context: AppContext) -> FastAPI:
     # A registry per app, not prometheus_client's global one, so several apps
     # (tests, replicas in one process) never collide on metric names.
     app.state.metrics_registry = build_registry(context)
+    app.state.bootstrap_token = _bootstrap(context)
+    app.add_middleware(AuthMiddleware, sessions=context.sessions)
+    # Added last, so outermost: the time includes the token check.
+    app.add_middleware(TimingMiddleware, registry=app.state.metrics_registry)
+    openapi.install(app)
     app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(assignments.router)
@@ -28,4 +72,9 @@ def create_app(context: AppContext) -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(ingest.router)
     app.include_router(metrics.router)
+    app.include_router(rollouts.router_with_metrics)
+    app.include_router(tokens.router)
+    app.include_router(audit.router)
+    app.include_router(whoami.router)
+    app.include_router(credentials.router)
     return app

@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from controlplane.auth.middleware import PRINCIPAL_KEY
+from controlplane.auth.tokens import Principal
 from controlplane.context import AppContext
 
 
@@ -26,3 +28,11 @@ def get_session(context: ContextDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_principal(request: Request) -> Principal | None:
+    """The token the request was authenticated with (None on open routes)."""
+    return getattr(request.state, PRINCIPAL_KEY, None)
+
+
+PrincipalDep = Annotated[Principal | None, Depends(get_principal)]

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+
+T = TypeVar("T")
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 SERVER_HELP = "control-plane API base URL (default: `slmfleet login`, then $SLMFLEET_SERVER)"
@@ -150,3 +152,16 @@ def fail(exc: Exception) -> typer.Exit:
     """Print ``exc`` as a CLI error and return the exit to raise."""
     err_console.print(f"[red]error:[/red] {exc}")
     return typer.Exit(1)
+
+
+def api_call(server: str | None, token: str | None, call: Callable[[ApiClient], T]) -> T:
+    """``call(client)`` with a client for ``server`` and ``token``; what it returns.
+
+    An :class:`ApiError` (unreachable server, refused token, HTTP error)
+    becomes the CLI's error message and exit status 1.
+    """
+    try:
+        with ApiClient(server, token) as client:
+            return call(client)
+    except ApiError as exc:
+        raise fail(exc) from exc

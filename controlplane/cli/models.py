@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -20,11 +21,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .api_client import SERVER_HELP, TOKEN_HELP, ApiClient, ApiError, api_call, fail
+from .output import OUTPUT_OPTION, Output, emit, emit_json
+
 app = typer.Typer(help="Publish signed model releases and list them.", no_args_is_help=True)
 console = Console(stderr=True)
 
 CHUNK = 1 << 20
-SERVER_HELP = "control-plane API base URL (the `API` line of `slmfleet dev`)"
 #: uploads of large models take a while; connecting should not
 TIMEOUT = {"connect": 10.0, "read": 300.0, "write": 300.0, "pool": 10.0}
 
@@ -61,16 +64,6 @@ def _hash(path: Path, progress: Progress) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _detail(response: Any) -> str:
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        return response.text[:500]
-    if isinstance(detail, dict):
-        return str(detail.get("message") or detail)
-    return str(detail)
-
-
 def _chunks(path: Path, progress: Progress, task: Any) -> Iterator[bytes]:
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):
@@ -78,10 +71,10 @@ def _chunks(path: Path, progress: Progress, task: Any) -> Iterator[bytes]:
             yield chunk
 
 
-def _upload(client: Any, server: str, path: str, file: Path, sha256: str, size: int,
+def _upload(client: ApiClient, path: str, file: Path, sha256: str, size: int,
             progress: Progress) -> str:
-    url = f"{server}/v1/artifacts/{path}"
-    head = client.head(url)
+    url = f"/v1/artifacts/{path}"
+    head = client.request("HEAD", url, ok=(200, 404))
     if head.status_code == 200:
         if head.headers.get("etag", "").strip('"') == sha256:
             return "already uploaded"
@@ -89,33 +82,36 @@ def _upload(client: Any, server: str, path: str, file: Path, sha256: str, size: 
             f"{path} already holds a different file on the server; publish a new version "
             "or set `artifact:` in the spec"
         )
-    if head.status_code != 404:
-        raise PublishError(f"HEAD {url}: HTTP {head.status_code}")
     task = progress.add_task(f"upload {file.name}", total=size)
-    response = client.put(
-        url,
-        content=_chunks(file, progress, task),
-        headers={
-            "X-Content-SHA256": sha256,
-            "Content-Length": str(size),
-            "Content-Type": "application/octet-stream",
-        },
-    )
-    if response.status_code not in (200, 201):
-        raise PublishError(f"upload of {path} failed: HTTP {response.status_code}: "
-                           f"{_detail(response)}")
+    try:
+        client.request(
+            "PUT",
+            url,
+            content=_chunks(file, progress, task),
+            headers={
+                "X-Content-SHA256": sha256,
+                "Content-Length": str(size),
+                "Content-Type": "application/octet-stream",
+            },
+        )
+    except ApiError as exc:
+        raise PublishError(f"upload of {path} failed: {exc}") from exc
     return "uploaded"
 
 
-def publish_release(spec_path: Path, key_paths: list[Path], server: str) -> dict[str, Any]:
-    """Hash, sign, upload and register; return the registered version (API JSON)."""
+def publish_release(
+    spec_path: Path, key_paths: list[Path], server: str | None = None, token: str | None = None
+) -> dict[str, Any]:
+    """Hash, sign, upload and register; return the registered version (API JSON).
+
+    ``server`` and ``token`` resolve as for every command (:mod:`.api_client`).
+    """
     import httpx
 
     from controlplane.keyfiles import KeyFileError, read_private_key
     from controlplane.release_spec import SpecError, artifact_path, build_manifest, load_spec
     from protocol import canonical_json, sign_release
 
-    server = server.rstrip("/")
     try:
         spec = load_spec(spec_path)
         keys = [read_private_key(path, "release") for path in key_paths]
@@ -133,24 +129,20 @@ def publish_release(spec_path: Path, key_paths: list[Path], server: str) -> dict
         except (SpecError, ValueError) as exc:
             raise PublishError(str(exc)) from exc
         try:
-            with httpx.Client(timeout=httpx.Timeout(**TIMEOUT)) as client:
+            with ApiClient(server, token, timeout=httpx.Timeout(**TIMEOUT)) as client:
                 for tier, variant in spec.variants.items():
                     sha256, size = measured[tier]
                     path = artifact_path(spec, tier)
-                    outcome = _upload(client, server, path, variant.file, sha256, size, progress)
+                    outcome = _upload(client, path, variant.file, sha256, size, progress)
                     console.print(f"{tier.value}: {path} {outcome}")
-                response = client.post(
-                    f"{server}/v1/models",
+                response = client.request(
+                    "POST",
+                    "/v1/models",
                     content=canonical_json(envelope),
                     headers={"Content-Type": "application/json"},
                 )
-        except httpx.TransportError as exc:
-            raise PublishError(
-                f"cannot reach {server} ({exc}); is the control plane running? check --server"
-            ) from exc
-    if response.status_code not in (200, 201):
-        raise PublishError(f"registering {manifest.ref} failed: HTTP {response.status_code}: "
-                           f"{_detail(response)}")
+        except ApiError as exc:
+            raise PublishError(f"publishing {manifest.ref} failed: {exc}") from exc
     return response.json()
 
 
@@ -160,77 +152,74 @@ def publish(
     key: list[Path] = typer.Option(
         ..., "--key", help="release private key file; repeat to meet the threshold"
     ),
-    server: str = typer.Option("http://127.0.0.1:8080", "--server", help=SERVER_HELP),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    output: Output = OUTPUT_OPTION,
 ) -> None:
     """Hash the spec's files, sign the manifest, upload the artifacts, register the release."""
     try:
-        version = publish_release(spec, key, server)
+        version = publish_release(spec, key, server, token)
     except PublishError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
+    if output is Output.JSON:
+        emit_json(version)
+        return
     tiers = ", ".join(v["tier"] for v in version["variants"])
     typer.echo(f"published {version['name']}@{version['version']} ({tiers})")
 
 
-def _get(server: str, path: str) -> Any:
-    import httpx
-
-    try:
-        response = httpx.get(f"{server.rstrip('/')}{path}", timeout=10.0)
-    except httpx.TransportError as exc:
-        console.print(f"[red]error:[/red] cannot reach {server} ({exc}); check --server")
-        raise typer.Exit(1) from exc
-    if response.status_code != 200:
-        console.print(f"[red]error:[/red] HTTP {response.status_code}: {_detail(response)}")
-        raise typer.Exit(1)
-    return response.json()
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
 
 
 @app.command("list")
 def list_(
-    server: str = typer.Option("http://127.0.0.1:8080", "--server", help=SERVER_HELP),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    output: Output = OUTPUT_OPTION,
 ) -> None:
     """Registered models and their newest versions."""
+    models = api_call(server, token, lambda client: list(client.pages("/v1/models")))
     table = Table(title="models")
     for column in ("name", "latest", "description"):
         table.add_column(column)
-    cursor = None
-    while True:
-        page = _get(server, "/v1/models" + (f"?cursor={cursor}" if cursor else ""))
-        for m in page["items"]:
-            table.add_row(m["name"], m["latest_version"] or "-", m["description"])
-        cursor = page["next"]
-        if not cursor:
-            break
-    Console().print(table)
+    for m in models:
+        table.add_row(m["name"], m["latest_version"] or "-", m["description"])
+    emit(output, models, table)
 
 
 @app.command()
 def show(
     name: str = typer.Argument(..., help="model name"),
     version: str | None = typer.Argument(None, help="a version: show its variants"),
-    server: str = typer.Option("http://127.0.0.1:8080", "--server", help=SERVER_HELP),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    output: Output = OUTPUT_OPTION,
 ) -> None:
     """A model's versions, or one version's variants."""
-    out = Console()
+    try:
+        with ApiClient(server, token) as client:
+            if version is None:
+                found: Any = list(client.pages(f"/v1/models/{quote(name, safe='')}/versions"))
+            else:
+                found = client.get(
+                    f"/v1/models/{quote(name, safe='')}/versions/{quote(version, safe='')}"
+                )
+    except ApiError as exc:
+        raise fail(exc) from exc
     if version is None:
         table = Table(title=name)
         for column in ("version", "released", "registered", "description"):
             table.add_column(column)
-        for v in _get(server, f"/v1/models/{name}/versions")["items"]:
-            table.add_row(
-                v["version"],
-                time.strftime("%Y-%m-%d %H:%M", time.gmtime(v["released_at"])),
-                time.strftime("%Y-%m-%d %H:%M", time.gmtime(v["registered_at"])),
-                v["description"],
-            )
-        out.print(table)
+        for v in found:
+            table.add_row(v["version"], _when(v["released_at"]), _when(v["registered_at"]),
+                          v["description"])
+        emit(output, found, table)
         return
-    detail = _get(server, f"/v1/models/{name}/versions/{version}")
     table = Table(title=f"{name}@{version}")
     for column in ("tier", "format", "quant", "params", "context", "size", "artifact"):
         table.add_column(column)
-    for v in detail["variants"]:
+    for v in found["variants"]:
         table.add_row(
             v["tier"],
             v["format"],
@@ -240,4 +229,4 @@ def show(
             f"{v['size_bytes'] / 1e6:.1f} MB",
             v["artifact"],
         )
-    out.print(table)
+    emit(output, found, table)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import typer
@@ -25,15 +24,20 @@ def serve(
         dir_okay=False,
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    log_format: str = typer.Option(
+        "text", "--log-format", envvar="SLMFLEET_LOG_FORMAT",
+        help="text, or json: one JSON object per line (journald, log shippers)",
+    ),
 ) -> None:
     """Serve the API, ingest device messages and run the scheduler until SIGINT/SIGTERM."""
     from controlplane.config import SettingsError, load_settings
     from controlplane.ingest import MqttAuthError
+    from controlplane.logjson import configure
     from controlplane.service import ControlPlane
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("text or json", param_hint="--log-format")
+    configure(log_level, log_format)
     try:
         settings = load_settings(config)
     except SettingsError as exc:

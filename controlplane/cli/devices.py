@@ -1,0 +1,135 @@
+"""``slmfleet devices``: list and inspect the device registry."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import quote
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .api_client import SERVER_HELP, TOKEN_HELP, api_call
+from .output import OUTPUT_OPTION, Output, emit, emit_json
+
+app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Devices: list, show, enroll (MQTT credentials), revoke."""
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
+
+
+def _active(d: dict[str, Any]) -> str:
+    active = d.get("active_model") or {}
+    return f"{active.get('name')}@{active.get('version')}" if active else "-"
+
+
+def device_table(devices: list[dict[str, Any]]) -> Table:
+    """A table of devices as ``GET /v1/devices`` lists them."""
+    table = Table(title="devices")
+    for column in ("device", "tier", "profile", "online", "last seen", "labels", "active model"):
+        table.add_column(column)
+    for d in devices:
+        table.add_row(
+            d["id"], d.get("tier") or "?", d.get("profile") or "?",
+            "yes" if d.get("online") else "no", _when(d.get("last_seen")),
+            ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items())),
+            _active(d),
+        )
+    return table
+
+
+@app.command("list")
+def list_(
+    tier: str | None = typer.Option(None, "--tier", help="micro, small or medium"),
+    profile: str | None = typer.Option(None, "--profile", help="firmware profile name"),
+    online: bool | None = typer.Option(None, "--online/--offline", help="only online / offline"),
+    label: list[str] = typer.Option([], "--label", help="key=value; repeat, all must match"),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    output: Output = OUTPUT_OPTION,
+) -> None:
+    """Devices matching every filter, by id."""
+    params: dict[str, Any] = {"tier": tier, "profile": profile, "label": label or None}
+    if online is not None:
+        params["online"] = "true" if online else "false"
+    devices = api_call(server, token, lambda client: list(client.pages("/v1/devices", **params)))
+    emit(output, devices, device_table(devices))
+
+
+@app.command()
+def show(
+    device_id: str = typer.Argument(..., help="device id"),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    output: Output = OUTPUT_OPTION,
+) -> None:
+    """One device: identity, liveness, capabilities, update state and assignment."""
+    d = api_call(
+        server, token, lambda client: client.get(f"/v1/devices/{quote(device_id, safe='')}")
+    )
+    if output is Output.JSON:
+        emit_json(d)
+        return
+    table = Table(title=d["id"], show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    caps = d.get("capabilities") or {}
+    update = d.get("update") or {}
+    assignment = d.get("assignment") or {}
+    rows = [
+        ("tier", d.get("tier") or "?"),
+        ("profile", d.get("profile") or "?"),
+        ("agent", d.get("agent_version") or "?"),
+        ("online", "yes" if d.get("online") else "no"),
+        ("first seen", _when(d.get("first_seen"))),
+        ("last seen", _when(d.get("last_seen"))),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items()))),
+        ("RAM", f"{caps['ram_bytes'] / 2**30:.1f} GiB" if caps.get("ram_bytes") else "?"),
+        ("active model", _active(d)),
+        ("update", f"{update.get('state', '-')} {update.get('reason') or ''}".strip()),
+        ("assignment", f"{assignment.get('ref', '-')}" if assignment else "-"),
+        ("recent telemetry", str(len(d.get("recent_telemetry") or []))),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+@app.command()
+def enroll(
+    device_id: str = typer.Argument(..., help="device id: becomes its MQTT username"),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    output: Output = OUTPUT_OPTION,
+) -> None:
+    """Issue the device its own MQTT password (admin). Shown once: put it in agent.toml."""
+    path = f"/v1/devices/{quote(device_id, safe='')}/credentials"
+    done = api_call(server, token, lambda client: client.post(path))
+    if output is Output.JSON:
+        emit_json(done)
+        return
+    typer.echo(f"enrolled {done['device_id']}; in its agent.toml:")
+    typer.echo(f'device_id = "{done["device_id"]}"')
+    typer.echo(f'broker_url = "{done["broker_url"]}"')
+    typer.echo(f'password = "{done["password"]}"')
+    if not done["broker_reloaded"]:
+        typer.echo("note: the broker was not reloaded; it applies at its next start", err=True)
+
+
+@app.command()
+def revoke(
+    device_id: str = typer.Argument(..., help="device id"),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+) -> None:
+    """Revoke the device's MQTT credentials (admin): the broker refuses it from now on."""
+    path = f"/v1/devices/{quote(device_id, safe='')}/credentials"
+    api_call(server, token, lambda client: client.request("DELETE", path))
+    typer.echo(f"revoked the MQTT credentials of {device_id}")
