@@ -4,6 +4,11 @@ Starts a real Mosquitto (passwords and ACLs on), the control plane on SQLite
 and a few agents as separate processes. The agents run with a SIMULATED
 hardware override (each presents a different recorded board) because they all
 share this one machine; everything else (broker, protocol, database) is real.
+
+Then it shows what the fleet is for (:meth:`DevFleet.demo`): a release with
+a variant per tier rolled out canary-first to every device, and a release
+that fails its health check stopped at the canary and rolled back by the
+rollout engine, with every decision and its reason printed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import httpx
 import tomli_w
 import yaml
 
+from .auth.bootstrap import rotate_named_token
+from .auth.roles import Role
 from .config import ControlPlaneSettings
+from .db import session_factory
 from .keyfiles import build_key_list, generate_key, read_private_key, write_atomic
 from .mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from .service import ControlPlane
@@ -32,17 +40,53 @@ from .service import ControlPlane
 DEMO_MODEL = Path("~/.cache/slmfleet/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 
 #: golden prompts SmolLM2-135M answers correctly and stably at temperature 0
-#: through its chat template (see examples/smollm2.release.yaml)
+#: through its chat template (see examples/smollm2.release.yaml). The speed
+#: limits are loose on purpose (0 tokens/s: not gated): the demo's agents share
+#: this machine's cores, and the bad release must fail on its answer, not on a
+#: busy CPU
 _DEMO_HEALTH_CHECK = {
-    "max_ttft_ms": 3000,
-    "min_tokens_per_s": 5,
+    "max_ttft_ms": 60000,
+    "min_tokens_per_s": 0,
     "golden_prompts": [
         {"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 32},
         {"prompt": "What is the opposite of hot?", "expected": ["cold"], "max_tokens": 32},
     ],
 }
 
-_FINAL_STATES = {"activated", "rejected", "failed", "rolled_back"}
+#: the demo's admin token lives a day; each run revokes the previous one
+DEV_TOKEN_TTL_S = 86_400.0
+
+_ROLLOUT_FINAL = {"completed", "aborted", "rolled_back", "superseded"}
+
+GOOD_VERSION = "1.0.0"
+BAD_VERSION = "1.1.0"
+#: SmolLM2-135M answers this one wrongly ("L'Étoile, la Marseillaise, ..."), so a
+#: release that ships it as a golden prompt fails its health check on every device
+_BAD_HEALTH_CHECK = {
+    **_DEMO_HEALTH_CHECK,
+    "golden_prompts": [
+        {"prompt": "What is the capital of France?", "expected": ["paris"], "max_tokens": 32},
+    ],
+}
+#: the engine's tick in the demo: quick enough to watch, slow enough to read
+DEMO_TICK_S = 1.0
+
+
+def demo_rollout_spec(version: str) -> dict[str, Any]:
+    """Every demo device, a one-device canary then 100 %, rolled back on any failure.
+
+    One download at a time: the demo's agents share this machine's cores,
+    and health checks running side by side would fail on speed alone.
+    """
+    return {
+        "model": "smollm2",
+        "version": version,
+        "target": {"all": True},
+        "stages": [{"percent": 10, "bake_s": 3}, {"percent": 100, "bake_s": 3}],
+        "gates": {"min_devices_reporting": 1, "max_failed": 0, "min_health_pass_rate": 1.0},
+        "on_failure": "rollback",
+        "max_concurrent_downloads": 1,
+    }
 
 #: (device id, simulated board preset, labels) of the demo fleet
 DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
@@ -52,7 +96,13 @@ DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
 ]
 
 
-def demo_release_spec(model: Path, version: str = "1.0.0") -> dict[str, Any]:
+def demo_release_spec(
+    model: Path,
+    version: str = "1.0.0",
+    *,
+    health_check: dict[str, Any] | None = None,
+    description: str = "SmolLM2-135M-Instruct Q4_1 (the demo's model for every tier)",
+) -> dict[str, Any]:
     """A release spec with a variant for every tier, for ``slmfleet models publish``.
 
     The demo has one real model, so every tier's variant is the same GGUF
@@ -68,13 +118,13 @@ def demo_release_spec(model: Path, version: str = "1.0.0") -> dict[str, Any]:
             "parameters": 135_000_000,
             "context_length": 8192,
             "runtime_defaults": {"context": context, "mmap": True},
-            "health_check": _DEMO_HEALTH_CHECK,
+            "health_check": health_check or _DEMO_HEALTH_CHECK,
         }
 
     return {
         "name": "smollm2",
         "version": version,
-        "description": "SmolLM2-135M-Instruct Q4_1 (the demo's model for every tier)",
+        "description": description,
         "variants": {"micro": variant(2048), "small": variant(4096), "medium": variant(8192)},
     }
 
@@ -130,6 +180,8 @@ class DevFleet:
     controlplane: ControlPlane | None = None
     keys: DevKeys | None = None
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: an admin API token issued for this run (the `TOKEN` line)
+    token: str | None = None
 
     def start(self) -> None:
         """Start broker, control plane and agents; wait until all agents reported."""
@@ -151,10 +203,15 @@ class DevFleet:
             release_keys_file=keys.release_keys_file,
             director_keys_file=keys.director_keys_file,
             director_key_files=[keys.director_key],
+            dev_mode=True,
         )
         self.log("starting the control plane (SQLite)")
-        self.controlplane = ControlPlane(settings)
+        self.controlplane = ControlPlane(settings, rollout_tick_s=DEMO_TICK_S)
         self.controlplane.start()
+        assert self.controlplane.engine is not None
+        self.token = rotate_named_token(
+            session_factory(self.controlplane.engine), "slmfleet dev", Role.ADMIN, DEV_TOKEN_TTL_S
+        )
         for device_id, preset, labels in DEMO_DEVICES:
             self._start_agent(device_id, preset, labels, users[device_id])
         self.wait_for_devices([d for d, _, _ in DEMO_DEVICES])
@@ -190,6 +247,11 @@ class DevFleet:
         self.log(f"agent {device_id} started (simulated {preset})")
 
     @property
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header carrying this run's admin token."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
     def api_url(self) -> str:
         assert self.controlplane is not None
         return self.controlplane.api_url
@@ -198,7 +260,9 @@ class DevFleet:
         """Poll the API until every device in ``device_ids`` is online."""
         deadline = time.monotonic() + timeout
         while True:
-            items = httpx.get(f"{self.api_url}/v1/devices", params={"limit": 500}).json()["items"]
+            items = httpx.get(
+                f"{self.api_url}/v1/devices", params={"limit": 500}, headers=self.headers
+            ).json()["items"]
             online = {d["id"] for d in items if d["online"]}
             if set(device_ids) <= online:
                 return items
@@ -213,79 +277,78 @@ class DevFleet:
                 raise RuntimeError(f"devices never came online: {', '.join(missing)}")
             time.sleep(0.2)
 
-    def publish_and_assign(
-        self,
-        model: Path = DEMO_MODEL,
-        timeout: float = 180.0,
-        should_stop: Callable[[], bool] = lambda: False,
-    ) -> list[dict]:
-        """Publish the demo release, assign it to every device, wait until all serve it."""
+    def _publish(self, version: str, model: Path, **kwargs: Any) -> None:
         from .cli.models import publish_release
 
         assert self.keys is not None
+        if httpx.get(f"{self.api_url}/v1/models/smollm2/versions/{version}",
+                     headers=self.headers).status_code == 200:
+            self.log(f"smollm2@{version} is already published (from an earlier run)")
+            return
+        spec = self.data_dir / f"smollm2-{version}.release.yaml"
+        spec.write_text(yaml.safe_dump(demo_release_spec(model, version, **kwargs),
+                                       sort_keys=False))
+        self.log(f"publishing smollm2@{version} (signed with the demo release key)")
+        publish_release(spec, [self.keys.release_key], self.api_url, self.token)
+
+    def demo(
+        self,
+        model: Path = DEMO_MODEL,
+        timeout: float = 300.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[dict]:
+        """The mission in two rollouts; return their final details.
+
+        A good release goes canary-first to every device, each getting its
+        tier's variant; then a release whose health check fails on the
+        devices stops at the canary and is rolled back automatically.
+        """
         if not model.is_file():
             raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
-        spec = self.data_dir / "smollm2.release.yaml"
-        spec.write_text(yaml.safe_dump(demo_release_spec(model), sort_keys=False))
-        if httpx.get(f"{self.api_url}/v1/models/smollm2/versions/1.0.0").status_code == 200:
-            self.log("smollm2@1.0.0 is already published (from an earlier run)")
-        else:
-            self.log("publishing smollm2@1.0.0 (signed with the demo release key)")
-            publish_release(spec, [self.keys.release_key], self.api_url)
-        # One device at a time: the demo's agents share this machine's cores,
-        # and health checks running side by side would fail on speed alone.
-        # (Staged rollouts across a real fleet are the rollout engine's job.)
-        details = []
-        for device_id, _, _ in DEMO_DEVICES:
-            response = httpx.post(
-                f"{self.api_url}/v1/devices/{device_id}/assignment",
-                json={"model": "smollm2", "version": "1.0.0"},
-            )
-            response.raise_for_status()
-            result = response.json()["results"][0]
-            self.log(f"assigned smollm2@1.0.0 to {device_id}: {result['status']} "
-                     f"({result.get('tier') or result.get('reason')})")
-            if result["status"] != "assigned":
-                continue
-            details += self._wait_for_updates(
-                {device_id: result["assignment_id"]}, timeout, should_stop
-            )
+        self._publish(GOOD_VERSION, model)
+        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
+                      description="SmolLM2-135M with a golden prompt it answers wrongly: "
+                                  "a release that fails its health check on the devices")
+        done = []
+        for version, why in ((GOOD_VERSION, "a good release"),
+                             (BAD_VERSION, "a release whose health check fails")):
             if should_stop():
                 break
-        return details
+            self.log(f"rolling out smollm2@{version} ({why}): canary first, then 100 %")
+            done.append(self.run_rollout(demo_rollout_spec(version), timeout, should_stop))
+        return done
 
-    def _wait_for_updates(
-        self,
-        assignments: dict[str, str],
-        timeout: float,
-        should_stop: Callable[[], bool],
-    ) -> list[dict]:
-        """Log each device's update of the given assignment as it moves, until all are final."""
-        device_ids = list(assignments)
+    def run_rollout(
+        self, spec: dict[str, Any], timeout: float, should_stop: Callable[[], bool]
+    ) -> dict:
+        """Create a rollout and log its decisions and device outcomes until it is over."""
+        response = httpx.post(f"{self.api_url}/v1/rollouts", json=spec, headers=self.headers)
+        if response.status_code != 201:
+            raise RuntimeError(f"rollout refused: HTTP {response.status_code}: {response.text}")
+        rollout_id = response.json()["id"]
         deadline = time.monotonic() + timeout
-        seen: dict[str, str] = {}
+        shown = 0
+        states: dict[str, str] = {}
         while True:
-            devices = {
-                d["id"]: d
-                for d in (
-                    httpx.get(f"{self.api_url}/v1/devices/{device_id}").json()
-                    for device_id in device_ids
-                )
-            }
-            for device_id, detail in devices.items():
-                update = detail.get("update") or {}
-                if update.get("assignment_id") != assignments[device_id]:
-                    update = {}  # still the previous assignment's outcome
-                state = update.get("state", "waiting")
-                if seen.get(device_id) != state:
-                    seen[device_id] = state
-                    reason = f" ({update['reason']})" if update.get("reason") else ""
-                    self.log(f"{device_id}: {state}{reason}")
-            if should_stop() or all(seen.get(d) in _FINAL_STATES for d in device_ids):
-                return list(devices.values())
+            detail = httpx.get(f"{self.api_url}/v1/rollouts/{rollout_id}",
+                               headers=self.headers).json()
+            for member in detail["devices"]:
+                state = member["state"]
+                if states.get(member["device_id"]) != state:
+                    states[member["device_id"]] = state
+                    extra = member["reason"] or (
+                        f"variant {member['variant_tier']}" if member["variant_tier"] else "")
+                    self.log(f"  {member['device_id']} ({member['device_tier']}): {state}"
+                             + (f" — {extra}" if extra else ""))
+            for decision in detail["timeline"][shown:]:
+                self.log(f"[{rollout_id} {decision['kind']}] {decision['reason']}")
+            shown = len(detail["timeline"])
+            if detail["state"] in _ROLLOUT_FINAL or should_stop():
+                return detail
             if time.monotonic() > deadline:
-                raise RuntimeError(f"updates did not finish within {timeout:.0f} s: {seen}")
-            time.sleep(0.3)
+                raise RuntimeError(f"rollout {rollout_id} still {detail['state']} after "
+                                   f"{timeout:.0f} s")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         """Stop agents (SIGTERM, so they publish offline), then control plane and broker."""

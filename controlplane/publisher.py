@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from sqlalchemy import Engine, and_, select, update
+from sqlalchemy import Engine, and_, bindparam, select, update
 
 from protocol import TOPIC_ROOT, TopicKind, device_topic
 
@@ -55,7 +55,7 @@ KEEPALIVE_S = 30
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10
 #: payloads published before waiting for their PUBACKs
-BATCH = 200
+BATCH = 1000
 PUBACK_TIMEOUT_S = 10.0
 POLL_S = 5.0
 #: retained by this publisher; its absence means the broker lost its retained store.
@@ -96,6 +96,8 @@ class DesiredPublisher:
         self._connected = threading.Event()
         self._cond = threading.Condition()
         self._acks: dict[int, ReasonCode] = {}
+        #: the PUBACKs the drain thread still waits for
+        self._missing: set[int] = set()
         self._marker_seen = threading.Event()
         self._marker_subscribed = threading.Event()
         #: bumped on every CONNACK; the drain thread checks the marker once per connection
@@ -125,6 +127,12 @@ class DesiredPublisher:
             settings.mqtt_username, password.get_secret_value() if password else None
         )
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        # A whole batch in flight at once: paho's default (20 unacknowledged)
+        # would make a batch of thousands wait on that many broker round trips.
+        client.max_inflight_messages_set(BATCH)
+        tls = settings.mqtt_tls_context()
+        if tls is not None:
+            client.tls_set_context(tls)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -197,7 +205,11 @@ class DesiredPublisher:
     ) -> None:
         with self._cond:
             self._acks[mid] = reason_code
-            self._cond.notify_all()
+            # Wake the drain thread once its whole batch is in, not per PUBACK:
+            # a thousand wake-ups per batch cost more than the batch itself.
+            self._missing.discard(mid)
+            if not self._missing:
+                self._cond.notify_all()
 
     def _on_subscribe(
         self,
@@ -325,12 +337,12 @@ class DesiredPublisher:
             # recording our older number leaves the device owed, and the next
             # pass publishes the newest again.
             with self._engine.begin() as conn:
-                for row in done:
-                    conn.execute(
-                        update(seq)
-                        .where(seq.c.device_id == row["d"])
-                        .values(published_sequence=row["s"])
-                    )
+                conn.execute(
+                    update(seq)
+                    .where(seq.c.device_id == bindparam("d"))
+                    .values(published_sequence=bindparam("s")),
+                    done,
+                )
             self.published += len(done)
         return len(done) == len(owed)
 
@@ -338,9 +350,11 @@ class DesiredPublisher:
         deadline = time.monotonic() + self._puback_timeout_s
         wanted = set(mids)
         with self._cond:
-            while not wanted <= self._acks.keys():
+            self._missing = wanted - self._acks.keys()
+            while self._missing:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.connected:
                     break
                 self._cond.wait(left)
+            self._missing = set()
             return {mid: self._acks.pop(mid) for mid in list(wanted) if mid in self._acks}

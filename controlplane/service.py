@@ -10,6 +10,7 @@ import time
 from types import FrameType
 
 import uvicorn
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
@@ -18,11 +19,13 @@ from .artifacts import ArtifactStore
 from .config import ControlPlaneSettings
 from .context import AppContext
 from .db import make_engine, session_factory, upgrade_to_head
-from .director import Director, add_resign_job
+from .director import RESIGN_JOB_ID, Director, add_resign_job
 from .ingest import MqttIngest
+from .leader import LeaderElector, LeaderLease
 from .liveness import add_liveness_job
 from .publisher import DesiredPublisher
-from .scheduler import create_scheduler
+from .rollouts import RolloutEngine, add_rollout_job, remove_rollout_engine
+from .scheduler import DURABLE_JOBSTORE, DURABLE_TABLE, create_scheduler
 from .trust import load_trust
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,10 @@ log = logging.getLogger(__name__)
 MQTT_READY_TIMEOUT_S = 10.0
 API_READY_TIMEOUT_S = 10.0
 API_STOP_TIMEOUT_S = 5.0
+#: how often the rollout engine evaluates live rollouts
+ROLLOUT_TICK_S = 5.0
+#: the leader lease (controlplane/leader.py): a dead leader is replaced within this
+LEADER_LEASE_S = 15.0
 
 
 class ControlPlane:
@@ -39,10 +46,23 @@ class ControlPlane:
     ``start()`` returns once the API answers; a broker that cannot be reached
     yet is retried in the background (``/healthz`` says ``degraded``), but
     refused credentials fail the start, since retrying cannot fix them.
+
+    Several control planes may share one database (replicas): each serves
+    the API and its share of the ingest, and the one holding the leader
+    lease also runs the rollout engine and the director's re-signing job
+    (:mod:`controlplane.leader`). A lone control plane leads at once.
     """
 
-    def __init__(self, settings: ControlPlaneSettings) -> None:
+    def __init__(
+        self, settings: ControlPlaneSettings, *, rollout_tick_s: float = ROLLOUT_TICK_S,
+        leader_lease_s: float = LEADER_LEASE_S,
+    ) -> None:
         self.settings = settings
+        self.rollout_tick_s = rollout_tick_s
+        self.leader_lease_s = leader_lease_s
+        self.leader: LeaderElector | None = None
+        self._durable_attached = False
+        self.rollouts: RolloutEngine | None = None
         self.engine: Engine | None = None
         self.ingest: MqttIngest | None = None
         self.publisher: DesiredPublisher | None = None
@@ -57,12 +77,13 @@ class ControlPlane:
 
     @property
     def api_url(self) -> str:
-        """``http://host:port`` of the running API."""
+        """``http://host:port`` (``https://`` with api_tls_cert_file) of the running API."""
         if self._port is None:
             raise RuntimeError("the control plane is not running")
         host = self.settings.api_host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self._port}"
+        scheme = "https" if self.settings.api_tls else "http"
+        return f"{scheme}://{host}:{self._port}"
 
     def start(self) -> ControlPlane:
         """Migrate, connect, schedule and serve; return once the API answers."""
@@ -76,6 +97,11 @@ class ControlPlane:
             self.stop()
             raise
         return self
+
+    @property
+    def _engine_key(self) -> str:
+        # The durable job names its engine by this key; one per control plane object.
+        return f"cp-{id(self):x}"
 
     @property
     def public_url(self) -> str:
@@ -107,6 +133,8 @@ class ControlPlane:
                 "broker %s not reachable yet; retrying in the background", settings.mqtt_url
             )
 
+        # The durable job store is attached only while this replica leads (see
+        # _on_leadership): a scheduler polling it would run the rollout job too.
         self.scheduler = create_scheduler()
         add_liveness_job(
             self.scheduler,
@@ -125,13 +153,12 @@ class ControlPlane:
                 ttl_s=settings.assignment_ttl_s,
                 on_change=self.publisher.kick,
             )
-            add_resign_job(
-                self.scheduler,
-                self.director,
-                margin_s=settings.resign_margin,
-                interval_s=settings.resign_interval,
-            )
+            # Rollouts need the director: without keys there is nothing to roll out.
+            self.rollouts = RolloutEngine(self.engine, self.director)
         self.scheduler.start()
+        self.leader = LeaderElector(LeaderLease(self.engine, ttl_s=self.leader_lease_s),
+                                    self._on_leadership)
+        self.leader.start()
 
         context = AppContext(
             settings,
@@ -144,6 +171,33 @@ class ControlPlane:
         )
         self._serve(create_app(context), sock)
         log.info("control plane API at %s", self.api_url)
+
+    def _on_leadership(self, leading: bool) -> None:
+        """Run (or stop running) the jobs only one replica may run at a time."""
+        scheduler, director, rollouts = self.scheduler, self.director, self.rollouts
+        if scheduler is None or director is None or rollouts is None or self.engine is None:
+            return
+        if leading:
+            epoch = self.leader.lease.epoch if self.leader is not None else 0
+            log.info("leading the control planes (lease epoch %d): rollout engine and "
+                     "re-signing run here", epoch)
+            scheduler.add_jobstore(
+                SQLAlchemyJobStore(engine=self.engine, tablename=DURABLE_TABLE), DURABLE_JOBSTORE
+            )
+            self._durable_attached = True
+            add_resign_job(scheduler, director, margin_s=self.settings.resign_margin,
+                           interval_s=self.settings.resign_interval)
+            add_rollout_job(scheduler, rollouts, interval_s=self.rollout_tick_s,
+                            jobstore=DURABLE_JOBSTORE, key=self._engine_key)
+            return
+        log.warning("no longer leading: the rollout engine and re-signing stop here")
+        if scheduler.get_job(RESIGN_JOB_ID) is not None:
+            scheduler.remove_job(RESIGN_JOB_ID)
+        if self._durable_attached:
+            # shutdown=False: the store shares the control plane's engine. The
+            # job row stays in the database for the next leader.
+            scheduler.remove_jobstore(DURABLE_JOBSTORE, shutdown=False)
+            self._durable_attached = False
 
     def _bind(self) -> socket.socket:
         # Bind here, not in uvicorn, so port 0 resolves before serving starts
@@ -168,6 +222,8 @@ class ControlPlane:
             log_config=None,  # leave logging to the process, not uvicorn's dictConfig
             access_log=False,
             lifespan="off",
+            ssl_certfile=self.settings.api_tls_cert_file,
+            ssl_keyfile=self.settings.api_tls_key_file,
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -196,9 +252,15 @@ class ControlPlane:
             if thread.is_alive():
                 server.force_exit = True  # type: ignore[union-attr]
                 thread.join(API_STOP_TIMEOUT_S)
+        leader, self.leader = self.leader, None
+        if leader is not None:
+            # Hand over at once on a clean stop; a killed leader's lease runs out.
+            leader.stop(release=True)
         scheduler, self.scheduler = self.scheduler, None
         if scheduler is not None and scheduler.running:
             scheduler.shutdown(wait=True)
+        remove_rollout_engine(self._engine_key)
+        self.rollouts = None
         self.director = None
         publisher, self.publisher = self.publisher, None
         if publisher is not None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from tests.support import database
 from tests.support.mqtt import provision_device
+from tests.support.postgres import PostgresCluster, server_bin
 
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -52,3 +54,59 @@ def model_path() -> Path:
     if not path.is_file():
         pytest.fail(f"test model missing at {path}: run scripts/bootstrap.sh", pytrace=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One private PostgreSQL server for the session (scripts/bootstrap.sh installs it)."""
+    if server_bin() is None:
+        pytest.fail("PostgreSQL server binaries not found: run scripts/bootstrap.sh "
+                    "(Debian package postgresql)", pytrace=False)
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A fresh, empty PostgreSQL database for one test; its SQLAlchemy URL."""
+    return postgres_cluster.create_database(f"t_{secrets.token_hex(4)}")
+
+
+#: modules whose tests run on both databases (the control plane's own tests)
+BOTH_DATABASES = frozenset({
+    "tests.test_controlplane_api", "tests.test_controlplane_ingest", "tests.test_registry_api",
+    "tests.test_auth", "tests.test_director",
+})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only: checks something only SQLite has (its file lock, its files); "
+        "not run on PostgreSQL",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test of the control-plane modules on SQLite and on PostgreSQL."""
+    if metafunc.module.__name__ not in BOTH_DATABASES:
+        return
+    if "database_backend" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("database_backend")
+    backends = ["sqlite"]
+    if metafunc.definition.get_closest_marker("sqlite_only") is None:
+        backends.append("postgresql")
+    metafunc.parametrize("database_backend", backends, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def database_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The database the module's control planes use: each gets a fresh one on PostgreSQL."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgresql":
+        cluster = request.getfixturevalue("postgres_cluster")
+        database.use(lambda: cluster.create_database(f"t_{secrets.token_hex(4)}"))
+    try:
+        yield backend
+    finally:
+        database.use(None)

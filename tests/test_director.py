@@ -19,6 +19,7 @@ from controlplane.db import make_engine, upgrade_to_head
 from controlplane.director import next_sequence
 from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from controlplane.service import ControlPlane
+from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings, event, hello, wait_until
 from tests.support.mqtt import RawClient, provision_device
 from tests.support.postgres import PostgresCluster, server_bin
@@ -41,14 +42,14 @@ def trust(tmp_path_factory: pytest.TempPathFactory, sim: TrustSimulator) -> Trus
 @pytest.fixture(scope="module")
 def cp(
     tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker, cp_credentials: Any,
-    trust: TrustFiles, sim: TrustSimulator,
+    trust: TrustFiles, sim: TrustSimulator, database_backend: str,
 ) -> Iterator[ControlPlane]:
     settings = cp_settings(
         tmp_path_factory.mktemp("cp"), broker, cp_credentials,
         assignment_ttl_s=TTL_S, **trust.settings(),
     )  # fmt: skip
     plane = ControlPlane(settings).start()
-    with httpx.Client(base_url=plane.api_url) as client:
+    with httpx.Client(headers=ADMIN_HEADERS, base_url=plane.api_url) as client:
         publish(client, sim, "smollm2", "1.0.0", (p.Tier.MICRO, p.Tier.SMALL))
         publish(client, sim, "smollm2", "1.1.0", (p.Tier.MICRO,))
     yield plane
@@ -57,7 +58,7 @@ def cp(
 
 @pytest.fixture
 def api(cp: ControlPlane) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cp.api_url, timeout=10) as client:
+    with httpx.Client(headers=ADMIN_HEADERS, base_url=cp.api_url, timeout=10) as client:
         yield client
 
 
@@ -338,7 +339,7 @@ def test_resign_job_runs_on_the_scheduler(
     )  # fmt: skip
     plane = ControlPlane(settings).start()
     try:
-        with httpx.Client(base_url=plane.api_url) as client:
+        with httpx.Client(headers=ADMIN_HEADERS, base_url=plane.api_url) as client:
             publish(client, sim)
             device = _join(broker, client)
             first = _assign(client, device.id)
@@ -368,7 +369,7 @@ def test_assignment_made_while_the_broker_is_down_is_delivered_when_it_returns(
                     **trust.settings())
     ).start()
     try:
-        with httpx.Client(base_url=plane.api_url) as client:
+        with httpx.Client(headers=ADMIN_HEADERS, base_url=plane.api_url) as client:
             publish(client, sim)
             for device_id in (before, during):
                 device = Device(private, device_id, users[device_id])

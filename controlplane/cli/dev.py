@@ -10,7 +10,10 @@ from pathlib import Path
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from controlplane.cli.rollout_view import rollout_view
 
 # Wide enough for the fleet table when the output is a pipe or a log file.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -34,11 +37,28 @@ def fleet_table(devices: list[dict]) -> Table:
     return table
 
 
+def summary(detail: dict) -> str:
+    """One sentence on how a rollout ended and why."""
+    counts = detail["counts"]
+    ref = f"{detail['model']}@{detail['version']}"
+    if detail["state"] == "completed":
+        return (f"[green]{ref} reached every compatible device[/green] "
+                f"({counts.get('succeeded', 0)} updated, "
+                f"{counts.get('incompatible', 0)} incompatible), canary first.")
+    if detail["state"] == "rolled_back":
+        touched = counts.get("rolled_back", 0)
+        total = sum(counts.values())
+        return (f"[yellow]{ref} stopped at stage {detail['stage']} and was rolled back[/yellow]: "
+                f"{touched} of {total} device(s) ever received it, and they were sent back. "
+                f"Why: {detail['reason']}")
+    return f"{ref}: {detail['state']} ({detail['reason'] or 'stopped'})"
+
+
 def dev(
     data_dir: Path = typer.Option(Path(".dev-data"), "--data-dir", help="state for this demo"),
     api_port: int = typer.Option(0, "--api-port", help="API port (0: pick a free one)"),
 ) -> None:
-    """Run a local fleet: Mosquitto, the control plane on SQLite and three agents."""
+    """Run a local fleet (Mosquitto, control plane, three agents) and demo staged rollouts."""
     from controlplane.cli.models import PublishError
     from controlplane.devenv import DevFleet
     from controlplane.mosquitto import find_mosquitto
@@ -52,12 +72,19 @@ def dev(
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    fleet = DevFleet(data_dir.resolve(), api_port=api_port, log=lambda m: console.print(f"• {m}"))
+    fleet = DevFleet(
+        data_dir.resolve(), api_port=api_port, log=lambda m: console.print(f"• {escape(m)}")
+    )
     try:
         fleet.start()
         console.print(fleet_table(fleet.wait_for_devices([])))
         print(f"API {fleet.api_url}", flush=True)
-        console.print(fleet_table(fleet.publish_and_assign(should_stop=stop.is_set)))
+        print(f"TOKEN {fleet.token}", flush=True)
+        for detail in fleet.demo(should_stop=stop.is_set):
+            console.print(rollout_view(detail))
+            console.print(summary(detail))
+        if not stop.is_set():
+            console.print(fleet_table(fleet.wait_for_devices([])))
         console.print(f"OpenAPI docs at {fleet.api_url}/docs — Ctrl-C stops everything.")
         stop.wait()
     except (RuntimeError, PublishError, httpx.HTTPError) as exc:

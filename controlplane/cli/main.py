@@ -16,10 +16,14 @@ _GROUPS: dict[str, tuple[str, str, str]] = {
     "controlplane": ("controlplane.cli.serve", "app", "Run the control plane."),
     "keys": ("controlplane.cli.keys", "app", "Release and director keys; the lists agents pin."),
     "models": ("controlplane.cli.models", "app", "Publish signed model releases and list them."),
+    "rollouts": ("controlplane.cli.rollouts", "app", "Staged canary rollouts of model releases."),
+    "devices": ("controlplane.cli.devices", "app", "Devices: list, show, enroll, revoke."),
+    "tokens": ("controlplane.cli.tokens", "app", "API tokens: create, list, revoke."),
 }
 #: top-level commands -> (module, function)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "dev": ("controlplane.cli.dev", "dev"),
+    "login": ("controlplane.cli.login", "login"),
     "simulate": ("controlplane.cli.simulate", "simulate"),
 }
 

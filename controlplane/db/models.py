@@ -140,7 +140,25 @@ class TelemetryRow(Base):
     active_model: Mapped[str | None] = mapped_column(String(SHORT_LEN))
     inference: Mapped[list[Any]]
 
-    __table_args__ = (Index("ix_telemetry_device_id_ts", "device_id", "ts"),)
+    # Unique, so a QoS 1 redelivery (or the same message reaching two replicas
+    # around a reconnect) is stored once: an agent numbers heartbeats from 1
+    # each start, so (device, ts, seq) identifies one. Leading with
+    # (device_id, ts) it also serves "a device's latest telemetry".
+    __table_args__ = (
+        Index("uq_telemetry_device_id_ts_seq", "device_id", "ts", "seq", unique=True),
+    )
+
+
+class Lease(Base):
+    """A named lease (controlplane/leader.py): who holds it, until when, and how
+    many times it changed hands (``epoch``, the fencing token)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    expires_at: Mapped[float]
+    epoch: Mapped[int]
 
 
 class DeviceEvent(Base):
@@ -302,3 +320,100 @@ class DeviceSequence(Base):
     #: the ``last_sequence`` whose desired state the broker acknowledged; below
     #: ``last_sequence`` means the publisher still owes the device a message
     published_sequence: Mapped[int] = mapped_column(BigInteger)
+
+
+# --- rollouts (docs/rollouts.md) -------------------------------------------------
+
+ROLLOUT_ID_LEN = 32
+
+
+class Rollout(Base):
+    """One staged rollout of a release to the devices its selector matches.
+
+    ``spec`` is the validated spec as submitted; ``stage_index`` and
+    ``stage_started_at`` say where it stands. ``revision`` is bumped by every
+    state change, and each change is a conditional update on it, so two
+    writers (an engine tick and an API call, or two replicas) can never both
+    apply a change made from the same view.
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(ROLLOUT_ID_LEN), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    version: Mapped[str] = mapped_column(String(VERSION_LEN))
+    version_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False
+    )
+    spec: Mapped[dict[str, Any]]
+    #: ``active``, ``paused``, ``awaiting_approval``, ``completed``, ``aborted``,
+    #: ``rolled_back`` or ``superseded``
+    state: Mapped[str] = mapped_column(String(24), index=True)
+    stage_index: Mapped[int] = mapped_column(Integer)
+    stage_started_at: Mapped[float | None]
+    #: the stage index an operator approved (manual approval before a stage)
+    approved_stage: Mapped[int] = mapped_column(Integer, default=-1)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float]
+    updated_at: Mapped[float]
+    #: why the rollout is in its state, in words
+    reason: Mapped[str | None] = mapped_column(String(1024))
+    #: the latest gate evaluation of the current stage, as the engine measured it
+    last_gates: Mapped[list[Any] | None]
+
+
+class RolloutDevice(Base):
+    """A device the rollout matched, and where it stands in it."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(
+        String(ROLLOUT_ID_LEN), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        String(DEVICE_ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: the device's own tier when it joined (gates compare within a tier)
+    device_tier: Mapped[str | None] = mapped_column(String(16))
+    #: the variant it gets; None when incompatible
+    variant_tier: Mapped[str | None] = mapped_column(String(16))
+    #: position in the deterministic cohort order, from hash(rollout id, device id)
+    cohort_key: Mapped[str] = mapped_column(String(64))
+    #: ``pending``, ``assigned``, ``succeeded``, ``failed``, ``incompatible``,
+    #: ``rolled_back`` or ``superseded``
+    state: Mapped[str] = mapped_column(String(16))
+    #: the stage whose cohort it belongs to once assigned
+    stage_index: Mapped[int | None] = mapped_column(Integer)
+    assignment_id: Mapped[str | None] = mapped_column(String(SHORT_LEN))
+    assigned_at: Mapped[float | None]
+    #: the version it ran when it joined (``name@version``), where rollback goes
+    previous_ref: Mapped[str | None] = mapped_column(String(SHORT_LEN))
+    health: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(1024))
+    updated_at: Mapped[float]
+
+    __table_args__ = (
+        Index("ix_rollout_devices_rollout_id_state", "rollout_id", "state"),
+        Index("ix_rollout_devices_device_id", "device_id"),
+    )
+
+
+class RolloutDecision(Base):
+    """Something the engine or an operator decided, with the reason; the timeline."""
+
+    __tablename__ = "rollout_decisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(
+        String(ROLLOUT_ID_LEN), ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False
+    )
+    ts: Mapped[float]
+    #: e.g. ``created``, ``stage_started``, ``gate_failed``, ``rolled_back``
+    kind: Mapped[str] = mapped_column(String(32))
+    stage_index: Mapped[int | None] = mapped_column(Integer)
+    #: ``engine`` or ``operator``
+    actor: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(2048))
+    details: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (Index("ix_rollout_decisions_rollout_id_id", "rollout_id", "id"),)

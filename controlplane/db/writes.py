@@ -2,8 +2,9 @@
 
 One call writes one batch in one transaction with a handful of executemany
 statements, whatever the batch size. Events are inserted idempotently on
-``(device_id, seq)`` so a QoS 1 redelivery or an agent re-sending its spool
-is stored once.
+``(device_id, seq)`` and telemetry on ``(device_id, ts, seq)``, so a QoS 1
+redelivery, an agent re-sending its spool, or one message reaching two
+control-plane replicas is stored once.
 
 The statements on the hot path (telemetry, events, device liveness) are
 SQLAlchemy Core statements compiled once per dialect and executed with the
@@ -145,7 +146,9 @@ _DEVICE_KEYS = [
     "state_changed_at",
 ]
 
-_INSERT_TELEMETRY = FastStatement(lambda _d: insert(telemetry), _TELEMETRY_KEYS)
+_INSERT_TELEMETRY = FastStatement(
+    lambda d: insert_ignoring_conflicts(d, telemetry, ["device_id", "ts", "seq"]), _TELEMETRY_KEYS
+)
 _INSERT_EVENTS = FastStatement(
     lambda d: insert_ignoring_conflicts(d, events, ["device_id", "seq"]), _EVENT_KEYS
 )

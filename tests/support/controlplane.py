@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import protocol as p
 from controlplane.config import ControlPlaneSettings
 from controlplane.mosquitto import MosquittoBroker
+from tests.support import database
+from tests.support.auth import ADMIN_TOKEN
 
 SHA = "ab" * 32
 
@@ -17,8 +20,15 @@ SHA = "ab" * 32
 def cp_settings(
     data_dir: Path, broker: MosquittoBroker, credentials: tuple[str, str], **overrides: Any
 ) -> ControlPlaneSettings:
-    """Settings for a control plane on a free API port against ``broker``."""
+    """Settings for a control plane on a free API port against ``broker``.
+
+    Its first admin token is :data:`tests.support.auth.ADMIN_TOKEN`; send
+    ``ADMIN_HEADERS`` with every API call.
+    """
     username, password = credentials
+    # The CLI (in-process or as a subprocess) finds its token here, so
+    # `slmfleet models publish` in a test talks to this control plane as admin.
+    os.environ["SLMFLEET_TOKEN"] = ADMIN_TOKEN
     values: dict[str, Any] = {
         "data_dir": data_dir,
         "mqtt_url": broker.url,
@@ -26,7 +36,9 @@ def cp_settings(
         "mqtt_password": password,
         "api_port": 0,
         "ingest_flush_ms": 10,
+        "bootstrap_token": ADMIN_TOKEN,
     }
+    values.update(database.settings(overrides))
     values.update(overrides)
     return ControlPlaneSettings(**values)
 

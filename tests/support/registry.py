@@ -12,6 +12,8 @@ import httpx
 
 from controlplane.keyfiles import save_key
 from protocol import Tier, canonical_json, sign_key_list
+from tests.support import database
+from tests.support.auth import admin_client
 from tests.support.signer import TrustSimulator, make_variant
 
 
@@ -107,16 +109,15 @@ def publish(
     return envelope
 
 
-def registry_app(
+def registry_api(
     tmp_path: Path, sim: TrustSimulator | None = None, **settings: Any
 ) -> tuple[Any, Any]:
-    """The API over a fresh SQLite registry and artifact store, without a broker.
+    """The API app over a fresh registry (SQLite, or PostgreSQL when the test module
+    runs on it: tests/support/database.py) and artifact store, without a broker.
 
-    With ``sim``, the registry trusts its release keys. Returns ``(TestClient,
-    engine)``; dispose of the engine when done.
+    With ``sim``, the registry trusts its release keys. Returns ``(FastAPI
+    app, engine)``; dispose of the engine when done.
     """
-    from fastapi.testclient import TestClient
-
     from controlplane.api import create_app
     from controlplane.artifacts import ArtifactStore
     from controlplane.config import ControlPlaneSettings
@@ -128,7 +129,8 @@ def registry_app(
     trust_settings = write_trust(tmp_path / "keys", sim).settings() if sim else {}
     trust_settings.pop("director_keys_file", None)
     trust_settings.pop("director_key_files", None)
-    cfg = ControlPlaneSettings(data_dir=tmp_path / "cp", **trust_settings, **settings)
+    cfg = ControlPlaneSettings(data_dir=tmp_path / "cp", **trust_settings,
+                               **database.settings(settings), **settings)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(cfg.database_url)
     upgrade_to_head(engine)
@@ -140,4 +142,13 @@ def registry_app(
         trust=load_trust(cfg),
         artifacts=ArtifactStore(cfg.artifacts_dir, cfg.artifact_max_bytes).open(),
     )
-    return TestClient(create_app(context)), engine
+    return create_app(context), engine
+
+
+def registry_app(
+    tmp_path: Path, sim: TrustSimulator | None = None, **settings: Any
+) -> tuple[Any, Any]:
+    """:func:`registry_api` behind a TestClient that sends an admin token with every
+    request. Returns ``(TestClient, engine)``; dispose of the engine when done."""
+    app, engine = registry_api(tmp_path, sim, **settings)
+    return admin_client(app), engine

@@ -1,0 +1,158 @@
+"""``slmfleet rollouts``: start staged rollouts, watch them, and steer them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .api_client import SERVER_HELP, TOKEN_HELP, ApiClient, ApiError, api_call, fail
+from .output import OUTPUT_OPTION, Output, emit, emit_json
+from .rollout_view import rollout_view
+
+app = typer.Typer(help="Staged canary rollouts of model releases.", no_args_is_help=True)
+
+#: a spec file larger than this is certainly not a rollout spec
+MAX_SPEC_BYTES = 1 << 20
+#: rollout states after which nothing changes any more
+FINAL = {"completed", "aborted", "rolled_back", "superseded"}
+
+ServerOpt = typer.Option(None, "--server", help=SERVER_HELP)
+TokenOpt = typer.Option(None, "--token", help=TOKEN_HELP)
+
+
+@app.callback()
+def _group() -> None:
+    """Staged canary rollouts of model releases."""
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    """The spec in ``path`` (YAML or JSON) as a mapping; ``ValueError`` naming the problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ValueError(f"{path} is {len(raw)} bytes; a rollout spec is at most {MAX_SPEC_BYTES}")
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a rollout spec is a mapping (model, version, target, stages)")
+    return doc
+
+
+@app.command()
+def create(
+    file: Path = typer.Option(..., "--file", "-f", help="rollout spec (YAML or JSON)",
+                              dir_okay=False),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    output: Output = OUTPUT_OPTION,
+) -> None:
+    """Start a rollout from a spec file (see examples/rollout.yaml)."""
+    try:
+        spec = read_spec(file)
+        with ApiClient(server, token) as client:
+            detail = client.post("/v1/rollouts", spec)
+    except (ValueError, ApiError) as exc:
+        raise fail(exc) from exc
+    if output is Output.JSON:
+        emit_json(detail)
+        return
+    typer.echo(f"rollout {detail['id']} of {detail['model']}@{detail['version']} "
+               f"started: {detail['state']}; follow it with `slmfleet rollouts watch "
+               f"{detail['id']}`")
+
+
+@app.command("list")
+def list_(
+    state: str | None = typer.Option(None, "--state", help="only rollouts in this state"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    output: Output = OUTPUT_OPTION,
+) -> None:
+    """Rollouts, newest first."""
+    items = api_call(server, token, lambda client: list(client.pages("/v1/rollouts", state=state)))
+    table = Table(title="rollouts")
+    for column in ("id", "release", "state", "stage", "created", "reason"):
+        table.add_column(column)
+    for r in items:
+        table.add_row(r["id"], f"{r['model']}@{r['version']}", r["state"],
+                      f"{r['stage']}/{r['stages']} ({r['percent']:g} %)",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
+                      r["reason"] or "")
+    emit(output, items, table)
+
+
+@app.command()
+def show(
+    rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    output: Output = OUTPUT_OPTION,
+) -> None:
+    """Stages, tiers, gates and timeline of one rollout."""
+    detail = api_call(server, token, lambda client: client.get(f"/v1/rollouts/{rollout_id}"))
+    if output is Output.JSON:
+        emit_json(detail)
+        return
+    Console().print(rollout_view(detail))
+
+
+@app.command()
+def watch(
+    rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
+    interval: float = typer.Option(1.0, "--interval", min=0.2, max=60, help="seconds per refresh"),
+    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="stop watching after this"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """A live view of a rollout until it completes, rolls back or is aborted."""
+    deadline = time.monotonic() + timeout
+    try:
+        with ApiClient(server, token) as client:
+            detail = client.get(f"/v1/rollouts/{rollout_id}")
+            with Live(rollout_view(detail), refresh_per_second=4) as live:
+                while detail["state"] not in FINAL and time.monotonic() < deadline:
+                    time.sleep(interval)
+                    detail = client.get(f"/v1/rollouts/{rollout_id}")
+                    live.update(rollout_view(detail))
+    except ApiError as exc:
+        raise fail(exc) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    typer.echo(f"{rollout_id}: {detail['state']}")
+
+
+def _action(name: str, doc: str) -> None:
+    def command(
+        rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
+        reason: str | None = typer.Option(None, "--reason", help="recorded in the timeline"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        try:
+            with ApiClient(server, token) as client:
+                detail = client.post(f"/v1/rollouts/{rollout_id}/{name}",
+                                     {"reason": reason} if reason else None)
+        except ApiError as exc:
+            raise fail(exc) from exc
+        typer.echo(f"{rollout_id}: {detail['state']}")
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+_action("pause", "Stop sending anything new; devices keep what they have.")
+_action("resume", "Continue a paused rollout; the current stage bakes afresh.")
+_action("approve", "Let a stage that waits for approval start.")
+_action("abort", "End the rollout; devices keep what they run now.")
+_action("rollback", "Send every device the rollout touched back to its previous version.")
