@@ -87,6 +87,11 @@ class ControlPlaneSettings(BaseModel):
     #: a device silent for this many heartbeats is marked offline
     offline_after_missed: PositiveInt = 3
     liveness_check_interval_s: PositiveFloat = 10.0
+    #: how often the rollout engine evaluates live rollouts
+    rollout_tick_s: PositiveFloat = 5.0
+    #: replicas elect the one that runs the rollout engine and re-signing with a
+    #: lease of this length in the database; a dead leader is replaced within it
+    leader_lease_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 15.0
     ingest_batch_max: Annotated[int, Field(ge=1, le=100_000)] = 500
     ingest_flush_ms: PositiveFloat = 50.0
     #: bound on decoded messages waiting for the writer; a full queue blocks the

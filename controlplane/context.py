@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,3 +44,5 @@ class AppContext:
     trust: Trust = NO_TRUST
     artifacts: ArtifactStore | None = None
     director: Director | None = None
+    #: True while this replica holds the leader lease; None: no election runs
+    is_leader: Callable[[], bool] | None = None

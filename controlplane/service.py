@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 MQTT_READY_TIMEOUT_S = 10.0
 API_READY_TIMEOUT_S = 10.0
 API_STOP_TIMEOUT_S = 5.0
-#: how often the rollout engine evaluates live rollouts
-ROLLOUT_TICK_S = 5.0
-#: the leader lease (controlplane/leader.py): a dead leader is replaced within this
-LEADER_LEASE_S = 15.0
 
 
 class ControlPlane:
@@ -54,12 +50,13 @@ class ControlPlane:
     """
 
     def __init__(
-        self, settings: ControlPlaneSettings, *, rollout_tick_s: float = ROLLOUT_TICK_S,
-        leader_lease_s: float = LEADER_LEASE_S,
+        self, settings: ControlPlaneSettings, *, rollout_tick_s: float | None = None,
+        leader_lease_s: float | None = None,
     ) -> None:
         self.settings = settings
-        self.rollout_tick_s = rollout_tick_s
-        self.leader_lease_s = leader_lease_s
+        #: the settings' figures unless given here (tests, the demo)
+        self.rollout_tick_s = rollout_tick_s or settings.rollout_tick_s
+        self.leader_lease_s = leader_lease_s or settings.leader_lease_s
         self.leader: LeaderElector | None = None
         self._durable_attached = False
         self.rollouts: RolloutEngine | None = None
@@ -168,6 +165,7 @@ class ControlPlane:
             trust=trust,
             artifacts=artifacts,
             director=self.director,
+            is_leader=lambda: self.leader is not None and self.leader.is_leader,
         )
         self._serve(create_app(context), sock)
         log.info("control plane API at %s", self.api_url)

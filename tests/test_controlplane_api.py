@@ -347,7 +347,7 @@ def test_healthz_reports_mqtt_down_with_503(fleet: TestClient) -> None:
     # the ingest of this app was never started, so it is not subscribed
     r = fleet.get("/healthz")
     assert r.status_code == 503
-    assert r.json() == {"status": "degraded", "database": True, "mqtt": False}
+    assert r.json() == {"status": "degraded", "database": True, "mqtt": False, "leader": None}
 
 
 def test_healthz_reports_an_unreachable_database(app_factory: Any, tmp_path: Path) -> None:

@@ -1,24 +1,38 @@
-"""Two control-plane replicas on one PostgreSQL database and one broker: the ingest
-is split through an MQTT v5 shared subscription and every telemetry message is
-stored exactly once, redeliveries included."""
+"""Control-plane replicas on one PostgreSQL database and one broker: the ingest is
+split through an MQTT v5 shared subscription and every telemetry message is
+stored exactly once, redeliveries included; the leader lease moves the rollout
+engine to a surviving replica when the leader is killed."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
 import protocol as p
 from agent.profiles import default_profiles_dir, load_profiles
-from controlplane.db import TelemetryRow
+from controlplane.db import TelemetryRow, make_engine
+from controlplane.db.models import AssignmentRecord
 from controlplane.fleetsim import FleetSimulator, Scenario
 from controlplane.service import ControlPlane
+from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, telemetry, wait_until
 from tests.support.mqtt import RawClient
+from tests.support.registry import publish, write_trust
+from tests.support.rollout_fleet import Behaviour, SimFleet, ids
+from tests.support.serve import ServeProcess, write_config
+from tests.support.signer import TrustSimulator
 
 GROUP = "slmfleet-cp"
+LEASE_S = 3.0
+MODEL = "smollm2"
+BEHAVIOURS = {"1.0.0": Behaviour(tokens_per_s=80.0), "1.1.0": Behaviour(tokens_per_s=81.0)}
 
 
 @pytest.fixture
@@ -80,3 +94,88 @@ def test_two_replicas_store_every_message_exactly_once(replicas, broker, cp_cred
         assert _telemetry_rows(a, "repl") == sent + 20
     finally:
         dup.close()
+
+
+def _healthz(api_url: str) -> dict[str, Any]:
+    try:
+        return httpx.get(f"{api_url}/healthz", timeout=5).json()
+    except httpx.HTTPError:
+        return {}
+
+
+def test_leader_killed_mid_rollout_the_other_replica_finishes_it(
+    tmp_path: Path, broker, cp_credentials, postgres_url: str,
+) -> None:
+    """Two `slmfleet controlplane serve` replicas on one PostgreSQL database. The
+    leader is SIGKILLed halfway through a stage's bake: the other replica takes
+    the lease within one lease period and completes the rollout, with every
+    device assigned exactly once and no stage started twice."""
+    sim = TrustSimulator()
+    trust = write_trust(tmp_path / "keys", sim)
+    username, password = cp_credentials
+    common: dict[str, Any] = {
+        "mqtt_url": broker.url, "mqtt_username": username, "mqtt_password": password,
+        "api_port": 0, "ingest_flush_ms": 10, "bootstrap_token": ADMIN_TOKEN,
+        "database_url": postgres_url, "mqtt_shared_group": GROUP,
+        "rollout_tick_s": 1.0, "leader_lease_s": LEASE_S, **trust.settings(),
+    }
+    first = ServeProcess(write_config(tmp_path / "a.toml", data_dir=tmp_path / "a", **common))
+    second: ServeProcess | None = None
+    fleet = SimFleet(broker, sim)
+    engine = make_engine(postgres_url)
+    try:
+        wait_until(lambda: _healthz(first.api_url).get("leader") is True, 10, "a leader")
+        second = ServeProcess(write_config(tmp_path / "b.toml", data_dir=tmp_path / "b",
+                                           **common))
+        assert _healthz(second.api_url)["leader"] is False, "two leaders"
+
+        api = httpx.Client(base_url=first.api_url, headers=ADMIN_HEADERS, timeout=10)
+        publish(api, sim, MODEL, "1.0.0", (p.Tier.SMALL,))
+        publish(api, sim, MODEL, "1.1.0", (p.Tier.SMALL,))
+        labels = {"test": secrets.token_hex(4)}
+        devices = [fleet.add(d, "small", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
+                   for d in ids("fail", 8)]
+        wait_until(lambda: len(api.get("/v1/devices", params={
+            "label": f"test={labels['test']}", "online": True}).json()["items"]) == 8,
+            15, "the simulated devices online")
+        r = api.post("/v1/rollouts", json={
+            "model": MODEL, "version": "1.1.0", "target": {"labels": labels},
+            "stages": [{"percent": 25, "bake_s": 0}, {"percent": 50, "bake_s": 8},
+                       {"percent": 100, "bake_s": 0}]})
+        assert r.status_code == 201, r.text
+        rollout_id = r.json()["id"]
+        wait_until(lambda: api.get(f"/v1/rollouts/{rollout_id}").json()["counts"].get(
+            "succeeded") == 4, 30, "stage 2 installed")
+        api.close()
+
+        first.kill()
+        killed_at = time.monotonic()
+        wait_until(lambda: _healthz(second.api_url).get("leader") is True, 2 * LEASE_S,
+                   "the other replica to take over")
+        takeover_s = time.monotonic() - killed_at
+        # Within one lease period, plus one renewal interval and polling slack.
+        assert takeover_s <= LEASE_S + LEASE_S / 4 + 1.0, takeover_s
+
+        api = httpx.Client(base_url=second.api_url, headers=ADMIN_HEADERS, timeout=10)
+        done = wait_until(lambda: (d := api.get(f"/v1/rollouts/{rollout_id}").json())[
+            "state"] == "completed" and d, 40, "the rollout to complete on the new leader")
+        api.close()
+        assert done["counts"] == {"succeeded": 8}, done["counts"]
+        kinds = [d["kind"] for d in done["timeline"]]
+        assert kinds.count("stage_started") == 2 and kinds.count("completed") == 1, kinds
+        with engine.connect() as conn:
+            assigned = dict(conn.execute(
+                select(AssignmentRecord.device_id, func.count())
+                .where(AssignmentRecord.rollout_id == rollout_id,
+                       AssignmentRecord.kind == "assign")
+                .group_by(AssignmentRecord.device_id)).all())
+        assert assigned == {d.device_id: 1 for d in devices}, assigned
+        for device in devices:
+            assert device.active == (MODEL, "1.1.0"), device.device_id
+            assert [v.manifest.version for v in device.received] == ["1.1.0"]
+    finally:
+        fleet.close()
+        engine.dispose()
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()

@@ -108,7 +108,7 @@ def test_the_control_plane_ingests_over_mqtts_and_serves_https(
 ) -> None:
     assert plane.api_url.startswith("https://127.0.0.1:")
     health = httpx.get(f"{plane.api_url}/healthz", verify=_trust(pki)).json()
-    assert health == {"status": "ok", "database": True, "mqtt": True}
+    assert health == {"status": "ok", "database": True, "mqtt": True, "leader": True}
 
     password = provision_device_tls(tls_broker, "tls-dev-2", pki)
     device = _tls_client(tls_broker, "tls-dev-2", password, pki.ca_file)

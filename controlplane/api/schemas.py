@@ -70,6 +70,9 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: bool
     mqtt: bool
+    #: whether this replica holds the leader lease (runs the rollout engine and
+    #: re-signing); None where no election runs
+    leader: bool | None = None
 
 
 class IngestStats(BaseModel):

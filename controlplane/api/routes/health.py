@@ -29,4 +29,6 @@ def healthz(context: ContextDep, response: Response) -> Health:
     healthy = database and mqtt
     if not healthy:
         response.status_code = 503
-    return Health(status="ok" if healthy else "degraded", database=database, mqtt=mqtt)
+    leader = context.is_leader() if context.is_leader is not None else None
+    return Health(status="ok" if healthy else "degraded", database=database, mqtt=mqtt,
+                  leader=leader)
