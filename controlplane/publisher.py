@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from sqlalchemy import Engine, and_, bindparam, select, update
+from sqlalchemy import Engine, bindparam, select, update
 
 from protocol import TOPIC_ROOT, TopicKind, device_topic
 
@@ -282,23 +282,31 @@ class DesiredPublisher:
     def _owed(self) -> list[_Owed]:
         seq = DeviceSequence.__table__
         rec = AssignmentRecord.__table__
-        # One statement, so the sequence and the envelope come from one snapshot.
-        query = (
-            select(seq.c.device_id, seq.c.last_sequence, rec.c.envelope)
-            .select_from(
-                seq.outerjoin(
-                    rec, and_(rec.c.device_id == seq.c.device_id, rec.c.status == "active")
-                )
-            )
-            .where(seq.c.published_sequence != seq.c.last_sequence)
-            .order_by(seq.c.device_id)
-            .limit(BATCH)
-        )
+        # Two statements, sequences first: an outer join of the two tables
+        # sorted by device made SQLite walk the assignments for every owed row
+        # (seconds per batch at 10,000 devices). An assignment committed in
+        # between only makes the envelope newer than the number recorded
+        # for it, which leaves the device owed and re-published next pass;
+        # never the other way round.
         with self._engine.connect() as conn:
-            rows = conn.execute(query).all()
+            owed = conn.execute(
+                select(seq.c.device_id, seq.c.last_sequence)
+                .where(seq.c.published_sequence != seq.c.last_sequence)
+                .order_by(seq.c.device_id)
+                .limit(BATCH)
+            ).all()
+            if not owed:
+                return []
+            envelopes = dict(conn.execute(
+                select(rec.c.device_id, rec.c.envelope).where(
+                    rec.c.device_id.in_([device_id for device_id, _ in owed]),
+                    rec.c.status == "active",
+                )
+            ).all())
         return [
-            _Owed(device_id, int(last), envelope.encode("utf-8") if envelope else b"")
-            for device_id, last, envelope in rows
+            _Owed(device_id, int(last),
+                  envelopes[device_id].encode("utf-8") if envelopes.get(device_id) else b"")
+            for device_id, last in owed
         ]
 
     def drain_once(self) -> bool:

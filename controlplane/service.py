@@ -10,7 +10,6 @@ import time
 from types import FrameType
 
 import uvicorn
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
@@ -25,7 +24,7 @@ from .leader import LeaderElector, LeaderLease
 from .liveness import add_liveness_job
 from .publisher import DesiredPublisher
 from .rollouts import RolloutEngine, add_rollout_job, remove_rollout_engine
-from .scheduler import DURABLE_JOBSTORE, DURABLE_TABLE, create_scheduler
+from .scheduler import DURABLE_JOBSTORE, create_scheduler, durable_jobstore
 from .trust import load_trust
 
 log = logging.getLogger(__name__)
@@ -179,9 +178,7 @@ class ControlPlane:
             epoch = self.leader.lease.epoch if self.leader is not None else 0
             log.info("leading the control planes (lease epoch %d): rollout engine and "
                      "re-signing run here", epoch)
-            scheduler.add_jobstore(
-                SQLAlchemyJobStore(engine=self.engine, tablename=DURABLE_TABLE), DURABLE_JOBSTORE
-            )
+            scheduler.add_jobstore(durable_jobstore(self.engine), DURABLE_JOBSTORE)
             self._durable_attached = True
             add_resign_job(scheduler, director, margin_s=self.settings.resign_margin,
                            interval_s=self.settings.resign_interval)

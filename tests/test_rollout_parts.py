@@ -70,6 +70,12 @@ def test_regression_gates_compare_within_a_tier() -> None:
     lonely = {r.gate: r for r in evaluate(gates, _members([("succeeded", None)]), new, {})}
     assert lonely["min_tokens_per_s_ratio"].verdict == "pass"
     assert "baseline" in lonely["min_tokens_per_s_ratio"].note
+    # No data on the new version: the gates cannot judge it, so the stage waits.
+    unserved = evaluate(gates, _members([("succeeded", "passed")]), {}, old)
+    assert {r.gate: r.verdict for r in unserved if r.tier == "micro"} == {
+        "max_error_rate": "wait", "max_p95_latency_ratio": "wait",
+        "min_tokens_per_s_ratio": "wait"}
+    assert overall(unserved) == "wait"
 
 
 def test_metric_sums_weight_percentiles_by_requests() -> None:

@@ -115,13 +115,17 @@ def _tier_gates(
     out: list[GateResult] = []
     has_new = new is not None and new.requests >= gates.min_requests
     has_old = old is not None and old.requests >= gates.min_requests
+    # Without inference data on the new version a regression gate cannot
+    # judge it, and passing blind would let a release that serves nothing (or
+    # a broken load path) through: such gates wait. A missing baseline (every
+    # device of the tier already moved) has nothing to compare with: passes.
+    waiting_note = f"waiting for {gates.min_requests} request(s) on the new version"
     if gates.max_error_rate is not None:
         rate = new.error_rate if has_new and new is not None else None
-        out.append(GateResult(
-            "max_error_rate",
-            "pass" if rate is None or rate <= gates.max_error_rate else "fail",
-            rate, gates.max_error_rate, tier, "" if rate is not None else "no requests yet",
-        ))
+        verdict: Verdict = ("wait" if rate is None
+                            else "pass" if rate <= gates.max_error_rate else "fail")
+        out.append(GateResult("max_error_rate", verdict, rate, gates.max_error_rate, tier,
+                              "" if rate is not None else waiting_note))
     if gates.max_crashes is not None:
         crashes = (new.crashes + new.ooms) if new is not None else 0
         out.append(GateResult(
@@ -135,10 +139,12 @@ def _tier_gates(
     for name, threshold, metric, upper in comparisons:
         if threshold is None:
             continue
-        if not (has_new and has_old):
-            missing = "new version" if not has_new else "old version (baseline)"
+        if not has_new:
+            out.append(GateResult(name, "wait", None, threshold, tier, waiting_note))
+            continue
+        if not has_old:
             out.append(GateResult(name, "pass", None, threshold, tier,
-                                  f"no inference data for the {missing} in this tier"))
+                                  "no inference data for the old version (baseline) in this tier"))
             continue
         assert new is not None and old is not None
         ratio = _ratio(getattr(new, metric), getattr(old, metric))

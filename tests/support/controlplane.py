@@ -43,16 +43,22 @@ def cp_settings(
     return ControlPlaneSettings(**values)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; return that."""
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+    poll: float = 0.02,
+) -> Any:
+    """Poll ``predicate`` every ``poll`` s until it returns something truthy; return that.
+
+    Raises AssertionError naming ``what`` after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
 
 
 def hello(

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import protocol as p
 from controlplane.mosquitto import MosquittoBroker
+from tests.support.controlplane import wait_until
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 
@@ -252,15 +253,8 @@ class SimFleet:
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str,
              poll: float = 0.05) -> object:
-    """Poll ``predicate`` until truthy; AssertionError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(poll)
+    """:func:`tests.support.controlplane.wait_until`, polling a little less often."""
+    return wait_until(predicate, timeout, what, poll)
 
 
 def ids(prefix: str, n: int) -> Iterable[str]:

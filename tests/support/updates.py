@@ -26,6 +26,7 @@ from protocol.keys import KeyList, sign_key_list
 from protocol.manifest import GoldenPrompt, HealthCheck, RuntimeDefaults, Variant
 from protocol.signing import SigningKey
 from tests.support.agents import AgentProcess, write_agent_config
+from tests.support.controlplane import wait_until
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import RawClient
 from tests.support.signer import TrustSimulator
@@ -46,18 +47,8 @@ FINAL_EVENTS = frozenset({
 })
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.02
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(poll)
+#: the name these helpers' users know it by
+wait_for = wait_until
 
 
 def file_sha256(path: Path) -> str:

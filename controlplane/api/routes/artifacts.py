@@ -18,7 +18,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from controlplane.api.deps import ContextDep, SessionDep
+from controlplane.api.deps import ContextDep
 from controlplane.api.schemas_registry import ArtifactOut
 from controlplane.artifacts import (
     ArtifactConflict,
@@ -80,14 +80,17 @@ _READ_RESPONSES: dict[int | str, dict[str, str]] = {
     responses=_READ_RESPONSES,
     operation_id="get_artifact",
 )
-def get_artifact_file(path: str, context: ContextDep, session: SessionDep) -> Response:
+def get_artifact_file(path: str, context: ContextDep) -> Response:
     """The artifact's bytes; honours ``Range`` and ``If-Range``."""
     store = _store(context)
     try:
         file = store.file_for(path)
     except BadArtifactPath as exc:
         raise HTTPException(404, detail=f"artifact {path!r} not found") from exc
-    record = get_artifact(session, path)
+    # A session of its own, closed before the body streams: a request-scoped
+    # one would stay checked out of the pool for the whole download, and a
+    # stage of devices fetching a large model at once would starve the API.
+    record = _lookup(context, path)
     if record is None or not file.is_file():
         raise HTTPException(404, detail=f"artifact {path!r} not found")
     return FileResponse(
