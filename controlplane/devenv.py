@@ -204,6 +204,9 @@ class DevFleet:
             director_keys_file=keys.director_keys_file,
             director_key_files=[keys.director_key],
             dev_mode=True,
+            # The demo prints a token of its own each run (below); a first-start
+            # token nobody is shown keeps the output to that one TOKEN line.
+            bootstrap_token=secrets.token_urlsafe(32),
         )
         self.log("starting the control plane (SQLite)")
         self.controlplane = ControlPlane(settings, rollout_tick_s=DEMO_TICK_S)
