@@ -58,6 +58,7 @@ class ControlPlane:
         self.leader_lease_s = leader_lease_s or settings.leader_lease_s
         self.leader: LeaderElector | None = None
         self._durable_attached = False
+        self._stopping = False
         self.rollouts: RolloutEngine | None = None
         self.engine: Engine | None = None
         self.ingest: MqttIngest | None = None
@@ -185,7 +186,10 @@ class ControlPlane:
             add_rollout_job(scheduler, rollouts, interval_s=self.rollout_tick_s,
                             jobstore=DURABLE_JOBSTORE, key=self._engine_key)
             return
-        log.warning("no longer leading: the rollout engine and re-signing stop here")
+        # Expected on a clean stop; anywhere else the lease was lost (database
+        # unreachable or too slow) and an operator may want to know.
+        log.log(logging.INFO if self._stopping else logging.WARNING,
+                "no longer leading: the rollout engine and re-signing stop here")
         if scheduler.get_job(RESIGN_JOB_ID) is not None:
             scheduler.remove_job(RESIGN_JOB_ID)
         if self._durable_attached:
@@ -247,6 +251,7 @@ class ControlPlane:
             if thread.is_alive():
                 server.force_exit = True  # type: ignore[union-attr]
                 thread.join(API_STOP_TIMEOUT_S)
+        self._stopping = True
         leader, self.leader = self.leader, None
         if leader is not None:
             # Hand over at once on a clean stop; a killed leader's lease runs out.
