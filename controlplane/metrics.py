@@ -8,12 +8,18 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .context import AppContext
+from .db.models import Rollout, RolloutDevice
 from .db.queries import count_devices_by_tier_and_state
 
 log = logging.getLogger(__name__)
+
+#: rollout states still moving (exported); the others are history
+MOVING_STATES = ("active", "paused", "awaiting_approval", "rolling_back")
+_VERDICT = {"pass": 1, "wait": 0, "fail": -1}
 
 
 class ControlPlaneCollector(Collector):
@@ -59,6 +65,62 @@ class ControlPlaneCollector(Collector):
                 value=stats.last_batch_ms / 1000.0,
             )
         yield from self._device_metrics()
+        yield from self._rollout_metrics()
+
+    def _rollout_metrics(self) -> Iterator[Metric]:
+        """Stage, device states and the latest gate evaluation of each rollout in progress.
+
+        Only rollouts still moving (not completed, aborted, rolled back or
+        superseded) are exported, which keeps the label sets few.
+        """
+        try:
+            with self._context.engine.connect() as conn:
+                live = conn.execute(
+                    select(Rollout.id, Rollout.model_name, Rollout.version, Rollout.state,
+                           Rollout.stage_index, Rollout.last_gates)
+                    .where(Rollout.state.in_(MOVING_STATES))
+                ).all()
+                counts = conn.execute(
+                    select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())
+                    .where(RolloutDevice.rollout_id.in_([r.id for r in live]))
+                    .group_by(RolloutDevice.rollout_id, RolloutDevice.state)
+                ).all() if live else []
+        except SQLAlchemyError as exc:
+            log.warning("metrics: cannot read rollouts: %s", exc)
+            return
+        stage = GaugeMetricFamily(
+            "slmfleet_rollout_stage", "current stage (1-based) of each rollout in progress",
+            labels=["rollout", "model", "version", "state"],
+        )
+        devices = GaugeMetricFamily(
+            "slmfleet_rollout_devices", "devices of each rollout in progress by their state",
+            labels=["rollout", "state"],
+        )
+        value = GaugeMetricFamily(
+            "slmfleet_rollout_gate_value", "what the latest evaluation of a gate measured",
+            labels=["rollout", "gate", "tier"],
+        )
+        threshold = GaugeMetricFamily(
+            "slmfleet_rollout_gate_threshold", "the threshold that gate is held to",
+            labels=["rollout", "gate", "tier"],
+        )
+        verdict = GaugeMetricFamily(
+            "slmfleet_rollout_gate_passing",
+            "1 when the gate passes, 0 while it waits, -1 when it failed",
+            labels=["rollout", "gate", "tier"],
+        )
+        for r in live:
+            stage.add_metric([r.id, r.model_name, r.version, r.state], r.stage_index + 1)
+            for gate in r.last_gates or []:
+                labels = [r.id, str(gate.get("gate")), str(gate.get("tier") or "all")]
+                if gate.get("measured") is not None:
+                    value.add_metric(labels, float(gate["measured"]))
+                if gate.get("threshold") is not None:
+                    threshold.add_metric(labels, float(gate["threshold"]))
+                verdict.add_metric(labels, _VERDICT.get(str(gate.get("verdict")), 0))
+        for rollout_id, state, count in counts:
+            devices.add_metric([rollout_id, state], count)
+        yield from (stage, devices, value, threshold, verdict)
 
     def _device_metrics(self) -> Iterator[Metric]:
         try:

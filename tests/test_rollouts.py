@@ -283,6 +283,14 @@ def test_paused_rollout_sends_nothing_and_an_offline_device_catches_up(
     time.sleep(6 * TICK_S)
     assert set(_assignments(cp, rollout_id)) == first  # nothing new while paused
 
+    # Operators see the same on /metrics: the stage it waits in, and its devices.
+    scraped = api.get("/metrics").text
+    assert f'slmfleet_rollout_stage{{model="{MODEL}",rollout="{rollout_id}",state="paused",' \
+           'version="1.1.0"} 2.0' in scraped
+    assigned = sum(1 for _ in first)
+    assert f'slmfleet_rollout_devices{{rollout="{rollout_id}",state="succeeded"}} ' \
+           f'{float(assigned)}' in scraped
+
     assert api.post(f"/v1/rollouts/{rollout_id}/resume").status_code == 200
     # Resumed into the stage it was paused in; it still needs the approval.
     detail = _wait_state(api, rollout_id, {"awaiting_approval"})
