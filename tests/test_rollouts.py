@@ -58,15 +58,17 @@ def cp_dir(tmp_path_factory: pytest.TempPathFactory):
     return tmp_path_factory.mktemp("cp")
 
 
-def start_cp(cp_dir, broker: MosquittoBroker, cp_credentials: Any, trust: TrustFiles
-             ) -> ControlPlane:
-    settings = cp_settings(cp_dir, broker, cp_credentials, **trust.settings())
+def start_cp(cp_dir, broker: MosquittoBroker, cp_credentials: Any, trust: TrustFiles,
+             database_url: str | None = None) -> ControlPlane:
+    """A control plane in ``cp_dir``; ``database_url`` to reopen an earlier one's database."""
+    given = {"database_url": database_url} if database_url else {}
+    settings = cp_settings(cp_dir, broker, cp_credentials, **trust.settings(), **given)
     return ControlPlane(settings, rollout_tick_s=TICK_S).start()
 
 
 @pytest.fixture(scope="module")
 def cp(cp_dir, broker: MosquittoBroker, cp_credentials: Any, trust: TrustFiles,
-       sim: TrustSimulator) -> Iterator[ControlPlane]:
+       sim: TrustSimulator, database_backend: str) -> Iterator[ControlPlane]:
     plane = start_cp(cp_dir, broker, cp_credentials, trust)
     with httpx.Client(base_url=plane.api_url, headers=ADMIN_HEADERS) as client:
         tiers = (p.Tier.MICRO, p.Tier.SMALL)
@@ -415,11 +417,12 @@ def test_restart_mid_rollout_resumes_at_the_right_stage(
         return _rollout(api, rollout_id)["counts"].get("succeeded") == 2
 
     wait_for(canary_done, 15, "the canary updated")
+    database_url = cp.settings.database_url
     cp.stop()  # mid-bake of stage 1
-    before = _assignments_in(cp_dir, rollout_id)
+    before = _assignments_in(database_url, rollout_id)
     assert len(before) == 2
 
-    restarted = start_cp(cp_dir, broker, cp_credentials, trust)
+    restarted = start_cp(cp_dir, broker, cp_credentials, trust, database_url)
     try:
         with httpx.Client(base_url=restarted.api_url, headers=ADMIN_HEADERS) as again:
             detail = _rollout(again, rollout_id)
@@ -436,10 +439,10 @@ def test_restart_mid_rollout_resumes_at_the_right_stage(
         restarted.stop()
 
 
-def _assignments_in(cp_dir, rollout_id: str) -> dict[str, int]:
+def _assignments_in(database_url: str, rollout_id: str) -> dict[str, int]:
     from controlplane.db import make_engine
 
-    engine = make_engine(f"sqlite:///{cp_dir / 'controlplane.db'}")
+    engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
