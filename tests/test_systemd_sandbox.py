@@ -17,7 +17,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import pytest
 import protocol as p
 from controlplane.mosquitto import MosquittoBroker, free_port
 from tests.support.agents import write_agent_config
+from tests.support.controlplane import wait_until
 from tests.support.mqtt import RawClient
 from tests.support.systemd_ns import SHARE, NamespacedSystemd, unavailable_reason
 from tests.support.units import AGENT_UNIT, CONTROLPLANE_UNIT, REPO, SYSUSERS_CONF
@@ -128,14 +129,6 @@ def _dropin(command: str, log_name: str, *extra: str) -> str:
         "StandardError=inherit",
         *extra,
     ]) + "\n"
-
-
-def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -256,11 +249,16 @@ def test_agent_starts_under_its_unit_and_reports_ready(
     started = manager.run("systemctl", "start", AGENT, check=False, timeout=60)
     log = (manager.share / "agent.log").read_text()
     assert started.returncode == 0, f"{started.stderr}\n{log}"
-    props = manager.show(AGENT, "ActiveState", "SubState", "StatusText", "NRestarts")
-    assert props == {"ActiveState": "active", "SubState": "running",
-                     "StatusText": "connected to broker", "NRestarts": "0"}
+    # READY=1 may come first from the local API serving ("serving locally ...");
+    # the status says "connected to broker" once the link is up.
+    def show() -> dict[str, str]:
+        return manager.show(AGENT, "ActiveState", "SubState", "StatusText", "NRestarts")
 
-    _wait(lambda: watcher.last(p.TopicKind.HELLO), 5, "retained hello")
+    wait_until(lambda: show()["StatusText"] == "connected to broker", 15, "the broker connection")
+    assert show() == {"ActiveState": "active", "SubState": "running",
+                      "StatusText": "connected to broker", "NRestarts": "0"}
+
+    wait_until(lambda: watcher.last(p.TopicKind.HELLO), 5, "retained hello")
     hello = watcher.last(p.TopicKind.HELLO)
     # The probe saw the real machine through the sandbox.
     assert hello.capabilities.ram_bytes > 0
@@ -273,7 +271,7 @@ def test_agent_starts_under_its_unit_and_reports_ready(
     assert stopped.returncode == 0, stopped.stderr
     assert manager.show(AGENT, "Result", "ActiveState") == {"Result": "success",
                                                             "ActiveState": "inactive"}
-    _wait(lambda: watcher.last(p.TopicKind.STATE).state == p.DeviceState.OFFLINE, 5,
+    wait_until(lambda: watcher.last(p.TopicKind.STATE).state == p.DeviceState.OFFLINE, 5,
           "state=offline after a clean stop")
 
 
@@ -287,9 +285,9 @@ def test_watchdog_restarts_a_hung_agent(
                                                                "NRestarts": "0"}
     hung = manager.show(AGENT, "MainPID")["MainPID"]
     manager.run("kill", f"-{signal.SIGSTOP.value}", hung)
-    _wait(lambda: manager.show(AGENT, "NRestarts")["NRestarts"] == "1", 10,
+    wait_until(lambda: manager.show(AGENT, "NRestarts")["NRestarts"] == "1", 10,
           "a watchdog restart")
-    _wait(lambda: manager.show(AGENT, "ActiveState")["ActiveState"] == "active", 10,
+    wait_until(lambda: manager.show(AGENT, "ActiveState")["ActiveState"] == "active", 10,
           "the restarted agent")
     assert manager.show(AGENT, "MainPID")["MainPID"] != hung
 
@@ -320,7 +318,7 @@ def test_controlplane_serves_under_its_unit(
                 return False
 
         try:
-            _wait(healthy, 30, "the control plane's /healthz")
+            wait_until(healthy, 30, "the control plane's /healthz")
         except AssertionError:
             raise AssertionError((manager.share / "controlplane.log").read_text()) from None
         manager.run("systemctl", "stop", unit)
