@@ -30,9 +30,9 @@ from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.runtime import InferenceRuntime
 from agent.inference.spec import ModelSpec
 from agent.runtime import EffectiveRuntime
+from controlplane.model_cache import smollm2_path
 
-MODEL = Path(os.environ.get("SLMFLEET_CACHE", Path.home() / ".cache" / "slmfleet")) \
-    / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = smollm2_path()
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
 ROUNDS = 5

@@ -20,7 +20,6 @@ by a bare httpx stream written to disk with no checks at all. Target (issue
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,18 +31,15 @@ from _common import report, scratch_broker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from controlplane.model_cache import smollm2_path
+
 DEVICE = "bench-update"
 ROUNDS = 3
 THROUGHPUT_ROUNDS = 5
-MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _model_path() -> Path:
-    cache = Path(
-        os.environ.get("SLMFLEET_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slmfleet"
-    )
-    path = cache / "models" / MODEL
+    path = smollm2_path()
     if not path.is_file():
         raise SystemExit(f"model missing at {path}: run scripts/bootstrap.sh")
     return path

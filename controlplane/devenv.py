@@ -33,11 +33,9 @@ from .auth.roles import Role
 from .config import ControlPlaneSettings
 from .db import session_factory
 from .keyfiles import build_key_list, generate_key, read_private_key, write_atomic
+from .model_cache import smollm2_path
 from .mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from .service import ControlPlane
-
-#: the model scripts/bootstrap.sh fetches (SmolLM2-135M-Instruct, Q4_1 GGUF)
-DEMO_MODEL = Path("~/.cache/slmfleet/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 
 #: golden prompts SmolLM2-135M answers correctly and stably at temperature 0
 #: through its chat template (see examples/smollm2.release.yaml). The speed
@@ -296,7 +294,7 @@ class DevFleet:
 
     def demo(
         self,
-        model: Path = DEMO_MODEL,
+        model: Path | None = None,
         timeout: float = 300.0,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> list[dict]:
@@ -306,6 +304,7 @@ class DevFleet:
         tier's variant; then a release whose health check fails on the
         devices stops at the canary and is rolled back automatically.
         """
+        model = model or smollm2_path()
         if not model.is_file():
             raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
         self._publish(GOOD_VERSION, model)

@@ -3,19 +3,17 @@ real SmolLM2-135M model for the whole session."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from controlplane.model_cache import smollm2_path
 from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from tests.support import database
 from tests.support.mqtt import provision_device
 from tests.support.postgres import PostgresCluster, server_bin
-
-MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +44,7 @@ def new_device(broker: MosquittoBroker):
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The real SmolLM2-135M GGUF, fetched by scripts/bootstrap.sh."""
-    cache = Path(
-        os.environ.get("SLMFLEET_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slmfleet"
-    )
-    path = cache / "models" / MODEL_NAME
+    path = smollm2_path()
     if not path.is_file():
         pytest.fail(f"test model missing at {path}: run scripts/bootstrap.sh", pytrace=False)
     return path
