@@ -5,7 +5,6 @@ engine to a surviving replica when the leader is killed."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,8 @@ from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, telemetry, wait_until
 from tests.support.mqtt import RawClient
-from tests.support.registry import publish, write_trust
-from tests.support.rollout_fleet import Behaviour, SimFleet, ids
+from tests.support.registry import write_trust
+from tests.support.rollout_fleet import Behaviour, SimFleet, start_three_stage_rollout
 from tests.support.serve import ServeProcess, write_config
 from tests.support.signer import TrustSimulator
 
@@ -130,20 +129,8 @@ def test_leader_killed_mid_rollout_the_other_replica_finishes_it(
         assert _healthz(second.api_url)["leader"] is False, "two leaders"
 
         api = httpx.Client(base_url=first.api_url, headers=ADMIN_HEADERS, timeout=10)
-        publish(api, sim, MODEL, "1.0.0", (p.Tier.SMALL,))
-        publish(api, sim, MODEL, "1.1.0", (p.Tier.SMALL,))
-        labels = {"test": secrets.token_hex(4)}
-        devices = [fleet.add(d, "small", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
-                   for d in ids("fail", 8)]
-        wait_until(lambda: len(api.get("/v1/devices", params={
-            "label": f"test={labels['test']}", "online": True}).json()["items"]) == 8,
-            15, "the simulated devices online")
-        r = api.post("/v1/rollouts", json={
-            "model": MODEL, "version": "1.1.0", "target": {"labels": labels},
-            "stages": [{"percent": 25, "bake_s": 0}, {"percent": 50, "bake_s": 8},
-                       {"percent": 100, "bake_s": 0}]})
-        assert r.status_code == 201, r.text
-        rollout_id = r.json()["id"]
+        devices, rollout_id = start_three_stage_rollout(api, fleet, sim, MODEL, BEHAVIOURS,
+                                                        "fail", middle_bake_s=8)
         wait_until(lambda: api.get(f"/v1/rollouts/{rollout_id}").json()["counts"].get(
             "succeeded") == 4, 30, "stage 2 installed")
         api.close()

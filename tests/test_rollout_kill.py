@@ -12,7 +12,6 @@ exactly once.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +22,17 @@ import pytest
 import tomli_w
 from sqlalchemy import func, select
 
-import protocol as p
 from controlplane.db import make_engine
 from controlplane.db.models import AssignmentRecord
 from controlplane.mosquitto import MosquittoBroker
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.support.registry import publish, write_trust
-from tests.support.rollout_fleet import Behaviour, SimFleet, ids, wait_for
+from tests.support.registry import write_trust
+from tests.support.rollout_fleet import (
+    Behaviour,
+    SimFleet,
+    start_three_stage_rollout,
+    wait_for,
+)
 from tests.support.serve import ServeProcess
 from tests.support.signer import TrustSimulator
 
@@ -88,21 +91,9 @@ def test_sigkill_mid_rollout_resumes_at_its_stage_without_double_advancing(
     second: ServeProcess | None = None
     try:
         api = httpx.Client(base_url=first.api_url, headers=ADMIN_HEADERS, timeout=10)
-        publish(api, trust_sim, MODEL, "1.0.0", (p.Tier.SMALL,))
-        publish(api, trust_sim, MODEL, "1.1.0", (p.Tier.SMALL,))
-        labels = {"test": secrets.token_hex(4)}
-        devices = [fleet.add(d, "small", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
-                   for d in ids("kill", 8)]
-        wait_for(lambda: len(api.get("/v1/devices", params={
-            "label": f"test={labels['test']}", "online": True}).json()["items"]) == 8,
-            15, "the simulated devices online")
-        r = api.post("/v1/rollouts", json={
-            "model": MODEL, "version": "1.1.0", "target": {"labels": labels},
-            # Stage 2 bakes long enough (several 5 s ticks) to be killed in the middle.
-            "stages": [{"percent": 25, "bake_s": 0}, {"percent": 50, "bake_s": 20},
-                       {"percent": 100, "bake_s": 0}]})
-        assert r.status_code == 201, r.text
-        rollout_id = r.json()["id"]
+        # Stage 2 bakes long enough (several 5 s ticks) to be killed in the middle.
+        devices, rollout_id = start_three_stage_rollout(api, fleet, trust_sim, MODEL,
+                                                        BEHAVIOURS, "kill", middle_bake_s=20)
 
         def stage_two_updated() -> dict[str, Any] | None:
             detail = api.get(f"/v1/rollouts/{rollout_id}").json()

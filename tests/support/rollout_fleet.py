@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -261,3 +262,28 @@ def ids(prefix: str, n: int) -> Iterable[str]:
     """``n`` unique device ids starting with ``prefix``."""
     tag = secrets.token_hex(2)
     return (f"{prefix}-{tag}-{i:02d}" for i in range(n))
+
+
+def start_three_stage_rollout(api: Any, fleet: SimFleet, trust: TrustSimulator, model: str,
+                              behaviours: dict[str, Behaviour], prefix: str,
+                              middle_bake_s: float) -> tuple[list[SimDevice], str]:
+    """Publish ``model`` 1.0.0 and 1.1.0 (small tier), put 8 small devices on 1.0.0, and
+    start a rollout of 1.1.0 in stages of 25, 50 and 100 % whose middle stage bakes
+    ``middle_bake_s``. Returns the devices and the rollout's id."""
+    from tests.support.registry import publish
+
+    publish(api, trust, model, "1.0.0", (p.Tier.SMALL,))
+    publish(api, trust, model, "1.1.0", (p.Tier.SMALL,))
+    labels = {"test": secrets.token_hex(4)}
+    devices = [fleet.add(d, "small", behaviours, labels=labels, active=(model, "1.0.0"))
+               for d in ids(prefix, 8)]
+    wait_for(lambda: len(api.get("/v1/devices", params={
+        "label": f"test={labels['test']}", "online": True}).json()["items"]) == 8,
+        15, "the simulated devices online")
+    r = api.post("/v1/rollouts", json={
+        "model": model, "version": "1.1.0", "target": {"labels": labels},
+        "stages": [{"percent": 25, "bake_s": 0}, {"percent": 50, "bake_s": middle_bake_s},
+                   {"percent": 100, "bake_s": 0}]})
+    assert r.status_code == 201, r.text
+    return devices, r.json()["id"]
+
