@@ -142,7 +142,11 @@ class MqttLink:
         """Publish ``offline`` and disconnect cleanly; stop reconnecting."""
         self._closing = True
         client = self._client
-        if client is not None and self.connected.is_set():
+        # Not waiting for ``connected``: a stop that lands while _on_connect is
+        # still subscribing would otherwise leave the retained ``online`` behind
+        # (a clean disconnect suppresses the Last Will). QoS 1 on one session
+        # keeps this after the ``online`` published first.
+        if client is not None:
             try:
                 await asyncio.wait_for(
                     client.publish(self._topic(TopicKind.STATE), self._state(DeviceState.OFFLINE),

@@ -3,16 +3,20 @@ heartbeat, clean shutdown and reconnect with backoff."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 import protocol as p
 from agent.backoff import Backoff
+from agent.config import load_config
+from agent.link import MqttLink
 from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.mqtt import RawClient
@@ -183,3 +187,29 @@ def test_hello_is_json_with_schema(tmp_path, broker, device, watcher) -> None:
         assert watcher.decoded(p.TopicKind.HELLO)[0].tier == p.Tier.MEDIUM
     finally:
         agent.stop()
+
+
+def test_stop_before_subscribe_acked_still_publishes_offline(tmp_path, broker, device, watcher,
+                                                             monkeypatch) -> None:
+    """A stop that lands after ``online`` went out but before the link finished
+    connecting (a slow SUBACK) must not leave a retained ``online`` behind."""
+    async def never_acked(self, *args, **kwargs):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(aiomqtt.Client, "subscribe", never_acked)
+    config = load_config(write_agent_config(tmp_path, device[0], broker.url, device[1]))
+
+    async def scenario() -> None:
+        link = MqttLink(config, hello=lambda: b"{}")
+        runner = asyncio.create_task(link.run())
+        deadline = time.monotonic() + 10
+        while "online" not in watcher.states():
+            assert time.monotonic() < deadline, "timed out waiting for online"
+            await asyncio.sleep(0.05)
+        assert not link.connected.is_set()
+        await link.close()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    asyncio.run(scenario())
+    _wait(lambda: watcher.states()[-1] == "offline", 5, "offline after an early stop")
