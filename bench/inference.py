@@ -1,9 +1,9 @@
 """Inference through the agent's local API against llama-cpp-python called directly.
 
 Same model (SmolLM2-135M Q4_1 GGUF), same threads, same prompt, same run:
-first llama-cpp-python in this process (streamed chat completion), then the
-agent's runtime (a real worker subprocess) behind its real local API,
-streamed over HTTP. Then swap downtime: a client sends requests back to back
+llama-cpp-python in this process (streamed chat completion) and the agent's
+runtime (a real worker subprocess) behind its real local API, streamed over
+HTTP, round for round in turn. Then swap downtime: a client sends requests back to back
 while the runtime swaps to a new version (load + health check in a second
 worker, then the switch), against the same client's steady state.
 
@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,32 +36,28 @@ from controlplane.model_cache import smollm2_path
 MODEL = smollm2_path()
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
-ROUNDS = 5
-THREADS = min(2, len(os.sched_getaffinity(0)))
+ROUNDS = 15
+THREADS = int(os.environ.get("BENCH_THREADS", min(2, len(os.sched_getaffinity(0)))))
 SWAP_CHECK = {"golden_prompts": [{"prompt": "What is 2 + 2?", "expected": ["4", "four"],
                                   "max_tokens": 24}],
               "max_ttft_ms": 60_000.0, "min_tokens_per_s": 1.0}
 
 
-def direct() -> tuple[float, float]:
-    """(median tokens/s, median TTFT ms) of llama-cpp-python in this process."""
-    import llama_cpp
+def _rate_and_ttft(start: float, stamps: list[float]) -> tuple[float, float]:
+    """(tokens/s after the first, TTFT ms) of one streamed completion."""
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), (stamps[0] - start) * 1000
 
-    llm = llama_cpp.Llama(model_path=str(MODEL), n_ctx=2048, n_threads=THREADS,
-                          n_threads_batch=THREADS, seed=0, verbose=False)
-    rates, ttfts = [], []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        stamps = []
-        for chunk in llm.create_chat_completion(
-                messages=[{"role": "user", "content": PROMPT}], temperature=0,
-                max_tokens=MAX_TOKENS, stream=True):
-            if chunk["choices"][0]["delta"].get("content"):
-                stamps.append(time.perf_counter())
-        ttfts.append((stamps[0] - start) * 1000)
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    del llm
-    return statistics.median(rates), statistics.median(ttfts)
+
+def direct_round(llm: Any) -> tuple[float, float]:
+    """One streamed chat completion of llama-cpp-python in this process."""
+    start = time.perf_counter()
+    stamps = []
+    for chunk in llm.create_chat_completion(
+            messages=[{"role": "user", "content": PROMPT}], temperature=0,
+            max_tokens=MAX_TOKENS, stream=True):
+        if chunk["choices"][0]["delta"].get("content"):
+            stamps.append(time.perf_counter())
+    return _rate_and_ttft(start, stamps)
 
 
 def _spec(version: str) -> ModelSpec:
@@ -69,23 +66,53 @@ def _spec(version: str) -> ModelSpec:
     return ModelSpec(f"smollm2@{version}-micro", "smollm2", version, "gguf", MODEL, runtime)
 
 
-async def through_api(client: httpx.AsyncClient) -> tuple[float, float]:
-    """(median tokens/s, median TTFT ms) streamed through the local API."""
-    rates, ttfts = [], []
+async def api_round(client: httpx.AsyncClient) -> tuple[float, float]:
+    """The same completion streamed through the local API."""
     body = {"model": "smollm2", "temperature": 0, "max_tokens": MAX_TOKENS, "stream": True,
             "messages": [{"role": "user", "content": PROMPT}]}
+    start = time.perf_counter()
+    stamps = []
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+                tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+    # A chunk may carry several tokens: count them from the closing usage.
+    return (tokens - 1) / (stamps[-1] - stamps[0]), (stamps[0] - start) * 1000
+
+
+async def compare(client: httpx.AsyncClient) -> dict[str, float]:
+    """Medians of direct and API rounds, alternated so drift on a shared machine
+    (other tenants, CPU frequency) falls on both alike."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(MODEL), n_ctx=2048, n_threads=THREADS,
+                          n_threads_batch=THREADS, seed=0, verbose=False)
+    # One round each first, not counted: the first run of a fresh context is slower.
+    direct_round(llm)
+    await api_round(client)
+    direct, api = [], []
     for _ in range(ROUNDS):
-        start = time.perf_counter()
-        stamps = []
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    delta = json.loads(line[6:])["choices"][0]["delta"]
-                    if delta.get("content"):
-                        stamps.append(time.perf_counter())
-        ttfts.append((stamps[0] - start) * 1000)
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates), statistics.median(ttfts)
+        direct.append(direct_round(llm))
+        api.append(await api_round(client))
+    del llm
+    figures = {
+        "direct_tokens_per_s": statistics.median(r for r, _ in direct),
+        "direct_ttft_ms": statistics.median(t for _, t in direct),
+        "api_tokens_per_s": statistics.median(r for r, _ in api),
+        "api_ttft_ms": statistics.median(t for _, t in api),
+    }
+    print(f"llama-cpp-python direct: {figures['direct_tokens_per_s']:.1f} tokens/s, "
+          f"TTFT {figures['direct_ttft_ms']:.1f} ms", flush=True)
+    print(f"local API: {figures['api_tokens_per_s']:.1f} tokens/s, "
+          f"TTFT {figures['api_ttft_ms']:.1f} ms", flush=True)
+    return {**{k: round(v, 1) for k, v in figures.items()},
+            "throughput_ratio": round(figures["api_tokens_per_s"]
+                                      / figures["direct_tokens_per_s"], 3),
+            "added_ttft_ms": round(figures["api_ttft_ms"] - figures["direct_ttft_ms"], 1)}
 
 
 async def latencies(client: httpx.AsyncClient, stop: asyncio.Event,
@@ -116,8 +143,7 @@ async def agent_side() -> dict[str, float]:
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}",
                                      timeout=120) as client:
-            rate, ttft = await through_api(client)
-            print(f"local API: {rate:.1f} tokens/s, TTFT {ttft:.1f} ms", flush=True)
+            compared = await compare(client)
             stop = asyncio.Event()
             steady_task = asyncio.create_task(latencies(client, stop))
             await asyncio.sleep(8)
@@ -140,7 +166,7 @@ async def agent_side() -> dict[str, float]:
         await runtime.close()
     steady_p99 = p99([s for _, s in steady])
     during_p99 = p99([s for _, s in during])
-    return {"api_tokens_per_s": round(rate, 1), "api_ttft_ms": round(ttft, 1),
+    return {**compared,
             "swap_failed_requests": sum(1 for code, _ in during if code != 200),
             "swap_requests": len(during), "steady_p99_ms": round(steady_p99 * 1000, 1),
             "swap_p99_ms": round(during_p99 * 1000, 1),
@@ -152,15 +178,7 @@ def main() -> None:
         raise SystemExit(f"model missing at {MODEL}: run scripts/bootstrap.sh")
     print(f"model {MODEL.name}, {THREADS} threads, {MAX_TOKENS} tokens x {ROUNDS} rounds",
           flush=True)
-    rate, ttft = direct()
-    print(f"llama-cpp-python direct: {rate:.1f} tokens/s, TTFT {ttft:.1f} ms", flush=True)
-    figures = asyncio.run(agent_side())
-    report({
-        "direct_tokens_per_s": round(rate, 1), "direct_ttft_ms": round(ttft, 1),
-        **figures,
-        "throughput_ratio": round(figures["api_tokens_per_s"] / rate, 3),
-        "added_ttft_ms": round(figures["api_ttft_ms"] - ttft, 1),
-    })
+    report(asyncio.run(agent_side()))
 
 
 if __name__ == "__main__":

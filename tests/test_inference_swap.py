@@ -8,7 +8,10 @@ active every response reports it.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,9 @@ import httpx
 import pytest
 
 import protocol as p
+from agent.inference.runtime import InferenceRuntime
+from agent.inference.spec import ModelSpec
+from agent.runtime import EffectiveRuntime
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.inference import LoadClient, api_url, worker_pids
 from tests.support.mqtt import provision_device
@@ -84,3 +90,41 @@ def test_warm_swap_under_load_fails_no_request(rig: DeviceRig) -> None:
     wait_for(lambda: len(worker_pids(rig.agent.pid)) == 1, 20,
              "only the serving worker left (old and failed candidate stopped)")
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["version"] == "1.1.0"
+
+
+def _llama_spec(path: Path, version: str) -> ModelSpec:
+    runtime = EffectiveRuntime(threads=2, gpu_layers=0, batch=None, context=512, mmap=True,
+                               embeddings=False)
+    return ModelSpec(f"{MODEL}@{version}-micro", MODEL, version, "gguf", path, runtime)
+
+
+def test_candidate_check_runs_only_while_the_serving_worker_is_idle(model_path: Path) -> None:
+    """The candidate is frozen while a request runs on the serving worker, instead
+    of running llama.cpp threads beside it (which slows both many-fold)."""
+    check = {"golden_prompts": [{"prompt": "What is 2 + 2?", "expected": ["4", "four"],
+                                 "max_tokens": 16}],
+             "max_ttft_ms": 60_000.0, "min_tokens_per_s": 1.0}
+
+    async def scenario() -> None:
+        runtime = InferenceRuntime()
+        await runtime.serve(_llama_spec(model_path, "1.0.0"))
+        try:
+            async with runtime.lease(MODEL):
+                # The serving worker is busy with a request for as long as this block runs.
+                prepare = asyncio.create_task(runtime.prepare(
+                    _llama_spec(model_path, "1.1.0"), check, asyncio.Event(), 120))
+                deadline = time.monotonic() + 60
+                while len(worker_pids(os.getpid())) < 2:
+                    assert time.monotonic() < deadline, "the candidate worker never started"
+                    await asyncio.sleep(0.1)
+                # Unfrozen, it would load and answer a 16-token prompt within
+                # a second or two. It must still be waiting.
+                await asyncio.sleep(4)
+                assert not prepare.done(), "the candidate ran while the serving worker was busy"
+            result = await asyncio.wait_for(prepare, 60)
+            assert result["passed"], result
+            assert result["prompts"][0]["matched"] in ("4", "four")
+        finally:
+            await runtime.close()
+
+    asyncio.run(scenario())

@@ -16,6 +16,7 @@ will serve it: what passed is what takes traffic.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .backend import Backend, BadRequest
@@ -23,28 +24,16 @@ from .backend import Backend, BadRequest
 #: answers are cut to this many characters in the result (they end up in logs)
 ANSWER_CHARS = 200
 
-
-def _run_prompt(backend: Backend, prompt: str, max_tokens: int) -> tuple[str, float, int, float]:
-    """(answer, ttft_s, pieces, decode_s) of one greedy chat completion."""
-    start = time.perf_counter()
-    stamps: list[float] = []
-    parts: list[str] = []
-
-    def emit(text: str) -> None:
-        stamps.append(time.perf_counter())
-        parts.append(text)
-
-    backend.complete(
-        {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-         "max_tokens": max_tokens, "seed": 0},
-        emit, lambda: False,
-    )
-    if not stamps:
-        return "", time.perf_counter() - start, 0, 0.0
-    return "".join(parts), stamps[0] - start, len(parts), stamps[-1] - stamps[0]
+#: seconds a worker was kept from running within [start, end] (see core_sharing.py)
+Frozen = Callable[[float, float], float]
 
 
-def _check_embeddings(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
+def _never_frozen(start: float, end: float) -> float:
+    return 0.0
+
+
+def check_embeddings(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
+    """The check of an embedding model: one short text embeds, within ``max_ttft_ms``."""
     reasons: list[str] = []
     t0 = time.perf_counter()
     vectors, _ = backend.embed(["health check"])
@@ -57,26 +46,57 @@ def _check_embeddings(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_s": None, "prompts": []}
 
 
-def run_golden(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
-    """Check ``backend`` against a variant's ``health_check`` (as a plain dict)."""
-    if backend.embeddings:
-        return _check_embeddings(backend, spec)
+def run_prompt(backend: Backend, item: dict[str, Any]) -> dict[str, Any]:
+    """Run one golden prompt as a greedy chat completion; :func:`judge` judges it.
+
+    The times are stamps on the monotonic clock, which the agent shares: it
+    subtracts the intervals it kept the worker frozen (a warm swap's
+    candidate runs only between the serving worker's requests), so each
+    prompt is its own call.
+    """
+    stamps: list[float] = []
+    parts: list[str] = []
+
+    def emit(text: str) -> None:
+        stamps.append(time.monotonic())
+        parts.append(text)
+
+    started = time.monotonic()
+    try:
+        backend.complete(
+            {"messages": [{"role": "user", "content": item["prompt"]}], "temperature": 0.0,
+             "max_tokens": item.get("max_tokens", 64), "seed": 0},
+            emit, lambda: False,
+        )
+    except BadRequest as exc:
+        return {"error": str(exc)}
+    return {"answer": "".join(parts), "tokens": len(parts), "started": started,
+            "first": stamps[0] if stamps else None, "last": stamps[-1] if stamps else None,
+            "ended": time.monotonic()}
+
+
+def judge(spec: dict[str, Any], outcomes: list[dict[str, Any]],
+          frozen: Frozen = _never_frozen) -> dict[str, Any]:
+    """The check's result from :func:`run_prompt`'s outcomes, one per golden prompt in order.
+
+    ``frozen`` tells how long the worker was kept from running in a span of
+    time; that time counts neither as waiting for the first token nor as decoding.
+    """
     golden = spec.get("golden_prompts") or []
     reasons: list[str] = []
     prompts: list[dict[str, Any]] = []
     tokens_after_first = 0
     decode_s = 0.0
-    for i, item in enumerate(golden, 1):
-        try:
-            answer, ttft_s, tokens, decode = _run_prompt(backend, item["prompt"],
-                                                        item.get("max_tokens", 64))
-        except BadRequest as exc:
+    for i, (item, outcome) in enumerate(zip(golden, outcomes, strict=True), 1):
+        if "error" in outcome:
             # Fail closed: a model that cannot answer its golden prompts takes no traffic.
-            reasons.append(f"prompt {i}: {exc}")
+            reasons.append(f"prompt {i}: {outcome['error']}")
             continue
+        answer, tokens, first = outcome["answer"], outcome["tokens"], outcome["first"]
+        ttft_end = first if first is not None else outcome["ended"]
+        ttft_ms = (ttft_end - outcome["started"] - frozen(outcome["started"], ttft_end)) * 1000
         expected = item["expected"]
         matched = next((e for e in expected if e.lower() in answer.lower()), None)
-        ttft_ms = ttft_s * 1000
         if not answer:
             reasons.append(f"prompt {i}: no output")
         elif matched is None:
@@ -86,7 +106,8 @@ def run_golden(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
                 f"prompt {i}: time to first token {ttft_ms:.0f} ms > {spec['max_ttft_ms']:g} ms"
             )
         tokens_after_first += max(tokens - 1, 0)
-        decode_s += decode
+        if first is not None:
+            decode_s += outcome["last"] - first - frozen(first, outcome["last"])
         prompts.append({"ttft_ms": round(ttft_ms, 1), "tokens": tokens, "matched": matched,
                         "answer": answer[:ANSWER_CHARS]})
     tokens_per_s = tokens_after_first / decode_s if decode_s > 0 else None
@@ -103,3 +124,10 @@ def run_golden(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s is not None else None,
         "prompts": prompts,
     }
+
+
+def run_golden(backend: Backend, spec: dict[str, Any]) -> dict[str, Any]:
+    """Check ``backend`` against a variant's ``health_check`` (as a plain dict), all at once."""
+    if backend.embeddings:
+        return check_embeddings(backend, spec)
+    return judge(spec, [run_prompt(backend, item) for item in spec.get("golden_prompts") or []])

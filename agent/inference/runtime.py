@@ -10,7 +10,8 @@ worker and runs its health check there while the old worker keeps serving;
 :meth:`InferenceRuntime.activated` then points new requests at it. A
 request already running (or holding the old worker) finishes there; the old
 worker stops once it is idle. A candidate that fails is stopped, and
-callers never see it.
+callers never see it. The candidate runs only between the serving worker's
+requests (:mod:`.core_sharing`), so a swap does not slow callers down.
 
 Crashes: when a worker dies the request it was running fails with a 5xx,
 the crash (or OOM) is counted, and the next request (or the supervisor,
@@ -26,12 +27,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from protocol import InferenceStats
 
+from .core_sharing import CoreSharing
+from .golden import judge
 from .spec import ModelSpec
 from .stats import VersionStats
 from .supervisor import RemoteError, Worker, WorkerExited, WorkerLoadError
@@ -99,17 +102,18 @@ class Slot:
             return self.load_error
         return None
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self, on_spawn: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Start a worker and load the model; return its ``ready`` frame.
 
         The caller holds :attr:`lock`, or owns the slot (not yet serving).
+        ``on_spawn`` gets the worker's pid as soon as it exists.
         """
         delay = self._not_before - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         worker = Worker(self.spec, self._argv)
         try:
-            ready = await worker.start(self._limits.load_timeout_s)
+            ready = await worker.start(self._limits.load_timeout_s, on_spawn)
         except WorkerLoadError as exc:
             self.load_error = str(exc)
             self._backoff()
@@ -128,7 +132,8 @@ class Slot:
 
     async def _watch(self, worker: Worker) -> None:
         assert worker.exited is not None
-        exc = await worker.exited
+        # Shielded: cancelling this watcher must not cancel the worker's own future.
+        exc = await asyncio.shield(worker.exited)
         if worker.stopping or self.retired or not self.supervised:
             return
         self.stats.crash(exc.oom)
@@ -178,6 +183,8 @@ class InferenceRuntime:
         self._waiting = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        #: a candidate runs only between the serving worker's requests
+        self.sharing = CoreSharing()
 
     # -- what runs ---------------------------------------------------------------
 
@@ -225,12 +232,15 @@ class InferenceRuntime:
         try:
             done, _ = await asyncio.wait({work, stop}, timeout=timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
         finally:
             stop.cancel()
+            # Checked (or given up): a frozen worker could neither serve nor stop.
+            self.sharing.detach()
         if work not in done:
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
             await slot.stop()
             if stop in done:
                 raise PrepareAborted("health check aborted")
@@ -244,19 +254,37 @@ class InferenceRuntime:
 
     async def _load_and_check(self, slot: Slot, health_check: dict[str, Any]) -> dict[str, Any]:
         try:
-            ready = await slot.start()
+            ready = await slot.start(on_spawn=self.sharing.attach)
         except WorkerLoadError as exc:
             return {"passed": False, "reasons": [str(exc)]}
-        assert slot.worker is not None
+        worker = slot.worker
+        assert worker is not None
         try:
-            done = await slot.worker.call("check", {"health_check": health_check})
+            if worker.info.get("embeddings"):
+                # One short embedding, timed by the worker: run it alone.
+                async with self._serving_quiet():
+                    done = await worker.call("check_embeddings", {"health_check": health_check})
+                result = {k: v for k, v in done.items() if k not in ("op", "id")}
+            else:
+                outcomes = [await worker.call("check_prompt", {"item": item})
+                            for item in health_check.get("golden_prompts") or []]
+                result = judge(health_check, outcomes, self.sharing.frozen_between)
         except WorkerExited as exc:
             return {"passed": False, "reasons": [f"health check crashed: {exc}"]}
         except RemoteError as exc:
             return {"passed": False, "reasons": [f"health check failed: {exc}"]}
-        result = {k: v for k, v in done.items() if k not in ("op", "id")}
         result["load_ms"] = ready.get("load_ms")
         return result
+
+    @contextlib.asynccontextmanager
+    async def _serving_quiet(self) -> AsyncIterator[None]:
+        """No request runs on the serving worker meanwhile (the candidate is thawed)."""
+        slot = self.serving
+        if slot is None or slot.retired:
+            yield
+            return
+        async with slot.lock:
+            yield
 
     def activated(self, spec: ModelSpec) -> None:
         """``spec`` is now the active model: move traffic to it.
@@ -334,8 +362,12 @@ class InferenceRuntime:
         finally:
             self._waiting -= 1
         try:
-            worker = await slot.ensure_running()
-            yield slot, worker
+            await self.sharing.claim()
+            try:
+                worker = await slot.ensure_running()
+                yield slot, worker
+            finally:
+                self.sharing.release()
         finally:
             slot.lock.release()
 
@@ -368,6 +400,7 @@ class InferenceRuntime:
     async def close(self) -> None:
         """Stop every worker."""
         self._closed = True
+        self.sharing.detach()
         for task in list(self._tasks):
             task.cancel()
         for slot in (self.serving, self.candidate):

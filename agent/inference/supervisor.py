@@ -98,8 +98,12 @@ class Worker:
         """Started and not (known to be) dead."""
         return self.exited is not None and not self.exited.done()
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
-        """Spawn the worker and load the model; return its ``ready`` frame."""
+    async def start(self, timeout_s: float,
+                    on_spawn: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Spawn the worker and load the model; return its ``ready`` frame.
+
+        ``on_spawn`` gets the pid before the model loads (to share the cores).
+        """
         loop = asyncio.get_running_loop()
         self._oom_before = oom_kills()
         self._proc = await asyncio.create_subprocess_exec(
@@ -109,6 +113,8 @@ class Worker:
             stderr=asyncio.subprocess.PIPE,
             limit=MAX_REPLY_BYTES,
         )
+        if on_spawn is not None:
+            on_spawn(self._proc.pid)
         self.exited = loop.create_future()
         self._ready = loop.create_future()
         self._reader = asyncio.create_task(self._read(), name=f"worker-{self._proc.pid}")
@@ -168,7 +174,8 @@ class Worker:
         if not self.stopping:
             log.warning("worker %s for %s: %s", self.pid, self.spec.ref, exc)
         assert self.exited is not None
-        self.exited.set_result(exc)
+        if not self.exited.done():
+            self.exited.set_result(exc)
         for queue in self._pending.values():
             queue.put_nowait(exc)
 

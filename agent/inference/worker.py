@@ -7,7 +7,8 @@ code's own prints are sent to stderr, so they cannot corrupt a reply).
 agent -> worker::
 
     {"op": "load", "model": PATH, "format": "gguf"|"onnx", "runtime": {...}}
-    {"op": "check", "id": N, "health_check": {...}}      golden prompts, see golden.py
+    {"op": "check_prompt", "id": N, "item": {...}}        one golden prompt (golden.py)
+    {"op": "check_embeddings", "id": N, "health_check": {...}}
     {"op": "complete", "id": N, "request": {"messages"|"prompt", "max_tokens", ...}}
     {"op": "embed", "id": N, "input": [TEXT, ...]}
     {"op": "infer", "id": N, "inputs": {NAME: TENSOR}, "outputs": [NAME]|null}
@@ -35,8 +36,11 @@ import time
 from typing import Any
 
 from .backend import Backend, BadRequest, load_backend
-from .golden import run_golden
+from .golden import check_embeddings, run_prompt
 from .lifeline import die_with, parent_from
+
+#: shortest gap between two delta frames of one generation (the first goes at once)
+DELTA_EVERY_S = 0.025
 
 
 class _Channel:
@@ -65,23 +69,51 @@ class _Channel:
             self._out.write(data)
 
 
+class _Deltas:
+    """A generation's text on its way to the agent.
+
+    The first piece goes at once (time to first token); later ones at most
+    every :data:`DELTA_EVERY_S`, joined: each frame wakes the agent, and a
+    wake-up beside llama.cpp's spinning threads stalls the next token.
+    """
+
+    def __init__(self, channel: _Channel, rid: int) -> None:
+        self._channel, self._rid = channel, rid
+        self._held: list[str] = []
+        self._sent_at: float | None = None
+        self.first_at: float | None = None
+
+    def emit(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+        self._held.append(text)
+        if self._sent_at is None or now - self._sent_at >= DELTA_EVERY_S:
+            self.flush()
+            self._sent_at = now
+
+    def flush(self) -> None:
+        if self._held:
+            self._channel.send({"op": "delta", "id": self._rid, "text": "".join(self._held)})
+            self._held.clear()
+
+
 def _handle(backend: Backend, frame: dict[str, Any], channel: _Channel) -> dict[str, Any]:
     op, rid = frame["op"], frame["id"]
-    if op == "check":
-        return run_golden(backend, frame["health_check"])
+    if op == "check_prompt":
+        return run_prompt(backend, frame["item"])
+    if op == "check_embeddings":
+        return check_embeddings(backend, frame["health_check"])
     if op == "complete":
         started = time.perf_counter()
-        first: list[float] = []
-
-        def emit(text: str) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            channel.send({"op": "delta", "id": rid, "text": text})
-
-        result = backend.complete(frame["request"], emit, lambda: rid in channel.cancelled)
+        deltas = _Deltas(channel, rid)
+        result = backend.complete(frame["request"], deltas.emit,
+                                  lambda: rid in channel.cancelled)
+        deltas.flush()
+        first = deltas.first_at
         return {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "ttft_ms": round((first[0] - started) * 1000, 3) if first else None}
+                "ttft_ms": round((first - started) * 1000, 3) if first is not None else None}
     if op == "embed":
         vectors, tokens = backend.embed(frame["input"])
         return {"embeddings": vectors, "prompt_tokens": tokens}
@@ -117,7 +149,24 @@ def serve(channel: _Channel) -> int:
         else:
             channel.send({"op": "done", "id": rid, **result})
         channel.cancelled.discard(rid)
+    _step_aside()
     return 0
+
+
+def _step_aside() -> None:
+    """Free the model at idle priority: the agent is done with this worker.
+
+    A retired worker exits while its successor serves; tearing down the
+    model takes a core for a moment, and beside llama.cpp's spinning thread
+    pool that moment would slow the successor's next request severalfold.
+    Lowering one's own priority needs no privilege (raising it would).
+    """
+    try:
+        tasks = os.listdir("/proc/self/task")
+        for tid in tasks:
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError, ValueError):
+        pass  # not Linux, or a thread just ended: exit at normal priority
 
 
 def main(argv: list[str] | None = None) -> int:
