@@ -46,3 +46,6 @@ class AppContext:
     director: Director | None = None
     #: True while this replica holds the leader lease; None: no election runs
     is_leader: Callable[[], bool] | None = None
+    #: ask the rollout engine to look now rather than at its next tick (a
+    #: rollout was created or acted on); does nothing where no engine runs
+    kick_rollouts: Callable[[], None] = lambda: None

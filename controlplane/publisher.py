@@ -90,6 +90,8 @@ class DesiredPublisher:
         self._engine = engine
         self._poll_s = poll_s
         self._puback_timeout_s = puback_timeout_s
+        #: QoS 1 publishes sent before waiting for their PUBACKs (see _on_connect)
+        self._window = BATCH
         self._log = RateLimitedLog(log)
         self._kick = threading.Event()
         self._closing = threading.Event()
@@ -106,6 +108,11 @@ class DesiredPublisher:
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self.published = 0
+
+    @property
+    def window(self) -> int:
+        """QoS 1 publishes sent before waiting for their acknowledgements."""
+        return self._window
 
     @property
     def connected(self) -> bool:
@@ -127,9 +134,10 @@ class DesiredPublisher:
             settings.mqtt_username, password.get_secret_value() if password else None
         )
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        # A whole batch in flight at once: paho's default (20 unacknowledged)
-        # would make a batch of thousands wait on that many broker round trips.
-        client.max_inflight_messages_set(BATCH)
+        # paho's own window off (0): past it paho walks every unacknowledged
+        # message on each PUBACK, quadratic in the window. drain_once keeps the
+        # window instead, at the broker's Receive Maximum (its CONNACK says).
+        client.max_inflight_messages_set(0)
         tls = settings.mqtt_tls_context()
         if tls is not None:
             client.tls_set_context(tls)
@@ -179,6 +187,9 @@ class DesiredPublisher:
         self._marker_seen.clear()
         self._marker_subscribed.clear()
         self._connection += 1
+        # MQTT v5: at most this many QoS 1 publishes unacknowledged (65,535 if unsaid).
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) or BATCH
+        self._window = max(1, min(BATCH, int(receive_maximum)))
         client.subscribe(MARKER_TOPIC, qos=1)
         self._connected.set()
         self._kick.set()
@@ -316,14 +327,20 @@ class DesiredPublisher:
         if client is None or not owed:
             return False
         sent: list[tuple[_Owed, int]] = []
-        for item in owed:
-            info = client.publish(
-                device_topic(item.device_id, TopicKind.DESIRED), item.payload, qos=1, retain=True
-            )
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                break  # disconnected meanwhile; the rest stay owed
-            sent.append((item, info.mid))
-        acked = self._await_acks([mid for _, mid in sent])
+        acked: dict[int, ReasonCode] = {}
+        window = self._window
+        for start in range(0, len(owed), window):
+            mids = []
+            for item in owed[start : start + window]:
+                info = client.publish(device_topic(item.device_id, TopicKind.DESIRED),
+                                      item.payload, qos=1, retain=True)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break  # disconnected meanwhile; the rest stay owed
+                sent.append((item, info.mid))
+                mids.append(info.mid)
+            acked.update(self._await_acks(mids))
+            if len(mids) < len(owed[start : start + window]) or len(acked) < len(sent):
+                break  # the link failed or the broker went quiet: the rest wait
         done = []
         for item, mid in sent:
             code = acked.get(mid)

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from types import FrameType
 
 import uvicorn
@@ -24,6 +25,7 @@ from .leader import LeaderElector, LeaderLease
 from .liveness import add_liveness_job
 from .publisher import DesiredPublisher
 from .rollouts import RolloutEngine, add_rollout_job, remove_rollout_engine
+from .rollouts.engine import JOB_ID as ROLLOUT_JOB_ID
 from .scheduler import DURABLE_JOBSTORE, create_scheduler, durable_jobstore
 from .trust import load_trust
 
@@ -166,9 +168,26 @@ class ControlPlane:
             artifacts=artifacts,
             director=self.director,
             is_leader=lambda: self.leader is not None and self.leader.is_leader,
+            kick_rollouts=self._kick_rollouts,
         )
         self._serve(create_app(context), sock)
         log.info("control plane API at %s", self.api_url)
+
+    def _kick_rollouts(self) -> None:
+        """Run the rollout engine's tick now, if it runs in this replica.
+
+        Elsewhere (another replica leads) the leader's next tick sees the
+        change; an admin waits at most ``rollout_tick_s`` either way.
+        """
+        scheduler = self.scheduler
+        if scheduler is None or not self._durable_attached:
+            return
+        try:
+            job = scheduler.get_job(ROLLOUT_JOB_ID)
+            if job is not None:
+                job.modify(next_run_time=datetime.now(UTC))
+        except Exception as exc:  # the API call succeeded; the tick comes anyway
+            log.warning("could not bring the rollout tick forward: %s", exc)
 
     def _on_leadership(self, leading: bool) -> None:
         """Run (or stop running) the jobs only one replica may run at a time."""

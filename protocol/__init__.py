@@ -11,6 +11,7 @@ from .assignment import (
     SignedAssignment,
     VerifiedAssignment,
     sign_assignment,
+    sign_assignment_bytes,
     verify_assignment,
 )
 from .canonical import canonical_json
@@ -153,6 +154,7 @@ __all__ = [
     "parse_topic",
     "semver_key",
     "sign_assignment",
+    "sign_assignment_bytes",
     "sign_key_list",
     "sign_release",
     "subscription",

@@ -31,7 +31,7 @@ before the second round of signature work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -55,7 +55,7 @@ from .keys import (
     SignedPart,
     Timestamp,
     check_signatures,
-    make_envelope,
+    make_envelope_bytes,
     open_envelope,
     validate_envelope,
 )
@@ -148,12 +148,41 @@ def sign_assignment(
     Raises ``ValueError`` if the envelope would exceed
     :data:`MAX_ASSIGNMENT_BYTES` (the device would refuse it).
     """
+    return sign_assignment_bytes(assignment, director_key)[0]
+
+
+def sign_assignment_bytes(
+    assignment: Assignment, director_key: SigningKey | Sequence[SigningKey]
+) -> tuple[dict[str, Any], bytes]:
+    """:func:`sign_assignment`, and the envelope's canonical JSON: what is published."""
     keys = [director_key] if isinstance(director_key, SigningKey) else list(director_key)
-    envelope = make_envelope(assignment.model_dump(mode="json", by_alias=True), keys)
-    size = len(canonical_json(envelope))
-    if size > MAX_ASSIGNMENT_BYTES:
-        raise ValueError(f"signed assignment is {size} bytes, limit {MAX_ASSIGNMENT_BYTES}")
-    return envelope
+    envelope, data = make_envelope_bytes(assignment.model_dump(mode="json", by_alias=True), keys)
+    if len(data) > MAX_ASSIGNMENT_BYTES:
+        raise ValueError(f"signed assignment is {len(data)} bytes, limit {MAX_ASSIGNMENT_BYTES}")
+    return envelope, data
+
+
+#: releases a :func:`verify_assignment` cache holds before it starts over
+RELEASE_CACHE_SIZE = 64
+
+
+def _verified_release(
+    release: Any, release_keys: KeyList,
+    cache: MutableMapping[bytes, ReleaseManifest] | None,
+) -> ReleaseManifest:
+    if cache is None:
+        return verify_release(release, release_keys)
+    try:
+        key = canonical_json(release)
+    except (TypeError, ValueError):
+        return verify_release(release, release_keys)  # refused there, with the reason
+    manifest = cache.get(key)
+    if manifest is None:
+        manifest = verify_release(release, release_keys)
+        if len(cache) >= RELEASE_CACHE_SIZE:
+            cache.clear()
+        cache[key] = manifest
+    return manifest
 
 
 def _check_caller(
@@ -184,6 +213,7 @@ def verify_assignment(
     highest_sequence: int,
     hardware: Capabilities | None = None,
     device_tier: Tier | None = None,
+    release_cache: MutableMapping[bytes, ReleaseManifest] | None = None,
 ) -> VerifiedAssignment:
     """Run checks A1-A11 (module docstring) on a ``desired`` payload.
 
@@ -194,6 +224,12 @@ def verify_assignment(
     needs (:func:`protocol.fit.ram_needed_bytes`). Disk is left to
     :func:`protocol.fit.fit_check` right before downloading, when the agent
     knows what it can clean up.
+
+    ``release_cache`` (optional, one per pinned release key list) keeps
+    releases already verified, by the canonical bytes of their envelope: a
+    process that checks assignments for many devices at once (the fleet
+    simulator) verifies each release's signatures once, not once per device.
+    Every other check still runs on every call.
     """
     _check_caller(device_id, release_keys, director_keys, highest_sequence)
     what = "assignment"
@@ -239,7 +275,7 @@ def verify_assignment(
     # A9: the release keys, not the director, vouch for what the model is: a
     # compromised control plane alone cannot make a device run an unsigned
     # model. Verified over the raw embedded envelope, not the parsed model.
-    manifest = verify_release(signed["release"], release_keys)
+    manifest = _verified_release(signed["release"], release_keys, release_cache)
 
     # A10: the director chose a tier; the release must actually have it.
     variant = manifest.variants.get(assignment.tier)

@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from .canonical import canonical_json
 from .errors import (
     BadVersionError,
     MalformedPayload,
@@ -270,12 +271,28 @@ def validate_envelope(
 
 def make_envelope(signed: dict[str, Any], keys: Sequence[SigningKey]) -> dict[str, Any]:
     """Sign the canonical JSON of ``signed`` with each of ``keys``; return the envelope."""
+    return make_envelope_bytes(signed, keys)[0]
+
+
+def make_envelope_bytes(
+    signed: dict[str, Any], keys: Sequence[SigningKey]
+) -> tuple[dict[str, Any], bytes]:
+    """:func:`make_envelope`, and the envelope's canonical JSON with it.
+
+    ``signed`` is encoded once: the envelope's bytes splice that encoding in
+    rather than encoding it again (a director signs thousands of assignments,
+    each embedding a whole release, in one rollout stage).
+    """
     if not keys:
         raise ValueError("at least one signing key is required")
     ids = [key.key_id for key in keys]
     if len(set(ids)) != len(ids):
         raise ValueError("the same key was given twice; it would count once")
-    return {"signed": signed, "signatures": [key.sign_value(signed) for key in keys]}
+    body = canonical_json(signed)
+    signatures = [key.signature(body) for key in keys]
+    # Canonical JSON sorts keys, and "signatures" < "signed".
+    data = b'{"signatures":' + canonical_json(signatures) + b',"signed":' + body + b"}"
+    return {"signed": signed, "signatures": signatures}, data
 
 
 # --- rotation ---------------------------------------------------------------

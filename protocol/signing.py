@@ -126,7 +126,11 @@ class SigningKey:
 
     def sign_value(self, value: Any) -> dict[str, str]:
         """Sign the canonical JSON of ``value``; return ``{"keyid", "sig"}``."""
-        return {"keyid": self.key_id, "sig": _b64(self.sign(canonical_json(value)))}
+        return self.signature(canonical_json(value))
+
+    def signature(self, data: bytes) -> dict[str, str]:
+        """Sign ``data`` (canonical JSON already); return ``{"keyid", "sig"}``."""
+        return {"keyid": self.key_id, "sig": _b64(self.sign(data))}
 
 
 def verify_value(

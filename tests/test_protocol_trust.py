@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from protocol.assignment import CLOCK_SKEW_S, MAX_ASSIGNMENT_BYTES, verify_assignment
+from protocol.assignment import (
+    CLOCK_SKEW_S,
+    MAX_ASSIGNMENT_BYTES,
+    sign_assignment,
+    sign_assignment_bytes,
+    verify_assignment,
+)
 from protocol.canonical import canonical_json
 from protocol.errors import (
     BadVersionError,
@@ -38,7 +44,13 @@ from protocol.fit import (
     kv_cache_allowance_bytes,
     ram_needed_bytes,
 )
-from protocol.keys import KeyList, make_envelope, trusted_keys, verify_key_rotation
+from protocol.keys import (
+    KeyList,
+    make_envelope,
+    make_envelope_bytes,
+    trusted_keys,
+    verify_key_rotation,
+)
 from protocol.manifest import (
     MAX_RELEASE_BYTES,
     GoldenPrompt,
@@ -267,6 +279,49 @@ def test_valid_assignment_is_accepted(sim: TrustSimulator) -> None:
     assert verified.manifest.ref == "smollm2-135m@1.2.0"
     assert verified.variant == verified.manifest.variants[Tier.MICRO]
     assert verified.variant.sha256 == release["signed"]["variants"]["micro"]["sha256"]
+
+
+def test_signed_assignment_bytes_are_the_canonical_envelope(sim: TrustSimulator) -> None:
+    """The director stores and publishes these bytes without re-encoding the envelope:
+    they must be exactly the canonical JSON a verifier computes, non-ASCII included."""
+    release = sim.release(version="1.2.0", variants=[Tier.MICRO, Tier.SMALL])
+    assignment = sim.assignment(DEVICE, release, Tier.SMALL, sequence=3)
+    envelope, data = sign_assignment_bytes(assignment, sim._director_quorum())
+    assert data == canonical_json(envelope)
+    assert envelope == sign_assignment(assignment, sim._director_quorum())
+    verified = sim.verify(data, device_id=DEVICE, highest_sequence=2)
+    assert verified.assignment.sequence == 3
+
+    signed = {"note": "grüße, 東京", "n": [1, 2.5, None], "z": {"b": 1, "a": 2}}
+    envelope, data = make_envelope_bytes(signed, sim._director_quorum())
+    assert data == canonical_json(envelope)
+
+
+def test_release_cache_verifies_each_release_once_and_still_refuses_tampering(
+    sim: TrustSimulator,
+) -> None:
+    release = sim.release(version="1.2.0", variants=[Tier.MICRO, Tier.SMALL])
+    cache: dict = {}
+    for i in range(3):
+        device = f"dev-cache-{i}"
+        verified = sim.verify(sim.assign(device, release, Tier.MICRO, sequence=2),
+                              device_id=device, highest_sequence=1, release_cache=cache)
+        assert verified.manifest.ref == "smollm2-135m@1.2.0"
+    assert len(cache) == 1
+
+    # The director re-signs a release whose manifest was altered: other bytes,
+    # so the cache cannot vouch for it, and the release signature fails.
+    def swap_sha(envelope: dict) -> None:
+        envelope["signed"]["release"]["signed"]["variants"]["micro"]["sha256"] = "0" * 64
+
+    forged = sim.tamper(sim.assign("dev-cache-0", release, Tier.MICRO, sequence=3),
+                        swap_sha, resign=True)
+    with pytest.raises(ThresholdError):
+        sim.verify(forged, device_id="dev-cache-0", highest_sequence=2, release_cache=cache)
+    # Checks of the device's own assignment still run with a warm cache.
+    with pytest.raises(ReplayError):
+        sim.verify(sim.assign("dev-cache-1", release, Tier.MICRO, sequence=2),
+                   device_id="dev-cache-1", highest_sequence=2, release_cache=cache)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from protocol import (
     Hello,
     InferenceStats,
     ProtocolError,
+    ReleaseManifest,
     State,
     Telemetry,
     Tier,
@@ -157,8 +158,16 @@ class SimDevice:
 
     # -- assignments ---------------------------------------------------------------
 
-    def verify(self, payload: bytes, trust: TrustRoots | None) -> VerifiedAssignment | str:
-        """The verified assignment, or the reason it is refused (as the agent words it)."""
+    def verify(
+        self, payload: bytes, trust: TrustRoots | None,
+        release_cache: dict[bytes, ReleaseManifest] | None = None,
+    ) -> VerifiedAssignment | str:
+        """The verified assignment, or the reason it is refused (as the agent words it).
+
+        ``release_cache``: releases verified for other simulated devices (the
+        same bytes, so the same answer); each device still checks its own
+        director signature, id, expiry, sequence, tier and fit.
+        """
         if trust is None:
             return "keys_unavailable: the simulator was started without key lists"
         try:
@@ -166,7 +175,7 @@ class SimDevice:
                 payload, device_id=self.device_id, release_keys=trust.release,
                 director_keys=trust.director, now=time.time(),
                 highest_sequence=self.highest_sequence, hardware=self.capabilities,
-                device_tier=self.tier,
+                device_tier=self.tier, release_cache=release_cache,
             )
         except ProtocolError as exc:
             return f"{exc.reason}: {exc}"

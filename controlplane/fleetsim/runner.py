@@ -35,7 +35,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.profiles import FirmwareProfile
 from agent.trust import TrustRoots
-from protocol import EventType, TopicError, TopicKind, UpdateState, device_topic, parse_topic
+from protocol import (
+    EventType,
+    ReleaseManifest,
+    TopicError,
+    TopicKind,
+    UpdateState,
+    device_topic,
+    parse_topic,
+)
 
 from .device import Step, make_devices
 from .scenario import Scenario
@@ -86,6 +94,8 @@ class FleetSimulator:
         self.scenario = scenario
         self.devices = make_devices(scenario, profiles)
         self.trust = trust
+        #: every simulated device gets the same release bytes: verified once
+        self._release_cache: dict[bytes, ReleaseManifest] = {}
         self.stats = FleetStats()
         url = urlsplit(broker_url)
         if url.scheme != "mqtt" or not url.hostname:
@@ -233,7 +243,7 @@ class FleetSimulator:
         if i is None or kind is not TopicKind.DESIRED or not payload:
             return  # not ours, or a cleared retained message
         device = self.devices[i]
-        verified = device.verify(payload, self.trust)
+        verified = device.verify(payload, self.trust, self._release_cache)
         if isinstance(verified, str):
             self.stats.count(self.stats.assignments, "rejected")
             log.info("%s rejected an assignment: %s", device.device_id, verified)

@@ -55,8 +55,8 @@ from controlplane.db.models import (
     DeviceLabel,
     RolloutDevice,
 )
-from controlplane.director import Director, UnknownRelease, choose_tier
-from protocol import Capabilities, ProtocolError, Tier
+from controlplane.director import RAM_BYTES, Director, UnknownRelease, choose_tier
+from protocol import ProtocolError, Tier
 
 from . import store
 from .cohort import cohort_key, stage_size
@@ -159,9 +159,9 @@ class RolloutEngine:
 
     # -- 1. join -------------------------------------------------------------------
 
-    def _matching(self, spec: RolloutSpec, conn: Any) -> list[Any]:
-        query = select(Device.id, Device.tier, Device.latest_capabilities,
-                       Device.active_model).where(Device.tier.is_not(None))
+    def _matching(self, spec: RolloutSpec, conn: Any) -> list[str]:
+        """Ids of the devices the target selects, in id order."""
+        query = select(Device.id).where(Device.tier.is_not(None))
         target = spec.target
         if target.tiers:
             query = query.where(Device.tier.in_([t.value for t in target.tiers]))
@@ -176,7 +176,7 @@ class RolloutEngine:
                     DeviceLabel.value == value,
                 ).exists()
             )
-        return list(conn.execute(query.order_by(Device.id)).all())
+        return list(conn.execute(query.order_by(Device.id)).scalars())
 
     def _join(self, row: Any, spec: RolloutSpec, manifest: Any) -> None:
         now = self._clock()
@@ -184,18 +184,20 @@ class RolloutEngine:
             known = set(conn.execute(
                 select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == row.id)
             ).scalars())
-            new = [d for d in self._matching(spec, conn) if d.id not in known][:JOIN_BATCH]
-            if not new:
+            # Ids first: every tick asks, and only newcomers need their reports read.
+            new_ids = [d for d in self._matching(spec, conn) if d not in known][:JOIN_BATCH]
+            if not new_ids:
                 return
+            new = []
+            for chunk in _chunks(new_ids, 500):
+                new.extend(conn.execute(
+                    select(Device.id, Device.tier, RAM_BYTES.label("ram_bytes"),
+                           Device.active_model).where(Device.id.in_(chunk))
+                ).all())
+            new.sort(key=lambda d: d.id)
             rows = []
             for device in new:
-                ram = None
-                if device.latest_capabilities:
-                    try:
-                        ram = Capabilities.model_validate(device.latest_capabilities).ram_bytes
-                    except ValueError:
-                        ram = None
-                tier, why = choose_tier(manifest, Tier(device.tier), ram)
+                tier, why = choose_tier(manifest, Tier(device.tier), device.ram_bytes)
                 active = device.active_model or {}
                 previous = (f"{active['name']}@{active['version']}"
                             if active.get("name") == spec.model else None)
@@ -256,8 +258,12 @@ class RolloutEngine:
         pending = [m for m in members if m.state == "pending"]
         watching = [m for m in members if m.state == "assigned" and m.assignment_id]
         with self._engine.begin() as conn:
-            # Adopt assignments this rollout issued but never recorded.
-            for chunk in _chunks([m.device_id for m in pending], 500):
+            # Adopt assignments this rollout issued but never recorded (a crash
+            # between the director's commit and ours); none issued, none to adopt.
+            issued = pending and conn.execute(
+                select(AssignmentRecord.id).where(AssignmentRecord.rollout_id == row.id).limit(1)
+            ).first() is not None
+            for chunk in _chunks([m.device_id for m in pending] if issued else [], 500):
                 for rec in conn.execute(
                     select(AssignmentRecord.device_id, AssignmentRecord.assignment_id,
                            AssignmentRecord.issued_at)

@@ -116,6 +116,7 @@ def create_rollout(spec: RolloutSpec, context: ContextDep, session: SessionDep) 
         rollout_id = store.create(context.engine, spec)
     except store.UnknownVersion as exc:
         raise HTTPException(404, detail=str(exc)) from exc
+    context.kick_rollouts()
     return _detail(session, store.get(session, rollout_id))
 
 
@@ -178,6 +179,7 @@ def act(
         raise HTTPException(404, detail=str(exc)) from exc
     except store.RolloutConflict as exc:
         raise HTTPException(409, detail=str(exc)) from exc
+    context.kick_rollouts()
     session.expire_all()
     return _detail(session, store.get(session, rollout_id))
 
