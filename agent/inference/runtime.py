@@ -362,8 +362,10 @@ class InferenceRuntime:
         finally:
             self._waiting -= 1
         try:
-            await self.sharing.claim()
             try:
+                # Inside: a caller cancelled during claim's wait must still
+                # give the candidate its cores back.
+                await self.sharing.claim()
                 worker = await slot.ensure_running()
                 yield slot, worker
             finally:
