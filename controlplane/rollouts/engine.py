@@ -365,18 +365,23 @@ class RolloutEngine:
 
     # -- 4. assign -------------------------------------------------------------------
 
+    def _online(self, members: Sequence[Any]) -> set[str]:
+        """Which of ``members``' devices are online now (in chunks: SQLite caps
+        the parameters of one statement)."""
+        online: set[str] = set()
+        with self._engine.connect() as conn:
+            for chunk in _chunks([m.device_id for m in members], 500):
+                online.update(conn.execute(
+                    select(Device.id).where(Device.online.is_(True), Device.id.in_(chunk))
+                ).scalars())
+        return online
+
     def _assign(self, row: Any, spec: RolloutSpec, members: Sequence[Any]) -> None:
-        compatible = [m for m in members if m.state not in ("incompatible", "superseded")]
         percent = 100.0 if row.state == "completed" else spec.stages[row.stage_index].percent
-        cohort = compatible[: stage_size(percent, len(compatible))]
-        pending = [m for m in cohort if m.state == "pending"]
+        pending = [m for m in _cohort(members, percent) if m.state == "pending"]
         if not pending:
             return
-        with self._engine.connect() as conn:
-            online = set(conn.execute(
-                select(Device.id).where(Device.online.is_(True),
-                                        Device.id.in_([m.device_id for m in pending]))
-            ).scalars())
+        online = self._online(pending)
         todo = [m for m in pending if m.device_id in online]
         if spec.max_concurrent_downloads is not None:
             busy = sum(m.state == "assigned" for m in members)
@@ -432,16 +437,11 @@ class RolloutEngine:
 
     def _maybe_advance(self, row: Any, spec: RolloutSpec, results: Sequence[GateResult]) -> None:
         members = self._members(row.id)
-        compatible = [m for m in members if m.state not in ("incompatible", "superseded")]
         stage = spec.stages[row.stage_index]
-        cohort = compatible[: stage_size(stage.percent, len(compatible))]
+        cohort = _cohort(members, stage.percent)
         if not cohort:
             return
-        with self._engine.connect() as conn:
-            online = set(conn.execute(
-                select(Device.id).where(Device.online.is_(True),
-                                        Device.id.in_([m.device_id for m in cohort]))
-            ).scalars())
+        online = self._online(cohort)
         waiting = [m for m in cohort if m.state == "pending" and m.device_id in online]
         updating = [m for m in cohort if m.state == "assigned"]
         now = self._clock()
@@ -547,6 +547,13 @@ def _outcome(events: Sequence[Any]) -> dict[str, Any]:
             else:
                 values["state"], values["reason"] = "failed", f"{ev.type}: {ev.reason or ''}"
     return values
+
+
+def _cohort(members: Sequence[Any], percent: float) -> list[Any]:
+    """The members a stage of ``percent`` covers: the first by cohort key of
+    those that can still take part."""
+    compatible = [m for m in members if m.state not in ("incompatible", "superseded")]
+    return compatible[: stage_size(percent, len(compatible))]
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
