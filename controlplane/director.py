@@ -13,7 +13,11 @@ Sequence numbers come from one counter row per device, bumped with
 write of the transaction that stores the assignment: PostgreSQL serialises
 concurrent bumps on the row lock, SQLite on its single writer lock, so
 numbers are strictly increasing per device across assignments, re-signs,
-rollbacks and unassignments, whichever replica or thread issues them.
+rollbacks and unassignments, whichever replica or thread issues them. A
+batch of new assignments is signed before its transaction opens, with the
+numbers the counters say come next, and any device whose number moved in
+between is signed again inside it: what is stored is always signed with the
+number the counter handed out, and the write lock is held for the writes only.
 
 Re-signing (:meth:`Director.resign_due`) keeps ``assignment_id``, release,
 tier and rollout and issues a new sequence and validity window: agents treat
@@ -44,6 +48,7 @@ from protocol import (
     ReleaseManifest,
     SigningKey,
     Tier,
+    canonical_json,
     sign_assignment_bytes,
     verify_release,
 )
@@ -195,6 +200,35 @@ def next_sequences(conn: Connection, device_ids: Sequence[str]) -> dict[str, int
     return {device_id: int(last) for device_id, last in rows}
 
 
+def peek_next_sequences(conn: Connection, device_ids: Sequence[str]) -> dict[str, int]:
+    """What :func:`next_sequences` would hand out if nobody allocated first; locks nothing.
+
+    Lets a batch be signed before its write transaction opens. The guess is
+    checked against the real allocation inside that transaction.
+    """
+    last = dict(conn.execute(
+        select(sequences.c.device_id, sequences.c.last_sequence)
+        .where(sequences.c.device_id.in_(device_ids))
+    ).all())
+    return {device_id: int(last.get(device_id, 0)) + 1 for device_id in device_ids}
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """One assignment to sign and store: everything but its sequence and validity."""
+
+    device_id: str
+    tier: Tier
+    assignment_id: str
+    version_id: int
+    ref: str
+    release: dict[str, Any]
+    #: ``canonical_json(release)``: encoded once for every draft that embeds it
+    release_json: bytes
+    rollout_id: str | None
+    kind: str
+
+
 @dataclass(frozen=True, slots=True)
 class _CachedSigningKey(SigningKey):
     """A :class:`protocol.SigningKey` that parses its private key once.
@@ -308,150 +342,109 @@ class Director:
                 results[device_id] = AssignResult(device_id, "incompatible", reason=why)
                 continue
             todo.append((device_id, tier))
-        for start in range(0, len(todo), ASSIGN_BATCH):
-            for result in self._issue_many(
-                todo[start : start + ASSIGN_BATCH], version_id=version_id, ref=manifest.ref,
-                release=envelope, rollout_id=rollout_id,
-            ):
+        release_json = canonical_json(envelope)
+        drafts = [
+            _Draft(device_id, tier, assignment_id, version_id, manifest.ref, envelope,
+                   release_json, rollout_id, "assign")
+            for (device_id, tier), assignment_id in zip(
+                todo, new_assignment_ids(len(todo)), strict=True
+            )
+        ]
+        for start in range(0, len(drafts), ASSIGN_BATCH):
+            for result in self._issue_many(drafts[start : start + ASSIGN_BATCH]):
                 results[result.device_id] = result
             # Publishing starts with the first batch, while later ones are signed.
             self._on_change()
         return [results[device_id] for device_id in ids]
 
-    def _issue_many(
-        self,
-        batch: Sequence[tuple[str, Tier]],
-        *,
-        version_id: int,
-        ref: str,
-        release: dict[str, Any],
-        rollout_id: str | None,
-    ) -> list[AssignResult]:
-        """New assignments of one release for ``batch`` (device, tier), in one transaction.
+    def _signed_row(self, draft: _Draft, sequence: int, now: float) -> dict[str, Any]:
+        """The ``assignments`` row for ``draft`` with ``sequence``, its envelope signed."""
+        assignment = Assignment(
+            assignment_id=draft.assignment_id,
+            device_id=draft.device_id,
+            rollout_id=draft.rollout_id,
+            sequence=sequence,
+            issued_at=now,
+            expires_at=now + self._ttl_s,
+            tier=draft.tier,
+            release=draft.release,
+            artifact_url_base=self._url_base,
+        )
+        _, signed = sign_assignment_bytes(assignment, self._signers,
+                                          release_json=draft.release_json)
+        return {
+            "assignment_id": draft.assignment_id,
+            "device_id": draft.device_id,
+            "version_id": draft.version_id,
+            "ref": draft.ref,
+            "tier": draft.tier.value,
+            "sequence": sequence,
+            "issued_at": now,
+            "expires_at": assignment.expires_at,
+            "rollout_id": draft.rollout_id,
+            "kind": draft.kind,
+            "status": ACTIVE,
+            "ended_at": None,
+            "envelope": signed.decode("utf-8"),
+        }
 
-        The same steps as :meth:`_issue`, each as one statement for the whole
-        batch: one commit (one fsync on SQLite) per batch instead of per device
-        is what lets a stage of thousands of devices go out in seconds.
+    def _issue_many(self, drafts: Sequence[_Draft]) -> list[AssignResult]:
+        """Store ``drafts`` (one per device) as the devices' live assignments, in one transaction.
+
+        Signing is most of the work, so it happens before the transaction,
+        with the sequence numbers the devices' counters say come next: on
+        SQLite the transaction holds the only write lock, and the publisher
+        and the ingest would wait behind every signature. Inside, the numbers
+        are allocated for real; a device whose number moved meanwhile (another
+        writer assigned to it) is signed again with the one it got. One commit
+        (one fsync on SQLite) per batch instead of per device is what lets a
+        stage of thousands of devices go out in seconds.
         """
-        if not batch:
+        if not drafts:
             return []
-        device_ids = [device_id for device_id, _ in batch]
+        device_ids = [draft.device_id for draft in drafts]
+        with self._engine.connect() as conn:
+            guess = peek_next_sequences(conn, device_ids)
+        now = self._clock()
+        rows = [self._signed_row(draft, guess[draft.device_id], now) for draft in drafts]
         with self._engine.begin() as conn:
             sequence = next_sequences(conn, device_ids)
-            now = self._clock()
+            moved = 0
+            for i, draft in enumerate(drafts):
+                if sequence[draft.device_id] != rows[i]["sequence"]:
+                    rows[i] = self._signed_row(draft, sequence[draft.device_id], now)
+                    moved += 1
             conn.execute(
                 update(assignments)
                 .where(assignments.c.device_id.in_(device_ids), assignments.c.status == ACTIVE)
                 .values(status=SUPERSEDED, ended_at=now)
             )
-            rows, results = [], []
-            for (device_id, tier), assignment_id in zip(
-                batch, new_assignment_ids(len(batch)), strict=True
-            ):
-                assignment = Assignment(
-                    assignment_id=assignment_id,
-                    device_id=device_id,
-                    rollout_id=rollout_id,
-                    sequence=sequence[device_id],
-                    issued_at=now,
-                    expires_at=now + self._ttl_s,
-                    tier=tier,
-                    release=release,
-                    artifact_url_base=self._url_base,
-                )
-                _, signed = sign_assignment_bytes(assignment, self._signers)
-                rows.append({
-                    "assignment_id": assignment_id,
-                    "device_id": device_id,
-                    "version_id": version_id,
-                    "ref": ref,
-                    "tier": tier.value,
-                    "sequence": sequence[device_id],
-                    "issued_at": now,
-                    "expires_at": assignment.expires_at,
-                    "rollout_id": rollout_id,
-                    "kind": "assign",
-                    "status": ACTIVE,
-                    "ended_at": None,
-                    "envelope": signed.decode("utf-8"),
-                })
-                results.append(AssignResult(
-                    device_id, "assigned", tier=tier.value, assignment_id=assignment_id,
-                    sequence=sequence[device_id], expires_at=assignment.expires_at,
-                ))
             conn.execute(insert(assignments), rows)
-        log.info("assign %s -> %d device(s)", ref, len(rows))
-        return results
+        if moved:
+            log.debug("%d of %d assignment(s) signed again: sequence moved", moved, len(rows))
+        log.info("assign %s -> %d device(s)", drafts[0].ref, len(rows))
+        return [_assigned(row) for row in rows]
 
-    def _issue(
-        self,
-        device_id: str,
-        *,
-        version_id: int,
-        ref: str,
-        release: dict[str, Any],
-        tier: Tier,
-        assignment_id: str,
-        rollout_id: str | None,
-        kind: str,
-        replaces: int | None = None,
-    ) -> AssignResult:
+    def _issue(self, draft: _Draft, *, replaces: int) -> AssignResult:
+        """Re-sign ``draft`` as the device's live assignment if row ``replaces`` still is."""
         with self._engine.begin() as conn:
-            sequence = next_sequence(conn, device_id)
+            sequence = next_sequence(conn, draft.device_id)
             now = self._clock()
-            ended = (
+            # A re-sign applies only if that row is still the live one; a new
+            # assignment made meanwhile wins.
+            ended = conn.execute(
                 update(assignments)
-                .where(assignments.c.device_id == device_id, assignments.c.status == ACTIVE)
+                .where(assignments.c.id == replaces, assignments.c.status == ACTIVE)
                 .values(status=SUPERSEDED, ended_at=now)
-            )
-            if replaces is not None:
-                # A re-sign applies only if that row is still the live one; a
-                # new assignment made meanwhile wins.
-                ended = ended.where(assignments.c.id == replaces)
-                if conn.execute(ended).rowcount != 1:
-                    conn.rollback()
-                    return AssignResult(device_id, "not_assigned", reason="replaced meanwhile")
-            else:
-                conn.execute(ended)
-            assignment = Assignment(
-                assignment_id=assignment_id,
-                device_id=device_id,
-                rollout_id=rollout_id,
-                sequence=sequence,
-                issued_at=now,
-                expires_at=now + self._ttl_s,
-                tier=tier,
-                release=release,
-                artifact_url_base=self._url_base,
-            )
-            _, signed = sign_assignment_bytes(assignment, self._signers)
-            conn.execute(
-                insert(assignments),
-                {
-                    "assignment_id": assignment_id,
-                    "device_id": device_id,
-                    "version_id": version_id,
-                    "ref": ref,
-                    "tier": tier.value,
-                    "sequence": sequence,
-                    "issued_at": now,
-                    "expires_at": assignment.expires_at,
-                    "rollout_id": rollout_id,
-                    "kind": kind,
-                    "status": ACTIVE,
-                    "ended_at": None,
-                    "envelope": signed.decode("utf-8"),
-                },
-            )
-        log.info("%s %s -> %s (%s, seq %d)", kind, ref, device_id, tier.value, sequence)
-        return AssignResult(
-            device_id,
-            "assigned",
-            tier=tier.value,
-            assignment_id=assignment_id,
-            sequence=sequence,
-            expires_at=assignment.expires_at,
-        )
+            ).rowcount
+            if ended != 1:
+                conn.rollback()
+                return AssignResult(draft.device_id, "not_assigned", reason="replaced meanwhile")
+            row = self._signed_row(draft, sequence, now)
+            conn.execute(insert(assignments), row)
+        log.info("%s %s -> %s (%s, seq %d)", draft.kind, draft.ref, draft.device_id,
+                 draft.tier.value, sequence)
+        return _assigned(row)
 
     def unassign(self, device_ids: Iterable[str]) -> list[AssignResult]:
         """Revoke each device's live assignment; the publisher clears its ``desired``.
@@ -504,14 +497,8 @@ class Director:
             # The release exactly as embedded before: same bytes, same signatures.
             release = json.loads(row.envelope)["signed"]["release"]
             result = self._issue(
-                row.device_id,
-                version_id=row.version_id,
-                ref=row.ref,
-                release=release,
-                tier=Tier(row.tier),
-                assignment_id=row.assignment_id,
-                rollout_id=row.rollout_id,
-                kind="refresh",
+                _Draft(row.device_id, Tier(row.tier), row.assignment_id, row.version_id,
+                       row.ref, release, canonical_json(release), row.rollout_id, "refresh"),
                 replaces=row.id,
             )
             done += result.status == "assigned"
@@ -519,6 +506,14 @@ class Director:
             log.info("re-signed %d assignment(s)", done)
             self._on_change()
         return done
+
+
+def _assigned(row: dict[str, Any]) -> AssignResult:
+    """The result reported for a stored assignment row."""
+    return AssignResult(
+        row["device_id"], "assigned", tier=row["tier"], assignment_id=row["assignment_id"],
+        sequence=row["sequence"], expires_at=row["expires_at"],
+    )
 
 
 RESIGN_JOB_ID = "resign-assignments"

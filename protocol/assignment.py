@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from .canonical import canonical_json
+from .canonical import canonical_json, canonical_object
 from .errors import (
     DoesNotFit,
     ExpiredError,
@@ -152,11 +152,25 @@ def sign_assignment(
 
 
 def sign_assignment_bytes(
-    assignment: Assignment, director_key: SigningKey | Sequence[SigningKey]
+    assignment: Assignment,
+    director_key: SigningKey | Sequence[SigningKey],
+    *,
+    release_json: bytes | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """:func:`sign_assignment`, and the envelope's canonical JSON: what is published."""
+    """:func:`sign_assignment`, and the envelope's canonical JSON: what is published.
+
+    ``release_json`` is ``canonical_json(assignment.release)`` when the caller
+    has it already: the release is most of an assignment's bytes, and a
+    director signing a stage of thousands of devices encodes it once instead
+    of once per device (the signed bytes are the same either way).
+    """
     keys = [director_key] if isinstance(director_key, SigningKey) else list(director_key)
-    envelope, data = make_envelope_bytes(assignment.model_dump(mode="json", by_alias=True), keys)
+    fields = assignment.model_dump(mode="json", by_alias=True, exclude={"release"})
+    if release_json is None:
+        release_json = canonical_json(assignment.release)
+    body = canonical_object(fields, {"release": release_json})
+    envelope, data = make_envelope_bytes({**fields, "release": assignment.release}, keys,
+                                         body=body)
     if len(data) > MAX_ASSIGNMENT_BYTES:
         raise ValueError(f"signed assignment is {len(data)} bytes, limit {MAX_ASSIGNMENT_BYTES}")
     return envelope, data

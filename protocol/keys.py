@@ -275,20 +275,22 @@ def make_envelope(signed: dict[str, Any], keys: Sequence[SigningKey]) -> dict[st
 
 
 def make_envelope_bytes(
-    signed: dict[str, Any], keys: Sequence[SigningKey]
+    signed: dict[str, Any], keys: Sequence[SigningKey], *, body: bytes | None = None
 ) -> tuple[dict[str, Any], bytes]:
     """:func:`make_envelope`, and the envelope's canonical JSON with it.
 
     ``signed`` is encoded once: the envelope's bytes splice that encoding in
     rather than encoding it again (a director signs thousands of assignments,
-    each embedding a whole release, in one rollout stage).
+    each embedding a whole release, in one rollout stage). ``body``, when the
+    caller has it, is ``canonical_json(signed)`` already computed.
     """
     if not keys:
         raise ValueError("at least one signing key is required")
     ids = [key.key_id for key in keys]
     if len(set(ids)) != len(ids):
         raise ValueError("the same key was given twice; it would count once")
-    body = canonical_json(signed)
+    if body is None:
+        body = canonical_json(signed)
     signatures = [key.signature(body) for key in keys]
     # Canonical JSON sorts keys, and "signatures" < "signed".
     data = b'{"signatures":' + canonical_json(signatures) + b',"signed":' + body + b"}"

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+import controlplane.director as director_module
 import protocol as p
 from controlplane.db import make_engine, upgrade_to_head
 from controlplane.director import next_sequence
@@ -215,6 +216,42 @@ def test_sequences_strictly_increase_under_concurrent_assigns(
     live = api.get(f"/v1/devices/{device.id}").json()["assignment"]
     assert live["sequence"] == 40  # the last issued is the live one
     wait_until(lambda: (_published(api, device.id) or {}).get("sequence") == 40, what="final")
+
+
+def test_a_number_taken_while_a_batch_was_signed_is_signed_again(
+    cp: ControlPlane, api: httpx.Client, broker: MosquittoBroker, sim: TrustSimulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch is signed before its transaction with the numbers the counters say
+    come next. Another writer taking a number in between (here: right after the
+    guess is read) must not leave a stored envelope signed with a number other
+    than the one its device got, nor reuse one."""
+    steady, raced = _join(broker, api), _join(broker, api)
+    director, engine = cp.director, cp.engine
+    assert director is not None and engine is not None
+    real_peek = director_module.peek_next_sequences
+
+    def peek_then_race(conn: Any, device_ids: Any) -> dict[str, int]:
+        guess = real_peek(conn, device_ids)
+        with engine.begin() as other:
+            next_sequence(other, raced.id)  # a concurrent writer's allocation
+        return guess
+
+    monkeypatch.setattr(director_module, "peek_next_sequences", peek_then_race)
+    results = {r.device_id: r for r in director.assign([steady.id, raced.id], "smollm2", "1.0.0")}
+    monkeypatch.undo()
+    assert results[steady.id].sequence == 1
+    assert results[raced.id].sequence == 2  # 1 went to the other writer
+    for device in (steady, raced):
+        wait_until(lambda d=device: _published(api, d.id), what="PUBACK recorded")
+        listener = device.listen()
+        try:
+            (msg,) = listener.wait_messages(1)
+            verified = _verify(sim, msg.payload, device.id)
+        finally:
+            listener.close()
+            device.close()
+        assert verified.assignment.sequence == results[device.id].sequence
 
 
 def test_selector_picks_each_devices_tier_or_the_highest_below(

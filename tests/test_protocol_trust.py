@@ -20,7 +20,7 @@ from protocol.assignment import (
     sign_assignment_bytes,
     verify_assignment,
 )
-from protocol.canonical import canonical_json
+from protocol.canonical import canonical_json, canonical_object
 from protocol.errors import (
     BadVersionError,
     DoesNotFit,
@@ -292,9 +292,26 @@ def test_signed_assignment_bytes_are_the_canonical_envelope(sim: TrustSimulator)
     verified = sim.verify(data, device_id=DEVICE, highest_sequence=2)
     assert verified.assignment.sequence == 3
 
+    # The release encoded once by the caller (a director signing a whole stage):
+    # the same bytes, and a release that is not the assignment's is not hidden.
+    again = sign_assignment_bytes(assignment, sim._director_quorum(),
+                                  release_json=canonical_json(release))
+    assert again == (envelope, data)
+
     signed = {"note": "grüße, 東京", "n": [1, 2.5, None], "z": {"b": 1, "a": 2}}
     envelope, data = make_envelope_bytes(signed, sim._director_quorum())
     assert data == canonical_json(envelope)
+
+
+def test_canonical_object_splices_encoded_values_in_key_order() -> None:
+    inner = {"é": [1, {"y": 2, "x": None}], "a": "東京"}
+    fields = {"zeta": 1.5, "alpha": "x", "mid": {"b": 1, "a": 2}}
+    assert canonical_object(fields, {"m": canonical_json(inner)}) == canonical_json(
+        {**fields, "m": inner}
+    )
+    assert canonical_object({}, {}) == b"{}"
+    with pytest.raises(ValueError, match="both"):
+        canonical_object({"a": 1}, {"a": b"1"})
 
 
 def test_release_cache_verifies_each_release_once_and_still_refuses_tampering(
