@@ -11,11 +11,22 @@ publishers from stealing the consumers' CPU, and measures what each
 consumer can sustain, which is what a control plane restarting into a
 backlog, or a fleet at peak, asks of it.
 Targets (issue 2): >= 5,000 msg/s ingested, ratio vs raw paho >= 0.7.
+
+``INGEST_REPLICAS=N`` adds the same drain by N control-plane replicas, each
+in a process of its own, on one PostgreSQL database (installed and started
+by the test support), splitting the stream through an MQTT v5 shared
+subscription: the broker queues each replica's share while they are
+offline, then all of them start at once. Its figure is every row written
+over the time from the first message any replica received to the last row
+any replica wrote. Target (issue 7): >= 10,000 msg/s with two replicas.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +46,54 @@ TIMEOUT_S = 180.0
 SESSION_EXPIRY_S = 3600
 RAW_CLIENT_ID = "bench-raw-counter"
 INGEST_CLIENT_ID = "bench-controlplane"
+#: control-plane replicas for the shared-subscription drain on PostgreSQL; 0: skip it
+REPLICAS = int(os.environ.get("INGEST_REPLICAS", "0"))
+SHARED_GROUP = "slmfleet-cp"
+#: a replica has drained when its written count stood still this long
+SETTLED_S = 3.0
+
+#: One replica. argv: root, data dir, broker URL, user, password, database URL,
+#: client id, mode. "prepare" opens the persistent shared-subscription session and
+#: leaves; "drain" starts, waits for "go" on stdin, and once its writes stand
+#: still prints {"first", "last", "written"} (monotonic clock, shared by every
+#: process on the machine).
+REPLICA = """
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from controlplane.config import ControlPlaneSettings
+from controlplane.service import ControlPlane
+root, data, url, user, password, db, client_id, mode, group, settled = sys.argv[1:11]
+settings = ControlPlaneSettings(
+    data_dir=Path(data), mqtt_url=url, mqtt_username=user, mqtt_password=password,
+    api_port=0, database_url=db, mqtt_client_id=client_id, mqtt_session_expiry_s=3600,
+    mqtt_shared_group=group,
+)
+if mode == "prepare":
+    ControlPlane(settings).start().stop()
+    print("ok", flush=True)
+    raise SystemExit
+sys.stdin.readline()
+cp = ControlPlane(settings)
+stamp = []
+def watch_first():
+    # Started before the control plane: its start-up may outlast the first messages.
+    while cp.ingest is None or cp.ingest.stats().received == 0:
+        time.sleep(0.0005)
+    stamp.append(time.monotonic())
+threading.Thread(target=watch_first, daemon=True).start()
+cp.start()
+last, written = time.monotonic(), 0
+deadline = last + 180  # bounded even if nothing ever arrives
+while (time.monotonic() - last < float(settled) or not written) and time.monotonic() < deadline:
+    now_written = cp.ingest.stats().written
+    if now_written != written:
+        written, last = now_written, time.monotonic()
+    time.sleep(0.002)
+cp.stop()
+print(json.dumps({"first": stamp[0] if stamp else last, "last": last, "written": written}),
+      flush=True)
+"""
 
 
 def _telemetry(device_id: str, seq: int) -> bytes:
@@ -134,6 +193,60 @@ def publish_all(broker, devices: list[str]) -> float:
     return published / (time.monotonic() - t0)
 
 
+def replica(root: Path, data: Path, broker, database_url: str, client_id: str,
+            mode: str) -> subprocess.Popen[str]:
+    """A control-plane replica in a process of its own (see :data:`REPLICA`)."""
+    from controlplane.mosquitto import CONTROL_PLANE_USER
+
+    return subprocess.Popen(
+        [sys.executable, "-c", REPLICA, str(root), str(data), broker.url, CONTROL_PLANE_USER,
+         broker.users[CONTROL_PLANE_USER], database_url, client_id, mode, SHARED_GROUP,
+         str(SETTLED_S)],
+        cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+
+def replicas_drain(broker, devices: list[str], count: int) -> dict[str, float | int]:
+    """``count`` replicas on PostgreSQL drain one queued stream through a shared subscription."""
+    from tests.support.postgres import PostgresCluster
+
+    root = Path(__file__).resolve().parents[1]
+    total = len(devices) * PER_DEVICE
+    postgres = PostgresCluster().start()
+    try:
+        url = postgres.create_database("ingest")
+        work = Path(tempfile.mkdtemp(prefix="slmfleet-ingest-replicas-"))
+        ids = [f"bench-replica-{i}" for i in range(count)]
+        for client_id in ids:
+            proc = replica(root, work / client_id, broker, url, client_id, "prepare")
+            out, _ = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                raise SystemExit(f"replica {client_id} did not start: {out}")
+        print(f"{count} replica(s) on PostgreSQL subscribed to $share/{SHARED_GROUP}/... and offline; "
+              f"publishing {total} messages again", flush=True)
+        publish_all(broker, devices)
+        procs = [replica(root, work / client_id, broker, url, client_id, "drain")
+                 for client_id in ids]
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        postgres.stop()
+    written = sum(r["written"] for r in results)
+    elapsed = max(r["last"] for r in results) - min(r["first"] for r in results)
+    rate = written / elapsed
+    shares = ", ".join(str(r["written"]) for r in results)
+    print(f"{count} replica(s) wrote {written} of {total} rows ({shares}) in {elapsed:.2f} s "
+          f"({rate:,.0f} msg/s)", flush=True)
+    return {f"replicas{count}_pg_ingest_msgs_per_s": round(rate),
+            f"replicas{count}_pg_written": written}
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from controlplane.config import ControlPlaneSettings
@@ -196,7 +309,11 @@ def main() -> None:
         print(f"ingest validated and wrote {stats.written} rows in {elapsed:.2f} s "
               f"({ingest_rate:,.0f} msg/s), rejected {stats.rejected_total}, "
               f"{stats.batches} batches, settled={settled}")
+        figures: dict[str, float | int] = {}
+        if REPLICAS:
+            figures = replicas_drain(broker, devices, REPLICAS)
         report({
+            **figures,
             "ingest_msgs_per_s": round(ingest_rate),
             "raw_paho_msgs_per_s": round(raw_rate),
             "ratio_vs_raw": round(ingest_rate / raw_rate, 3),

@@ -5,6 +5,7 @@ engine to a surviving replica when the leader is killed."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,9 @@ from sqlalchemy import func, select
 
 import protocol as p
 from agent.profiles import default_profiles_dir, load_profiles
-from controlplane.db import TelemetryRow, make_engine
+from controlplane.db import TelemetryRow, make_engine, upgrade_to_head
 from controlplane.db.models import AssignmentRecord
+from controlplane.db.writes import BatchStore, IngestItem
 from controlplane.fleetsim import FleetSimulator, Scenario
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
@@ -166,3 +168,41 @@ def test_leader_killed_mid_rollout_the_other_replica_finishes_it(
         for proc in (first, second):
             if proc is not None:
                 proc.stop()
+
+
+def test_replicas_writing_the_same_devices_in_any_order_do_not_deadlock(postgres_url: str) -> None:
+    """Two replicas' writers get the same devices' messages in opposite orders
+    (a shared subscription hands each replica every other message). Both lock
+    the device rows in id order, so they wait for each other rather than
+    deadlock: PostgreSQL would abort one of a deadlocked pair after a second
+    and the batch would have to be written again."""
+    engine = make_engine(postgres_url, pool_size=4)
+    upgrade_to_head(engine)
+    devices = [f"dl-{i:03d}" for i in range(200)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def writer(order: list[str], first_seq: int) -> None:
+        store = BatchStore(engine)
+        start.wait()
+        for round_ in range(15):
+            seq = first_seq + 2 * round_
+            items = [IngestItem(p.TopicKind.TELEMETRY, telemetry(d, seq), time.time(), False)
+                     for d in order]
+            try:
+                store.write(items)
+            except Exception as exc:  # the deadlock surfaces here, unretried
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=writer, args=(devices, 1)),
+               threading.Thread(target=writer, args=(devices[::-1], 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(TelemetryRow)).scalar_one()
+    engine.dispose()
+    assert not errors, errors[0]
+    assert rows == 2 * 15 * len(devices)

@@ -296,7 +296,7 @@ def _write_hellos(conn: Connection, hellos: dict[str, IngestItem]) -> None:
     # Hellos are rare (one per connect), so they take the ordinary path.
     params = []
     reports: dict[str, tuple[dict[str, Any], float]] = {}
-    for dev, item in hellos.items():
+    for dev, item in sorted(hellos.items()):  # device-id order: see _write_liveness
         hello = item.message
         assert isinstance(hello, Hello)
         report = capability_report(hello)
@@ -352,13 +352,17 @@ def _write_hellos(conn: Connection, hellos: dict[str, IngestItem]) -> None:
 
 def _write_liveness(conn: Connection, plan: _Plan) -> None:
     live, states, seen_only = [], [], []
-    for dev, (online, since) in plan.state.items():
+    # In device-id order, as every statement here locks device rows: two
+    # replicas writing overlapping batches then wait for each other instead
+    # of deadlocking (PostgreSQL aborts one of a deadlocked pair, after a
+    # second's wait, and the batch has to be written again).
+    for dev, (online, since) in sorted(plan.state.items()):
         seen = plan.seen.get(dev)
         if online and seen is not None:
             live.append({"b_id": dev, "b_at": since, "b_seen": seen})
         else:
             states.append({"b_id": dev, "b_online": online, "b_at": since})
-    for dev, seen in plan.seen.items():
+    for dev, seen in sorted(plan.seen.items()):
         if not plan.state.get(dev, (False, 0.0))[0]:
             # heard live earlier in the batch, then its Last Will arrived
             seen_only.append({"b_id": dev, "b_seen": seen})
@@ -404,7 +408,7 @@ class BatchStore:
                             "first_seen": plan.first_seen[dev],
                             "state_changed_at": plan.first_seen[dev],
                         }
-                        for dev in new
+                        for dev in sorted(new)  # device-id order: see _write_liveness
                     ],
                 )
             if plan.hellos:
