@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psutil
 from _common import report, scratch_broker
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -222,8 +223,8 @@ def replicas_drain(broker, devices: list[str], count: int) -> dict[str, float | 
             out, _ = proc.communicate(timeout=120)
             if proc.returncode != 0:
                 raise SystemExit(f"replica {client_id} did not start: {out}")
-        print(f"{count} replica(s) on PostgreSQL subscribed to $share/{SHARED_GROUP}/... and offline; "
-              f"publishing {total} messages again", flush=True)
+        print(f"{count} replica(s) on PostgreSQL subscribed to $share/{SHARED_GROUP}/... "
+              f"and offline; publishing {total} messages again", flush=True)
         publish_all(broker, devices)
         procs = [replica(root, work / client_id, broker, url, client_id, "drain")
                  for client_id in ids]
@@ -232,19 +233,54 @@ def replicas_drain(broker, devices: list[str], count: int) -> dict[str, float | 
             proc.stdin.write("go\n")
             proc.stdin.flush()
         results = []
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        with MachineCpu() as cpu:
+            for proc in procs:
+                out, _ = proc.communicate(timeout=TIMEOUT_S)
+                results.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         postgres.stop()
     written = sum(r["written"] for r in results)
-    elapsed = max(r["last"] for r in results) - min(r["first"] for r in results)
-    rate = written / elapsed
+    first, last = min(r["first"] for r in results), max(r["last"] for r in results)
+    rate = written / (last - first)
+    busy = cpu.busy_pct(first, last)
     shares = ", ".join(str(r["written"]) for r in results)
-    print(f"{count} replica(s) wrote {written} of {total} rows ({shares}) in {elapsed:.2f} s "
-          f"({rate:,.0f} msg/s)", flush=True)
+    print(f"{count} replica(s) wrote {written} of {total} rows ({shares}) in "
+          f"{last - first:.2f} s ({rate:,.0f} msg/s); machine CPU {busy:.0f} % of "
+          f"{100 * (psutil.cpu_count() or 1)}", flush=True)
     return {f"replicas{count}_pg_ingest_msgs_per_s": round(rate),
-            f"replicas{count}_pg_written": written}
+            f"replicas{count}_pg_written": written,
+            f"replicas{count}_pg_machine_cpu_pct": round(busy, 1)}
+
+
+class MachineCpu:
+    """Samples the machine's busy CPU time every 0.1 s, to read it back over any window."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MachineCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            t = psutil.cpu_times()
+            self._samples.append((time.monotonic(), t.user + t.nice + t.system + t.irq
+                                  + t.softirq + t.steal))
+            if self._stop.wait(0.1):
+                return
+
+    def busy_pct(self, start: float, end: float) -> float:
+        """Busy CPU over [start, end] (monotonic) as % of one core, from the nearest samples."""
+        a = min(self._samples, key=lambda s: abs(s[0] - start))
+        b = min(self._samples, key=lambda s: abs(s[0] - end))
+        return 100 * (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
 
 
 def main() -> None:
