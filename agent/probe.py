@@ -2,7 +2,9 @@
 
 The probe runs at every agent start, so it stays cheap: a few small files
 under ``/proc``, ``/sys`` and ``/etc``, psutil, at most one ``nvidia-smi``
-call and one short-lived Python child for onnxruntime's providers. It never
+call and one short-lived Python child for onnxruntime's providers. The agent
+runs it in a child interpreter of its own (:mod:`agent.hardware`), so none
+of this module, psutil included, stays in the agent's memory. It never
 imports ``llama_cpp`` or ``onnxruntime`` into the agent process (importing
 onnxruntime alone adds about 40 MB of RSS to an agent that should idle under
 40 MB; native provider libraries are also better kept out of the agent, see
@@ -48,6 +50,8 @@ from typing import Any, TypeVar
 import psutil
 
 from protocol import Accelerator, Capabilities, CpuInfo, OsInfo, Runtime
+
+from .disk import disk_free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -433,16 +437,6 @@ def probe_os(root: Path = Path("/")) -> OsInfo:
         release=_short(platform.release()),
         distro=_guarded("os-release", distro, ""),
     )
-
-
-def disk_free_bytes(model_dir: Path) -> int:
-    """Free bytes on the filesystem that holds (or will hold) ``model_dir``."""
-    path = model_dir.absolute()
-    # The model directory may not exist yet on first start; the filesystem
-    # it will be created on is the one that matters.
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
 
 
 # -- the report ----------------------------------------------------------------

@@ -43,7 +43,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol import Capabilities, Tier
@@ -197,6 +196,10 @@ def _validation_message(exc: ValidationError) -> str:
 
 def load_profile(path: Path) -> FirmwareProfile:
     """Read and validate one profile; errors are ``ValueError`` naming file and field."""
+    # Imported here: the agent loads profiles in its one-shot hardware probe
+    # child (agent.hardware), so its own long-lived process never holds PyYAML.
+    import yaml
+
     raw = path.read_bytes()
     if len(raw) > MAX_PROFILE_BYTES:
         raise ValueError(f"firmware profile {path}: {len(raw)} bytes, limit {MAX_PROFILE_BYTES}")

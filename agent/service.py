@@ -9,11 +9,13 @@ import logging
 import signal
 import time
 
-from protocol import Capabilities, Hello, Runtime, TopicKind, encode
+from protocol import Capabilities, Hello, TopicKind, encode
 
-from . import __version__
+from . import LOG_FORMAT, __version__
 from .config import AgentConfig
+from .disk import disk_free_bytes
 from .events import EventLog
+from .hardware import Detection, Hardware, detect_hardware
 from .health import HealthChecker
 from .inference.api import ApiSettings, LocalApi
 from .inference.checker import WorkerHealthChecker
@@ -21,33 +23,20 @@ from .inference.runtime import InferenceRuntime, RuntimeLimits
 from .inference.schemas import Limits
 from .inference.spec import spec_for_version
 from .link import MqttLink
-from .probe import disk_free_bytes, probe_capabilities, probe_runtimes
-from .profiles import FirmwareProfile, default_profiles_dir, load_profiles, match_profile
+from .memory import limit_malloc_arenas, release_freed_memory
 from .sdnotify import notify, watchdog_interval_s
-from .simulated import simulated_capabilities
 from .store import ModelVersion
 from .telemetry import TelemetrySampler
 from .updater import Updater
 
 log = logging.getLogger(__name__)
 
-Hardware = tuple[Capabilities, list[Runtime], FirmwareProfile]
-
 #: how long a stopping agent waits for a running update to reach a safe point
 STOP_UPDATE_TIMEOUT_S = 10.0
 #: how long a stopping agent tries to deliver spooled events (they survive anyway)
 STOP_EVENTS_TIMEOUT_S = 2.0
-
-
-def detect_hardware(config: AgentConfig) -> Hardware:
-    """Measure (or, under a simulated-hardware override, recall) this device."""
-    config.models_path.mkdir(parents=True, exist_ok=True)
-    if config.simulate is not None:
-        caps = simulated_capabilities(config.simulate.preset)
-    else:
-        caps = probe_capabilities(config.models_path)
-    profiles = load_profiles(config.profiles_dir or default_profiles_dir())
-    return caps, probe_runtimes(), match_profile(caps, profiles)
+#: start-up memory is released once connected, or after this long without a broker
+SETTLE_TIMEOUT_S = 30.0
 
 
 class Agent:
@@ -149,6 +138,10 @@ class Agent:
             await self._hello_dirty.wait()
             self._hello_dirty.clear()
             await self.link.publish_hello()  # offline: the next connect sends a fresh one
+            # The update status changed (an update ended, or an assignment was
+            # refused or re-signed): what that work allocated should not stay
+            # resident while the agent idles again.
+            release_freed_memory()
 
     def _activated(self, version: ModelVersion) -> None:
         if self.inference is not None:
@@ -185,14 +178,29 @@ class Agent:
             model = self.updater.active_ref() or "no model yet"
             notify(f"READY=1\nSTATUS=serving locally ({model}); broker not connected yet")
 
+    async def _settle(self, startup: asyncio.Task[None]) -> None:
+        """Give start-up's freed memory back once the agent is connected and serving."""
+        # Start-up allocates far more than idling keeps (see agent.memory); doing
+        # this once the first connection and the local API are up leaves the
+        # steady state with only what it uses.
+        await asyncio.wait({startup})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.connected.wait(), SETTLE_TIMEOUT_S)
+        release_freed_memory()
+
     async def _publish_event(self, payload: bytes) -> bool:
         return await self.link.publish(TopicKind.EVENTS, payload)
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval_s
+        first = True
         while True:
             await asyncio.sleep(interval)
             await self.link.publish(TopicKind.TELEMETRY, encode(self.telemetry.sample()))
+            if first:
+                # The first heartbeat builds the telemetry schema; its garbage goes too.
+                first = False
+                release_freed_memory()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -212,12 +220,14 @@ class Agent:
         # Before connecting: hello must report a model that survived the last run.
         await self.updater.start()
         updates = asyncio.create_task(self.updater.run(), name="updater")
+        inference = asyncio.create_task(self._start_inference(), name="inference")
         tasks = [
             asyncio.create_task(self.link.run(), name="mqtt-link"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self.events.run(self._publish_event), name="events"),
             asyncio.create_task(self._hello_publisher(), name="hello"),
-            asyncio.create_task(self._start_inference(), name="inference"),
+            inference,
+            asyncio.create_task(self._settle(inference), name="settle"),
         ]
         if (wd := watchdog_interval_s()) is not None:
             tasks.append(asyncio.create_task(self._watchdog(wd), name="watchdog"))
@@ -242,14 +252,20 @@ class Agent:
         log.info("agent %s stopped", self.config.device_id)
 
 
-def run_agent(config: AgentConfig) -> None:
-    """Blocking entry point used by ``slmfleet agent run``."""
+def run_agent(config: AgentConfig, detection: Detection | None = None) -> None:
+    """Blocking entry point used by ``slmfleet agent run``.
+
+    ``detection`` is hardware detection the caller started early; without
+    one it starts here.
+    """
+    limit_malloc_arenas()  # before the event loop starts executor threads
     logging.basicConfig(
         level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
 
     async def main() -> None:
-        await Agent(config).run()
+        hardware = (detection or Detection(config)).result()
+        await Agent(config, hardware=hardware).run()
 
     asyncio.run(main())

@@ -26,9 +26,9 @@ from protocol import Capabilities, FitResult, Variant, VerifiedAssignment, canon
 from protocol.fit import disk_needed_bytes
 
 from .cgroup import memory_limit_bytes
+from .disk import disk_free_bytes
 from .errors import StoreError
 from .gguf import GgufError, tokenizer_sha256
-from .probe import disk_free_bytes
 from .profiles import FirmwareProfile
 from .store import ModelStore, ModelVersion
 
