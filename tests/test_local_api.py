@@ -142,6 +142,7 @@ def test_killed_worker_fails_one_request_cleanly_and_restarts(rig: DeviceRig, ur
     long.join(timeout=120)
     (r,) = outcome
     assert r.status_code == 503 and r.json()["error"]["code"] == "worker_crashed", r.text
+    assert "killed by SIGKILL" in r.json()["error"]["message"]
     assert r.headers["retry-after"]
 
     new = wait_for(lambda: [p for p in worker_pids(rig.agent.pid) if p != old], 30,

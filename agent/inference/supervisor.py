@@ -31,11 +31,34 @@ MAX_REPLY_BYTES = 64 << 20
 STDERR_TAIL = 4000
 
 
+#: what a signal that kills a worker says about the device, for the admin who
+#: reads the event or the log
+SIGNAL_HINTS = {
+    signal.SIGILL: "the inference runtime uses a CPU instruction this device cannot run: "
+                   "build it for this CPU",
+    signal.SIGBUS: "the model file changed or shrank while mapped",
+}
+
+
+def describe_exit(returncode: int | None, oom: bool) -> str:
+    """How a worker ended, in words: the OOM killer, a named signal, or an exit status."""
+    if oom:
+        return "killed by the OOM killer"
+    if returncode is None or returncode >= 0:
+        return f"exited ({returncode})"
+    try:
+        sig = signal.Signals(-returncode)
+    except ValueError:
+        return f"killed by signal {-returncode}"
+    hint = SIGNAL_HINTS.get(sig)
+    return f"killed by {sig.name}" + (f" ({hint})" if hint else "")
+
+
 class WorkerExited(Exception):
     """The worker died; ``oom`` when the kernel's OOM killer took it."""
 
     def __init__(self, returncode: int | None, oom: bool, detail: str = "") -> None:
-        kind = "killed by the OOM killer" if oom else f"exited ({returncode})"
+        kind = describe_exit(returncode, oom)
         super().__init__(f"inference worker {kind}{': ' + detail if detail else ''}")
         self.returncode = returncode
         self.oom = oom
