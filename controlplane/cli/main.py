@@ -21,6 +21,10 @@ def build_app(wanted: str | None = None) -> typer.Typer:
 
 
 def _agent_main(argv: list[str]) -> int:
+    # First, before paho-mqtt or pydantic is imported (agent/lean_imports.py).
+    from agent.lean_imports import defer_unused_imports
+
+    defer_unused_imports()
     from agent.cli import main as agent_main
 
     return agent_main(argv)
