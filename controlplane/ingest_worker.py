@@ -92,9 +92,12 @@ class _Reporter:
 
 def run_worker(config: WorkerConfig, inbox: Connection, outbox: Connection) -> None:
     """Entry point of the worker process: decode and write until told to stop."""
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides
-    # when this process stops (it ships the last batch first, then STOP).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C in a terminal, systemd's stop (KillMode=control-group) and
+    # `timeout` signal the whole process group; the parent decides when this
+    # process stops (it ships the last batch first, then STOP), and a parent
+    # that dies closes the pipe, which ends it too.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
