@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 STOP_UPDATE_TIMEOUT_S = 10.0
 #: how long a stopping agent tries to deliver spooled events (they survive anyway)
 STOP_EVENTS_TIMEOUT_S = 2.0
+#: how long a stopping agent lets local API requests being answered finish
+#: (alongside the update's wait: the agent unit's TimeoutStopSec is 30 s)
+STOP_DRAIN_TIMEOUT_S = 10.0
 #: start-up memory is released once connected, or after this long without a broker
 SETTLE_TIMEOUT_S = 30.0
 
@@ -234,14 +237,17 @@ class Agent:
         await self._stop.wait()
         notify("STOPPING=1")
         self.updater.stop()
+        # No new local requests from here; those being answered finish while
+        # the update reaches its safe point.
+        draining = asyncio.create_task(self.api.close(STOP_DRAIN_TIMEOUT_S)
+                                       if self.api is not None else asyncio.sleep(0))
         done, _ = await asyncio.wait({updates}, timeout=STOP_UPDATE_TIMEOUT_S)
         if updates not in done:
             log.warning("update still busy after %.0f s; it resumes on the next start",
                         STOP_UPDATE_TIMEOUT_S)
             updates.cancel()
         await self.events.wait_delivered(STOP_EVENTS_TIMEOUT_S)
-        if self.api is not None:
-            await self.api.close()
+        await draining
         if self.inference is not None:
             await self.inference.close()
         await self.link.close()

@@ -6,6 +6,7 @@ model that fails its health check, and a device without trust files."""
 from __future__ import annotations
 
 import secrets
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.support.http_artifacts import ArtifactServer
 from tests.support.signer import TrustSimulator
 from tests.support.updates import (
     FAILING_PROMPT,
+    PASSING_PROMPTS,
     DeviceRig,
     link_or_copy,
     seed_active,
@@ -228,6 +230,32 @@ def test_stop_mid_download_resumes_after_restart(make_rig, server) -> None:
     assert requests[-1].range is not None
     resumed_at = int(requests[-1].range.removeprefix("bytes=").rstrip("-"))
     assert resumed_at >= held
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["systemd", "ctrl-c"])
+def test_a_stop_that_reaches_the_workers_too_is_a_stop_not_a_failed_check(
+    make_rig, server, model_path, sig: signal.Signals
+) -> None:
+    """systemd's stop (KillMode=control-group) and Ctrl-C signal the agent and its
+    inference workers at once. A health check cut short that way must not count as
+    failed: the model was never judged, and a canary gate would read it as a bad
+    release. The update resumes at the next start instead."""
+    rig = make_rig()
+    rig.start()
+    variant = variant_for(server.directory / GGUF, GGUF, prompts=PASSING_PROMPTS * 4,
+                          tokenizer_sha256=tokenizer_sha256(model_path))
+    rig.publish(rig.assign(rig.release("1.0.0", variant)))
+    aid = f"a-{rig.device_id}-1"
+    wait_for(lambda: E.STAGED in _types(rig.events(aid)), 60, "the model to be staged")
+    wait_for(lambda: "serves smollm2-135m@1.0.0" in rig.agent.log(), 30,
+             "the candidate worker to load")
+    assert rig.agent.terminate_group(sig) == 0, rig.agent.log()[-3000:]
+    assert not {E.HEALTH_FAILED, E.FAILED} & set(_types(rig.events(aid))), rig.agent.log()[-3000:]
+
+    rig.start()
+    final = rig.wait_final(aid)
+    assert final.type == E.ACTIVATED, final
+    assert _types(rig.events(aid)).count(E.HEALTH_PASSED) == 1
 
 
 def test_offline_update_spools_events_and_flushes_them_on_reconnect(

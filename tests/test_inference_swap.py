@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import protocol as p
-from agent.inference.runtime import InferenceRuntime
+from agent.inference.runtime import InferenceRuntime, Unavailable
 from agent.inference.spec import ModelSpec
 from agent.runtime import EffectiveRuntime
 from tests.support.http_artifacts import ArtifactServer
@@ -126,5 +126,32 @@ def test_candidate_check_runs_only_while_the_serving_worker_is_idle(model_path: 
             assert result["prompts"][0]["matched"] in ("4", "four")
         finally:
             await runtime.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cut_short_by_the_agent_stopping_is_not_a_crash(model_path: Path) -> None:
+    """Past the stop's drain, closing the runtime ends a running request with
+    Unavailable (the agent is stopping), not WorkerExited (retry in a second)."""
+
+    async def scenario() -> None:
+        runtime = InferenceRuntime()
+        await runtime.serve(_llama_spec(model_path, "1.0.0"))
+        request = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}
+        first_token = asyncio.Event()
+
+        async def generate() -> None:
+            async with runtime.lease(MODEL) as (_slot, worker):
+                await worker.call("complete", {"request": request},
+                                  on_delta=lambda _text: first_token.set())
+
+        running = asyncio.create_task(generate())
+        try:
+            await asyncio.wait_for(first_token.wait(), 60)
+        finally:
+            await runtime.close()
+        with pytest.raises(Unavailable, match="the agent is stopping"):
+            await asyncio.wait_for(running, 30)
+        assert runtime.serving is not None and runtime.serving.stats.take().crashes == 0
 
     asyncio.run(scenario())

@@ -7,6 +7,7 @@ and not, bad input, a full queue, and a worker killed mid-request.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -19,7 +20,7 @@ import openai
 import pytest
 
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import api_url, telemetry, worker_pids
+from tests.support.inference import KeptAlive, api_url, telemetry, worker_pids
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 from tests.support.updates import DeviceRig, seed_active, wait_for
@@ -124,6 +125,19 @@ def test_bad_input_gets_a_clear_4xx_and_nothing_breaks(url: str) -> None:
     assert int(busy.headers["retry-after"]) >= 1
     assert busy.json()["error"]["code"] == "overloaded"
     assert httpx.post(chat, json=ok_body, timeout=60).status_code == 200, "still serving"
+
+
+def test_one_connection_serves_request_after_request(url: str) -> None:
+    """HTTP/1.1 keep-alive for GETs as well as POSTs: apps that poll /healthz or
+    /metrics do not pay a new connection each time."""
+    conn = KeptAlive(url)
+    try:
+        for path in ("/healthz", "/v1/models", "/metrics", "/healthz"):
+            status, response = conn.get(path)
+            assert status == 200, (path, response.body)
+        assert json.loads(response.body)["status"] == "ok"
+    finally:
+        conn.close()
 
 
 def test_killed_worker_fails_one_request_cleanly_and_restarts(rig: DeviceRig, url: str) -> None:

@@ -62,6 +62,10 @@ class LocalApi:
         self.runtime, self.settings = runtime, settings
         self._servers: list[asyncio.base_events.Server] = []
         self.port: int | None = None
+        #: open connections, each True while it answers a request
+        self._connections: dict[asyncio.StreamWriter, bool] = {}
+        self._closing = False
+        self._drained = asyncio.Event()
 
     async def start(self) -> None:
         """Listen; :attr:`port` is the bound TCP port (useful with port 0)."""
@@ -76,13 +80,41 @@ class LocalApi:
                 self._connection, str(s.socket_path), limit=MAX_HEADER_BYTES))
             s.socket_path.chmod(0o660)
 
-    async def close(self) -> None:
-        """Stop listening (connections in progress end with the process)."""
+    async def close(self, drain_s: float = 0.0) -> None:
+        """Stop listening, let requests being answered finish (up to ``drain_s``),
+        and close the connections between requests.
+
+        A request that arrives meanwhile on a kept-alive connection is answered
+        ``503 shutting_down``; one still running after ``drain_s`` ends with
+        its worker.
+        """
+        self._closing = True
         for server in self._servers:
             server.close()
+        if self._answering():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), drain_s)
+            if left := self._answering():
+                log.warning("%d local request(s) still running after %g s; they end with "
+                            "the workers", left, drain_s)
+        for writer, busy in list(self._connections.items()):
+            if not busy:
+                writer.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    def _answering(self) -> int:
+        return sum(self._connections.values())
+
+    def _mark(self, writer: asyncio.StreamWriter, busy: bool | None) -> None:
+        """Record a connection as answering, between requests or (None) gone."""
+        if busy is None:
+            self._connections.pop(writer, None)
+        else:
+            self._connections[writer] = busy
+        if not busy and self._closing and not self._answering():
+            self._drained.set()
 
     # -- HTTP plumbing -----------------------------------------------------------------
 
@@ -99,12 +131,24 @@ class LocalApi:
                 except (ConnectionError, RuntimeError) as exc:
                     raise _ClientGone() from exc
 
+        self._mark(writer, False)
         try:
             while True:
                 request = await self._next_request(conn, reader, send)
                 if request is None:
                     break
-                await self._answer(conn, reader, send, request)
+                if self._closing:
+                    await self._error(send, ApiError(503, "the agent is stopping",
+                                                     code="shutting_down",
+                                                     headers={"retry-after": "5"}))
+                    break
+                self._mark(writer, True)
+                try:
+                    await self._answer(conn, reader, send, request)
+                finally:
+                    self._mark(writer, False)
+                if self._closing:
+                    break
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     break
                 try:
@@ -118,6 +162,7 @@ class LocalApi:
                 await self._error(send, ApiError(exc.error_status_hint, f"bad HTTP: {exc}",
                                                  code="bad_http"))
         finally:
+            self._mark(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -161,7 +206,9 @@ class LocalApi:
                       request: h11.Request) -> None:
         method, path = request.method.decode(), request.target.decode().split("?", 1)[0]
         try:
-            body = await self._body(conn, reader, request) if method == "POST" else b""
+            # Read to the end of every request, a GET's (empty) body included:
+            # h11 starts the connection's next cycle only once the request is done.
+            body = await self._body(conn, reader, request)
             route = _ROUTES.get(path)
             if route is None:
                 raise ApiError(404, f"no route {path}", code="not_found")

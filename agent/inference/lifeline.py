@@ -20,7 +20,15 @@ def die_with(parent: int) -> None:
     signal (set here in the child: ``preexec_fn`` is unsafe in a threaded
     parent), then a check that the parent did not die before it was set,
     and a polling thread where prctl is unavailable.
+
+    It also ignores SIGINT and SIGTERM. The agent decides when its children
+    stop (it closes their stdin, then kills them), but systemd's default
+    KillMode=control-group and Ctrl-C in a terminal signal the whole group at
+    once: a health check cut short by that signal would be reported as a
+    failed check of a model nobody judged, and a request as a worker crash.
     """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

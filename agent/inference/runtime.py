@@ -368,6 +368,12 @@ class InferenceRuntime:
                 await self.sharing.claim()
                 worker = await slot.ensure_running()
                 yield slot, worker
+            except WorkerExited as exc:
+                if self._closed:
+                    # Not a crash to retry in a second: the agent stopped its workers.
+                    raise Unavailable("the agent is stopping; the request was cut short") \
+                        from exc
+                raise
             finally:
                 self.sharing.release()
         finally:

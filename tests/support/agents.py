@@ -67,6 +67,13 @@ class AgentProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
+    def terminate_group(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 10) -> int:
+        """``sig`` to the agent and every child at once, as systemd's default
+        KillMode=control-group and Ctrl-C in a terminal do; return the exit code."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+        return self.proc.wait(timeout=timeout)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

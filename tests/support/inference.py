@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import h11
 import httpx
 import psutil
 
@@ -114,3 +118,38 @@ class LoadClient:
         assert self._thread is not None
         self._thread.join(timeout=150)
         return self.results
+
+
+class KeptAlive:
+    """One HTTP/1.1 connection, reused for every request (no pool to second-guess it)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """(status, a response with ``headers`` and ``body``) of ``GET path``."""
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        self.sock.sendall(self.conn.send(h11.Request(method="GET", target=path,
+                                                     headers=[("host", "localhost")])))
+        self.sock.sendall(self.conn.send(h11.EndOfMessage()))
+        response, body = None, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                headers = {k.decode(): v.decode() for k, v in response.headers}
+                return response.status_code, SimpleNamespace(headers=headers, body=body)
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+    def close(self) -> None:
+        self.sock.close()
