@@ -122,21 +122,18 @@ class MqttIngest:
         self._auth_error: str | None = None
         self._subscribe_mid: int | None = None
         self._client: mqtt.Client | None = None
+        self._connect_lock = threading.Lock()
+        self._connect_started = False
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker process, then the MQTT network thread (connects in the background)."""
+        """Start the worker process; the MQTT network thread connects once it is up."""
         if self._started:
             raise RuntimeError("MqttIngest already started")
         self._started = True
         self._worker = _WorkerHandle(self._worker_config)
-        threads = ((self._collect_reports, "ingest-reports"), (self._tick, "ingest-tick"))
-        for target, name in threads:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
         settings = self._settings
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -157,18 +154,35 @@ class MqttIngest:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self._client = client
-        connect_props = None
-        if settings.mqtt_session_expiry_s:
-            connect_props = Properties(PacketTypes.CONNECT)
-            connect_props.SessionExpiryInterval = settings.mqtt_session_expiry_s
-        client.connect_async(
-            settings.mqtt_host,
-            settings.mqtt_port,
-            KEEPALIVE_S,
-            clean_start=not settings.mqtt_session_expiry_s,
-            properties=connect_props,
-        )
-        client.loop_start()
+        # The connection opens once the writer's first report says it is up
+        # (see _collect_reports): a backlog the broker queued for us would
+        # otherwise block the network thread for the writer's whole start-up.
+        threads = ((self._collect_reports, "ingest-reports"), (self._tick, "ingest-tick"))
+        for target, name in threads:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _connect(self) -> None:
+        """Open the MQTT connection (in the background); once, unless stopping."""
+        settings = self._settings
+        with self._connect_lock:
+            client = self._client
+            if client is None or self._connect_started or self._closing.is_set():
+                return
+            self._connect_started = True
+            connect_props = None
+            if settings.mqtt_session_expiry_s:
+                connect_props = Properties(PacketTypes.CONNECT)
+                connect_props.SessionExpiryInterval = settings.mqtt_session_expiry_s
+            client.connect_async(
+                settings.mqtt_host,
+                settings.mqtt_port,
+                KEEPALIVE_S,
+                clean_start=not settings.mqtt_session_expiry_s,
+                properties=connect_props,
+            )
+            client.loop_start()
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until subscribed and the writer process is up.
@@ -193,9 +207,10 @@ class MqttIngest:
         """Disconnect, write what was received, stop the worker. Idempotent."""
         if self._closing.is_set():
             return
-        self._closing.set()
-        client, self._client = self._client, None
-        if client is not None:
+        with self._connect_lock:
+            self._closing.set()
+            client, self._client = self._client, None
+        if client is not None and self._connect_started:
             client.disconnect()
             # Joins the network thread; it sleeps at most 1 s between
             # reconnect checks, so this returns even with the broker gone.
@@ -334,6 +349,7 @@ class MqttIngest:
             with self._cond:
                 worker.report = report
                 self._cond.notify_all()
+            self._connect()
 
     def _restart_worker(self, dead: _WorkerHandle) -> None:
         dead.process.join(1.0)
