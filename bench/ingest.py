@@ -9,7 +9,10 @@ devices publish, so the broker queues the same stream for each; then each
 drains its queue alone on the machine. On 2 cores this keeps the Python
 publishers from stealing the consumers' CPU, and measures what each
 consumer can sustain, which is what a control plane restarting into a
-backlog, or a fleet at peak, asks of it.
+backlog, or a fleet at peak, asks of it. ``INGEST_ROUNDS`` rounds (3) of
+that, each with new sequence numbers; the figures are medians, the ratio
+taken within each round, so a machine whose speed drifts between runs
+weighs on both sides alike.
 Targets (issue 2): >= 5,000 msg/s ingested, ratio vs raw paho >= 0.7.
 
 ``INGEST_REPLICAS=N`` adds the same drain by N control-plane replicas, each
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +51,9 @@ TIMEOUT_S = 180.0
 SESSION_EXPIRY_S = 3600
 RAW_CLIENT_ID = "bench-raw-counter"
 INGEST_CLIENT_ID = "bench-controlplane"
+#: rounds of publish, raw drain, ingest drain; the figures are their medians (a
+#: ratio is taken within each round, raw and ingest measured back to back)
+ROUNDS = int(os.environ.get("INGEST_ROUNDS", "3"))
 #: control-plane replicas for the shared-subscription drain on PostgreSQL; 0: skip it
 REPLICAS = int(os.environ.get("INGEST_REPLICAS", "0"))
 SHARED_GROUP = "slmfleet-cp"
@@ -110,7 +117,7 @@ def _telemetry(device_id: str, seq: int) -> bytes:
 
 
 def publisher(host: str, port: int, creds: list[tuple[str, str]], per_device: int,
-              start: mp.Event, done: mp.Queue) -> None:
+              first_seq: int, start: mp.Event, done: mp.Queue) -> None:
     """Connect every device of this share, then publish round-robin at full speed."""
     clients = []
     for device_id, password in creds:
@@ -121,7 +128,8 @@ def publisher(host: str, port: int, creds: list[tuple[str, str]], per_device: in
         c.connect(host, port)
         c.loop_start()
         clients.append((device_id, c))
-    payloads = {d: [_telemetry(d, s) for s in range(per_device)] for d, _ in clients}
+    payloads = {d: [_telemetry(d, first_seq + s) for s in range(per_device)]
+                for d, _ in clients}
     start.wait()
     infos = []
     for seq in range(per_device):
@@ -170,14 +178,15 @@ class RawCounter:
         self.last = now
 
 
-def publish_all(broker, devices: list[str]) -> float:
-    """Every device publishes its share; returns the publish rate (msg/s)."""
+def publish_all(broker, devices: list[str], first_seq: int = 0) -> float:
+    """Every device publishes its share (sequence numbers from ``first_seq``);
+    returns the publish rate (msg/s)."""
     ctx = mp.get_context("spawn")
     start, done = ctx.Event(), ctx.Queue()
     shares = [devices[i::PUBLISHERS] for i in range(PUBLISHERS)]
     procs = [ctx.Process(target=publisher, args=(broker.host, broker.port,
                                                   [(d, broker.users[d]) for d in share],
-                                                  PER_DEVICE, start, done))
+                                                  PER_DEVICE, first_seq, start, done))
              for share in shares]
     for p in procs:
         p.start()
@@ -283,6 +292,53 @@ class MachineCpu:
         return 100 * (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
 
 
+def drain_raw(raw: RawCounter, total: int) -> float:
+    """The bare subscriber drains its queue alone; its receive rate (msg/s)."""
+    raw.count = 0
+    raw.connect(subscribe=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while raw.count < total and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raw.disconnect()
+    elapsed = raw.last - raw.first
+    print(f"  raw paho drained {raw.count} in {elapsed:.2f} s ({raw.count / elapsed:,.0f} msg/s)",
+          flush=True)
+    return raw.count / elapsed
+
+
+def drain_ingest(settings, total: int) -> tuple[float, int]:
+    """The control plane's ingest drains the same stream into SQLite; (msg/s, rows).
+
+    The clock starts at its first message, not at process start-up.
+    """
+    from controlplane.service import ControlPlane
+
+    cp = ControlPlane(settings)
+    first = threading.Event()
+    stamp: list[float] = []
+
+    def watch_first() -> None:
+        while cp.ingest is None or cp.ingest.stats().received == 0:
+            time.sleep(0.0005)
+        stamp.append(time.monotonic())
+        first.set()
+
+    threading.Thread(target=watch_first, daemon=True).start()
+    cp.start()
+    try:
+        settled = cp.ingest.flush(timeout=TIMEOUT_S, received_at_least=total)
+        first.wait(5)
+        elapsed = time.monotonic() - stamp[0]
+        stats = cp.ingest.stats()
+    finally:
+        cp.stop()
+    rate = stats.written / elapsed
+    print(f"  ingest validated and wrote {stats.written} rows in {elapsed:.2f} s "
+          f"({rate:,.0f} msg/s), rejected {stats.rejected_total}, {stats.batches} batches, "
+          f"settled={settled}", flush=True)
+    return rate, stats.written
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from controlplane.config import ControlPlaneSettings
@@ -299,63 +355,44 @@ def main() -> None:
         mqtt_client_id=INGEST_CLIENT_ID, mqtt_session_expiry_s=SESSION_EXPIRY_S,
     )
     try:
-        # 1. both consumers open persistent sessions, then go offline
+        # Both consumers open persistent sessions, then go offline.
         ControlPlane(settings).start().stop()
         raw = RawCounter(broker.host, broker.port, CONTROL_PLANE_USER, cp_pw)
         raw.connect(subscribe=True)
         raw.subscribed.wait(10)
         raw.disconnect()
-        # 2. the fleet publishes; the broker queues it for both sessions
-        print(f"{DEVICES} devices x {PER_DEVICE} telemetry messages = {total} (QoS 1)",
-              flush=True)
-        pub_rate = publish_all(broker, devices)
-        print(f"published at {pub_rate:,.0f} msg/s; both consumers offline, broker queued it")
-        # 3. raw paho drains its queue alone
-        t0 = time.monotonic()
-        raw.connect(subscribe=False)
-        deadline = t0 + TIMEOUT_S
-        while raw.count < total and time.monotonic() < deadline:
-            time.sleep(0.01)
-        raw.disconnect()
-        raw_elapsed = raw.last - raw.first
-        raw_rate = raw.count / raw_elapsed
-        print(f"raw paho drained {raw.count} in {raw_elapsed:.2f} s ({raw_rate:,.0f} msg/s)")
-        # 4. the control plane's ingest drains the same stream into SQLite;
-        # the clock starts at its first message, not at process start-up
-        cp = ControlPlane(settings)
-        first = threading.Event()
-        stamp: list[float] = []
-
-        def watch_first() -> None:
-            while cp.ingest is None or cp.ingest.stats().received == 0:
-                time.sleep(0.0005)
-            stamp.append(time.monotonic())
-            first.set()
-
-        threading.Thread(target=watch_first, daemon=True).start()
-        cp.start()
-        try:
-            settled = cp.ingest.flush(timeout=TIMEOUT_S, received_at_least=total)
-            first.wait(5)
-            elapsed = time.monotonic() - stamp[0]
-            stats = cp.ingest.stats()
-        finally:
-            cp.stop()
-        ingest_rate = stats.written / elapsed
-        print(f"ingest validated and wrote {stats.written} rows in {elapsed:.2f} s "
-              f"({ingest_rate:,.0f} msg/s), rejected {stats.rejected_total}, "
-              f"{stats.batches} batches, settled={settled}")
-        figures: dict[str, float | int] = {}
+        rounds: list[dict[str, float]] = []
+        written = 0
+        for r in range(ROUNDS):
+            # The fleet publishes (new sequence numbers each round: every row is
+            # new); the broker queues it for both sessions; each drains alone.
+            print(f"round {r + 1}/{ROUNDS}: {DEVICES} devices x {PER_DEVICE} telemetry "
+                  f"messages = {total} (QoS 1)", flush=True)
+            pub_rate = publish_all(broker, devices, first_seq=r * PER_DEVICE)
+            print(f"  published at {pub_rate:,.0f} msg/s; both consumers offline, "
+                  "broker queued it", flush=True)
+            raw_rate = drain_raw(raw, total)
+            ingest_rate, round_written = drain_ingest(settings, total)
+            written += round_written
+            rounds.append({"raw": raw_rate, "ingest": ingest_rate, "pub": pub_rate,
+                           "ratio": ingest_rate / raw_rate})
+        med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        print(f"median of {ROUNDS} rounds: ingest {med['ingest']:,.0f} msg/s, raw paho "
+              f"{med['raw']:,.0f} msg/s, ratio {med['ratio']:.3f} (per round: "
+              + ", ".join(f"{r['ratio']:.3f}" for r in rounds) + ")", flush=True)
+        figures: dict[str, float | int | list[float]] = {}
         if REPLICAS:
             figures = replicas_drain(broker, devices, REPLICAS)
         report({
             **figures,
-            "ingest_msgs_per_s": round(ingest_rate),
-            "raw_paho_msgs_per_s": round(raw_rate),
-            "ratio_vs_raw": round(ingest_rate / raw_rate, 3),
-            "publish_msgs_per_s": round(pub_rate),
-            "messages": total,
-            "written": stats.written,
+            "ingest_msgs_per_s": round(med["ingest"]),
+            "raw_paho_msgs_per_s": round(med["raw"]),
+            "ratio_vs_raw": round(med["ratio"], 3),
+            "ratio_vs_raw_per_round": [round(r["ratio"], 3) for r in rounds],
+            "publish_msgs_per_s": round(med["pub"]),
+            "messages_per_round": total,
+            "written": written,
+            "rounds": ROUNDS,
             "devices": DEVICES,
         })
     finally:
