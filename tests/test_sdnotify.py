@@ -234,3 +234,29 @@ def test_agent_notifies_an_abstract_socket(
     finally:
         agent.stop()
         sock.close()
+
+
+@pytest.mark.integration
+def test_a_stop_right_after_ready_always_ends_the_agent(
+    tmp_path: Path, broker: MosquittoBroker, new_device
+) -> None:
+    """systemd may stop the agent the moment it says READY=1. About one such
+    stop in ten left the MQTT link's task waiting for messages as if never
+    cancelled, and the agent ran on until systemd killed it (and re-hashed its
+    model at the next start, for want of a clean-shutdown marker). Twenty in a
+    row must all end cleanly, each well inside the unit's TimeoutStopSec."""
+    for attempt in range(20):
+        device_id = f"sdn-{secrets.token_hex(4)}"
+        sock = NotifySocket(f"@slmfleet-test-{secrets.token_hex(6)}")
+        agent = AgentProcess(write_agent_config(tmp_path / str(attempt), device_id, broker.url,
+                                                new_device(device_id)),
+                             env=_agent_env(sock.address))
+        try:
+            assert sock.wait_for("READY", "1").pid == agent.pid
+            started = time.monotonic()
+            assert agent.terminate(timeout=20) == 0, agent.log()[-2000:]
+            assert time.monotonic() - started < 8, agent.log()[-2000:]
+            assert "stopped" in agent.log()
+        finally:
+            agent.stop()
+            sock.close()
