@@ -17,18 +17,18 @@ from .config import AgentConfig
 from .disk import disk_free_bytes
 from .events import EventLog
 from .hardware import Detection, Hardware, detect_hardware
-from .health import HealthChecker
+from .healthcheck import HealthChecker
+from .healthcheck.in_worker import WorkerHealthChecker
 from .inference.api import ApiSettings, LocalApi
-from .inference.checker import WorkerHealthChecker
 from .inference.runtime import InferenceRuntime, RuntimeLimits
 from .inference.schemas import Limits
 from .inference.spec import spec_for_version
 from .link import MqttLink
-from .memory import limit_malloc_arenas, release_freed_memory
+from .malloc_trim import limit_malloc_arenas, release_freed_memory
 from .sdnotify import notify, watchdog_interval_s
-from .store import ModelVersion
 from .telemetry import TelemetrySampler
-from .updater import Updater
+from .update.pipeline import Updater
+from .update.store import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Agent:
 
     async def _settle(self, startup: asyncio.Task[None]) -> None:
         """Give start-up's freed memory back once the agent is connected and serving."""
-        # Start-up allocates far more than idling keeps (see agent.memory); doing
+        # Start-up allocates far more than idling keeps (see agent.malloc_trim); doing
         # this once the first connection and the local API are up leaves the
         # steady state with only what it uses.
         await asyncio.wait({startup})

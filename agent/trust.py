@@ -20,8 +20,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import KeyList, ProtocolError, verify_key_rotation, verify_pinned_key_list
-from protocol.keys import MAX_KEY_LIST_BYTES, Role
+from protocol import (
+    MAX_KEY_LIST_BYTES,
+    KeyList,
+    ProtocolError,
+    Role,
+    verify_key_rotation,
+    verify_pinned_key_list,
+)
 
 from .atomic import write_bytes_atomic
 from .config import AgentConfig

@@ -10,7 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from controlplane.devfleet.mosquitto import MosquittoBroker
 
 
 def scratch_broker(device_ids: list[str]) -> MosquittoBroker:

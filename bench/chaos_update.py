@@ -60,12 +60,12 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 import protocol as p  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
-from agent.health import SubprocessHealthChecker  # noqa: E402
+from agent.healthcheck import SubprocessHealthChecker  # noqa: E402
 from agent.profiles import generic_profile  # noqa: E402
 from agent.service import Agent  # noqa: E402
-from agent.store import ModelStore  # noqa: E402
-from agent.update_state import UpdateStateStore  # noqa: E402
-from controlplane.mosquitto import CONTROL_PLANE_USER  # noqa: E402
+from agent.update.state import UpdateStateStore  # noqa: E402
+from agent.update.store import ModelStore  # noqa: E402
+from controlplane.broker_auth import CONTROL_PLANE_USER  # noqa: E402
 from tests.support.signer import TrustSimulator, capabilities  # noqa: E402
 from tests.support.updates import seed_active, variant_for, write_trust  # noqa: E402
 
@@ -164,7 +164,7 @@ class Chaos:
         builds its pydantic validators once in its life; forked from a cold
         parent, every child would pay for them again.
         """
-        from agent.fetcher import default_ssl_context
+        from agent.update.fetcher import default_ssl_context
 
         default_ssl_context()  # the CA bundle, loaded once for every child to inherit
 

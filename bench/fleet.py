@@ -47,8 +47,8 @@ from sqlalchemy import func, select, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from controlplane.broker_auth import CONTROL_PLANE_USER  # noqa: E402
 from controlplane.db import TelemetryRow  # noqa: E402
-from controlplane.mosquitto import CONTROL_PLANE_USER  # noqa: E402
 from controlplane.service import ControlPlane  # noqa: E402
 from tests.support.controlplane import cp_settings  # noqa: E402
 
@@ -133,7 +133,7 @@ def broker_process(data_dir: Path) -> psutil.Process:
 def simulate(broker_url: str, password: str, heartbeat: float, ramp: float,
              duration: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli.main", "simulate", "--broker", broker_url,
+        [sys.executable, "-m", "slmfleet", "simulate", "--broker", broker_url,
          "--username", CONTROL_PLANE_USER, "--password", password, "--devices", str(DEVICES),
          "--heartbeat", str(heartbeat), "--ramp", str(ramp), "--duration", str(duration),
          "--output", "json"],

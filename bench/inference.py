@@ -30,8 +30,8 @@ from _common import report
 from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.runtime import InferenceRuntime
 from agent.inference.spec import ModelSpec
-from agent.runtime import EffectiveRuntime
-from controlplane.model_cache import smollm2_path
+from agent.runtime_settings import EffectiveRuntime
+from controlplane.devfleet.model_cache import smollm2_path
 
 MODEL = smollm2_path()
 PROMPT = "Write a short story about a robot who learns to paint."

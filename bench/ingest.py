@@ -206,7 +206,7 @@ def publish_all(broker, devices: list[str], first_seq: int = 0) -> float:
 def replica(root: Path, data: Path, broker, database_url: str, client_id: str,
             mode: str) -> subprocess.Popen[str]:
     """A control-plane replica in a process of its own (see :data:`REPLICA`)."""
-    from controlplane.mosquitto import CONTROL_PLANE_USER
+    from controlplane.broker_auth import CONTROL_PLANE_USER
 
     return subprocess.Popen(
         [sys.executable, "-c", REPLICA, str(root), str(data), broker.url, CONTROL_PLANE_USER,
@@ -341,8 +341,8 @@ def drain_ingest(settings, total: int) -> tuple[float, int]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from controlplane.broker_auth import CONTROL_PLANE_USER
     from controlplane.config import ControlPlaneSettings
-    from controlplane.mosquitto import CONTROL_PLANE_USER
     from controlplane.service import ControlPlane
 
     devices = [f"bench-{i:05d}" for i in range(DEVICES)]

@@ -5,7 +5,7 @@
 For each fleet size N: a private Mosquitto (ACLs on), a control plane on
 SQLite in this process (API, ingest, director, publisher, rollout engine
 ticked every 0.5 s) with real Ed25519 release and director keys, and a
-release with a variant per tier. N devices from ``controlplane.fleetsim``
+release with a variant per tier. N devices from ``fleetsim``
 run in a process of their own, sharing a few MQTT connections, and verify
 every assignment they get as a real agent does (both signatures, device
 id, expiry, sequence, tier fit). Once every device has said hello, one
@@ -48,10 +48,11 @@ from sqlalchemy import func, select
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controlplane.cli.models import publish_release  # noqa: E402
+from controlplane.broker_auth import CONTROL_PLANE_USER  # noqa: E402
+from controlplane.client import publish_release  # noqa: E402
 from controlplane.db.models import AssignmentRecord, Device, DeviceSequence  # noqa: E402
-from controlplane.devenv import DevKeys, ensure_dev_keys  # noqa: E402
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker  # noqa: E402
+from controlplane.devfleet.fleet import DevKeys, ensure_dev_keys  # noqa: E402
+from controlplane.devfleet.mosquitto import MosquittoBroker  # noqa: E402
 from controlplane.service import ControlPlane  # noqa: E402
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN  # noqa: E402
 from tests.support.controlplane import cp_settings  # noqa: E402
@@ -73,7 +74,7 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from agent.profiles import default_profiles_dir, load_profiles
 from agent.trust import TrustRoots
-from controlplane.fleetsim import FleetSimulator, Scenario
+from fleetsim import FleetSimulator, Scenario
 from protocol import verify_pinned_key_list
 
 n, prefix = int(sys.argv[5]), sys.argv[6]

@@ -11,7 +11,7 @@ golden prompts answered) and the atomic switch. Several rounds, each a new
 release version (so each downloads), median reported.
 
 Part 2, the downloader against the wire: in one run, alternating, the same
-file fetched by ``agent.fetcher.download_artifact`` (Range-capable fetch,
+file fetched by ``agent.update.fetcher.download_artifact`` (Range-capable fetch,
 size cap, throughput floor, streaming sha256 on a second thread, fsync) and
 by a bare httpx stream written to disk with no checks at all. Target (issue
 3): download+verify >= 0.8 of raw.
@@ -31,7 +31,7 @@ from _common import report, scratch_broker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.model_cache import smollm2_path
+from controlplane.devfleet.model_cache import smollm2_path
 
 DEVICE = "bench-update"
 ROUNDS = 3
@@ -48,7 +48,7 @@ def _model_path() -> Path:
 def assign_to_active(work: Path, model: Path) -> tuple[list[float], dict[str, float]]:
     """Seconds from publish to activated, per round; and the agent's phase times (last round)."""
     import protocol as p
-    from controlplane.mosquitto import CONTROL_PLANE_USER
+    from controlplane.broker_auth import CONTROL_PLANE_USER
     from tests.support.http_artifacts import ArtifactServer
     from tests.support.signer import TrustSimulator
     from tests.support.updates import DeviceRig, link_or_copy, variant_for
@@ -107,7 +107,7 @@ def _raw_download(url: str, dest: Path) -> None:
 
 def throughput(work: Path, model: Path) -> tuple[float, float]:
     """(download+verify MB/s, raw MB/s), medians over alternating rounds."""
-    from agent.fetcher import HttpFetcher, download_artifact
+    from agent.update.fetcher import HttpFetcher, download_artifact
     from tests.support.http_artifacts import ArtifactServer
     from tests.support.updates import file_sha256, link_or_copy
 

@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from controlplane.mosquitto import CONTROL_PLANE_USER
-from protocol.manifest import MAX_ARTIFACT_BYTES
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from protocol import MAX_ARTIFACT_BYTES
 
 ENV_PREFIX = "SLMFLEET_"
 #: placeholders refused as secrets outside ``slmfleet dev`` (compared lower-cased)

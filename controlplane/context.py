@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from .artifacts import ArtifactStore
 from .config import ControlPlaneSettings
 from .director import Director
-from .ingest_stats import IngestStatsSnapshot
+from .ingest.stats import IngestStatsSnapshot
 from .trust import Trust
 
 
 class IngestStatus(Protocol):
-    """The part of :class:`controlplane.ingest.MqttIngest` the API reads."""
+    """The part of :class:`controlplane.ingest.receiver.MqttIngest` the API reads."""
 
     @property
     def connected(self) -> bool: ...

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, get_args
 
 from protocol import (
+    MAX_KEY_LIST_BYTES,
     KeyList,
     ProtocolError,
     PublicKey,
+    Role,
     SignatureError,
     SigningKey,
     canonical_json,
@@ -40,7 +42,6 @@ from protocol import (
     verify_key_rotation,
     verify_pinned_key_list,
 )
-from protocol.keys import MAX_KEY_LIST_BYTES, Role
 
 PRIVATE_KEY_SCHEMA = "slmfleet.private-key/1"
 PUBLIC_KEY_SCHEMA = "slmfleet.public-key/1"

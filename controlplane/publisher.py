@@ -47,7 +47,7 @@ from protocol import TOPIC_ROOT, TopicKind, device_topic
 
 from .config import ControlPlaneSettings
 from .db.models import AssignmentRecord, DeviceSequence
-from .ratelimit import RateLimitedLog
+from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from protocol import (
     ProtocolError,
     ReleaseManifest,
     canonical_json,
+    load_json,
     verify_release,
 )
-from protocol.keys import load_json
 
 from .artifacts import StoredFile
 from .db.models import Artifact, Model, ModelVariant, ModelVersion

@@ -35,8 +35,15 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from protocol import HealthCheck, ReleaseManifest, RuntimeDefaults, Tier, Variant
-from protocol.manifest import RELEASE_NAME_PATTERN, SEMVER_PATTERN
+from protocol import (
+    RELEASE_NAME_PATTERN,
+    SEMVER_PATTERN,
+    HealthCheck,
+    ReleaseManifest,
+    RuntimeDefaults,
+    Tier,
+    Variant,
+)
 
 #: a spec is a few KiB; anything far bigger is the wrong file
 MAX_SPEC_BYTES = 256 * 1024

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from protocol.manifest import SEMVER_PATTERN
+from protocol import SEMVER_PATTERN
 
 _SEMVER_RE = re.compile(SEMVER_PATTERN)
 _MAX_NUMBER = (1 << 64) - 1

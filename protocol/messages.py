@@ -10,9 +10,17 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import MalformedPayload, PayloadTooLarge, SchemaMismatch
+from .event_codes import EventCode, code_from_reason
 from .topics import DEVICE_ID_PATTERN, TopicKind
 
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -226,19 +234,42 @@ class EventType(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-class Event(_Wire):
-    """One update-pipeline step; ``seq`` is monotonic per device (idempotent ingest)."""
+EVENT_SCHEMA = "slmfleet.event/2"
+#: the form before events carried a ``code``; still read, its code recovered
+#: from the reason (:func:`protocol.event_codes.code_from_reason`)
+EVENT_SCHEMA_V1 = "slmfleet.event/1"
 
-    schema_: Literal["slmfleet.event/1"] = Field("slmfleet.event/1", alias="schema")
+
+class Event(_Wire):
+    """One update-pipeline step; ``seq`` is monotonic per device (idempotent ingest).
+
+    ``code`` says why a step ended as it did, for programs; ``reason`` says
+    it for people. An event in the old form (schema ``slmfleet.event/1``)
+    has no ``code`` field: the model fills it from the reason's
+    ``"code: detail"`` prefix, so every reader sees a code either way.
+    """
+
+    schema_: Literal["slmfleet.event/2", "slmfleet.event/1"] = Field(EVENT_SCHEMA, alias="schema")
     device_id: DeviceId
     ts: Timestamp
     seq: NonNegInt
     type: EventType
     assignment_id: ShortStr | None = None
+    code: EventCode | None = None
     reason: LongStr | None = None
     progress_pct: Annotated[float, Field(ge=0, le=100)] | None = None
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _code_of_old_form(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema") == EVENT_SCHEMA_V1:
+            if "code" in data:
+                raise ValueError(f"{EVENT_SCHEMA_V1} has no code field")
+            reason = data.get("reason")
+            return {**data, "code": code_from_reason(reason if isinstance(reason, str) else None)}
+        return data
 
 
 DeviceMessage = Hello | State | Telemetry | Event

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model_cache import smollm2_path
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from controlplane.devfleet.model_cache import smollm2_path
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support import database
 from tests.support.mqtt import provision_device
 from tests.support.postgres import PostgresCluster, server_bin

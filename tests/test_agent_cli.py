@@ -74,7 +74,7 @@ def test_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_through_the_slmfleet_command(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli.main", "agent", "run", "-c",
+        [sys.executable, "-m", "slmfleet", "agent", "run", "-c",
          str(tmp_path / "missing.toml")],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )

@@ -17,7 +17,8 @@ import protocol as p
 from agent.backoff import Backoff
 from agent.config import load_config
 from agent.link import MqttLink
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.mqtt import RawClient
 

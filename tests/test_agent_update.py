@@ -14,7 +14,8 @@ import pytest
 
 import protocol as p
 from agent.gguf import tokenizer_sha256
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.signer import TrustSimulator
 from tests.support.updates import (

@@ -22,7 +22,7 @@ import pytest
 
 import protocol as p
 from agent.gguf import tokenizer_sha256
-from protocol.signing import SigningKey
+from protocol import SigningKey
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator, flip_byte

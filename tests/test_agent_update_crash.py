@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 import protocol as p
-from agent.update_state import UpdateStateStore
-from protocol.manifest import GoldenPrompt, HealthCheck, RuntimeDefaults
+from agent.update.state import UpdateStateStore
+from protocol import GoldenPrompt, HealthCheck, RuntimeDefaults
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator

@@ -16,12 +16,12 @@ from agent.atomic import write_bytes_atomic
 from agent.config import AgentConfig
 from agent.events import EventLog
 from agent.gguf import GgufError, read_metadata_entries, tokenizer_sha256
-from agent.health import HealthAborted, HealthRequest, SubprocessHealthChecker
+from agent.healthcheck import HealthAborted, HealthRequest, SubprocessHealthChecker
 from agent.profiles import RuntimeSettings
-from agent.runtime import EffectiveRuntime, effective_runtime
+from agent.runtime_settings import EffectiveRuntime, effective_runtime
 from agent.trust import TrustUnavailable, load_pinned, load_trust, rotation_path
-from agent.update_state import StateCorrupt, UpdateFile, UpdateRecord, UpdateStateStore
-from protocol.manifest import HealthCheck, RuntimeDefaults
+from agent.update.state import StateCorrupt, UpdateFile, UpdateRecord, UpdateStateStore
+from protocol import HealthCheck, RuntimeDefaults
 from tests.support.signer import TrustSimulator, make_variant
 from tests.support.updates import pinned_file, write_trust
 

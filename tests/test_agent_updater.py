@@ -22,11 +22,11 @@ import pytest
 import protocol as p
 from agent.config import AgentConfig
 from agent.events import EventLog
-from agent.health import HealthAborted, HealthChecker, HealthRequest, HealthResult
+from agent.healthcheck import HealthAborted, HealthChecker, HealthRequest, HealthResult
 from agent.profiles import generic_profile
-from agent.recovery import write_clean_marker
-from agent.update_state import UpdateStateStore
-from agent.updater import Updater
+from agent.update.pipeline import Updater
+from agent.update.recovery import write_clean_marker
+from agent.update.state import UpdateStateStore
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.signer import TrustSimulator, capabilities
 from tests.support.updates import file_sha256, variant_for, write_trust

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 import protocol as p
-from controlplane.cli.main import build_app
 from controlplane.service import ControlPlane
+from slmfleet.app import build_app
 from tests.support.auth import ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, hello, wait_until
 from tests.support.mqtt import RawClient

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.auth.roles import Role
-from controlplane.logjson import JsonFormatter
+from controlplane.logs import JsonFormatter
 from tests.support.auth import bearer, issue
 from tests.support.registry import registry_api
 

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 import protocol as p
 from controlplane.auth.roles import Role
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support.auth import bearer, issue
 from tests.support.mqtt import RawClient
 from tests.support.registry import registry_api

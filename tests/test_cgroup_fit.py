@@ -6,8 +6,8 @@ from pathlib import Path
 
 from agent.cgroup import memory_limit_bytes
 from agent.profiles import generic_profile
-from agent.staging import disk_fit
-from agent.store import ModelStore
+from agent.update.staging import disk_fit
+from agent.update.store import ModelStore
 from tests.support.signer import capabilities
 from tests.support.updates import variant_for
 

@@ -16,9 +16,10 @@ import pytest
 
 import controlplane.director as director_module
 import protocol as p
+from controlplane.broker_auth import CONTROL_PLANE_USER
 from controlplane.db import make_engine, upgrade_to_head
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.director import next_sequence
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings, event, hello, wait_until

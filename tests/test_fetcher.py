@@ -18,7 +18,7 @@ from agent.errors import (
     DownloadError,
     HttpStatusError,
 )
-from agent.fetcher import Body, Fetcher, HttpFetcher, download_artifact
+from agent.update.fetcher import Body, Fetcher, HttpFetcher, download_artifact
 from tests.support.http_artifacts import ArtifactServer
 
 SIZE = 3 * 1024 * 1024 + 12_345  # a few MiB, not a multiple of any chunk size
@@ -287,7 +287,7 @@ def test_bad_arguments_are_value_errors(fetcher, server, artifact, tmp_path):
 
 def test_writeback_is_started_as_bytes_arrive(tmp_path) -> None:
     """On Linux the sink starts writeback as it goes, so the final fsync is short."""
-    from agent.fetcher import _writeback_starter
+    from agent.update.fetcher import _writeback_starter
 
     start = _writeback_starter()
     assert start is not None, "sync_file_range not found in libc"

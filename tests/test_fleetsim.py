@@ -19,8 +19,8 @@ import protocol as p
 from agent.profiles import default_profiles_dir, load_profiles
 from agent.trust import TrustRoots
 from controlplane.db import Device, TelemetryRow
-from controlplane.fleetsim import FleetSimulator, Scenario, load_scenario
 from controlplane.service import ControlPlane
+from fleetsim import FleetSimulator, Scenario, load_scenario
 from tests.support.controlplane import cp_settings, wait_until
 from tests.support.mqtt import RawClient
 from tests.support.signer import TrustSimulator, make_variant
@@ -168,7 +168,7 @@ def test_scenario_errors_name_the_file_and_field(tmp_path: Path) -> None:
 
 def test_cli_runs_a_fleet_for_a_while_and_prints_a_summary(broker, cp_credentials) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli.main", "simulate", "--broker", broker.url,
+        [sys.executable, "-m", "slmfleet", "simulate", "--broker", broker.url,
          "--username", cp_credentials[0], "--password", cp_credentials[1], "--devices", "50",
          "--heartbeat", "0.5", "--ramp", "0.2", "--duration", "2", "--output", "json"],
         capture_output=True, text=True, timeout=60,

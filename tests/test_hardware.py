@@ -42,7 +42,7 @@ def test_child_answers_as_in_process_detection(tmp_path: Path, preset: str) -> N
     here_caps, here_runtimes, here_profile = detect_here(config.models_path, PROFILES_DIR, preset)
     assert (caps, runtimes, profile) == (here_caps, here_runtimes, here_profile)
     # A profile overrides a variant's runtime defaults only where it states a
-    # value (agent.runtime), so what was stated must survive the trip.
+    # value (agent.runtime_settings), so what was stated must survive the trip.
     assert _fields_set(profile) == _fields_set(here_profile)
     assert _fields_set(caps) == _fields_set(here_caps)
     assert [_fields_set(r) for r in runtimes] == [_fields_set(r) for r in here_runtimes]

@@ -17,7 +17,7 @@ import pytest
 from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.runtime import InferenceRuntime
 from agent.inference.spec import ModelSpec
-from agent.runtime import EffectiveRuntime
+from agent.runtime_settings import EffectiveRuntime
 from tests.support.inference import write_onnx_embedder
 
 

@@ -21,7 +21,7 @@ import pytest
 import protocol as p
 from agent.inference.runtime import InferenceRuntime, Unavailable
 from agent.inference.spec import ModelSpec
-from agent.runtime import EffectiveRuntime
+from agent.runtime_settings import EffectiveRuntime
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.inference import LoadClient, api_url, worker_pids
 from tests.support.mqtt import provision_device

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 import protocol as p
-from controlplane.cli.main import build_app
 from controlplane.config import ControlPlaneSettings
 from controlplane.keyfiles import KeyFileError, read_private_key
 from controlplane.trust import TrustConfigError, load_trust
+from slmfleet.app import build_app
 
 runner = CliRunner()
 

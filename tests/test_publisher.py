@@ -11,9 +11,10 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
+from controlplane.broker_auth import CONTROL_PLANE_USER
 from controlplane.db import make_engine, upgrade_to_head
 from controlplane.db.models import AssignmentRecord, Device, DeviceSequence, Model, ModelVersion
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.publisher import DesiredPublisher
 from protocol import TOPIC_ROOT, TopicKind, device_topic
 from tests.support.controlplane import cp_settings, wait_until

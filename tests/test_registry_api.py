@@ -256,8 +256,8 @@ def test_publish_real_smollm2_with_the_cli(
 ) -> None:
     from typer.testing import CliRunner
 
-    from controlplane.cli.main import build_app
     from controlplane.service import ControlPlane
+    from slmfleet.app import build_app
     from tests.support.controlplane import cp_settings
 
     runner = CliRunner()

@@ -20,8 +20,8 @@ from agent.profiles import default_profiles_dir, load_profiles
 from controlplane.db import TelemetryRow, make_engine, upgrade_to_head
 from controlplane.db.models import AssignmentRecord
 from controlplane.db.writes import BatchStore, IngestItem
-from controlplane.fleetsim import FleetSimulator, Scenario
 from controlplane.service import ControlPlane
+from fleetsim import FleetSimulator, Scenario
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, telemetry, wait_until
 from tests.support.mqtt import RawClient

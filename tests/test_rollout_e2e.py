@@ -40,10 +40,10 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from controlplane.cli.models import publish_release
+from controlplane.client import publish_release
 from controlplane.db.models import AssignmentRecord
-from controlplane.devenv import DevKeys, ensure_dev_keys
-from controlplane.mosquitto import MosquittoBroker
+from controlplane.devfleet.fleet import DevKeys, ensure_dev_keys
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, wait_until

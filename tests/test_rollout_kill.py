@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from controlplane.db import make_engine
 from controlplane.db.models import AssignmentRecord
-from controlplane.mosquitto import MosquittoBroker
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.registry import write_trust
 from tests.support.rollout_fleet import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from controlplane.db.inference import aggregate
+from controlplane.db.telemetry_aggregates import aggregate
 from controlplane.rollouts import Gates, RolloutSpec
 from controlplane.rollouts.cohort import cohort_key, stage_size
 from controlplane.rollouts.gates import MemberView, evaluate, overall

@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 
 import protocol as p
 from controlplane.db.models import AssignmentRecord
-from controlplane.mosquitto import MosquittoBroker
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.rollouts import RolloutSpec
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
@@ -363,7 +363,7 @@ def test_bad_specs_and_actions_get_clear_errors_and_change_nothing(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controlplane.cli.main", "rollouts", *args],
+    return subprocess.run([sys.executable, "-m", "slmfleet", "rollouts", *args],
                           capture_output=True, text=True, timeout=60)
 
 

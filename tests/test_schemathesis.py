@@ -20,7 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from controlplane.mosquitto import CONTROL_PLANE_USER, MosquittoBroker
+from controlplane.broker_auth import CONTROL_PLANE_USER
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings

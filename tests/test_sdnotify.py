@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent.sdnotify import notify, watchdog_interval_s
-from controlplane.mosquitto import MosquittoBroker, free_port
+from controlplane.devfleet.mosquitto import MosquittoBroker, free_port
 from tests.support.agents import AgentProcess, write_agent_config
 
 #: WATCHDOG_USEC handed to the agent: it should ping every 0.5 s

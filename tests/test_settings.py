@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.broker_auth import CONTROL_PLANE_USER
 from controlplane.config import (
     DEFAULT_DATA_DIR,
     ControlPlaneSettings,
     SettingsError,
     load_settings,
 )
-from controlplane.mosquitto import CONTROL_PLANE_USER
 
 
 def _toml(tmp_path: Path, text: str) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.errors import StoreError
-from agent.store import ModelStore, model_key
+from agent.update.store import ModelStore, model_key
 
 V1, V2, V3, V4 = (model_key("smollm2-135m", f"1.{i}.0", "micro") for i in range(1, 5))
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 import protocol as p
-from controlplane.mosquitto import MosquittoBroker, free_port
+from controlplane.devfleet.mosquitto import MosquittoBroker, free_port
 from tests.support.agents import write_agent_config
 from tests.support.controlplane import wait_until
 from tests.support.mqtt import RawClient
@@ -226,7 +226,7 @@ def agent_unit(manager: NamespacedSystemd, broker: MosquittoBroker, new_device,
     write_agent_config(manager.share, device_id, broker.url, password,
                        state_dir="/var/lib/slmfleet/agent", log_level="INFO")
     (manager.share / "agent.toml").chmod(0o644)
-    command = f"{sys.executable} -m controlplane.cli.main agent run --config {SHARE}/agent.toml"
+    command = f"{sys.executable} -m slmfleet agent run --config {SHARE}/agent.toml"
     manager.install(AGENT, AGENT_UNIT.read_text(), _dropin(
         command, "agent.log",
         # Short enough to watch the watchdog act within a test.
@@ -305,7 +305,7 @@ def test_controlplane_serves_under_its_unit(
     )
     config.chmod(0o644)
     unit = CONTROLPLANE_UNIT.name
-    command = (f"{sys.executable} -m controlplane.cli.main controlplane serve"
+    command = (f"{sys.executable} -m slmfleet controlplane serve"
                f" --config {SHARE}/controlplane.toml")
     manager.install(unit, CONTROLPLANE_UNIT.read_text(), _dropin(command, "controlplane.log"))
     try:

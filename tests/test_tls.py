@@ -19,10 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 import protocol as p
-from controlplane.cli.main import build_app
+from controlplane.broker_auth import CONTROL_PLANE_USER
 from controlplane.config import ControlPlaneSettings
-from controlplane.mosquitto import CONTROL_PLANE_USER, BrokerTls, MosquittoBroker
+from controlplane.devfleet.mosquitto import BrokerTls, MosquittoBroker
 from controlplane.service import ControlPlane
+from slmfleet.app import build_app
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, hello, wait_until
 from tests.support.mqtt import RawClient

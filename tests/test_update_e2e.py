@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from controlplane.devenv import DevKeys, ensure_dev_keys
+from controlplane.devfleet.fleet import DevKeys, ensure_dev_keys
 from controlplane.service import ControlPlane
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.auth import ADMIN_HEADERS
@@ -63,7 +63,7 @@ def test_publish_assign_and_serve_smollm2(
 ) -> None:
     api = controlplane.api_url
     published = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli.main", "models", "publish",
+        [sys.executable, "-m", "slmfleet", "models", "publish",
          "--spec", str(_spec(tmp_path, model_path)), "--key", str(keys.release_key),
          "--server", api],
         capture_output=True, text=True, timeout=120,

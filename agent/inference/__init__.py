@@ -1,13 +1,15 @@
 """Local inference: worker subprocesses per model, their supervision, the local API.
 
 Agent side: :mod:`.runtime` (which worker serves, warm swaps, restarts),
-:mod:`.supervisor` (one worker process), :mod:`.api` (HTTP),
-:mod:`.schemas` (request checks, response shapes), :mod:`.stats` and
-:mod:`.metrics` (telemetry, Prometheus), :mod:`.checker` (the update
-pipeline's health check), :mod:`.spec` (what a worker loads).
+:mod:`.candidate_freeze` (a warm candidate runs only while the serving
+worker is idle), :mod:`.supervisor` (one worker process), :mod:`.api`
+(HTTP), :mod:`.schemas` (request checks, response shapes), :mod:`.stats` and
+:mod:`.metrics` (telemetry, Prometheus), :mod:`.spec` (what a worker loads).
+The health check a model passes before it takes traffic lives in
+:mod:`agent.healthcheck`.
 
 Worker side, never imported by the agent process: :mod:`.worker`,
-:mod:`.backend`, :mod:`.llama_backend`, :mod:`.onnx_backend`, :mod:`.golden`.
+:mod:`.backend`, :mod:`.llama_backend`, :mod:`.onnx_backend`.
 Nothing is re-exported here, so importing one agent-side module does not
 drag in the rest.
 """

@@ -11,7 +11,7 @@ worker and runs its health check there while the old worker keeps serving;
 request already running (or holding the old worker) finishes there; the old
 worker stops once it is idle. A candidate that fails is stopped, and
 callers never see it. The candidate runs only between the serving worker's
-requests (:mod:`.core_sharing`), so a swap does not slow callers down.
+requests (:mod:`.candidate_freeze`), so a swap does not slow callers down.
 
 Crashes: when a worker dies the request it was running fails with a 5xx,
 the crash (or OOM) is counted, and the next request (or the supervisor,
@@ -33,8 +33,8 @@ from typing import Any
 
 from protocol import InferenceStats
 
-from .core_sharing import CoreSharing
-from .golden import judge
+from ..healthcheck.rules import judge
+from .candidate_freeze import CandidateFreeze
 from .spec import ModelSpec
 from .stats import VersionStats
 from .supervisor import RemoteError, Worker, WorkerExited, WorkerLoadError
@@ -184,7 +184,7 @@ class InferenceRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         #: a candidate runs only between the serving worker's requests
-        self.sharing = CoreSharing()
+        self.sharing = CandidateFreeze()
 
     # -- what runs ---------------------------------------------------------------
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..profiles import RuntimeSettings
-from ..runtime import EffectiveRuntime, runtime_from_defaults
-from ..store import ModelVersion
+from ..runtime_settings import EffectiveRuntime, runtime_from_defaults
+from ..update.store import ModelVersion
 
 #: context for a model stored without its release (nothing says better)
 FALLBACK_CONTEXT = 2048
@@ -43,7 +43,7 @@ def spec_for_version(version: ModelVersion, profile: RuntimeSettings) -> ModelSp
     The release was verified when the version was installed; the store is
     the agent's own trusted state, so its runtime defaults are read as they are.
     """
-    from protocol.manifest import RuntimeDefaults, Variant
+    from protocol import RuntimeDefaults, Variant
 
     manifest = version.manifest
     tier = manifest.get("tier", "micro")

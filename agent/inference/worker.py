@@ -35,9 +35,9 @@ import threading
 import time
 from typing import Any
 
+from ..child_lifetime import die_with, parent_from
+from ..healthcheck.rules import check_embeddings, run_prompt
 from .backend import Backend, BadRequest, load_backend
-from .golden import check_embeddings, run_prompt
-from .lifeline import die_with, parent_from
 
 #: shortest gap between two delta frames of one generation (the first goes at once)
 DELTA_EVERY_S = 0.025

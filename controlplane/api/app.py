@@ -20,6 +20,7 @@ from .routes import (
     credentials,
     devices,
     health,
+    inference,
     ingest,
     metrics,
     models,
@@ -72,7 +73,8 @@ def create_app(context: AppContext) -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(ingest.router)
     app.include_router(metrics.router)
-    app.include_router(rollouts.router_with_metrics)
+    app.include_router(rollouts.router)
+    app.include_router(inference.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)
     app.include_router(whoami.router)

@@ -18,14 +18,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controlplane.broker_auth import acl_text, hash_password, password_file_text, reload_broker
 from controlplane.config import ControlPlaneSettings
-from controlplane.mosquitto import (
-    acl_text,
-    hash_password,
-    password_file_text,
-    reload_broker,
-    write_atomically,
-)
+from controlplane.keyfiles import write_atomic
 
 from .tables import DeviceCredential
 
@@ -96,8 +91,8 @@ def sync_broker(session: Session, files: BrokerFiles) -> bool:
     with _files_lock:
         # Group-readable: the broker runs as its own user, in the control
         # plane's group; the hashes stay out of reach of everyone else.
-        write_atomically(files.passwd_file, password_file_text(hashes), mode=FILE_MODE)
-        write_atomically(files.acl_file, acl_text([files.cp_username]), mode=FILE_MODE)
+        write_atomic(files.passwd_file, password_file_text(hashes).encode(), mode=FILE_MODE)
+        write_atomic(files.acl_file, acl_text([files.cp_username]).encode(), mode=FILE_MODE)
         if files.pid_file is None:
             return False
         try:

@@ -59,9 +59,9 @@ def dev(
     api_port: int = typer.Option(0, "--api-port", help="API port (0: pick a free one)"),
 ) -> None:
     """Run a local fleet (Mosquitto, control plane, three agents) and demo staged rollouts."""
-    from controlplane.cli.models import PublishError
-    from controlplane.devenv import DevFleet
-    from controlplane.mosquitto import find_mosquitto
+    from controlplane.client import PublishError
+    from controlplane.devfleet.fleet import DevFleet
+    from controlplane.devfleet.mosquitto import find_mosquitto
 
     try:
         find_mosquitto()

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .api_client import SERVER_HELP, TOKEN_HELP, api_call
+from .options import SERVER_HELP, TOKEN_HELP, api_call
 from .output import OUTPUT_OPTION, Output, emit, emit_json
 
 app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)

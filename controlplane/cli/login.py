@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .api_client import api_call, save_login
+from ..client import save_login
+from .options import api_call
 
 
 def login(

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .api_client import SERVER_HELP, TOKEN_HELP, ApiClient, ApiError, api_call, fail
+from ..client import ApiClient, ApiError
+from .options import SERVER_HELP, TOKEN_HELP, api_call, fail
 from .output import OUTPUT_OPTION, Output, emit, emit_json
 from .rollout_view import rollout_view
 

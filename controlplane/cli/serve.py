@@ -32,7 +32,7 @@ def serve(
     """Serve the API, ingest device messages and run the scheduler until SIGINT/SIGTERM."""
     from controlplane.config import SettingsError, load_settings
     from controlplane.ingest import MqttAuthError
-    from controlplane.logjson import configure
+    from controlplane.logs import configure
     from controlplane.service import ControlPlane
 
     if log_format not in ("text", "json"):

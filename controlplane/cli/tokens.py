@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .api_client import SERVER_HELP, TOKEN_HELP, api_call
+from .options import SERVER_HELP, TOKEN_HELP, api_call
 from .output import OUTPUT_OPTION, Output, emit, emit_json
 
 app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)

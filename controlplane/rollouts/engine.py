@@ -4,7 +4,7 @@ A tick, per rollout, in this order:
 
 1. **Join** devices the target matches and the rollout does not know yet
    (new devices, or ones that reported their tier since): each gets its
-   cohort key and its variant tier (:func:`controlplane.director.choose_tier`),
+   cohort key and its variant tier (:func:`controlplane.tier_policy.choose_tier`),
    or is listed ``incompatible`` with the reason. A device another live
    rollout of the same model still drives is taken over (that membership
    becomes ``superseded``).
@@ -47,7 +47,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from controlplane.db import inference
+from controlplane.db import telemetry_aggregates
 from controlplane.db.models import (
     AssignmentRecord,
     Device,
@@ -55,7 +55,9 @@ from controlplane.db.models import (
     DeviceLabel,
     RolloutDevice,
 )
-from controlplane.director import RAM_BYTES, Director, UnknownRelease, choose_tier
+from controlplane.db.telemetry_aggregates import Aggregate
+from controlplane.director import Director, UnknownRelease
+from controlplane.tier_policy import RAM_BYTES, choose_tier
 from protocol import ProtocolError, Tier
 
 from . import store
@@ -306,8 +308,8 @@ class RolloutEngine:
     def _judge(self, row: Any, spec: RolloutSpec, assigned: Sequence[Any]) -> list[GateResult]:
         gates = spec.gates_for(row.stage_index)
         views = [MemberView(m.device_id, m.device_tier, m.state, m.health) for m in assigned]
-        new_by_tier: dict[str, inference.Aggregate] = {}
-        old_by_tier: dict[str, inference.Aggregate] = {}
+        new_by_tier: dict[str, Aggregate] = {}
+        old_by_tier: dict[str, Aggregate] = {}
         needs_metrics = any(v is not None for v in (
             gates.max_p95_latency_ratio, gates.min_tokens_per_s_ratio, gates.max_error_rate,
             gates.max_crashes))
@@ -323,22 +325,22 @@ class RolloutEngine:
 
     def _metrics(
         self, row: Any, spec: RolloutSpec, assigned: Sequence[Any]
-    ) -> tuple[dict[str, inference.Aggregate], dict[str, inference.Aggregate]]:
+    ) -> tuple[dict[str, Aggregate], dict[str, Aggregate]]:
         since = row.created_at
         mine = [m.device_id for m in assigned if m.state == "succeeded"]
         tiers = sorted({m.device_tier for m in assigned if m.device_tier})
         with Session(self._engine) as session:
-            new_rows = inference.telemetry_rows(session, since=since, device_ids=mine) \
+            new_rows = telemetry_aggregates.telemetry_rows(session, since=since, device_ids=mine) \
                 if mine else []
-            base_rows = inference.telemetry_rows(session, since=since, tiers=tiers)
+            base_rows = telemetry_aggregates.telemetry_rows(session, since=since, tiers=tiers)
         on_new = set(mine)
-        new = inference.aggregate(new_rows, model=spec.model)
-        old = inference.aggregate(
+        new = telemetry_aggregates.aggregate(new_rows, model=spec.model)
+        old = telemetry_aggregates.aggregate(
             [(d, t, inf) for d, t, inf in base_rows if d not in on_new], model=spec.model
         )
         new_by_tier = {tier: agg for (_, v, tier), agg in new.items()
                        if v == spec.version and tier}
-        old_by_tier: dict[str, inference.Aggregate] = {}
+        old_by_tier: dict[str, Aggregate] = {}
         for (_, v, tier), agg in sorted(old.items(), key=lambda kv: str(kv[0])):
             if v != spec.version and tier:
                 # Several old versions in one tier: the baseline is the busiest.

@@ -1,7 +1,7 @@
 """Gate evaluation: pure functions from what was measured to pass / fail / wait.
 
 No database, no clock: the engine gathers the figures
-(:mod:`controlplane.db.inference` and the rollout's device states) and this
+(:mod:`controlplane.db.telemetry_aggregates` and the rollout's device states) and this
 module judges them, so every verdict can be tested from plain values and is
 stored with the values and thresholds it came from.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from controlplane.db.inference import Aggregate
+from controlplane.db.telemetry_aggregates import Aggregate
 
 from .spec import Gates
 

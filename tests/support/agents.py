@@ -41,7 +41,7 @@ class AgentProcess:
         self.log_path = config_path.with_name("agent.log")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controlplane.cli.main", "agent", "run",
+                [sys.executable, "-m", "slmfleet", "agent", "run",
                  "--config", str(config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,

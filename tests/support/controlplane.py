@@ -10,7 +10,7 @@ from typing import Any
 
 import protocol as p
 from controlplane.config import ControlPlaneSettings
-from controlplane.mosquitto import MosquittoBroker
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support import database
 from tests.support.auth import ADMIN_TOKEN
 

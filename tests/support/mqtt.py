@@ -11,7 +11,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from controlplane.mosquitto import MosquittoBroker
+from controlplane.devfleet.mosquitto import MosquittoBroker
 
 
 class RawClient:

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from controlplane.mosquitto import free_port
+from controlplane.devfleet.mosquitto import free_port
 
 
 def server_bin() -> Path | None:

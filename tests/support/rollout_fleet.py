@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 import protocol as p
-from controlplane.mosquitto import MosquittoBroker
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from tests.support.controlplane import wait_until
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator

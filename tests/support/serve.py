@@ -36,7 +36,7 @@ class ServeProcess:
         self.log_path = config.with_name(f"serve-{secrets.token_hex(2)}.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli.main", "controlplane", "serve",
+            [sys.executable, "-m", "slmfleet", "controlplane", "serve",
              "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "SLMFLEET_TOKEN": ADMIN_TOKEN},

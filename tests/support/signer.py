@@ -21,19 +21,28 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.assignment import Assignment, VerifiedAssignment, sign_assignment, verify_assignment
-from protocol.canonical import canonical_json
-from protocol.keys import KeyList, Role, make_envelope, sign_key_list
-from protocol.manifest import (
+from protocol import (
+    Assignment,
+    Capabilities,
+    CpuInfo,
     GoldenPrompt,
     HealthCheck,
+    KeyList,
+    OsInfo,
     ReleaseManifest,
+    Role,
     RuntimeDefaults,
+    SigningKey,
+    Tier,
     Variant,
+    VerifiedAssignment,
+    canonical_json,
+    make_envelope,
+    sign_assignment,
+    sign_key_list,
     sign_release,
+    verify_assignment,
 )
-from protocol.messages import Capabilities, CpuInfo, OsInfo, Tier
-from protocol.signing import SigningKey
 
 #: 2023-11-14T22:13:20Z; a fixed clock keeps tests deterministic
 NOW = 1_700_000_000.0

@@ -19,12 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import protocol as p
-from agent.store import ModelStore, model_key
-from controlplane.mosquitto import MosquittoBroker
-from protocol.canonical import canonical_json
-from protocol.keys import KeyList, sign_key_list
-from protocol.manifest import GoldenPrompt, HealthCheck, RuntimeDefaults, Variant
-from protocol.signing import SigningKey
+from agent.update.store import ModelStore, model_key
+from controlplane.devfleet.mosquitto import MosquittoBroker
+from protocol import (
+    GoldenPrompt,
+    HealthCheck,
+    KeyList,
+    RuntimeDefaults,
+    SigningKey,
+    Variant,
+    canonical_json,
+    sign_key_list,
+)
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.controlplane import wait_until
 from tests.support.http_artifacts import ArtifactServer

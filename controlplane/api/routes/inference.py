@@ -1,6 +1,6 @@
 """Inference metrics the agents report, summed: per device, and per model version and tier.
 
-The rollout gates read the same sums (:mod:`controlplane.db.inference`),
+The rollout gates read the same sums (:mod:`controlplane.db.telemetry_aggregates`),
 so these routes show an operator exactly what a gate judged.
 """
 
@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from controlplane.api.deps import SessionDep
 from controlplane.api.schemas_rollouts import DeviceMetrics, VersionMetrics
-from controlplane.db import inference, queries
+from controlplane.db import queries, telemetry_aggregates
 from controlplane.db.models import ModelVersion
 
 router = APIRouter(tags=["metrics"])
@@ -42,7 +42,7 @@ def device_metrics(
     if queries.get_device(session, device_id) is None:
         raise HTTPException(404, detail=f"device {device_id!r} not found")
     since = time.time() - window_s
-    found = inference.device_metrics(session, device_id, since=since)
+    found = telemetry_aggregates.device_metrics(session, device_id, since=since)
     return DeviceMetrics(device_id=device_id, since=since, items=[a.public() for a in found])
 
 
@@ -62,6 +62,6 @@ def version_metrics(
     if exists is None:
         raise HTTPException(404, detail=f"{name}@{version} is not registered")
     since = time.time() - window_s
-    found = inference.version_metrics(session, name, version, since=since)
+    found = telemetry_aggregates.version_metrics(session, name, version, since=since)
     return VersionMetrics(model=name, version=version, since=since,
                           tiers=[a.public() for a in found])

@@ -27,8 +27,6 @@ from controlplane.api.schemas_rollouts import (
 from controlplane.db.models import Rollout
 from controlplane.rollouts import ACTIONS, RolloutSpec, store
 
-from . import inference
-
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
 #: devices and decisions shown in one rollout's detail
@@ -183,9 +181,3 @@ def act(
     session.expire_all()
     return _detail(session, store.get(session, rollout_id))
 
-
-# The inference metrics the gates judge are served beside the rollouts that use
-# them, so the app registers both with one line.
-router_with_metrics = APIRouter()
-router_with_metrics.include_router(router)
-router_with_metrics.include_router(inference.router)

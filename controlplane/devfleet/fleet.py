@@ -1,0 +1,373 @@
+"""``slmfleet dev``: a whole fleet on one machine.
+
+Starts a real Mosquitto (passwords and ACLs on), the control plane on SQLite
+and a few agents as separate processes. The agents run with a SIMULATED
+hardware override (each presents a different recorded board) because they all
+share this one machine; everything else (broker, protocol, database) is real.
+
+Then it shows what the fleet is for (:meth:`DevFleet.demo`): a release with
+a variant per tier rolled out canary-first to every device, and a release
+that fails its health check stopped at the canary and rolled back by the
+rollout engine, with every decision and its reason printed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+import yaml
+
+from ..auth.bootstrap import rotate_named_token
+from ..auth.roles import Role
+from ..broker_auth import CONTROL_PLANE_USER
+from ..config import ControlPlaneSettings
+from ..db import session_factory
+from ..keyfiles import build_key_list, generate_key, read_private_key, write_atomic
+from ..service import ControlPlane
+from .model_cache import smollm2_path
+from .mosquitto import MosquittoBroker
+
+#: golden prompts SmolLM2-135M answers correctly and stably at temperature 0
+#: through its chat template (see examples/smollm2.release.yaml). The speed
+#: limits are loose on purpose (0 tokens/s: not gated): the demo's agents share
+#: this machine's cores, and the bad release must fail on its answer, not on a
+#: busy CPU
+_DEMO_HEALTH_CHECK = {
+    "max_ttft_ms": 60000,
+    "min_tokens_per_s": 0,
+    "golden_prompts": [
+        {"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 32},
+        {"prompt": "What is the opposite of hot?", "expected": ["cold"], "max_tokens": 32},
+    ],
+}
+
+#: the demo's admin token lives a day; each run revokes the previous one
+DEV_TOKEN_TTL_S = 86_400.0
+
+_ROLLOUT_FINAL = {"completed", "aborted", "rolled_back", "superseded"}
+
+GOOD_VERSION = "1.0.0"
+BAD_VERSION = "1.1.0"
+#: SmolLM2-135M answers this one wrongly ("L'Étoile, la Marseillaise, ..."), so a
+#: release that ships it as a golden prompt fails its health check on every device
+_BAD_HEALTH_CHECK = {
+    **_DEMO_HEALTH_CHECK,
+    "golden_prompts": [
+        {"prompt": "What is the capital of France?", "expected": ["paris"], "max_tokens": 32},
+    ],
+}
+#: the engine's tick in the demo: quick enough to watch, slow enough to read
+DEMO_TICK_S = 1.0
+
+
+def demo_rollout_spec(version: str) -> dict[str, Any]:
+    """Every demo device, a one-device canary then 100 %, rolled back on any failure.
+
+    One download at a time: the demo's agents share this machine's cores,
+    and health checks running side by side would fail on speed alone.
+    """
+    return {
+        "model": "smollm2",
+        "version": version,
+        "target": {"all": True},
+        "stages": [{"percent": 10, "bake_s": 3}, {"percent": 100, "bake_s": 3}],
+        "gates": {"min_devices_reporting": 1, "max_failed": 0, "min_health_pass_rate": 1.0},
+        "on_failure": "rollback",
+        "max_concurrent_downloads": 1,
+    }
+
+#: (device id, simulated board preset, labels) of the demo fleet
+DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
+    ("pi4-kitchen", "raspberry-pi-4-4gb", {"site": "home", "room": "kitchen"}),
+    ("jetson-lab", "jetson-orin-nano-8gb", {"site": "lab"}),
+    ("ws-render", "x86_64-gpu-workstation", {"site": "lab"}),
+]
+
+
+def demo_release_spec(
+    model: Path,
+    version: str = "1.0.0",
+    *,
+    health_check: dict[str, Any] | None = None,
+    description: str = "SmolLM2-135M-Instruct Q4_1 (the demo's model for every tier)",
+) -> dict[str, Any]:
+    """A release spec with a variant for every tier, for ``slmfleet models publish``.
+
+    The demo has one real model, so every tier's variant is the same GGUF
+    with that tier's runtime settings (a bigger context where there is more
+    memory); a real release would ship a bigger model for bigger tiers.
+    """
+
+    def variant(context: int) -> dict[str, Any]:
+        return {
+            "file": str(model),
+            "format": "gguf",
+            "quantization": "Q4_1",
+            "parameters": 135_000_000,
+            "context_length": 8192,
+            "runtime_defaults": {"context": context, "mmap": True},
+            "health_check": health_check or _DEMO_HEALTH_CHECK,
+        }
+
+    return {
+        "name": "smollm2",
+        "version": version,
+        "description": description,
+        "variants": {"micro": variant(2048), "small": variant(4096), "medium": variant(8192)},
+    }
+
+
+@dataclass(frozen=True)
+class DevKeys:
+    """The demo's trust material: one release key, one director key, both pinned lists."""
+
+    release_key: Path
+    director_key: Path
+    release_keys_file: Path
+    director_keys_file: Path
+
+
+def ensure_dev_keys(directory: Path) -> DevKeys:
+    """Create 1-of-1 release and director keys and their pinned lists on first run.
+
+    Later runs reuse them, so agents that already pinned the lists keep
+    trusting the control plane. Real fleets keep release keys offline
+    (docs/models.md); here the release key sits beside the data for the demo.
+    """
+    paths = {}
+    for role in ("release", "director"):
+        pinned = directory / f"{role}-keys.json"
+        existing = sorted((directory / role).glob("*.key"))
+        if existing and pinned.is_file():
+            paths[role] = (existing[0], pinned)
+            continue
+        key, key_path, _ = generate_key(directory / role, role)
+        write_atomic(
+            pinned,
+            build_key_list(role, [key.public], [read_private_key(key_path)], threshold=1,
+                           now=time.time()),
+        )
+        paths[role] = (key_path, pinned)
+    return DevKeys(
+        release_key=paths["release"][0],
+        director_key=paths["director"][0],
+        release_keys_file=paths["release"][1],
+        director_keys_file=paths["director"][1],
+    )
+
+
+@dataclass
+class DevFleet:
+    """Everything ``slmfleet dev`` started, so it can all be stopped."""
+
+    data_dir: Path
+    api_port: int = 0
+    heartbeat_s: float = 5.0
+    log: Callable[[str], None] = print
+    broker: MosquittoBroker | None = None
+    controlplane: ControlPlane | None = None
+    keys: DevKeys | None = None
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: an admin API token issued for this run (the `TOKEN` line)
+    token: str | None = None
+
+    def start(self) -> None:
+        """Start broker, control plane and agents; wait until all agents reported."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = keys = ensure_dev_keys(self.data_dir / "keys")
+        self.log(f"release key {keys.release_key} (for `slmfleet models publish --key`)")
+        users = {CONTROL_PLANE_USER: secrets.token_urlsafe(18)}
+        users |= {dev: secrets.token_urlsafe(18) for dev, _, _ in DEMO_DEVICES}
+        self.log("starting Mosquitto (passwords and ACLs on)")
+        self.broker = MosquittoBroker(self.data_dir / "broker", users=users).start()
+        self.log(f"broker {self.broker.url}")
+        settings = ControlPlaneSettings(
+            data_dir=self.data_dir / "controlplane",
+            mqtt_url=self.broker.url,
+            mqtt_username=CONTROL_PLANE_USER,
+            mqtt_password=users[CONTROL_PLANE_USER],
+            api_port=self.api_port,
+            heartbeat_interval_s=self.heartbeat_s,
+            release_keys_file=keys.release_keys_file,
+            director_keys_file=keys.director_keys_file,
+            director_key_files=[keys.director_key],
+            dev_mode=True,
+            # The demo prints a token of its own each run (below); a first-start
+            # token nobody is shown keeps the output to that one TOKEN line.
+            bootstrap_token=secrets.token_urlsafe(32),
+        )
+        self.log("starting the control plane (SQLite)")
+        self.controlplane = ControlPlane(settings, rollout_tick_s=DEMO_TICK_S)
+        self.controlplane.start()
+        assert self.controlplane.engine is not None
+        self.token = rotate_named_token(
+            session_factory(self.controlplane.engine), "slmfleet dev", Role.ADMIN, DEV_TOKEN_TTL_S
+        )
+        for device_id, preset, labels in DEMO_DEVICES:
+            self._start_agent(device_id, preset, labels, users[device_id])
+        self.wait_for_devices([d for d, _, _ in DEMO_DEVICES])
+
+    def _start_agent(self, device_id: str, preset: str, labels: dict[str, str], pw: str) -> None:
+        assert self.broker is not None and self.keys is not None
+        agent_dir = self.data_dir / "agents" / device_id
+        agent_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "device_id": device_id,
+            "broker_url": self.broker.url,
+            "password": pw,
+            "state_dir": str(agent_dir / "state"),
+            "heartbeat_interval_s": self.heartbeat_s,
+            "labels": labels,
+            # SIMULATED hardware: all demo agents share this machine.
+            "simulate": {"preset": preset},
+            # What a real install pins at provisioning time (docs/models.md).
+            "release_keys_file": str(self.keys.release_keys_file),
+            "director_keys_file": str(self.keys.director_keys_file),
+        }
+        path = agent_dir / "agent.toml"
+        path.write_text(tomli_w.dumps(config))
+        path.chmod(0o600)
+        log_file = open(agent_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the child
+        self.agents[device_id] = subprocess.Popen(
+            [sys.executable, "-m", "slmfleet", "agent", "run", "--config", str(path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+        self.log(f"agent {device_id} started (simulated {preset})")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header carrying this run's admin token."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def api_url(self) -> str:
+        assert self.controlplane is not None
+        return self.controlplane.api_url
+
+    def wait_for_devices(self, device_ids: list[str], timeout: float = 30.0) -> list[dict]:
+        """Poll the API until every device in ``device_ids`` is online."""
+        deadline = time.monotonic() + timeout
+        while True:
+            items = httpx.get(
+                f"{self.api_url}/v1/devices", params={"limit": 500}, headers=self.headers
+            ).json()["items"]
+            online = {d["id"] for d in items if d["online"]}
+            if set(device_ids) <= online:
+                return items
+            for device_id, proc in self.agents.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"agent {device_id} exited with {proc.returncode}; see "
+                        f"{self.data_dir / 'agents' / device_id / 'agent.log'}"
+                    )
+            if time.monotonic() > deadline:
+                missing = sorted(set(device_ids) - online)
+                raise RuntimeError(f"devices never came online: {', '.join(missing)}")
+            time.sleep(0.2)
+
+    def _publish(self, version: str, model: Path, **kwargs: Any) -> None:
+        from ..client import publish_release
+
+        assert self.keys is not None
+        if httpx.get(f"{self.api_url}/v1/models/smollm2/versions/{version}",
+                     headers=self.headers).status_code == 200:
+            self.log(f"smollm2@{version} is already published (from an earlier run)")
+            return
+        spec = self.data_dir / f"smollm2-{version}.release.yaml"
+        spec.write_text(yaml.safe_dump(demo_release_spec(model, version, **kwargs),
+                                       sort_keys=False))
+        self.log(f"publishing smollm2@{version} (signed with the demo release key)")
+        publish_release(spec, [self.keys.release_key], self.api_url, self.token)
+
+    def demo(
+        self,
+        model: Path | None = None,
+        timeout: float = 300.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[dict]:
+        """The mission in two rollouts; return their final details.
+
+        A good release goes canary-first to every device, each getting its
+        tier's variant; then a release whose health check fails on the
+        devices stops at the canary and is rolled back automatically.
+        """
+        model = model or smollm2_path()
+        if not model.is_file():
+            raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
+        self._publish(GOOD_VERSION, model)
+        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
+                      description="SmolLM2-135M with a golden prompt it answers wrongly: "
+                                  "a release that fails its health check on the devices")
+        done = []
+        for version, why in ((GOOD_VERSION, "a good release"),
+                             (BAD_VERSION, "a release whose health check fails")):
+            if should_stop():
+                break
+            self.log(f"rolling out smollm2@{version} ({why}): canary first, then 100 %")
+            done.append(self.run_rollout(demo_rollout_spec(version), timeout, should_stop))
+        return done
+
+    def run_rollout(
+        self, spec: dict[str, Any], timeout: float, should_stop: Callable[[], bool]
+    ) -> dict:
+        """Create a rollout and log its decisions and device outcomes until it is over."""
+        response = httpx.post(f"{self.api_url}/v1/rollouts", json=spec, headers=self.headers)
+        if response.status_code != 201:
+            raise RuntimeError(f"rollout refused: HTTP {response.status_code}: {response.text}")
+        rollout_id = response.json()["id"]
+        deadline = time.monotonic() + timeout
+        shown = 0
+        states: dict[str, str] = {}
+        while True:
+            detail = httpx.get(f"{self.api_url}/v1/rollouts/{rollout_id}",
+                               headers=self.headers).json()
+            for member in detail["devices"]:
+                state = member["state"]
+                if states.get(member["device_id"]) != state:
+                    states[member["device_id"]] = state
+                    extra = member["reason"] or (
+                        f"variant {member['variant_tier']}" if member["variant_tier"] else "")
+                    self.log(f"  {member['device_id']} ({member['device_tier']}): {state}"
+                             + (f" — {extra}" if extra else ""))
+            for decision in detail["timeline"][shown:]:
+                self.log(f"[{rollout_id} {decision['kind']}] {decision['reason']}")
+            shown = len(detail["timeline"])
+            if detail["state"] in _ROLLOUT_FINAL or should_stop():
+                return detail
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rollout {rollout_id} still {detail['state']} after "
+                                   f"{timeout:.0f} s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop agents (SIGTERM, so they publish offline), then control plane and broker."""
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.agents.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.agents.clear()
+        if self.controlplane is not None:
+            self.controlplane.stop()
+            self.controlplane = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None

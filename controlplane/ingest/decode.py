@@ -1,0 +1,43 @@
+"""Turn one raw MQTT message from a device into a validated ingest item."""
+
+from __future__ import annotations
+
+import time
+
+import protocol
+from protocol import DEVICE_TO_CP, ProtocolError, TopicError
+
+from ..db.writes import IngestItem
+
+
+class DeviceIdMismatch(ProtocolError):
+    """The payload names another device than the topic it was published on.
+
+    The broker ACL already keeps a device under its own topic; this catches a
+    payload that lies about its sender, or a misconfigured publisher.
+    """
+
+    reason = "id_mismatch"
+
+
+class EmptyPayload(ProtocolError):
+    """A zero-length payload: how a retained message is cleared, not a report."""
+
+    reason = "empty"
+
+
+def decode_device_message(
+    topic: str, payload: bytes, retained: bool, received_at: float | None = None
+) -> IngestItem:
+    """Validate one MQTT message into an :class:`IngestItem`; raise ProtocolError."""
+    device_id, kind = protocol.parse_topic(topic)
+    if kind not in DEVICE_TO_CP:
+        raise TopicError(f"topic {topic!r} is not a device-to-control-plane topic")
+    if not payload:
+        raise EmptyPayload(f"empty payload on {topic!r}")
+    message = protocol.decode(kind, payload)
+    if message.device_id != device_id:
+        raise DeviceIdMismatch(
+            f"payload device_id {message.device_id!r} differs from topic device {device_id!r}"
+        )
+    return IngestItem(kind, message, time.time() if received_at is None else received_at, retained)

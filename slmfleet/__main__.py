@@ -1,0 +1,5 @@
+"""``python -m slmfleet``: the same as the ``slmfleet`` command."""
+
+from slmfleet.cli import main
+
+main()
