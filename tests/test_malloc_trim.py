@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from agent import memory
+from agent import malloc_trim
 
 
 def test_release_and_arena_limit_run() -> None:
-    memory.limit_malloc_arenas()
-    memory.release_freed_memory()
+    malloc_trim.limit_malloc_arenas()
+    malloc_trim.release_freed_memory()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_glibc_is_found() -> None:
-    assert memory._libc() is not None
+    assert malloc_trim._libc() is not None
 
 
 def test_trim_gives_memory_back() -> None:
