@@ -87,6 +87,7 @@ from .messages import (
 )
 from .signing import PublicKey, SigningKey, key_id_for, verify_value
 from .topics import (
+    DEVICE_ID_PATTERN,
     DEVICE_TO_CP,
     TOPIC_ROOT,
     TopicKind,
@@ -99,6 +100,7 @@ from .topics import (
 
 __all__ = [
     "CLOCK_SKEW_S",
+    "DEVICE_ID_PATTERN",
     "DEVICE_TO_CP",
     "EVENT_SCHEMA",
     "MAX_ARTIFACT_BYTES",

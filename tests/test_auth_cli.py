@@ -129,4 +129,4 @@ def test_no_token_anywhere_names_the_fix(cli: Any, server: str) -> None:
 
 def test_enroll_without_broker_files_names_the_settings(cli: Any, server: str) -> None:
     out = cli("devices", "enroll", "pi-9", "--server", server, "--token", ADMIN_TOKEN, code=1)
-    assert "503" in out and "mosquitto_passwd_file" in out
+    assert "404" in out and "mosquitto_passwd_file" in out

@@ -176,7 +176,7 @@ def test_enrollment_is_off_without_the_broker_files(tmp_path: Path) -> None:
         r = TestClient(app, headers=bearer(issue(app, Role.ADMIN))).post(
             "/v1/devices/acl-z/credentials"
         )
-        assert r.status_code == 503 and "mosquitto_passwd_file" in r.json()["detail"]
+        assert r.status_code == 404 and "mosquitto_passwd_file" in r.json()["detail"]
     finally:
         engine.dispose()
 

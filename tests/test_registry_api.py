@@ -169,7 +169,7 @@ def test_registry_off_without_release_keys(tmp_path: Path) -> None:
     client, engine = registry_app(tmp_path)
     with client:
         r = client.post("/v1/models", content=b"{}")
-        assert r.status_code == 503
+        assert r.status_code == 404
         assert "release_keys_file" in r.json()["detail"]
     engine.dispose()
 

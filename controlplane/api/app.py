@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
@@ -13,6 +14,9 @@ from controlplane.auth.middleware import AuthMiddleware
 from controlplane.context import AppContext
 from controlplane.metrics import build_registry
 
+from . import allow
+from .links import add_links
+from .pagination import document_page_max
 from .routes import (
     artifacts,
     assignments,
@@ -65,18 +69,10 @@ def create_app(context: AppContext) -> FastAPI:
     app.add_middleware(AuthMiddleware, sessions=context.sessions)
     # Added last, so outermost: the time includes the token check.
     app.add_middleware(TimingMiddleware, registry=app.state.metrics_registry)
-    openapi.install(app)
-    app.include_router(health.router)
-    app.include_router(devices.router)
-    app.include_router(assignments.router)
-    app.include_router(models.router)
-    app.include_router(artifacts.router)
-    app.include_router(ingest.router)
-    app.include_router(metrics.router)
-    app.include_router(rollouts.router)
-    app.include_router(inference.router)
-    app.include_router(tokens.router)
-    app.include_router(audit.router)
-    app.include_router(whoami.router)
-    app.include_router(credentials.router)
+    openapi.install(app, add_links, partial(document_page_max, cap=context.settings.page_max))
+    allow.install(app)
+    # In this order: a template declared first wins where two match a path.
+    for resource in (health, devices, assignments, models, artifacts, ingest, metrics,
+                     rollouts, inference, tokens, audit, whoami, credentials):
+        app.include_router(resource.router)
     return app

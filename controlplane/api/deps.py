@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from controlplane.auth.middleware import PRINCIPAL_KEY
@@ -36,3 +36,21 @@ def get_principal(request: Request) -> Principal | None:
 
 
 PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
+
+
+#: the answer for a feature this control plane is not configured for: the
+#: routes exist in every build, but here they lead nowhere until a setting is
+#: made. Not a 503: nothing is down, and retrying will not help.
+NOT_CONFIGURED = 404
+
+
+def not_configured(message: str) -> HTTPException:
+    """The :data:`NOT_CONFIGURED` answer; ``message`` names the settings that switch it on."""
+    return HTTPException(NOT_CONFIGURED, detail=message)
+
+
+def off_response(what: str, also: str = "") -> dict[int | str, dict[str, str]]:
+    """The documented :data:`NOT_CONFIGURED` response for a route that needs ``what``,
+    with ``also``, what else a 404 of that route means."""
+    description = f"{also}; or " if also else ""
+    return {NOT_CONFIGURED: {"description": f"{description}{what} is not configured here"}}

@@ -84,3 +84,22 @@ class WhoAmI(BaseModel):
     id: str
     name: str
     role: Role
+
+
+class CredentialOut(BaseModel):
+    """A device's MQTT credentials record (never the password)."""
+
+    device_id: str
+    username: str = Field(description="the MQTT username: the device id")
+    created_at: float
+    revoked_at: float | None
+    broker_reloaded: bool = Field(
+        description="the broker was told to re-read its files; false: it applies at its next start"
+    )
+
+
+class EnrollmentOut(CredentialOut):
+    """New credentials: ``password`` is shown this once; put it in the agent's config."""
+
+    password: str
+    broker_url: str

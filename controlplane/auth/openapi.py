@@ -3,6 +3,7 @@ and the answers an operation can get before its route runs (400, 401, 403, 404).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,6 +20,9 @@ _403 = {"description": "the token's role is below the one this operation needs"}
 _400 = {"description": "the request could not be parsed (malformed body or headers)"}
 #: the router matches no route when a path parameter holds a newline
 _404 = {"description": "not found (or a path parameter no route can match)"}
+#: ... and a path no route matches needs a token, even under an open route's prefix
+_401_UNMATCHED = {"description": "a path parameter no route can match (a newline), sent "
+                  "without a valid token: unknown paths need one"}
 
 
 def annotate(schema: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +48,8 @@ def annotate(schema: dict[str, Any]) -> dict[str, Any]:
             role = required_role(method.upper(), path)
             if role is None:
                 operation["security"] = []
+                if "{" in path:
+                    responses.setdefault("401", _401_UNMATCHED)
                 continue
             operation["security"] = [{SCHEME: []}]
             operation["x-required-role"] = role.value
@@ -53,8 +59,9 @@ def annotate(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def install(app: FastAPI) -> None:
-    """Make ``app.openapi()`` return the annotated document (built once, cached)."""
+def install(app: FastAPI, *edits: Callable[[dict[str, Any]], None]) -> None:
+    """Make ``app.openapi()`` return the annotated document (built once, cached),
+    after ``edits`` (each changes the document in place) have run on it."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -67,6 +74,8 @@ def install(app: FastAPI) -> None:
                     routes=app.routes,
                 )
             )
+            for edit in edits:
+                edit(app.openapi_schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

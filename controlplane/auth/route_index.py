@@ -43,17 +43,35 @@ class RouteIndex:
         self._size = -1
         self._entries: list[_Entry] = []
 
-    def template(self, scope: Scope) -> str | None:
-        """The template (``/v1/devices/{device_id}``) ``scope``'s path matches, preferring
-        a route that also takes its method; None when no route has that path."""
+    def _refresh(self, scope: Scope) -> None:
         app = scope.get("app")
         size = len(getattr(app, "routes", ()))
         if size != self._size:
             self._entries, self._size = _entries(app), size
+
+    @staticmethod
+    def _path(scope: Scope) -> str:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
             # Mounted under a prefix: routes are declared without it.
             path = path[len(root):] or "/"
+        return path
+
+    def methods(self, scope: Scope) -> frozenset[str]:
+        """Every method some route takes at ``scope``'s path (what ``Allow`` lists)."""
+        self._refresh(scope)
+        path = self._path(scope)
+        found: set[str] = set()
+        for entry in self._entries:
+            if entry.regex.match(path):
+                found |= entry.methods
+        return frozenset(found)
+
+    def template(self, scope: Scope) -> str | None:
+        """The template (``/v1/devices/{device_id}``) ``scope``'s path matches, preferring
+        a route that also takes its method; None when no route has that path."""
+        self._refresh(scope)
+        path = self._path(scope)
         method = scope.get("method", "GET")
         partial = None
         for entry in self._entries:

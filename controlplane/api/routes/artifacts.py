@@ -18,7 +18,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from controlplane.api.deps import ContextDep
+from controlplane.api.deps import ContextDep, not_configured
 from controlplane.api.schemas_registry import ArtifactOut
 from controlplane.artifacts import (
     ArtifactConflict,
@@ -37,6 +37,9 @@ from controlplane.registry import ArtifactMismatch, get_artifact, record_artifac
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: what ``X-Content-SHA256`` may hold: the hex digest, either case, blanks around it
+#: (the route strips and lower-cases it before comparing)
+SHA256_HEADER_PATTERN = r"^\s*[0-9a-fA-F]{64}\s*$"
 #: bytes gathered before one trip to the worker thread that writes them
 WRITE_CHUNK = 1 << 20
 #: content at a path never changes (a different blob is a 409), so caches may keep it
@@ -52,7 +55,7 @@ _STATUS = {
 
 def _store(context: AppContext) -> ArtifactStore:
     if context.artifacts is None:
-        raise HTTPException(503, detail="the artifact store is not configured")
+        raise not_configured("the artifact store is not configured (artifacts_dir)")
     return context.artifacts
 
 
@@ -100,6 +103,12 @@ def get_artifact_file(path: str, context: ContextDep) -> Response:
     )
 
 
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length", "")
+    # The HTTP server has refused a framing header that is not a number.
+    return int(raw) if raw.isdigit() else None
+
+
 def _lookup(context: AppContext, path: str) -> Artifact | None:
     with context.sessions() as session:
         return get_artifact(session, path)
@@ -131,7 +140,8 @@ async def _receive(request: Request, upload: Upload) -> None:
         200: {"description": "the same blob was already stored", "model": ArtifactOut},
         409: {"description": "a different blob is stored at this path"},
         413: {"description": "larger than artifact_max_bytes"},
-        422: {"description": "bad path, missing header or sha256 mismatch (nothing stored)"},
+        422: {"description": "bad path, missing or malformed X-Content-SHA256, or sha256 "
+              "mismatch (nothing stored)"},
     },
 )
 async def put_artifact(
@@ -140,13 +150,21 @@ async def put_artifact(
     response: Response,
     context: ContextDep,
     x_content_sha256: Annotated[
-        str | None, Header(description="sha256 (hex) the body must hash to")
-    ] = None,
-    content_length: Annotated[int | None, Header()] = None,
+        str,
+        Header(
+            description="sha256 (hex) the body must hash to",
+            # Documented, checked below: a missing or malformed digest is the
+            # route's own 422 (reason missing_digest), not a generic one.
+            json_schema_extra={"pattern": SHA256_HEADER_PATTERN},
+        ),
+    ],
 ) -> ArtifactOut:
     """Store the request body at ``path`` once it hashes to ``X-Content-SHA256``."""
     store = _store(context)
-    expected = (x_content_sha256 or "").strip().lower()
+    # Read from the request, not declared as a parameter: Content-Length frames
+    # the body, and a client cannot choose it apart from what it sends.
+    content_length = _content_length(request)
+    expected = x_content_sha256.strip().lower()
     if not _SHA256.fullmatch(expected):
         raise HTTPException(
             422,

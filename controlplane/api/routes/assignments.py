@@ -9,12 +9,10 @@ device's assignment and clears its retained ``desired``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, HTTPException
 
-from fastapi import APIRouter, HTTPException, Query
-
-from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
+from controlplane.api.deps import ContextDep, SessionDep, not_configured, off_response
+from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_registry import (
     AssignRequest,
     AssignResponse,
@@ -43,7 +41,7 @@ DIRECTOR_OFF = (
 
 def _director(context: AppContext) -> Director:
     if context.director is None:
-        raise HTTPException(503, detail=DIRECTOR_OFF)
+        raise not_configured(DIRECTOR_OFF)
     return context.director
 
 
@@ -82,10 +80,9 @@ def _targets(device_id: str, body: AssignRequest, context: AppContext) -> list[s
     "/{device_id}/assignment",
     response_model=AssignResponse,
     responses={
-        404: {"description": "no such device (single device) or release"},
+        **off_response("the director key", also="no such device (single device) or release"),
         409: {"description": "the device has no variant it can run (single device)"},
         422: {"description": "bad body or selector"},
-        503: {"description": "no director keys configured"},
     },
 )
 def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignResponse:
@@ -119,7 +116,7 @@ def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignRe
 @router.delete(
     "/{device_id}/assignment",
     response_model=AssignResultOut,
-    responses={404: {"description": "the device has no live assignment"}},
+    responses=off_response("the director key", also="the device has no live assignment"),
 )
 def unassign(device_id: str, context: ContextDep) -> AssignResultOut:
     """Revoke the device's assignment: its retained `desired` is cleared; it keeps its model."""
@@ -135,29 +132,15 @@ def unassign(device_id: str, context: ContextDep) -> AssignResultOut:
     response_model=HistoryPage,
     responses={404: {"description": "no such device"}},
 )
-def history(
-    device_id: str,
-    session: SessionDep,
-    context: ContextDep,
-    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
-) -> HistoryPage:
+def history(device_id: str, session: SessionDep, page: PageDep) -> HistoryPage:
     """The device's timeline, oldest first: assignments issued and revoked, and its events."""
     if queries.get_device(session, device_id) is None:
         raise HTTPException(404, detail=f"device {device_id!r} not found")
-    size = page_size(limit, context.settings.page_max)
-    after = None
-    if cursor:
-        try:
-            after = TimelineKey.decode(decode_cursor(cursor))
-        except ValueError as exc:
-            raise query_error("cursor", "invalid cursor", cursor) from exc
-    entries = device_timeline(session, device_id, after=after, limit=size + 1)
-    page = entries[:size]
+    entries = device_timeline(
+        session, device_id, after=page.after(TimelineKey.decode), limit=page.fetch
+    )
+    served, after = page.cut(entries, lambda e: e.key.encode())
     return HistoryPage(
-        items=[
-            HistoryItem(ts=e.key.ts, kind=e.kind, type=e.type, **e.fields)
-            for e in page
-        ],
-        next=encode_cursor(page[-1].key.encode()) if len(entries) > size else None,
+        items=[HistoryItem(ts=e.key.ts, kind=e.kind, type=e.type, **e.fields) for e in served],
+        next=after,
     )

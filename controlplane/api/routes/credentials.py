@@ -1,45 +1,48 @@
 """``/v1/devices/{id}/credentials``: enroll a device (its own MQTT password) or revoke it.
 
 Admin only (see ``controlplane.auth.policy``). Enabled when the control
-plane manages the broker's password file (``mosquitto_passwd_file``).
+plane manages the broker's password file (``mosquitto_passwd_file``);
+without it both routes answer 404 naming the settings.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from typing import Annotated
 
-from controlplane.api.deps import ContextDep, PrincipalDep, SessionDep
+from fastapi import APIRouter, HTTPException, Path
+
+from controlplane.api.deps import (
+    ContextDep,
+    PrincipalDep,
+    SessionDep,
+    not_configured,
+    off_response,
+)
+from controlplane.api.schemas_auth import CredentialOut, EnrollmentOut
 from controlplane.auth.device_credentials import BrokerFiles, EnrollmentOff, enroll, revoke
-from protocol import is_valid_device_id
+from controlplane.auth.tables import DeviceCredential
+from protocol import DEVICE_ID_PATTERN, is_valid_device_id
 
 router = APIRouter(prefix="/v1/devices", tags=["credentials"])
 
+#: "device credentials" in the documented 404s
+_OFF = "device enrollment (mosquitto_passwd_file, mosquitto_acl_file)"
 
-class CredentialOut(BaseModel):
-    """A device's MQTT credentials record (never the password)."""
-
-    device_id: str
-    username: str = Field(description="the MQTT username: the device id")
-    created_at: float
-    revoked_at: float | None
-    broker_reloaded: bool = Field(
-        description="the broker was told to re-read its files; false: it applies at its next start"
-    )
-
-
-class EnrollmentOut(CredentialOut):
-    """New credentials: ``password`` is shown this once; put it in the agent's config."""
-
-    password: str
-    broker_url: str
+DeviceIdPath = Annotated[
+    str,
+    Path(
+        description="the device id, which is also its MQTT username",
+        # Documented, checked by _check_id: its 422 spells the rule out.
+        json_schema_extra={"pattern": DEVICE_ID_PATTERN},
+    ),
+]
 
 
 def _files(context: ContextDep) -> BrokerFiles:
     try:
         return BrokerFiles.from_settings(context.settings)
     except EnrollmentOff as exc:
-        raise HTTPException(503, detail=str(exc)) from exc
+        raise not_configured(str(exc)) from exc
 
 
 def _check_id(device_id: str) -> None:
@@ -49,17 +52,21 @@ def _check_id(device_id: str) -> None:
         )
 
 
+def _record(row: DeviceCredential, broker_reloaded: bool) -> dict[str, object]:
+    return {
+        "device_id": row.device_id, "username": row.device_id, "created_at": row.created_at,
+        "revoked_at": row.revoked_at, "broker_reloaded": broker_reloaded,
+    }
+
+
 @router.post(
     "/{device_id}/credentials",
     response_model=EnrollmentOut,
     status_code=201,
-    responses={
-        422: {"description": "not a valid device id"},
-        503: {"description": "the control plane does not manage the broker's password file"},
-    },
+    responses={422: {"description": "not a valid device id"}, **off_response(_OFF)},
 )
 def enroll_device(
-    device_id: str, session: SessionDep, context: ContextDep, principal: PrincipalDep
+    device_id: DeviceIdPath, session: SessionDep, context: ContextDep, principal: PrincipalDep
 ) -> EnrollmentOut:
     """Issue the device a new MQTT password (an old one stops working)."""
     _check_id(device_id)
@@ -68,10 +75,8 @@ def enroll_device(
         done = enroll(session, files, device_id, principal.token_id if principal else None)
     except ValueError as exc:
         raise HTTPException(422, detail=str(exc)) from exc
-    row = done.row
     return EnrollmentOut(
-        device_id=row.device_id, username=row.device_id, created_at=row.created_at,
-        revoked_at=None, broker_reloaded=done.broker_reloaded, password=done.password,
+        **_record(done.row, done.broker_reloaded), password=done.password,
         broker_url=context.settings.mqtt_url,
     )
 
@@ -79,10 +84,7 @@ def enroll_device(
 @router.delete(
     "/{device_id}/credentials",
     response_model=CredentialOut,
-    responses={
-        404: {"description": "the device was never enrolled"},
-        503: {"description": "the control plane does not manage the broker's password file"},
-    },
+    responses=off_response(_OFF, also="the device was never enrolled"),
 )
 def revoke_device(device_id: str, session: SessionDep, context: ContextDep) -> CredentialOut:
     """Revoke the device's MQTT credentials: the broker refuses its next connection."""
@@ -91,7 +93,4 @@ def revoke_device(device_id: str, session: SessionDep, context: ContextDep) -> C
         row, reloaded = revoke(session, files, device_id)
     except KeyError as exc:
         raise HTTPException(404, detail=f"device {device_id!r} was never enrolled") from exc
-    return CredentialOut(
-        device_id=row.device_id, username=row.device_id, created_at=row.created_at,
-        revoked_at=row.revoked_at, broker_reloaded=reloaded,
-    )
+    return CredentialOut(**_record(row, reloaded))

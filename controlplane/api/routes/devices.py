@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
+from controlplane.api.deps import SessionDep
+from controlplane.api.pagination import PageDep, query_error
 from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
 from controlplane.api.schemas_registry import AssignmentSummary
 from controlplane.db import queries
@@ -17,6 +17,8 @@ from protocol import Tier
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
 RECENT_TELEMETRY = 20
+#: a label filter: a key (no "=") then "=" and any value, "=" included
+LABEL_FILTER_PATTERN = "^[^=]+="
 
 
 def parse_labels(raw: list[str]) -> tuple[tuple[str, str], ...]:
@@ -33,34 +35,29 @@ def parse_labels(raw: list[str]) -> tuple[tuple[str, str], ...]:
 @router.get("", response_model=DevicePage)
 def list_devices(
     session: SessionDep,
-    context: ContextDep,
+    page: PageDep,
     tier: Tier | None = None,
     profile: str | None = None,
     online: bool | None = None,
     label: Annotated[
         list[str] | None,
-        Query(description="key=value; repeat for several, all must match"),
+        Query(
+            description="key=value; repeat for several, all must match",
+            # Documented, checked by parse_labels: its 422 says what a label filter is.
+            json_schema_extra={"items": {"type": "string", "pattern": LABEL_FILTER_PATTERN}},
+        ),
     ] = None,
-    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
 ) -> DevicePage:
     """Devices matching every filter, ordered by id, one page at a time."""
-    size = page_size(limit, context.settings.page_max)
     flt = queries.DeviceFilter(
         tier=tier.value if tier else None,
         profile=profile,
         online=online,
         labels=parse_labels(label or []),
     )
-    after = decode_cursor(cursor) if cursor else None
-    # One row more than asked tells whether another page exists.
-    rows = queries.list_devices(session, flt, after=after, limit=size + 1)
-    page = rows[:size]
-    more = len(rows) > size
-    return DevicePage(
-        items=[DeviceSummary.model_validate(d) for d in page],
-        next=encode_cursor(page[-1].id) if more else None,
-    )
+    rows = queries.list_devices(session, flt, after=page.after(), limit=page.fetch)
+    served, after = page.cut(rows, lambda d: d.id)
+    return DevicePage(items=[DeviceSummary.model_validate(d) for d in served], next=after)
 
 
 @router.get(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
 
 from anyio import to_thread
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from sqlalchemy.orm import Session
 
-from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
+from controlplane.api.deps import ContextDep, SessionDep, not_configured, off_response
+from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_registry import (
     ModelPage,
     ModelSummary,
@@ -43,9 +42,23 @@ REGISTRY_OFF = (
 )
 
 
+#: the shape of a signed release envelope; `slmfleet models publish` makes one
+_ENVELOPE_SCHEMA = {
+    "type": "object",
+    "description": "a signed release: the manifest and a threshold of release-key "
+    "signatures over its canonical JSON (docs/models.md)",
+    "required": ["signed", "signatures"],
+    "additionalProperties": False,
+    "properties": {
+        "signed": {"type": "object", "description": "the release manifest"},
+        "signatures": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
 def _release_keys(context: AppContext) -> KeyList:
     if context.trust.release_keys is None:
-        raise HTTPException(503, detail=REGISTRY_OFF)
+        raise not_configured(REGISTRY_OFF)
     return context.trust.release_keys
 
 
@@ -77,17 +90,11 @@ def _detail(row: ModelVersion, session: Session) -> VersionDetail:
 
 
 @router.get("", response_model=ModelPage)
-def get_models(
-    session: SessionDep,
-    context: ContextDep,
-    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
-) -> ModelPage:
+def get_models(session: SessionDep, page: PageDep) -> ModelPage:
     """Registered models by name, each with its newest version."""
-    size = page_size(limit, context.settings.page_max)
-    rows = list_models(session, after=decode_cursor(cursor) if cursor else None, limit=size + 1)
-    page = rows[:size]
-    latest = latest_versions(session, [m.name for m in page])
+    rows = list_models(session, after=page.after(), limit=page.fetch)
+    served, after = page.cut(rows, lambda m: m.name)
+    latest = latest_versions(session, [m.name for m in served])
     return ModelPage(
         items=[
             ModelSummary(
@@ -96,9 +103,9 @@ def get_models(
                 latest_version=latest[m.name].version if m.name in latest else None,
                 description=latest[m.name].description if m.name in latest else "",
             )
-            for m in page
+            for m in served
         ],
-        next=encode_cursor(page[-1].name) if len(rows) > size else None,
+        next=after,
     )
 
 
@@ -112,8 +119,12 @@ def get_models(
         409: {"description": "name@version is registered with a different manifest"},
         413: {"description": "larger than a release may be"},
         422: {"description": "release signatures below threshold, or an artifact is missing"},
-        503: {"description": "no release keys configured"},
+        **off_response("the release key list"),
     },
+    # The body is read raw (its bytes are what the signatures cover), so FastAPI
+    # cannot see it; describe it here.
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _ENVELOPE_SCHEMA}}}},
 )
 async def post_model(request: Request, response: Response, context: ContextDep) -> VersionDetail:
     """Register a signed release envelope (the JSON `slmfleet models publish` sends).
@@ -145,31 +156,22 @@ async def post_model(request: Request, response: Response, context: ContextDep) 
     responses={404: {"description": "no such model"}},
 )
 def get_versions(
-    name: str,
-    session: SessionDep,
-    context: ContextDep,
-    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+    name: str, session: SessionDep, page: PageDep
 ) -> VersionPage:
     """Versions of a model, newest first by semver precedence."""
-    size = page_size(limit, context.settings.page_max)
-    after = None
-    if cursor:
-        key, sep, version = decode_cursor(cursor).partition(" ")
-        if not sep:
-            raise query_error("cursor", "invalid cursor", cursor)
-        after = (key, version)
-    rows = list_versions(session, name, after=after, limit=size + 1)
-    if not rows and after is None:
+    start = page.after(_version_key)
+    rows = list_versions(session, name, after=start, limit=page.fetch)
+    if not rows and start is None:
         raise HTTPException(404, detail=f"model {name!r} not found")
-    page = rows[:size]
-    last = page[-1] if page else None
-    return VersionPage(
-        items=[VersionSummary.model_validate(v) for v in page],
-        next=encode_cursor(f"{last.sort_key} {last.version}")
-        if last and len(rows) > size
-        else None,
-    )
+    served, after = page.cut(rows, lambda v: f"{v.sort_key} {v.version}")
+    return VersionPage(items=[VersionSummary.model_validate(v) for v in served], next=after)
+
+
+def _version_key(raw: str) -> tuple[str, str]:
+    key, sep, version = raw.partition(" ")
+    if not sep:
+        raise ValueError(f"not a version key: {raw!r}")
+    return key, version
 
 
 @router.get(

@@ -13,8 +13,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from controlplane.api.deps import ContextDep, SessionDep
-from controlplane.api.pagination import decode_cursor, encode_cursor, page_size, query_error
+from controlplane.api.deps import ContextDep, SessionDep, not_configured, off_response
+from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_rollouts import (
     ActionRequest,
     DecisionOut,
@@ -101,15 +101,14 @@ def _detail(session: SessionDep, row: Rollout) -> RolloutDetail:
     response_model=RolloutDetail,
     status_code=201,
     responses={
-        404: {"description": "the release is not registered"},
+        **off_response("the director key", also="the release is not registered"),
         422: {"description": "bad spec"},
-        503: {"description": "no director keys configured"},
     },
 )
 def create_rollout(spec: RolloutSpec, context: ContextDep, session: SessionDep) -> RolloutDetail:
     """Start a staged rollout of a registered release; the engine takes it from here."""
     if context.director is None:
-        raise HTTPException(503, detail=DIRECTOR_OFF)
+        raise not_configured(DIRECTOR_OFF)
     try:
         rollout_id = store.create(context.engine, spec)
     except store.UnknownVersion as exc:
@@ -121,29 +120,24 @@ def create_rollout(spec: RolloutSpec, context: ContextDep, session: SessionDep) 
 @router.get("", response_model=RolloutPage)
 def list_rollouts(
     session: SessionDep,
-    context: ContextDep,
+    page: PageDep,
     state: Annotated[str | None, Query(max_length=24, description="only this state")] = None,
-    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
 ) -> RolloutPage:
     """Rollouts, newest first."""
-    size = page_size(limit, context.settings.page_max)
-    after = decode_cursor(cursor) if cursor else None
-    if after is not None:
-        ts, _, rid = after.partition(" ")
-        try:
-            float(ts)
-        except ValueError as exc:
-            raise query_error("cursor", "invalid cursor", cursor) from exc
-        if not rid:
-            raise query_error("cursor", "invalid cursor", cursor)
-    rows = store.list_rollouts(session, after=after, limit=size + 1, state=state)
-    page = rows[:size]
-    return RolloutPage(
-        items=[_summary(r) for r in page],
-        next=encode_cursor(f"{page[-1].created_at!r} {page[-1].id}") if len(rows) > size
-        else None,
+    rows = store.list_rollouts(
+        session, after=page.after(_checked_key), limit=page.fetch, state=state
     )
+    served, after = page.cut(rows, lambda r: f"{r.created_at!r} {r.id}")
+    return RolloutPage(items=[_summary(r) for r in served], next=after)
+
+
+def _checked_key(raw: str) -> str:
+    # The store parses "<created_at> <id>" itself; refuse here what it could not parse.
+    ts, _, rollout_id = raw.partition(" ")
+    float(ts)
+    if not rollout_id:
+        raise ValueError(f"not a rollout key: {raw!r}")
+    return raw
 
 
 @router.get("/{rollout_id}", response_model=RolloutDetail,

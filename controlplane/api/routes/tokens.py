@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, HTTPException
 
-from fastapi import APIRouter, HTTPException, Query
-
-from controlplane.api.deps import ContextDep, PrincipalDep, SessionDep
-from controlplane.api.pagination import decode_cursor, encode_cursor, page_size
+from controlplane.api.deps import PrincipalDep, SessionDep
+from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_auth import TokenCreate, TokenIssued, TokenOut, TokenPage
 from controlplane.auth.tokens import LastAdminToken, issue_token, list_tokens, revoke_token
 
@@ -25,20 +23,11 @@ def create_token(body: TokenCreate, session: SessionDep, principal: PrincipalDep
 
 
 @router.get("", response_model=TokenPage)
-def get_tokens(
-    session: SessionDep,
-    context: ContextDep,
-    limit: Annotated[int | None, Query(ge=1, description="page size, at most page_max")] = None,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
-) -> TokenPage:
+def get_tokens(session: SessionDep, page: PageDep) -> TokenPage:
     """Every token ever issued (revoked and expired too), by id."""
-    size = page_size(limit, context.settings.page_max)
-    rows = list_tokens(session, after=decode_cursor(cursor) if cursor else None, limit=size + 1)
-    page = rows[:size]
-    return TokenPage(
-        items=[TokenOut.model_validate(r) for r in page],
-        next=encode_cursor(page[-1].id) if len(rows) > size else None,
-    )
+    rows = list_tokens(session, after=page.after(), limit=page.fetch)
+    served, after = page.cut(rows, lambda r: r.id)
+    return TokenPage(items=[TokenOut.model_validate(r) for r in served], next=after)
 
 
 @router.delete(
