@@ -36,6 +36,9 @@ OPEN: set[tuple[str, str]] = {
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
 }
+#: a 5xx that is an operation's documented answer in this app, which has no
+#: broker: health is "degraded" (503), as a load balancer must be told
+DOCUMENTED_5XX: dict[tuple[str, str], int] = {("GET", "/healthz"): 503}
 ADMIN_PREFIXES = ("/v1/tokens", "/v1/audit", "/v1/keys")
 ADMIN_PATTERNS = (re.compile(r"^/v1/devices/\{[^}]+\}/credentials"),)
 RANK = {None: -1, "viewer": 0, "operator": 1, "admin": 2}
@@ -71,13 +74,11 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, Pa
 def callers(api: tuple[Any, Any, Path]) -> dict[str, dict[str, str]]:
     app, _, _ = api
     past = time.time() - 3600
-    revoked = issue(app, Role.ADMIN, name="revoked")
-    with app.state.context.sessions() as session:
-        from controlplane.auth.tokens import authenticate, revoke_token
-
-        principal = authenticate(session, revoked)
-        assert principal is not None
-        revoke_token(session, principal.token_id)
+    admin = TestClient(app, headers=bearer(issue(app, Role.ADMIN)))
+    made = admin.post("/v1/tokens", json={"name": "revoked", "role": "admin"})
+    assert made.status_code == 201, made.text
+    assert admin.delete(f"/v1/tokens/{made.json()['id']}").status_code == 200
+    revoked = made.json()["token"]
     device_password = "device-mqtt-password-" + "q" * 20
     basic = base64.b64encode(f"pi-01:{device_password}".encode()).decode()
     return {
@@ -118,12 +119,12 @@ def test_every_operation_answers_each_caller_as_its_role_allows(
             body = {"json": {}} if method in ("POST", "PUT", "PATCH") else {}
             status = client.request(method, url, headers=headers, **body).status_code
             role = caller if caller in RANK else None
-            if needed is None:
-                ok = status not in (401, 403)
+            if needed is None or (role is not None and RANK[role] >= RANK[needed]):
+                # allowed: past the policy, and answered by the route, never a server error
+                server_error = status >= 500 and DOCUMENTED_5XX.get((method, template)) != status
+                ok = not server_error and status not in (401, 403)
             elif role is None:
                 ok = status == 401
-            elif RANK[role] >= RANK[needed]:
-                ok = status not in (401, 403)
             else:
                 ok = status == 403
             if not ok:
