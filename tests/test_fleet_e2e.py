@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 import protocol as p
+from controlplane.devfleet.fleet import DevFleet
 from controlplane.service import ControlPlane
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.auth import ADMIN_HEADERS
@@ -163,3 +164,30 @@ def test_bad_payloads_are_counted_and_the_rest_still_lands(tmp_path, broker, new
                         "the good message")
     assert [t["seq"] for t in detail["recent_telemetry"]] == [1]
     assert httpx.get(f"{api}/healthz").json()["status"] == "ok"
+
+
+def test_slmfleet_dev_enrolls_its_devices_through_the_api(tmp_path: Path) -> None:
+    # DevFleet's own broker and control plane, without its agents: the control
+    # plane manages the broker's files, so an enrollment through the API works
+    # and the new password opens the broker at once.
+    fleet = DevFleet(tmp_path / "dev", log=lambda _: None)
+    try:
+        fleet.start_services()
+        assert fleet.broker is not None
+        made = httpx.post(f"{fleet.api_url}/v1/devices/dev-pi-1/credentials",
+                          headers=fleet.headers)
+        assert made.status_code == 201, made.text
+        assert made.json()["broker_reloaded"] is True
+        device = RawClient(fleet.broker.url, "dev-pi-1", made.json()["password"])
+        try:
+            assert device.connect() == 0
+        finally:
+            device.close()
+        stranger = RawClient(fleet.broker.url, "dev-pi-1", "not-its-password")
+        try:
+            assert stranger.connect() != 0
+        finally:
+            stranger.close()
+        assert fleet.enroll("dev-pi-2")
+    finally:
+        fleet.stop()

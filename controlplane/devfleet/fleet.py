@@ -1,7 +1,8 @@
 """``slmfleet dev``: a whole fleet on one machine.
 
-Starts a real Mosquitto (passwords and ACLs on), the control plane on SQLite
-and a few agents as separate processes. The agents run with a SIMULATED
+Starts a real Mosquitto (passwords and ACLs on, its files managed by the
+control plane, which enrolls each device through its API), the control plane
+on SQLite and a few agents as separate processes. The agents run with a SIMULATED
 hardware override (each presents a different recorded board) because they all
 share this one machine; everything else (broker, protocol, database) is real.
 
@@ -167,6 +168,38 @@ def ensure_dev_keys(directory: Path) -> DevKeys:
     )
 
 
+def dev_settings(
+    data_dir: Path,
+    broker: MosquittoBroker,
+    cp_password: str,
+    keys: DevKeys,
+    *,
+    api_port: int = 0,
+    heartbeat_s: float = 5.0,
+) -> ControlPlaneSettings:
+    """The demo control plane's settings: SQLite under ``data_dir``, ``broker`` with
+    its password file, ACL and pid file (so devices are enrolled through the API,
+    as in production), and the demo's keys."""
+    return ControlPlaneSettings(
+        data_dir=data_dir,
+        mqtt_url=broker.url,
+        mqtt_username=CONTROL_PLANE_USER,
+        mqtt_password=cp_password,
+        api_port=api_port,
+        heartbeat_interval_s=heartbeat_s,
+        release_keys_file=keys.release_keys_file,
+        director_keys_file=keys.director_keys_file,
+        director_key_files=[keys.director_key],
+        mosquitto_passwd_file=broker.passwd_file,
+        mosquitto_acl_file=broker.acl_file,
+        mosquitto_pid_file=broker.pid_file,
+        dev_mode=True,
+        # The demo prints a token of its own each run (DevFleet.token); a
+        # first-start token nobody is shown keeps the output to that one line.
+        bootstrap_token=secrets.token_urlsafe(32),
+    )
+
+
 @dataclass
 class DevFleet:
     """Everything ``slmfleet dev`` started, so it can all be stopped."""
@@ -184,28 +217,25 @@ class DevFleet:
 
     def start(self) -> None:
         """Start broker, control plane and agents; wait until all agents reported."""
+        self.start_services()
+        for device_id, preset, labels in DEMO_DEVICES:
+            self._start_agent(device_id, preset, labels, self.enroll(device_id))
+        self.wait_for_devices([d for d, _, _ in DEMO_DEVICES])
+
+    def start_services(self) -> None:
+        """Start the broker and the control plane, and issue this run's admin token."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.keys = keys = ensure_dev_keys(self.data_dir / "keys")
         self.log(f"release key {keys.release_key} (for `slmfleet models publish --key`)")
-        users = {CONTROL_PLANE_USER: secrets.token_urlsafe(18)}
-        users |= {dev: secrets.token_urlsafe(18) for dev, _, _ in DEMO_DEVICES}
+        cp_password = secrets.token_urlsafe(18)
         self.log("starting Mosquitto (passwords and ACLs on)")
-        self.broker = MosquittoBroker(self.data_dir / "broker", users=users).start()
+        self.broker = MosquittoBroker(
+            self.data_dir / "broker", users={CONTROL_PLANE_USER: cp_password}
+        ).start()
         self.log(f"broker {self.broker.url}")
-        settings = ControlPlaneSettings(
-            data_dir=self.data_dir / "controlplane",
-            mqtt_url=self.broker.url,
-            mqtt_username=CONTROL_PLANE_USER,
-            mqtt_password=users[CONTROL_PLANE_USER],
-            api_port=self.api_port,
-            heartbeat_interval_s=self.heartbeat_s,
-            release_keys_file=keys.release_keys_file,
-            director_keys_file=keys.director_keys_file,
-            director_key_files=[keys.director_key],
-            dev_mode=True,
-            # The demo prints a token of its own each run (below); a first-start
-            # token nobody is shown keeps the output to that one TOKEN line.
-            bootstrap_token=secrets.token_urlsafe(32),
+        settings = dev_settings(
+            self.data_dir / "controlplane", self.broker, cp_password, keys,
+            api_port=self.api_port, heartbeat_s=self.heartbeat_s,
         )
         self.log("starting the control plane (SQLite)")
         self.controlplane = ControlPlane(settings, rollout_tick_s=DEMO_TICK_S)
@@ -214,9 +244,17 @@ class DevFleet:
         self.token = rotate_named_token(
             session_factory(self.controlplane.engine), "slmfleet dev", Role.ADMIN, DEV_TOKEN_TTL_S
         )
-        for device_id, preset, labels in DEMO_DEVICES:
-            self._start_agent(device_id, preset, labels, users[device_id])
-        self.wait_for_devices([d for d, _, _ in DEMO_DEVICES])
+
+    def enroll(self, device_id: str) -> str:
+        """Enroll ``device_id`` through the API, as an operator would; its MQTT password."""
+        response = httpx.post(
+            f"{self.api_url}/v1/devices/{device_id}/credentials", headers=self.headers
+        )
+        if response.status_code != 201:
+            raise RuntimeError(
+                f"enrolling {device_id} failed: HTTP {response.status_code}: {response.text}"
+            )
+        return str(response.json()["password"])
 
     def _start_agent(self, device_id: str, preset: str, labels: dict[str, str], pw: str) -> None:
         assert self.broker is not None and self.keys is not None
