@@ -15,6 +15,7 @@ from .assignment import (
     verify_assignment,
 )
 from .canonical import canonical_json
+from .documents import parse_yaml_mapping, validation_problems
 from .errors import (
     BadVersionError,
     DoesNotFit,
@@ -172,6 +173,7 @@ __all__ = [
     "load_json",
     "make_envelope",
     "parse_topic",
+    "parse_yaml_mapping",
     "ram_needed_bytes",
     "semver_key",
     "sign_assignment",
@@ -180,6 +182,7 @@ __all__ = [
     "sign_release",
     "subscription",
     "trusted_keys",
+    "validation_problems",
     "verify_assignment",
     "verify_key_rotation",
     "verify_pinned_key_list",

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from protocol import parse_yaml_mapping
 
 from ..client import ApiClient, ApiError
 from .options import SERVER_HELP, TOKEN_HELP, api_call, fail
@@ -39,15 +40,10 @@ def read_spec(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ValueError(f"{path} is {len(raw)} bytes; a rollout spec is at most {MAX_SPEC_BYTES}")
-    try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a rollout spec is a mapping (model, version, target, stages)")
-    return doc
+    return parse_yaml_mapping(
+        raw, f"rollout spec {path}", max_bytes=MAX_SPEC_BYTES,
+        expected="a mapping (model, version, target, stages)",
+    )
 
 
 @app.command()
