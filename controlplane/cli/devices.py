@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .options import ServerOption, TokenOption, api_call
-from .output import Output, OutputOption, emit, emit_json, when
+from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
 
@@ -26,16 +26,20 @@ def _active(d: dict[str, Any]) -> str:
     return f"{active.get('name')}@{active.get('version')}" if active else "-"
 
 
+def _labels(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items()))
+
+
 def device_table(devices: list[dict[str, Any]]) -> Table:
     """A table of devices as ``GET /v1/devices`` lists them."""
-    table = Table(title="devices")
-    for column in ("device", "tier", "profile", "online", "last seen", "labels", "active model"):
-        table.add_column(column)
+    table = titled_table(
+        "devices", "device", "tier", "profile", "online", "last seen", "labels", "active model"
+    )
     for d in devices:
         table.add_row(
             d["id"], d.get("tier") or "?", d.get("profile") or "?",
             "yes" if d.get("online") else "no", when(d.get("last_seen"), seconds=True),
-            ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items())),
+            _labels(d),
             _active(d),
         )
     return table
@@ -73,9 +77,7 @@ def show(
     if output is Output.JSON:
         emit_json(d)
         return
-    table = Table(title=d["id"], show_header=False)
-    table.add_column("field")
-    table.add_column("value")
+    table = titled_table(d["id"], "field", "value", show_header=False)
     caps = d.get("capabilities") or {}
     update = d.get("update") or {}
     assignment = d.get("assignment") or {}
@@ -86,7 +88,7 @@ def show(
         ("online", "yes" if d.get("online") else "no"),
         ("first seen", when(d.get("first_seen"), seconds=True)),
         ("last seen", when(d.get("last_seen"), seconds=True)),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items()))),
+        ("labels", _labels(d)),
         ("RAM", f"{caps['ram_bytes'] / 2**30:.1f} GiB" if caps.get("ram_bytes") else "?"),
         ("active model", _active(d)),
         ("update", f"{update.get('state', '-')} {update.get('reason') or ''}".strip()),

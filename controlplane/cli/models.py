@@ -7,11 +7,10 @@ from typing import Any
 from urllib.parse import quote
 
 import typer
-from rich.table import Table
 
 from ..client import PublishError, publish_release
 from .options import ServerOption, TokenOption, api_call, fail
-from .output import Output, OutputOption, emit, emit_json, when
+from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="Publish signed model releases and list them.", no_args_is_help=True)
 
@@ -43,7 +42,6 @@ def publish(
     typer.echo(f"published {version['name']}@{version['version']} ({tiers})")
 
 
-
 @app.command("list")
 def list_(
     server: ServerOption = None,
@@ -52,9 +50,7 @@ def list_(
 ) -> None:
     """Registered models and their newest versions."""
     models = api_call(server, token, lambda client: list(client.pages("/v1/models")))
-    table = Table(title="models")
-    for column in ("name", "latest", "description"):
-        table.add_column(column)
+    table = titled_table("models", "name", "latest", "description")
     for m in models:
         table.add_row(m["name"], m["latest_version"] or "-", m["description"])
     emit(output, models, table)
@@ -77,17 +73,15 @@ def show(
             server, token, lambda client: client.get(f"{path}/{quote(version, safe='')}")
         )
     if version is None:
-        table = Table(title=name)
-        for column in ("version", "released", "registered", "description"):
-            table.add_column(column)
+        table = titled_table(name, "version", "released", "registered", "description")
         for v in found:
             table.add_row(v["version"], when(v["released_at"]), when(v["registered_at"]),
                           v["description"])
         emit(output, found, table)
         return
-    table = Table(title=f"{name}@{version}")
-    for column in ("tier", "format", "quant", "params", "context", "size", "artifact"):
-        table.add_column(column)
+    table = titled_table(
+        f"{name}@{version}", "tier", "format", "quant", "params", "context", "size", "artifact"
+    )
     for v in found["variants"]:
         table.add_row(
             v["tier"],

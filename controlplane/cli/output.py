@@ -32,6 +32,14 @@ def when(ts: float | None, *, seconds: bool = False) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M", time.gmtime(ts))
 
 
+def titled_table(title: str, *columns: str, **options: Any) -> Table:
+    """An empty table called ``title`` with ``columns``; ``options`` go to :class:`Table`."""
+    table = Table(title=title, **options)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 def emit_json(data: Any) -> None:
     """Print ``data`` as one JSON document on stdout."""
     typer.echo(json.dumps(data, indent=2, sort_keys=True))

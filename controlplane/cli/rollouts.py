@@ -9,13 +9,12 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from protocol import parse_yaml_mapping
 
 from ..client import ApiClient, ApiError
 from .options import ServerOption, TokenOption, api_call, fail
-from .output import Output, OutputOption, emit, emit_json
+from .output import Output, OutputOption, emit, emit_json, titled_table
 from .rollout_view import rollout_view
 
 app = typer.Typer(help="Staged canary rollouts of model releases.", no_args_is_help=True)
@@ -76,9 +75,7 @@ def list_(
 ) -> None:
     """Rollouts, newest first."""
     items = api_call(server, token, lambda client: list(client.pages("/v1/rollouts", state=state)))
-    table = Table(title="rollouts")
-    for column in ("id", "release", "state", "stage", "created", "reason"):
-        table.add_column(column)
+    table = titled_table("rollouts", "id", "release", "state", "stage", "created", "reason")
     for r in items:
         table.add_row(r["id"], f"{r['model']}@{r['version']}", r["state"],
                       f"{r['stage']}/{r['stages']} ({r['percent']:g} %)",

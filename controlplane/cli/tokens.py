@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from .options import ServerOption, TokenOption, api_call
-from .output import Output, OutputOption, emit, emit_json, when
+from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
 
@@ -74,9 +73,9 @@ def list_(
     """Every token: id, name, role, state and when it was last used."""
     tokens = api_call(server, token, lambda client: list(client.pages("/v1/tokens")))
     now = time.time()
-    table = Table(title="API tokens")
-    for column in ("id", "name", "role", "state", "created", "expires", "last used"):
-        table.add_column(column)
+    table = titled_table(
+        "API tokens", "id", "name", "role", "state", "created", "expires", "last used"
+    )
     for t in tokens:
         table.add_row(t["id"], t["name"], t["role"], _status(t, now), when(t["created_at"]),
                       when(t["expires_at"]) if t["expires_at"] else "never",
