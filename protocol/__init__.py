@@ -14,6 +14,7 @@ from .assignment import (
     sign_assignment_bytes,
     verify_assignment,
 )
+from .broker_url import check_broker_url
 from .canonical import canonical_json
 from .documents import parse_yaml_mapping, validation_problems
 from .errors import (
@@ -161,6 +162,7 @@ __all__ = [
     "WrongDeviceError",
     "WrongRoleError",
     "canonical_json",
+    "check_broker_url",
     "check_device_id",
     "code_from_reason",
     "decode",
