@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import ServerOption, TokenOption, api_call
+from .options import ServerOption, TokenOption, api_call, api_list
 from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
@@ -59,7 +59,7 @@ def list_(
     params: dict[str, Any] = {"tier": tier, "profile": profile, "label": label or None}
     if online is not None:
         params["online"] = "true" if online else "false"
-    devices = api_call(server, token, lambda client: list(client.pages("/v1/devices", **params)))
+    devices = api_list(server, token, "/v1/devices", **params)
     emit(output, devices, device_table(devices))
 
 

@@ -9,7 +9,7 @@ from urllib.parse import quote
 import typer
 
 from ..client import PublishError, publish_release
-from .options import ServerOption, TokenOption, api_call, fail
+from .options import ServerOption, TokenOption, api_call, api_list, fail
 from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="Publish signed model releases and list them.", no_args_is_help=True)
@@ -49,7 +49,7 @@ def list_(
     output: OutputOption = Output.TABLE,
 ) -> None:
     """Registered models and their newest versions."""
-    models = api_call(server, token, lambda client: list(client.pages("/v1/models")))
+    models = api_list(server, token, "/v1/models")
     table = titled_table("models", "name", "latest", "description")
     for m in models:
         table.add_row(m["name"], m["latest_version"] or "-", m["description"])
@@ -67,7 +67,7 @@ def show(
     """A model's versions, or one version's variants."""
     path = f"/v1/models/{quote(name, safe='')}/versions"
     if version is None:
-        found: Any = api_call(server, token, lambda client: list(client.pages(path)))
+        found: Any = api_list(server, token, path)
     else:
         found = api_call(
             server, token, lambda client: client.get(f"{path}/{quote(version, safe='')}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -40,3 +40,10 @@ def api_call(server: str | None, token: str | None, call: Callable[[ApiClient], 
             return call(client)
     except ApiError as exc:
         raise fail(exc) from exc
+
+
+def api_list(
+    server: str | None, token: str | None, path: str, **params: Any
+) -> list[dict[str, Any]]:
+    """Every item of the paginated list at ``path``, all pages; errors as in :func:`api_call`."""
+    return api_call(server, token, lambda client: list(client.pages(path, **params)))

@@ -13,7 +13,7 @@ from rich.live import Live
 from protocol import parse_yaml_mapping
 
 from ..client import ApiClient, ApiError
-from .options import ServerOption, TokenOption, api_call, fail
+from .options import ServerOption, TokenOption, api_call, api_list, fail
 from .output import Output, OutputOption, emit, emit_json, titled_table
 from .rollout_view import rollout_view
 
@@ -74,7 +74,7 @@ def list_(
     output: OutputOption = Output.TABLE,
 ) -> None:
     """Rollouts, newest first."""
-    items = api_call(server, token, lambda client: list(client.pages("/v1/rollouts", state=state)))
+    items = api_list(server, token, "/v1/rollouts", state=state)
     table = titled_table("rollouts", "id", "release", "state", "stage", "created", "reason")
     for r in items:
         table.add_row(r["id"], f"{r['model']}@{r['version']}", r["state"],

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .options import ServerOption, TokenOption, api_call
+from .options import ServerOption, TokenOption, api_call, api_list
 from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
@@ -71,7 +71,7 @@ def list_(
     output: OutputOption = Output.TABLE,
 ) -> None:
     """Every token: id, name, role, state and when it was last used."""
-    tokens = api_call(server, token, lambda client: list(client.pages("/v1/tokens")))
+    tokens = api_list(server, token, "/v1/tokens")
     now = time.time()
     table = titled_table(
         "API tokens", "id", "name", "role", "state", "created", "expires", "last used"
