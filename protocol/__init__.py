@@ -1,7 +1,8 @@
 """slmfleet wire protocol: the one import both the agent and the control plane need.
 
 Pure code: topics, message models, canonical JSON, Ed25519 signing and
-verification. No network, no disk, no clock it is not handed.
+verification, and the checks on what operators write by hand (broker URLs,
+YAML documents). No network, no disk, no clock it is not handed.
 """
 
 from .assignment import (
