@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protocol import check_device_id
+from protocol import check_broker_url, check_device_id, validation_problems
 
 DEFAULT_CONFIG_PATH = Path("/etc/slmfleet/agent.toml")
 
@@ -102,10 +102,7 @@ class AgentConfig(BaseModel):
     @field_validator("broker_url")
     @classmethod
     def _broker_url(cls, value: str) -> str:
-        url = urlsplit(value)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError("broker_url must look like mqtt://host:1883 or mqtts://host:8883")
-        return value
+        return check_broker_url(value)
 
     @field_validator("artifact_base_url")
     @classmethod
@@ -163,7 +160,5 @@ def load_config(path: Path) -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = validation_problems(exc, root="(root)")
         raise ValueError(f"agent config {path}: {problems}") from exc

@@ -45,7 +45,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from protocol import Capabilities, Tier
+from protocol import Capabilities, Tier, parse_yaml_mapping, validation_problems
 
 log = logging.getLogger(__name__)
 
@@ -187,32 +187,16 @@ class FirmwareProfile(_Strict):
 # -- loading -------------------------------------------------------------------
 
 
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-        for err in exc.errors(include_url=False)
-    )
-
-
 def load_profile(path: Path) -> FirmwareProfile:
     """Read and validate one profile; errors are ``ValueError`` naming file and field."""
-    # Imported here: the agent loads profiles in its one-shot hardware probe
-    # child (agent.hardware), so its own long-lived process never holds PyYAML.
-    import yaml
-
-    raw = path.read_bytes()
-    if len(raw) > MAX_PROFILE_BYTES:
-        raise ValueError(f"firmware profile {path}: {len(raw)} bytes, limit {MAX_PROFILE_BYTES}")
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"firmware profile {path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"firmware profile {path}: expected a mapping of fields at the top level")
+    source = f"firmware profile {path}"
+    data = parse_yaml_mapping(
+        path.read_bytes(), source, max_bytes=MAX_PROFILE_BYTES, expected="a mapping of fields"
+    )
     try:
         profile = FirmwareProfile.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"firmware profile {path}: {_validation_message(exc)}") from exc
+        raise ValueError(f"{source}: {validation_problems(exc)}") from exc
     # id == file name keeps ids unique and lets an operator find the file
     # behind the profile a device reports.
     if profile.id != path.stem:

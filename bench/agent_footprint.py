@@ -3,7 +3,7 @@
 Runs the real `slmfleet agent run` against a private Mosquitto with the real
 hardware probe. For scale it also measures, in the same run, a bare Python
 interpreter sleeping for the same time (the floor any Python agent pays).
-Targets (issue 2): RSS <= 40 MB, CPU <= 1 %.
+Targets: RSS <= 40 MB, CPU <= 1 %.
 """
 
 from __future__ import annotations

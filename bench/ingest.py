@@ -13,7 +13,7 @@ backlog, or a fleet at peak, asks of it. ``INGEST_ROUNDS`` rounds (3) of
 that, each with new sequence numbers; the figures are medians, the ratio
 taken within each round, so a machine whose speed drifts between runs
 weighs on both sides alike.
-Targets (issue 2): >= 5,000 msg/s ingested, ratio vs raw paho >= 0.7.
+Targets: >= 5,000 msg/s ingested, ratio vs raw paho >= 0.7.
 
 ``INGEST_REPLICAS=N`` adds the same drain by N control-plane replicas, each
 in a process of its own, on one PostgreSQL database (installed and started
@@ -21,7 +21,7 @@ by the test support), splitting the stream through an MQTT v5 shared
 subscription: the broker queues each replica's share while they are
 offline, then all of them start at once. Its figure is every row written
 over the time from the first message any replica received to the last row
-any replica wrote. Target (issue 7): >= 10,000 msg/s with two replicas.
+any replica wrote. Target: >= 10,000 msg/s with two replicas.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from controlplane.broker_auth import CONTROL_PLANE_USER
-from protocol import MAX_ARTIFACT_BYTES
+from protocol import MAX_ARTIFACT_BYTES, check_broker_url
 
 ENV_PREFIX = "SLMFLEET_"
 #: placeholders refused as secrets outside ``slmfleet dev`` (compared lower-cased)
@@ -229,14 +229,7 @@ class ControlPlaneSettings(BaseModel):
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:
-        url = urlsplit(value)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883 (TLS)")
-        try:
-            url.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
-        return value
+        return check_broker_url(value)
 
     @property
     def mqtt_host(self) -> str:

@@ -145,6 +145,16 @@ def _load_key_doc(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _check_identity(
+    doc: dict[str, Any], path: Path, kind: str, key_id: str, role: str | None
+) -> None:
+    """The file's ``keyid`` is its key's, and with ``role``, it was made for that role."""
+    if doc.get("keyid") != key_id:
+        raise KeyFileError(f"{kind} file {path}: keyid does not match the key")
+    if role is not None and doc.get("role") != role:
+        raise KeyFileError(f"{path} holds a {doc.get('role')} key, not a {role} key")
+
+
 def read_private_key(path: Path, role: str | None = None) -> SigningKey:
     """Read a ``.key`` file; with ``role``, refuse a key made for the other role."""
     doc = _load_key_doc(path)
@@ -154,10 +164,7 @@ def read_private_key(path: Path, role: str | None = None) -> SigningKey:
         key = SigningKey.from_b64(str(doc.get("private", "")))
     except (ValueError, SignatureError) as exc:
         raise KeyFileError(f"private key file {path}: {exc}") from exc
-    if doc.get("keyid") != key.key_id:
-        raise KeyFileError(f"private key file {path}: keyid does not match the key")
-    if role is not None and doc.get("role") != role:
-        raise KeyFileError(f"{path} holds a {doc.get('role')} key, not a {role} key")
+    _check_identity(doc, path, "private key", key.key_id, role)
     return key
 
 
@@ -191,10 +198,7 @@ def read_public_key(spec: str, role: str | None = None) -> PublicKey:
         public = PublicKey.from_b64(str(doc.get("public", "")))
     except SignatureError as exc:
         raise KeyFileError(f"public key file {path}: {exc}") from exc
-    if doc.get("keyid") != public.key_id:
-        raise KeyFileError(f"public key file {path}: keyid does not match the key")
-    if role is not None and doc.get("role") != role:
-        raise KeyFileError(f"{path} holds a {doc.get('role')} key, not a {role} key")
+    _check_identity(doc, path, "public key", public.key_id, role)
     return public
 
 

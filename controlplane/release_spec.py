@@ -32,7 +32,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from protocol import (
@@ -43,6 +42,8 @@ from protocol import (
     RuntimeDefaults,
     Tier,
     Variant,
+    parse_yaml_mapping,
+    validation_problems,
 )
 
 #: a spec is a few KiB; anything far bigger is the wrong file
@@ -82,29 +83,18 @@ class ReleaseSpec(BaseModel):
     variants: Annotated[dict[Tier, VariantSpec], Field(min_length=1)]
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-        for err in exc.errors(include_url=False)
-    )
-
-
 def load_spec(path: Path) -> ReleaseSpec:
     """Read a spec; file paths come back absolute, resolved against the spec's directory."""
+    source = f"release spec {path}"
     try:
-        data = path.read_bytes()
+        doc = parse_yaml_mapping(path.read_bytes(), source, max_bytes=MAX_SPEC_BYTES)
+        spec = ReleaseSpec.model_validate(doc)
     except FileNotFoundError:
         raise SpecError(f"release spec {path} does not exist") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(f"release spec {path} is larger than {MAX_SPEC_BYTES} bytes")
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"release spec {path} is not valid YAML: {exc}") from exc
-    try:
-        spec = ReleaseSpec.model_validate(doc)
     except ValidationError as exc:
-        raise SpecError(f"release spec {path}: {_problems(exc)}") from exc
+        raise SpecError(f"{source}: {validation_problems(exc, root='(root)')}") from exc
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
     base = path.resolve().parent
     for variant in spec.variants.values():
         expanded = Path(os.path.expandvars(os.path.expanduser(str(variant.file))))
@@ -139,7 +129,8 @@ def build_manifest(
             hint = ""
             if any(err["loc"] == ("artifact",) for err in exc.errors()):
                 hint = " (set `artifact:` to a path of [A-Za-z0-9._-] segments)"
-            raise SpecError(f"variants.{tier.value}: {_problems(exc)}{hint}") from exc
+            problems = validation_problems(exc, root="(root)")
+            raise SpecError(f"variants.{tier.value}: {problems}{hint}") from exc
     try:
         return ReleaseManifest(
             name=spec.name,
@@ -149,4 +140,4 @@ def build_manifest(
             variants=variants,
         )
     except ValidationError as exc:
-        raise SpecError(_problems(exc)) from exc
+        raise SpecError(validation_problems(exc, root="(root)")) from exc

@@ -14,11 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.simulated import SIMULATED_PRESETS
-from protocol import Tier
+from protocol import Tier, parse_yaml_mapping, validation_problems
+
+#: a scenario is a page of YAML; anything far bigger is the wrong file
+MAX_SCENARIO_BYTES = 1 << 20
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
@@ -136,19 +138,13 @@ def load_scenario(path: Path | None, **overrides: object) -> Scenario:
     data: dict[str, object] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            raw = path.read_bytes()
+        except OSError as exc:
             raise ValueError(f"scenario {path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ValueError(f"scenario {path}: expected a mapping at the top level")
-        data = loaded
+        data = parse_yaml_mapping(raw, f"scenario {path}", max_bytes=MAX_SCENARIO_BYTES)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
         where = f"scenario {path}" if path else "scenario"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
-        raise ValueError(f"{where}: {problems}") from exc
+        raise ValueError(f"{where}: {validation_problems(exc)}") from exc

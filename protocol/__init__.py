@@ -1,7 +1,8 @@
 """slmfleet wire protocol: the one import both the agent and the control plane need.
 
 Pure code: topics, message models, canonical JSON, Ed25519 signing and
-verification. No network, no disk, no clock it is not handed.
+verification, and the checks on what operators write by hand (broker URLs,
+YAML documents). No network, no disk, no clock it is not handed.
 """
 
 from .assignment import (
@@ -14,7 +15,9 @@ from .assignment import (
     sign_assignment_bytes,
     verify_assignment,
 )
+from .broker_url import check_broker_url
 from .canonical import canonical_json
+from .documents import parse_yaml_mapping, validation_problems
 from .errors import (
     BadVersionError,
     DoesNotFit,
@@ -162,6 +165,7 @@ __all__ = [
     "WrongDeviceError",
     "WrongRoleError",
     "canonical_json",
+    "check_broker_url",
     "check_device_id",
     "code_from_reason",
     "decode",
@@ -174,6 +178,7 @@ __all__ = [
     "load_json",
     "make_envelope",
     "parse_topic",
+    "parse_yaml_mapping",
     "ram_needed_bytes",
     "semver_key",
     "sign_assignment",
@@ -182,6 +187,7 @@ __all__ = [
     "sign_release",
     "subscription",
     "trusted_keys",
+    "validation_problems",
     "verify_assignment",
     "verify_key_rotation",
     "verify_pinned_key_list",

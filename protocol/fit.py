@@ -100,25 +100,18 @@ def fit_check(
     disk_needed = disk_needed_bytes(variant, staging_factor)
     usable_ram = ram_bytes - os_reserved_bytes
     if ram_needed > usable_ram:
-        return FitResult(
-            ok=False,
-            reason="insufficient_ram",
-            ram_needed_bytes=ram_needed,
-            disk_needed_bytes=disk_needed,
-            detail=f"needs {ram_needed} bytes of RAM, {max(usable_ram, 0)} usable",
-        )
-    if disk_needed > disk_free_bytes:
-        return FitResult(
-            ok=False,
-            reason="insufficient_disk",
-            ram_needed_bytes=ram_needed,
-            disk_needed_bytes=disk_needed,
-            detail=f"needs {disk_needed} bytes of disk, {disk_free_bytes} free",
-        )
+        reason = "insufficient_ram"
+        detail = f"needs {ram_needed} bytes of RAM, {max(usable_ram, 0)} usable"
+    elif disk_needed > disk_free_bytes:
+        reason = "insufficient_disk"
+        detail = f"needs {disk_needed} bytes of disk, {disk_free_bytes} free"
+    else:
+        reason = "ok"
+        detail = f"fits: {ram_needed} of {usable_ram} RAM, {disk_needed} of {disk_free_bytes} disk"
     return FitResult(
-        ok=True,
-        reason="ok",
+        ok=reason == "ok",
+        reason=reason,
         ram_needed_bytes=ram_needed,
         disk_needed_bytes=disk_needed,
-        detail=f"fits: {ram_needed} of {usable_ram} RAM, {disk_needed} of {disk_free_bytes} disk",
+        detail=detail,
     )

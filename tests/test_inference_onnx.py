@@ -8,6 +8,8 @@ embeddings, the embedding health check, and execution-provider fallback.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,22 +30,28 @@ def _spec(path: Path, version: str, embeddings: bool = True) -> ModelSpec:
     return ModelSpec(f"emb@{version}-micro", "emb", version, "onnx", path, runtime)
 
 
+@asynccontextmanager
+async def _serving(spec: ModelSpec) -> AsyncIterator[tuple[InferenceRuntime, httpx.AsyncClient]]:
+    """``spec`` served by a runtime in this event loop, and a client of its local API."""
+    runtime = InferenceRuntime()
+    api = LocalApi(runtime, ApiSettings())
+    await runtime.serve(spec)
+    await api.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as client:
+            yield runtime, client
+    finally:
+        await api.close()
+        await runtime.close()
+
+
 def test_onnx_embeddings_generic_inference_and_health_check(tmp_path: Path) -> None:
     path = tmp_path / "embedder.onnx"
     table = np.asarray(write_onnx_embedder(path), dtype=np.float32)
 
     async def scenario() -> None:
-        runtime = InferenceRuntime()
-        api = LocalApi(runtime, ApiSettings())
-        await runtime.serve(_spec(path, "1.0.0"))
-        await api.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}",
-                                         timeout=60) as client:
-                await check(runtime, client)
-        finally:
-            await api.close()
-            await runtime.close()
+        async with _serving(_spec(path, "1.0.0")) as (runtime, client):
+            await check(runtime, client)
 
     async def check(runtime: InferenceRuntime, client: httpx.AsyncClient) -> None:
         info = runtime.serving.worker.info
@@ -96,21 +104,12 @@ def test_model_that_does_not_load_is_unavailable_not_fatal(tmp_path: Path) -> No
     bad.write_bytes(b"not an onnx graph")
 
     async def scenario() -> None:
-        runtime = InferenceRuntime()
-        api = LocalApi(runtime, ApiSettings())
-        await runtime.serve(_spec(bad, "1.0.0"))
-        await api.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}",
-                                         timeout=60) as client:
-                r = await client.post("/v1/embeddings", json={"model": "emb", "input": "x"})
-                assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
-                assert "model does not load" in r.json()["error"]["message"]
-                health = await client.get("/healthz")
-                assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-        finally:
-            await api.close()
-            await runtime.close()
+        async with _serving(_spec(bad, "1.0.0")) as (_, client):
+            r = await client.post("/v1/embeddings", json={"model": "emb", "input": "x"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+            assert "model does not load" in r.json()["error"]["message"]
+            health = await client.get("/healthz")
+            assert health.status_code == 503 and health.json()["status"] == "unhealthy"
 
     asyncio.run(scenario())
 

@@ -23,14 +23,11 @@ from agent.inference.runtime import InferenceRuntime, Unavailable
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import LoadClient, api_url, worker_pids
-from tests.support.mqtt import provision_device
-from tests.support.signer import TrustSimulator
+from tests.support.inference import LoadClient, api_url, serving_rig, worker_pids
 from tests.support.updates import (
     FAILING_PROMPT,
     DeviceRig,
     link_or_copy,
-    seed_active,
     variant_for,
     wait_for,
 )
@@ -45,16 +42,12 @@ MODEL = "smollm2-135m"
 def rig(tmp_path: Path, broker, cp_credentials, model_path: Path) -> Iterator[DeviceRig]:
     link_or_copy(model_path, tmp_path / "artifacts" / GGUF)
     device_id = f"swap-{secrets.token_hex(3)}"
-    with ArtifactServer(tmp_path / "artifacts") as server:
-        rig = DeviceRig(tmp_path / device_id, broker, cp_credentials, device_id,
-                        provision_device(broker, device_id), server, TrustSimulator(),
-                        api_port=0)
-        seed_active(rig.state_dir / "models", MODEL, "1.0.0", model_path)
-        rig.start()
-        try:
-            yield rig
-        finally:
-            rig.close()
+    with (
+        ArtifactServer(tmp_path / "artifacts") as server,
+        serving_rig(tmp_path / device_id, broker, cp_credentials, device_id, server, model_path,
+                    MODEL) as rig,
+    ):
+        yield rig
 
 
 def test_warm_swap_under_load_fails_no_request(rig: DeviceRig) -> None:

@@ -20,10 +20,8 @@ import openai
 import pytest
 
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import KeptAlive, api_url, telemetry, worker_pids
-from tests.support.mqtt import provision_device
-from tests.support.signer import TrustSimulator
-from tests.support.updates import DeviceRig, seed_active, wait_for
+from tests.support.inference import KeptAlive, api_url, serving_rig, telemetry, worker_pids
+from tests.support.updates import DeviceRig, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +33,13 @@ def rig(tmp_path_factory, broker, cp_credentials, model_path: Path) -> Iterator[
     work = tmp_path_factory.mktemp("local-api")
     device_id = f"api-{secrets.token_hex(3)}"
     (work / "artifacts").mkdir()
-    with ArtifactServer(work / "artifacts") as server:
-        rig = DeviceRig(work, broker, cp_credentials, device_id,
-                        provision_device(broker, device_id), server, TrustSimulator(),
-                        api_port=0, inference_max_queue=2, api_max_prompt_chars=4000,
-                        heartbeat_interval_s=2.0)
-        seed_active(rig.state_dir / "models", MODEL, "1.0.0", model_path)
-        rig.start()
-        try:
-            yield rig
-        finally:
-            rig.close()
+    with (
+        ArtifactServer(work / "artifacts") as server,
+        serving_rig(work, broker, cp_credentials, device_id, server, model_path, MODEL,
+                    inference_max_queue=2, api_max_prompt_chars=4000,
+                    heartbeat_interval_s=2.0) as rig,
+    ):
+        yield rig
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from pydantic import ValidationError
 
 import protocol as p
 
@@ -204,3 +205,60 @@ def test_key_round_trip() -> None:
     assert p.PublicKey.from_b64(key.public.to_b64()) == key.public
     with pytest.raises(p.SignatureError):
         p.PublicKey.from_b64("not base64!")
+
+
+# --- documents people write by hand -------------------------------------------
+
+
+def test_yaml_mapping_is_parsed_within_its_cap() -> None:
+    raw = b"name: x\nvariants: {micro: {file: a.gguf}}\n"
+    assert p.parse_yaml_mapping(raw, "spec s.yaml", max_bytes=len(raw)) == {
+        "name": "x", "variants": {"micro": {"file": "a.gguf"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b"x: " + b"a" * 100, ["spec s.yaml: 103 bytes, limit 64"]),
+        (b"x: [unclosed\n", ["spec s.yaml: not valid YAML"]),
+        (b"- a\n- list\n", ["spec s.yaml: expected a mapping (x, y) at the top level"]),
+        (b"just text\n", ["expected a mapping (x, y)"]),
+        (b"", ["expected a mapping (x, y)"]),
+    ],
+)
+def test_yaml_mapping_refusals_name_the_source(raw: bytes, words: list[str]) -> None:
+    with pytest.raises(ValueError) as err:
+        p.parse_yaml_mapping(raw, "spec s.yaml", max_bytes=64, expected="a mapping (x, y)")
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_validation_problems_name_each_field() -> None:
+    with pytest.raises(ValidationError) as err:
+        p.Hello.model_validate({"device_id": "Bad Id!"})
+    problems = p.validation_problems(err.value).split("; ")
+    assert len(problems) == len(err.value.errors())
+    assert any(problem.startswith("device_id: ") for problem in problems)
+    with pytest.raises(ValidationError) as err:
+        p.Hello.model_validate([])
+    assert p.validation_problems(err.value, root="(root)").startswith("(root): ")
+
+
+@pytest.mark.parametrize("url", ["mqtt://localhost", "mqtts://broker.example:8883"])
+def test_broker_url_accepted(url: str) -> None:
+    assert p.check_broker_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("ws://h:8883", "must look like mqtt://"),
+        ("mqtt://", "must look like mqtt://"),
+        ("mqtt://h:port", "bad port"),
+        ("mqtt://h:99999", "bad port"),
+    ],
+)
+def test_broker_url_refused(url: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        p.check_broker_url(url)

@@ -13,55 +13,47 @@ from typing import Any
 
 import pytest
 
-from protocol.assignment import (
+from protocol import (
     CLOCK_SKEW_S,
     MAX_ASSIGNMENT_BYTES,
-    sign_assignment,
-    sign_assignment_bytes,
-    verify_assignment,
-)
-from protocol.canonical import canonical_json, canonical_object
-from protocol.errors import (
+    MAX_RELEASE_BYTES,
     BadVersionError,
     DoesNotFit,
     ExpiredError,
+    GoldenPrompt,
+    HealthCheck,
+    KeyList,
     KeyListExpired,
     MalformedPayload,
     NotYetValidError,
     PayloadTooLarge,
     ProtocolError,
+    ReleaseManifest,
     ReplayError,
     SchemaMismatch,
+    SigningKey,
     ThresholdError,
+    Tier,
     VariantMismatch,
     WrongDeviceError,
     WrongRoleError,
-)
-from protocol.fit import (
-    KV_BYTES_PER_TOKEN_PER_SQRT_PARAM,
+    canonical_json,
     disk_needed_bytes,
     fit_check,
-    kv_cache_allowance_bytes,
-    ram_needed_bytes,
-)
-from protocol.keys import (
-    KeyList,
     make_envelope,
-    make_envelope_bytes,
-    trusted_keys,
-    verify_key_rotation,
-)
-from protocol.manifest import (
-    MAX_RELEASE_BYTES,
-    GoldenPrompt,
-    HealthCheck,
-    ReleaseManifest,
+    ram_needed_bytes,
     semver_key,
+    sign_assignment,
+    sign_assignment_bytes,
     sign_release,
+    trusted_keys,
+    verify_assignment,
+    verify_key_rotation,
     verify_release,
 )
-from protocol.messages import Tier
-from protocol.signing import SigningKey
+from protocol.canonical import canonical_object
+from protocol.fit import KV_BYTES_PER_TOKEN_PER_SQRT_PARAM, kv_cache_allowance_bytes
+from protocol.keys import make_envelope_bytes
 from tests.support.signer import TrustSimulator, capabilities, flip_byte, make_variant
 
 DEVICE = "pi-1"

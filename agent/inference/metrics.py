@@ -7,6 +7,9 @@ does not have to spare.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .stats import BUCKETS_S, Histogram, VersionStats
 
 PREFIX = "slmfleet_inference"
@@ -45,9 +48,15 @@ def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
         out.append(f"{name}{_labels(s, outcome='ok')} {s.requests_ok}")
         out.append(f"{name}{_labels(s, outcome='error')} {s.requests_error}")
         out.append(f"{name}{_labels(s, outcome='rejected')} {s.rejected}")
-    name = family("errors_total", "counter", "Requests that failed or were turned away.")
-    for s in versions:
-        out.append(f"{name}{_labels(s)} {s.requests_error + s.rejected}")
+    def each(name: str, kind: str, help_text: str, value: Callable[[VersionStats], Any]) -> None:
+        """A family with one sample per version; a version whose value is None has none."""
+        full = family(name, kind, help_text)
+        for s in versions:
+            if (sample := value(s)) is not None:
+                out.append(f"{full}{_labels(s)} {sample}")
+
+    each("errors_total", "counter", "Requests that failed or were turned away.",
+         lambda s: s.requests_error + s.rejected)
     name = family("tokens_total", "counter", "Tokens read (prompt) and generated (completion).")
     for s in versions:
         out.append(f"{name}{_labels(s, kind='prompt')} {s.prompt_tokens}")
@@ -58,17 +67,11 @@ def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
     name = family("latency_seconds", "histogram", "Request latency, queueing included.")
     for s in versions:
         _histogram(out, name, s, s.latency)
-    name = family("tokens_per_second", "gauge", "Decode throughput of the latest request.")
-    for s in versions:
-        if s.last_tokens_per_s is not None:
-            out.append(f"{name}{_labels(s)} {s.last_tokens_per_s:.3f}")
-    name = family("queue_depth", "gauge", "Requests waiting for the worker.")
-    for s in versions:
-        out.append(f"{name}{_labels(s)} {queue_depth.get(f'{s.name}@{s.version}', 0)}")
-    name = family("worker_restarts_total", "counter", "Worker restarts after a crash.")
-    for s in versions:
-        out.append(f"{name}{_labels(s)} {s.crashes}")
-    name = family("worker_ooms_total", "counter", "Worker deaths by the OOM killer.")
-    for s in versions:
-        out.append(f"{name}{_labels(s)} {s.ooms}")
+    each("tokens_per_second", "gauge", "Decode throughput of the latest request.",
+         lambda s: None if s.last_tokens_per_s is None else f"{s.last_tokens_per_s:.3f}")
+    each("queue_depth", "gauge", "Requests waiting for the worker.",
+         lambda s: queue_depth.get(f"{s.name}@{s.version}", 0))
+    each("worker_restarts_total", "counter", "Worker restarts after a crash.",
+         lambda s: s.crashes)
+    each("worker_ooms_total", "counter", "Worker deaths by the OOM killer.", lambda s: s.ooms)
     return "\n".join(out) + "\n"

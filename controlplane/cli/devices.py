@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import quote
 
@@ -10,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import SERVER_HELP, TOKEN_HELP, api_call
-from .output import OUTPUT_OPTION, Output, emit, emit_json
+from .options import ServerOption, TokenOption, api_call, api_list
+from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
 
@@ -21,25 +20,26 @@ def _group() -> None:
     """Devices: list, show, enroll (MQTT credentials), revoke."""
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
-
 
 def _active(d: dict[str, Any]) -> str:
     active = d.get("active_model") or {}
     return f"{active.get('name')}@{active.get('version')}" if active else "-"
 
 
+def _labels(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items()))
+
+
 def device_table(devices: list[dict[str, Any]]) -> Table:
     """A table of devices as ``GET /v1/devices`` lists them."""
-    table = Table(title="devices")
-    for column in ("device", "tier", "profile", "online", "last seen", "labels", "active model"):
-        table.add_column(column)
+    table = titled_table(
+        "devices", "device", "tier", "profile", "online", "last seen", "labels", "active model"
+    )
     for d in devices:
         table.add_row(
             d["id"], d.get("tier") or "?", d.get("profile") or "?",
-            "yes" if d.get("online") else "no", _when(d.get("last_seen")),
-            ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items())),
+            "yes" if d.get("online") else "no", when(d.get("last_seen"), seconds=True),
+            _labels(d),
             _active(d),
         )
     return table
@@ -51,24 +51,24 @@ def list_(
     profile: str | None = typer.Option(None, "--profile", help="firmware profile name"),
     online: bool | None = typer.Option(None, "--online/--offline", help="only online / offline"),
     label: list[str] = typer.Option([], "--label", help="key=value; repeat, all must match"),
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Devices matching every filter, by id."""
     params: dict[str, Any] = {"tier": tier, "profile": profile, "label": label or None}
     if online is not None:
         params["online"] = "true" if online else "false"
-    devices = api_call(server, token, lambda client: list(client.pages("/v1/devices", **params)))
+    devices = api_list(server, token, "/v1/devices", **params)
     emit(output, devices, device_table(devices))
 
 
 @app.command()
 def show(
     device_id: str = typer.Argument(..., help="device id"),
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """One device: identity, liveness, capabilities, update state and assignment."""
     d = api_call(
@@ -77,9 +77,7 @@ def show(
     if output is Output.JSON:
         emit_json(d)
         return
-    table = Table(title=d["id"], show_header=False)
-    table.add_column("field")
-    table.add_column("value")
+    table = titled_table(d["id"], "field", "value", show_header=False)
     caps = d.get("capabilities") or {}
     update = d.get("update") or {}
     assignment = d.get("assignment") or {}
@@ -88,9 +86,9 @@ def show(
         ("profile", d.get("profile") or "?"),
         ("agent", d.get("agent_version") or "?"),
         ("online", "yes" if d.get("online") else "no"),
-        ("first seen", _when(d.get("first_seen"))),
-        ("last seen", _when(d.get("last_seen"))),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items()))),
+        ("first seen", when(d.get("first_seen"), seconds=True)),
+        ("last seen", when(d.get("last_seen"), seconds=True)),
+        ("labels", _labels(d)),
         ("RAM", f"{caps['ram_bytes'] / 2**30:.1f} GiB" if caps.get("ram_bytes") else "?"),
         ("active model", _active(d)),
         ("update", f"{update.get('state', '-')} {update.get('reason') or ''}".strip()),
@@ -105,9 +103,9 @@ def show(
 @app.command()
 def enroll(
     device_id: str = typer.Argument(..., help="device id: becomes its MQTT username"),
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Issue the device its own MQTT password (admin). Shown once: put it in agent.toml."""
     path = f"/v1/devices/{quote(device_id, safe='')}/credentials"
@@ -126,8 +124,8 @@ def enroll(
 @app.command()
 def revoke(
     device_id: str = typer.Argument(..., help="device id"),
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
+    server: ServerOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Revoke the device's MQTT credentials (admin): the broker refuses it from now on."""
     path = f"/v1/devices/{quote(device_id, safe='')}/credentials"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -21,9 +23,16 @@ def _group() -> None:
     """Release and director keys, and the signed key lists agents pin."""
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """A bad key file or a failed write inside: print ``error: …`` and exit 1."""
+    from controlplane.keyfiles import KeyFileError
+
+    try:
+        yield
+    except (KeyFileError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -32,12 +41,10 @@ def generate(
     out: Path = typer.Option(..., "--out", help="directory for <keyid>.key and <keyid>.pub"),
 ) -> None:
     """Create an Ed25519 key: DIR/<keyid>.key (private, mode 0600) and DIR/<keyid>.pub."""
-    from controlplane.keyfiles import KeyFileError, generate_key
+    from controlplane.keyfiles import generate_key
 
-    try:
+    with _refusals():
         key, private_path, public_path = generate_key(out, role)
-    except (KeyFileError, OSError) as exc:
-        raise _fail(str(exc)) from exc
     typer.echo(f"keyid   {key.key_id}")
     typer.echo(f"public  {key.public.to_b64()}")
     typer.echo(f"private {private_path} (keep it secret{', offline' if role == 'release' else ''})")
@@ -71,25 +78,17 @@ def list_(
         write_atomic,
     )
 
-    try:
+    with _refusals():
         check_role(role)
         members = [read_public_key(spec, role) for spec in key]
         signer_paths = sign_with or [Path(spec) for spec in key if is_private_key_file(Path(spec))]
         if not signer_paths:
             raise KeyFileError("no private key to sign with: pass --sign-with KEYFILE")
         signers = [read_private_key(path, role) for path in signer_paths]
-        envelope = build_key_list(
-            role,
-            members,
-            signers,
-            threshold=threshold,
-            version=version,
-            now=time.time(),
+        write_atomic(out, build_key_list(
+            role, members, signers, threshold=threshold, version=version, now=time.time(),
             expires_days=expires_days,
-        )
-        write_atomic(out, envelope)
-    except (KeyFileError, OSError) as exc:
-        raise _fail(str(exc)) from exc
+        ))
     typer.echo(f"wrote {role} key list v{version} ({threshold} of {len(members)}) to {out}")
 
 
@@ -110,7 +109,6 @@ def rotate(
 ) -> None:
     """Write the next version of a key list, signed by old and new thresholds."""
     from controlplane.keyfiles import (
-        KeyFileError,
         read_key_list,
         read_private_key,
         read_public_key,
@@ -118,22 +116,15 @@ def rotate(
         write_atomic,
     )
 
-    try:
+    with _refusals():
         role = _role_of(current)
         pinned = read_key_list(current, role)
         members = [read_public_key(spec, role) for spec in key]
         signers = [read_private_key(path, role) for path in sign_with]
-        envelope = rotate_key_list(
-            pinned,
-            members,
-            signers,
-            threshold=threshold,
-            now=time.time(),
+        write_atomic(out, rotate_key_list(
+            pinned, members, signers, threshold=threshold, now=time.time(),
             expires_days=expires_days,
-        )
-        write_atomic(out, envelope)
-    except (KeyFileError, OSError) as exc:
-        raise _fail(str(exc)) from exc
+        ))
     typer.echo(
         f"wrote {role} key list v{pinned.version + 1} ({threshold} of {len(members)}) to {out}; "
         f"it replaces v{pinned.version} on devices that verify it"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -14,6 +14,11 @@ T = TypeVar("T")
 
 SERVER_HELP = "control-plane API base URL (default: `slmfleet login`, then $SLMFLEET_SERVER)"
 TOKEN_HELP = "API token (default: `slmfleet login`, then $SLMFLEET_TOKEN)"
+
+#: ``--server``, for every command that calls the API (default ``None``)
+ServerOption = Annotated[str | None, typer.Option("--server", help=SERVER_HELP)]
+#: ``--token``, for every command that calls the API (default ``None``)
+TokenOption = Annotated[str | None, typer.Option("--token", help=TOKEN_HELP)]
 
 err_console = Console(stderr=True)
 
@@ -35,3 +40,10 @@ def api_call(server: str | None, token: str | None, call: Callable[[ApiClient], 
             return call(client)
     except ApiError as exc:
         raise fail(exc) from exc
+
+
+def api_list(
+    server: str | None, token: str | None, path: str, **params: Any
+) -> list[dict[str, Any]]:
+    """Every item of the paginated list at ``path``, all pages; errors as in :func:`api_call`."""
+    return api_call(server, token, lambda client: list(client.pages(path, **params)))

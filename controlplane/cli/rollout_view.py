@@ -13,6 +13,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .output import titled_table
+
 #: member states in the order columns show them
 STATES = ("succeeded", "assigned", "pending", "failed", "incompatible", "rolled_back",
           "superseded")
@@ -40,9 +42,9 @@ def headline(detail: dict[str, Any]) -> Text:
 
 def stage_table(detail: dict[str, Any]) -> Table:
     """One row per stage: its share, bake time, status and a bar of devices done."""
-    table = Table(title="stages", expand=False)
-    for column in ("stage", "share", "bake", "status", "progress", "devices"):
-        table.add_column(column)
+    table = titled_table(
+        "stages", "stage", "share", "bake", "status", "progress", "devices", expand=False
+    )
     for stage in detail["per_stage"]:
         devices = stage["devices"]
         total = sum(devices.values())
@@ -57,9 +59,7 @@ def stage_table(detail: dict[str, Any]) -> Table:
 
 def tier_table(detail: dict[str, Any]) -> Table:
     """One row per device tier: a bar of devices on the new version, and counts by state."""
-    table = Table(title="tiers", expand=False)
-    for column in ("tier", "progress", "devices"):
-        table.add_column(column)
+    table = titled_table("tiers", "tier", "progress", "devices", expand=False)
     for tier, counts in detail["per_tier"].items():
         relevant = sum(n for s, n in counts.items() if s not in ("incompatible", "superseded"))
         table.add_row(tier, _bar(counts.get("succeeded", 0), relevant), _counts(counts))
@@ -68,9 +68,10 @@ def tier_table(detail: dict[str, Any]) -> Table:
 
 def gate_table(gates: list[dict[str, Any]]) -> Table:
     """The latest gate evaluation: measured value, threshold and verdict of each gate."""
-    table = Table(title="gates (current stage)", expand=False)
-    for column in ("gate", "tier", "measured", "threshold", "verdict", "note"):
-        table.add_column(column)
+    table = titled_table(
+        "gates (current stage)", "gate", "tier", "measured", "threshold", "verdict", "note",
+        expand=False,
+    )
     for g in gates:
         measured = "-" if g["measured"] is None else f"{g['measured']:.4g}"
         threshold = "-" if g["threshold"] is None else f"{g['threshold']:.4g}"
@@ -82,9 +83,7 @@ def gate_table(gates: list[dict[str, Any]]) -> Table:
 
 def timeline_table(timeline: list[dict[str, Any]], last: int = 12) -> Table:
     """The newest ``last`` decisions: when, what, who, why."""
-    table = Table(title="timeline", expand=False)
-    for column in ("time", "stage", "decision", "by", "reason"):
-        table.add_column(column)
+    table = titled_table("timeline", "time", "stage", "decision", "by", "reason", expand=False)
     for d in timeline[-last:]:
         table.add_row(time.strftime("%H:%M:%S", time.localtime(d["ts"])),
                       str(d["stage"] or "-"), d["kind"], d["actor"], d["reason"])

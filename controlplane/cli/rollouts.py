@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+
+from protocol import parse_yaml_mapping
 
 from ..client import ApiClient, ApiError
-from .options import SERVER_HELP, TOKEN_HELP, api_call, fail
-from .output import OUTPUT_OPTION, Output, emit, emit_json
+from .options import ServerOption, TokenOption, api_call, api_list, fail
+from .output import Output, OutputOption, emit, emit_json, titled_table
 from .rollout_view import rollout_view
 
 app = typer.Typer(help="Staged canary rollouts of model releases.", no_args_is_help=True)
@@ -24,8 +24,6 @@ MAX_SPEC_BYTES = 1 << 20
 #: rollout states after which nothing changes any more
 FINAL = {"completed", "aborted", "rolled_back", "superseded"}
 
-ServerOpt = typer.Option(None, "--server", help=SERVER_HELP)
-TokenOpt = typer.Option(None, "--token", help=TOKEN_HELP)
 
 
 @app.callback()
@@ -39,24 +37,19 @@ def read_spec(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ValueError(f"{path} is {len(raw)} bytes; a rollout spec is at most {MAX_SPEC_BYTES}")
-    try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a rollout spec is a mapping (model, version, target, stages)")
-    return doc
+    return parse_yaml_mapping(
+        raw, f"rollout spec {path}", max_bytes=MAX_SPEC_BYTES,
+        expected="a mapping (model, version, target, stages)",
+    )
 
 
 @app.command()
 def create(
     file: Path = typer.Option(..., "--file", "-f", help="rollout spec (YAML or JSON)",
                               dir_okay=False),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Start a rollout from a spec file (see examples/rollout.yaml)."""
     try:
@@ -76,15 +69,13 @@ def create(
 @app.command("list")
 def list_(
     state: str | None = typer.Option(None, "--state", help="only rollouts in this state"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Rollouts, newest first."""
-    items = api_call(server, token, lambda client: list(client.pages("/v1/rollouts", state=state)))
-    table = Table(title="rollouts")
-    for column in ("id", "release", "state", "stage", "created", "reason"):
-        table.add_column(column)
+    items = api_list(server, token, "/v1/rollouts", state=state)
+    table = titled_table("rollouts", "id", "release", "state", "stage", "created", "reason")
     for r in items:
         table.add_row(r["id"], f"{r['model']}@{r['version']}", r["state"],
                       f"{r['stage']}/{r['stages']} ({r['percent']:g} %)",
@@ -96,9 +87,9 @@ def list_(
 @app.command()
 def show(
     rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Stages, tiers, gates and timeline of one rollout."""
     detail = api_call(server, token, lambda client: client.get(f"/v1/rollouts/{rollout_id}"))
@@ -113,8 +104,8 @@ def watch(
     rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
     interval: float = typer.Option(1.0, "--interval", min=0.2, max=60, help="seconds per refresh"),
     timeout: float = typer.Option(3600.0, "--timeout", min=1, help="stop watching after this"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
+    server: ServerOption = None,
+    token: TokenOption = None,
 ) -> None:
     """A live view of a rollout until it completes, rolls back or is aborted."""
     deadline = time.monotonic() + timeout
@@ -137,15 +128,12 @@ def _action(name: str, doc: str) -> None:
     def command(
         rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
         reason: str | None = typer.Option(None, "--reason", help="recorded in the timeline"),
-        server: str | None = ServerOpt,
-        token: str | None = TokenOpt,
+        server: ServerOption = None,
+        token: TokenOption = None,
     ) -> None:
-        try:
-            with ApiClient(server, token) as client:
-                detail = client.post(f"/v1/rollouts/{rollout_id}/{name}",
-                                     {"reason": reason} if reason else None)
-        except ApiError as exc:
-            raise fail(exc) from exc
+        detail = api_call(server, token, lambda client: client.post(
+            f"/v1/rollouts/{rollout_id}/{name}", {"reason": reason} if reason else None
+        ))
         typer.echo(f"{rollout_id}: {detail['state']}")
 
     command.__doc__ = doc

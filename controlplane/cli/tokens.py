@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from .options import SERVER_HELP, TOKEN_HELP, api_call
-from .output import OUTPUT_OPTION, Output, emit, emit_json
+from .options import ServerOption, TokenOption, api_call, api_list
+from .output import Output, OutputOption, emit, emit_json, titled_table, when
 
 app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
 
@@ -33,9 +32,6 @@ def parse_expiry(text: str) -> int | None:
     return int(found[1]) * _UNITS[found[2]]
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) if ts else "-"
-
 
 def _status(t: dict[str, Any], now: float) -> str:
     if t["revoked_at"]:
@@ -50,9 +46,9 @@ def create(
     name: str = typer.Option(..., "--name", help="who or what will hold it, e.g. ci-publisher"),
     role: str = typer.Option(..., "--role", help="viewer, operator or admin"),
     expires: str = typer.Option("90d", "--expires", help="lifetime (90d, 12h, 1y) or never"),
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Issue a token. It is printed once and cannot be shown again."""
     if role not in ("viewer", "operator", "admin"):
@@ -63,36 +59,36 @@ def create(
         emit_json(issued)
         return
     typer.echo(f"issued {issued['role']} token {issued['name']!r} (id {issued['id']}, "
-               f"expires {_when(issued['expires_at']) if issued['expires_at'] else 'never'})")
+               f"expires {when(issued['expires_at']) if issued['expires_at'] else 'never'})")
     typer.echo("store it now; it is not shown again:", err=True)
     typer.echo(f"TOKEN {issued['token']}")
 
 
 @app.command("list")
 def list_(
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Every token: id, name, role, state and when it was last used."""
-    tokens = api_call(server, token, lambda client: list(client.pages("/v1/tokens")))
+    tokens = api_list(server, token, "/v1/tokens")
     now = time.time()
-    table = Table(title="API tokens")
-    for column in ("id", "name", "role", "state", "created", "expires", "last used"):
-        table.add_column(column)
+    table = titled_table(
+        "API tokens", "id", "name", "role", "state", "created", "expires", "last used"
+    )
     for t in tokens:
-        table.add_row(t["id"], t["name"], t["role"], _status(t, now), _when(t["created_at"]),
-                      _when(t["expires_at"]) if t["expires_at"] else "never",
-                      _when(t["last_used_at"]))
+        table.add_row(t["id"], t["name"], t["role"], _status(t, now), when(t["created_at"]),
+                      when(t["expires_at"]) if t["expires_at"] else "never",
+                      when(t["last_used_at"]))
     emit(output, tokens, table)
 
 
 @app.command()
 def revoke(
     token_id: str = typer.Argument(..., help="the token's id (from `slmfleet tokens list`)"),
-    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
-    token: str | None = typer.Option(None, "--token", help=TOKEN_HELP),
-    output: Output = OUTPUT_OPTION,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    output: OutputOption = Output.TABLE,
 ) -> None:
     """Revoke a token; requests with it are refused from now on."""
     revoked = api_call(

@@ -6,6 +6,8 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,10 +18,40 @@ import httpx
 import psutil
 
 import protocol as p
-from tests.support.updates import DeviceRig, wait_for
+from controlplane.devfleet.mosquitto import MosquittoBroker
+from tests.support.http_artifacts import ArtifactServer
+from tests.support.mqtt import provision_device
+from tests.support.signer import TrustSimulator
+from tests.support.updates import DeviceRig, seed_active, wait_for
 
 _API_LINE = re.compile(r"local API on (http://127\.0\.0\.1:\d+)")
 WORKER_MODULE = "agent.inference.worker"
+
+
+@contextmanager
+def serving_rig(
+    work: Path,
+    broker: MosquittoBroker,
+    cp_credentials: tuple[str, str],
+    device_id: str,
+    server: ArtifactServer,
+    model_path: Path,
+    model: str,
+    **agent_extra: Any,
+) -> Iterator[DeviceRig]:
+    """A running agent whose local API (port 0) serves ``model_path`` as ``model``@1.0.0.
+
+    ``agent_extra`` are agent settings; the device is enrolled on ``broker``
+    and stopped (its assignment cleared) on exit.
+    """
+    rig = DeviceRig(work, broker, cp_credentials, device_id, provision_device(broker, device_id),
+                    server, TrustSimulator(), api_port=0, **agent_extra)
+    seed_active(rig.state_dir / "models", model, "1.0.0", model_path)
+    rig.start()
+    try:
+        yield rig
+    finally:
+        rig.close()
 
 
 def api_url(rig: DeviceRig, timeout: float = 30.0) -> str:

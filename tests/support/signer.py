@@ -224,22 +224,15 @@ class TrustSimulator:
         release: Mapping[str, Any],
         tier: Tier = Tier.MICRO,
         *,
-        sequence: int = 1,
-        expires_in: float = 3600.0,
-        issued_at: float | None = None,
         signers: Sequence[SigningKey] | None = None,
-        **overrides: Any,
+        **fields: Any,
     ) -> bytes:
-        """The ``desired`` payload: a director-signed assignment as wire bytes."""
-        assignment = self.assignment(
-            device_id,
-            release,
-            tier,
-            sequence=sequence,
-            expires_in=expires_in,
-            issued_at=issued_at,
-            **overrides,
-        )
+        """The ``desired`` payload: a director-signed assignment as wire bytes.
+
+        ``fields`` are :meth:`assignment`'s (``sequence``, ``expires_in``,
+        ``issued_at``, or any assignment field to override).
+        """
+        assignment = self.assignment(device_id, release, tier, **fields)
         keys = self._director_quorum() if signers is None else signers
         return canonical_json(sign_assignment(assignment, keys))
 
