@@ -22,9 +22,9 @@ tampered with, a failing disk). Caller misuse stays ``ValueError`` /
     └── HashMismatch            sha256 differs from the signed digest
     StoreError                  the local model store is inconsistent
 
-Every class carries a short machine ``reason`` (a metrics label and the
-``rejected(reason)`` / ``rolled_back(reason)`` event), as in
-:mod:`protocol.errors`.
+Every class carries a short machine ``reason`` (a metrics label, and the
+``code`` of the event that reports it: a :class:`protocol.EventCode` value,
+checked by ``tests/test_event_codes_agent.py``), as in :mod:`protocol.errors`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from protocol import Event, EventType, encode
+from protocol import Event, EventCode, EventType, encode
 
 from .atomic import ensure_dir, read_json, remove_stale_temps, write_bytes_atomic, write_json_atomic
 
@@ -85,9 +85,14 @@ class EventLog:
         assignment_id: str | None = None,
         *,
         reason: str | None = None,
+        code: EventCode | None = None,
         progress_pct: float | None = None,
     ) -> Event:
-        """Number and spool one event, and wake the flusher. Call from the event loop."""
+        """Number and spool one event, and wake the flusher. Call from the event loop.
+
+        ``reason`` says why for people, ``code`` for programs: an event with a
+        reason carries the :class:`EventCode` of what produced it.
+        """
         event = Event(
             device_id=self._device_id,
             ts=time.time(),
@@ -95,6 +100,7 @@ class EventLog:
             type=type_,
             assignment_id=assignment_id[:128] if assignment_id else None,
             reason=reason[:1024] if reason else None,
+            code=code,
             progress_pct=progress_pct,
         )
         write_bytes_atomic(self._path(event.seq), encode(event))

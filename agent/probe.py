@@ -18,19 +18,7 @@ File reads go through ``root`` (``/`` on a device) so tests can feed recorded
 ``/proc``, ``/sys``, ``/dev`` and ``/etc`` trees. psutil and :mod:`platform`
 always describe the running machine.
 
-Accelerators reported:
-
-* NVIDIA GPUs from ``nvidia-smi``. ``memory_bytes`` is the GPU's dedicated
-  memory; ``0`` means it shares system RAM (Jetson), so the RAM figure
-  already counts it.
-* The integrated GPU of an NVIDIA Tegra SoC (Jetson), from the devicetree
-  ``compatible`` list, when ``nvidia-smi`` reported none (JetPack 5 ships
-  without it).
-* NPUs: every ``/dev/accel/accel*`` node of the kernel's compute-accelerator
-  subsystem (Intel NPU driver ``intel_vpu``, AMD ``amdxdna``, ...), and a
-  misc device named ``npu`` (``/sys/class/misc/npu``, used by some vendor
-  NPU drivers). NPUs behind DRM render nodes (e.g. Rockchip ``rknpu``) are
-  not detected; match such boards by ``board_model`` in a firmware profile.
+Accelerators: see :mod:`agent.accelerators`.
 """
 
 from __future__ import annotations
@@ -39,7 +27,6 @@ import json
 import logging
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -51,20 +38,19 @@ import psutil
 
 from protocol import Accelerator, Capabilities, CpuInfo, OsInfo, Runtime
 
+from .accelerators import probe_npus, probe_nvidia_gpus, probe_tegra_gpu
 from .disk import disk_free_bytes
+from .probe_text import read_text, short_text
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Longest string the wire accepts in a ``ShortStr`` field.
-_SHORT = 128
 #: ``CpuInfo.flags`` and ``Capabilities.accelerators`` caps on the wire.
 MAX_FLAGS = 64
 MAX_ACCELERATORS = 16
 MAX_PROVIDERS = 16
 
-NVIDIA_SMI_TIMEOUT_S = 5.0
 #: Importing onnxruntime from a cold SD card on a Pi 4 takes a few seconds.
 ONNX_PROVIDERS_TIMEOUT_S = 20.0
 
@@ -109,16 +95,6 @@ _ARM_PARTS = {
     "0xd4f": "Neoverse-V2",
     "0xd80": "Cortex-A520",
     "0xd81": "Cortex-A720",
-}
-
-#: Tegra SoC (devicetree ``nvidia,<soc>``) to the name nvidia-smi gives its iGPU.
-_TEGRA_GPUS = {"tegra234": "Orin", "tegra194": "Xavier", "tegra210": "Tegra X1"}
-
-#: Kernel driver of a ``/dev/accel`` node to (vendor, name).
-_ACCEL_DRIVERS = {
-    "intel_vpu": ("Intel", "Intel NPU"),
-    "amdxdna": ("AMD", "AMD XDNA NPU"),
-    "qaic": ("Qualcomm", "Qualcomm Cloud AI"),
 }
 
 #: DMI strings firmware vendors leave unfilled; they identify nothing.
@@ -180,18 +156,6 @@ def _guarded(part: str, probe: Callable[[], T], default: T) -> T:
         return default
 
 
-def _read_text(path: Path) -> str:
-    """The file's text without NULs (devicetree strings end in one), or ``""``."""
-    try:
-        return path.read_bytes().replace(b"\0", b"").decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-
-
-def _short(text: str) -> str:
-    return text.strip()[:_SHORT]
-
-
 # -- CPU -----------------------------------------------------------------------
 
 
@@ -246,7 +210,7 @@ def parse_cpuinfo(text: str) -> CpuinfoFacts:
     raw_flags = (first.get("flags") or first.get("Features") or "").split()
     flags = [f for f in dict.fromkeys(raw_flags) if f in INFERENCE_FLAGS][:MAX_FLAGS]
     return CpuinfoFacts(
-        model=_short(model), flags=flags, board_model=_short(first.get("Model", ""))
+        model=short_text(model), flags=flags, board_model=short_text(first.get("Model", ""))
     )
 
 
@@ -257,7 +221,7 @@ def _normalise_arch(machine: str) -> str:
 def probe_cpu(root: Path = Path("/")) -> CpuInfo:
     """CPU model, arch, core and thread counts, inference-relevant flags."""
     facts = _guarded(
-        "/proc/cpuinfo", lambda: parse_cpuinfo(_read_text(root / "proc/cpuinfo")), CpuinfoFacts()
+        "/proc/cpuinfo", lambda: parse_cpuinfo(read_text(root / "proc/cpuinfo")), CpuinfoFacts()
     )
     threads = psutil.cpu_count(logical=True) or 1
     # psutil returns None for physical cores where the topology is hidden
@@ -276,13 +240,13 @@ def probe_cpu(root: Path = Path("/")) -> CpuInfo:
 
 
 def _devicetree_model(root: Path) -> str:
-    return _read_text(root / "proc/device-tree/model")
+    return read_text(root / "proc/device-tree/model")
 
 
 def _dmi_model(root: Path) -> str:
     dmi = root / "sys/class/dmi/id"
-    vendor = _read_text(dmi / "sys_vendor")
-    product = _read_text(dmi / "product_name")
+    vendor = read_text(dmi / "sys_vendor")
+    product = read_text(dmi / "product_name")
     vendor = "" if vendor.lower() in _DMI_PLACEHOLDERS else vendor
     product = "" if product.lower() in _DMI_PLACEHOLDERS else product
     if not product:
@@ -301,106 +265,15 @@ def probe_board_model(root: Path = Path("/")) -> str:
     """
     model = _devicetree_model(root) or _dmi_model(root)
     if not model:
-        model = parse_cpuinfo(_read_text(root / "proc/cpuinfo")).board_model
-    return _short(model)
+        model = parse_cpuinfo(read_text(root / "proc/cpuinfo")).board_model
+    return short_text(model)
 
 
 # -- accelerators --------------------------------------------------------------
 
 
-def _mib_to_bytes(value: str) -> int:
-    """nvidia-smi memory in MiB; ``[N/A]`` (shared-memory iGPU) reads as 0."""
-    try:
-        return int(float(value)) * 1024 * 1024
-    except ValueError:
-        return 0
-
-
-def parse_nvidia_smi(text: str) -> list[Accelerator]:
-    """Parse ``nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits``."""
-    gpus = []
-    for line in text.splitlines():
-        name, sep, memory = line.rpartition(",")
-        if not sep or not name.strip():
-            continue
-        gpus.append(
-            Accelerator(
-                kind="gpu",
-                vendor="NVIDIA",
-                name=_short(name),
-                memory_bytes=_mib_to_bytes(memory.strip()),
-            )
-        )
-    return gpus
-
-
-def probe_nvidia_gpus(
-    nvidia_smi: str = "nvidia-smi", timeout_s: float = NVIDIA_SMI_TIMEOUT_S
-) -> list[Accelerator]:
-    """NVIDIA GPUs as ``nvidia-smi`` lists them; none when it is absent or fails."""
-    binary = shutil.which(nvidia_smi)
-    if binary is None:
-        return []
-    try:
-        result = subprocess.run(
-            [binary, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("capability probe: nvidia-smi skipped: %s", exc)
-        return []
-    if result.returncode != 0:
-        # e.g. "NVIDIA-SMI has failed because it couldn't communicate with the driver"
-        log.warning(
-            "capability probe: nvidia-smi exited %d: %s",
-            result.returncode,
-            (result.stdout + result.stderr).strip()[:200],
-        )
-        return []
-    return parse_nvidia_smi(result.stdout)
-
-
-def probe_tegra_gpu(root: Path = Path("/")) -> list[Accelerator]:
-    """The iGPU of an NVIDIA Tegra SoC (Jetson), from devicetree ``compatible``."""
-    try:
-        raw = (root / "proc/device-tree/compatible").read_bytes()
-    except FileNotFoundError:
-        return []  # no devicetree: not an ARM board
-    # a NUL-separated list, most specific first: "nvidia,p3768-0000+p3767-0005",
-    # ..., "nvidia,tegra234"
-    for entry in raw.decode("ascii", "replace").split("\0"):
-        vendor, _, soc = entry.partition(",")
-        if vendor == "nvidia" and soc.startswith("tegra"):
-            name = _TEGRA_GPUS.get(soc, "Tegra")
-            # memory_bytes 0: the iGPU shares system RAM
-            return [Accelerator(kind="gpu", vendor="NVIDIA", name=name)]
-    return []
-
-
-def _accel_node(root: Path, name: str) -> Accelerator:
-    driver_link = root / "sys/class/accel" / name / "device/driver"
-    driver = driver_link.resolve().name if driver_link.exists() else ""
-    vendor, label = _ACCEL_DRIVERS.get(driver, ("", driver or name))
-    return Accelerator(kind="npu", vendor=vendor, name=_short(label))
-
-
-def probe_npus(root: Path = Path("/")) -> list[Accelerator]:
-    """NPUs: ``/dev/accel/accel*`` nodes and a ``/sys/class/misc/npu`` device.
-
-    Presence is all that is checked: an NPU shares system RAM, so there is
-    no memory figure to report.
-    """
-    npus = [_accel_node(root, node.name) for node in sorted((root / "dev/accel").glob("accel*"))]
-    if (root / "sys/class/misc/npu").exists():
-        npus.append(Accelerator(kind="npu", name="npu"))
-    return npus
-
-
 def probe_accelerators(root: Path = Path("/"), nvidia_smi: str = "nvidia-smi") -> list[Accelerator]:
-    """GPUs and NPUs of this device (see the module docstring for what is detected)."""
+    """GPUs and NPUs of this device (:mod:`agent.accelerators` says what is detected)."""
     gpus = _guarded("nvidia-smi", lambda: probe_nvidia_gpus(nvidia_smi), [])
     if not gpus:
         gpus = _guarded("tegra gpu", lambda: probe_tegra_gpu(root), [])
@@ -420,7 +293,7 @@ def parse_os_release(text: str) -> str:
                 words = shlex.split(value)
             except ValueError:
                 words = [value.strip().strip("\"'")]
-            return _short(" ".join(words))
+            return short_text(" ".join(words))
     return ""
 
 
@@ -429,12 +302,12 @@ def probe_os(root: Path = Path("/")) -> OsInfo:
 
     def distro() -> str:
         # os-release(5): /etc/os-release, falling back to /usr/lib/os-release
-        text = _read_text(root / "etc/os-release") or _read_text(root / "usr/lib/os-release")
+        text = read_text(root / "etc/os-release") or read_text(root / "usr/lib/os-release")
         return parse_os_release(text)
 
     return OsInfo(
-        system=_short(platform.system()) or "unknown",
-        release=_short(platform.release()),
+        system=short_text(platform.system()) or "unknown",
+        release=short_text(platform.release()),
         distro=_guarded("os-release", distro, ""),
     )
 
@@ -492,10 +365,10 @@ def probe_runtimes(*, onnx_timeout_s: float = ONNX_PROVIDERS_TIMEOUT_S) -> list[
     facts = _guarded("runtimes", lambda: runtime_facts(onnx_timeout_s), {})
     runtimes = []
     if facts.get("llama"):
-        runtimes.append(Runtime(name="llama.cpp", version=_short(str(facts["llama"]))))
+        runtimes.append(Runtime(name="llama.cpp", version=short_text(str(facts["llama"]))))
     if facts.get("onnx"):
-        providers = [_short(str(p)) for p in facts["providers"]][:MAX_PROVIDERS]
+        providers = [short_text(str(p)) for p in facts["providers"]][:MAX_PROVIDERS]
         runtimes.append(
-            Runtime(name="onnxruntime", version=_short(str(facts["onnx"])), providers=providers)
+            Runtime(name="onnxruntime", version=short_text(str(facts["onnx"])), providers=providers)
         )
     return runtimes

@@ -53,8 +53,16 @@ class EventCode(StrEnum):
     SIZE_MISMATCH = "size_mismatch"
     HASH_MISMATCH = "hash_mismatch"
     TOKENIZER_MISMATCH = "tokenizer_mismatch"
+    #: the release names no artifact location and the device has none configured
+    NO_ARTIFACT_URL = "no_artifact_url"
     # the device's own state
     STORE_CORRUPT = "store_corrupt"
+    #: the store holds another artifact under the same name@version
+    STORE_CONFLICT = "store_conflict"
+    #: writing the download to local disk failed
+    DISK_ERROR = "disk_error"
+    #: an agent bug or local trouble it did not foresee; the old model serves on
+    INTERNAL_ERROR = "internal_error"
     STATE_CORRUPT = "state_corrupt"
     KEYS_UNAVAILABLE = "keys_unavailable"
     CRASH_LOOP = "crash_loop"

@@ -1,10 +1,13 @@
 """Attacks on the update pipeline, table-driven like python-tuf's updater tests.
 
-One real agent (a simulated Raspberry Pi 4: micro tier, 3.7 GiB RAM) serves a
-seeded model; each row hands it something an attacker could produce (a
-compromised control plane, broker or artifact server) and asserts that the
-device refused it with the reason in its event, that nothing is left in
-staging, and that the active model and its hash did not change.
+Each row gets a device of its own: a real agent (a simulated Raspberry Pi 4:
+micro tier, 3.7 GiB RAM) serving a seeded model, so one row's failure cannot
+spill into the next. The broker, the artifact server and the trust
+simulator are shared. Each row hands the device something an attacker could
+produce (a compromised control plane, broker or artifact server) and
+asserts that the device refused it with the code and reason in its event,
+that nothing is left in staging, and that the active model and its hash did
+not change.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 
 import protocol as p
 from agent.gguf import tokenizer_sha256
+from controlplane.devfleet.mosquitto import MosquittoBroker
 from protocol import SigningKey
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import provision_device
@@ -48,8 +52,19 @@ def swap_tokenizer(src: Path, dst: Path) -> Path:
 
 
 @dataclass
+class Shared:
+    """What every row's device shares: the broker, the artifact server and its files."""
+
+    broker: MosquittoBroker
+    cp_credentials: tuple[str, str]
+    server: ArtifactServer
+    sim: TrustSimulator
+    files: dict[str, Path]
+
+
+@dataclass
 class Env:
-    """The shared device and what the rows need to build their payloads."""
+    """One row's device and what the row needs to build its payload."""
 
     rig: DeviceRig
     server: ArtifactServer
@@ -64,7 +79,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Env]:
+def shared(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Shared]:
     root = tmp_path_factory.mktemp("attack-artifacts")
     files = {}
     for name in ("seed.bin", "flip.bin", "long.bin", "ok.bin"):
@@ -72,20 +87,25 @@ def env(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Env]:
         files[name].write_bytes(secrets.token_bytes(TINY))
     files["genuine.gguf"] = link_or_copy(model_path, root / "genuine.gguf")
     files["swapped.gguf"] = swap_tokenizer(model_path, root / "swapped.gguf")
-    device_id = f"atk-{secrets.token_hex(3)}"
-    work = tmp_path_factory.mktemp(device_id)
     sim = TrustSimulator(release_threshold=2, n_release_keys=3)
     with ArtifactServer(root) as server:
-        rig = DeviceRig(work, broker, cp_credentials, device_id,
-                        provision_device(broker, device_id), server, sim,
-                        simulate={"preset": "raspberry-pi-4-4gb"})
-        seed_key = seed_active(rig.state_dir / "models", "seed", "0.1.0", files["seed.bin"])
-        seed_sha = rig.store.active().manifest["sha256"]
-        rig.start()
-        try:
-            yield Env(rig, server, seed_key, seed_sha, files)
-        finally:
-            rig.close()
+        yield Shared(broker, cp_credentials, server, sim, files)
+
+
+@pytest.fixture
+def env(shared: Shared, tmp_path: Path) -> Iterator[Env]:
+    """A fresh device serving the seed model, for one row."""
+    device_id = f"atk-{secrets.token_hex(3)}"
+    rig = DeviceRig(tmp_path / device_id, shared.broker, shared.cp_credentials, device_id,
+                    provision_device(shared.broker, device_id), shared.server, shared.sim,
+                    simulate={"preset": "raspberry-pi-4-4gb"})
+    seed_key = seed_active(rig.state_dir / "models", "seed", "0.1.0", shared.files["seed.bin"])
+    seed_sha = rig.store.active().manifest["sha256"]
+    rig.start()
+    try:
+        yield Env(rig, shared.server, seed_key, seed_sha, shared.files)
+    finally:
+        rig.close()
 
 
 # --- the rows: each builds a payload (and may set up the server) ----------------
@@ -163,9 +183,15 @@ def tier_above_device(env: Env) -> bytes:
 
 
 def tokenizer_swapped_artifact(env: Env) -> bytes:
-    """The server hands out a GGUF whose tokenizer was swapped (same size, same path)."""
-    genuine = variant_for(env.files["genuine.gguf"], "swapped.gguf")
-    return env.rig.assign(env.rig.release("3.999.3", genuine))
+    """The artifact's tokenizer was swapped before the release was signed.
+
+    Its sha256 and size are the swapped file's, so the download verifies;
+    only the release's stated ``tokenizer_sha256`` (the genuine one) tells.
+    """
+    genuine_tokenizer = tokenizer_sha256(env.files["genuine.gguf"])
+    variant = variant_for(env.files["swapped.gguf"], "swapped.gguf",
+                          tokenizer_sha256=genuine_tokenizer)
+    return env.rig.assign(env.rig.release("3.999.3", variant))
 
 
 def variant_stitched_from_another_release(env: Env) -> bytes:
@@ -179,6 +205,7 @@ def _accept_seed_again(env: Env) -> int:
     """Have the device accept an assignment (of what it already runs); return its sequence."""
     rig = env.rig
     seed = variant_for(env.files["seed.bin"], "seed.bin")
+    rig.next_sequence()  # skipped: a sequence below the accepted one must exist to replay
     sequence = rig.next_sequence()
     aid = f"a-{rig.device_id}-{sequence}"
     rig.publish(rig.assign(rig.release("0.1.0", seed, name="seed"), sequence=sequence))
@@ -233,10 +260,11 @@ ROWS = {
         tier_above_device, E.REJECTED, "does_not_fit", "small variant on a micro device"
     ),
     "tokenizer swapped in the artifact": Row(
-        tokenizer_swapped_artifact, E.FAILED, "hash_mismatch"
+        tokenizer_swapped_artifact, E.FAILED, "tokenizer_mismatch", "GGUF tokenizer sha256"
     ),
     "variant stitched from another release": Row(
-        variant_stitched_from_another_release, E.FAILED, "tokenizer_mismatch"
+        variant_stitched_from_another_release, E.FAILED, "tokenizer_mismatch",
+        "GGUF tokenizer sha256",
     ),
     "replayed lower sequence": Row(replayed_lower_sequence, E.REJECTED, "replayed_sequence"),
     "replayed sequence after a restart": Row(
@@ -255,6 +283,7 @@ def test_attack_is_refused(env: Env, row: Row) -> None:
 
     final = rig.wait_final(aid, timeout=30)
     assert final.type == row.outcome, final
+    assert final.code == p.EventCode(row.reason), final
     assert final.reason.startswith(f"{row.reason}: "), final.reason
     if row.detail:
         assert row.detail in final.reason, final.reason

@@ -176,12 +176,33 @@ def test_newer_assignment_supersedes_a_running_update(device: Device) -> None:
                                        E.STAGED, E.FAILED]
         superseded = device.final("a-1")
         assert superseded.reason == "superseded: by a-2 (sequence 2)"
+        assert superseded.code == p.EventCode.SUPERSEDED
         assert device.final("a-2").type == E.ACTIVATED
         # a-1 ended before a-2 began.
         assert superseded.seq < device.events("a-2")[0].seq
         assert updater.store.active().key == "m@2.0.0-micro"
         assert updater.highest_sequence == 2
         assert updater.status().state == p.UpdateState.ACTIVATED
+
+    run(go)
+
+
+def test_failed_health_check_ends_the_update_with_its_code(device: Device) -> None:
+    async def go() -> None:
+        updater = await device.boot()
+        await updater.offer(device.assign("a.bin", "1.0.0"))
+        await asyncio.wait_for(device.health.running.wait(), 10)
+        device.health.finish(False)
+        await device.until(lambda: device.final("a-1"), "a-1 to finish")
+
+        [health] = [e for e in device.events("a-1") if e.type == E.HEALTH_FAILED]
+        assert (health.code, health.reason) == (p.EventCode.HEALTH_FAILED, "gated: told to fail")
+        final = device.final("a-1")
+        assert final.type == E.FAILED
+        assert (final.code, final.reason) == (
+            p.EventCode.HEALTH_FAILED, "health_failed: gated: told to fail"
+        )
+        assert updater.store.active() is None
 
     run(go)
 
@@ -232,6 +253,9 @@ def test_activation_not_yet_recorded_is_reconciled(device: Device) -> None:
         await _activate(device, "a.bin", "1.0.0")
         await _activate(device, "b.bin", "1.1.0")
         aid = await _activate(device, "a.bin", "1.2.0")
+        # The clean-up after an activation runs on after its event: let it end
+        # before the crash, or it races the version installed below.
+        await device.until(lambda: len(updater.store.installed()) == 2, "the clean-up")
         await device.crash()
         # As if killed between the pointer swap and writing the record, so
         # also before the clean-up that deletes the oldest version.
@@ -271,6 +295,7 @@ def test_damaged_active_model_rolls_back_at_an_unclean_start(device: Device) -> 
         assert device.types(bid)[-2:] == [E.ACTIVATED, E.ROLLED_BACK]
         rolled = device.events(bid)[-1]
         assert rolled.reason == "active model m@2.0.0-micro fails its sha256 check"
+        assert rolled.code == p.EventCode.ACTIVE_BROKEN
         assert updater.status().state == p.UpdateState.ROLLED_BACK
         assert updater.active_model().version == "1.0.0"
 
@@ -301,6 +326,7 @@ def test_unreadable_state_refuses_updates_without_overwriting(device: Device) ->
         await updater.offer(device.assign("a.bin", "1.0.0"))
         event = device.final("a-1")
         assert event.type == E.REJECTED and event.reason.startswith("state_corrupt: ")
+        assert event.code == p.EventCode.STATE_CORRUPT
         assert path.read_text() == "{ torn", "the replay floor is never reset"
 
     run(go)
@@ -319,6 +345,7 @@ def test_an_update_interrupted_by_too_many_restarts_gives_up(device: Device) -> 
         updater = await device.boot()
         event = device.final("a-1")
         assert event.type == E.FAILED and event.reason.startswith("crash_loop: ")
+        assert event.code == p.EventCode.CRASH_LOOP
         assert updater.store.active() is None
 
     run(go)

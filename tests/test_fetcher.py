@@ -287,9 +287,9 @@ def test_bad_arguments_are_value_errors(fetcher, server, artifact, tmp_path):
 
 def test_writeback_is_started_as_bytes_arrive(tmp_path) -> None:
     """On Linux the sink starts writeback as it goes, so the final fsync is short."""
-    from agent.update.fetcher import _writeback_starter
+    from agent.update.sink import writeback_starter
 
-    start = _writeback_starter()
+    start = writeback_starter()
     assert start is not None, "sync_file_range not found in libc"
     path = tmp_path / "f"
     with path.open("wb") as f:

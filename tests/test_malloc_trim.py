@@ -8,23 +8,42 @@ import sys
 
 import pytest
 
-from agent import malloc_trim
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+
+#: four threads allocate from glibc's heap at the same time, then glibc
+#: lists its arenas on stderr (malloc_stats(3): one "Arena N:" block each)
+ARENAS_SCRIPT = (
+    "import ctypes, sys, threading\n"
+    "from agent.malloc_trim import limit_malloc_arenas\n"
+    "if sys.argv[1] == 'limit':\n"
+    "    limit_malloc_arenas()\n"
+    "together = threading.Barrier(4)\n"
+    "def work():\n"
+    "    keep = [bytes(600) for _ in range(1000)]\n"  # 600 B: glibc's heap, not pymalloc
+    "    together.wait()\n"
+    "threads = [threading.Thread(target=work) for _ in range(4)]\n"
+    "for t in threads: t.start()\n"
+    "for t in threads: t.join()\n"
+    "ctypes.CDLL(None).malloc_stats()\n"
+)
 
 
-def test_release_and_arena_limit_run() -> None:
-    malloc_trim.limit_malloc_arenas()
-    malloc_trim.release_freed_memory()
+def _arenas(mode: str) -> int:
+    result = subprocess.run([sys.executable, "-c", ARENAS_SCRIPT, mode], capture_output=True,
+                            text=True, timeout=60, check=True)
+    return sum(line.startswith("Arena ") for line in result.stderr.splitlines())
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_glibc_is_found() -> None:
-    assert malloc_trim._libc() is not None
+@glibc_only
+def test_arena_limit_keeps_threads_in_one_arena() -> None:
+    # Without the limit each thread gets an arena of its own: the check can see the difference.
+    assert _arenas("default") > 1
+    assert _arenas("limit") == 1
 
 
+@glibc_only
 def test_trim_gives_memory_back() -> None:
     """Freed heap below a live allocation leaves the resident set only through the release."""
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
     script = (
         "import gc, re\n"
         "from agent.malloc_trim import release_freed_memory\n"

@@ -7,11 +7,15 @@ httpx; a test or a future transport (a local mirror, a USB stick) implements
 it without touching :func:`download_artifact`, which holds every rule that
 matters for safety: resume, the size cap, the throughput floor, sha256.
 
-The downloader is synchronous: disk writes and hashing block anyway, and a
-plain thread keeps them off the event loop. The asyncio pipeline runs it
-with ``await asyncio.to_thread(download_artifact, ...)`` and stops it early
-through the ``cancel`` event (checked on every chunk; a silent server is
-bounded by the stall window).
+The downloader is synchronous and uses two threads. The caller's thread
+reads the network and enforces the caps; a :class:`~agent.update.sink.Sink`
+thread hashes and writes what arrived, so sha256 and disk writes overlap
+with the GIL-bound network loop. The update pipeline calls it from a daemon
+thread of its own (:mod:`agent.update.download`), so a download stuck on a
+silent server never holds up the agent's exit, and stops it early through
+the ``cancel`` event (checked on every chunk; a silent server is bounded by
+the stall window). A :class:`Fetcher` is closed by whoever made it, after
+the download (:meth:`Fetcher.close`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import queue
 import re
 import ssl
 import threading
@@ -49,6 +52,8 @@ from agent.errors import (
     TooLong,
     TooSlow,
 )
+
+from .sink import Sink
 
 __all__ = ["Body", "Fetcher", "HttpFetcher", "download_artifact"]
 
@@ -90,6 +95,9 @@ class Body:
 
 class Fetcher(ABC):
     """Transport for artifact downloads."""
+
+    def close(self) -> None:  # noqa: B027 - a no-op default, not abstract
+        """Release what the fetcher holds (connections); a fetcher that holds nothing keeps this."""
 
     @abstractmethod
     def open(self, url: str, *, offset: int, timeout: float) -> Body:
@@ -133,7 +141,7 @@ class HttpFetcher(Fetcher):
         return self._client
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (see :meth:`Fetcher.close`)."""
         if self._client is not None:
             self._client.close()
 
@@ -331,7 +339,7 @@ class _Download:
             raise TooSlow(self._too_slow(time.monotonic())) from exc
         with body:
             self._accept(body)
-            sink = _Sink(self.f.fileno(), self.digest)
+            sink = Sink(self.f.fileno(), self.digest)
             try:
                 self._stream(body, sink)
             finally:
@@ -353,7 +361,7 @@ class _Download:
             error = TooLong if body.size > size else SizeMismatch
             raise error(f"{self.url}: remote size {body.size}, signed size is {size}")
 
-    def _stream(self, body: Body, sink: _Sink) -> None:
+    def _stream(self, body: Body, sink: Sink) -> None:
         # The hot loop runs once per network read (~64 KiB): keep it to a
         # clock read, a few comparisons and a list append. Hashing and disk
         # writes happen on the sink's thread.
@@ -409,90 +417,3 @@ class _Download:
             f"download too slow: {self.window_bytes} B in {elapsed:.1f} s, "
             f"need >= {self.limits.min_rate:g} B/s ({self.url})"
         )
-
-
-#: start writing received bytes to disk every this many bytes (see _writeback_starter)
-WRITEBACK_BYTES = 8 << 20
-
-
-@functools.cache
-def _writeback_starter() -> Callable[[int, int, int], None] | None:
-    """``start(fd, offset, nbytes)``: queue dirty pages for writeback without waiting.
-
-    The artifact must be on disk (fsync) before it is installed. Left to the
-    end, that fsync writes the whole file at once and, on loopback, cost as
-    much as the transfer itself; started as the bytes arrive, the disk works
-    while the network does, and the final fsync finds little left to do.
-    Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` does exactly that and
-    Python's ``os`` does not wrap it; elsewhere (or if libc lacks it) the
-    final fsync does all the work, as before.
-    """
-    try:
-        import ctypes
-
-        # The process's own symbols include libc's; no library search needed.
-        sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    sync_file_range.restype = ctypes.c_int
-    write = 2  # SYNC_FILE_RANGE_WRITE
-
-    def start(fd: int, offset: int, nbytes: int) -> None:
-        # Only a hint: a failure here (EINVAL on odd filesystems, say) leaves
-        # the work to the final fsync, which reports any real I/O error.
-        sync_file_range(fd, offset, nbytes, write)
-
-    return start
-
-
-class _Sink:
-    """Hashes and appends batches of chunks on a worker thread.
-
-    The network loop is GIL-bound Python (h11 parsing); sha256 and write()
-    release the GIL, so here they overlap with it instead of adding to it.
-    On a 2-core VM this lifted download+verify of 512 MiB from roughly 0.65
-    to 0.85 of a raw httpx download to disk.
-    """
-
-    #: batches in flight; with ~1 MiB batches this bounds memory to ~10 MiB
-    QUEUE_BATCHES = 8
-
-    def __init__(self, fd: int, digest: hashlib._Hash) -> None:
-        self._fd, self._digest = fd, digest
-        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(self.QUEUE_BATCHES)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="artifact-sink", daemon=True)
-        self._thread.start()
-
-    def put(self, batch: list[bytes]) -> None:
-        """Queue ``batch``; raises the worker's error if a write failed."""
-        if self._error is not None:
-            raise self._error
-        self._queue.put(batch)
-
-    def close(self) -> None:
-        """Write everything queued and stop; raises the worker's error if any."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        start_writeback = _writeback_starter()
-        written = flushed = os.lseek(self._fd, 0, os.SEEK_END)
-        while (batch := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep draining so put() never blocks on a dead worker
-            try:
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
-                self._digest.update(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                written += len(data)
-                if start_writeback is not None and written - flushed >= WRITEBACK_BYTES:
-                    start_writeback(self._fd, flushed, written - flushed)
-                    flushed = written
-            except BaseException as exc:
-                self._error = exc

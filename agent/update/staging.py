@@ -24,6 +24,7 @@ from typing import Any
 
 from protocol import (
     Capabilities,
+    EventCode,
     FitResult,
     Variant,
     VerifiedAssignment,
@@ -43,14 +44,11 @@ MIB = 1 << 20
 
 
 class StagingError(Exception):
-    """The artifact or the store does not allow this update; ``reason`` is the event label."""
+    """The artifact or the store does not allow this update; ``reason`` is the event code."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: EventCode, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.args[0]}"
 
 
 def store_manifest(verified: VerifiedAssignment) -> dict[str, Any]:
@@ -89,17 +87,17 @@ def installed_copy(
     try:
         version = store.version(key)
     except StoreError as exc:
-        raise StagingError("store_corrupt", str(exc)) from exc
+        raise StagingError(EventCode.STORE_CORRUPT, str(exc)) from exc
     if version is None:
         return None
     if not _is_this_variant(version.manifest, verified):
         raise StagingError(
-            "store_conflict",
+            EventCode.STORE_CONFLICT,
             f"installed {key} is not this release's variant "
             f"(sha256 {version.manifest.get('sha256')}, signed {verified.variant.sha256})",
         )
     if not store.verify_hash(key):
-        raise StagingError("store_corrupt", f"installed {key} fails its sha256 check")
+        raise StagingError(EventCode.STORE_CORRUPT, f"installed {key} fails its sha256 check")
     return version
 
 
@@ -185,9 +183,11 @@ def check_tokenizer(path: Path, variant: Variant) -> None:
     try:
         actual = tokenizer_sha256(path)
     except (OSError, GgufError) as exc:
-        raise StagingError("tokenizer_mismatch", f"cannot read the GGUF tokenizer: {exc}") from exc
+        raise StagingError(
+            EventCode.TOKENIZER_MISMATCH, f"cannot read the GGUF tokenizer: {exc}"
+        ) from exc
     if actual != variant.tokenizer_sha256:
         raise StagingError(
-            "tokenizer_mismatch",
+            EventCode.TOKENIZER_MISMATCH,
             f"GGUF tokenizer sha256 {actual}, release says {variant.tokenizer_sha256}",
         )
