@@ -34,6 +34,7 @@ from protocol import (
     UpdateState,
     UpdateStatus,
     VerifiedAssignment,
+    code_from_reason,
     encode,
     verify_assignment,
 )
@@ -150,10 +151,15 @@ class SimDevice:
 
     def event(self, event: EventType, assignment_id: str | None, reason: str | None = None,
               progress_pct: float | None = None) -> bytes:
-        """One update-pipeline event with the next sequence number."""
+        """One update-pipeline event with the next sequence number.
+
+        Its ``code`` is the head of ``reason``: simulated reasons are worded
+        as the agent words them (``"code: detail"``).
+        """
         self.event_seq += 1
         return encode(Event(device_id=self.device_id, ts=time.time(), seq=self.event_seq,
-                            type=event, assignment_id=assignment_id, reason=reason,
+                            type=event, assignment_id=assignment_id,
+                            code=code_from_reason(reason), reason=reason,
                             progress_pct=progress_pct))
 
     # -- assignments ---------------------------------------------------------------
@@ -210,7 +216,7 @@ class SimDevice:
             download = t(variant.size_bytes / b.download_bytes_per_s)
             if rng.random() < b.download_fail_rate:
                 return [*steps, Step(download * rng.random(), EventType.FAILED,
-                                     "download: connection reset (simulated)", UpdateState.FAILED)]
+                                     "interrupted: connection reset (simulated)", UpdateState.FAILED)]
             steps.append(Step(download, EventType.STAGED))
         health = t(b.health_check_s)
         if rng.random() < b.health_fail_rate:
