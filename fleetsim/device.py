@@ -216,7 +216,8 @@ class SimDevice:
             download = t(variant.size_bytes / b.download_bytes_per_s)
             if rng.random() < b.download_fail_rate:
                 return [*steps, Step(download * rng.random(), EventType.FAILED,
-                                     "interrupted: connection reset (simulated)", UpdateState.FAILED)]
+                                     "interrupted: connection reset (simulated)",
+                                     UpdateState.FAILED)]
             steps.append(Step(download, EventType.STAGED))
         health = t(b.health_check_s)
         if rng.random() < b.health_fail_rate:
