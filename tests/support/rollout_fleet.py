@@ -134,11 +134,12 @@ class SimDevice:
 
     # -- the update pipeline, simulated ---------------------------------------------
 
-    def _event(self, type_: str, assignment_id: str, reason: str | None = None) -> None:
+    def _event(self, type_: str, assignment_id: str, reason: str | None = None,
+               code: p.EventCode | None = None) -> None:
         self._seq += 1
         self._say(p.TopicKind.EVENTS, p.Event(
             device_id=self.device_id, ts=time.time(), seq=self._seq, type=p.EventType(type_),
-            assignment_id=assignment_id, reason=reason))
+            assignment_id=assignment_id, code=code, reason=reason))
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
@@ -174,11 +175,13 @@ class SimDevice:
             state, reason = p.UpdateState.ACTIVATED, None
         else:
             reason = 'prompt 1: answer "L\'Étoile" contains none of [\'paris\']'
-            self._event("health_failed", aid, reason)
+            self._event("health_failed", aid, reason, p.EventCode.HEALTH_FAILED)
             state, reason = p.UpdateState.FAILED, f"health_failed: {reason}"
         if state is p.UpdateState.ACTIVATED:
             self.active = (manifest.name, manifest.version)
-        self._event("activated" if state is p.UpdateState.ACTIVATED else "failed", aid, reason)
+            self._event("activated", aid)
+        else:
+            self._event("failed", aid, reason, p.EventCode.HEALTH_FAILED)
         self._update = p.UpdateStatus(assignment_id=aid, sequence=a.sequence,
                                       ref=manifest.ref, state=state, reason=reason,
                                       ts=time.time())
