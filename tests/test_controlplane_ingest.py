@@ -54,7 +54,7 @@ def start_cp(tmp_path: Path, broker, cp_credentials) -> Iterator[StartCP]:
         ingest = cp.ingest
         # start() returns once subscribed and the writer process is up, so
         # the short liveness windows some tests use are not eaten by imports.
-        assert ingest is not None and ingest.connected and ingest._worker.report
+        assert ingest is not None and ingest.wait_ready(0)
         return cp
 
     yield start
@@ -446,8 +446,8 @@ def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartC
     _send(dev, hello(did))
     wait_until(lambda: _row(cp, did), 5, "device row")
     assert ingest.flush(5)
-    worker = ingest._worker
-    assert worker is not None
+    writer = ingest.writer_pid
+    assert writer is not None
     written_before = ingest.stats().written
 
     lock = sqlite3.connect(cp.engine.url.database, isolation_level=None)
@@ -480,5 +480,5 @@ def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartC
     assert stats.dropped == 0 and stats.queue_depth == 0
     assert stats.rejected.get("db_error", 0) == 0  # nothing was given up as poison
     # the same writer process rode it out: nothing crashed and restarted
-    assert ingest._worker is worker and worker.process.is_alive()
+    assert ingest.writer_pid == writer
     assert ingest.connected

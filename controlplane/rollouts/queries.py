@@ -22,7 +22,6 @@ from controlplane.db.statuses import (
     MemberState,
 )
 from controlplane.tier_policy import RAM_BYTES
-from protocol import EventCode
 
 from .gates import MemberView
 from .outcome import ReportedEvent
@@ -202,9 +201,8 @@ def events_for(conn: Connection, assignment_ids: Sequence[str]) -> dict[str, lis
             .where(DeviceEvent.assignment_id.in_(chunk))
             .order_by(DeviceEvent.ts, DeviceEvent.id)
         ).all():
-            code: EventCode | None = row.code
             events.setdefault(row.assignment_id, []).append(
-                ReportedEvent(row.assignment_id, row.type, code, row.reason))
+                ReportedEvent(row.assignment_id, row.type, row.code, row.reason))
     return events
 
 
@@ -232,10 +230,10 @@ def online_ids(conn: Connection, device_ids: Sequence[str]) -> set[str]:
     return online
 
 
-def mark_assigned(conn: Connection, rollout_id: str, issued: Iterable[Issued],
-                  stage_index: int, now: float) -> None:
-    """Pending members that got an assignment become ``assigned`` (one executemany)."""
-    params = [{"d": i.device_id, "a": i.assignment_id, "at": i.issued_at} for i in issued]
+def _update_pending(conn: Connection, rollout_id: str, params: list[dict[str, Any]],
+                    **values: Any) -> None:
+    """Apply ``values`` to each still-pending member ``params`` names (bind ``d``),
+    in one executemany: a stage of thousands is one round trip, not one per device."""
     if not params:
         return
     m = members.c
@@ -243,24 +241,28 @@ def mark_assigned(conn: Connection, rollout_id: str, issued: Iterable[Issued],
         update(members)
         .where(m.rollout_id == rollout_id, m.device_id == bindparam("d"),
                m.state == MemberState.PENDING)
-        .values(state=MemberState.ASSIGNED, assignment_id=bindparam("a"),
-                assigned_at=bindparam("at"), stage_index=stage_index, updated_at=now),
+        .values(**values),
         params,
+    )
+
+
+def mark_assigned(conn: Connection, rollout_id: str, issued: Iterable[Issued],
+                  stage_index: int, now: float) -> None:
+    """Pending members that got an assignment become ``assigned``."""
+    _update_pending(
+        conn, rollout_id,
+        [{"d": i.device_id, "a": i.assignment_id, "at": i.issued_at} for i in issued],
+        state=MemberState.ASSIGNED, assignment_id=bindparam("a"), assigned_at=bindparam("at"),
+        stage_index=stage_index, updated_at=now,
     )
 
 
 def mark_incompatible(conn: Connection, rollout_id: str, refused: dict[str, str | None],
                       now: float) -> None:
     """Pending members the director refused become ``incompatible`` with its reason."""
-    if not refused:
-        return
-    m = members.c
-    conn.execute(
-        update(members)
-        .where(m.rollout_id == rollout_id, m.device_id == bindparam("d"),
-               m.state == MemberState.PENDING)
-        .values(state=MemberState.INCOMPATIBLE, reason=bindparam("r"), updated_at=now),
-        [{"d": d, "r": r} for d, r in refused.items()],
+    _update_pending(
+        conn, rollout_id, [{"d": d, "r": r} for d, r in refused.items()],
+        state=MemberState.INCOMPATIBLE, reason=bindparam("r"), updated_at=now,
     )
 
 

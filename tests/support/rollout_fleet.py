@@ -43,6 +43,8 @@ class Behaviour:
     tokens_per_s: float = 80.0
     latency_p95_ms: float = 400.0
     errors_per_10: int = 0
+    #: refuse the update with this code, as an agent's fit check rejects one
+    refuses: p.EventCode | None = None
 
 
 @dataclass
@@ -165,9 +167,19 @@ class SimDevice:
     def _install(self, verified: p.VerifiedAssignment) -> None:
         a, manifest = verified.assignment, verified.manifest
         aid = a.assignment_id
+        behaviour = self.behaviours.get(manifest.version, Behaviour())
+        if behaviour.refuses is not None:
+            self._event("received", aid)
+            self._event("verified", aid)
+            reason = f"{behaviour.refuses.value}: simulated"
+            self._event("rejected", aid, reason, behaviour.refuses)
+            self._update = p.UpdateStatus(assignment_id=aid, sequence=a.sequence,
+                                          ref=manifest.ref, state=p.UpdateState.REJECTED,
+                                          reason=reason, ts=time.time())
+            self._hello()
+            return
         for step in ("received", "verified", "fit_checked", "downloading", "staged"):
             self._event(step, aid)
-        behaviour = self.behaviours.get(manifest.version, Behaviour())
         if self.active == (manifest.name, manifest.version):
             state, reason = p.UpdateState.ACTIVATED, None
         elif behaviour.healthy:
