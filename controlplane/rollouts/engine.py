@@ -10,8 +10,9 @@ A tick, per rollout, in this order:
    becomes ``superseded``).
 2. **Observe**: each assigned device's update outcome, read from the events
    it reported for its assignment id (``activated``, ``failed``,
-   ``rejected``; ``health_passed`` / ``health_failed``). A fit-check
-   rejection makes it ``incompatible``, not failed. An assignment this
+   ``rejected``; ``health_passed`` / ``health_failed``). An event whose
+   code says the device cannot run the variant (a fit-check rejection)
+   makes it ``incompatible``, not failed (:mod:`.outcome`). An assignment this
    rollout issued but did not record (the process died in between) is
    adopted, not issued twice.
 3. **Judge** the gates of the current stage over every device assigned so
