@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import Connection, Engine, Table, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from protocol import (
     Assignment,
@@ -54,6 +53,8 @@ from protocol import (
 )
 
 from .db.models import AssignmentRecord, Device, DeviceSequence, ModelVersion
+from .db.statuses import AssignmentStatus
+from .db.writes import insert_ignoring_conflicts
 from .tier_policy import RAM_BYTES, choose_tier
 from .trust import DirectorKeys
 
@@ -66,10 +67,6 @@ sequences: Table = DeviceSequence.__table__  # type: ignore[assignment]
 RESIGN_BATCH = 500
 #: new assignments per transaction (SQLite caps bound parameters at 32,766)
 ASSIGN_BATCH = 1000
-
-ACTIVE = "active"
-SUPERSEDED = "superseded"
-REVOKED = "revoked"
 
 Status = Literal["assigned", "incompatible", "unknown_device", "unassigned", "not_assigned"]
 
@@ -109,14 +106,6 @@ def new_assignment_ids(count: int) -> list[str]:
     return [f"a-{pool[i:i + 12].hex()}" for i in range(0, 12 * count, 12)]
 
 
-def _insert_counter(dialect: str) -> Any:
-    if dialect == "postgresql":
-        return postgresql.insert(sequences).on_conflict_do_nothing(index_elements=["device_id"])
-    if dialect == "sqlite":
-        return sqlite.insert(sequences).on_conflict_do_nothing(index_elements=["device_id"])
-    raise RuntimeError(f"unsupported database dialect {dialect!r}")
-
-
 def next_sequence(conn: Connection, device_id: str) -> int:
     """Allocate the device's next sequence number inside ``conn``'s transaction.
 
@@ -124,7 +113,7 @@ def next_sequence(conn: Connection, device_id: str) -> int:
     serialises every allocation for this device until commit.
     """
     conn.execute(
-        _insert_counter(conn.dialect.name),
+        insert_ignoring_conflicts(conn.dialect.name, sequences, ["device_id"]),
         {"device_id": device_id, "last_sequence": 0, "published_sequence": 0},
     )
     return int(
@@ -146,7 +135,7 @@ def next_sequences(conn: Connection, device_ids: Sequence[str]) -> dict[str, int
     """
     ids = sorted(set(device_ids))
     conn.execute(
-        _insert_counter(conn.dialect.name),
+        insert_ignoring_conflicts(conn.dialect.name, sequences, ["device_id"]),
         [{"device_id": d, "last_sequence": 0, "published_sequence": 0} for d in ids],
     )
     if conn.dialect.name == "postgresql":
@@ -346,7 +335,7 @@ class Director:
             "expires_at": assignment.expires_at,
             "rollout_id": draft.rollout_id,
             "kind": draft.kind,
-            "status": ACTIVE,
+            "status": AssignmentStatus.ACTIVE,
             "ended_at": None,
             "envelope": signed.decode("utf-8"),
         }
@@ -379,8 +368,9 @@ class Director:
                     moved += 1
             conn.execute(
                 update(assignments)
-                .where(assignments.c.device_id.in_(device_ids), assignments.c.status == ACTIVE)
-                .values(status=SUPERSEDED, ended_at=now)
+                .where(assignments.c.device_id.in_(device_ids),
+                       assignments.c.status == AssignmentStatus.ACTIVE)
+                .values(status=AssignmentStatus.SUPERSEDED, ended_at=now)
             )
             conn.execute(insert(assignments), rows)
         if moved:
@@ -397,8 +387,9 @@ class Director:
             # assignment made meanwhile wins.
             ended = conn.execute(
                 update(assignments)
-                .where(assignments.c.id == replaces, assignments.c.status == ACTIVE)
-                .values(status=SUPERSEDED, ended_at=now)
+                .where(assignments.c.id == replaces,
+                       assignments.c.status == AssignmentStatus.ACTIVE)
+                .values(status=AssignmentStatus.SUPERSEDED, ended_at=now)
             ).rowcount
             if ended != 1:
                 conn.rollback()
@@ -422,8 +413,9 @@ class Director:
                 next_sequence(conn, device_id)
                 revoked = conn.execute(
                     update(assignments)
-                    .where(assignments.c.device_id == device_id, assignments.c.status == ACTIVE)
-                    .values(status=REVOKED, ended_at=self._clock())
+                    .where(assignments.c.device_id == device_id,
+                           assignments.c.status == AssignmentStatus.ACTIVE)
+                    .values(status=AssignmentStatus.REVOKED, ended_at=self._clock())
                 ).rowcount
                 if not revoked:
                     conn.rollback()
@@ -451,7 +443,8 @@ class Director:
                     assignments.c.rollout_id,
                     assignments.c.envelope,
                 )
-                .where(assignments.c.status == ACTIVE, assignments.c.expires_at < now + margin_s)
+                .where(assignments.c.status == AssignmentStatus.ACTIVE,
+                       assignments.c.expires_at < now + margin_s)
                 .order_by(assignments.c.expires_at)
                 .limit(batch)
             ).all()

@@ -14,11 +14,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from .context import AppContext
 from .db.models import Rollout, RolloutDevice
 from .db.queries import count_devices_by_tier_and_state
+from .db.statuses import MOVING_ROLLOUT_STATES
 
 log = logging.getLogger(__name__)
 
-#: rollout states still moving (exported); the others are history
-MOVING_STATES = ("active", "paused", "awaiting_approval", "rolling_back")
 _VERDICT = {"pass": 1, "wait": 0, "fail": -1}
 
 
@@ -78,7 +77,7 @@ class ControlPlaneCollector(Collector):
                 live = conn.execute(
                     select(Rollout.id, Rollout.model_name, Rollout.version, Rollout.state,
                            Rollout.stage_index, Rollout.last_gates)
-                    .where(Rollout.state.in_(MOVING_STATES))
+                    .where(Rollout.state.in_(MOVING_ROLLOUT_STATES))
                 ).all()
                 counts = conn.execute(
                     select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())

@@ -47,6 +47,7 @@ from protocol import TOPIC_ROOT, TopicKind, device_topic
 
 from .config import ControlPlaneSettings
 from .db.models import AssignmentRecord, DeviceSequence
+from .db.statuses import AssignmentStatus
 from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ class DesiredPublisher:
     def connected(self) -> bool:
         """True while the publisher's MQTT connection is up."""
         return self._connected.is_set()
+
+    @property
+    def connections(self) -> int:
+        """How many times the broker accepted the publisher's connection (1 + reconnects)."""
+        return self._connection
 
     def start(self) -> DesiredPublisher:
         """Connect in the background and start draining."""
@@ -255,7 +261,7 @@ class DesiredPublisher:
                 update(seq)
                 .where(
                     seq.c.device_id.in_(
-                        select(rec.c.device_id).where(rec.c.status == "active")
+                        select(rec.c.device_id).where(rec.c.status == AssignmentStatus.ACTIVE)
                     )
                 )
                 .values(published_sequence=0)
@@ -311,7 +317,7 @@ class DesiredPublisher:
             envelopes = dict(conn.execute(
                 select(rec.c.device_id, rec.c.envelope).where(
                     rec.c.device_id.in_([device_id for device_id, _ in owed]),
-                    rec.c.status == "active",
+                    rec.c.status == AssignmentStatus.ACTIVE,
                 )
             ).all())
         return [

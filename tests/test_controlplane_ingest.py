@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import RowMapping, func, select
+from sqlalchemy import RowMapping, func, select, text
 from sqlalchemy.orm import Session
 
 import protocol as p
@@ -54,7 +54,7 @@ def start_cp(tmp_path: Path, broker, cp_credentials) -> Iterator[StartCP]:
         ingest = cp.ingest
         # start() returns once subscribed and the writer process is up, so
         # the short liveness windows some tests use are not eaten by imports.
-        assert ingest is not None and ingest.connected and ingest._worker.report
+        assert ingest is not None and ingest.wait_ready(0)
         return cp
 
     yield start
@@ -218,6 +218,29 @@ def test_telemetry_lands_in_batches(start_cp: StartCP, device) -> None:
     )[0]
     assert stored.cpu_percent == 7.0
     assert stored.inference[0]["tokens"] == 90
+
+
+def test_events_keep_their_code_in_both_forms(start_cp: StartCP, device) -> None:
+    """A new-form event's code is stored as sent; an old-form one (no code
+    field) gets the code its reason names, and none when it names none."""
+    cp = start_cp()
+    dev = device("codes")
+    did = dev.device_id
+    _send(dev, event(did, 1, "rejected", code=p.EventCode.INSUFFICIENT_RAM,
+                     reason="insufficient_ram: needs 2 GiB"))
+    for seq, reason in ((2, "does_not_fit: 300 MB free"), (3, "no code: here")):
+        old = json.loads(p.encode(event(did, seq, "rejected", reason=reason)))
+        old["schema"] = "slmfleet.event/1"
+        topic = p.device_topic(did, p.TopicKind.EVENTS)
+        assert not dev.publish(topic, json.dumps(old).encode()).is_failure
+    wait_until(lambda: _count(cp, DeviceEvent, did) == 3, 5, "three events")
+    assert cp.engine is not None
+    with cp.engine.connect() as conn:
+        raw = conn.execute(
+            text("SELECT seq, code FROM device_events WHERE device_id = :d ORDER BY seq"),
+            {"d": did},
+        ).all()
+    assert [tuple(r) for r in raw] == [(1, "insufficient_ram"), (2, "does_not_fit"), (3, None)]
 
 
 def test_events_are_stored_once_per_device_and_seq(start_cp: StartCP, device) -> None:
@@ -423,8 +446,8 @@ def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartC
     _send(dev, hello(did))
     wait_until(lambda: _row(cp, did), 5, "device row")
     assert ingest.flush(5)
-    worker = ingest._worker
-    assert worker is not None
+    writer = ingest.writer_pid
+    assert writer is not None
     written_before = ingest.stats().written
 
     lock = sqlite3.connect(cp.engine.url.database, isolation_level=None)
@@ -457,5 +480,5 @@ def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartC
     assert stats.dropped == 0 and stats.queue_depth == 0
     assert stats.rejected.get("db_error", 0) == 0  # nothing was given up as poison
     # the same writer process rode it out: nothing crashed and restarted
-    assert ingest._worker is worker and worker.process.is_alive()
+    assert ingest.writer_pid == writer
     assert ingest.connected

@@ -25,20 +25,12 @@ from tests.support.auth import ADMIN_HEADERS
 from tests.support.controlplane import cp_settings, event, hello, wait_until
 from tests.support.mqtt import RawClient, provision_device
 from tests.support.postgres import PostgresCluster, server_bin
-from tests.support.registry import TrustFiles, publish, write_trust
+from tests.support.registry import TrustFiles, publish
 from tests.support.signer import TrustSimulator
 
 TTL_S = 3600.0
 
-
-@pytest.fixture(scope="module")
-def sim() -> TrustSimulator:
-    return TrustSimulator()
-
-
-@pytest.fixture(scope="module")
-def trust(tmp_path_factory: pytest.TempPathFactory, sim: TrustSimulator) -> TrustFiles:
-    return write_trust(tmp_path_factory.mktemp("keys"), sim)
+pytest_plugins = ["tests.support.trust_fixtures"]  # sim, trust
 
 
 @pytest.fixture(scope="module")

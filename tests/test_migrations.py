@@ -160,3 +160,107 @@ def test_head_matches_the_models_on_postgresql() -> None:
             engine.dispose()
     finally:
         cluster.stop()
+
+
+# --- 0006: event codes; statuses stored as the same strings ---------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request: pytest.FixtureRequest, db_url: str) -> str:
+    """A fresh database on SQLite, then on PostgreSQL."""
+    if request.param == "sqlite":
+        return db_url
+    return request.getfixturevalue("postgres_url")
+
+
+def _insert_event(conn, seq: int, reason: str | None) -> None:
+    conn.execute(
+        text("INSERT INTO device_events (device_id, seq, ts, received_at, type, reason) "
+             "VALUES ('dev-1', :seq, 1.0, 1.0, 'rejected', :reason)"),
+        {"seq": seq, "reason": reason},
+    )
+
+
+def test_event_codes_upgrade_fills_codes_from_old_reasons(any_db_url: str) -> None:
+    engine = make_engine(any_db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0005")
+            conn.execute(text(
+                "INSERT INTO devices (id, labels, simulated, online, first_seen, "
+                "state_changed_at) VALUES ('dev-1', '{}', false, false, 1.0, 1.0)"))
+            for seq, reason in enumerate([
+                "insufficient_ram: needs 2 GiB, has 1 GiB", "transport", None,
+                "no code here", "variant_mismatch: nothing emits this",
+            ]):
+                _insert_event(conn, seq, reason)
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            codes = conn.execute(text("SELECT seq, code FROM device_events ORDER BY seq")).all()
+        assert [tuple(r) for r in codes] == [
+            (0, "insufficient_ram"), (1, "transport"), (2, None), (3, None), (4, None),
+        ]
+        assert _schema_diffs(engine) == []
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0005")
+        assert "code" not in {c["name"] for c in inspect(engine).get_columns("device_events")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM device_events")).scalar() == 5
+    finally:
+        engine.dispose()
+
+
+def test_statuses_are_stored_as_the_strings_earlier_releases_wrote(any_db_url: str) -> None:
+    """Enum columns hold each member's value in a plain string column: what an
+    older release wrote reads back as the member, and what this one writes is
+    the same string, read with plain SQL."""
+    from sqlalchemy.orm import Session
+
+    from controlplane.db.models import AssignmentRecord, DeviceEvent, Rollout, RolloutDevice
+    from controlplane.db.statuses import AssignmentStatus, MemberState, RolloutState
+    from protocol import EventCode
+
+    upgrade_to_head(any_db_url)
+    engine = make_engine(any_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO devices (id, labels, simulated, online, first_seen, "
+                "state_changed_at) VALUES ('dev-1', '{}', false, false, 1.0, 1.0)"))
+            conn.execute(text("INSERT INTO models (name, created_at) VALUES ('m', 1.0)"))
+            conn.execute(text(
+                "INSERT INTO model_versions (id, model_name, version, sort_key, released_at, "
+                "registered_at, description, manifest_sha256, envelope) "
+                "VALUES (1, 'm', '1.0.0', '00', 1.0, 1.0, '', 'x', '{}')"))
+            # Rows as an earlier release wrote them, plain strings.
+            conn.execute(text(
+                "INSERT INTO assignments (assignment_id, device_id, version_id, ref, tier, "
+                "sequence, issued_at, expires_at, kind, status, envelope) VALUES "
+                "('a-1', 'dev-1', 1, 'm@1.0.0', 'micro', 1, 1.0, 2.0, 'assign', 'revoked', '{}')"))
+            conn.execute(text(
+                "INSERT INTO rollouts (id, model_name, version, version_id, spec, state, "
+                "stage_index, approved_stage, revision, created_at, updated_at) VALUES "
+                "('r-1', 'm', '1.0.0', 1, '{}', 'awaiting_approval', 0, -1, 0, 1.0, 1.0)"))
+            conn.execute(text(
+                "INSERT INTO rollout_devices (rollout_id, device_id, cohort_key, state, "
+                "updated_at) VALUES ('r-1', 'dev-1', 'k', 'rolled_back', 1.0)"))
+        with Session(engine) as session:
+            assert session.get(AssignmentRecord, 1).status is AssignmentStatus.REVOKED
+            rollout = session.get(Rollout, "r-1")
+            assert rollout.state is RolloutState.AWAITING_APPROVAL
+            member = session.get(RolloutDevice, ("r-1", "dev-1"))
+            assert member.state is MemberState.ROLLED_BACK
+            rollout.state = RolloutState.ROLLING_BACK
+            member.state = MemberState.INCOMPATIBLE
+            session.get(AssignmentRecord, 1).status = AssignmentStatus.ACTIVE
+            session.add(DeviceEvent(device_id="dev-1", seq=1, ts=1.0, received_at=1.0,
+                                    type="rejected", code=EventCode.DOES_NOT_FIT))
+            session.commit()
+        with engine.connect() as conn:
+            raw = conn.execute(text(
+                "SELECT a.status, r.state, d.state, e.code FROM assignments a, rollouts r, "
+                "rollout_devices d, device_events e")).one()
+        assert tuple(raw) == ("active", "rolling_back", "incompatible", "does_not_fit")
+        assert all(type(v) is str for v in raw)
+    finally:
+        engine.dispose()

@@ -59,7 +59,7 @@ def test_publisher_keeps_to_the_brokers_receive_maximum(tmp_path: Path) -> None:
     try:
         wait_until(lambda: publisher.published >= DEVICES, 30, "every desired published")
         assert publisher.window == RECEIVE_MAXIMUM
-        assert publisher._connection == 1, "the publisher had to reconnect"
+        assert publisher.connections == 1, "the publisher had to reconnect"
         watcher.connect()
         watcher.subscribe(f"{TOPIC_ROOT}/+/{TopicKind.DESIRED.value}")
         wait_until(lambda: len(watcher.messages) >= DEVICES, 10, "every retained desired")

@@ -28,7 +28,7 @@ from controlplane.rollouts import RolloutSpec
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings
-from tests.support.registry import TrustFiles, publish, write_trust
+from tests.support.registry import TrustFiles, publish
 from tests.support.rollout_fleet import Behaviour, SimFleet, ids, wait_for
 from tests.support.signer import TrustSimulator
 
@@ -42,15 +42,7 @@ BEHAVIOURS = {
     "1.3.0": Behaviour(tokens_per_s=35.0, latency_p95_ms=900.0),
 }
 
-
-@pytest.fixture(scope="module")
-def sim() -> TrustSimulator:
-    return TrustSimulator()
-
-
-@pytest.fixture(scope="module")
-def trust(tmp_path_factory: pytest.TempPathFactory, sim: TrustSimulator) -> TrustFiles:
-    return write_trust(tmp_path_factory.mktemp("keys"), sim)
+pytest_plugins = ["tests.support.trust_fixtures"]  # sim, trust
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +177,27 @@ def test_good_release_reaches_every_compatible_device_with_its_tier_variant(
     kinds = [d["kind"] for d in detail["timeline"]]
     assert kinds.count("stage_started") == 2 and kinds[-1] == "completed"
     assert all(n == 1 for n in _assignments(cp, rollout_id).values())
+
+
+def test_devices_refusing_a_release_as_unfit_are_incompatible_not_failed(
+    cp: ControlPlane, api: httpx.Client, fleet: SimFleet
+) -> None:
+    """The engine reads the code of a rejection: a device whose fit check
+    refuses the variant leaves the rollout, and no failure gate counts it."""
+    labels = _label()
+    unfit = {**BEHAVIOURS, "1.1.0": Behaviour(refuses=p.EventCode.DOES_NOT_FIT)}
+    devices = [fleet.add(device_id, "small", unfit if i < 2 else BEHAVIOURS, labels=labels)
+               for i, device_id in enumerate(ids("unfit", 4))]
+    _join(api, fleet, [d.device_id for d in devices])
+    rollout_id = _create(api, _spec("1.1.0", labels, [{"percent": 100, "bake_s": 0.3,
+                                                      "gates": {"max_failed": 0}}]))
+    detail = _wait_state(api, rollout_id, {"completed", "paused", "rolled_back"})
+    assert detail["state"] == "completed", detail["timeline"]
+    assert detail["counts"] == {"succeeded": 2, "incompatible": 2}
+    states = {m["device_id"]: m for m in detail["devices"]}
+    for device in devices[:2]:
+        assert states[device.device_id]["state"] == "incompatible"
+        assert states[device.device_id]["reason"] == "does_not_fit: simulated"
 
 
 def test_release_failing_its_health_check_stops_at_the_canary_and_rolls_back(

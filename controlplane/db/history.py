@@ -9,6 +9,7 @@ from sqlalchemy import and_, or_, select, true
 from sqlalchemy.orm import Session
 
 from .models import AssignmentRecord, DeviceEvent, DeviceSequence
+from .statuses import AssignmentStatus
 
 #: tie-break between timeline sources at the same timestamp: an assignment is
 #: issued before the device can react to it
@@ -62,7 +63,8 @@ def current_assignment(session: Session, device_id: str) -> LiveAssignment | Non
     """The device's active assignment, or None."""
     row = session.scalars(
         select(AssignmentRecord).where(
-            AssignmentRecord.device_id == device_id, AssignmentRecord.status == "active"
+            AssignmentRecord.device_id == device_id,
+            AssignmentRecord.status == AssignmentStatus.ACTIVE,
         )
     ).first()
     if row is None:
@@ -131,7 +133,7 @@ def device_timeline(
         select(A)
         .where(
             A.device_id == device_id,
-            A.status == "revoked",
+            A.status == AssignmentStatus.REVOKED,
             A.ended_at.is_not(None),
             _after(A.ended_at, A.id, ENDED, after),
         )

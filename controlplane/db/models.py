@@ -24,6 +24,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from protocol import EventCode
+
+from .statuses import AssignmentStatus, MemberState, RolloutState, status_type
+
 # Stable constraint names keep Alembic migrations deterministic across dialects.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -38,6 +42,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 DEVICE_ID_LEN = 64
 SHORT_LEN = 128
+EVENT_CODE_LEN = 32
 
 
 class Base(DeclarativeBase):
@@ -173,6 +178,9 @@ class DeviceEvent(Base):
     received_at: Mapped[float]
     type: Mapped[str] = mapped_column(String(32))
     assignment_id: Mapped[str | None] = mapped_column(String(SHORT_LEN), index=True)
+    #: why the step ended as it did, for programs (``reason`` is for people);
+    #: events in the old form get it from their reason's ``"code: detail"`` prefix
+    code: Mapped[EventCode | None] = mapped_column(status_type(EventCode, EVENT_CODE_LEN))
     reason: Mapped[str | None] = mapped_column(String(1024))
     progress_pct: Mapped[float | None]
 
@@ -291,8 +299,7 @@ class AssignmentRecord(Base):
     rollout_id: Mapped[str | None] = mapped_column(String(SHORT_LEN), index=True)
     #: ``assign`` (a new assignment) or ``refresh`` (a re-sign of the same one)
     kind: Mapped[str] = mapped_column(String(16))
-    #: ``active``, ``superseded`` (a newer row replaced it) or ``revoked`` (unassigned)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[AssignmentStatus] = mapped_column(status_type(AssignmentStatus, 16))
     #: when it stopped being active
     ended_at: Mapped[float | None]
     #: the signed envelope as canonical JSON: the exact ``desired`` payload
@@ -346,9 +353,7 @@ class Rollout(Base):
         BigId, ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False
     )
     spec: Mapped[dict[str, Any]]
-    #: ``active``, ``paused``, ``awaiting_approval``, ``completed``, ``aborted``,
-    #: ``rolled_back`` or ``superseded``
-    state: Mapped[str] = mapped_column(String(24), index=True)
+    state: Mapped[RolloutState] = mapped_column(status_type(RolloutState, 24), index=True)
     stage_index: Mapped[int] = mapped_column(Integer)
     stage_started_at: Mapped[float | None]
     #: the stage index an operator approved (manual approval before a stage)
@@ -379,9 +384,7 @@ class RolloutDevice(Base):
     variant_tier: Mapped[str | None] = mapped_column(String(16))
     #: position in the deterministic cohort order, from hash(rollout id, device id)
     cohort_key: Mapped[str] = mapped_column(String(64))
-    #: ``pending``, ``assigned``, ``succeeded``, ``failed``, ``incompatible``,
-    #: ``rolled_back`` or ``superseded``
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[MemberState] = mapped_column(status_type(MemberState, 16))
     #: the stage whose cohort it belongs to once assigned
     stage_index: Mapped[int | None] = mapped_column(Integer)
     assignment_id: Mapped[str | None] = mapped_column(String(SHORT_LEN))

@@ -134,6 +134,7 @@ _EVENT_KEYS = [
     "received_at",
     "type",
     "assignment_id",
+    "code",
     "reason",
     "progress_pct",
 ]
@@ -252,6 +253,8 @@ def _plan(items: Iterable[IngestItem]) -> _Plan:
                     "received_at": at,
                     "type": msg.type.value,
                     "assignment_id": msg.assignment_id,
+                    # the value, not the member: the driver gets no type processing
+                    "code": msg.code.value if msg.code else None,
                     "reason": msg.reason,
                     "progress_pct": msg.progress_pct,
                 },

@@ -239,6 +239,18 @@ class MqttIngest:
         """Connected to the broker and subscribed."""
         return self._subscribed.is_set()
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the live writer process; None when none is running.
+
+        It changes when a writer that died is replaced.
+        """
+        with self._cond:
+            worker = self._worker
+        if worker is None or not worker.process.is_alive():
+            return None
+        return worker.process.pid
+
     def _totals(self) -> dict[str, Any]:
         # Under self._cond: the live worker's counters plus those of retired ones.
         report = self._worker.report if self._worker else {}

@@ -10,8 +10,9 @@ A tick, per rollout, in this order:
    becomes ``superseded``).
 2. **Observe**: each assigned device's update outcome, read from the events
    it reported for its assignment id (``activated``, ``failed``,
-   ``rejected``; ``health_passed`` / ``health_failed``). A fit-check
-   rejection makes it ``incompatible``, not failed. An assignment this
+   ``rejected``; ``health_passed`` / ``health_failed``). An event whose
+   code says the device cannot run the variant (a fit-check rejection)
+   makes it ``incompatible``, not failed (:mod:`.outcome`). An assignment this
    rollout issued but did not record (the process died in between) is
    adopted, not issued twice.
 3. **Judge** the gates of the current stage over every device assigned so
@@ -44,35 +45,28 @@ from datetime import UTC, datetime
 from typing import Any
 
 from apscheduler.schedulers.base import BaseScheduler
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from controlplane.db import telemetry_aggregates
-from controlplane.db.models import (
-    AssignmentRecord,
-    Device,
-    DeviceEvent,
-    DeviceLabel,
-    RolloutDevice,
-)
+from controlplane.db.statuses import OUT_OF_ROLLOUT, MemberState, RolloutState
 from controlplane.db.telemetry_aggregates import Aggregate
 from controlplane.director import Director, UnknownRelease
-from controlplane.tier_policy import RAM_BYTES, choose_tier
-from protocol import ProtocolError, Tier
+from controlplane.tier_policy import choose_tier
+from protocol import ProtocolError, ReleaseManifest, Tier
 
-from . import store
+from . import queries, store
 from .cohort import cohort_key, stage_size
-from .gates import GateResult, MemberView, evaluate, overall
+from .gates import GateResult, evaluate, overall
+from .outcome import outcome
+from .queries import Issued, Member
 from .spec import RolloutSpec
+from .store import RolloutRow
 
 log = logging.getLogger(__name__)
 
 #: devices joined per rollout per tick; the rest join on the next ticks
 JOIN_BATCH = 20_000
-#: rollback reasons that mean "this device cannot run it", not "it is broken"
-_INCOMPATIBLE_REASONS = ("insufficient_ram", "insufficient_disk", "variant_mismatch",
-                         "does_not_fit", "no_variant")
-_FINAL_EVENTS = ("activated", "failed", "rejected", "rolled_back")
 
 
 def _now() -> float:
@@ -101,11 +95,7 @@ class RolloutEngine:
         """Evaluate every live rollout once, oldest first."""
         with self._lock:
             with self._engine.connect() as conn:
-                ids = conn.execute(
-                    select(store.rollouts.c.id)
-                    .where(store.rollouts.c.state.in_(store.LIVE))
-                    .order_by(store.rollouts.c.created_at)
-                ).scalars().all()
+                ids = queries.live_rollout_ids(conn)
             for rollout_id in ids:
                 try:
                     self._step(rollout_id)
@@ -115,40 +105,42 @@ class RolloutEngine:
                     log.exception("rollout %s: tick failed", rollout_id)
             self.ticks += 1
 
-    def _load(self, rollout_id: str) -> Any:
+    def _load(self, rollout_id: str) -> RolloutRow:
         with self._engine.connect() as conn:
-            return conn.execute(
-                select(store.rollouts).where(store.rollouts.c.id == rollout_id)
-            ).one()
+            return store.load(conn, rollout_id)
+
+    def _members(self, rollout_id: str) -> list[Member]:
+        with self._engine.connect() as conn:
+            return queries.members_of(conn, rollout_id)
 
     def _step(self, rollout_id: str) -> None:
         row = self._load(rollout_id)
         spec = RolloutSpec.model_validate(row.spec)
-        if row.state == "rolling_back":
+        if row.state == RolloutState.ROLLING_BACK:
             self._rollback(row, spec)
             return
         try:
             manifest = self._director.verified_release(spec.model, spec.version)
         except (UnknownRelease, ProtocolError) as exc:
-            if row.state == "active":
+            if row.state == RolloutState.ACTIVE:
                 self._fail(row, f"the release cannot be assigned any more: {exc}", [], spec,
                            action="pause")
             return
         self._join(row, spec, manifest)
         self._observe(row)
-        if row.state in ("paused", "awaiting_approval"):
+        if row.state in (RolloutState.PAUSED, RolloutState.AWAITING_APPROVAL):
             return  # a paused rollout sends nothing new
         members = self._members(row.id)
         assigned = [m for m in members if m.stage_index is not None
-                    and m.state not in ("incompatible", "superseded")]
-        if row.state == "active":
+                    and m.state not in OUT_OF_ROLLOUT]
+        if row.state == RolloutState.ACTIVE:
             results = self._judge(row, spec, assigned)
             if overall(results) == "fail":
                 failed = [r for r in results if r.verdict == "fail"]
                 why = "; ".join(r.describe() for r in failed)
                 # The devices' own words say what went wrong on them.
                 said = [f"{m.device_id}: {m.reason}" for m in assigned
-                        if m.state == "failed" and m.reason][:3]
+                        if m.state == MemberState.FAILED and m.reason][:3]
                 if said:
                     why += " — " + "; ".join(said)
                 self._fail(row, why, results, spec, action=spec.on_failure)
@@ -156,49 +148,22 @@ class RolloutEngine:
         else:
             results = []
         self._assign(row, spec, members)
-        if row.state == "active":
+        if row.state == RolloutState.ACTIVE:
             self._maybe_advance(row, spec, results)
 
     # -- 1. join -------------------------------------------------------------------
 
-    def _matching(self, spec: RolloutSpec, conn: Any) -> list[str]:
-        """Ids of the devices the target selects, in id order."""
-        query = select(Device.id).where(Device.tier.is_not(None))
-        target = spec.target
-        if target.tiers:
-            query = query.where(Device.tier.in_([t.value for t in target.tiers]))
-        if target.profiles:
-            query = query.where(Device.profile.in_(target.profiles))
-        if target.device_ids:
-            query = query.where(Device.id.in_(target.device_ids))
-        for key, value in target.labels.items():
-            query = query.where(
-                select(DeviceLabel.device_id).where(
-                    DeviceLabel.device_id == Device.id, DeviceLabel.key == key,
-                    DeviceLabel.value == value,
-                ).exists()
-            )
-        return list(conn.execute(query.order_by(Device.id)).scalars())
-
-    def _join(self, row: Any, spec: RolloutSpec, manifest: Any) -> None:
+    def _join(self, row: RolloutRow, spec: RolloutSpec, manifest: ReleaseManifest) -> None:
         now = self._clock()
         with self._engine.begin() as conn:
-            known = set(conn.execute(
-                select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == row.id)
-            ).scalars())
+            known = queries.member_ids(conn, row.id)
             # Ids first: every tick asks, and only newcomers need their reports read.
-            new_ids = [d for d in self._matching(spec, conn) if d not in known][:JOIN_BATCH]
+            new_ids = [d for d in queries.matching_device_ids(conn, spec.target)
+                       if d not in known][:JOIN_BATCH]
             if not new_ids:
                 return
-            new = []
-            for chunk in _chunks(new_ids, 500):
-                new.extend(conn.execute(
-                    select(Device.id, Device.tier, RAM_BYTES.label("ram_bytes"),
-                           Device.active_model).where(Device.id.in_(chunk))
-                ).all())
-            new.sort(key=lambda d: d.id)
             rows = []
-            for device in new:
+            for device in queries.candidates(conn, new_ids):
                 tier, why = choose_tier(manifest, Tier(device.tier), device.ram_bytes)
                 active = device.active_model or {}
                 previous = (f"{active['name']}@{active['version']}"
@@ -209,7 +174,7 @@ class RolloutEngine:
                     "device_tier": device.tier,
                     "variant_tier": tier.value if tier else None,
                     "cohort_key": cohort_key(row.id, device.id),
-                    "state": "pending" if tier else "incompatible",
+                    "state": MemberState.PENDING if tier else MemberState.INCOMPATIBLE,
                     "stage_index": None,
                     "assignment_id": None,
                     "assigned_at": None,
@@ -218,24 +183,10 @@ class RolloutEngine:
                     "reason": None if tier else why,
                     "updated_at": now,
                 })
-            conn.execute(insert(store.members), rows)
-            # Take the devices over from older live rollouts of the same model.
-            others = select(store.rollouts.c.id).where(
-                store.rollouts.c.model_name == spec.model, store.rollouts.c.id != row.id,
-                store.rollouts.c.state.in_(store.LIVE),
-                store.rollouts.c.created_at <= row.created_at,
-            )
-            ids = [r["device_id"] for r in rows if r["state"] == "pending"]
-            for chunk in _chunks(ids, 500):
-                conn.execute(
-                    update(store.members)
-                    .where(store.members.c.rollout_id.in_(others),
-                           store.members.c.device_id.in_(chunk),
-                           store.members.c.state.in_(("pending", "assigned")))
-                    .values(state="superseded", reason=f"taken over by rollout {row.id}",
-                            updated_at=now)
-                )
-            incompatible = sum(r["state"] == "incompatible" for r in rows)
+            queries.add_members(conn, rows)
+            queries.take_over(conn, row, [r["device_id"] for r in rows
+                                          if r["state"] == MemberState.PENDING], now)
+            incompatible = sum(r["state"] == MemberState.INCOMPATIBLE for r in rows)
             store.record(
                 conn, row.id, "devices_joined",
                 f"{len(rows)} device(s) matched the target"
@@ -247,67 +198,29 @@ class RolloutEngine:
 
     # -- 2. observe ----------------------------------------------------------------
 
-    def _members(self, rollout_id: str) -> list[Any]:
-        with self._engine.connect() as conn:
-            return list(conn.execute(
-                select(store.members).where(store.members.c.rollout_id == rollout_id)
-                .order_by(store.members.c.cohort_key)
-            ).all())
-
-    def _observe(self, row: Any) -> None:
+    def _observe(self, row: RolloutRow) -> None:
         now = self._clock()
         members = self._members(row.id)
-        pending = [m for m in members if m.state == "pending"]
-        watching = [m for m in members if m.state == "assigned" and m.assignment_id]
+        pending = [m.device_id for m in members if m.state == MemberState.PENDING]
+        watching = {m.assignment_id: m for m in members
+                    if m.state == MemberState.ASSIGNED and m.assignment_id}
         with self._engine.begin() as conn:
             # Adopt assignments this rollout issued but never recorded (a crash
             # between the director's commit and ours); none issued, none to adopt.
-            issued = pending and conn.execute(
-                select(AssignmentRecord.id).where(AssignmentRecord.rollout_id == row.id).limit(1)
-            ).first() is not None
-            for chunk in _chunks([m.device_id for m in pending] if issued else [], 500):
-                for rec in conn.execute(
-                    select(AssignmentRecord.device_id, AssignmentRecord.assignment_id,
-                           AssignmentRecord.issued_at)
-                    .where(AssignmentRecord.rollout_id == row.id,
-                           AssignmentRecord.status == "active",
-                           AssignmentRecord.device_id.in_(chunk))
-                ).all():
-                    conn.execute(
-                        update(store.members)
-                        .where(store.members.c.rollout_id == row.id,
-                               store.members.c.device_id == rec.device_id,
-                               store.members.c.state == "pending")
-                        .values(state="assigned", assignment_id=rec.assignment_id,
-                                assigned_at=rec.issued_at, stage_index=row.stage_index,
-                                updated_at=now)
-                    )
-            by_assignment = {m.assignment_id: m for m in watching}
-            events: dict[str, list[Any]] = {}
-            for chunk in _chunks(list(by_assignment), 500):
-                for ev in conn.execute(
-                    select(DeviceEvent.assignment_id, DeviceEvent.type, DeviceEvent.reason)
-                    .where(DeviceEvent.assignment_id.in_(chunk))
-                    .order_by(DeviceEvent.ts, DeviceEvent.id)
-                ).all():
-                    events.setdefault(ev.assignment_id, []).append(ev)
-            for assignment_id, evs in events.items():
-                member = by_assignment[assignment_id]
-                values = _outcome(evs)
+            if pending and queries.issued_any(conn, row.id):
+                queries.mark_assigned(conn, row.id, queries.issued_to(conn, row.id, pending),
+                                      row.stage_index, now)
+            for assignment_id, events in queries.events_for(conn, list(watching)).items():
+                member = watching[assignment_id]
+                values = outcome(events)
                 if values and any(getattr(member, k) != v for k, v in values.items()):
-                    conn.execute(
-                        update(store.members)
-                        .where(store.members.c.rollout_id == row.id,
-                               store.members.c.device_id == member.device_id,
-                               store.members.c.assignment_id == assignment_id)
-                        .values(**values, updated_at=now)
-                    )
+                    queries.set_outcome(conn, row.id, member, values, now)
 
     # -- 3. judge --------------------------------------------------------------------
 
-    def _judge(self, row: Any, spec: RolloutSpec, assigned: Sequence[Any]) -> list[GateResult]:
+    def _judge(self, row: RolloutRow, spec: RolloutSpec,
+               assigned: Sequence[Member]) -> list[GateResult]:
         gates = spec.gates_for(row.stage_index)
-        views = [MemberView(m.device_id, m.device_tier, m.state, m.health) for m in assigned]
         new_by_tier: dict[str, Aggregate] = {}
         old_by_tier: dict[str, Aggregate] = {}
         needs_metrics = any(v is not None for v in (
@@ -315,19 +228,18 @@ class RolloutEngine:
             gates.max_crashes))
         if needs_metrics and assigned:
             new_by_tier, old_by_tier = self._metrics(row, spec, assigned)
-        results = evaluate(gates, views, new_by_tier, old_by_tier)
+        results = evaluate(gates, [m.view() for m in assigned], new_by_tier, old_by_tier)
         public = [r.public() for r in results]
         if public != row.last_gates:
             with self._engine.begin() as conn:
-                conn.execute(update(store.rollouts).where(store.rollouts.c.id == row.id)
-                             .values(last_gates=public))
+                queries.save_gates(conn, row.id, public)
         return results
 
     def _metrics(
-        self, row: Any, spec: RolloutSpec, assigned: Sequence[Any]
+        self, row: RolloutRow, spec: RolloutSpec, assigned: Sequence[Member]
     ) -> tuple[dict[str, Aggregate], dict[str, Aggregate]]:
         since = row.created_at
-        mine = [m.device_id for m in assigned if m.state == "succeeded"]
+        mine = [m.device_id for m in assigned if m.state == MemberState.SUCCEEDED]
         tiers = sorted({m.device_tier for m in assigned if m.device_tier})
         with Session(self._engine) as session:
             new_rows = telemetry_aggregates.telemetry_rows(session, since=since, device_ids=mine) \
@@ -349,12 +261,12 @@ class RolloutEngine:
                     old_by_tier[tier] = agg
         return new_by_tier, old_by_tier
 
-    def _fail(self, row: Any, why: str, results: Sequence[GateResult], spec: RolloutSpec,
-              *, action: str) -> None:
+    def _fail(self, row: RolloutRow, why: str, results: Sequence[GateResult],
+              spec: RolloutSpec, *, action: str) -> None:
         details = {"gates": [r.public() for r in results], "action": action}
         stage = row.stage_index + 1
+        new_state = RolloutState.ROLLING_BACK if action == "rollback" else RolloutState.PAUSED
         with self._engine.begin() as conn:
-            new_state = "rolling_back" if action == "rollback" else "paused"
             done = store.transition(
                 conn, row, {"state": new_state, "reason": f"stage {stage}: {why}"},
                 kind="gate_failed", reason=f"stage {stage}: {why}; action: {action}",
@@ -367,26 +279,21 @@ class RolloutEngine:
 
     # -- 4. assign -------------------------------------------------------------------
 
-    def _online(self, members: Sequence[Any]) -> set[str]:
-        """Which of ``members``' devices are online now (in chunks: SQLite caps
-        the parameters of one statement)."""
-        online: set[str] = set()
+    def _online(self, members: Sequence[Member]) -> set[str]:
+        """Which of ``members``' devices are online now."""
         with self._engine.connect() as conn:
-            for chunk in _chunks([m.device_id for m in members], 500):
-                online.update(conn.execute(
-                    select(Device.id).where(Device.online.is_(True), Device.id.in_(chunk))
-                ).scalars())
-        return online
+            return queries.online_ids(conn, [m.device_id for m in members])
 
-    def _assign(self, row: Any, spec: RolloutSpec, members: Sequence[Any]) -> None:
-        percent = 100.0 if row.state == "completed" else spec.stages[row.stage_index].percent
-        pending = [m for m in _cohort(members, percent) if m.state == "pending"]
+    def _assign(self, row: RolloutRow, spec: RolloutSpec, members: Sequence[Member]) -> None:
+        percent = (100.0 if row.state == RolloutState.COMPLETED
+                   else spec.stages[row.stage_index].percent)
+        pending = [m for m in _cohort(members, percent) if m.state == MemberState.PENDING]
         if not pending:
             return
         online = self._online(pending)
         todo = [m for m in pending if m.device_id in online]
         if spec.max_concurrent_downloads is not None:
-            busy = sum(m.state == "assigned" for m in members)
+            busy = sum(m.state == MemberState.ASSIGNED for m in members)
             todo = todo[: max(0, spec.max_concurrent_downloads - busy)]
         if not todo:
             return
@@ -397,65 +304,48 @@ class RolloutEngine:
             [m.device_id for m in todo], spec.model, spec.version, rollout_id=row.id
         )
         now = self._clock()
+        sent = [r for r in results if r.status == "assigned"]
+        issued = [Issued(r.device_id, r.assignment_id, now) for r in sent if r.assignment_id]
         with self._engine.begin() as conn:
             # One executemany per outcome, not one statement per device: a
             # stage of thousands of devices is recorded in one round trip each.
-            m = store.members.c
-            assigned = [{"d": r.device_id, "a": r.assignment_id} for r in results
-                        if r.status == "assigned"]
-            if assigned:
-                conn.execute(
-                    update(store.members)
-                    .where(m.rollout_id == row.id, m.device_id == bindparam("d"),
-                           m.state == "pending")
-                    .values(state="assigned", assignment_id=bindparam("a"), assigned_at=now,
-                            stage_index=row.stage_index, updated_at=now),
-                    assigned,
-                )
+            queries.mark_assigned(conn, row.id, issued, row.stage_index, now)
             # unknown_device (deleted meanwhile) is left out: the row goes with it.
-            refused = [{"d": r.device_id, "r": r.reason} for r in results
-                       if r.status == "incompatible"]
-            if refused:
-                conn.execute(
-                    update(store.members)
-                    .where(m.rollout_id == row.id, m.device_id == bindparam("d"),
-                           m.state == "pending")
-                    .values(state="incompatible", reason=bindparam("r"), updated_at=now),
-                    refused,
-                )
-            sent = sum(r.status == "assigned" for r in results)
+            queries.mark_incompatible(conn, row.id, {r.device_id: r.reason for r in results
+                                                     if r.status == "incompatible"}, now)
             if sent:
                 store.record(
                     conn, row.id, "assigned",
-                    f"assigned {spec.model}@{spec.version} to {sent} device(s) of stage "
+                    f"assigned {spec.model}@{spec.version} to {len(sent)} device(s) of stage "
                     f"{row.stage_index + 1} ({percent:g} %)",
                     stage_index=row.stage_index,
-                    details={"devices": [r.device_id for r in results
-                                         if r.status == "assigned"][:100]},
+                    details={"devices": [r.device_id for r in sent][:100]},
                     now=now,
                 )
 
     # -- 5. advance ----------------------------------------------------------------
 
-    def _maybe_advance(self, row: Any, spec: RolloutSpec, results: Sequence[GateResult]) -> None:
+    def _maybe_advance(self, row: RolloutRow, spec: RolloutSpec,
+                       results: Sequence[GateResult]) -> None:
         members = self._members(row.id)
         stage = spec.stages[row.stage_index]
         cohort = _cohort(members, stage.percent)
         if not cohort:
             return
         online = self._online(cohort)
-        waiting = [m for m in cohort if m.state == "pending" and m.device_id in online]
-        updating = [m for m in cohort if m.state == "assigned"]
+        waiting = [m for m in cohort if m.state == MemberState.PENDING and m.device_id in online]
+        updating = [m for m in cohort if m.state == MemberState.ASSIGNED]
         now = self._clock()
         baked = row.stage_started_at is not None and now - row.stage_started_at >= stage.bake_s
         if waiting or updating or not baked or overall(results) != "pass":
             return
+        assert row.stage_started_at is not None  # baked
         gates = [r.public() for r in results]
         last = row.stage_index == len(spec.stages) - 1
         with self._engine.begin() as conn:
             if last:
                 store.transition(
-                    conn, row, {"state": "completed",
+                    conn, row, {"state": RolloutState.COMPLETED,
                                 "reason": "every stage passed its gates"},
                     kind="completed",
                     reason=f"stage {row.stage_index + 1} (100 %) passed its gates; "
@@ -468,7 +358,8 @@ class RolloutEngine:
             values: dict[str, Any] = {
                 "stage_index": nxt,
                 "stage_started_at": None if needs_approval else now,
-                "state": "awaiting_approval" if needs_approval else "active",
+                "state": RolloutState.AWAITING_APPROVAL if needs_approval
+                else RolloutState.ACTIVE,
                 "reason": f"waiting for approval of stage {nxt + 1}" if needs_approval else None,
                 "last_gates": None,
             }
@@ -485,10 +376,10 @@ class RolloutEngine:
 
     # -- rollback ------------------------------------------------------------------
 
-    def _rollback(self, row: Any, spec: RolloutSpec) -> None:
+    def _rollback(self, row: RolloutRow, spec: RolloutSpec) -> None:
         """Send every device this rollout assigned back to what it ran before; then finish."""
-        members = [m for m in self._members(row.id)
-                   if m.state in ("assigned", "succeeded", "failed")]
+        touched = (MemberState.ASSIGNED, MemberState.SUCCEEDED, MemberState.FAILED)
+        members = [m for m in self._members(row.id) if m.state in touched]
         by_previous: dict[str | None, list[str]] = {}
         for m in members:
             by_previous.setdefault(m.previous_ref, []).append(m.device_id)
@@ -496,18 +387,11 @@ class RolloutEngine:
         for previous, device_ids in sorted(by_previous.items(), key=lambda kv: str(kv[0])):
             outcome = self._send_back(previous, device_ids, row.id)
             notes.append(outcome)
-            now = self._clock()
             with self._engine.begin() as conn:
-                for chunk in _chunks(device_ids, 500):
-                    conn.execute(
-                        update(store.members)
-                        .where(store.members.c.rollout_id == row.id,
-                               store.members.c.device_id.in_(chunk))
-                        .values(state="rolled_back", reason=outcome, updated_at=now)
-                    )
+                queries.mark_rolled_back(conn, row.id, device_ids, outcome, self._clock())
         with self._engine.begin() as conn:
             store.transition(
-                conn, row, {"state": "rolled_back", "reason": row.reason},
+                conn, row, {"state": RolloutState.ROLLED_BACK, "reason": row.reason},
                 kind="rolled_back",
                 reason=(f"{len(members)} device(s) sent back: " + "; ".join(notes))
                 if members else "no device had been assigned; nothing to send back",
@@ -531,35 +415,11 @@ class RolloutEngine:
         return f"{sent} of {len(device_ids)} reassigned {previous}"
 
 
-def _outcome(events: Sequence[Any]) -> dict[str, Any]:
-    """A member's state, health and reason from its assignment's events, in order."""
-    values: dict[str, Any] = {}
-    for ev in events:
-        if ev.type == "health_passed":
-            values["health"] = "passed"
-        elif ev.type == "health_failed":
-            values["health"] = "failed"
-        if ev.type in _FINAL_EVENTS:
-            if ev.type == "activated":
-                values["state"], values["reason"] = "succeeded", None
-            elif ev.type == "rejected" and any(
-                r in (ev.reason or "") for r in _INCOMPATIBLE_REASONS
-            ):
-                values["state"], values["reason"] = "incompatible", ev.reason
-            else:
-                values["state"], values["reason"] = "failed", f"{ev.type}: {ev.reason or ''}"
-    return values
-
-
-def _cohort(members: Sequence[Any], percent: float) -> list[Any]:
+def _cohort(members: Sequence[Member], percent: float) -> list[Member]:
     """The members a stage of ``percent`` covers: the first by cohort key of
     those that can still take part."""
-    compatible = [m for m in members if m.state not in ("incompatible", "superseded")]
+    compatible = [m for m in members if m.state not in OUT_OF_ROLLOUT]
     return compatible[: stage_size(percent, len(compatible))]
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # -- scheduling -------------------------------------------------------------------------

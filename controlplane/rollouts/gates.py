@@ -12,14 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from controlplane.db.statuses import REPORTED, MemberState
 from controlplane.db.telemetry_aggregates import Aggregate
 
 from .spec import Gates
 
 Verdict = Literal["pass", "fail", "wait"]
-
-#: member states whose update has ended one way or the other
-REPORTED = frozenset({"succeeded", "failed"})
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,7 @@ class MemberView:
 
     device_id: str
     tier: str | None
-    state: str
+    state: MemberState
     #: ``passed``, ``failed`` or None (no health check seen)
     health: str | None
 
@@ -68,7 +66,7 @@ def overall(results: Iterable[GateResult]) -> Verdict:
 def _install_gates(gates: Gates, members: Sequence[MemberView]) -> list[GateResult]:
     out = []
     reported = sum(m.state in REPORTED for m in members)
-    failed = sum(m.state == "failed" for m in members)
+    failed = sum(m.state == MemberState.FAILED for m in members)
     if gates.min_devices_reporting is not None:
         # Never more than the stage holds: a stage of two cannot wait for three.
         need = min(gates.min_devices_reporting, len(members))

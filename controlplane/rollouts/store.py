@@ -13,25 +13,43 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.db.models import ModelVersion, Rollout, RolloutDecision, RolloutDevice
+from controlplane.db.statuses import LIVE_ROLLOUT_STATES, MemberState, RolloutState
 
 from .spec import RolloutSpec
 
-#: states in which the engine still acts on a rollout
-LIVE = ("active", "paused", "awaiting_approval", "rolling_back", "completed")
-#: states that are final
-FINAL = ("aborted", "rolled_back", "superseded")
-#: member states whose update is over and which hold no download slot
-SETTLED = ("succeeded", "failed", "incompatible", "rolled_back", "superseded")
+rollouts: Table = Rollout.__table__  # type: ignore[assignment]
+decisions: Table = RolloutDecision.__table__  # type: ignore[assignment]
+members: Table = RolloutDevice.__table__  # type: ignore[assignment]
 
-rollouts = Rollout.__table__
-decisions = RolloutDecision.__table__
-members = RolloutDevice.__table__
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """A rollout as read at one instant; changes to it are conditional on ``revision``."""
+
+    id: str
+    model_name: str
+    version: str
+    spec: dict[str, Any]
+    state: RolloutState
+    stage_index: int
+    stage_started_at: float | None
+    approved_stage: int
+    revision: int
+    created_at: float
+    reason: str | None
+    last_gates: list[Any] | None
+
+    @classmethod
+    def of(cls, row: Row[Any]) -> RolloutRow:
+        """The value of a row read from the ``rollouts`` table."""
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
 
 
 class RolloutError(Exception):
@@ -83,7 +101,7 @@ def record(
 
 def transition(
     conn: Connection,
-    row: Any,
+    row: RolloutRow,
     values: dict[str, Any],
     *,
     kind: str,
@@ -136,16 +154,16 @@ def create(engine: Engine, spec: RolloutSpec, *, now: float | None = None) -> st
             )
         older = conn.execute(
             select(rollouts).where(rollouts.c.model_name == spec.model,
-                                   rollouts.c.state.in_(LIVE))
+                                   rollouts.c.state.in_(LIVE_ROLLOUT_STATES))
         ).all()
         target = spec.target.model_dump(mode="json")
-        for row in older:
+        for row in map(RolloutRow.of, older):
             if row.spec.get("target") == target:
-                transition(conn, row, {"state": "superseded",
+                transition(conn, row, {"state": RolloutState.SUPERSEDED,
                                        "reason": f"superseded by rollout {rollout_id}"},
                            kind="superseded", reason=f"superseded by rollout {rollout_id} "
                            f"({spec.model}@{spec.version}, same target)", now=now)
-        state = "awaiting_approval" if first.approval else "active"
+        state = RolloutState.AWAITING_APPROVAL if first.approval else RolloutState.ACTIVE
         conn.execute(
             insert(rollouts),
             {
@@ -179,21 +197,24 @@ def create(engine: Engine, spec: RolloutSpec, *, now: float | None = None) -> st
 # -- operator actions ---------------------------------------------------------------
 
 
-def _load(conn: Connection, rollout_id: str) -> Any:
+def load(conn: Connection, rollout_id: str) -> RolloutRow:
+    """The rollout as it is now, or :class:`UnknownRollout`."""
     row = conn.execute(select(rollouts).where(rollouts.c.id == rollout_id)).one_or_none()
     if row is None:
         raise UnknownRollout(f"rollout {rollout_id!r} not found")
-    return row
+    return RolloutRow.of(row)
 
 
+_S = RolloutState
+#: states an operator may stop or roll back a rollout from
+_STOPPABLE = (_S.ACTIVE, _S.PAUSED, _S.AWAITING_APPROVAL, _S.COMPLETED)
 #: action -> (states it applies to, new state, decision kind)
-_ACTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "pause": (("active", "awaiting_approval"), "paused", "paused"),
-    "resume": (("paused",), "active", "resumed"),
-    "approve": (("awaiting_approval",), "active", "approved"),
-    "abort": (("active", "paused", "awaiting_approval", "completed"), "aborted", "aborted"),
-    "rollback": (("active", "paused", "awaiting_approval", "completed"), "rolling_back",
-                 "rollback_requested"),
+_ACTIONS: dict[str, tuple[tuple[RolloutState, ...], RolloutState, str]] = {
+    "pause": ((_S.ACTIVE, _S.AWAITING_APPROVAL), _S.PAUSED, "paused"),
+    "resume": ((_S.PAUSED,), _S.ACTIVE, "resumed"),
+    "approve": ((_S.AWAITING_APPROVAL,), _S.ACTIVE, "approved"),
+    "abort": (_STOPPABLE, _S.ABORTED, "aborted"),
+    "rollback": (_STOPPABLE, _S.ROLLING_BACK, "rollback_requested"),
 }
 ACTIONS = tuple(_ACTIONS)
 
@@ -213,7 +234,7 @@ def act(engine: Engine, rollout_id: str, action: str, *, reason: str | None = No
     allowed, new_state, kind = _ACTIONS[action]
     now = time.time() if now is None else now
     with engine.begin() as conn:
-        row = _load(conn, rollout_id)
+        row = load(conn, rollout_id)
         if row.state not in allowed:
             raise RolloutConflict(
                 f"cannot {action} rollout {rollout_id}: it is {row.state} "
@@ -224,7 +245,7 @@ def act(engine: Engine, rollout_id: str, action: str, *, reason: str | None = No
         values["reason"] = why
         if action == "resume" and row.stage_started_at is None:
             # Paused while it waited for approval: it goes back to waiting.
-            values["state"] = "awaiting_approval"
+            values["state"] = RolloutState.AWAITING_APPROVAL
         elif action in ("resume", "approve"):
             values["stage_started_at"] = now
         if action == "approve":
@@ -242,7 +263,11 @@ def list_rollouts(
     """Up to ``limit`` rollouts, newest first (keyset on ``(created_at, id)``)."""
     query = select(Rollout).order_by(Rollout.created_at.desc(), Rollout.id.desc()).limit(limit)
     if state is not None:
-        query = query.where(Rollout.state == state)
+        try:
+            wanted = RolloutState(state)
+        except ValueError:
+            return []  # no rollout is in a state that does not exist
+        query = query.where(Rollout.state == wanted)
     if after is not None:
         ts, _, rid = after.partition(" ")
         created = float(ts)
@@ -262,7 +287,7 @@ def get(session: Session, rollout_id: str) -> Rollout:
 
 def member_counts(
     session: Session, rollout_id: str
-) -> list[tuple[int | None, str | None, str, int]]:
+) -> list[tuple[int | None, str | None, MemberState, int]]:
     """``(stage_index, device tier, state, count)`` of the rollout's devices."""
     rows = session.execute(
         select(RolloutDevice.stage_index, RolloutDevice.device_tier, RolloutDevice.state,

@@ -43,6 +43,8 @@ class Behaviour:
     tokens_per_s: float = 80.0
     latency_p95_ms: float = 400.0
     errors_per_10: int = 0
+    #: refuse the update with this code, as an agent's fit check rejects one
+    refuses: p.EventCode | None = None
 
 
 @dataclass
@@ -134,11 +136,12 @@ class SimDevice:
 
     # -- the update pipeline, simulated ---------------------------------------------
 
-    def _event(self, type_: str, assignment_id: str, reason: str | None = None) -> None:
+    def _event(self, type_: str, assignment_id: str, reason: str | None = None,
+               code: p.EventCode | None = None) -> None:
         self._seq += 1
         self._say(p.TopicKind.EVENTS, p.Event(
             device_id=self.device_id, ts=time.time(), seq=self._seq, type=p.EventType(type_),
-            assignment_id=assignment_id, reason=reason))
+            assignment_id=assignment_id, code=code, reason=reason))
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
@@ -164,9 +167,19 @@ class SimDevice:
     def _install(self, verified: p.VerifiedAssignment) -> None:
         a, manifest = verified.assignment, verified.manifest
         aid = a.assignment_id
+        behaviour = self.behaviours.get(manifest.version, Behaviour())
+        if behaviour.refuses is not None:
+            self._event("received", aid)
+            self._event("verified", aid)
+            reason = f"{behaviour.refuses.value}: simulated"
+            self._event("rejected", aid, reason, behaviour.refuses)
+            self._update = p.UpdateStatus(assignment_id=aid, sequence=a.sequence,
+                                          ref=manifest.ref, state=p.UpdateState.REJECTED,
+                                          reason=reason, ts=time.time())
+            self._hello()
+            return
         for step in ("received", "verified", "fit_checked", "downloading", "staged"):
             self._event(step, aid)
-        behaviour = self.behaviours.get(manifest.version, Behaviour())
         if self.active == (manifest.name, manifest.version):
             state, reason = p.UpdateState.ACTIVATED, None
         elif behaviour.healthy:
@@ -174,11 +187,13 @@ class SimDevice:
             state, reason = p.UpdateState.ACTIVATED, None
         else:
             reason = 'prompt 1: answer "L\'Étoile" contains none of [\'paris\']'
-            self._event("health_failed", aid, reason)
+            self._event("health_failed", aid, reason, p.EventCode.HEALTH_FAILED)
             state, reason = p.UpdateState.FAILED, f"health_failed: {reason}"
         if state is p.UpdateState.ACTIVATED:
             self.active = (manifest.name, manifest.version)
-        self._event("activated" if state is p.UpdateState.ACTIVATED else "failed", aid, reason)
+            self._event("activated", aid)
+        else:
+            self._event("failed", aid, reason, p.EventCode.HEALTH_FAILED)
         self._update = p.UpdateStatus(assignment_id=aid, sequence=a.sequence,
                                       ref=manifest.ref, state=state, reason=reason,
                                       ts=time.time())
