@@ -53,8 +53,12 @@ EXPECTED: dict[EventCode, Treatment] = {
     EventCode.SIZE_MISMATCH: FAILED,
     EventCode.HASH_MISMATCH: FAILED,
     EventCode.TOKENIZER_MISMATCH: FAILED,
+    EventCode.NO_ARTIFACT_URL: FAILED,
     # the device's own state
     EventCode.STORE_CORRUPT: FAILED,
+    EventCode.STORE_CONFLICT: FAILED,
+    EventCode.DISK_ERROR: FAILED,
+    EventCode.INTERNAL_ERROR: FAILED,
     EventCode.STATE_CORRUPT: FAILED,
     EventCode.KEYS_UNAVAILABLE: FAILED,
     EventCode.CRASH_LOOP: FAILED,

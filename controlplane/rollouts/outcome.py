@@ -74,8 +74,12 @@ TREATMENT: Mapping[EventCode, Treatment] = MappingProxyType({
     EventCode.SIZE_MISMATCH: _F,
     EventCode.HASH_MISMATCH: _F,
     EventCode.TOKENIZER_MISMATCH: _F,
+    EventCode.NO_ARTIFACT_URL: _F,
     # the device's own state
     EventCode.STORE_CORRUPT: _F,
+    EventCode.STORE_CONFLICT: _F,
+    EventCode.DISK_ERROR: _F,
+    EventCode.INTERNAL_ERROR: _F,
     EventCode.STATE_CORRUPT: _F,
     EventCode.KEYS_UNAVAILABLE: _F,
     EventCode.CRASH_LOOP: _F,
