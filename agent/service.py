@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 from typing import Any
 
@@ -45,6 +47,47 @@ STOP_TASK_GRACE_S = 1.0
 STOP_TASK_CANCELS = 3
 #: start-up memory is released once connected, or after this long without a broker
 SETTLE_TIMEOUT_S = 30.0
+#: exit status of an agent that cannot start as configured but may once the
+#: cause goes away (the port is freed): systemd's Restart=on-failure retries it
+#: a few times, then leaves the unit failed (exit 2, a bad config, is not retried)
+START_FAILED_EXIT = 1
+
+
+class AgentStartError(Exception):
+    """The agent cannot do what its config asks (e.g. serve its local API)."""
+
+
+def _api_unavailable(config: AgentConfig, exc: OSError) -> AgentStartError:
+    """The error of a local API that cannot listen, naming the address and the fixes."""
+    address = f"{config.api_host}:{config.api_port}"
+    if config.api_socket is not None:
+        address += f" (and {config.api_socket})"
+    held = "another process holds that port: stop it, or " if exc.errno == errno.EADDRINUSE else ""
+    return AgentStartError(
+        f"local API cannot listen on {address}: {exc.strerror or exc}; {held}set api_port "
+        f"in the agent config to a free port (0 picks one, logged at start), or "
+        f"api_enabled = false if this device serves no apps"
+    )
+
+
+def check_api_port(config: AgentConfig) -> None:
+    """Raise :class:`AgentStartError` if the local API's TCP port cannot be bound now.
+
+    Checked before the agent connects or tells systemd it is ready: the API
+    itself opens only once the installed model is loaded (so apps are never
+    told "no model" while it loads), which may be after both.
+    """
+    if not config.api_enabled or config.api_port == 0:
+        return
+    family = socket.AF_INET6 if ":" in config.api_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As asyncio's server does: a port left in TIME_WAIT by the last run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.api_host, config.api_port))
+            sock.listen()
+        except OSError as exc:
+            raise _api_unavailable(config, exc) from exc
 
 
 class Agent:
@@ -96,6 +139,8 @@ class Agent:
         )
         self._stop = asyncio.Event()
         self._hello_dirty = asyncio.Event()
+        #: why the agent must exit non-zero once stopped (raised by :meth:`run`)
+        self._failed: AgentStartError | None = None
         log.info(
             "device %s: profile %s, tier %s%s",
             config.device_id,
@@ -172,9 +217,11 @@ class Agent:
         try:
             await api.start()
         except OSError as exc:
-            # Updates and telemetry go on; apps on the device get no API until fixed.
-            log.error("local API cannot listen on %s:%s: %s", config.api_host,
-                      config.api_port, exc)
+            # check_api_port passed, so the port was taken since (or the unix
+            # socket cannot be made): an agent configured to serve apps that
+            # cannot serve them must not run on as if it did.
+            self._failed = _api_unavailable(config, exc)
+            self.request_stop()
             return
         self.api = api
         log.info("local API on http://%s:%d%s", config.api_host, api.port,
@@ -220,7 +267,13 @@ class Agent:
         self._stop.set()
 
     async def run(self) -> None:
-        """Run until stopped; SIGTERM/SIGINT stop it cleanly."""
+        """Run until stopped; SIGTERM/SIGINT stop it cleanly.
+
+        Raises :class:`AgentStartError` when the local API cannot listen:
+        before anything starts (so systemd never hears ``READY=1``) when its
+        port is taken at start, after a clean stop if it is taken later.
+        """
+        check_api_port(self.config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -262,6 +315,8 @@ class Agent:
         await _until_cancelled([updates, *tasks])
         self.updater.mark_clean_shutdown()
         log.info("agent %s stopped", self.config.device_id)
+        if self._failed is not None:
+            raise self._failed
 
 
 async def _until_cancelled(tasks: list[asyncio.Task[Any]]) -> None:
@@ -307,4 +362,8 @@ def run_agent(config: AgentConfig, detection: Detection | None = None) -> None:
         hardware = (detection or Detection(config)).result()
         await Agent(config, hardware=hardware).run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except AgentStartError as exc:
+        log.critical("agent %s cannot start: %s", config.device_id, exc)
+        raise SystemExit(START_FAILED_EXIT) from None

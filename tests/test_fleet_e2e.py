@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import protocol as p
-from controlplane.devfleet.fleet import DevFleet
+from controlplane.devfleet.fleet import DEMO_DEVICES, DevFleet
 from controlplane.service import ControlPlane
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.auth import ADMIN_HEADERS
@@ -189,5 +189,25 @@ def test_slmfleet_dev_enrolls_its_devices_through_the_api(tmp_path: Path) -> Non
         finally:
             stranger.close()
         assert fleet.enroll("dev-pi-2")
+    finally:
+        fleet.stop()
+
+
+def test_slmfleet_dev_agents_each_serve_their_local_api(tmp_path: Path) -> None:
+    """`slmfleet dev`'s three agents share this machine's loopback: each gets a
+    local API port of its own (the `AGENT` lines), and each answers there."""
+    fleet = DevFleet(tmp_path / "dev", log=lambda _: None)
+    try:
+        fleet.start()  # returns once every agent is online and its API answers
+        assert set(fleet.agent_urls) == {d for d, _, _ in DEMO_DEVICES}
+        ports = {httpx.URL(url).port for url in fleet.agent_urls.values()}
+        assert len(ports) == len(DEMO_DEVICES), fleet.agent_urls
+        for device_id, url in fleet.agent_urls.items():
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+            models = httpx.get(f"{url}/models")
+            assert models.status_code == 200, (device_id, models.text)
+            assert models.json()["object"] == "list"
+            log = (tmp_path / "dev" / "agents" / device_id / "agent.log").read_text()
+            assert "cannot listen" not in log
     finally:
         fleet.stop()

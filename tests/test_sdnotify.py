@@ -260,3 +260,52 @@ def test_a_stop_right_after_ready_always_ends_the_agent(
         finally:
             agent.stop()
             sock.close()
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A loopback port another process (here: this test) is listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_agent_whose_api_port_is_taken_exits_and_is_never_ready(
+    tmp_path: Path, broker: MosquittoBroker, device: tuple[str, str],
+    notify_socket: NotifySocket, held_port: int,
+) -> None:
+    """An agent configured to serve apps that cannot serve them is not ready:
+    it exits non-zero (systemd's Restart=on-failure retries it, then leaves the
+    unit failed), saying which address and what to do, and never sends READY=1."""
+    config = write_agent_config(tmp_path, device[0], broker.url, device[1],
+                                api_port=held_port)
+    agent = AgentProcess(config, env=_agent_env(notify_socket.address))
+    try:
+        assert agent.proc.wait(timeout=60) == 1, agent.log()
+        log = agent.log()
+        assert f"local API cannot listen on 127.0.0.1:{held_port}" in log
+        assert "api_port" in log and "another process holds that port" in log
+        assert f"connected to {broker.url}" not in log, "it must fail before joining"
+        time.sleep(0.2)  # a datagram sent just before exiting has surely arrived
+        assert not notify_socket.with_field("READY", "1"), notify_socket.datagrams
+    finally:
+        agent.stop()
+
+
+@pytest.mark.integration
+def test_agent_without_local_api_ignores_api_port(
+    tmp_path: Path, broker: MosquittoBroker, device: tuple[str, str],
+    notify_socket: NotifySocket, held_port: int,
+) -> None:
+    """``api_enabled = false``: no API, so its port (taken here) does not matter."""
+    config = write_agent_config(tmp_path, device[0], broker.url, device[1],
+                                api_port=held_port, api_enabled=False)
+    agent = AgentProcess(config, env=_agent_env(notify_socket.address))
+    try:
+        notify_socket.wait_for("STATUS", "connected to broker")
+        assert "local API" not in agent.log()
+        assert agent.terminate() == 0, agent.log()
+    finally:
+        agent.stop()

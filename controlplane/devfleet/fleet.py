@@ -14,9 +14,11 @@ rollout engine, with every decision and its reason printed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +89,27 @@ def demo_rollout_spec(version: str) -> dict[str, Any]:
         "on_failure": "rollback",
         "max_concurrent_downloads": 1,
     }
+
+#: how long an agent may take from online to its local API answering (the
+#: probe and the worker's start are behind it; a model it serves loads first)
+AGENT_API_TIMEOUT_S = 60.0
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 now.
+
+    The sockets are held until all are picked, so the kernel cannot hand the
+    same port out twice. Another process may still take one before the agent
+    binds it; that agent then exits saying so (``wait_for_devices`` reports it).
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
 
 #: (device id, simulated board preset, labels) of the demo fleet
 DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
@@ -214,13 +237,19 @@ class DevFleet:
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     #: an admin API token issued for this run (the `TOKEN` line)
     token: str | None = None
+    #: each agent's local OpenAI-compatible API, ``http://127.0.0.1:PORT/v1``
+    #: (the `AGENT` lines); every agent has a port of its own
+    agent_urls: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        """Start broker, control plane and agents; wait until all agents reported."""
+        """Start broker, control plane and agents; wait until all agents reported
+        and each one's local API answers."""
         self.start_services()
-        for device_id, preset, labels in DEMO_DEVICES:
-            self._start_agent(device_id, preset, labels, self.enroll(device_id))
+        ports = free_loopback_ports(len(DEMO_DEVICES))
+        for (device_id, preset, labels), port in zip(DEMO_DEVICES, ports, strict=True):
+            self._start_agent(device_id, preset, labels, self.enroll(device_id), port)
         self.wait_for_devices([d for d, _, _ in DEMO_DEVICES])
+        self.wait_for_agent_apis()
 
     def start_services(self) -> None:
         """Start the broker and the control plane, and issue this run's admin token."""
@@ -256,7 +285,8 @@ class DevFleet:
             )
         return str(response.json()["password"])
 
-    def _start_agent(self, device_id: str, preset: str, labels: dict[str, str], pw: str) -> None:
+    def _start_agent(self, device_id: str, preset: str, labels: dict[str, str], pw: str,
+                     api_port: int) -> None:
         assert self.broker is not None and self.keys is not None
         agent_dir = self.data_dir / "agents" / device_id
         agent_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +302,8 @@ class DevFleet:
             # What a real install pins at provisioning time (docs/models.md).
             "release_keys_file": str(self.keys.release_keys_file),
             "director_keys_file": str(self.keys.director_keys_file),
+            # Its own local API port: the agents share this machine's loopback.
+            "api_port": api_port,
         }
         path = agent_dir / "agent.toml"
         path.write_text(tomli_w.dumps(config))
@@ -284,6 +316,7 @@ class DevFleet:
             start_new_session=True,
         )
         log_file.close()
+        self.agent_urls[device_id] = f"http://127.0.0.1:{api_port}/v1"
         self.log(f"agent {device_id} started (simulated {preset})")
 
     @property
@@ -306,16 +339,36 @@ class DevFleet:
             online = {d["id"] for d in items if d["online"]}
             if set(device_ids) <= online:
                 return items
-            for device_id, proc in self.agents.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"agent {device_id} exited with {proc.returncode}; see "
-                        f"{self.data_dir / 'agents' / device_id / 'agent.log'}"
-                    )
+            self._check_agents_running()
             if time.monotonic() > deadline:
                 missing = sorted(set(device_ids) - online)
                 raise RuntimeError(f"devices never came online: {', '.join(missing)}")
             time.sleep(0.2)
+
+    def _check_agents_running(self) -> None:
+        """Raise, pointing at its log, if an agent has exited (its log says why)."""
+        for device_id, proc in self.agents.items():
+            if proc.poll() is not None:
+                log = self.data_dir / "agents" / device_id / "agent.log"
+                lines = log.read_text(errors="replace").strip().splitlines() or [""]
+                raise RuntimeError(
+                    f"agent {device_id} exited with {proc.returncode}: {lines[-1]} (see {log})"
+                )
+
+    def wait_for_agent_apis(self, timeout: float = AGENT_API_TIMEOUT_S) -> None:
+        """Poll until every agent's local API answers ``GET /v1/models``."""
+        deadline = time.monotonic() + timeout
+        waiting = dict(self.agent_urls)
+        while waiting:
+            for device_id, url in list(waiting.items()):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
+                        del waiting[device_id]
+            self._check_agents_running()
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(f"local APIs never answered: {', '.join(sorted(waiting))}")
+            if waiting:
+                time.sleep(0.2)
 
     def _publish(self, version: str, model: Path, **kwargs: Any) -> None:
         from ..client import publish_release
@@ -403,6 +456,7 @@ class DevFleet:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.agents.clear()
+        self.agent_urls.clear()
         if self.controlplane is not None:
             self.controlplane.stop()
             self.controlplane = None
