@@ -185,16 +185,14 @@ class ControlPlaneSettings(BaseModel):
 
     @model_validator(mode="after")
     def _tls_complete(self) -> ControlPlaneSettings:
-        if (self.api_tls_cert_file is None) != (self.api_tls_key_file is None):
-            raise ValueError("api_tls_cert_file and api_tls_key_file go together")
+        _both_or_neither(self, "api_tls_cert_file", "api_tls_key_file")
         if self.mqtt_tls_ca_file is not None and not self.mqtt_tls:
             raise ValueError("mqtt_tls_ca_file needs an mqtts:// mqtt_url")
         return self
 
     @model_validator(mode="after")
     def _enrollment_complete(self) -> ControlPlaneSettings:
-        if (self.mosquitto_passwd_file is None) != (self.mosquitto_acl_file is None):
-            raise ValueError("mosquitto_passwd_file and mosquitto_acl_file go together")
+        _both_or_neither(self, "mosquitto_passwd_file", "mosquitto_acl_file")
         if self.mosquitto_passwd_file is not None and self.mqtt_password is None:
             raise ValueError(
                 "mosquitto_passwd_file needs mqtt_password: the control plane writes its own "
@@ -277,6 +275,12 @@ class ControlPlaneSettings(BaseModel):
     def offline_after_s(self) -> float:
         """Silence after which a device counts as offline."""
         return self.heartbeat_interval_s * self.offline_after_missed
+
+
+def _both_or_neither(settings: BaseModel, first: str, second: str) -> None:
+    """Refuse half of a pair of settings that only work together."""
+    if (getattr(settings, first) is None) != (getattr(settings, second) is None):
+        raise ValueError(f"{first} and {second} go together")
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, str | None]:

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 MQTT_READY_TIMEOUT_S = 10.0
 API_READY_TIMEOUT_S = 10.0
 API_STOP_TIMEOUT_S = 5.0
+#: what stop() releases last, in this order: the attribute and its release method
+#: (outbound MQTT first, then ingest, the database, and the API's socket)
+_RELEASED_LAST: tuple[tuple[str, str], ...] = (
+    ("publisher", "stop"),
+    ("ingest", "stop"),
+    ("engine", "dispose"),
+    ("_sock", "close"),
+)
 
 
 class ControlPlane:
@@ -281,18 +289,12 @@ class ControlPlane:
         remove_rollout_engine(self._engine_key)
         self.rollouts = None
         self.director = None
-        publisher, self.publisher = self.publisher, None
-        if publisher is not None:
-            publisher.stop()
-        ingest, self.ingest = self.ingest, None
-        if ingest is not None:
-            ingest.stop()
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.dispose()
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        for attr, release in _RELEASED_LAST:
+            # Detached before it is released, so a second stop() finds nothing.
+            part = getattr(self, attr)
+            setattr(self, attr, None)
+            if part is not None:
+                getattr(part, release)()
         self._port = None
 
     def serve_forever(self) -> None:

@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,11 +161,17 @@ async def _activate(device: Device, artifact: str, version: str) -> str:
     return aid
 
 
+async def _boot_to_health_check(device: Device, **assign: Any) -> Updater:
+    """Boot, offer a.bin 1.0.0 and return once its health check is running."""
+    updater = await device.boot()
+    await updater.offer(device.assign("a.bin", "1.0.0", **assign))
+    await asyncio.wait_for(device.health.running.wait(), 10)
+    return updater
+
+
 def test_newer_assignment_supersedes_a_running_update(device: Device) -> None:
     async def go() -> None:
-        updater = await device.boot()
-        await updater.offer(device.assign("a.bin", "1.0.0"))
-        await asyncio.wait_for(device.health.running.wait(), 10)
+        updater = await _boot_to_health_check(device)
 
         await updater.offer(device.assign("b.bin", "2.0.0"))
         await device.until(lambda: len(device.health.calls) == 2 and device.health.running.is_set(),
@@ -189,9 +196,7 @@ def test_newer_assignment_supersedes_a_running_update(device: Device) -> None:
 
 def test_failed_health_check_ends_the_update_with_its_code(device: Device) -> None:
     async def go() -> None:
-        updater = await device.boot()
-        await updater.offer(device.assign("a.bin", "1.0.0"))
-        await asyncio.wait_for(device.health.running.wait(), 10)
+        updater = await _boot_to_health_check(device)
         device.health.finish(False)
         await device.until(lambda: device.final("a-1"), "a-1 to finish")
 
@@ -209,9 +214,7 @@ def test_failed_health_check_ends_the_update_with_its_code(device: Device) -> No
 
 def test_resign_mid_update_continues_it(device: Device) -> None:
     async def go() -> None:
-        updater = await device.boot()
-        await updater.offer(device.assign("a.bin", "1.0.0", assignment_id="a-x"))
-        await asyncio.wait_for(device.health.running.wait(), 10)
+        updater = await _boot_to_health_check(device, assignment_id="a-x")
         before = len(device.events())
 
         await updater.offer(device.assign("a.bin", "1.0.0", assignment_id="a-x", sequence=2))
@@ -230,9 +233,7 @@ def test_resign_mid_update_continues_it(device: Device) -> None:
 
 def test_staged_update_rechecks_health_after_a_crash(device: Device) -> None:
     async def go() -> None:
-        updater = await device.boot()
-        await updater.offer(device.assign("a.bin", "1.0.0"))
-        await asyncio.wait_for(device.health.running.wait(), 10)
+        updater = await _boot_to_health_check(device)
         await device.crash()
 
         updater = await device.boot()
@@ -334,9 +335,7 @@ def test_unreadable_state_refuses_updates_without_overwriting(device: Device) ->
 
 def test_an_update_interrupted_by_too_many_restarts_gives_up(device: Device) -> None:
     async def go() -> None:
-        updater = await device.boot()
-        await updater.offer(device.assign("a.bin", "1.0.0"))
-        await asyncio.wait_for(device.health.running.wait(), 10)
+        updater = await _boot_to_health_check(device)
         for _ in range(4):
             await device.crash()
             await device.boot()

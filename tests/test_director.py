@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,15 @@ def test_resign_keeps_the_assignment_and_raises_the_sequence(
     assert live["sequence"] == second.assignment.sequence
 
 
+def _run_at_once(worker: Callable[[str], None], args: list[str]) -> None:
+    """Call ``worker`` with each of ``args``, all on threads of their own; wait for all."""
+    threads = [threading.Thread(target=worker, args=(arg,)) for arg in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_sequences_strictly_increase_under_concurrent_assigns(
     cp: ControlPlane, api: httpx.Client, broker: MosquittoBroker
 ) -> None:
@@ -199,11 +208,7 @@ def test_sequences_strictly_increase_under_concurrent_assigns(
             with lock:
                 got.append(r.sequence or 0)
 
-    threads = [threading.Thread(target=worker, args=(v,)) for v in ["1.0.0", "1.1.0"] * 4]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_at_once(worker, ["1.0.0", "1.1.0"] * 4)
     device.close()
     assert sorted(got) == list(range(1, 41))
     live = api.get(f"/v1/devices/{device.id}").json()["assignment"]
@@ -470,11 +475,7 @@ def test_counter_hands_out_each_number_once_under_contention(
             with lock:
                 got[device_id].append(number)
 
-    threads = [threading.Thread(target=worker, args=(d,)) for d in ["dev-a", "dev-b"] * 6]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_at_once(worker, ["dev-a", "dev-b"] * 6)
     engine.dispose()
     assert sorted(got["dev-a"]) == list(range(1, 151))
     assert sorted(got["dev-b"]) == list(range(1, 151))

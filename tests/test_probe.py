@@ -80,21 +80,25 @@ def test_probe_without_nvidia_smi_or_devicetree_reports_no_gpu(tmp_path: Path) -
     assert [(a.kind, a.name) for a in caps.accelerators] == [("gpu", "Orin")]
 
 
-def test_runtimes_match_installed_packages() -> None:
+@pytest.mark.parametrize(
+    ("package", "runtime", "provider"),
+    [
+        ("llama-cpp-python", "llama.cpp", None),
+        ("onnxruntime", "onnxruntime", "CPUExecutionProvider"),
+    ],
+)
+def test_runtimes_match_installed_packages(
+    package: str, runtime: str, provider: str | None
+) -> None:
     runtimes = {r.name: r for r in probe_runtimes()}
     try:
-        llama = importlib.metadata.version("llama-cpp-python")
+        version = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        assert "llama.cpp" not in runtimes
+        assert runtime not in runtimes
     else:
-        assert runtimes["llama.cpp"].version == llama
-    try:
-        onnx = importlib.metadata.version("onnxruntime")
-    except importlib.metadata.PackageNotFoundError:
-        assert "onnxruntime" not in runtimes
-    else:
-        assert runtimes["onnxruntime"].version == onnx
-        assert "CPUExecutionProvider" in runtimes["onnxruntime"].providers
+        assert runtimes[runtime].version == version
+        if provider is not None:
+            assert provider in runtimes[runtime].providers
 
 
 def test_runtime_probe_imports_neither_runtime() -> None:
@@ -176,24 +180,26 @@ def test_board_model_from_devicetree(tmp_path: Path) -> None:
     assert probe_board_model(tmp_path) == "Raspberry Pi 4 Model B Rev 1.4"
 
 
-def test_board_model_from_dmi(tmp_path: Path) -> None:
-    write(tmp_path, "sys/class/dmi/id/sys_vendor", "Dell Inc.\n")
-    write(tmp_path, "sys/class/dmi/id/product_name", "XPS 16 9640\n")
-    assert probe_board_model(tmp_path) == "Dell Inc. XPS 16 9640"
-
-
-def test_board_model_dmi_vendor_not_repeated(tmp_path: Path) -> None:
-    write(tmp_path, "sys/class/dmi/id/sys_vendor", "NVIDIA\n")
-    write(tmp_path, "sys/class/dmi/id/product_name", "NVIDIA Jetson Orin Nano Developer Kit\n")
-    assert probe_board_model(tmp_path) == "NVIDIA Jetson Orin Nano Developer Kit"
-
-
-def test_board_model_dmi_placeholders_dropped(tmp_path: Path) -> None:
-    write(tmp_path, "sys/class/dmi/id/sys_vendor", "System manufacturer\n")
-    write(tmp_path, "sys/class/dmi/id/product_name", "System Product Name\n")
-    assert probe_board_model(tmp_path) == ""
-    write(tmp_path, "sys/class/dmi/id/product_name", "PRIME X670E-PRO\n")
-    assert probe_board_model(tmp_path) == "PRIME X670E-PRO"
+@pytest.mark.parametrize(
+    ("vendor", "product", "expected"),
+    [
+        pytest.param("Dell Inc.", "XPS 16 9640", "Dell Inc. XPS 16 9640", id="vendor_and_product"),
+        pytest.param(
+            "NVIDIA",
+            "NVIDIA Jetson Orin Nano Developer Kit",
+            "NVIDIA Jetson Orin Nano Developer Kit",
+            id="vendor_not_repeated",
+        ),
+        pytest.param("System manufacturer", "System Product Name", "", id="placeholders_dropped"),
+        pytest.param(
+            "System manufacturer", "PRIME X670E-PRO", "PRIME X670E-PRO", id="placeholder_vendor"
+        ),
+    ],
+)
+def test_board_model_from_dmi(tmp_path: Path, vendor: str, product: str, expected: str) -> None:
+    write(tmp_path, "sys/class/dmi/id/sys_vendor", f"{vendor}\n")
+    write(tmp_path, "sys/class/dmi/id/product_name", f"{product}\n")
+    assert probe_board_model(tmp_path) == expected
 
 
 def test_board_model_falls_back_to_cpuinfo(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from protocol import (
 from protocol.canonical import canonical_object
 from protocol.fit import KV_BYTES_PER_TOKEN_PER_SQRT_PARAM, kv_cache_allowance_bytes
 from protocol.keys import make_envelope_bytes
+from tests.support.semver import SPEC_PRECEDENCE_CHAIN
 from tests.support.signer import TrustSimulator, capabilities, flip_byte, make_variant
 
 DEVICE = "pi-1"
@@ -111,15 +112,18 @@ def _byte_flipped_in_manifest_director_resigned(
     return sim.resign(flip_byte(sim.assign(DEVICE, release), sha)), {}
 
 
-def _extra_field_unsigned(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]:
+def _signed_part_set(sim: TrustSimulator, *, resign: bool, **fields: Any) -> bytes:
+    """A valid assignment with ``fields`` set in its signed part, re-signed if ``resign``."""
     payload, _ = _ok(sim)
-    return sim.tamper(payload, lambda env: env["signed"].update(priority="high")), {}
+    return sim.tamper(payload, lambda env: env["signed"].update(fields), resign=resign)
+
+
+def _extra_field_unsigned(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]:
+    return _signed_part_set(sim, resign=False, priority="high"), {}
 
 
 def _extra_field_in_assignment(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]:
-    payload, _ = _ok(sim)
-    edit = lambda env: env["signed"].update(priority="high")  # noqa: E731
-    return sim.tamper(payload, edit, resign=True), {}
+    return _signed_part_set(sim, resign=True, priority="high"), {}
 
 
 def _extra_field_in_release(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]:
@@ -129,9 +133,7 @@ def _extra_field_in_release(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]
 
 
 def _wrong_schema(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]:
-    payload, _ = _ok(sim)
-    edit = lambda env: env["signed"].update(schema="slmfleet.assignment/2")  # noqa: E731
-    return sim.tamper(payload, edit, resign=True), {}
+    return _signed_part_set(sim, resign=True, schema="slmfleet.assignment/2"), {}
 
 
 def _release_as_assignment(sim: TrustSimulator) -> tuple[bytes, dict[str, Any]]:
@@ -566,20 +568,7 @@ def test_canonical_json_is_stable() -> None:
 
 
 def test_semver_ordering() -> None:
-    ordered = [
-        "1.0.0-alpha",
-        "1.0.0-alpha.1",
-        "1.0.0-alpha.beta",
-        "1.0.0-beta",
-        "1.0.0-beta.2",
-        "1.0.0-beta.11",
-        "1.0.0-rc.1",
-        "1.0.0",
-        "1.0.1",
-        "1.2.0",
-        "1.10.0",
-        "2.0.0",
-    ]
+    ordered = [*SPEC_PRECEDENCE_CHAIN, "1.0.1", "1.2.0", "1.10.0", "2.0.0"]
     assert sorted(reversed(ordered), key=semver_key) == ordered
     assert semver_key("1.0.0+build.5") == semver_key("1.0.0")
 

@@ -19,6 +19,7 @@ from controlplane.db.models import ModelVariant, ModelVersion
 from controlplane.semver_order import sort_key
 from tests.support.auth import ADMIN_HEADERS
 from tests.support.registry import blob, publish, registry_app, release_with_blobs, upload
+from tests.support.semver import SPEC_PRECEDENCE_CHAIN
 from tests.support.signer import TrustSimulator, flip_byte
 
 
@@ -174,21 +175,7 @@ def test_registry_off_without_release_keys(tmp_path: Path) -> None:
     engine.dispose()
 
 
-VERSIONS = [
-    "1.0.0-alpha",
-    "1.0.0-alpha.1",
-    "1.0.0-alpha.beta",
-    "1.0.0-beta",
-    "1.0.0-beta.2",
-    "1.0.0-beta.11",
-    "1.0.0-rc.1",
-    "1.0.0",
-    "1.2.0",
-    "1.10.0",
-    "2.0.0-0",
-    "2.0.0",
-    "10.0.0",
-]
+VERSIONS = [*SPEC_PRECEDENCE_CHAIN, "1.2.0", "1.10.0", "2.0.0-0", "2.0.0", "10.0.0"]
 
 
 def test_sort_key_orders_like_semver_precedence() -> None:

@@ -12,7 +12,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings
 from tests.support.registry import TrustFiles, publish
-from tests.support.rollout_fleet import Behaviour, SimFleet, ids, wait_for
+from tests.support.rollout_fleet import Behaviour, SimDevice, SimFleet, ids, wait_for
 from tests.support.signer import TrustSimulator
 
 TICK_S = 0.2
@@ -101,6 +101,17 @@ def _join(api: httpx.Client, fleet: SimFleet, device_ids: list[str]) -> None:
         return set(device_ids) <= {d["id"] for d in items}
 
     wait_for(online, 15, "simulated devices online")
+
+
+def _on_1_0_0(
+    api: httpx.Client, fleet: SimFleet, tier: str, device_ids: Iterable[str]
+) -> tuple[dict[str, str], list[SimDevice]]:
+    """Devices of ``tier`` running 1.0.0 under fresh labels, once all are online."""
+    labels = _label()
+    devices = [fleet.add(device_id, tier, BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
+               for device_id in device_ids]
+    _join(api, fleet, [d.device_id for d in devices])
+    return labels, devices
 
 
 def _create(api: httpx.Client, spec: dict[str, Any]) -> str:
@@ -203,10 +214,7 @@ def test_devices_refusing_a_release_as_unfit_are_incompatible_not_failed(
 def test_release_failing_its_health_check_stops_at_the_canary_and_rolls_back(
     cp: ControlPlane, api: httpx.Client, fleet: SimFleet
 ) -> None:
-    labels = _label()
-    devices = [fleet.add(device_id, "micro", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
-               for device_id in ids("bad", 10)]
-    _join(api, fleet, [d.device_id for d in devices])
+    labels, _ = _on_1_0_0(api, fleet, "micro", ids("bad", 10))
     rollout_id = _create(api, _spec("1.2.0", labels, [
         {"percent": 10, "bake_s": 0.3}, {"percent": 50, "bake_s": 0.3},
         {"percent": 100, "bake_s": 0.3},
@@ -243,10 +251,7 @@ def test_release_slower_than_the_gate_allows_stops_at_the_canary(
     cp: ControlPlane, api: httpx.Client, fleet: SimFleet
 ) -> None:
     """Healthy on install, but decodes at less than half the old version's tokens/s."""
-    labels = _label()
-    devices = [fleet.add(device_id, "micro", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
-               for device_id in ids("slow", 10)]
-    _join(api, fleet, [d.device_id for d in devices])
+    labels, _ = _on_1_0_0(api, fleet, "micro", ids("slow", 10))
     rollout_id = _create(api, _spec(
         "1.3.0", labels, [{"percent": 20, "bake_s": 1.5}, {"percent": 100, "bake_s": 0.3}],
         gates={"min_tokens_per_s_ratio": 0.8, "max_p95_latency_ratio": 1.5},
@@ -277,10 +282,7 @@ def test_release_slower_than_the_gate_allows_stops_at_the_canary(
 def test_paused_rollout_sends_nothing_and_an_offline_device_catches_up(
     cp: ControlPlane, api: httpx.Client, fleet: SimFleet
 ) -> None:
-    labels = _label()
-    devices = [fleet.add(device_id, "small", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
-               for device_id in ids("pause", 6)]
-    _join(api, fleet, [d.device_id for d in devices])
+    labels, devices = _on_1_0_0(api, fleet, "small", ids("pause", 6))
     away = devices[-1]
     away.disconnect()
     wait_for(lambda: not api.get(f"/v1/devices/{away.device_id}").json()["online"], 10,
@@ -419,10 +421,7 @@ def test_restart_mid_rollout_resumes_at_the_right_stage(
     cp_credentials: Any, trust: TrustFiles,
 ) -> None:
     """Runs last: it replaces the module's control plane with a restarted one."""
-    labels = _label()
-    devices = [fleet.add(device_id, "small", BEHAVIOURS, labels=labels, active=(MODEL, "1.0.0"))
-               for device_id in ids("restart", 8)]
-    _join(api, fleet, [d.device_id for d in devices])
+    labels, devices = _on_1_0_0(api, fleet, "small", ids("restart", 8))
     rollout_id = _create(api, _spec("1.1.0", labels, [
         {"percent": 25, "bake_s": 8.0}, {"percent": 100, "bake_s": 0.3}]))
 

@@ -21,9 +21,6 @@ app = typer.Typer(help="Staged canary rollouts of model releases.", no_args_is_h
 
 #: a spec file larger than this is certainly not a rollout spec
 MAX_SPEC_BYTES = 1 << 20
-#: rollout states after which nothing changes any more
-FINAL = {"completed", "aborted", "rolled_back", "superseded"}
-
 
 
 @app.callback()
@@ -108,12 +105,15 @@ def watch(
     token: TokenOption = None,
 ) -> None:
     """A live view of a rollout until it completes, rolls back or is aborted."""
+    # Imported here: the rest of the CLI has no need of the database package.
+    from controlplane.db.statuses import FINISHED_ROLLOUT_STATES as FINISHED
+
     deadline = time.monotonic() + timeout
     try:
         with ApiClient(server, token) as client:
             detail = client.get(f"/v1/rollouts/{rollout_id}")
             with Live(rollout_view(detail), refresh_per_second=4) as live:
-                while detail["state"] not in FINAL and time.monotonic() < deadline:
+                while detail["state"] not in FINISHED and time.monotonic() < deadline:
                     time.sleep(interval)
                     detail = client.get(f"/v1/rollouts/{rollout_id}")
                     live.update(rollout_view(detail))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, or_, select, true
+from sqlalchemy import ScalarResult, and_, or_, select, true
 from sqlalchemy.orm import Session
 
 from .models import AssignmentRecord, DeviceEvent, DeviceSequence
@@ -82,6 +82,33 @@ def current_assignment(session: Session, device_id: str) -> LiveAssignment | Non
     )
 
 
+@dataclass(frozen=True)
+class _Page:
+    """One timeline request: whose entries, past which key, and how many."""
+
+    session: Session
+    device_id: str
+    after: TimelineKey | None
+    limit: int
+
+    def read(self, table: Any, ts_col: Any, source: int, *where: Any) -> ScalarResult[Any]:
+        """Up to ``limit`` rows of ``table`` for the device past ``after``, in (ts, id) order.
+
+        Each source is read in its own key order, so its first ``limit`` rows
+        past the cursor are all the merge can need from it.
+        """
+        return self.session.scalars(
+            select(table)
+            .where(
+                table.device_id == self.device_id,
+                *where,
+                _after(ts_col, table.id, source, self.after),
+            )
+            .order_by(ts_col, table.id)
+            .limit(self.limit)
+        )
+
+
 def _after(ts_col: Any, id_col: Any, source: int, after: TimelineKey | None) -> Any:
     if after is None:
         return true()
@@ -114,13 +141,8 @@ def device_timeline(
     """
     A, E = AssignmentRecord, DeviceEvent
     entries: list[TimelineEntry] = []
-    issued = session.scalars(
-        select(A)
-        .where(A.device_id == device_id, _after(A.issued_at, A.id, ISSUED, after))
-        .order_by(A.issued_at, A.id)
-        .limit(limit)
-    )
-    for row in issued:
+    page = _Page(session, device_id, after, limit)
+    for row in page.read(A, A.issued_at, ISSUED):
         entries.append(
             TimelineEntry(
                 TimelineKey(row.issued_at, ISSUED, row.id),
@@ -129,18 +151,8 @@ def device_timeline(
                 _assignment_fields(row),
             )
         )
-    ended = session.scalars(
-        select(A)
-        .where(
-            A.device_id == device_id,
-            A.status == AssignmentStatus.REVOKED,
-            A.ended_at.is_not(None),
-            _after(A.ended_at, A.id, ENDED, after),
-        )
-        .order_by(A.ended_at, A.id)
-        .limit(limit)
-    )
-    for row in ended:
+    revoked = (A.status == AssignmentStatus.REVOKED, A.ended_at.is_not(None))
+    for row in page.read(A, A.ended_at, ENDED, *revoked):
         assert row.ended_at is not None
         entries.append(
             TimelineEntry(
@@ -150,13 +162,7 @@ def device_timeline(
                 _assignment_fields(row),
             )
         )
-    events = session.scalars(
-        select(E)
-        .where(E.device_id == device_id, _after(E.ts, E.id, EVENT, after))
-        .order_by(E.ts, E.id)
-        .limit(limit)
-    )
-    for ev in events:
+    for ev in page.read(E, E.ts, EVENT):
         entries.append(
             TimelineEntry(
                 TimelineKey(ev.ts, EVENT, ev.id),

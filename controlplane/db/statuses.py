@@ -54,6 +54,10 @@ LIVE_ROLLOUT_STATES: tuple[RolloutState, ...] = (
 MOVING_ROLLOUT_STATES: tuple[RolloutState, ...] = tuple(
     s for s in LIVE_ROLLOUT_STATES if s is not RolloutState.COMPLETED
 )
+#: rollouts whose state never changes again (the API reports them by value)
+FINISHED_ROLLOUT_STATES: frozenset[str] = frozenset(
+    s.value for s in RolloutState if s not in MOVING_ROLLOUT_STATES
+)
 
 
 class MemberState(StrEnum):

@@ -36,6 +36,7 @@ from ..auth.roles import Role
 from ..broker_auth import CONTROL_PLANE_USER
 from ..config import ControlPlaneSettings
 from ..db import session_factory
+from ..db.statuses import FINISHED_ROLLOUT_STATES
 from ..keyfiles import build_key_list, generate_key, read_private_key, write_atomic
 from ..service import ControlPlane
 from .model_cache import smollm2_path
@@ -58,7 +59,7 @@ _DEMO_HEALTH_CHECK = {
 #: the demo's admin token lives a day; each run revokes the previous one
 DEV_TOKEN_TTL_S = 86_400.0
 
-_ROLLOUT_FINAL = {"completed", "aborted", "rolled_back", "superseded"}
+_ROLLOUT_FINAL = FINISHED_ROLLOUT_STATES
 
 GOOD_VERSION = "1.0.0"
 BAD_VERSION = "1.1.0"

@@ -52,6 +52,15 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def _broker_file(name: str, doc: str) -> property:
+    """A read-only property: the file ``name`` in the broker's ``data_dir``."""
+
+    def path(broker: MosquittoBroker) -> Path:
+        return broker.data_dir / name
+
+    return property(path, doc=doc)
+
+
 @dataclass(frozen=True)
 class BrokerTls:
     """PEM files for a TLS listener: the broker's certificate and key, and the CA."""
@@ -84,22 +93,12 @@ class MosquittoBroker:
         """``mqtt://host:port`` (``mqtts://`` with TLS) of the running broker."""
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
-    @property
-    def passwd_file(self) -> Path:
-        return self.data_dir / "passwd"
-
-    @property
-    def acl_file(self) -> Path:
-        return self.data_dir / "acl"
-
-    @property
-    def pid_file(self) -> Path:
-        """Where the broker writes its pid (for :func:`reload_broker`)."""
-        return self.data_dir / "mosquitto.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / "mosquitto.log"
+    passwd_file = _broker_file("passwd", "The password file :meth:`add_users` rewrites.")
+    acl_file = _broker_file("acl", "The ACL file written beside the password file.")
+    pid_file = _broker_file(
+        "mosquitto.pid", "Where the broker writes its pid (for :func:`reload_broker`)."
+    )
+    log_file = _broker_file("mosquitto.log", "The broker's log.")
 
     def add_users(self, users: Mapping[str, str]) -> None:
         """Add or replace users and reload the broker if it runs."""

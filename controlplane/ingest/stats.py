@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 #: reasons reported from the first scrape on, so dashboards see zeros, not gaps
 KNOWN_REJECT_REASONS = ("too_large", "malformed", "wrong_schema", "bad_topic", "id_mismatch")
@@ -105,36 +106,31 @@ class IngestStats:
     def export(self) -> dict[str, object]:
         """The counters as plain values, to send across a process boundary."""
         with self._cond:
-            return {
-                "received": self.received,
-                "accepted": self.accepted,
-                "written": self.written,
-                "rejected": dict(self.rejected),
-                "dropped": self.dropped,
-                "batches": self.batches,
-                "last_batch_ms": self.last_batch_ms,
-                "last_batch_size": self.last_batch_size,
-                "write_errors": self.write_errors,
-                "settled": self._settled,
-            }
+            return {**self._counters(), "settled": self._settled}
 
     def snapshot(self, *, queue_depth: int, queue_max: int, connected: bool) -> IngestStatsSnapshot:
         """A consistent copy of the counters."""
         with self._cond:
             return IngestStatsSnapshot(
-                received=self.received,
-                accepted=self.accepted,
-                written=self.written,
-                rejected=dict(self.rejected),
-                dropped=self.dropped,
-                batches=self.batches,
-                last_batch_ms=self.last_batch_ms,
-                last_batch_size=self.last_batch_size,
-                write_errors=self.write_errors,
+                **self._counters(),
                 queue_depth=queue_depth,
                 queue_max=queue_max,
                 connected=connected,
             )
+
+    def _counters(self) -> dict[str, Any]:
+        # The caller holds the lock: export and snapshot read one instant.
+        return {
+            "received": self.received,
+            "accepted": self.accepted,
+            "written": self.written,
+            "rejected": dict(self.rejected),
+            "dropped": self.dropped,
+            "batches": self.batches,
+            "last_batch_ms": self.last_batch_ms,
+            "last_batch_size": self.last_batch_size,
+            "write_errors": self.write_errors,
+        }
 
     def wait_settled(self, timeout: float, received_at_least: int = 0) -> bool:
         """Wait until ``received_at_least`` arrived and every accepted one is settled."""

@@ -7,18 +7,13 @@ Create Date: 2026-11-23
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import sqlalchemy as sa
 from alembic import op
 
+from controlplane.migrations.columns import big_id_column
+
 revision: str = "0004"
 down_revision: str | None = "0003"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
-
-# 64-bit ids on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
-BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
@@ -39,7 +34,7 @@ def upgrade() -> None:
 
     op.create_table(
         "audit_log",
-        sa.Column("id", BIG_ID, autoincrement=True, nullable=False),
+        big_id_column(),
         sa.Column("ts", sa.Double(), nullable=False),
         sa.Column("token_id", sa.String(length=32), nullable=True),
         sa.Column("token_name", sa.String(length=128), nullable=True),
