@@ -171,8 +171,10 @@ class LlamaBackend(Backend):
                 emit(choice["text"])
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
-        # The last sampled token of a "stop" (end of text, a stop string) is not output.
-        completion = counter.sampled - (1 if finish == "stop" and counter.sampled else 0)
+        # llama-cpp-python calls the criteria once more after its loop, to learn why it
+        # ended: that call sampled nothing. And the last sampled token of a "stop" (end
+        # of text, a stop string) is not output.
+        completion = max(counter.sampled - 1 - (1 if finish == "stop" else 0), 0)
         return Completion(finish, counter.prompt_tokens or len(tokens), completion)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

@@ -174,8 +174,8 @@ def _sampling(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
                                  and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} "
                        "non-empty strings", param="stop")
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
     return {
         "max_tokens": max_tokens or limits.default_max_tokens,
@@ -211,7 +211,7 @@ def chat_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[
                       "content": _text(message.get("content", ""), f"messages[{i}]")})
     _check_size(sum(len(m["content"]) for m in clean), limits)
     request = {"messages": clean, **_sampling(data, limits)}
-    return model, data.get("stream", False), request
+    return model, bool(data.get("stream")), request
 
 
 def completion_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[str, Any]]:
@@ -225,7 +225,7 @@ def completion_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool,
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
     _check_size(len(prompt), limits)
     request = {"prompt": prompt, **_sampling(data, limits)}
-    return model, data.get("stream", False), request
+    return model, bool(data.get("stream")), request
 
 
 def embeddings_request(data: dict[str, Any], limits: Limits) -> tuple[str, list[str]]:
