@@ -24,12 +24,11 @@ import llama_cpp
 import openai
 import pytest
 
+from agent.inference.integer_ranges import digit_alternatives, integer_range
 from agent.inference.json_schema_grammar import (
     ANNOTATIONS,
     ENFORCED,
     UnsupportedSchema,
-    digit_alternatives,
-    integer_range,
     json_object_gbnf,
     schema_to_gbnf,
 )

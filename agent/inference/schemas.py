@@ -156,6 +156,9 @@ def _response_format(data: dict[str, Any]) -> dict[str, Any] | None:
     except UnsupportedSchema as exc:
         raise ApiError(400, f"response_format.json_schema.schema: {exc}", code=exc.code,
                        param="response_format") from None
+    except RecursionError:
+        raise ApiError(400, "response_format.json_schema.schema nests too deep",
+                       code="unsupported_schema", param="response_format") from None
     return {"type": "json_schema", "schema": spec["schema"]}
 
 
