@@ -9,6 +9,7 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .backend import Backend, BadRequest, Completion
+from .json_schema_grammar import UnsupportedSchema, json_object_gbnf, schema_to_gbnf
 
 #: used when a GGUF carries no chat template (llama-cpp-python's own fallback is ChatML too)
 CHATML = (
@@ -16,6 +17,15 @@ CHATML = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def grammar_parses(llm: llama_cpp.Llama, text: str) -> bool:
+    """Whether llama.cpp parses GBNF ``text`` (root rule ``root``) for ``llm``'s vocabulary."""
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, text.encode(), b"root")
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
 
 
 class _Counter:
@@ -94,6 +104,32 @@ class LlamaBackend(Backend):
             tokens = self.llm.tokenize(request["prompt"].encode(), add_bos=True, special=False)
         return tokens, stop, extra
 
+    def grammar(self, response_format: dict[str, Any] | None) -> llama_cpp.LlamaGrammar | None:
+        """The grammar that enforces ``response_format`` (None for free text).
+
+        The GBNF is parsed once here against the model's vocabulary: the
+        sampler llama-cpp-python builds from a grammar that fails to parse is
+        a null pointer it would then use, so a bad grammar must never get there.
+        """
+        if not response_format:
+            return None
+        kind = response_format.get("type")
+        try:
+            if kind == "json_object":
+                text = json_object_gbnf()
+            elif kind == "json_schema":
+                text = schema_to_gbnf(response_format.get("schema"))
+            else:
+                raise BadRequest(f"response_format type {kind!r} is not supported",
+                                 code="unsupported_parameter")
+        except UnsupportedSchema as exc:
+            raise BadRequest(f"response_format.json_schema.schema: {exc}",
+                             code=exc.code) from None
+        if not grammar_parses(self.llm, text):
+            raise BadRequest("the grammar built from response_format does not parse",
+                             status=500, code="grammar_error")
+        return llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+
     def complete(
         self,
         request: dict[str, Any],
@@ -112,6 +148,7 @@ class LlamaBackend(Backend):
                 f"the context window ({self.context} tokens)",
                 code="context_length_exceeded",
             )
+        grammar = self.grammar(request.get("response_format"))
         counter = _Counter(cancelled)
         criteria = [counter] + ([extra] if extra is not None else [])
         finish = "stop"
@@ -122,6 +159,9 @@ class LlamaBackend(Backend):
             top_p=request.get("top_p", 1.0),
             stop=stop,
             seed=request.get("seed"),
+            frequency_penalty=request.get("frequency_penalty", 0.0),
+            presence_penalty=request.get("presence_penalty", 0.0),
+            grammar=grammar,
             stream=True,
             stopping_criteria=llama_cpp.StoppingCriteriaList(criteria),
         )
@@ -131,8 +171,10 @@ class LlamaBackend(Backend):
                 emit(choice["text"])
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
-        # The last sampled token of a "stop" (end of text, a stop string) is not output.
-        completion = counter.sampled - (1 if finish == "stop" and counter.sampled else 0)
+        # llama-cpp-python calls the criteria once more after its loop, to learn why it
+        # ended: that call sampled nothing. And the last sampled token of a "stop" (end
+        # of text, a stop string) is not output.
+        completion = max(counter.sampled - 1 - (1 if finish == "stop" else 0), 0)
         return Completion(finish, counter.prompt_tokens or len(tokens), completion)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

@@ -13,12 +13,13 @@ vocabulary is the one the agent can apply to any text without guessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from .backend import Backend, BadRequest
+from .backend import Backend, BadRequest, Completion
 
 #: largest tensor a generic request may send, in elements
 MAX_INPUT_ELEMENTS = 1 << 20
@@ -74,6 +75,16 @@ class OnnxBackend(Backend):
                        for n, i in self.inputs.items()},
             "outputs": self.outputs, "embeddings": self.embeddings,
         }
+
+    def complete(self, request: dict[str, Any], emit: Callable[[str], None],
+                 cancelled: Callable[[], bool]) -> Completion:
+        """Refuse, naming ``response_format`` when the request asks for JSON:
+        no ONNX path generates text, let alone under a grammar."""
+        kind = (request.get("response_format") or {}).get("type")
+        if kind in ("json_object", "json_schema"):
+            raise BadRequest(f"response_format {kind!r} is not supported for ONNX models "
+                             "(no grammar-constrained generation)", code="unsupported_parameter")
+        return super().complete(request, emit, cancelled)
 
     def infer(self, inputs: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]:
         """See :meth:`Backend.infer`."""

@@ -2,9 +2,9 @@
 
 Validation is by hand rather than with pydantic models: these few fields
 are checked in a few lines, and every model class the agent builds costs
-resident memory on devices with a tight budget. Unknown fields are
-ignored, as OpenAI-compatible servers do (clients send options such as
-``stream_options`` or ``user`` that a local model has no use for).
+resident memory on devices with a tight budget. Which fields the two
+generation routes honour, refuse or ignore is tabled in
+:mod:`.request_fields`; anything else is refused, never dropped silently.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from .request_fields import CHAT, COMPLETIONS, unsupported
 
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 #: longest list of stop strings (OpenAI's own limit)
@@ -101,9 +103,70 @@ def _text(content: Any, where: str) -> str:
                    param="messages")
 
 
+def _fields(data: dict[str, Any], route: str) -> None:
+    """Refuse what the route does not support, naming the field (see request_fields)."""
+    bad = unsupported(data, route)
+    if bad is not None:
+        raise ApiError(400, bad[1], code="unsupported_parameter", param=bad[0])
+
+
+#: keys of ``response_format.json_schema``
+_JSON_SCHEMA_KEYS = frozenset({"name", "schema", "strict", "description"})
+
+
+def _response_format(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The worker's ``response_format`` (None: free text), or a 400 saying what is wrong.
+
+    The schema is checked here, in the agent, so an unsupported keyword is a
+    400 before the request queues for the worker; the converter is stdlib
+    only and imported just for requests that carry a schema.
+    """
+    fmt = data.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, "'response_format' must be {\"type\": \"text\"}, "
+                       "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                       "\"json_schema\": {\"name\", \"schema\"}}",
+                       code="unsupported_parameter", param="response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ApiError(400, "'response_format.json_schema' must be an object with a "
+                       "'schema' object", param="response_format")
+    extra = sorted(set(spec) - _JSON_SCHEMA_KEYS)
+    if extra:
+        raise ApiError(400, f"'response_format.json_schema.{extra[0]}' is not supported",
+                       code="unsupported_parameter", param="response_format")
+    name = spec.get("name")
+    if not (isinstance(name, str) and 0 < len(name) <= 64):
+        raise ApiError(400, "'response_format.json_schema.name' must be a string of 1 to 64 "
+                       "characters", param="response_format")
+    if not isinstance(spec.get("strict", False), bool | None):
+        raise ApiError(400, "'response_format.json_schema.strict' must be true or false",
+                       param="response_format")
+    from .json_schema_grammar import UnsupportedSchema, check_schema
+
+    try:
+        check_schema(spec["schema"])
+    except UnsupportedSchema as exc:
+        raise ApiError(400, f"response_format.json_schema.schema: {exc}", code=exc.code,
+                       param="response_format") from None
+    except RecursionError:
+        raise ApiError(400, "response_format.json_schema.schema nests too deep",
+                       code="unsupported_schema", param="response_format") from None
+    return {"type": "json_schema", "schema": spec["schema"]}
+
+
 def _sampling(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    if data.get("n", 1) != 1:
-        raise ApiError(400, "'n' must be 1: one choice per request", param="n")
+    n = data.get("n", 1)
+    if n is not None and n != 1:
+        raise ApiError(400, "'n' must be 1: one choice per request",
+                       code="unsupported_parameter", param="n")
     max_tokens = _int(data, "max_completion_tokens", 1, limits.max_tokens)
     if max_tokens is None:
         max_tokens = _int(data, "max_tokens", 1, limits.max_tokens)
@@ -114,8 +177,8 @@ def _sampling(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
                                  and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} "
                        "non-empty strings", param="stop")
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
     return {
         "max_tokens": max_tokens or limits.default_max_tokens,
@@ -123,6 +186,9 @@ def _sampling(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
         "top_p": _number(data, "top_p", 0.0, 1.0, 1.0),
         "stop": stop or [],
         "seed": _int(data, "seed", -(2**63), 2**63 - 1),
+        "frequency_penalty": _number(data, "frequency_penalty", -2.0, 2.0, 0.0),
+        "presence_penalty": _number(data, "presence_penalty", -2.0, 2.0, 0.0),
+        "response_format": _response_format(data),
     }
 
 
@@ -134,6 +200,7 @@ def _check_size(chars: int, limits: Limits) -> None:
 
 def chat_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[str, Any]]:
     """(model, stream, worker request) for ``/v1/chat/completions``."""
+    _fields(data, CHAT)
     model = _model(data)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -147,11 +214,12 @@ def chat_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[
                       "content": _text(message.get("content", ""), f"messages[{i}]")})
     _check_size(sum(len(m["content"]) for m in clean), limits)
     request = {"messages": clean, **_sampling(data, limits)}
-    return model, data.get("stream", False), request
+    return model, bool(data.get("stream")), request
 
 
 def completion_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[str, Any]]:
     """(model, stream, worker request) for ``/v1/completions``."""
+    _fields(data, COMPLETIONS)
     model = _model(data)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -160,7 +228,7 @@ def completion_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool,
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
     _check_size(len(prompt), limits)
     request = {"prompt": prompt, **_sampling(data, limits)}
-    return model, data.get("stream", False), request
+    return model, bool(data.get("stream")), request
 
 
 def embeddings_request(data: dict[str, Any], limits: Limits) -> tuple[str, list[str]]:

@@ -9,7 +9,8 @@ agent -> worker::
     {"op": "load", "model": PATH, "format": "gguf"|"onnx", "runtime": {...}}
     {"op": "check_prompt", "id": N, "item": {...}}        one golden prompt (golden.py)
     {"op": "check_embeddings", "id": N, "health_check": {...}}
-    {"op": "complete", "id": N, "request": {"messages"|"prompt", "max_tokens", ...}}
+    {"op": "complete", "id": N, "request": {"messages"|"prompt", "max_tokens", ...,
+                                            "response_format": null|{"type", "schema"}}}
     {"op": "embed", "id": N, "input": [TEXT, ...]}
     {"op": "infer", "id": N, "inputs": {NAME: TENSOR}, "outputs": [NAME]|null}
     {"op": "cancel", "id": N}                             stop generating N
