@@ -4,6 +4,7 @@ are re-signed before they expire, survive a broker outage, and show in history."
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -362,6 +363,30 @@ def test_history_merges_assignments_and_events_in_time_order(
     detail = api.get(f"/v1/devices/{device.id}").json()
     assert detail["update"]["state"] == "activated"
     assert api.get("/v1/devices/ghost/history").status_code == 404
+
+
+def test_history_shows_each_event_code_the_old_form_included(
+    api: httpx.Client, broker: MosquittoBroker
+) -> None:
+    device = _join(broker, api)
+    assignment_id = _assign(api, device.id)["assignment_id"]
+    device.say(event(device.id, 1, "rejected", assignment_id=assignment_id,
+                     code=p.EventCode.HASH_MISMATCH, reason="hash_mismatch: sha256 differs"),
+               p.TopicKind.EVENTS)
+    # an agent from before events carried a code: the code is the reason's head
+    old_form = {"schema": "slmfleet.event/1", "device_id": device.id, "ts": time.time(),
+                "seq": 2, "type": "rejected", "assignment_id": assignment_id,
+                "reason": "no_variant: the release has no variant for tier micro"}
+    assert not device.client.publish(p.device_topic(device.id, p.TopicKind.EVENTS),
+                                     json.dumps(old_form).encode()).is_failure
+
+    def events() -> list[dict[str, Any]]:
+        items = api.get(f"/v1/devices/{device.id}/history").json()["items"]
+        return [i for i in items if i["kind"] == "event"]
+
+    wait_until(lambda: len(events()) == 2, what="both events ingested")
+    device.close()
+    assert [(e["seq"], e["code"]) for e in events()] == [(1, "hash_mismatch"), (2, "no_variant")]
 
 
 def test_resign_job_runs_on_the_scheduler(

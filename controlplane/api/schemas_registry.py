@@ -166,7 +166,10 @@ class HistoryItem(BaseModel):
     rollout_id: str | None = None
     expires_at: float | None = None
     seq: int | None = Field(None, description="device event sequence")
-    reason: str | None = None
+    code: str | None = Field(
+        None, description="why the step ended so, for programs: a value of protocol.EventCode"
+    )
+    reason: str | None = Field(None, description="the same, for people")
     progress_pct: float | None = None
     received_at: float | None = None
 

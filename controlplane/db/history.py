@@ -171,6 +171,7 @@ def device_timeline(
                 {
                     "assignment_id": ev.assignment_id,
                     "seq": ev.seq,
+                    "code": ev.code,
                     "reason": ev.reason,
                     "progress_pct": ev.progress_pct,
                     "received_at": ev.received_at,
