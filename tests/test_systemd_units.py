@@ -1,5 +1,5 @@
 """The systemd units, checked statically: ``systemd-analyze verify`` and
-``security --offline=yes``, the directives issue 6 asks for, and the
+``security --offline=yes``, the hardening directives docs/systemd.md lists, and the
 sysusers/tmpfiles snippets applied to a scratch root.
 
 Running the units under a real systemd is tests/test_systemd_sandbox.py.
@@ -30,7 +30,7 @@ from tests.support.units import (
     systemd_version,
 )
 
-#: issue 6: "exposure <= 2.5 for the agent"; the control plane is held to it too
+#: the agent's exposure bound (docs/systemd.md); the control plane is held to it too
 MAX_EXPOSURE = 2.5
 DOCS = REPO / "docs" / "systemd.md"
 

@@ -1,4 +1,4 @@
-"""Issue 3 end to end, as an admin would do it: `slmfleet models publish` the real
+"""A signed release end to end, as an admin would do it: `slmfleet models publish` the real
 SmolLM2 GGUF as smollm2@1.0.0, assign it to a real agent through the API, and
 watch the device verify, download, health-check and activate it."""
 
