@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import KeptAlive, api_url, worker_pids
+from tests.support.inference import KeptAlive, ready_url, worker_pids
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 from tests.support.updates import DeviceRig, seed_active, wait_for
@@ -42,9 +42,7 @@ def test_the_request_being_answered_finishes_and_a_new_one_is_told_to_retry(
         seed_active(rig.state_dir / "models", MODEL, "1.0.0", model_path)
         rig.start()
         try:
-            url = api_url(rig)
-            wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60,
-                     "the model to load")
+            url = ready_url(rig)
             assert rig.agent is not None
             workers = worker_pids(rig.agent.pid)
             kept_alive = KeptAlive(url)

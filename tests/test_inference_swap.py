@@ -23,7 +23,7 @@ from agent.inference.runtime import InferenceRuntime, Unavailable
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import LoadClient, api_url, serving_rig, worker_pids
+from tests.support.inference import LoadClient, ready_url, serving_rig, worker_pids
 from tests.support.updates import (
     FAILING_PROMPT,
     DeviceRig,
@@ -51,8 +51,7 @@ def rig(tmp_path: Path, broker, cp_credentials, model_path: Path) -> Iterator[De
 
 
 def test_warm_swap_under_load_fails_no_request(rig: DeviceRig) -> None:
-    url = api_url(rig)
-    wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "1.0.0 to load")
+    url = ready_url(rig)
     load = LoadClient(url, MODEL).start()
     try:
         wait_for(lambda: len(load.results) >= 3, 60, "steady traffic on 1.0.0")

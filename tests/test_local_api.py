@@ -20,7 +20,13 @@ import openai
 import pytest
 
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import KeptAlive, api_url, serving_rig, telemetry, worker_pids
+from tests.support.inference import (
+    KeptAlive,
+    ready_url,
+    serving_rig,
+    telemetry,
+    worker_pids,
+)
 from tests.support.updates import DeviceRig, wait_for
 
 pytestmark = pytest.mark.integration
@@ -44,9 +50,7 @@ def rig(tmp_path_factory, broker, cp_credentials, model_path: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def url(rig: DeviceRig) -> str:
-    base = api_url(rig)
-    wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the model to load")
-    return base
+    return ready_url(rig)
 
 
 def test_openai_client_chat_streamed_and_not(url: str) -> None:

@@ -11,7 +11,6 @@ values of refused ones are answered 200.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ import openai
 import pytest
 
 from agent.inference.request_fields import CHAT, COMPLETIONS, FIELDS
-from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import api_url, serving_rig
-from tests.support.updates import wait_for
+from tests.support.inference import served_model
 
 MODEL = "smollm2-135m"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "inference.md"
@@ -88,16 +85,8 @@ def test_every_refused_field_has_an_example_and_every_ignored_one_a_value() -> N
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, broker, cp_credentials, model_path: Path) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("fields")
-    (work / "artifacts").mkdir()
-    with (
-        ArtifactServer(work / "artifacts") as server,
-        serving_rig(work, broker, cp_credentials, f"fields-{secrets.token_hex(3)}", server,
-                    model_path, MODEL) as rig,
-    ):
-        base = api_url(rig)
-        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60,
-                 "the model to load")
+    with served_model(tmp_path_factory.mktemp("fields"), broker, cp_credentials, "fields",
+                      model_path, MODEL) as base:
         yield base
 
 

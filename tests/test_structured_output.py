@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,8 @@ from agent.inference.json_schema_grammar import (
     schema_to_gbnf,
 )
 from agent.inference.llama_backend import grammar_parses
-from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import api_url, serving_rig, write_onnx_embedder
+from tests.support.inference import served_model, write_onnx_embedder
 from tests.support.structured import BASKET_SCHEMA, PROMPT, ask, response_format
-from tests.support.updates import DeviceRig, wait_for
 
 MODEL = "smollm2-135m"
 #: seeds per mode here; bench/structured_output.py runs 50
@@ -186,21 +183,9 @@ def test_keywords_used_beyond_what_the_grammar_enforces_are_refused(schema: Any,
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, broker, cp_credentials, model_path: Path) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("structured")
-    (work / "artifacts").mkdir()
-    with (
-        ArtifactServer(work / "artifacts") as server,
-        serving_rig(work, broker, cp_credentials, f"json-{secrets.token_hex(3)}", server,
-                    model_path, MODEL) as rig,
-    ):
-        base = _ready(rig)
+    with served_model(tmp_path_factory.mktemp("structured"), broker, cp_credentials, "json",
+                      model_path, MODEL) as base:
         yield base
-
-
-def _ready(rig: DeviceRig) -> str:
-    base = api_url(rig)
-    wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the model to load")
-    return base
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import socket
 import threading
 import time
@@ -63,6 +64,38 @@ def api_url(rig: DeviceRig, timeout: float = 30.0) -> str:
         return match.group(1) if match else None
 
     return wait_for(found, timeout, "the local API to listen")
+
+
+def ready_url(rig: DeviceRig, timeout: float = 60.0) -> str:
+    """The agent's API base URL once its model is loaded (``/healthz`` answers 200)."""
+    base = api_url(rig)
+    wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, timeout,
+             "the model to load")
+    return base
+
+
+@contextmanager
+def served_model(
+    work: Path,
+    broker: MosquittoBroker,
+    cp_credentials: tuple[str, str],
+    device_prefix: str,
+    model_path: Path,
+    model: str,
+    **agent_extra: Any,
+) -> Iterator[str]:
+    """A fresh device serving ``model_path`` as ``model``; yields its API URL once loaded.
+
+    Its (empty) artifact server and state live under ``work``.
+    """
+    (work / "artifacts").mkdir()
+    device_id = f"{device_prefix}-{secrets.token_hex(3)}"
+    with (
+        ArtifactServer(work / "artifacts") as server,
+        serving_rig(work, broker, cp_credentials, device_id, server, model_path, model,
+                    **agent_extra) as rig,
+    ):
+        yield ready_url(rig)
 
 
 def worker_pids(agent_pid: int) -> list[int]:
