@@ -31,7 +31,7 @@ from agent.inference.json_schema_grammar import (
     json_object_gbnf,
     schema_to_gbnf,
 )
-from agent.inference.llama_backend import grammar_parses
+from agent.inference.prompting import grammar_parses
 from tests.support.inference import served_model, write_onnx_embedder
 from tests.support.structured import BASKET_SCHEMA, PROMPT, ask, response_format
 
