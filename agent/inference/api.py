@@ -26,6 +26,7 @@ from typing import Any
 import h11
 
 from . import metrics, schemas
+from .generation import Generation
 from .runtime import InferenceRuntime, NoModel, Overloaded, Unavailable
 from .schemas import ApiError
 from .supervisor import RemoteError, WorkerExited
@@ -312,60 +313,21 @@ class LocalApi:
 
     async def _generate(self, send: Send, model: str, stream: bool, request: dict[str, Any],
                         *, chat: bool) -> None:
-        started = time.perf_counter()
         rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-        async with _mapped(), self.runtime.lease(model) as (slot, worker):
-            ref = slot.spec.ref
-            pieces: asyncio.Queue[str | None] = asyncio.Queue()
-            stamps: list[float] = []
-            ids: list[int] = []
+        async with _mapped(), Generation(self.runtime, model, request) as gen:
+            if stream:
+                await self._stream(send, gen, rid, chat)
+                return
+            done = await gen.result()
+            shape = schemas.chat_response if chat else schemas.text_response
+            await self._json(send, 200, shape(rid, gen.ref, gen.rest(), done),
+                             {"x-slmfleet-model": gen.ref})
 
-            def on_delta(text: str) -> None:
-                stamps.append(time.perf_counter())
-                pieces.put_nowait(text)
-
-            call = asyncio.create_task(worker.call("complete", {"request": request},
-                                                   on_delta, ids.append))
-            call.add_done_callback(lambda _: pieces.put_nowait(None))
-            ok = False
-            done: dict[str, Any] = {}
-            try:
-                if stream:
-                    await self._stream(send, call, pieces, rid, ref, chat)
-                else:
-                    done = await call
-                    text = "".join(_drain(pieces))
-                    shape = schemas.chat_response if chat else schemas.text_response
-                    await self._json(send, 200, shape(rid, ref, text, done),
-                                     {"x-slmfleet-model": ref})
-                done = call.result() if call.done() and not call.cancelled() \
-                    and call.exception() is None else done
-                ok = bool(done)
-            finally:
-                if not call.done():
-                    # The client went away mid-stream: stop generating for nobody.
-                    if ids:
-                        worker.cancel(ids[0])
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(asyncio.shield(call), 30)
-                    if not call.done():
-                        worker.kill()  # stuck past a cancel: the supervisor restarts it
-                end = time.perf_counter()
-                slot.stats.record(
-                    ok=ok, latency_s=end - started,
-                    ttft_s=stamps[0] - started if stamps else None,
-                    prompt_tokens=done.get("prompt_tokens", 0),
-                    completion_tokens=done.get("completion_tokens", 0),
-                    decode_s=stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0,
-                )
-                if ok:
-                    slot.ran_ok()
-
-    async def _stream(self, send: Send, call: asyncio.Task[dict[str, Any]],
-                      pieces: asyncio.Queue[str | None], rid: str, ref: str, chat: bool) -> None:
-        first = await pieces.get()
-        if first is None and call.exception() is not None:
-            call.result()  # nothing sent yet: raise, so the caller gets a plain error status
+    async def _stream(self, send: Send, gen: Generation, rid: str, chat: bool) -> None:
+        ref = gen.ref
+        first = await gen.next_piece()
+        if first is None and gen.failed_before_text():
+            await gen.result()  # nothing sent yet: raise, so the caller gets a plain error status
         await send(h11.Response(status_code=200, headers=[
             ("content-type", "text/event-stream"), ("cache-control", "no-cache"),
             ("x-slmfleet-model", ref)]))
@@ -380,9 +342,9 @@ class LocalApi:
         while piece is not None:
             await event(schemas.chat_chunk(rid, ref, {"content": piece}) if chat
                         else schemas.text_chunk(rid, ref, piece))
-            piece = await pieces.get()
+            piece = await gen.next_piece()
         try:
-            done = call.result()
+            done = await gen.result()
         except (WorkerExited, RemoteError) as exc:
             # Headers are out: report the failure in-band, as OpenAI's API does.
             status = exc.status if isinstance(exc, RemoteError) else 503
@@ -398,15 +360,6 @@ class LocalApi:
 
 class _Reported(Exception):
     """A streamed request failed after its headers went out; the error went in-band."""
-
-
-def _drain(pieces: asyncio.Queue[str | None]) -> list[str]:
-    out = []
-    while not pieces.empty():
-        piece = pieces.get_nowait()
-        if piece is not None:
-            out.append(piece)
-    return out
 
 
 @contextlib.asynccontextmanager
