@@ -13,7 +13,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from controlplane.migrations.columns import BIG_ID, big_id_column, foreign_key
+from controlplane.migrations.columns import (
+    big_id_reference,
+    big_integer,
+    device_id,
+    double,
+    json,
+    string,
+    text,
+)
+from controlplane.migrations.tables import create_id_table, create_index, create_table
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -24,102 +33,92 @@ SORT_KEY = sa.String(length=512).with_variant(sa.String(length=512, collation="C
 
 
 def upgrade() -> None:
-    op.add_column("devices", sa.Column("update_status", sa.JSON(), nullable=True))
+    op.add_column("devices", json("update_status", nullable=True))
 
-    op.create_table(
-        "models",
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.Double(), nullable=False),
-        sa.PrimaryKeyConstraint("name", name=op.f("pk_models")),
+    create_table(
+        "models", string("name", 64), double("created_at"), primary_key=("name",)
     )
 
-    op.create_table(
+    create_id_table(
         "model_versions",
-        big_id_column(),
-        sa.Column("model_name", sa.String(length=64), nullable=False),
-        sa.Column("version", sa.String(length=64), nullable=False),
+        string("model_name", 64),
+        string("version", 64),
         sa.Column("sort_key", SORT_KEY, nullable=False),
-        sa.Column("released_at", sa.Double(), nullable=False),
-        sa.Column("registered_at", sa.Double(), nullable=False),
-        sa.Column("description", sa.Text(), nullable=False),
-        sa.Column("manifest_sha256", sa.String(length=64), nullable=False),
-        sa.Column("envelope", sa.Text(), nullable=False),
-        foreign_key("model_versions", "model_name", "models.name", "CASCADE"),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_versions")),
-        sa.UniqueConstraint(
-            "model_name", "version", name=op.f("uq_model_versions_model_name_version")
-        ),
+        double("released_at"),
+        double("registered_at"),
+        text("description"),
+        string("manifest_sha256", 64),
+        text("envelope"),
+        references=[("model_name", "models.name", "CASCADE")],
+        unique=[("model_name", "version")],
     )
-    op.create_index(
-        "ix_model_versions_model_name_sort_key", "model_versions", ["model_name", "sort_key"]
-    )
+    create_index("model_versions", "model_name", "sort_key")
 
-    op.create_table(
+    create_table(
         "artifacts",
-        sa.Column("path", sa.String(length=256), nullable=False),
-        sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
-        sa.Column("stored_at", sa.Double(), nullable=False),
-        sa.PrimaryKeyConstraint("path", name=op.f("pk_artifacts")),
+        string("path", 256),
+        string("sha256", 64),
+        big_integer("size_bytes"),
+        double("stored_at"),
+        primary_key=("path",),
     )
 
-    op.create_table(
+    create_id_table(
         "model_variants",
-        big_id_column(),
-        sa.Column("version_id", BIG_ID, nullable=False),
-        sa.Column("tier", sa.String(length=16), nullable=False),
-        sa.Column("format", sa.String(length=16), nullable=False),
-        sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
-        sa.Column("artifact", sa.String(length=256), nullable=False),
-        sa.Column("quantization", sa.String(length=32), nullable=True),
-        sa.Column("parameters", sa.BigInteger(), nullable=False),
-        sa.Column("context_length", sa.BigInteger(), nullable=False),
-        foreign_key("model_variants", "artifact", "artifacts.path", "RESTRICT"),
-        foreign_key("model_variants", "version_id", "model_versions.id", "CASCADE"),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_variants")),
-        sa.UniqueConstraint("version_id", "tier", name=op.f("uq_model_variants_version_id_tier")),
+        big_id_reference("version_id"),
+        string("tier", 16),
+        string("format", 16),
+        string("sha256", 64),
+        big_integer("size_bytes"),
+        string("artifact", 256),
+        string("quantization", 32, nullable=True),
+        big_integer("parameters"),
+        big_integer("context_length"),
+        references=[
+            ("artifact", "artifacts.path", "RESTRICT"),
+            ("version_id", "model_versions.id", "CASCADE"),
+        ],
+        unique=[("version_id", "tier")],
     )
-    op.create_index(op.f("ix_model_variants_artifact"), "model_variants", ["artifact"])
+    create_index("model_variants", "artifact")
 
-    op.create_table(
+    create_id_table(
         "assignments",
-        big_id_column(),
-        sa.Column("assignment_id", sa.String(length=128), nullable=False),
-        sa.Column("device_id", sa.String(length=64), nullable=False),
-        sa.Column("version_id", BIG_ID, nullable=False),
-        sa.Column("ref", sa.String(length=128), nullable=False),
-        sa.Column("tier", sa.String(length=16), nullable=False),
-        sa.Column("sequence", sa.BigInteger(), nullable=False),
-        sa.Column("issued_at", sa.Double(), nullable=False),
-        sa.Column("expires_at", sa.Double(), nullable=False),
-        sa.Column("rollout_id", sa.String(length=128), nullable=True),
-        sa.Column("kind", sa.String(length=16), nullable=False),
-        sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column("ended_at", sa.Double(), nullable=True),
-        sa.Column("envelope", sa.Text(), nullable=False),
-        foreign_key("assignments", "device_id", "devices.id", "CASCADE"),
-        foreign_key("assignments", "version_id", "model_versions.id", "RESTRICT"),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_assignments")),
-        sa.UniqueConstraint(
-            "device_id", "sequence", name=op.f("uq_assignments_device_id_sequence")
-        ),
+        string("assignment_id", 128),
+        device_id(),
+        big_id_reference("version_id"),
+        string("ref", 128),
+        string("tier", 16),
+        big_integer("sequence"),
+        double("issued_at"),
+        double("expires_at"),
+        string("rollout_id", 128, nullable=True),
+        string("kind", 16),
+        string("status", 16),
+        double("ended_at", nullable=True),
+        text("envelope"),
+        references=[
+            ("device_id", "devices.id", "CASCADE"),
+            ("version_id", "model_versions.id", "RESTRICT"),
+        ],
+        unique=[("device_id", "sequence")],
     )
-    op.create_index(op.f("ix_assignments_assignment_id"), "assignments", ["assignment_id"])
-    op.create_index(op.f("ix_assignments_rollout_id"), "assignments", ["rollout_id"])
-    op.create_index(op.f("ix_assignments_version_id"), "assignments", ["version_id"])
-    op.create_index(
-        "ix_assignments_device_id_issued_at", "assignments", ["device_id", "issued_at"]
-    )
-    op.create_index("ix_assignments_status_expires_at", "assignments", ["status", "expires_at"])
+    for indexed in (
+        ["assignment_id"],
+        ["rollout_id"],
+        ["version_id"],
+        ["device_id", "issued_at"],
+        ["status", "expires_at"],
+    ):
+        create_index("assignments", *indexed)
 
     # No foreign key to devices: the counter must outlive a deleted device row.
-    op.create_table(
+    create_table(
         "device_sequences",
-        sa.Column("device_id", sa.String(length=64), nullable=False),
-        sa.Column("last_sequence", sa.BigInteger(), nullable=False),
-        sa.Column("published_sequence", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("device_id", name=op.f("pk_device_sequences")),
+        device_id(),
+        big_integer("last_sequence"),
+        big_integer("published_sequence"),
+        primary_key=("device_id",),
     )
 
 

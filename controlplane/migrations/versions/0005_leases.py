@@ -8,21 +8,23 @@ Create Date: 2026-11-23
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
+
+from controlplane.migrations.columns import double, integer, string
+from controlplane.migrations.tables import create_index, create_table, drop_index
 
 revision: str = "0005"
 down_revision: str | None = "0004"
 
 
 def upgrade() -> None:
-    op.create_table(
+    create_table(
         "leases",
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("holder", sa.String(length=128), nullable=True),
-        sa.Column("expires_at", sa.Double(), nullable=False),
-        sa.Column("epoch", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("name", name=op.f("pk_leases")),
+        string("name", 64),
+        string("holder", 128, nullable=True),
+        double("expires_at"),
+        integer("epoch"),
+        primary_key=("name",),
     )
     # A duplicate row from before this migration would block the unique index:
     # keep the first of each (device_id, ts, seq).
@@ -30,12 +32,12 @@ def upgrade() -> None:
         "DELETE FROM telemetry WHERE id NOT IN "
         "(SELECT MIN(id) FROM telemetry GROUP BY device_id, ts, seq)"
     )
-    op.drop_index("ix_telemetry_device_id_ts", table_name="telemetry")
+    drop_index("telemetry", "device_id", "ts")
     op.create_index("uq_telemetry_device_id_ts_seq", "telemetry", ["device_id", "ts", "seq"],
                     unique=True)
 
 
 def downgrade() -> None:
     op.drop_index("uq_telemetry_device_id_ts_seq", table_name="telemetry")
-    op.create_index("ix_telemetry_device_id_ts", "telemetry", ["device_id", "ts"])
+    create_index("telemetry", "device_id", "ts")
     op.drop_table("leases")

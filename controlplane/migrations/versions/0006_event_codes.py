@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from controlplane.migrations.columns import string
 from protocol import code_from_reason
 
 revision: str = "0006"
@@ -26,7 +27,7 @@ _PAGE = 10_000
 
 
 def upgrade() -> None:
-    op.add_column("device_events", sa.Column("code", sa.String(length=32), nullable=True))
+    op.add_column("device_events", string("code", 32, nullable=True))
     _fill_codes()
 
 
