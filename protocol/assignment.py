@@ -35,13 +35,12 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from .canonical import canonical_json, canonical_object
 from .errors import (
     DoesNotFit,
     ExpiredError,
-    KeyListExpired,
     NotYetValidError,
     ReplayError,
     VariantMismatch,
@@ -54,13 +53,11 @@ from .keys import (
     Signatures,
     SignedPart,
     Timestamp,
-    check_signatures,
     make_envelope_bytes,
-    open_envelope,
-    validate_envelope,
+    verify_envelope,
 )
 from .manifest import ReleaseManifest, Variant, verify_release
-from .messages import MAX_PAYLOAD_BYTES, Capabilities, DeviceId, Tier
+from .messages import MAX_PAYLOAD_BYTES, Capabilities, DeviceId, Strict, Tier
 from .signing import SigningKey
 from .topics import is_valid_device_id
 
@@ -117,10 +114,8 @@ class Assignment(SignedPart):
         return self
 
 
-class SignedAssignment(BaseModel):
+class SignedAssignment(Strict):
     """Envelope of an assignment, signed by a threshold of director keys."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     signed: Assignment
     signatures: Signatures
@@ -246,22 +241,16 @@ def verify_assignment(
     Every other check still runs on every call.
     """
     _check_caller(device_id, release_keys, director_keys, highest_sequence)
-    what = "assignment"
-
     # A1 + A2: bound the read before parsing, then split the envelope without
     # interpreting anything inside 'signed'.
-    signed, signatures = open_envelope(payload, max_bytes=MAX_ASSIGNMENT_BYTES, what=what)
-
     # A3: a pinned key list past its expiry is a frozen trust root; rotate first.
-    for keys in (director_keys, release_keys):
-        if keys.is_expired(now):
-            raise KeyListExpired(f"{keys.role} key list v{keys.version} has expired")
-
     # A4: the director vouches for this exact object (raw, not re-serialised).
-    check_signatures(signed, signatures, director_keys, what=what)
-
-    # A5: now interpret it; unknown fields and foreign schemas are refused.
-    assignment = validate_envelope(SignedAssignment, signed, signatures, what=what).signed
+    # A5: only then interpret it; unknown fields and foreign schemas are refused.
+    signed, verified = verify_envelope(
+        payload, SignedAssignment, director_keys, max_bytes=MAX_ASSIGNMENT_BYTES,
+        what="assignment", now=now, also_pinned=(release_keys,),
+    )
+    assignment = verified.signed
 
     # A6: a valid assignment for another device must not install here
     # (retained messages can be misrouted; ACLs are not the only guard).

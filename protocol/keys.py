@@ -29,7 +29,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
@@ -39,6 +38,7 @@ from pydantic import (
 from .canonical import canonical_json
 from .errors import (
     BadVersionError,
+    KeyListExpired,
     MalformedPayload,
     PayloadTooLarge,
     SchemaMismatch,
@@ -46,7 +46,7 @@ from .errors import (
     ThresholdError,
     WrongRoleError,
 )
-from .messages import MAX_PAYLOAD_BYTES
+from .messages import MAX_PAYLOAD_BYTES, Strict, Wire
 from .signing import PublicKey, SigningKey, verify_value
 
 KEY_LIST_SCHEMA = "slmfleet.keys/1"
@@ -65,20 +65,16 @@ Timestamp = Annotated[float, Field(strict=True, ge=0)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 
 
-class SignedPart(BaseModel):
+class SignedPart(Wire):
     """Base for anything inside an envelope's ``signed``: strict shape, immutable.
 
     ``schema`` is bound by alias only (no ``populate_by_name``), so the wire
     cannot spell it ``schema_``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, str_max_length=4096)
 
-
-class SignatureEntry(BaseModel):
+class SignatureEntry(Strict):
     """One ``{"keyid", "sig"}`` entry of an envelope."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     keyid: KeyId
     sig: Annotated[str, StringConstraints(max_length=128)]
@@ -143,10 +139,8 @@ class KeyList(SignedPart):
             raise ValueError(_first_error(exc)) from exc
 
 
-class SignedKeyList(BaseModel):
+class SignedKeyList(Strict):
     """Envelope of a key list, signed for rotation (see :func:`verify_key_rotation`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     signed: KeyList
     signatures: Signatures
@@ -267,6 +261,35 @@ def validate_envelope(
         if any(tuple(e["loc"]) == ("signed", "schema") for e in exc.errors()):
             raise SchemaMismatch(f"{what}: signed.schema is {signed.get('schema')!r}") from exc
         raise MalformedPayload(f"{what}: {_first_error(exc)}") from exc
+
+
+def verify_envelope(
+    envelope: bytes | Mapping[str, Any],
+    model: type[M],
+    keys: KeyList,
+    *,
+    max_bytes: int,
+    what: str,
+    now: float | None = None,
+    also_pinned: Sequence[KeyList] = (),
+) -> tuple[dict[str, Any], M]:
+    """Verify a signed document; return its raw ``signed`` object and ``model``.
+
+    In this order, so that nothing inside ``signed`` is interpreted before it
+    verifies: bound and split the envelope (:func:`open_envelope`); with
+    ``now``, refuse ``keys`` and each of ``also_pinned`` once past its expiry
+    (:class:`KeyListExpired`: a stale pinned list is a frozen trust root that
+    must be rotated first); require a threshold of ``keys`` over the raw
+    object (:func:`check_signatures`); only then validate it
+    (:func:`validate_envelope`).
+    """
+    signed, signatures = open_envelope(envelope, max_bytes=max_bytes, what=what)
+    if now is not None:
+        for pinned in (keys, *also_pinned):
+            if pinned.is_expired(now):
+                raise KeyListExpired(f"{pinned.role} key list v{pinned.version} has expired")
+    check_signatures(signed, signatures, keys, what=what)
+    return signed, validate_envelope(model, signed, signatures, what=what)
 
 
 def make_envelope(signed: dict[str, Any], keys: Sequence[SigningKey]) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     field_validator,
@@ -26,19 +24,16 @@ from pydantic import (
 )
 
 from .canonical import canonical_json
-from .errors import KeyListExpired
 from .keys import (
     KeyList,
     PositiveInt,
     Signatures,
     SignedPart,
     Timestamp,
-    check_signatures,
     make_envelope,
-    open_envelope,
-    validate_envelope,
+    verify_envelope,
 )
-from .messages import Tier
+from .messages import Strict, Tier, Wire
 from .signing import SigningKey
 
 RELEASE_SCHEMA = "slmfleet.release/1"
@@ -92,13 +87,7 @@ def semver_key(version: str) -> tuple[Any, ...]:
     return (int(major), int(minor), int(patch), pre)
 
 
-class _Part(BaseModel):
-    """Nested manifest value: strict shape, immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, str_max_length=4096)
-
-
-class GoldenPrompt(_Part):
+class GoldenPrompt(Wire):
     """A prompt whose answer must contain any one of ``expected`` (case-insensitive)."""
 
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
@@ -109,17 +98,18 @@ class GoldenPrompt(_Part):
     max_tokens: Annotated[int, Field(strict=True, ge=1, le=4096)] = 64
 
 
-class HealthCheck(_Part):
+class HealthCheck(Wire):
     """What a new model must show before traffic moves to it."""
 
-    golden_prompts: Annotated[list[GoldenPrompt], Field(max_length=8)] = []
+    # a pydantic field (its base is in messages.py): each instance gets a copy
+    golden_prompts: Annotated[list[GoldenPrompt], Field(max_length=8)] = []  # noqa: RUF012
     #: time to first token, per golden prompt
     max_ttft_ms: PositiveFloat
     #: decode throughput floor; 0 does not gate (embedding models)
     min_tokens_per_s: NonNegFloat = 0.0
 
 
-class RuntimeDefaults(_Part):
+class RuntimeDefaults(Wire):
     """Runtime settings to start from; a firmware profile may override them."""
 
     threads: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None
@@ -140,7 +130,7 @@ class RuntimeDefaults(_Part):
     embeddings: StrictBool = False
 
 
-class Variant(_Part):
+class Variant(Wire):
     """One tier's build of a release: the artifact and what it needs to run."""
 
     format: Literal["gguf", "onnx"]
@@ -214,10 +204,8 @@ class ReleaseManifest(SignedPart):
         return f"{self.name}@{self.version}"
 
 
-class SignedRelease(BaseModel):
+class SignedRelease(Strict):
     """Envelope of a release manifest, signed by a threshold of release keys."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     signed: ReleaseManifest
     signatures: Signatures
@@ -251,14 +239,13 @@ def verify_release(
     """
     if release_keys.role != "release":
         raise ValueError(f"release manifests verify against release keys, not {release_keys.role}")
-    what = "release manifest"
     # R1: bound and parse; nothing in 'signed' is interpreted before it verifies.
-    signed, signatures = open_envelope(envelope, max_bytes=MAX_RELEASE_BYTES, what=what)
     # R2: freeze of the trust root: a stale pinned list must be rotated first.
-    if now is not None and release_keys.is_expired(now):
-        raise KeyListExpired(f"release key list v{release_keys.version} has expired")
     # R3: arbitrary-software check over the raw signed object: a threshold of
     # offline release keys vouch for exactly these bytes.
-    check_signatures(signed, signatures, release_keys, what=what)
-    # R4: only now interpret it; unknown fields and a foreign schema are refused.
-    return validate_envelope(SignedRelease, signed, signatures, what=what).signed
+    # R4: only then interpret it; unknown fields and a foreign schema are refused.
+    _, release = verify_envelope(
+        envelope, SignedRelease, release_keys, max_bytes=MAX_RELEASE_BYTES,
+        what="release manifest", now=now,
+    )
+    return release.signed

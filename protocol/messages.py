@@ -51,13 +51,20 @@ class Tier(StrEnum):
 _TIER_RANK = {Tier.MICRO: 0, Tier.SMALL: 1, Tier.MEDIUM: 2}
 
 
-class _Wire(BaseModel):
-    """Base for wire models: strict shape, immutable."""
+class Strict(BaseModel):
+    """Base for every model the protocol validates: unknown fields are refused,
+    instances are frozen, and the model is built on first use."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, str_max_length=4096)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
-class CpuInfo(_Wire):
+class Wire(Strict):
+    """:class:`Strict`, with every string capped: wire messages and signed documents."""
+
+    model_config = ConfigDict(str_max_length=4096)
+
+
+class CpuInfo(Wire):
     model: ShortStr = ""
     arch: ShortStr
     cores: Annotated[int, Field(ge=1, le=4096)]
@@ -65,26 +72,26 @@ class CpuInfo(_Wire):
     flags: Annotated[list[CpuFlag], Field(max_length=64)] = []
 
 
-class Accelerator(_Wire):
+class Accelerator(Wire):
     kind: Literal["gpu", "npu"]
     vendor: ShortStr = ""
     name: ShortStr = ""
     memory_bytes: NonNegInt = 0
 
 
-class OsInfo(_Wire):
+class OsInfo(Wire):
     system: ShortStr
     release: ShortStr = ""
     distro: ShortStr = ""
 
 
-class Runtime(_Wire):
+class Runtime(Wire):
     name: Literal["llama.cpp", "onnxruntime"]
     version: ShortStr
     providers: Annotated[list[ShortStr], Field(max_length=16)] = []
 
 
-class Capabilities(_Wire):
+class Capabilities(Wire):
     """What the device's hardware can do, measured by the agent's probe."""
 
     cpu: CpuInfo
@@ -95,7 +102,7 @@ class Capabilities(_Wire):
     board_model: ShortStr = ""
 
 
-class ActiveModel(_Wire):
+class ActiveModel(Wire):
     name: ShortStr
     version: ShortStr
     tier: Tier
@@ -134,7 +141,7 @@ _FINAL_UPDATE_STATES = frozenset(
 )
 
 
-class UpdateStatus(_Wire):
+class UpdateStatus(Wire):
     """Where the device's latest assignment stands, carried in ``hello``."""
 
     assignment_id: ShortStr
@@ -146,7 +153,7 @@ class UpdateStatus(_Wire):
     ts: Timestamp
 
 
-class Hello(_Wire):
+class Hello(Wire):
     """Retained capability report, re-sent on every (re)connect."""
 
     schema_: Literal["slmfleet.hello/1"] = Field("slmfleet.hello/1", alias="schema")
@@ -173,7 +180,7 @@ class DeviceState(StrEnum):
     OFFLINE = "offline"
 
 
-class State(_Wire):
+class State(Wire):
     """Retained liveness; the ``offline`` form is the MQTT Last Will."""
 
     schema_: Literal["slmfleet.state/1"] = Field("slmfleet.state/1", alias="schema")
@@ -184,7 +191,7 @@ class State(_Wire):
     model_config = ConfigDict(populate_by_name=True)
 
 
-class InferenceStats(_Wire):
+class InferenceStats(Wire):
     """Inference counters for one model version since the previous heartbeat."""
 
     model: ShortStr
@@ -201,7 +208,7 @@ class InferenceStats(_Wire):
     ooms: NonNegInt = 0
 
 
-class Telemetry(_Wire):
+class Telemetry(Wire):
     """Periodic heartbeat with resource use and inference counters."""
 
     schema_: Literal["slmfleet.telemetry/1"] = Field("slmfleet.telemetry/1", alias="schema")
@@ -240,7 +247,7 @@ EVENT_SCHEMA = "slmfleet.event/2"
 EVENT_SCHEMA_V1 = "slmfleet.event/1"
 
 
-class Event(_Wire):
+class Event(Wire):
     """One update-pipeline step; ``seq`` is monotonic per device (idempotent ingest).
 
     ``code`` says why a step ended as it did, for programs; ``reason`` says
@@ -274,7 +281,7 @@ class Event(_Wire):
 
 DeviceMessage = Hello | State | Telemetry | Event
 
-MODEL_FOR_KIND: dict[TopicKind, type[_Wire]] = {
+MODEL_FOR_KIND: dict[TopicKind, type[Wire]] = {
     TopicKind.HELLO: Hello,
     TopicKind.STATE: State,
     TopicKind.TELEMETRY: Telemetry,
@@ -282,7 +289,7 @@ MODEL_FOR_KIND: dict[TopicKind, type[_Wire]] = {
 }
 
 
-def encode(message: _Wire) -> bytes:
+def encode(message: Wire) -> bytes:
     """Serialise a wire message to compact JSON bytes (with ``schema``)."""
     return message.model_dump_json(by_alias=True, exclude_none=True).encode("utf-8")
 
