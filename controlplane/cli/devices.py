@@ -6,11 +6,10 @@ from typing import Any
 from urllib.parse import quote
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .options import ServerOption, TokenOption, api_call, api_list
-from .output import Output, OutputOption, emit, emit_json, titled_table, when
+from .options import Api, api_command
+from .output import emit_json, titled_table, when
 
 app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
 
@@ -45,38 +44,24 @@ def device_table(devices: list[dict[str, Any]]) -> Table:
     return table
 
 
-@app.command("list")
+@api_command(app, "list")
 def list_(
+    api: Api,
     tier: str | None = typer.Option(None, "--tier", help="micro, small or medium"),
     profile: str | None = typer.Option(None, "--profile", help="firmware profile name"),
     online: bool | None = typer.Option(None, "--online/--offline", help="only online / offline"),
     label: list[str] = typer.Option([], "--label", help="key=value; repeat, all must match"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Devices matching every filter, by id."""
     params: dict[str, Any] = {"tier": tier, "profile": profile, "label": label or None}
     if online is not None:
         params["online"] = "true" if online else "false"
-    devices = api_list(server, token, "/v1/devices", **params)
-    emit(output, devices, device_table(devices))
+    devices = api.list("/v1/devices", **params)
+    api.emit(devices, device_table(devices))
 
 
-@app.command()
-def show(
-    device_id: str = typer.Argument(..., help="device id"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
-) -> None:
-    """One device: identity, liveness, capabilities, update state and assignment."""
-    d = api_call(
-        server, token, lambda client: client.get(f"/v1/devices/{quote(device_id, safe='')}")
-    )
-    if output is Output.JSON:
-        emit_json(d)
-        return
+def device_detail(d: dict[str, Any]) -> Table:
+    """A two-column table of one device as ``GET /v1/devices/{id}`` shows it."""
     table = titled_table(d["id"], "field", "value", show_header=False)
     caps = d.get("capabilities") or {}
     update = d.get("update") or {}
@@ -97,20 +82,24 @@ def show(
     ]
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    return table
 
 
-@app.command()
+@api_command(app)
+def show(api: Api, device_id: str = typer.Argument(..., help="device id")) -> None:
+    """One device: identity, liveness, capabilities, update state and assignment."""
+    d = api.call(lambda client: client.get(f"/v1/devices/{quote(device_id, safe='')}"))
+    api.emit(d, device_detail(d))
+
+
+@api_command(app)
 def enroll(
-    device_id: str = typer.Argument(..., help="device id: becomes its MQTT username"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
+    api: Api, device_id: str = typer.Argument(..., help="device id: becomes its MQTT username")
 ) -> None:
     """Issue the device its own MQTT password (admin). Shown once: put it in agent.toml."""
     path = f"/v1/devices/{quote(device_id, safe='')}/credentials"
-    done = api_call(server, token, lambda client: client.post(path))
-    if output is Output.JSON:
+    done = api.call(lambda client: client.post(path))
+    if api.json:
         emit_json(done)
         return
     typer.echo(f"enrolled {done['device_id']}; in its agent.toml:")
@@ -121,13 +110,9 @@ def enroll(
         typer.echo("note: the broker was not reloaded; it applies at its next start", err=True)
 
 
-@app.command()
-def revoke(
-    device_id: str = typer.Argument(..., help="device id"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-) -> None:
+@api_command(app, output=False)
+def revoke(api: Api, device_id: str = typer.Argument(..., help="device id")) -> None:
     """Revoke the device's MQTT credentials (admin): the broker refuses it from now on."""
     path = f"/v1/devices/{quote(device_id, safe='')}/credentials"
-    api_call(server, token, lambda client: client.request("DELETE", path))
+    api.call(lambda client: client.request("DELETE", path))
     typer.echo(f"revoked the MQTT credentials of {device_id}")

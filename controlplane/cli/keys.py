@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -16,6 +17,11 @@ app = typer.Typer(
 )
 
 ROLE_HELP = "release (offline, signs model releases) or director (online, signs assignments)"
+
+#: ``--expires-days`` of a new key list (default ``None``: it never expires)
+ExpiresDaysOption = Annotated[
+    float | None, typer.Option("--expires-days", help="expiry, in days")
+]
 
 
 @app.callback()
@@ -64,28 +70,22 @@ def list_(
         help="private key file that signs the list (default: the --key .key files)",
     ),
     version: int = typer.Option(1, "--version", help="list version; agents pin version 1"),
-    expires_days: float | None = typer.Option(None, "--expires-days", help="expiry, in days"),
+    expires_days: ExpiresDaysOption = None,
     out: Path = typer.Option(..., "--out", help="where to write the signed list (JSON)"),
 ) -> None:
     """Write a key list signed by a threshold of its own keys: the file agents pin."""
-    from controlplane.keyfiles import (
-        KeyFileError,
-        build_key_list,
-        check_role,
-        is_private_key_file,
-        read_private_key,
-        read_public_key,
-        write_atomic,
-    )
+    from controlplane import keyfiles
 
     with _refusals():
-        check_role(role)
-        members = [read_public_key(spec, role) for spec in key]
-        signer_paths = sign_with or [Path(spec) for spec in key if is_private_key_file(Path(spec))]
+        keyfiles.check_role(role)
+        members = [keyfiles.read_public_key(spec, role) for spec in key]
+        signer_paths = sign_with or [
+            Path(spec) for spec in key if keyfiles.is_private_key_file(Path(spec))
+        ]
         if not signer_paths:
-            raise KeyFileError("no private key to sign with: pass --sign-with KEYFILE")
-        signers = [read_private_key(path, role) for path in signer_paths]
-        write_atomic(out, build_key_list(
+            raise keyfiles.KeyFileError("no private key to sign with: pass --sign-with KEYFILE")
+        signers = [keyfiles.read_private_key(path, role) for path in signer_paths]
+        keyfiles.write_atomic(out, keyfiles.build_key_list(
             role, members, signers, threshold=threshold, version=version, now=time.time(),
             expires_days=expires_days,
         ))
@@ -104,24 +104,18 @@ def rotate(
         "--sign-with",
         help="private key files: a threshold of the current keys AND of the new keys",
     ),
-    expires_days: float | None = typer.Option(None, "--expires-days", help="expiry, in days"),
+    expires_days: ExpiresDaysOption = None,
     out: Path = typer.Option(..., "--out", help="where to write the new list (JSON)"),
 ) -> None:
     """Write the next version of a key list, signed by old and new thresholds."""
-    from controlplane.keyfiles import (
-        read_key_list,
-        read_private_key,
-        read_public_key,
-        rotate_key_list,
-        write_atomic,
-    )
+    from controlplane import keyfiles
 
     with _refusals():
         role = _role_of(current)
-        pinned = read_key_list(current, role)
-        members = [read_public_key(spec, role) for spec in key]
-        signers = [read_private_key(path, role) for path in sign_with]
-        write_atomic(out, rotate_key_list(
+        pinned = keyfiles.read_key_list(current, role)
+        members = [keyfiles.read_public_key(spec, role) for spec in key]
+        signers = [keyfiles.read_private_key(path, role) for path in sign_with]
+        keyfiles.write_atomic(out, keyfiles.rotate_key_list(
             pinned, members, signers, threshold=threshold, now=time.time(),
             expires_days=expires_days,
         ))

@@ -9,8 +9,8 @@ from urllib.parse import quote
 import typer
 
 from ..client import PublishError, publish_release
-from .options import ServerOption, TokenOption, api_call, api_list, fail
-from .output import Output, OutputOption, emit, emit_json, titled_table, when
+from .options import Api, api_command, fail
+from .output import emit_json, titled_table, when
 
 app = typer.Typer(help="Publish signed model releases and list them.", no_args_is_help=True)
 
@@ -20,64 +20,54 @@ def _group() -> None:
     """Publish signed model releases and list them."""
 
 
-@app.command()
+@api_command(app)
 def publish(
+    api: Api,
     spec: Path = typer.Option(..., "--spec", help="release spec (YAML)", dir_okay=False),
     key: list[Path] = typer.Option(
         ..., "--key", help="release private key file; repeat to meet the threshold"
     ),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Hash the spec's files, sign the manifest, upload the artifacts, register the release."""
     try:
-        version = publish_release(spec, key, server, token)
+        version = publish_release(spec, key, api.server, api.token)
     except PublishError as exc:
         raise fail(exc) from exc
-    if output is Output.JSON:
+    if api.json:
         emit_json(version)
         return
     tiers = ", ".join(v["tier"] for v in version["variants"])
     typer.echo(f"published {version['name']}@{version['version']} ({tiers})")
 
 
-@app.command("list")
-def list_(
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
-) -> None:
+@api_command(app, "list")
+def list_(api: Api) -> None:
     """Registered models and their newest versions."""
-    models = api_list(server, token, "/v1/models")
+    models = api.list("/v1/models")
     table = titled_table("models", "name", "latest", "description")
     for m in models:
         table.add_row(m["name"], m["latest_version"] or "-", m["description"])
-    emit(output, models, table)
+    api.emit(models, table)
 
 
-@app.command()
+@api_command(app)
 def show(
+    api: Api,
     name: str = typer.Argument(..., help="model name"),
     version: str | None = typer.Argument(None, help="a version: show its variants"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """A model's versions, or one version's variants."""
     path = f"/v1/models/{quote(name, safe='')}/versions"
     if version is None:
-        found: Any = api_list(server, token, path)
+        found: Any = api.list(path)
     else:
-        found = api_call(
-            server, token, lambda client: client.get(f"{path}/{quote(version, safe='')}")
-        )
+        found = api.call(lambda client: client.get(f"{path}/{quote(version, safe='')}"))
     if version is None:
         table = titled_table(name, "version", "released", "registered", "description")
         for v in found:
             table.add_row(v["version"], when(v["released_at"]), when(v["registered_at"]),
                           v["description"])
-        emit(output, found, table)
+        api.emit(found, table)
         return
     table = titled_table(
         f"{name}@{version}", "tier", "format", "quant", "params", "context", "size", "artifact"
@@ -92,4 +82,4 @@ def show(
             f"{v['size_bytes'] / 1e6:.1f} MB",
             v["artifact"],
         )
-    emit(output, found, table)
+    api.emit(found, table)

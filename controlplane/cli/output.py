@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 
@@ -45,9 +45,9 @@ def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def emit(output: Output, data: Any, table: Table) -> None:
-    """Print ``table``, or ``data`` as JSON when asked for."""
+def emit(output: Output, data: Any, view: RenderableType) -> None:
+    """Print ``view`` (a table), or ``data`` as JSON when asked for."""
     if output is Output.JSON:
         emit_json(data)
     else:
-        Console().print(table)
+        Console().print(view)

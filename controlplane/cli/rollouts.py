@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.live import Live
 
 from protocol import parse_yaml_mapping
 
 from ..client import ApiClient, ApiError
-from .options import ServerOption, TokenOption, api_call, api_list, fail
-from .output import Output, OutputOption, emit, emit_json, titled_table
+from .options import Api, api_command, fail
+from .output import emit_json, titled_table
 from .rollout_view import rollout_view
 
 app = typer.Typer(help="Staged canary rollouts of model releases.", no_args_is_help=True)
@@ -40,22 +39,20 @@ def read_spec(path: Path) -> dict[str, Any]:
     )
 
 
-@app.command()
+@api_command(app)
 def create(
+    api: Api,
     file: Path = typer.Option(..., "--file", "-f", help="rollout spec (YAML or JSON)",
                               dir_okay=False),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Start a rollout from a spec file (see examples/rollout.yaml)."""
     try:
         spec = read_spec(file)
-        with ApiClient(server, token) as client:
+        with ApiClient(api.server, api.token) as client:
             detail = client.post("/v1/rollouts", spec)
     except (ValueError, ApiError) as exc:
         raise fail(exc) from exc
-    if output is Output.JSON:
+    if api.json:
         emit_json(detail)
         return
     typer.echo(f"rollout {detail['id']} of {detail['model']}@{detail['version']} "
@@ -63,46 +60,35 @@ def create(
                f"{detail['id']}`")
 
 
-@app.command("list")
+@api_command(app, "list")
 def list_(
+    api: Api,
     state: str | None = typer.Option(None, "--state", help="only rollouts in this state"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Rollouts, newest first."""
-    items = api_list(server, token, "/v1/rollouts", state=state)
+    items = api.list("/v1/rollouts", state=state)
     table = titled_table("rollouts", "id", "release", "state", "stage", "created", "reason")
     for r in items:
         table.add_row(r["id"], f"{r['model']}@{r['version']}", r["state"],
                       f"{r['stage']}/{r['stages']} ({r['percent']:g} %)",
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
                       r["reason"] or "")
-    emit(output, items, table)
+    api.emit(items, table)
 
 
-@app.command()
-def show(
-    rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
-) -> None:
+@api_command(app)
+def show(api: Api, rollout_id: str = typer.Argument(..., help="rollout id (r-…)")) -> None:
     """Stages, tiers, gates and timeline of one rollout."""
-    detail = api_call(server, token, lambda client: client.get(f"/v1/rollouts/{rollout_id}"))
-    if output is Output.JSON:
-        emit_json(detail)
-        return
-    Console().print(rollout_view(detail))
+    detail = api.call(lambda client: client.get(f"/v1/rollouts/{rollout_id}"))
+    api.emit(detail, rollout_view(detail))
 
 
-@app.command()
+@api_command(app, output=False)
 def watch(
+    api: Api,
     rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
     interval: float = typer.Option(1.0, "--interval", min=0.2, max=60, help="seconds per refresh"),
     timeout: float = typer.Option(3600.0, "--timeout", min=1, help="stop watching after this"),
-    server: ServerOption = None,
-    token: TokenOption = None,
 ) -> None:
     """A live view of a rollout until it completes, rolls back or is aborted."""
     # Imported here: the rest of the CLI has no need of the database package.
@@ -110,7 +96,7 @@ def watch(
 
     deadline = time.monotonic() + timeout
     try:
-        with ApiClient(server, token) as client:
+        with ApiClient(api.server, api.token) as client:
             detail = client.get(f"/v1/rollouts/{rollout_id}")
             with Live(rollout_view(detail), refresh_per_second=4) as live:
                 while detail["state"] not in FINISHED and time.monotonic() < deadline:
@@ -126,18 +112,17 @@ def watch(
 
 def _action(name: str, doc: str) -> None:
     def command(
+        api: Api,
         rollout_id: str = typer.Argument(..., help="rollout id (r-…)"),
         reason: str | None = typer.Option(None, "--reason", help="recorded in the timeline"),
-        server: ServerOption = None,
-        token: TokenOption = None,
     ) -> None:
-        detail = api_call(server, token, lambda client: client.post(
+        detail = api.call(lambda client: client.post(
             f"/v1/rollouts/{rollout_id}/{name}", {"reason": reason} if reason else None
         ))
         typer.echo(f"{rollout_id}: {detail['state']}")
 
     command.__doc__ = doc
-    app.command(name)(command)
+    api_command(app, name, output=False)(command)
 
 
 _action("pause", "Stop sending anything new; devices keep what they have.")

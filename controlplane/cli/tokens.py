@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
-from .options import ServerOption, TokenOption, api_call, api_list
-from .output import Output, OutputOption, emit, emit_json, titled_table, when
+from .options import Api, api_command
+from .output import emit_json, titled_table, when
 
 app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
 
@@ -41,21 +41,19 @@ def _status(t: dict[str, Any], now: float) -> str:
     return "active"
 
 
-@app.command()
+@api_command(app)
 def create(
+    api: Api,
     name: str = typer.Option(..., "--name", help="who or what will hold it, e.g. ci-publisher"),
     role: str = typer.Option(..., "--role", help="viewer, operator or admin"),
     expires: str = typer.Option("90d", "--expires", help="lifetime (90d, 12h, 1y) or never"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Issue a token. It is printed once and cannot be shown again."""
     if role not in ("viewer", "operator", "admin"):
         raise typer.BadParameter("viewer, operator or admin", param_hint="--role")
     body = {"name": name, "role": role, "expires_in_s": parse_expiry(expires)}
-    issued = api_call(server, token, lambda client: client.post("/v1/tokens", body))
-    if output is Output.JSON:
+    issued = api.call(lambda client: client.post("/v1/tokens", body))
+    if api.json:
         emit_json(issued)
         return
     typer.echo(f"issued {issued['role']} token {issued['name']!r} (id {issued['id']}, "
@@ -64,14 +62,10 @@ def create(
     typer.echo(f"TOKEN {issued['token']}")
 
 
-@app.command("list")
-def list_(
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
-) -> None:
+@api_command(app, "list")
+def list_(api: Api) -> None:
     """Every token: id, name, role, state and when it was last used."""
-    tokens = api_list(server, token, "/v1/tokens")
+    tokens = api.list("/v1/tokens")
     now = time.time()
     table = titled_table(
         "API tokens", "id", "name", "role", "state", "created", "expires", "last used"
@@ -80,21 +74,17 @@ def list_(
         table.add_row(t["id"], t["name"], t["role"], _status(t, now), when(t["created_at"]),
                       when(t["expires_at"]) if t["expires_at"] else "never",
                       when(t["last_used_at"]))
-    emit(output, tokens, table)
+    api.emit(tokens, table)
 
 
-@app.command()
+@api_command(app)
 def revoke(
+    api: Api,
     token_id: str = typer.Argument(..., help="the token's id (from `slmfleet tokens list`)"),
-    server: ServerOption = None,
-    token: TokenOption = None,
-    output: OutputOption = Output.TABLE,
 ) -> None:
     """Revoke a token; requests with it are refused from now on."""
-    revoked = api_call(
-        server, token, lambda client: client.request("DELETE", f"/v1/tokens/{token_id}").json()
-    )
-    if output is Output.JSON:
+    revoked = api.call(lambda client: client.request("DELETE", f"/v1/tokens/{token_id}").json())
+    if api.json:
         emit_json(revoked)
     else:
         typer.echo(f"revoked token {revoked['id']} ({revoked['name']}, {revoked['role']})")
