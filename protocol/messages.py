@@ -35,20 +35,23 @@ CpuFlag = Annotated[str, StringConstraints(max_length=32)]
 Labels = Annotated[dict[ShortStr, ShortStr], Field(max_length=32)]
 
 
-class Tier(StrEnum):
+class Ranked(StrEnum):
+    """A string enum whose members are ordered as they are declared."""
+
+    @property
+    def rank(self) -> int:
+        """The member's place in the declaration: 0 for the first."""
+        return type(self)._member_names_.index(self.name)
+
+
+class Tier(Ranked):
     """Hardware tiers, after the SLM size classes (see DESIGN.md)."""
+
+    # Declared in rank order: micro < small < medium.
 
     MICRO = "micro"
     SMALL = "small"
     MEDIUM = "medium"
-
-    @property
-    def rank(self) -> int:
-        """Ordering: micro < small < medium."""
-        return _TIER_RANK[self]
-
-
-_TIER_RANK = {Tier.MICRO: 0, Tier.SMALL: 1, Tier.MEDIUM: 2}
 
 
 class Strict(BaseModel):

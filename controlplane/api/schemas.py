@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from .schemas_base import FromRow
 from .schemas_registry import AssignmentSummary
 
 
-class DeviceSummary(BaseModel):
+class DeviceSummary(FromRow):
     """A device as listed: identity, placement and liveness."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     id: str
     tier: str | None = Field(description="null until the device's first hello")
@@ -27,10 +26,8 @@ class DeviceSummary(BaseModel):
     active_model: dict[str, Any] | None
 
 
-class TelemetryPoint(BaseModel):
+class TelemetryPoint(FromRow):
     """One heartbeat as stored."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     ts: float
     received_at: float

@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane.auth.roles import Role
 
+from .schemas_base import FromRow
+
 #: the longest a token may live (5 years): long-lived tokens should be rare and visible
 MAX_TOKEN_TTL_S = 5 * 365 * 86_400
 #: default lifetime of a new token (90 days)
@@ -26,10 +28,8 @@ class TokenCreate(BaseModel):
     )
 
 
-class TokenOut(BaseModel):
+class TokenOut(FromRow):
     """A token as listed: never the token itself."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     id: str
     name: str
@@ -54,10 +54,8 @@ class TokenPage(BaseModel):
     next: str | None
 
 
-class AuditOut(BaseModel):
+class AuditOut(FromRow):
     """One audited request."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     id: int
     ts: float

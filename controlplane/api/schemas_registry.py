@@ -8,15 +8,15 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstrain
 
 from protocol import Tier
 
+from .schemas_base import FromRow
+
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 #: one call may name at most this many devices explicitly
 MAX_SELECTOR_IDS = 10_000
 
 
-class ArtifactOut(BaseModel):
+class ArtifactOut(FromRow):
     """A verified file in the artifact store."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     path: str
     sha256: str
@@ -40,10 +40,8 @@ class ModelPage(BaseModel):
     next: str | None
 
 
-class VariantOut(BaseModel):
+class VariantOut(FromRow):
     """One tier's variant, as registered."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     tier: str
     format: str
@@ -55,10 +53,8 @@ class VariantOut(BaseModel):
     context_length: int
 
 
-class VersionSummary(BaseModel):
+class VersionSummary(FromRow):
     """A registered release."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     name: str = Field(validation_alias=AliasChoices("model_name", "name"))
     version: str
@@ -111,10 +107,8 @@ class AssignRequest(BaseModel):
     )
 
 
-class AssignResultOut(BaseModel):
+class AssignResultOut(FromRow):
     """What happened for one device."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     device_id: str
     status: Literal["assigned", "incompatible", "unknown_device", "unassigned", "not_assigned"]
@@ -136,10 +130,8 @@ class AssignResponse(BaseModel):
     unknown: int
 
 
-class AssignmentSummary(BaseModel):
+class AssignmentSummary(FromRow):
     """A device's live assignment."""
-
-    model_config = ConfigDict(from_attributes=True)
 
     assignment_id: str
     ref: str = Field(description="name@version")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from controlplane.db.models import DEVICE_ID_LEN, SHORT_LEN, Base, BigId
+from controlplane.db.models import DEVICE_ID_LEN, SHORT_LEN, Base, big_id
 
 #: hex sha256
 DIGEST_LEN = 64
@@ -48,7 +48,7 @@ class AuditEntry(Base):
 
     __tablename__ = "audit_log"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = big_id()
     ts: Mapped[float] = mapped_column(index=True)
     #: None when the request carried no valid token
     token_id: Mapped[str | None] = mapped_column(String(32), index=True)

@@ -56,10 +56,24 @@ class Base(DeclarativeBase):
     }
 
 
-def _device_fk() -> Mapped[str]:
+def big_id(**options: Any) -> Mapped[int]:
+    """The autoincrementing 64-bit ``id`` primary key of a table of many rows."""
+    return mapped_column(BigId, primary_key=True, autoincrement=True, **options)
+
+
+def _device_fk(**options: Any) -> Mapped[str]:
     return mapped_column(
-        String(DEVICE_ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), nullable=False
+        String(DEVICE_ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), nullable=False,
+        **options,
     )
+
+
+class _DeviceRows:
+    """Mixin of a table of many rows about one device each: ``id``, then ``device_id``."""
+
+    # First in the table, where the migrations put them.
+    id: Mapped[int] = big_id(sort_order=-2)
+    device_id: Mapped[str] = _device_fk(sort_order=-1)
 
 
 class Device(Base):
@@ -110,13 +124,11 @@ class DeviceLabel(Base):
     __table_args__ = (Index("ix_device_labels_key_value", "key", "value"),)
 
 
-class CapabilitySnapshot(Base):
+class CapabilitySnapshot(_DeviceRows, Base):
     """A device's capability report, stored only when it differs from the previous one."""
 
     __tablename__ = "capability_snapshots"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = _device_fk()
     received_at: Mapped[float]
     capabilities: Mapped[dict[str, Any]]
     runtimes: Mapped[list[Any]]
@@ -128,13 +140,11 @@ class CapabilitySnapshot(Base):
     __table_args__ = (Index("ix_capability_snapshots_device_id_id", "device_id", "id"),)
 
 
-class TelemetryRow(Base):
+class TelemetryRow(_DeviceRows, Base):
     """One heartbeat."""
 
     __tablename__ = "telemetry"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = _device_fk()
     ts: Mapped[float]
     received_at: Mapped[float]
     seq: Mapped[int] = mapped_column(BigInteger)
@@ -166,13 +176,11 @@ class Lease(Base):
     epoch: Mapped[int]
 
 
-class DeviceEvent(Base):
+class DeviceEvent(_DeviceRows, Base):
     """One update-pipeline step; ``(device_id, seq)`` makes ingest idempotent."""
 
     __tablename__ = "device_events"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = _device_fk()
     seq: Mapped[int] = mapped_column(BigInteger)
     ts: Mapped[float]
     received_at: Mapped[float]
@@ -212,7 +220,7 @@ class ModelVersion(Base):
 
     __tablename__ = "model_versions"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = big_id()
     model_name: Mapped[str] = mapped_column(
         String(NAME_LEN), ForeignKey("models.name", ondelete="CASCADE"), nullable=False
     )
@@ -252,7 +260,7 @@ class ModelVariant(Base):
 
     __tablename__ = "model_variants"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = big_id()
     version_id: Mapped[int] = mapped_column(
         BigId, ForeignKey("model_versions.id", ondelete="CASCADE"), nullable=False
     )
@@ -284,7 +292,7 @@ class AssignmentRecord(Base):
 
     __tablename__ = "assignments"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = big_id()
     assignment_id: Mapped[str] = mapped_column(String(SHORT_LEN), index=True)
     device_id: Mapped[str] = _device_fk()
     version_id: Mapped[int] = mapped_column(
@@ -406,7 +414,7 @@ class RolloutDecision(Base):
 
     __tablename__ = "rollout_decisions"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = big_id()
     rollout_id: Mapped[str] = mapped_column(
         String(ROLLOUT_ID_LEN), ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False
     )
