@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
@@ -54,3 +54,20 @@ def off_response(what: str, also: str = "") -> dict[int | str, dict[str, str]]:
     with ``also``, what else a 404 of that route means."""
     description = f"{also}; or " if also else ""
     return {NOT_CONFIGURED: {"description": f"{description}{what} is not configured here"}}
+
+
+def described(
+    answers: Mapping[int, str | tuple[str, type]], *also: Mapping[int | str, dict[str, Any]]
+) -> dict[int | str, dict[str, Any]]:
+    """A route's documented ``responses``: each status code with what it means
+    (or, as a pair, that and the model of its body), then those in ``also``
+    (e.g. an :func:`off_response`)."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status, answer in answers.items():
+        description, model = answer if isinstance(answer, tuple) else (answer, None)
+        documented[status] = {"description": description}
+        if model is not None:
+            documented[status]["model"] = model
+    for more in also:
+        documented.update(more)
+    return documented

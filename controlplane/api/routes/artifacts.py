@@ -18,7 +18,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from controlplane.api.deps import ContextDep, not_configured
+from controlplane.api.deps import ContextDep, described, not_configured
 from controlplane.api.schemas_registry import ArtifactOut
 from controlplane.artifacts import (
     ArtifactConflict,
@@ -64,11 +64,11 @@ def _refuse(exc: ArtifactError) -> HTTPException:
     return HTTPException(status, detail={"reason": exc.reason, "message": str(exc)})
 
 
-_READ_RESPONSES: dict[int | str, dict[str, str]] = {
-    206: {"description": "the requested range"},
-    404: {"description": "no such artifact"},
-    416: {"description": "range not satisfiable; Content-Range: bytes */size"},
-}
+_READ_RESPONSES = described({
+    206: "the requested range",
+    404: "no such artifact",
+    416: "range not satisfiable; Content-Range: bytes */size",
+})
 
 
 @router.head(
@@ -136,13 +136,12 @@ async def _receive(request: Request, upload: Upload) -> None:
     "/{path:path}",
     response_model=ArtifactOut,
     status_code=201,
-    responses={
-        200: {"description": "the same blob was already stored", "model": ArtifactOut},
-        409: {"description": "a different blob is stored at this path"},
-        413: {"description": "larger than artifact_max_bytes"},
-        422: {"description": "bad path, missing or malformed X-Content-SHA256, or sha256 "
-              "mismatch (nothing stored)"},
-    },
+    responses=described({
+        200: ("the same blob was already stored", ArtifactOut),
+        409: "a different blob is stored at this path",
+        413: "larger than artifact_max_bytes",
+        422: "bad path, missing or malformed X-Content-SHA256, or sha256 mismatch (nothing stored)",
+    }),
 )
 async def put_artifact(
     path: str,

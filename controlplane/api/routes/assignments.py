@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from controlplane.api.deps import ContextDep, SessionDep, not_configured, off_response
+from controlplane.api.deps import ContextDep, SessionDep, described, not_configured, off_response
 from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_registry import (
     AssignRequest,
@@ -81,8 +81,10 @@ def _targets(device_id: str, body: AssignRequest, context: AppContext) -> list[s
     response_model=AssignResponse,
     responses={
         **off_response("the director key", also="no such device (single device) or release"),
-        409: {"description": "the device has no variant it can run (single device)"},
-        422: {"description": "bad body or selector"},
+        **described({
+            409: "the device has no variant it can run (single device)",
+            422: "bad body or selector",
+        }),
     },
 )
 def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignResponse:
@@ -130,7 +132,7 @@ def unassign(device_id: str, context: ContextDep) -> AssignResultOut:
 @router.get(
     "/{device_id}/history",
     response_model=HistoryPage,
-    responses={404: {"description": "no such device"}},
+    responses=described({404: "no such device"}),
 )
 def history(device_id: str, session: SessionDep, page: PageDep) -> HistoryPage:
     """The device's timeline, oldest first: assignments issued and revoked, and its events."""

@@ -15,6 +15,7 @@ from controlplane.api.deps import (
     ContextDep,
     PrincipalDep,
     SessionDep,
+    described,
     not_configured,
     off_response,
 )
@@ -63,7 +64,7 @@ def _record(row: DeviceCredential, broker_reloaded: bool) -> dict[str, object]:
     "/{device_id}/credentials",
     response_model=EnrollmentOut,
     status_code=201,
-    responses={422: {"description": "not a valid device id"}, **off_response(_OFF)},
+    responses=described({422: "not a valid device id"}, off_response(_OFF)),
 )
 def enroll_device(
     device_id: DeviceIdPath, session: SessionDep, context: ContextDep, principal: PrincipalDep

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from controlplane.api.deps import SessionDep
+from controlplane.api.deps import SessionDep, described
 from controlplane.api.pagination import PageDep, query_error
 from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
 from controlplane.api.schemas_registry import AssignmentSummary
@@ -63,7 +63,7 @@ def list_devices(
 @router.get(
     "/{device_id}",
     response_model=DeviceDetail,
-    responses={404: {"description": "no such device"}},
+    responses=described({404: "no such device"}),
 )
 def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
     """One device: latest capabilities, recent telemetry, update state and live assignment."""

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 
-from controlplane.api.deps import SessionDep
+from controlplane.api.deps import SessionDep, described
 from controlplane.api.schemas_rollouts import DeviceMetrics, VersionMetrics
 from controlplane.db import queries, telemetry_aggregates
 from controlplane.db.models import ModelVersion
@@ -33,7 +33,7 @@ WindowQuery = Annotated[
 @router.get(
     "/v1/devices/{device_id}/metrics",
     response_model=DeviceMetrics,
-    responses={404: {"description": "no such device"}},
+    responses=described({404: "no such device"}),
 )
 def device_metrics(
     device_id: str, session: SessionDep, window_s: WindowQuery = DEFAULT_WINDOW_S
@@ -49,7 +49,7 @@ def device_metrics(
 @router.get(
     "/v1/models/{name}/versions/{version}/metrics",
     response_model=VersionMetrics,
-    responses={404: {"description": "no such release"}},
+    responses=described({404: "no such release"}),
 )
 def version_metrics(
     name: str, version: str, session: SessionDep, window_s: WindowQuery = DEFAULT_WINDOW_S

@@ -8,7 +8,7 @@ from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request, Response
 from sqlalchemy.orm import Session
 
-from controlplane.api.deps import ContextDep, SessionDep, not_configured, off_response
+from controlplane.api.deps import ContextDep, SessionDep, described, not_configured, off_response
 from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_registry import (
     ModelPage,
@@ -113,14 +113,16 @@ def get_models(session: SessionDep, page: PageDep) -> ModelPage:
     "",
     response_model=VersionDetail,
     status_code=201,
-    responses={
-        200: {"description": "this exact manifest was already registered", "model": VersionDetail},
-        400: {"description": "not a release envelope (JSON, shape, schema)"},
-        409: {"description": "name@version is registered with a different manifest"},
-        413: {"description": "larger than a release may be"},
-        422: {"description": "release signatures below threshold, or an artifact is missing"},
-        **off_response("the release key list"),
-    },
+    responses=described(
+        {
+            200: ("this exact manifest was already registered", VersionDetail),
+            400: "not a release envelope (JSON, shape, schema)",
+            409: "name@version is registered with a different manifest",
+            413: "larger than a release may be",
+            422: "release signatures below threshold, or an artifact is missing",
+        },
+        off_response("the release key list"),
+    ),
     # The body is read raw (its bytes are what the signatures cover), so FastAPI
     # cannot see it; describe it here.
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -153,7 +155,7 @@ async def post_model(request: Request, response: Response, context: ContextDep) 
 @router.get(
     "/{name}/versions",
     response_model=VersionPage,
-    responses={404: {"description": "no such model"}},
+    responses=described({404: "no such model"}),
 )
 def get_versions(
     name: str, session: SessionDep, page: PageDep
@@ -177,7 +179,7 @@ def _version_key(raw: str) -> tuple[str, str]:
 @router.get(
     "/{name}/versions/{version}",
     response_model=VersionDetail,
-    responses={404: {"description": "no such version"}},
+    responses=described({404: "no such version"}),
 )
 def get_model_version(
     name: str, version: str, session: SessionDep, context: ContextDep

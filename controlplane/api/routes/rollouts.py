@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from controlplane.api.deps import ContextDep, SessionDep, not_configured, off_response
+from controlplane.api.deps import ContextDep, SessionDep, described, not_configured, off_response
 from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_rollouts import (
     ActionRequest,
@@ -102,7 +102,7 @@ def _detail(session: SessionDep, row: Rollout) -> RolloutDetail:
     status_code=201,
     responses={
         **off_response("the director key", also="the release is not registered"),
-        422: {"description": "bad spec"},
+        **described({422: "bad spec"}),
     },
 )
 def create_rollout(spec: RolloutSpec, context: ContextDep, session: SessionDep) -> RolloutDetail:
@@ -141,7 +141,7 @@ def _checked_key(raw: str) -> str:
 
 
 @router.get("/{rollout_id}", response_model=RolloutDetail,
-            responses={404: {"description": "no such rollout"}})
+            responses=described({404: "no such rollout"}))
 def get_rollout(rollout_id: str, session: SessionDep) -> RolloutDetail:
     """Stage, counts per stage and tier, the latest gate evaluation, timeline and devices."""
     try:
@@ -153,8 +153,9 @@ def get_rollout(rollout_id: str, session: SessionDep) -> RolloutDetail:
 @router.post(
     "/{rollout_id}/{action}",
     response_model=RolloutDetail,
-    responses={404: {"description": "no such rollout"},
-               409: {"description": "the action does not apply in the rollout's state"}},
+    responses=described({
+        404: "no such rollout", 409: "the action does not apply in the rollout's state"
+    }),
 )
 def act(
     rollout_id: str,

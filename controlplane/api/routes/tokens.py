@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from controlplane.api.deps import PrincipalDep, SessionDep
+from controlplane.api.deps import PrincipalDep, SessionDep, described
 from controlplane.api.pagination import PageDep
 from controlplane.api.schemas_auth import TokenCreate, TokenIssued, TokenOut, TokenPage
 from controlplane.auth.tokens import LastAdminToken, issue_token, list_tokens, revoke_token
@@ -33,10 +33,9 @@ def get_tokens(session: SessionDep, page: PageDep) -> TokenPage:
 @router.delete(
     "/{token_id}",
     response_model=TokenOut,
-    responses={
-        404: {"description": "no such token"},
-        409: {"description": "the last active admin token cannot be revoked"},
-    },
+    responses=described(
+        {404: "no such token", 409: "the last active admin token cannot be revoked"}
+    ),
 )
 def revoke(token_id: str, session: SessionDep) -> TokenOut:
     """Revoke a token: it is refused from the next request on. Revoking twice is harmless."""
