@@ -14,7 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from agent.simulated import SIMULATED_PRESETS
 from protocol import Tier, parse_yaml_mapping, validation_problems
@@ -52,25 +59,23 @@ class Behaviour(_Strict):
     """chance per heartbeat that the worker crashed since the last one"""
 
 
-class BehaviourOverride(_Strict):
-    """Fields of :class:`Behaviour` to change, for one tier or one release."""
-
-    download_bytes_per_s: Positive | None = None
-    health_check_s: NonNeg | None = None
-    jitter: Rate | None = None
-    fit_fail_rate: Rate | None = None
-    download_fail_rate: Rate | None = None
-    health_fail_rate: Rate | None = None
-    requests_per_heartbeat: NonNeg | None = None
-    ttft_ms: NonNeg | None = None
-    latency_ms: NonNeg | None = None
-    tokens_per_s: NonNeg | None = None
-    error_rate: Rate | None = None
-    crash_rate: Rate | None = None
-
+class _Override(_Strict):
     def apply(self, base: Behaviour) -> Behaviour:
         """``base`` with the fields set here replaced."""
         return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+#: Fields of :class:`Behaviour` to change, for one tier or one release: each
+#: of its fields, with the same bounds, unset (None) by default
+BehaviourOverride = create_model(
+    "BehaviourOverride",
+    __base__=_Override,
+    __doc__="Fields of :class:`Behaviour` to change, for one tier or one release.",
+    **{
+        name: (Annotated[(field.annotation, *field.metadata)] | None, None)
+        for name, field in Behaviour.model_fields.items()
+    },
+)
 
 
 #: what each tier does when the scenario says nothing: faster boards download
