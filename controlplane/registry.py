@@ -23,6 +23,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controlplane.attributes import same_named
 from protocol import (
     MAX_RELEASE_BYTES,
     KeyList,
@@ -158,13 +159,10 @@ def register_release(
             ModelVariant(
                 version_id=row.id,
                 tier=tier.value,
-                format=variant.format,
-                sha256=variant.sha256,
-                size_bytes=variant.size_bytes,
-                artifact=variant.artifact,
-                quantization=variant.quantization,
-                parameters=variant.parameters,
-                context_length=variant.context_length,
+                **same_named(
+                    variant, "format", "sha256", "size_bytes", "artifact", "quantization",
+                    "parameters", "context_length",
+                ),
             )
         )
     try:

@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from controlplane.attributes import same_named
+
 from .policy import required_role
 
 SCHEME = "bearerToken"
@@ -67,11 +69,7 @@ def install(app: FastAPI, *edits: Callable[[dict[str, Any]], None]) -> None:
         if app.openapi_schema is None:
             app.openapi_schema = annotate(
                 get_openapi(
-                    title=app.title,
-                    version=app.version,
-                    summary=app.summary,
-                    description=app.description,
-                    routes=app.routes,
+                    **same_named(app, "title", "version", "summary", "description", "routes")
                 )
             )
             for edit in edits:

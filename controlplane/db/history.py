@@ -8,6 +8,8 @@ from typing import Any, Literal
 from sqlalchemy import ScalarResult, and_, or_, select, true
 from sqlalchemy.orm import Session
 
+from controlplane.attributes import same_named
+
 from .models import AssignmentRecord, DeviceEvent, DeviceSequence
 from .statuses import AssignmentStatus
 
@@ -71,13 +73,9 @@ def current_assignment(session: Session, device_id: str) -> LiveAssignment | Non
         return None
     counter = session.get(DeviceSequence, device_id)
     return LiveAssignment(
-        assignment_id=row.assignment_id,
-        ref=row.ref,
-        tier=row.tier,
-        sequence=row.sequence,
-        issued_at=row.issued_at,
-        expires_at=row.expires_at,
-        rollout_id=row.rollout_id,
+        **same_named(
+            row, "assignment_id", "ref", "tier", "sequence", "issued_at", "expires_at", "rollout_id"
+        ),
         published=counter is not None and counter.published_sequence >= row.sequence,
     )
 
