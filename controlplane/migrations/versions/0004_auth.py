@@ -1,7 +1,5 @@
 """Access control: API tokens (hashed), audit log, device credentials.
 
-Revision ID: 0004
-Revises: 0003
 Create Date: 2026-11-23
 """
 

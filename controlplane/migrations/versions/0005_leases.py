@@ -1,8 +1,6 @@
 """Replicas: the lease row control-plane replicas elect their leader with, and
 telemetry made idempotent (unique on device, ts, seq) for redelivered messages.
 
-Revision ID: 0005
-Revises: 0004
 Create Date: 2026-11-23
 """
 

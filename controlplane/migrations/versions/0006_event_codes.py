@@ -6,8 +6,6 @@ Events stored before this revision get the code their reason names (the
 old form, so a rollout in progress when the control plane is upgraded
 judges its devices' earlier events as it judges new ones.
 
-Revision ID: 0006
-Revises: 0005
 Create Date: 2026-12-06
 """
 
