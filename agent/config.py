@@ -76,6 +76,9 @@ class AgentConfig(BaseModel):
     api_host: Literal["127.0.0.1", "::1"] = "127.0.0.1"
     #: TCP port of the local API; 0 picks a free one (logged at start)
     api_port: Annotated[int, Field(ge=0, le=65535)] = 11435
+    #: also serve the API on this TCP port, Ollama's (11434), for apps configured for
+    #: Ollama; None: not; 0 picks a free one (logged at start)
+    ollama_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     #: also serve the API on this unix socket (mode 0660)
     api_socket: Path | None = None
     #: largest request body, bytes
