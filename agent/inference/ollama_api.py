@@ -216,7 +216,7 @@ async def _embed(api: LocalApi, body: bytes, route: str) -> dict[str, Any]:
         return {"model": name, "embeddings": []}
     started = time.perf_counter()
     done, _ = await api._call(ref, "embed", {"input": texts})
-    return {"model": name, "embeddings": done["embeddings"],
+    return {"model": name, "embeddings": [shapes.pooled(v) for v in done["embeddings"]],
             "total_duration": _ns(time.perf_counter() - started), "load_duration": 0,
             "prompt_eval_count": done["prompt_tokens"]}
 

@@ -83,8 +83,7 @@ FIELDS: dict[str, Field] = {
     "dimensions": _refused("embeddings have the model's own dimension", frozenset({EMBED})),
 }
 
-_LOAD_TIME = "load-time setting: the fleet's runtime settings (release, firmware profile) " \
-             "decide how the model runs"
+_LOAD_TIME = "load-time setting: the fleet's runtime settings decide"
 
 #: keys of ``options``
 OPTIONS: dict[str, Field] = {
@@ -429,6 +428,14 @@ def final(route: str, model: str, body: Any, done: dict[str, Any] | None,
                prompt_eval_duration=timing.prompt_eval, eval_count=done["completion_tokens"],
                eval_duration=timing.eval)
     return out
+
+
+def pooled(vector: list[Any]) -> list[float]:
+    """One vector per input, as Ollama answers: a model whose GGUF sets no pooling gives
+    one vector per token, averaged here (as the agent pools ONNX embedders)."""
+    if not vector or not isinstance(vector[0], list):
+        return vector
+    return [sum(column) / len(vector) for column in zip(*vector, strict=True)]
 
 
 def normalized(vector: list[float]) -> list[float]:
