@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import ready_url, serving_rig
+from tests.support.inference import ready_url, serving_rig, worker_pids
 from tests.support.updates import DeviceRig, wait_for
 
 MODEL = "smollm2-135m"
@@ -48,7 +50,7 @@ PERSON = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-ASK = [{"role": "user", "content": "What is the capital of France?"}]
+ASK = [{"role": "user", "content": "What is the chemical symbol for water?"}]
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +120,15 @@ def test_list_show_ps_describe_the_served_gguf(client: ollama.Client, ollama_url
 
 def test_chat_streamed_and_not(client: ollama.Client) -> None:
     reply = client.chat(model=MODEL, messages=ASK, options={"temperature": 0,
-                                                            "num_predict": 16})
+                                                            "num_predict": 24})
     assert reply.model == SHOWN and reply.done and reply.done_reason in ("stop", "length")
-    assert reply.message.role == "assistant" and "Paris" in reply.message.content
-    assert reply.prompt_eval_count > 5 and 0 < reply.eval_count <= 16
+    assert reply.message.role == "assistant" and "h2o" in reply.message.content.lower()
+    assert reply.prompt_eval_count > 5 and 0 < reply.eval_count <= 24
     assert reply.total_duration >= reply.eval_duration > 0
     assert reply.prompt_eval_duration > 0 and reply.load_duration >= 0
 
     parts = list(client.chat(model=MODEL, messages=ASK, stream=True,
-                             options={"temperature": 0, "num_predict": 16}))
+                             options={"temperature": 0, "num_predict": 24}))
     *pieces, last = parts
     assert pieces and all(not p.done for p in pieces) and last.done
     assert last.message.content == "" and last.eval_count == reply.eval_count
@@ -135,12 +137,14 @@ def test_chat_streamed_and_not(client: ollama.Client) -> None:
 
 def test_stream_is_ndjson_by_default(ollama_url: str) -> None:
     with httpx.stream("POST", f"{ollama_url}/api/generate", timeout=120, json={
-            "model": MODEL, "prompt": "Say hi", "options": {"num_predict": 4}}) as r:
+            "model": MODEL, "prompt": "Say hi", "options": {"num_predict": 4,
+                                                            "temperature": 0}}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "application/x-ndjson"
         lines = [json.loads(line) for line in r.iter_lines() if line]
     assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
     assert lines[-1]["done_reason"] == "length" and lines[-1]["eval_count"] == 4
+    assert "".join(line["response"] for line in lines[:-1]).strip()
     assert {"total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
             "eval_duration"} <= set(lines[-1])
 
@@ -295,6 +299,29 @@ def test_both_listeners_speak_ollama_and_the_main_one_openai_too(
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == MODEL
     r = httpx.get(f"{ollama_url}/api/chat")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_a_worker_lost_mid_stream_ends_the_stream_with_an_error_line(
+        rig: DeviceRig, url: str, ollama_url: str, client: ollama.Client) -> None:
+    assert rig.agent is not None
+    (old,) = worker_pids(rig.agent.pid)
+    lines = []
+    with httpx.stream("POST", f"{ollama_url}/api/chat", timeout=120, json={
+            "model": MODEL, "options": {"num_predict": 400, "temperature": 0},
+            "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+    }) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                lines.append(json.loads(line))
+            if len(lines) == 2:
+                os.kill(old, signal.SIGKILL)  # headers and text are out: the error goes in-band
+    *pieces, last = lines
+    assert len(pieces) >= 2 and not any(p["done"] for p in pieces)
+    assert list(last) == ["error"] and "killed by SIGKILL" in last["error"], last
+    wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "a new worker")
+    assert old not in worker_pids(rig.agent.pid)
+    assert client.generate(model=MODEL, prompt="Hi", options={"num_predict": 1}).eval_count == 1
 
 
 def test_embedding_routes_without_an_embedder_say_so(client: ollama.Client) -> None:

@@ -92,20 +92,23 @@ async def _ndjson(send: Send, payload: Any) -> None:
 
 async def chat(api: LocalApi, send: Send, body: bytes) -> None:
     """``POST /api/chat``."""
-    async with _errors():
-        data = _body(body)
-        slot, ref = _served(api, data)
-        asked = shapes.chat_request(data, api.settings.limits, slot.spec.runtime.context)
-        await _text(api, send, shapes.CHAT, slot, ref, asked)
+    await _text_route(api, send, body, shapes.CHAT)
 
 
 async def generate(api: LocalApi, send: Send, body: bytes) -> None:
     """``POST /api/generate``."""
+    await _text_route(api, send, body, shapes.GENERATE)
+
+
+_TRANSLATE = {shapes.CHAT: shapes.chat_request, shapes.GENERATE: shapes.generate_request}
+
+
+async def _text_route(api: LocalApi, send: Send, body: bytes, route: str) -> None:
     async with _errors():
         data = _body(body)
         slot, ref = _served(api, data)
-        asked = shapes.generate_request(data, api.settings.limits, slot.spec.runtime.context)
-        await _text(api, send, shapes.GENERATE, slot, ref, asked)
+        asked = _TRANSLATE[route](data, api.settings.limits, slot.spec.runtime.context)
+        await _text(api, send, route, slot, ref, asked)
 
 
 async def _text(api: LocalApi, send: Send, route: str, slot: Slot, ref: str,
