@@ -25,10 +25,11 @@ import jsonschema
 import ollama
 import pytest
 
-from agent.inference import ollama_shapes
+from agent.inference import ollama_fields
 from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.ollama_api import MANAGED, OLLAMA_VERSION
-from agent.inference.ollama_shapes import FIELDS, OPTIONS, resolve_name
+from agent.inference.ollama_fields import FIELDS, OPTIONS
+from agent.inference.ollama_shapes import resolve_name
 from agent.inference.runtime import InferenceRuntime
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
@@ -418,8 +419,8 @@ def _docs_table(marker: str) -> dict[str, list[str]]:
 
 
 def _routes(routes: frozenset[str]) -> str:
-    order = [ollama_shapes.CHAT, ollama_shapes.GENERATE, ollama_shapes.EMBED,
-             ollama_shapes.EMBEDDINGS]
+    order = [ollama_fields.CHAT, ollama_fields.GENERATE, ollama_fields.EMBED,
+             ollama_fields.EMBEDDINGS]
     return ", ".join(r for r in order if r in routes)
 
 

@@ -1,29 +1,32 @@
-"""Ollama's API in the agent's terms: request fields, their translation, answer shapes.
+"""Ollama's API in the agent's terms: requests translated, answers shaped.
 
-Pure: no I/O. An Ollama request is checked against the tables below
-(every field and every ``options`` key is honoured, refused with a 400
-naming it, or ignored because it cannot change the answer), then
-translated into the OpenAI-shaped body :mod:`.schemas` validates, so both
-front ends hand the worker the same request dict. docs/inference.md
-("Ollama API") carries the same tables; tests/test_ollama_api.py checks
-the two agree.
+Pure: no I/O. An Ollama request is checked against the tables of
+:mod:`.ollama_fields` (every field and every ``options`` key is honoured,
+refused with a 400 naming it, or ignored because it cannot change the
+answer), then translated into the OpenAI-shaped body :mod:`.schemas`
+validates, so both front ends hand the worker the same request dict.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from . import schemas
+from .ollama_fields import (
+    CHAT,
+    EMBED,
+    EMBEDDINGS,
+    FIELDS,
+    GENERATE,
+    OPTIONS,
+    Field,
+    unsupported,
+)
 from .schemas import ApiError, Limits
-
-CHAT, GENERATE, EMBED, EMBEDDINGS = "chat", "generate", "embed", "embeddings"
-TEXT = frozenset({CHAT, GENERATE})
-ALL = frozenset({CHAT, GENERATE, EMBED, EMBEDDINGS})
-
-Handling = Literal["honoured", "refused", "ignored"]
 
 TOOLS_NOT_YET = "tools are not supported yet on /api/chat"
 
@@ -36,107 +39,14 @@ class OllamaError(ApiError):
         return {"error": str(self)}
 
 
-@dataclass(frozen=True, slots=True)
-class Field:
-    """How one request field or option is handled; ``neutral`` values ask for nothing."""
-
-    handling: Handling
-    routes: frozenset[str]
-    note: str
-    neutral: tuple[Any, ...] = (None,)
-
-
-def _refused(note: str, routes: frozenset[str], neutral: tuple[Any, ...] = (None,)) -> Field:
-    return Field("refused", routes, note, neutral)
-
-
-#: top-level request fields of /api/chat, /api/generate, /api/embed, /api/embeddings
-FIELDS: dict[str, Field] = {
-    "model": Field("honoured", ALL, "`name`, `name:latest`, `name:VERSION` or `name@VERSION`"),
-    "messages": Field("honoured", frozenset({CHAT}),
-                      "roles system, user, assistant, tool; empty: load only"),
-    "prompt": Field("honoured", frozenset({GENERATE, EMBEDDINGS}), "empty: load only"),
-    "input": Field("honoured", frozenset({EMBED}), "a string or a list of strings"),
-    "system": Field("honoured", frozenset({GENERATE}), "a system message before the prompt"),
-    "raw": Field("honoured", frozenset({GENERATE}),
-                 "true: the prompt goes to the model as it is, no chat template"),
-    "stream": Field("honoured", TEXT, "NDJSON, true by default"),
-    "format": Field("honoured", TEXT, "`\"json\"` or a JSON schema (see \"Structured output\")"),
-    "options": Field("honoured", ALL, "see the options table"),
-    "keep_alive": Field("ignored", ALL, "the fleet decides what stays loaded; `0` unloads "
-                        "nothing"),
-    "tools": _refused("not supported yet", frozenset({CHAT}), (None, [])),
-    "think": _refused("no thinking models here", TEXT, (None, False)),
-    "logprobs": _refused("log probabilities are not returned", TEXT, (None, False)),
-    "top_logprobs": _refused("log probabilities are not returned", TEXT, (None, 0)),
-    "images": _refused("text only", frozenset({GENERATE}), (None, [])),
-    "suffix": _refused("no fill-in-the-middle", frozenset({GENERATE}), (None, "")),
-    "template": _refused("the model's own chat template is used", frozenset({GENERATE}),
-                         (None, "")),
-    "context": _refused("no conversational memory: send the history to /api/chat",
-                        frozenset({GENERATE}), (None, [])),
-    "width": _refused("text only", frozenset({GENERATE})),
-    "height": _refused("text only", frozenset({GENERATE})),
-    "steps": _refused("text only", frozenset({GENERATE})),
-    "truncate": _refused("inputs longer than the context are always truncated",
-                         frozenset({EMBED}), (None, True)),
-    "dimensions": _refused("embeddings have the model's own dimension", frozenset({EMBED})),
-}
-
-_LOAD_TIME = "load-time setting: the fleet's runtime settings decide"
-
-#: keys of ``options``
-OPTIONS: dict[str, Field] = {
-    "num_predict": Field("honoured", ALL, "tokens to generate, up to 8192; -1 and -2: until "
-                         "the context is full; default `api_default_max_tokens`"),
-    "temperature": Field("honoured", ALL, "0 to 2"),
-    "top_p": Field("honoured", ALL, "0 to 1"),
-    "seed": Field("honoured", ALL, "same seed, same answer on the same model version"),
-    "stop": Field("honoured", ALL, "up to 4 strings"),
-    "frequency_penalty": Field("honoured", ALL, "-2 to 2"),
-    "presence_penalty": Field("honoured", ALL, "-2 to 2"),
-    "num_ctx": Field("honoured", ALL, "up to the device's context: the model runs with "
-                     "the context the fleet set; above it: 400"),
-    "top_k": _refused("sampling uses top_k 40", ALL, (None, 40)),
-    "min_p": _refused("sampling uses min_p 0.05", ALL, (None, 0.05)),
-    "typical_p": _refused("sampling uses typical_p 1", ALL, (None, 1, 1.0)),
-    "repeat_penalty": _refused("sampling uses repeat_penalty 1", ALL, (None, 1, 1.0)),
-    "tfs_z": _refused("tail-free sampling is gone from llama.cpp", ALL, (None, 1, 1.0)),
-    "mirostat": _refused("no mirostat sampling", ALL, (None, 0)),
-    "repeat_last_n": Field("ignored", ALL, "only matters with `repeat_penalty`, which is 1"),
-    "mirostat_tau": Field("ignored", ALL, "only matters with `mirostat`, which is 0"),
-    "mirostat_eta": Field("ignored", ALL, "only matters with `mirostat`, which is 0"),
-    "penalize_newline": Field("ignored", ALL, "Ollama ignores it too"),
-    "num_keep": Field("ignored", ALL, "the context is never shifted: a request that does not "
-                      "fit is refused"),
-    "draft_num_predict": Field("ignored", ALL, "no draft model"),
-    **{name: Field("ignored", ALL, _LOAD_TIME) for name in (
-        "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
-        "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread")},
-}
-
 #: Ollama option -> the OpenAI-shaped field :mod:`.schemas` checks
 _SAMPLING = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
-#: what the routes' messages call each route
-ROUTE_PATHS = {CHAT: "/api/chat", GENERATE: "/api/generate", EMBED: "/api/embed",
-               EMBEDDINGS: "/api/embeddings"}
-
-
-def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    # `False == 0` in Python: compare types too (an int neutral also takes its float).
-    return any(value == n and (type(value) is type(n) or {type(value), type(n)} == {int, float})
-               for n in neutral)
-
-
 def _check(data: dict[str, Any], table: dict[str, Field], route: str, where: str) -> None:
     """400 for the first key of ``data`` that ``table`` refuses or does not know on ``route``."""
-    for name, value in data.items():
-        field = table.get(name)
-        if field is None or route not in field.routes:
-            raise OllamaError(400, f"unknown '{where}{name}' for {ROUTE_PATHS[route]}")
-        if field.handling == "refused" and not _neutral(value, field.neutral):
-            raise OllamaError(400, f"'{where}{name}' is not supported: {field.note}")
+    problem = unsupported(data, table, route, where)
+    if problem is not None:
+        raise OllamaError(400, problem)
 
 
 # -- names --------------------------------------------------------------------------------
@@ -257,8 +167,9 @@ def _translated(exc: ApiError) -> OllamaError:
     return OllamaError(exc.status, message, headers=exc.headers)
 
 
-def _worker_request(build: Any, body: dict[str, Any], limits: Limits,
-                    whole_context: bool) -> dict[str, Any]:
+def _worker_request(build: Callable[[dict[str, Any], Limits], tuple[str, bool, dict[str, Any]]],
+                    body: dict[str, Any], limits: Limits, whole_context: bool) -> dict[str, Any]:
+    """The worker's request from ``build`` (a :mod:`.schemas` checker) on ``body``."""
     try:
         _, _, request = build(body, limits)
     except OllamaError:
