@@ -442,3 +442,34 @@ def test_ttft_and_durations_are_nanoseconds(client: ollama.Client) -> None:
     wall_ns = (time.monotonic() - started) * 1e9
     assert 0 < reply.total_duration <= wall_ns
     assert reply.prompt_eval_duration + reply.eval_duration <= reply.total_duration * 1.01
+
+
+def test_translation_into_the_worker_request() -> None:
+    from agent.inference.ollama_shapes import chat_request, generate_request
+    from agent.inference.schemas import Limits
+
+    limits, user = Limits(), [{"role": "user", "content": "x"}]
+    plain = chat_request({"model": MODEL, "messages": user}, limits, 2048)
+    assert plain.stream is True  # Ollama streams unless told not to
+    assert plain.request is not None
+    assert (plain.request["temperature"], plain.request["top_p"]) == (0.8, 0.9)
+    assert plain.request["max_tokens"] == limits.default_max_tokens
+    whole = chat_request({"model": MODEL, "messages": user, "stream": False,
+                          "options": {"num_predict": -2, "temperature": 0, "stop": ["\n"]}},
+                         limits, 2048)
+    assert whole.stream is False and whole.request is not None
+    assert whole.request["max_tokens"] is None  # the worker fills the context
+    assert (whole.request["temperature"], whole.request["stop"]) == (0.0, ["\n"])
+    json_mode = chat_request({"model": MODEL, "messages": user, "format": "json"}, limits, 2048)
+    assert json_mode.request is not None
+    assert json_mode.request["response_format"] == {"type": "json_object"}
+    schema = chat_request({"model": MODEL, "messages": user, "format": PERSON}, limits, 2048)
+    assert schema.request is not None
+    assert schema.request["response_format"] == {"type": "json_schema", "schema": PERSON}
+
+    raw = generate_request({"model": MODEL, "prompt": "p", "raw": True}, limits, 2048).request
+    assert raw is not None and raw["prompt"] == "p" and "messages" not in raw
+    turn = generate_request({"model": MODEL, "prompt": "p", "system": "s"}, limits, 2048).request
+    assert turn is not None and turn["messages"] == [{"role": "system", "content": "s"},
+                                                     {"role": "user", "content": "p"}]
+    assert generate_request({"model": MODEL}, limits, 2048).request is None  # load only

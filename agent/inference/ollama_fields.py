@@ -73,8 +73,8 @@ _LOAD_TIME = "load-time setting: the fleet's runtime settings decide"
 OPTIONS: dict[str, Field] = {
     "num_predict": Field("honoured", ALL, "tokens to generate, up to 8192; -1 and -2: until "
                          "the context is full; default `api_default_max_tokens`"),
-    "temperature": Field("honoured", ALL, "0 to 2"),
-    "top_p": Field("honoured", ALL, "0 to 1"),
+    "temperature": Field("honoured", ALL, "0 to 2; default 0.8, Ollama's"),
+    "top_p": Field("honoured", ALL, "0 to 1; default 0.9, Ollama's"),
     "seed": Field("honoured", ALL, "same seed, same answer on the same model version"),
     "stop": Field("honoured", ALL, "up to 4 strings"),
     "frequency_penalty": Field("honoured", ALL, "-2 to 2"),

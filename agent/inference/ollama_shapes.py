@@ -39,6 +39,8 @@ class OllamaError(ApiError):
         return {"error": str(self)}
 
 
+#: Ollama's own sampling defaults, where they differ from the OpenAI routes
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9}
 #: Ollama option -> the OpenAI-shaped field :mod:`.schemas` checks
 _SAMPLING = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
@@ -122,11 +124,12 @@ def _options(data: dict[str, Any], route: str, limits: Limits, context: int
     """(OpenAI-shaped sampling fields, whether num_predict asks for the whole context)."""
     options = data.get("options")
     if options is None:
-        return {}, False
+        options = {}
     if not isinstance(options, dict):
         raise OllamaError(400, "'options' must be an object")
     _check(options, OPTIONS, route, "options.")
-    fields = {name: options[name] for name in _SAMPLING if options.get(name) is not None}
+    fields = {**OLLAMA_DEFAULTS,
+              **{name: options[name] for name in _SAMPLING if options.get(name) is not None}}
     num_ctx = options.get("num_ctx")
     if num_ctx is not None and (isinstance(num_ctx, bool) or not isinstance(num_ctx, int)
                                 or num_ctx < 1):
@@ -209,10 +212,7 @@ def _message(i: int, message: Any) -> dict[str, Any]:
 
 def chat_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequest:
     """A checked ``/api/chat`` body; ``context`` is the served model's context in tokens."""
-    if data.get("tools"):
-        # Once tool calls land: pass them on as `tools` with `tool_choice: "auto"`, and
-        # fill in `_tool_calls` below.
-        raise OllamaError(400, TOOLS_NOT_YET)
+    tools = _tools(data.get("tools"))
     _check(data, FIELDS, CHAT, "")
     model, stream = _model(data), _bool(data, "stream", True)
     _keep_alive(data)
@@ -226,8 +226,21 @@ def chat_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequ
     if not messages:
         return TextRequest(model, stream, None)
     body = {"model": model, "messages": [_message(i, m) for i, m in enumerate(messages)],
-            **sampling, **fmt}
+            **sampling, **fmt, **tools}
     return TextRequest(model, stream, _worker_request(schemas.chat_request, body, limits, whole))
+
+
+def _tools(tools: Any) -> dict[str, Any]:
+    """The OpenAI-shaped fields for Ollama's ``tools`` (its tool shape is OpenAI's)."""
+    if tools is None or tools == []:
+        return {}
+    if not (isinstance(tools, list) and all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools)):
+        raise OllamaError(400, "'tools' must be a list of {\"type\": \"function\", "
+                          "\"function\": {\"name\", \"parameters\"}}")
+    # Until tool calls land on the OpenAI routes (and `_tool_calls` below is filled in);
+    # then: return {"tools": tools, "tool_choice": "auto"}.
+    raise OllamaError(400, TOOLS_NOT_YET)
 
 
 def generate_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequest:
