@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from protocol import check_broker_url, check_device_id, validation_problems
 
@@ -96,6 +103,15 @@ class AgentConfig(BaseModel):
     #: this many worker crashes within inference_crash_window_s make the model unhealthy
     inference_crash_limit: Annotated[int, Field(ge=1, le=1000)] = 3
     inference_crash_window_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+
+    @field_validator("ollama_port")
+    @classmethod
+    def _ollama_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # The same port twice would fail only once the model has loaded, at the second bind.
+        if value and value == info.data.get("api_port"):
+            raise ValueError("ollama_port must differ from api_port (the Ollama routes are "
+                             "served on api_port as well)")
+        return value
 
     @field_validator("device_id")
     @classmethod

@@ -473,3 +473,16 @@ def test_translation_into_the_worker_request() -> None:
     assert turn is not None and turn["messages"] == [{"role": "system", "content": "s"},
                                                      {"role": "user", "content": "p"}]
     assert generate_request({"model": MODEL}, limits, 2048).request is None  # load only
+
+
+def test_ollama_port_must_differ_from_api_port() -> None:
+    from pydantic import ValidationError
+
+    from agent.config import AgentConfig
+
+    base = {"device_id": "dev-1", "broker_url": "mqtt://127.0.0.1:1883", "password": "x"}
+    assert AgentConfig(**base).ollama_port is None  # off unless asked for
+    assert AgentConfig(**base, ollama_port=11434).ollama_port == 11434
+    assert AgentConfig(**base, api_port=0, ollama_port=0).ollama_port == 0  # two free ports
+    with pytest.raises(ValidationError, match="ollama_port must differ from api_port"):
+        AgentConfig(**base, ollama_port=11435)
