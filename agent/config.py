@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from protocol import check_broker_url, check_device_id, validation_problems
 
@@ -76,6 +83,9 @@ class AgentConfig(BaseModel):
     api_host: Literal["127.0.0.1", "::1"] = "127.0.0.1"
     #: TCP port of the local API; 0 picks a free one (logged at start)
     api_port: Annotated[int, Field(ge=0, le=65535)] = 11435
+    #: also serve the API on this TCP port, Ollama's (11434), for apps configured for
+    #: Ollama; None: not; 0 picks a free one (logged at start)
+    ollama_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     #: also serve the API on this unix socket (mode 0660)
     api_socket: Path | None = None
     #: largest request body, bytes
@@ -93,6 +103,15 @@ class AgentConfig(BaseModel):
     #: this many worker crashes within inference_crash_window_s make the model unhealthy
     inference_crash_limit: Annotated[int, Field(ge=1, le=1000)] = 3
     inference_crash_window_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+
+    @field_validator("ollama_port")
+    @classmethod
+    def _ollama_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # The same port twice would fail only once the model has loaded, at the second bind.
+        if value and value == info.data.get("api_port"):
+            raise ValueError("ollama_port must differ from api_port (the Ollama routes are "
+                             "served on api_port as well)")
+        return value
 
     @field_validator("device_id")
     @classmethod

@@ -57,16 +57,22 @@ class AgentStartError(Exception):
     """The agent cannot do what its config asks (e.g. serve its local API)."""
 
 
-def _api_unavailable(config: AgentConfig, exc: OSError) -> AgentStartError:
-    """The error of a local API that cannot listen, naming the address and the fixes."""
-    address = f"{config.api_host}:{config.api_port}"
-    if config.api_socket is not None:
+def _api_unavailable(config: AgentConfig, exc: OSError, key: str = "api_port") -> AgentStartError:
+    """The error of a local API that cannot listen, naming the address and the fixes.
+
+    ``key`` is the config key of the port that failed (``api_port`` or ``ollama_port``).
+    """
+    address = f"{config.api_host}:{getattr(config, key)}"
+    if key == "api_port" and config.api_socket is not None:
         address += f" (and {config.api_socket})"
+    if key == "api_port" and config.ollama_port is not None:
+        address += f" (and port {config.ollama_port}, ollama_port)"
     held = "another process holds that port: stop it, or " if exc.errno == errno.EADDRINUSE else ""
+    off = ("remove ollama_port to serve the Ollama API on api_port alone" if key == "ollama_port"
+           else "api_enabled = false if this device serves no apps")
     return AgentStartError(
-        f"local API cannot listen on {address}: {exc.strerror or exc}; {held}set api_port "
-        f"in the agent config to a free port (0 picks one, logged at start), or "
-        f"api_enabled = false if this device serves no apps"
+        f"local API cannot listen on {address}: {exc.strerror or exc}; {held}set {key} "
+        f"in the agent config to a free port (0 picks one, logged at start), or {off}"
     )
 
 
@@ -77,17 +83,21 @@ def check_api_port(config: AgentConfig) -> None:
     itself opens only once the installed model is loaded (so apps are never
     told "no model" while it loads), which may be after both.
     """
-    if not config.api_enabled or config.api_port == 0:
+    if not config.api_enabled:
         return
     family = socket.AF_INET6 if ":" in config.api_host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # As asyncio's server does: a port left in TIME_WAIT by the last run is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((config.api_host, config.api_port))
-            sock.listen()
-        except OSError as exc:
-            raise _api_unavailable(config, exc) from exc
+    for key in ("api_port", "ollama_port"):
+        port = getattr(config, key)
+        if not port:  # None: not served; 0: any free port will do
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # As asyncio's server does: a port left in TIME_WAIT by the last run is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((config.api_host, port))
+                sock.listen()
+            except OSError as exc:
+                raise _api_unavailable(config, exc, key) from exc
 
 
 class Agent:
@@ -210,6 +220,7 @@ class Agent:
             await self.inference.serve(spec_for_version(active, self.profile.runtime))
         api = LocalApi(self.inference, ApiSettings(
             host=config.api_host, port=config.api_port, socket_path=config.api_socket,
+            ollama_port=config.ollama_port,
             max_body_bytes=config.api_max_body_bytes,
             limits=Limits(max_prompt_chars=config.api_max_prompt_chars,
                           default_max_tokens=config.api_default_max_tokens),
@@ -226,6 +237,8 @@ class Agent:
         self.api = api
         log.info("local API on http://%s:%d%s", config.api_host, api.port,
                  f" and {config.api_socket}" if config.api_socket else "")
+        if api.ollama_port is not None:
+            log.info("Ollama API also on http://%s:%d", config.api_host, api.ollama_port)
         if not self.link.connected.is_set():
             # Ready means useful (DESIGN.md): apps on the device are served from
             # what is installed even while the broker is out of reach, and a

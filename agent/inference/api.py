@@ -8,7 +8,8 @@ strict HTTP/1.1 parser, and six routes need no framework.
 Routes: ``POST /v1/chat/completions``, ``/v1/completions`` (both streamed
 as server-sent events when ``stream`` is true), ``/v1/embeddings``,
 ``/v1/infer`` (ONNX inputs and outputs by name), ``GET /v1/models``,
-``/healthz``, ``/metrics``.
+``/healthz``, ``/metrics``; Ollama's ``/api/*`` routes from :mod:`.ollama_api`,
+also on ``ollama_port`` when set.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import h11
 
-from . import metrics, schemas
+from . import metrics, ollama_api, schemas
 from .generation import Generation
 from .runtime import InferenceRuntime, NoModel, Overloaded, Unavailable
 from .schemas import ApiError
@@ -48,6 +49,8 @@ class ApiSettings:
     host: str = "127.0.0.1"
     port: int = 0
     socket_path: Path | None = None
+    #: also listen here (Ollama's port, 11434, for apps configured for Ollama); 0 picks one
+    ollama_port: int | None = None
     max_body_bytes: int = 1 << 20
     limits: schemas.Limits = field(default_factory=schemas.Limits)
 
@@ -63,23 +66,36 @@ class LocalApi:
         self.runtime, self.settings = runtime, settings
         self._servers: list[asyncio.base_events.Server] = []
         self.port: int | None = None
+        self.ollama_port: int | None = None
         #: open connections, each True while it answers a request
         self._connections: dict[asyncio.StreamWriter, bool] = {}
         self._closing = False
         self._drained = asyncio.Event()
 
     async def start(self) -> None:
-        """Listen; :attr:`port` is the bound TCP port (useful with port 0)."""
+        """Listen; :attr:`port` (and :attr:`ollama_port`) are the bound TCP ports
+        (useful with port 0). Raises OSError, listening nowhere, if one cannot be bound."""
         s = self.settings
-        server = await asyncio.start_server(self._connection, s.host, s.port,
-                                            limit=MAX_HEADER_BYTES)
-        self._servers.append(server)
-        self.port = server.sockets[0].getsockname()[1]
+        try:
+            self.port = await self._listen(s.port)
+            if s.ollama_port is not None:
+                self.ollama_port = await self._listen(s.ollama_port)
+        except OSError:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise
         if s.socket_path is not None:
             s.socket_path.unlink(missing_ok=True)
             self._servers.append(await asyncio.start_unix_server(
                 self._connection, str(s.socket_path), limit=MAX_HEADER_BYTES))
             s.socket_path.chmod(0o660)
+
+    async def _listen(self, port: int) -> int:
+        server = await asyncio.start_server(self._connection, self.settings.host, port,
+                                            limit=MAX_HEADER_BYTES)
+        self._servers.append(server)
+        return server.sockets[0].getsockname()[1]
 
     async def close(self, drain_s: float = 0.0) -> None:
         """Stop listening, let requests being answered finish (up to ``drain_s``),
@@ -210,13 +226,15 @@ class LocalApi:
             # Read to the end of every request, a GET's (empty) body included:
             # h11 starts the connection's next cycle only once the request is done.
             body = await self._body(conn, reader, request)
-            route = _ROUTES.get(path)
+            route = _route(path)
             if route is None:
                 raise ApiError(404, f"no route {path}", code="not_found")
-            if route[0] != method:
-                raise ApiError(405, f"{path} takes {route[0]}", code="method_not_allowed",
-                               headers={"allow": route[0]})
-            await route[1](self, send, body)
+            handler = route.get(method)
+            if handler is None:
+                allow = ", ".join(route)
+                raise ApiError(405, f"{path} takes {allow}", code="method_not_allowed",
+                               headers={"allow": allow})
+            await handler(self, send, body)
         except ApiError as exc:
             if conn.our_state is h11.SEND_RESPONSE:
                 await self._error(send, exc)
@@ -384,12 +402,24 @@ async def _mapped() -> Any:
         raise _ClientGone() from exc
 
 
-_ROUTES: dict[str, tuple[str, Callable[[LocalApi, Send, bytes], Awaitable[None]]]] = {
-    "/healthz": ("GET", LocalApi.healthz),
-    "/metrics": ("GET", LocalApi.metrics),
-    "/v1/models": ("GET", LocalApi.models),
-    "/v1/chat/completions": ("POST", LocalApi.chat),
-    "/v1/completions": ("POST", LocalApi.completions),
-    "/v1/embeddings": ("POST", LocalApi.embeddings),
-    "/v1/infer": ("POST", LocalApi.infer),
+Handler = Callable[[LocalApi, Send, bytes], Awaitable[None]]
+
+#: path -> {method: handler}; a path ending in ``/*`` takes every path under it
+_ROUTES: dict[str, dict[str, Handler]] = {
+    "/healthz": {"GET": LocalApi.healthz},
+    "/metrics": {"GET": LocalApi.metrics},
+    "/v1/models": {"GET": LocalApi.models},
+    "/v1/chat/completions": {"POST": LocalApi.chat},
+    "/v1/completions": {"POST": LocalApi.completions},
+    "/v1/embeddings": {"POST": LocalApi.embeddings},
+    "/v1/infer": {"POST": LocalApi.infer},
+    **ollama_api.ROUTES,
 }
+
+
+def _route(path: str) -> dict[str, Handler] | None:
+    """The handlers of ``path``: its own, or those of the ``/*`` route above it."""
+    route = _ROUTES.get(path)
+    if route is None and path.count("/") > 1:
+        route = _ROUTES.get(path.rsplit("/", 1)[0] + "/*")
+    return route
