@@ -220,15 +220,19 @@ def test_a_template_without_tools_gets_calls_and_results_as_text(vocab: llama_cp
 # -- the real model behind the real agent --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, broker, cp_credentials, model_path: Path) -> Iterator[str]:
+def client(tmp_path_factory, broker, cp_credentials, model_path: Path
+           ) -> Iterator[openai.OpenAI]:
+    """The official client of a fresh agent serving SmolLM2."""
     with served_model(tmp_path_factory.mktemp("tools"), broker, cp_credentials, "tools",
                       model_path, MODEL) as base:
-        yield base
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                            timeout=300)
 
 
 @pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+def url(client: openai.OpenAI) -> str:
+    """The agent's API base URL, for requests the client would not send."""
+    return str(client.base_url).rstrip("/").removesuffix("/v1")
 
 
 def _valid_calls(calls: list[Any]) -> list[str]:

@@ -16,7 +16,9 @@ the text as it streams into content text and call events; every front end
 of the local API (OpenAI, Ollama) reads answers through it.
 
 Stdlib only: the agent process imports this to check tools and read
-answers; the worker builds the prompt and the grammar with it.
+answers; the worker builds the prompt and the grammar with it. The schema
+converter is imported only by requests that carry tools, as for
+``response_format``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .json_schema_grammar import UnsupportedSchema, literal, schema_rules
-
+__all__ = [
+    "MAX_CALLS", "MAX_TOOLS", "ArgumentsPiece", "Call", "CallStarted", "EnvelopeReader",
+    "Event", "Reply", "TextPiece", "Tool", "ToolError", "ToolPlan", "add_system_text",
+    "envelope_gbnf", "instructions", "parse_openai", "read_reply", "render_messages",
+]
 #: most tools in one request
 MAX_TOOLS = 64
 #: most calls in one answer (parallel_tool_calls): bounds a model that repeats itself
@@ -131,6 +136,8 @@ def _tool(item: Any, i: int) -> Tool:
             "type", "object" if "properties" in parameters else None) != "object":
         raise ToolError(f"{where}: 'function.parameters' must be a JSON Schema with "
                         "\"type\": \"object\"", "tools")
+    from .json_schema_grammar import UnsupportedSchema, schema_rules
+
     try:
         schema_rules(parameters, "t")  # a dry run: refuse what the grammar cannot enforce
     except UnsupportedSchema as exc:
@@ -181,9 +188,11 @@ def envelope_gbnf(plan: ToolPlan) -> str:
     """The GBNF (root rule ``root``) of the answers ``plan`` admits.
 
     Each tool's arguments rules are named after its position (``tool0-...``)
-    so that the tools' schemas share one grammar. Raises
-    :class:`UnsupportedSchema` as the converter does.
+    so that the tools' schemas share one grammar. Raises the converter's
+    ``UnsupportedSchema`` for what the grammar cannot enforce.
     """
+    from .json_schema_grammar import literal, schema_rules
+
     rules: dict[str, str] = {}
     alternatives = []
     for i, tool in enumerate(plan.tools):
@@ -231,7 +240,11 @@ def instructions(plan: ToolPlan, *, list_tools: bool) -> str:
     return "\n".join(lines)
 
 
-def _arguments_value(arguments: str) -> Any:
+def _arguments_value(arguments: Any) -> Any:
+    """Arguments as JSON (OpenAI sends JSON text, Ollama an object); text that is not
+    JSON stays text."""
+    if not isinstance(arguments, str):
+        return arguments
     try:
         return json.loads(arguments)
     except ValueError:
