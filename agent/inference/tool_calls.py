@@ -11,9 +11,10 @@ that tool's ``parameters`` schema::
     {"response":"It is sunny."}          (tool_choice "auto" only)
 
 The envelope's own formatting is fixed by the grammar (no blanks between
-its keys), so :class:`EnvelopeReader` is a small state machine that turns
-the text as it streams into content text and call events; every front end
-of the local API (OpenAI, Ollama) reads answers through it.
+its keys), so :class:`EnvelopeReader` (:mod:`.tool_reader`, re-exported
+here) is a small state machine that turns the text as it streams into
+content text and call events; every front end of the local API reads
+answers through it.
 
 Stdlib only: the agent process imports this to check tools and read
 answers; the worker builds the prompt and the grammar with it. The schema
@@ -25,14 +26,30 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .tool_reader import (
+    ARGS_HEAD,
+    CALL_HEAD,
+    CALLS_HEAD,
+    RESPONSE_HEAD,
+    ArgumentsPiece,
+    Call,
+    CallStarted,
+    EnvelopeReader,
+    Event,
+    Reply,
+    TextPiece,
+    read_reply,
+)
 
 __all__ = [
     "MAX_CALLS", "MAX_TOOLS", "ArgumentsPiece", "Call", "CallStarted", "EnvelopeReader",
     "Event", "Reply", "TextPiece", "Tool", "ToolError", "ToolPlan", "add_system_text",
     "envelope_gbnf", "instructions", "parse_openai", "read_reply", "render_messages",
 ]
+
 #: most tools in one request
 MAX_TOOLS = 64
 #: most calls in one answer (parallel_tool_calls): bounds a model that repeats itself
@@ -42,11 +59,6 @@ CHOICES = ("auto", "none", "required")
 #: a function without ``parameters`` takes none (OpenAI's reading)
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {},
                                  "additionalProperties": False}
-
-_CALLS_HEAD = '{"tool_calls":['
-_RESPONSE_HEAD = '{"response":'
-_CALL_HEAD = '{"name":"'
-_ARGS_HEAD = ',"arguments":'
 
 
 class ToolError(ValueError):
@@ -200,17 +212,17 @@ def envelope_gbnf(plan: ToolPlan) -> str:
             continue
         top, own = schema_rules(tool.parameters, f"tool{i}")
         rules.update(own)
-        head = literal(f'{_CALL_HEAD}{tool.name}"{_ARGS_HEAD}')
+        head = literal(f'{CALL_HEAD}{tool.name}"{ARGS_HEAD}')
         rules[f"call{i}"] = f'{head} {top} "}}"'
         alternatives.append(f"call{i}")
     rules["call"] = " | ".join(alternatives)
     more = f' ("," call){{0,{MAX_CALLS - 1}}}' if plan.parallel else ""
-    rules["calls"] = f'{literal(_CALLS_HEAD)} call{more} "]}}"'
+    rules["calls"] = f'{literal(CALLS_HEAD)} call{more} "]}}"'
     root = "calls"
     if plan.choice == "auto":
         text, own = schema_rules({"type": "string"}, "response")
         rules.update(own)
-        rules["response"] = f'{literal(_RESPONSE_HEAD)} {text} "}}"'
+        rules["response"] = f'{literal(RESPONSE_HEAD)} {text} "}}"'
         root = "calls | response"
     order = ["root", *sorted(rules)]
     rules["root"] = root
@@ -298,210 +310,3 @@ def add_system_text(messages: list[dict[str, Any]], text: str) -> None:
         messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
     else:
         messages.insert(0, {"role": "system", "content": text})
-
-
-# -- reading the answer --------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class TextPiece:
-    """Content text of the answer."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallStarted:
-    """Call number ``index`` names ``name``; its arguments follow."""
-
-    index: int
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class ArgumentsPiece:
-    """More of the JSON text of call ``index``'s arguments."""
-
-    index: int
-    text: str
-
-
-Event = TextPiece | CallStarted | ArgumentsPiece
-
-
-@dataclass(slots=True)
-class Call:
-    """A tool call as read: ``arguments`` is JSON text (complete once the envelope is)."""
-
-    name: str
-    arguments: str = ""
-
-
-@dataclass(slots=True)
-class Reply:
-    """What an answer said: content text (None for calls alone) and calls.
-
-    ``complete`` is False when the text ended inside the envelope (cut by
-    ``max_tokens`` or a stop string): the last call's arguments may be cut too.
-    """
-
-    content: str | None
-    calls: list[Call] = field(default_factory=list)
-    complete: bool = True
-
-
-class EnvelopeReader:
-    """Feed the answer's text as it streams; get events; :meth:`finish` gives the reply.
-
-    Without a plan that admits calls the text passes through as content.
-    Text that is not an envelope (which the grammar rules out) is passed
-    through as content from where it stops being one, so nothing is lost.
-    """
-
-    def __init__(self, plan: ToolPlan | None) -> None:
-        self._state = "plain" if plan is None or not plan.calls_possible else "head"
-        self._pending = ""  # the head read so far, or an escape sequence being read
-        self._expect, self._then = "", ""
-        self._depth, self._in_string, self._escaped = 0, False, False
-        self._content: list[str] = []
-        self.calls: list[Call] = []
-        self._events: list[Event] = []
-
-    def feed(self, text: str) -> list[Event]:
-        """Events for the next piece of the answer's text."""
-        for ch in text:
-            self._step(ch)
-        events, self._events = self._events, []
-        return events
-
-    def finish(self) -> Reply:
-        """The reply, once all the text was fed."""
-        if self._state == "head" and self._pending:
-            self._text(self._pending)  # too short to be an envelope: it is text
-        complete = self._state in ("plain", "done", "broken")
-        content = "".join(self._content)
-        if self._state == "plain" or content or not self.calls:
-            return Reply(content, self.calls, complete)
-        return Reply(None, self.calls, complete)
-
-    # -- the state machine -----------------------------------------------------------------
-
-    def _text(self, text: str) -> None:
-        self._content.append(text)
-        if self._events and isinstance(self._events[-1], TextPiece):
-            self._events[-1] = TextPiece(self._events[-1].text + text)
-        else:
-            self._events.append(TextPiece(text))
-
-    def _arguments(self, text: str) -> None:
-        index = len(self.calls) - 1
-        self.calls[index].arguments += text
-        last = self._events[-1] if self._events else None
-        if isinstance(last, ArgumentsPiece) and last.index == index:
-            self._events[-1] = ArgumentsPiece(index, last.text + text)
-        else:
-            self._events.append(ArgumentsPiece(index, text))
-
-    def _literal(self, text: str, then: str) -> None:
-        self._state, self._expect, self._then = "literal", text, then
-
-    def _break(self, text: str) -> None:
-        self._state = "broken"
-        self._text(text)
-
-    def _step(self, ch: str) -> None:
-        state = self._state
-        if state in ("plain", "broken"):
-            self._text(ch)
-        elif state == "head":
-            self._pending += ch
-            if self._pending == _CALLS_HEAD:
-                self._pending = ""
-                self._literal(_CALL_HEAD, "name")
-            elif self._pending == _RESPONSE_HEAD + '"':
-                self._pending = ""
-                self._state = "string"
-            elif not (_CALLS_HEAD.startswith(self._pending)
-                      or (_RESPONSE_HEAD + '"').startswith(self._pending)):
-                pending, self._pending = self._pending, ""
-                self._break(pending)
-        elif state == "literal":
-            if ch != self._expect[0]:
-                self._break(ch)
-            elif len(self._expect) > 1:
-                self._expect = self._expect[1:]
-            else:
-                self._state = self._then
-        elif state == "name":
-            if ch == '"':
-                self.calls.append(Call(self._pending))
-                self._events.append(CallStarted(len(self.calls) - 1, self._pending))
-                self._pending = ""
-                self._literal(_ARGS_HEAD, "arguments")
-            else:
-                self._pending += ch
-        elif state == "arguments":
-            self._argument_char(ch)
-        elif state == "string":
-            self._string_char(ch)
-        elif ch in " \t\n":
-            pass  # the bounded blanks the grammar allows after a JSON value
-        elif state == "after_arguments" and ch == "}":
-            self._state = "between"
-        elif state == "between" and ch == ",":
-            self._literal(_CALL_HEAD, "name")
-        elif state == "between" and ch == "]":
-            self._literal("}", "done")
-        elif state == "after_response" and ch == "}":
-            self._state = "done"
-        elif state != "done":
-            self._break(ch)
-
-    def _argument_char(self, ch: str) -> None:
-        self._arguments(ch)
-        if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif ch == "\\":
-                self._escaped = True
-            elif ch == '"':
-                self._in_string = False
-        elif ch == '"':
-            self._in_string = True
-        elif ch in "{[":
-            self._depth += 1
-        elif ch in "}]":
-            self._depth -= 1
-            if self._depth == 0:
-                self._state = "after_arguments"
-
-    def _string_char(self, ch: str) -> None:
-        """One character of the ``response`` string, decoded as whole escapes arrive."""
-        if not self._pending:
-            if ch == "\\":
-                self._pending = ch
-            elif ch == '"':
-                self._state = "after_response"
-            else:
-                self._text(ch)
-            return
-        esc = self._pending + ch
-        whole = ((len(esc) == 2 and ch != "u") or len(esc) == 12
-                 or (len(esc) == 6 and not 0xD800 <= int(esc[2:6], 16) <= 0xDBFF))
-        if whole:
-            self._pending = ""
-            self._text(json.loads(f'"{esc}"'))
-        elif len(esc) in (7, 8) and esc[6:] != "\\u"[: len(esc) - 6]:
-            # a high surrogate not followed by a low one: decode it alone, read on
-            self._pending = ""
-            self._text(json.loads(f'"{esc[:6]}"'))
-            for rest in esc[6:]:
-                self._string_char(rest)
-        else:
-            self._pending = esc
-
-
-def read_reply(plan: ToolPlan | None, text: str) -> Reply:
-    """The reply in a whole answer's text (for answers not streamed)."""
-    reader = EnvelopeReader(plan)
-    reader.feed(text)
-    return reader.finish()
