@@ -188,6 +188,23 @@ def test_envelope_grammar_parses_in_llama_cpp(vocab: llama_cpp.Llama, choice: An
     assert ('"book_table' in grammar) and (('"get_weather' in grammar) == isinstance(choice, str))
 
 
+def test_tools_with_same_named_definitions_keep_their_own_rules(vocab: llama_cpp.Llama
+                                                                 ) -> None:
+    def tool(name: str, item: dict[str, Any]) -> dict[str, Any]:
+        return _fn(name, parameters={"type": "object", "$defs": {"Item": item},
+                                     "properties": {"x": {"$ref": "#/$defs/Item"}},
+                                     "required": ["x"]})
+
+    both = tc.parse_openai([tool("a", {"type": "integer", "minimum": 7, "maximum": 9}),
+                            tool("b", {"type": "boolean"})], "required", None)
+    assert both is not None
+    grammar = tc.envelope_gbnf(both)
+    assert grammar_parses(vocab, grammar)
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
+    assert "[7-9]" in rules["tool0-ref--defs-Item-body"]
+    assert rules["tool1-ref--defs-Item"] == "boolean"
+
+
 FOLLOW_UP: list[dict[str, Any]] = [
     *ASK,
     {"role": "assistant", "content": None, "tool_calls": [
