@@ -299,8 +299,12 @@ def _ask(client: openai.OpenAI, seed: int, stream: bool, **extra: Any) -> tuple[
     if not stream:
         choice = client.chat.completions.create(**body).choices[0]
         return choice.message, choice.finish_reason
-    with client.chat.completions.stream(**body) as events:
-        choice = events.get_final_completion().choices[0]
+    try:
+        with client.chat.completions.stream(**body) as events:
+            choice = events.get_final_completion().choices[0]
+    except openai.LengthFinishReasonError as exc:
+        # the helper refuses to parse a cut answer when tools are given: still an answer
+        choice = exc.completion.choices[0]
     return choice.message, choice.finish_reason
 
 
