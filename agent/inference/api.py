@@ -31,6 +31,7 @@ from .generation import Generation
 from .runtime import InferenceRuntime, NoModel, Overloaded, Unavailable
 from .schemas import ApiError
 from .supervisor import RemoteError, WorkerExited
+from .tool_calls import CallStarted, EnvelopeReader, Event, Reply, TextPiece, ToolPlan, read_reply
 
 log = logging.getLogger(__name__)
 
@@ -334,15 +335,21 @@ class LocalApi:
         rid = schemas.new_id("chatcmpl" if chat else "cmpl")
         async with _mapped(), Generation(self.runtime, model, request) as gen:
             if stream:
-                await self._stream(send, gen, rid, chat)
+                await self._stream(send, gen, rid, request, chat)
                 return
             done = await gen.result()
-            shape = schemas.chat_response if chat else schemas.text_response
-            await self._json(send, 200, shape(rid, gen.ref, gen.rest(), done),
-                             {"x-slmfleet-model": gen.ref})
+            if chat:
+                body = _chat_answer(rid, gen.ref, request, gen.rest(), done)
+            else:
+                body = schemas.text_response(rid, gen.ref, gen.rest(), done)
+            await self._json(send, 200, body, {"x-slmfleet-model": gen.ref})
 
-    async def _stream(self, send: Send, gen: Generation, rid: str, chat: bool) -> None:
+    async def _stream(self, send: Send, gen: Generation, rid: str, request: dict[str, Any],
+                      chat: bool) -> None:
         ref = gen.ref
+        plan = ToolPlan.from_wire(request.get("tools")) if chat else None
+        reader = EnvelopeReader(plan)
+        deltas = _ChatDeltas()
         first = await gen.next_piece()
         if first is None and gen.failed_before_text():
             await gen.result()  # nothing sent yet: raise, so the caller gets a plain error status
@@ -355,11 +362,16 @@ class LocalApi:
             await send(h11.Data(data=f"data: {text}\n\n".encode()))
 
         if chat:
-            await event(schemas.chat_chunk(rid, ref, {"role": "assistant", "content": ""}))
+            # content null until text comes, when the answer may be calls alone
+            content = None if plan is not None and plan.calls_possible else ""
+            await event(schemas.chat_chunk(rid, ref, {"role": "assistant", "content": content}))
         piece = first
         while piece is not None:
-            await event(schemas.chat_chunk(rid, ref, {"content": piece}) if chat
-                        else schemas.text_chunk(rid, ref, piece))
+            if chat:
+                for delta in deltas.of(reader.feed(piece)):
+                    await event(schemas.chat_chunk(rid, ref, delta))
+            else:
+                await event(schemas.text_chunk(rid, ref, piece))
             piece = await gen.next_piece()
         try:
             done = await gen.result()
@@ -370,10 +382,44 @@ class LocalApi:
             await send(h11.EndOfMessage())
             raise _Reported() from exc
         use = schemas.usage(done["prompt_tokens"], done["completion_tokens"])
-        await event(schemas.chat_chunk(rid, ref, {}, done["finish_reason"], use) if chat
-                    else schemas.text_chunk(rid, ref, "", done["finish_reason"], use))
+        await event(schemas.chat_chunk(rid, ref, {}, _finish(reader.finish(), done), use)
+                    if chat else schemas.text_chunk(rid, ref, "", done["finish_reason"], use))
         await event("[DONE]")
         await send(h11.EndOfMessage())
+
+
+class _ChatDeltas:
+    """Reader events as OpenAI's chat deltas, each call under an id of its own."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def of(self, events: list[Event]) -> list[dict[str, Any]]:
+        out = []
+        for item in events:
+            if isinstance(item, TextPiece):
+                out.append({"content": item.text})
+            elif isinstance(item, CallStarted):
+                self.ids.append(schemas.call_id())
+                out.append(schemas.tool_call_start(item.index, self.ids[-1], item.name))
+            else:
+                out.append(schemas.tool_call_arguments(item.index, item.text))
+        return out
+
+
+def _finish(reply: Reply, done: dict[str, Any]) -> str:
+    """``tool_calls`` for an answer whose calls all closed, else the worker's reason."""
+    if reply.calls and reply.complete and done["finish_reason"] == "stop":
+        return "tool_calls"
+    return done["finish_reason"]
+
+
+def _chat_answer(rid: str, ref: str, request: dict[str, Any], text: str,
+                 done: dict[str, Any]) -> dict[str, Any]:
+    """A whole ``chat.completion``: the text, or the content and calls of its envelope."""
+    reply = read_reply(ToolPlan.from_wire(request.get("tools")), text)
+    calls = [schemas.tool_call(schemas.call_id(), c.name, c.arguments) for c in reply.calls]
+    return schemas.chat_response(rid, ref, reply.content, done, calls, _finish(reply, done))
 
 
 class _Reported(Exception):

@@ -127,8 +127,11 @@ def _pointer(path: str, *parts: str | int) -> str:
 
 
 class _Converter:
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, prefix: str = "") -> None:
         self.root = root
+        #: starts the name of every rule of this schema but the shared primitives, so
+        #: several schemas' rules live in one grammar (tool calls: one per tool)
+        self.prefix = prefix
         self.rules: dict[str, str] = {}
         self.refs: dict[str, str] = {}
 
@@ -392,7 +395,8 @@ class _Converter:
             else:
                 raise UnsupportedSchema(f"$ref {ref!r} points nowhere", path, "$ref")
         # Reserve a name of its own first: a recursive schema refers to itself.
-        base = re.sub(r"[^a-zA-Z0-9-]+", "-", f"ref-{ref[1:] or 'root'}").strip("-")
+        base = re.sub(r"[^a-zA-Z0-9-]+", "-",
+                      f"{self.prefix}ref-{ref[1:] or 'root'}").strip("-")
         rule, i = base, 1
         while rule in self.rules:
             i += 1
@@ -418,16 +422,27 @@ def _is_type(value: Any, kind: str) -> bool:
     return isinstance(value, _PY_TYPES[kind])
 
 
+def schema_rules(schema: Any, name: str) -> tuple[str, dict[str, str]]:
+    """(the rule for ``schema``'s JSON texts, every rule it needs) to embed in a larger grammar.
+
+    The schema's own rules are named ``name`` and ``name-...``; the primitives
+    (``string``, ``space``, ...) keep their names and bodies, so the rules of
+    several schemas with different names merge into one grammar. Raises
+    :class:`UnsupportedSchema` for anything it cannot enforce.
+    """
+    converter = _Converter(schema, prefix=f"{name}-")
+    top = converter.visit(schema, "#", name)
+    return top, converter.rules
+
+
 def schema_to_gbnf(schema: Any) -> str:
     """The GBNF grammar (root rule ``root``) of JSON texts valid against ``schema``.
 
     Raises :class:`UnsupportedSchema` for anything it cannot enforce.
     """
-    converter = _Converter(schema)
-    top = converter.visit(schema, "#", "root")
+    top, rules = schema_rules(schema, "root")
     if top != "root":
-        converter.rules["root"] = top
-    rules = converter.rules
+        rules["root"] = top
     order = ["root", *sorted(k for k in rules if k != "root")]
     return "\n".join(f"{k} ::= {rules[k]}" for k in order) + "\n"
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .request_fields import CHAT, COMPLETIONS, unsupported
+from .tool_calls import ToolError, ToolPlan, parse_openai
 
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 #: longest list of stop strings (OpenAI's own limit)
@@ -205,16 +206,80 @@ def chat_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    clean = []
+    clean: list[dict[str, Any]] = []
+    calls: set[str] = set()
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a role ({', '.join(sorted(ROLES))})",
                            param="messages")
-        clean.append({"role": message["role"],
-                      "content": _text(message.get("content", ""), f"messages[{i}]")})
-    _check_size(sum(len(m["content"]) for m in clean), limits)
+        clean.append(_message(message, i, calls))
+    _check_size(sum(len(m["content"] or "") + sum(len(c["function"]["arguments"])
+                                                  for c in m.get("tool_calls", ()))
+                    for m in clean), limits)
     request = {"messages": clean, **_sampling(data, limits)}
+    plan = _tools(data)
+    if plan is not None:
+        if plan.calls_possible and request["response_format"] is not None:
+            raise ApiError(400, "'response_format' with 'tools' is supported with "
+                           "tool_choice \"none\" only", code="unsupported_parameter",
+                           param="response_format")
+        request["tools"] = plan.wire()
     return model, bool(data.get("stream")), request
+
+
+def _message(message: dict[str, Any], i: int, calls: set[str]) -> dict[str, Any]:
+    """One chat message, with an assistant's ``tool_calls`` and a tool result's id.
+
+    ``calls`` collects the ids of the calls so far: a tool result must answer one.
+    """
+    role, where = message["role"], f"messages[{i}]"
+    tool_calls = message.get("tool_calls")
+    if role == "assistant" and tool_calls:
+        content = message.get("content")
+        clean = {"role": role, "content": None if content is None else _text(content, where),
+                 "tool_calls": [_earlier_call(c, f"{where}.tool_calls[{j}]")
+                                for j, c in enumerate(_listed(tool_calls, where))]}
+        calls.update(c["id"] for c in clean["tool_calls"])
+        return clean
+    if tool_calls is not None and tool_calls != []:
+        raise ApiError(400, f"{where}: only assistant messages carry 'tool_calls'",
+                       param="messages")
+    clean = {"role": role, "content": _text(message.get("content", ""), where)}
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or call_id not in calls:
+            raise ApiError(400, f"{where}: a tool message needs the 'tool_call_id' of an "
+                           "earlier assistant message's tool call", param="messages")
+        clean["tool_call_id"] = call_id
+    return clean
+
+
+def _listed(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where}: 'tool_calls' must be a list", param="messages")
+    return value
+
+
+def _earlier_call(call: Any, where: str) -> dict[str, Any]:
+    """An assistant message's tool call, as OpenAI shapes it."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(call, dict) and call.get("type", "function") == "function"
+            and isinstance(call.get("id"), str) and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)):
+        raise ApiError(400, f"{where} must be {{\"id\", \"type\": \"function\", "
+                       "\"function\": {\"name\", \"arguments\": <JSON text>}}",
+                       param="messages")
+    return {"id": call["id"], "type": "function",
+            "function": {"name": fn["name"], "arguments": fn["arguments"]}}
+
+
+def _tools(data: dict[str, Any]) -> ToolPlan | None:
+    """The request's tools and tool choice, or a 400 naming the field."""
+    try:
+        return parse_openai(data.get("tools"), data.get("tool_choice"),
+                            data.get("parallel_tool_calls"))
+    except ToolError as exc:
+        raise ApiError(400, str(exc), code=exc.code, param=exc.param) from None
 
 
 def completion_request(data: dict[str, Any], limits: Limits) -> tuple[str, bool, dict[str, Any]]:
@@ -275,15 +340,41 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def chat_response(rid: str, ref: str, text: str, done: dict[str, Any]) -> dict[str, Any]:
-    """A non-streamed ``chat.completion``."""
+def chat_response(rid: str, ref: str, text: str | None, done: dict[str, Any],
+                  tool_calls: list[dict[str, Any]] | None = None,
+                  finish: str | None = None) -> dict[str, Any]:
+    """A non-streamed ``chat.completion``; ``finish`` overrides the worker's finish reason."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": ref,
         "system_fingerprint": ref,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": done["finish_reason"]}],
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish or done["finish_reason"]}],
         "usage": usage(done["prompt_tokens"], done["completion_tokens"]),
     }
+
+
+def call_id() -> str:
+    """A tool call's id, as OpenAI's look (``call_...``)."""
+    return f"call_{secrets.token_hex(12)}"
+
+
+def tool_call(cid: str, name: str, arguments: str) -> dict[str, Any]:
+    """A whole tool call of an answer's message."""
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_call_start(index: int, cid: str, name: str) -> dict[str, Any]:
+    """The delta that opens streamed tool call ``index``."""
+    return {"tool_calls": [{"index": index, "id": cid, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def tool_call_arguments(index: int, text: str) -> dict[str, Any]:
+    """The delta that carries more of tool call ``index``'s arguments."""
+    return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
 
 
 def chat_chunk(rid: str, ref: str, delta: dict[str, Any], finish: str | None = None,
