@@ -26,11 +26,13 @@ import ollama
 import pytest
 
 from agent.inference import ollama_fields
+from agent.inference import ollama_shapes as shapes
 from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.ollama_api import MANAGED, OLLAMA_VERSION
 from agent.inference.ollama_fields import FIELDS, OPTIONS
 from agent.inference.ollama_shapes import resolve_name
 from agent.inference.runtime import InferenceRuntime
+from agent.inference.schemas import Limits
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
 from tests.support.agents import AgentProcess, write_agent_config
@@ -103,7 +105,7 @@ def test_list_show_ps_describe_the_served_gguf(client: ollama.Client, ollama_url
             details.quantization_level) == ("gguf", "llama", "135M", "Q4_1")
 
     shown = client.show(MODEL)
-    assert "<|im_start|>" in shown.template and shown.capabilities == ["completion"]
+    assert "<|im_start|>" in shown.template and shown.capabilities == ["completion", "tools"]
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == 8192
     assert shown.modelinfo["tokenizer.ggml.tokens"] == []  # arrays only when verbose
@@ -167,6 +169,78 @@ def test_chat_with_a_json_schema_format_answers_valid_json(client: ollama.Client
                             options={"temperature": 0, "num_predict": 48})
     if loose.done_reason == "stop":
         assert isinstance(json.loads(loose.response), dict)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_chat_with_tools_answers_text_or_valid_calls_and_reads_tool_results(
+        client: ollama.Client) -> None:
+    # Ollama has no tool_choice: the model picks text or calls (a 135M model mostly
+    # picks text); whichever it picks must be well formed.
+    ask = [{"role": "system", "content": "Call get_weather to learn the weather."},
+           {"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+    for stream in (False, True):
+        options = {"temperature": 0.7, "seed": 3, "num_predict": 96}
+        if stream:
+            parts = list(client.chat(model=MODEL, messages=ask, tools=[WEATHER_TOOL],
+                                     stream=True, options=options))
+            assert parts[-1].done and parts[-1].done_reason == "stop", parts[-1]
+            content = "".join(p.message.content for p in parts)
+            calls = [c for p in parts for c in (p.message.tool_calls or [])]
+        else:
+            reply = client.chat(model=MODEL, messages=ask, tools=[WEATHER_TOOL],
+                                options=options)
+            assert reply.done_reason == "stop", reply
+            content, calls = reply.message.content, reply.message.tool_calls or []
+        assert not content.startswith('{"'), content  # never the envelope itself
+        assert calls or content.strip()
+        for call in calls:
+            assert call.function.name == "get_weather"
+            jsonschema.validate(dict(call.function.arguments),
+                                WEATHER_TOOL["function"]["parameters"])
+
+    follow_up = [
+        *ask,
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"function": {"name": "get_weather",
+                                      "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "18 degrees and sunny"}]
+    reply = client.chat(model=MODEL, messages=follow_up, options={"temperature": 0,
+                                                                  "num_predict": 48})
+    assert reply.done and not reply.message.tool_calls and reply.message.content.strip()
+
+
+def test_answers_with_calls_take_ollamas_shape() -> None:
+    asked = shapes.chat_request({"model": MODEL, "messages": ASK, "tools": [WEATHER_TOOL]},
+                                Limits(), 2048)
+    assert asked.request is not None and asked.request["tools"]["choice"] == "auto"
+    envelope = ('{"tool_calls":[{"name":"get_weather","arguments":{"city":"Oslo",'
+                '"unit":"celsius"}},{"name":"get_weather","arguments":{"city":"Rome",'
+                '"unit":"fahrenheit"}}]}')
+    message = shapes.chat_message(envelope, asked.request)
+    assert message["content"] == ""
+    assert message["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}},
+        {"function": {"name": "get_weather",
+                      "arguments": {"city": "Rome", "unit": "fahrenheit"}}}]
+    text = shapes.chat_message('{"response":"It is \\"mild\\"."}', asked.request)
+    assert text == {"role": "assistant", "content": 'It is "mild".', "tool_calls": []}
+    # Two calls of one tool: each result answers the earliest unanswered call.
+    turn = shapes.chat_request({"model": MODEL, "tools": [WEATHER_TOOL], "messages": [
+        *ASK, {"role": "assistant", "tool_calls": message["tool_calls"]},
+        {"role": "tool", "tool_name": "get_weather", "content": "5 C"},
+        {"role": "tool", "content": "30 C"}]}, Limits(), 2048)
+    assert turn.request is not None
+    sent = turn.request["messages"]
+    ids = [c["id"] for c in sent[1]["tool_calls"]]
+    assert [m.get("tool_call_id") for m in sent[2:]] == ids
+    assert json.loads(sent[1]["tool_calls"][1]["function"]["arguments"])["city"] == "Rome"
 
 
 def test_generate_streamed_and_not_raw_and_templated(client: ollama.Client) -> None:
@@ -243,11 +317,16 @@ def test_model_management_is_the_fleets(client: ollama.Client, ollama_url: str) 
      "format: JSON Schema keyword 'pattern' is not supported"),
     ({"model": MODEL, "messages": ASK, "keep_alive": True}, "'keep_alive' must be a duration"),
     ({"model": MODEL, "messages": ASK, "tools": [{"type": "function", "function": {
-        "name": "weather", "parameters": {"type": "object", "properties": {}}}}]},
-     "tools are not supported yet on /api/chat"),
+        "name": "weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "pattern": "^[A-Z]"}}}}}]},
+     "JSON Schema keyword 'pattern' is not supported"),
+    ({"model": MODEL, "messages": ASK, "tools": {"weather": {}}},
+     "'tools' must be a list of"),
+    ({"model": MODEL, "messages": [*ASK, {"role": "tool", "content": "12 C"}]},
+     "a tool result needs an earlier assistant tool call to answer"),
     ({"model": MODEL, "messages": [{"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": "weather", "arguments": {}}}]}]},
-     "tools are not supported yet on /api/chat"),
+        {"function": {"name": "weather", "arguments": "{}"}}]}]},
+     "messages[0].tool_calls[0] must be"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
      "prompt is 5000 characters, limit 4000"),
 ])

@@ -289,7 +289,7 @@ async def show(api: LocalApi, send: Send, body: bytes) -> None:
             "template": info.template(spec.format, spec.path, spec.sha256),
             "details": _details(slot),
             "model_info": info.model_info(spec.format, spec.path, spec.sha256, bool(verbose)),
-            "capabilities": ["embedding"] if runtime.embeddings else ["completion"],
+            "capabilities": ["embedding"] if runtime.embeddings else ["completion", "tools"],
             "modified_at": modified,
         })
 

@@ -49,7 +49,9 @@ FIELDS: dict[str, Field] = {
     "options": Field("honoured", ALL, "see the options table"),
     "keep_alive": Field("ignored", ALL, "the fleet decides what stays loaded; `0` unloads "
                         "nothing"),
-    "tools": _refused("not supported yet", frozenset({CHAT}), (None, [])),
+    "tools": Field("honoured", frozenset({CHAT}),
+                   "OpenAI's tool shape; the model chooses between text and calls (see "
+                   "\"Tool calls\")"),
     "think": _refused("no thinking models here", TEXT, (None, False)),
     "logprobs": _refused("log probabilities are not returned", TEXT, (None, False)),
     "top_logprobs": _refused("log probabilities are not returned", TEXT, (None, 0)),

@@ -9,6 +9,7 @@ validates, so both front ends hand the worker the same request dict.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,7 @@ from .ollama_fields import (
     unsupported,
 )
 from .schemas import ApiError, Limits
-
-TOOLS_NOT_YET = "tools are not supported yet on /api/chat"
+from .tool_calls import ToolPlan, read_reply
 
 
 class OllamaError(ApiError):
@@ -189,8 +189,14 @@ _MESSAGE_KEYS = frozenset({"role", "content", "images", "thinking", "tool_calls"
 _MESSAGE_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
-def _message(i: int, message: Any) -> dict[str, Any]:
-    """One Ollama message as an OpenAI-shaped one."""
+def _message(i: int, message: Any, calls: list[tuple[str, str]]) -> dict[str, Any]:
+    """One Ollama message as an OpenAI-shaped one.
+
+    Ollama names no call ids: an earlier assistant call gets one here, and a
+    ``tool`` result answers the earliest unanswered call of its ``tool_name``
+    (or, without a name, the earliest unanswered call). ``calls`` holds the
+    unanswered (id, name) pairs so far.
+    """
     if not isinstance(message, dict) or message.get("role") not in _MESSAGE_ROLES:
         raise OllamaError(400, f"messages[{i}] needs a role (system, user, assistant, tool)")
     extra = sorted(set(message) - _MESSAGE_KEYS)
@@ -198,16 +204,54 @@ def _message(i: int, message: Any) -> dict[str, Any]:
         raise OllamaError(400, f"messages[{i}].{extra[0]} is not supported")
     if message.get("images"):
         raise OllamaError(400, f"messages[{i}].images: text only")
-    if message.get("tool_calls"):
-        raise OllamaError(400, TOOLS_NOT_YET)
     content = message.get("content")
     if content is None:
         content = ""
     if not isinstance(content, str):
         raise OllamaError(400, f"messages[{i}].content must be a string")
     # `thinking` (an earlier answer's reasoning) is not sent back to the model, as Ollama
-    # does for models without thinking; `tool_name` matters once tools are supported.
-    return {"role": message["role"], "content": content}
+    # does for models without thinking.
+    out: dict[str, Any] = {"role": message["role"], "content": content}
+    if message.get("tool_calls"):
+        if message["role"] != "assistant":
+            raise OllamaError(400, f"messages[{i}]: only assistant messages carry 'tool_calls'")
+        out["tool_calls"] = [_earlier_call(i, j, call, calls)
+                             for j, call in enumerate(_listed(i, message["tool_calls"]))]
+    elif message["role"] == "tool":
+        out["tool_call_id"] = _answered(i, message.get("tool_name"), calls)
+    return out
+
+
+def _listed(i: int, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise OllamaError(400, f"messages[{i}].tool_calls must be a list")
+    return value
+
+
+def _earlier_call(i: int, j: int, call: Any, calls: list[tuple[str, str]]) -> dict[str, Any]:
+    """An earlier call ``{"function": {"name", "arguments": {...}}}`` in OpenAI's shape."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)
+            and isinstance(fn.get("arguments", {}), dict)):
+        raise OllamaError(400, f"messages[{i}].tool_calls[{j}] must be "
+                          "{\"function\": {\"name\", \"arguments\": {...}}}")
+    call_id = f"call_{i}_{j}"
+    calls.append((call_id, fn["name"]))
+    return {"id": call_id, "type": "function",
+            "function": {"name": fn["name"], "arguments": json.dumps(fn.get("arguments", {}))}}
+
+
+def _answered(i: int, name: Any, calls: list[tuple[str, str]]) -> str:
+    """The id of the call a ``tool`` message answers (see :func:`_message`)."""
+    if name is not None and not isinstance(name, str):
+        raise OllamaError(400, f"messages[{i}].tool_name must be a string")
+    for k, (call_id, called) in enumerate(calls):
+        if name is None or called == name:
+            del calls[k]
+            return call_id
+    which = f"of {name!r} " if name else ""
+    raise OllamaError(400, f"messages[{i}]: a tool result needs an earlier assistant "
+                      f"tool call {which}to answer")
 
 
 def chat_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequest:
@@ -225,22 +269,25 @@ def chat_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequ
     fmt = _format(data)
     if not messages:
         return TextRequest(model, stream, None)
-    body = {"model": model, "messages": [_message(i, m) for i, m in enumerate(messages)],
+    calls: list[tuple[str, str]] = []
+    body = {"model": model, "messages": [_message(i, m, calls) for i, m in enumerate(messages)],
             **sampling, **fmt, **tools}
     return TextRequest(model, stream, _worker_request(schemas.chat_request, body, limits, whole))
 
 
 def _tools(tools: Any) -> dict[str, Any]:
-    """The OpenAI-shaped fields for Ollama's ``tools`` (its tool shape is OpenAI's)."""
+    """The OpenAI-shaped fields for Ollama's ``tools`` (its tool shape is OpenAI's).
+
+    Ollama has no ``tool_choice``: the model decides (``auto``), and may call
+    several tools at once.
+    """
     if tools is None or tools == []:
         return {}
     if not (isinstance(tools, list) and all(
             isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools)):
         raise OllamaError(400, "'tools' must be a list of {\"type\": \"function\", "
                           "\"function\": {\"name\", \"parameters\"}}")
-    # Until tool calls land on the OpenAI routes (and `_tool_calls` below is filled in);
-    # then: return {"tools": tools, "tool_choice": "auto"}.
-    raise OllamaError(400, TOOLS_NOT_YET)
+    return {"tools": [{"type": "function", **t} for t in tools], "tool_choice": "auto"}
 
 
 def generate_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequest:
@@ -323,15 +370,22 @@ def chat_message(text: str, request: dict[str, Any] | None) -> dict[str, Any]:
     """The assistant's message for an answer's ``text``."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if request is not None and request.get("tools"):
-        message["content"], message["tool_calls"] = _tool_calls(text)
+        message["content"], message["tool_calls"] = _tool_calls(text, request)
     return message
 
 
-def _tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+def _tool_calls(text: str, request: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """(text, ``[{"function": {"name", "arguments": {...}}}]``) of an answer that may call
-    tools: filled in with the tool-call envelope parser; until then requests with tools
-    are refused (:data:`TOOLS_NOT_YET`) and this is never reached."""
-    raise OllamaError(400, TOOLS_NOT_YET)
+    tools, read from the envelope the worker's grammar held the model to."""
+    reply = read_reply(ToolPlan.from_wire(request["tools"]), text)
+    calls = []
+    for call in reply.calls:
+        try:
+            arguments = json.loads(call.arguments)
+        except ValueError:
+            arguments = {}  # cut by num_predict before the call closed: done_reason says so
+        calls.append({"function": {"name": call.name, "arguments": arguments}})
+    return reply.content or "", calls
 
 
 def final(route: str, model: str, body: Any, done: dict[str, Any] | None,
