@@ -6,8 +6,8 @@ the same cores slow each other down far more than twofold (their threads
 spin at every barrier, waiting for one that is not scheduled), so callers
 would see many times their usual latency for as long as the swap lasts.
 
-Instead the runtime freezes the candidate (SIGSTOP) for as long as a request
-runs on the serving worker and thaws it (SIGCONT) between requests. A
+Instead the runtime freezes the candidate (SIGSTOP) for as long as any request
+runs on the serving worker and thaws it (SIGCONT) when none does. A
 waiting request lets the candidate run for at most one short slice first,
 so the candidate progresses even under back-to-back traffic and a caller
 waits at most that slice. The candidate's health check is timed on the
@@ -41,7 +41,8 @@ class CandidateFreeze:
         self._frozen_since: float | None = None
         self._thawed_at = 0.0
         self._intervals: list[tuple[float, float]] = []
-        #: requests running on the serving worker now (0 or 1: it runs one at a time)
+        #: requests running on the serving worker now (up to its slots): the candidate
+        #: stays frozen until the last of them is done
         self._running = 0
 
     @property
