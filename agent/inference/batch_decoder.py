@@ -99,7 +99,12 @@ class BatchDecoder:
             self._wake.notify()
 
     def close(self) -> None:
-        """Cancel what runs, stop the thread, free the batch."""
+        """Finish what was submitted, then stop the thread and free the batch.
+
+        Generations are not cut short here: a worker asked to exit is either
+        idle (its slots drained before a swap) or past its grace period, when
+        the agent kills it and its callers learn it stopped.
+        """
         with self._wake:
             self._closed = True
             self._wake.notify()
@@ -113,8 +118,8 @@ class BatchDecoder:
             with self._wake:
                 while not self._closed and not self._incoming and not self._active:
                     self._wake.wait()
-                if self._closed:
-                    break
+                if not self._incoming and not self._active:
+                    break  # closed, and nothing left to finish
                 while self._incoming and self._free:
                     self._admit(self._incoming.pop(0))
             try:
@@ -123,11 +128,6 @@ class BatchDecoder:
                 log.exception("decoding step failed")
                 for sequence in list(self._active):
                     self._end(sequence, exc)
-        for sequence in list(self._active):
-            self._end(sequence, Completion("stop", len(sequence.job.tokens), sequence.generated))
-        for job in self._incoming:
-            job.sampler.free()
-            job.finished(RuntimeError("the worker is stopping"))
 
     def _admit(self, job: Job) -> None:
         # The free sequence whose cache shares the longest start with this prompt.
