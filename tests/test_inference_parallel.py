@@ -328,7 +328,8 @@ def test_warm_swap_under_four_streaming_callers_fails_none(
             wait_for(lambda: len(callers.results) >= 8, 90, "steady traffic on 1.0.0")
             release = rig.release("1.1.0", variant_for(rig.server.directory / GGUF, GGUF))
             rig.publish(rig.assign(release, assignment_id="parallel-swap"))
-            assert rig.wait_final("parallel-swap", timeout=240).type == p.EventType.ACTIVATED
+            final = rig.wait_final("parallel-swap", timeout=240)
+            assert final.type == p.EventType.ACTIVATED, final.reason
             swapped_at = len(callers.results)
             wait_for(lambda: len(callers.results) >= swapped_at + 8, 90, "traffic on 1.1.0")
         finally:
