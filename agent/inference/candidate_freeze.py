@@ -10,13 +10,14 @@ Instead the runtime freezes the candidate (SIGSTOP) for as long as any request
 runs on the serving worker and thaws it (SIGCONT) when none does. A
 waiting request lets the candidate run for at most one short slice first,
 so the candidate progresses even under back-to-back traffic and a caller
-waits at most that slice. A worker with several slots may never be idle
-under steady traffic (one request starts as another ends), so once the
-candidate has been frozen for :data:`MAX_FROZEN_S`, new requests wait for
-the running ones to finish, and the candidate then runs for a quarter of
-the time it was kept frozen (:data:`TURN_SHARE`, at most
-:data:`MAX_TURN_S`): a fifth of the cores' time while the swap lasts,
-instead of a 50 ms slice after waiting for several requests to drain. The
+waits at most that slice. The slice grows with the time the candidate was
+kept frozen before it, to a quarter of it (:data:`TURN_SHARE`, at most
+:data:`MAX_TURN_S`): the candidate gets about a fifth of the cores for as
+long as the swap lasts, however long the requests are. A worker with
+several slots may never be idle under steady traffic (one request starts as
+another ends), so once the candidate has been frozen for
+:data:`MAX_FROZEN_S`, new requests wait for the running ones to finish and
+the candidate gets its turn. The
 candidate's health check is timed on the monotonic clock and the frozen
 intervals are subtracted
 (:meth:`CandidateFreeze.frozen_between`): what it measures is the model, not the
@@ -37,7 +38,7 @@ import time
 DEFAULT_SLICE_S = 0.05
 #: frozen this long, the candidate runs next: new requests wait for the running ones
 MAX_FROZEN_S = 0.5
-#: share of its frozen time a candidate held off that long then runs, and the cap on it
+#: share of the time it was frozen a candidate then runs, and the cap on that turn
 TURN_SHARE = 0.25
 MAX_TURN_S = 2.0
 #: frozen intervals kept for timing (a health check spans far fewer)
@@ -60,8 +61,7 @@ class CandidateFreeze:
         #: set while the candidate is not frozen (requests held back wait for it)
         self._thawed = asyncio.Event()
         self._thawed.set()
-        #: requests were held back for the candidate: its next run is a longer turn
-        self._starved = False
+        #: how long the candidate was frozen before its latest thaw
         self._frozen_for = 0.0
 
     @property
@@ -88,13 +88,12 @@ class CandidateFreeze:
         """Before a request runs on the serving worker: freeze the candidate.
 
         A candidate that was just thawed keeps the cores for the rest of its
-        slice, so it moves forward even when requests never stop coming.
+        turn, so it moves forward even when requests never stop coming.
         """
         if self.frozen and self._frozen_since is not None \
                 and time.monotonic() - self._frozen_since >= self.max_frozen_s:
             # The serving worker has not been idle for a while: hold this request
             # back until the running ones are done and the candidate is thawed.
-            self._starved = True
             try:
                 await self._thawed.wait()
             finally:
@@ -104,9 +103,7 @@ class CandidateFreeze:
             self._running += 1
         if self._pid is None or self.frozen:
             return
-        turn = self.slice_s
-        if self._starved:
-            turn = max(turn, min(TURN_SHARE * self._frozen_for, MAX_TURN_S))
+        turn = max(self.slice_s, min(TURN_SHARE * self._frozen_for, MAX_TURN_S))
         wait = self._thawed_at + turn - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -141,7 +138,6 @@ class CandidateFreeze:
         if self._signal(signal.SIGSTOP):
             self._frozen_since = time.monotonic()
             self._thawed.clear()
-            self._starved = False
 
     def _thaw(self) -> None:
         if self._frozen_since is None:

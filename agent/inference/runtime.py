@@ -11,8 +11,8 @@ worker and runs its health check there while the old worker keeps serving;
 :meth:`InferenceRuntime.activated` then points new requests at it. A
 request already running (or holding the old worker) finishes there; the old
 worker stops once all of them are done. A candidate that fails is stopped, and
-callers never see it. The candidate runs only between the serving worker's
-requests (:mod:`.candidate_freeze`), so a swap does not slow callers down.
+callers never see it. The candidate runs only while no request runs on the
+serving worker (:mod:`.candidate_freeze`), so the two never share the cores.
 
 Crashes: when a worker dies the request it was running fails with a 5xx,
 the crash (or OOM) is counted, and the next request (or the supervisor,
@@ -197,7 +197,7 @@ class InferenceRuntime:
         self._waiting = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
-        #: a candidate runs only between the serving worker's requests
+        #: a candidate runs only while no request runs on the serving worker
         self.sharing = CandidateFreeze()
 
     # -- what runs ---------------------------------------------------------------
