@@ -65,8 +65,12 @@ class TokenSampler:
         except BaseException:
             self.free()
             raise
-        self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._cur = np.zeros(n_vocab, dtype=_CANDIDATE)
+        # Samplers sort the candidates in place: each draw starts again from ids in order.
+        self._fresh = np.zeros(n_vocab, dtype=_CANDIDATE)
+        self._fresh["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._cur = self._fresh.copy()
+        # Plain views of the same bytes: copying these is one memcpy, a record copy is not.
+        self._fresh_raw, self._cur_raw = self._fresh.view(np.int32), self._cur.view(np.int32)
         self._one = llama_cpp.llama_token_data(0, 1.0, 0.0)
 
     def _add(self, sampler: Any) -> None:
@@ -74,9 +78,8 @@ class TokenSampler:
 
     def _candidates(self, logits: Any) -> llama_cpp.llama_token_data_array:
         cur = self._cur
-        cur["id"] = self._ids
+        self._cur_raw[:] = self._fresh_raw
         cur["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
-        cur["p"] = 0.0
         data = cur.ctypes.data_as(llama_cpp.llama_token_data_p)
         return llama_cpp.llama_token_data_array(data, self._n_vocab, -1, False)
 
