@@ -147,7 +147,7 @@ class BatchDecoder:
             self._end(sequence, Completion("stop", len(sequence.job.tokens), sequence.generated))
         if not self._active:
             return
-        batch, n, sampled = self._batch, 0, []
+        batch, n, members, sampled = self._batch, 0, [], []
         # Generating sequences first (one token each), then prompt chunks in the room left.
         for sequence in sorted(self._active, key=lambda s: len(s.feed) > 1):
             take = min(len(sequence.feed), self._n_batch - n)
@@ -163,6 +163,7 @@ class BatchDecoder:
                 n += 1
             sequence.cached += sequence.feed[:take]
             del sequence.feed[:take]
+            members.append(sequence)
             if not sequence.feed:
                 batch.logits[n - 1] = True
                 sampled.append((sequence, n - 1))
@@ -171,7 +172,7 @@ class BatchDecoder:
         if status != 0:
             # No room in the KV cache, or the decode was aborted: the batch's sequences fail.
             error = RuntimeError(f"llama_decode returned {status}")
-            for sequence in {id(s): s for s, _ in sampled}.values():
+            for sequence in members:
                 self._end(sequence, error)
             return
         for sequence, index in sampled:
