@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
 import signal
 import threading
 import time
@@ -30,8 +29,7 @@ from agent.profiles import RuntimeSettings, default_profiles_dir, load_profiles,
 from agent.runtime_settings import runtime_from_defaults
 from protocol import RuntimeDefaults, fit_check, ram_needed_bytes
 from protocol.fit import kv_cache_allowance_bytes
-from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import ready_url, serving_rig, worker_pids
+from tests.support.inference import fresh_rig, ready_url, worker_pids
 from tests.support.signer import make_variant
 from tests.support.updates import DeviceRig, link_or_copy, variant_for, wait_for
 
@@ -157,14 +155,8 @@ def test_gate_admits_up_to_capacity_in_order_and_exclusive_waits_for_all() -> No
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory, broker, cp_credentials, model_path: Path) -> Iterator[DeviceRig]:
-    work = tmp_path_factory.mktemp("parallel")
-    device_id = f"par-{secrets.token_hex(3)}"
-    (work / "artifacts").mkdir()
-    with (
-        ArtifactServer(work / "artifacts") as server,
-        serving_rig(work, broker, cp_credentials, device_id, server, model_path, MODEL,
-                    inference_parallel=2) as rig,
-    ):
+    with fresh_rig(tmp_path_factory.mktemp("parallel"), broker, cp_credentials, "par",
+                   model_path, MODEL, inference_parallel=2) as rig:
         yield rig
 
 
@@ -315,13 +307,9 @@ class StreamingCallers:
 @pytest.mark.integration
 def test_warm_swap_under_four_streaming_callers_fails_none(
         tmp_path: Path, broker, cp_credentials, model_path: Path) -> None:
-    link_or_copy(model_path, tmp_path / "artifacts" / GGUF)
-    device_id = f"parswap-{secrets.token_hex(3)}"
-    with (
-        ArtifactServer(tmp_path / "artifacts") as server,
-        serving_rig(tmp_path / device_id, broker, cp_credentials, device_id, server,
-                    model_path, MODEL, inference_parallel=2) as rig,
-    ):
+    with fresh_rig(tmp_path, broker, cp_credentials, "parswap", model_path, MODEL,
+                   inference_parallel=2) as rig:
+        link_or_copy(model_path, rig.server.directory / GGUF)  # the release 1.1.0 serves
         url = ready_url(rig)
         callers = StreamingCallers(url, 4)
         try:
