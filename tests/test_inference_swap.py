@@ -57,7 +57,8 @@ def test_warm_swap_under_load_fails_no_request(rig: DeviceRig) -> None:
         wait_for(lambda: len(load.results) >= 3, 60, "steady traffic on 1.0.0")
         good = rig.release("1.1.0", variant_for(rig.server.directory / GGUF, GGUF))
         rig.publish(rig.assign(good, assignment_id="swap-good"))
-        assert rig.wait_final("swap-good", timeout=180).type == p.EventType.ACTIVATED
+        final = rig.wait_final("swap-good", timeout=180)
+        assert final.type == p.EventType.ACTIVATED, final.reason
         swapped_at = len(load.results)
         wait_for(lambda: len(load.results) >= swapped_at + 3, 60, "traffic on 1.1.0")
 

@@ -1,6 +1,7 @@
 """Local inference: worker subprocesses per model, their supervision, the local API.
 
 Agent side: :mod:`.runtime` (which worker serves, warm swaps, restarts),
+:mod:`.gate` (how many requests a worker runs at once, in arrival order),
 :mod:`.candidate_freeze` (a warm candidate runs only while the serving
 worker is idle), :mod:`.supervisor` (one worker process), :mod:`.api`
 (HTTP), :mod:`.schemas` (request checks, response shapes), :mod:`.stats` and
@@ -9,7 +10,9 @@ The health check a model passes before it takes traffic lives in
 :mod:`agent.healthcheck`.
 
 Worker side, never imported by the agent process: :mod:`.worker`,
-:mod:`.backend`, :mod:`.llama_backend`, :mod:`.onnx_backend`.
+:mod:`.backend`, :mod:`.llama_backend` with :mod:`.batch_decoder` (several
+generations in one llama.cpp context), :mod:`.sampling` and
+:mod:`.text_stream`, and :mod:`.onnx_backend`.
 Nothing is re-exported here, so importing one agent-side module does not
 drag in the rest.
 """

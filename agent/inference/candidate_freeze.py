@@ -6,12 +6,20 @@ the same cores slow each other down far more than twofold (their threads
 spin at every barrier, waiting for one that is not scheduled), so callers
 would see many times their usual latency for as long as the swap lasts.
 
-Instead the runtime freezes the candidate (SIGSTOP) for as long as a request
-runs on the serving worker and thaws it (SIGCONT) between requests. A
+Instead the runtime freezes the candidate (SIGSTOP) for as long as any request
+runs on the serving worker and thaws it (SIGCONT) when none does. A
 waiting request lets the candidate run for at most one short slice first,
 so the candidate progresses even under back-to-back traffic and a caller
-waits at most that slice. The candidate's health check is timed on the
-monotonic clock and the frozen intervals are subtracted
+waits at most that slice. The slice grows with the time the candidate was
+kept frozen before it, to a quarter of it (:data:`TURN_SHARE`, at most
+:data:`MAX_TURN_S`): the candidate gets about a fifth of the cores for as
+long as the swap lasts, however long the requests are. A worker with
+several slots may never be idle under steady traffic (one request starts as
+another ends), so once the candidate has been frozen for
+:data:`MAX_FROZEN_S`, new requests wait for the running ones to finish and
+the candidate gets its turn. The
+candidate's health check is timed on the monotonic clock and the frozen
+intervals are subtracted
 (:meth:`CandidateFreeze.frozen_between`): what it measures is the model, not the
 traffic beside it.
 
@@ -28,6 +36,11 @@ import time
 
 #: how long a thawed candidate runs before a waiting request takes the cores back
 DEFAULT_SLICE_S = 0.05
+#: frozen this long, the candidate runs next: new requests wait for the running ones
+MAX_FROZEN_S = 0.5
+#: share of the time it was frozen a candidate then runs, and the cap on that turn
+TURN_SHARE = 0.25
+MAX_TURN_S = 2.0
 #: frozen intervals kept for timing (a health check spans far fewer)
 MAX_INTERVALS = 4096
 
@@ -35,14 +48,21 @@ MAX_INTERVALS = 4096
 class CandidateFreeze:
     """Freezes at most one candidate worker while requests run on the serving one."""
 
-    def __init__(self, slice_s: float = DEFAULT_SLICE_S) -> None:
-        self.slice_s = slice_s
+    def __init__(self, slice_s: float = DEFAULT_SLICE_S,
+                 max_frozen_s: float = MAX_FROZEN_S) -> None:
+        self.slice_s, self.max_frozen_s = slice_s, max_frozen_s
         self._pid: int | None = None
         self._frozen_since: float | None = None
         self._thawed_at = 0.0
         self._intervals: list[tuple[float, float]] = []
-        #: requests running on the serving worker now (0 or 1: it runs one at a time)
+        #: requests running on the serving worker now (up to its slots): the candidate
+        #: stays frozen until the last of them is done
         self._running = 0
+        #: set while the candidate is not frozen (requests held back wait for it)
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        #: how long the candidate was frozen before its latest thaw
+        self._frozen_for = 0.0
 
     @property
     def frozen(self) -> bool:
@@ -68,12 +88,23 @@ class CandidateFreeze:
         """Before a request runs on the serving worker: freeze the candidate.
 
         A candidate that was just thawed keeps the cores for the rest of its
-        slice, so it moves forward even when requests never stop coming.
+        turn, so it moves forward even when requests never stop coming.
         """
-        self._running += 1
+        if self.frozen and self._frozen_since is not None \
+                and time.monotonic() - self._frozen_since >= self.max_frozen_s:
+            # The serving worker has not been idle for a while: hold this request
+            # back until the running ones are done and the candidate is thawed.
+            try:
+                await self._thawed.wait()
+            finally:
+                # Counted even when cancelled here: the caller's release() follows.
+                self._running += 1
+        else:
+            self._running += 1
         if self._pid is None or self.frozen:
             return
-        wait = self._thawed_at + self.slice_s - time.monotonic()
+        turn = max(self.slice_s, min(TURN_SHARE * self._frozen_for, MAX_TURN_S))
+        wait = self._thawed_at + turn - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         if self._pid is not None and not self.frozen and self._running:
@@ -106,6 +137,7 @@ class CandidateFreeze:
     def _freeze(self) -> None:
         if self._signal(signal.SIGSTOP):
             self._frozen_since = time.monotonic()
+            self._thawed.clear()
 
     def _thaw(self) -> None:
         if self._frozen_since is None:
@@ -113,6 +145,8 @@ class CandidateFreeze:
         now = time.monotonic()
         self._signal(signal.SIGCONT)
         self._intervals.append((self._frozen_since, now))
+        self._frozen_for = now - self._frozen_since
         del self._intervals[:-MAX_INTERVALS]
         self._frozen_since = None
         self._thawed_at = now
+        self._thawed.set()

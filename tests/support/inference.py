@@ -75,7 +75,7 @@ def ready_url(rig: DeviceRig, timeout: float = 60.0) -> str:
 
 
 @contextmanager
-def served_model(
+def fresh_rig(
     work: Path,
     broker: MosquittoBroker,
     cp_credentials: tuple[str, str],
@@ -83,10 +83,11 @@ def served_model(
     model_path: Path,
     model: str,
     **agent_extra: Any,
-) -> Iterator[str]:
-    """A fresh device serving ``model_path`` as ``model``; yields its API URL once loaded.
+) -> Iterator[DeviceRig]:
+    """A fresh device serving ``model_path`` as ``model``, as :func:`serving_rig`.
 
-    Its (empty) artifact server and state live under ``work``.
+    Its artifact server (empty until a test puts a release there) and state
+    live under ``work``.
     """
     (work / "artifacts").mkdir()
     device_id = f"{device_prefix}-{secrets.token_hex(3)}"
@@ -95,6 +96,13 @@ def served_model(
         serving_rig(work, broker, cp_credentials, device_id, server, model_path, model,
                     **agent_extra) as rig,
     ):
+        yield rig
+
+
+@contextmanager
+def served_model(*args: Any, **kwargs: Any) -> Iterator[str]:
+    """A :func:`fresh_rig` (same arguments); yields its API URL once the model is loaded."""
+    with fresh_rig(*args, **kwargs) as rig:
         yield ready_url(rig)
 
 
