@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from protocol import check_broker_url, check_device_id, validation_problems
 
+from .profiles import MAX_PARALLEL
+
 DEFAULT_CONFIG_PATH = Path("/etc/slmfleet/agent.toml")
 
 
@@ -93,6 +95,8 @@ class AgentConfig(BaseModel):
     #: this many worker crashes within inference_crash_window_s make the model unhealthy
     inference_crash_limit: Annotated[int, Field(ge=1, le=1000)] = 3
     inference_crash_window_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    #: generations a model decodes at once; None: the firmware profile's ``runtime.parallel``
+    inference_parallel: Annotated[int, Field(ge=1, le=MAX_PARALLEL)] | None = None
 
     @field_validator("device_id")
     @classmethod

@@ -149,6 +149,10 @@ class MatchRules(_Strict):
         )
 
 
+#: most parallel generations a profile or the agent config may ask for
+MAX_PARALLEL = 64
+
+
 class RuntimeSettings(_Strict):
     """How the inference worker runs models on this hardware class."""
 
@@ -166,6 +170,8 @@ class RuntimeSettings(_Strict):
     batch: Annotated[int, Field(ge=1)] | None = None
     #: map model files instead of reading them into RAM
     mmap: bool = True
+    #: generations a llama.cpp model decodes at once (each holds its own KV cache)
+    parallel: Annotated[int, Field(ge=1, le=MAX_PARALLEL)] = 1
 
 
 class FirmwareProfile(_Strict):
@@ -285,3 +291,11 @@ def match_profile(caps: Capabilities, profiles: list[FirmwareProfile]) -> Firmwa
     if not matching:
         return generic_profile(caps)
     return min(matching, key=lambda p: (-p.priority, p.id))
+
+
+def with_overrides(profile: FirmwareProfile, *, parallel: int | None) -> FirmwareProfile:
+    """``profile`` with what this device's agent config states over it (None: the profile's)."""
+    if parallel is None:
+        return profile
+    runtime = profile.runtime.model_copy(update={"parallel": parallel})
+    return profile.model_copy(update={"runtime": runtime})

@@ -32,6 +32,8 @@ class EffectiveRuntime:
     embeddings: bool
     #: onnxruntime execution providers in preference order (ONNX only)
     onnx_providers: tuple[str, ...] = ()
+    #: generations decoded at once, each with ``context`` tokens of KV cache (llama.cpp only)
+    parallel: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for the worker's load request."""
@@ -81,4 +83,7 @@ def runtime_from_defaults(
         mmap=profile.mmap if mmap is None else mmap,
         embeddings=defaults.embeddings,
         onnx_providers=tuple(providers),
+        # The profile's alone: how many callers a device serves at once is a
+        # property of the hardware, not of the model. ONNX models run one at a time.
+        parallel=1 if onnx else profile.parallel,
     )

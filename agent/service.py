@@ -27,6 +27,7 @@ from .inference.schemas import Limits
 from .inference.spec import spec_for_version
 from .link import MqttLink
 from .malloc_trim import limit_malloc_arenas, release_freed_memory
+from .profiles import with_overrides
 from .sdnotify import notify, watchdog_interval_s
 from .telemetry import TelemetrySampler
 from .update.pipeline import Updater
@@ -105,7 +106,8 @@ class Agent:
         health: HealthChecker | None = None,
     ) -> None:
         self.config = config
-        self.capabilities, self.runtimes, self.profile = hardware or detect_hardware(config)
+        self.capabilities, self.runtimes, profile = hardware or detect_hardware(config)
+        self.profile = with_overrides(profile, parallel=config.inference_parallel)
         self.events = EventLog(config.event_spool_path, config.device_id,
                                max_spooled=config.max_spooled_events)
         self.inference: InferenceRuntime | None = None

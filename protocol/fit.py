@@ -23,6 +23,10 @@ The estimates, in order of preference:
   per token for a 135M model (real: ~23 KB), 670 KB for 7B (real without
   GQA: 512 KiB). Models with grouped-query attention need far less; state
   ``min_ram_bytes`` for those.
+* **Slots** -- a device that decodes several generations at once
+  (``runtime.parallel``) holds one KV cache per slot: each slot past the
+  first adds one more KV-cache allowance, on top of ``min_ram_bytes`` too
+  (the release author measured one caller).
 * **Disk** -- ``size_bytes * staging_factor`` (the partial download and the
   verified copy in the versioned store can exist at once), or the
   manifest's ``min_disk_bytes`` if larger.
@@ -62,12 +66,16 @@ def kv_cache_allowance_bytes(parameters: int, context: int) -> int:
     return KV_BYTES_PER_TOKEN_PER_SQRT_PARAM * (math.isqrt(parameters) + 1) * context
 
 
-def ram_needed_bytes(variant: Variant) -> int:
-    """RAM the variant needs: its stated ``min_ram_bytes``, or the estimate above."""
+def ram_needed_bytes(variant: Variant, slots: int = 1) -> int:
+    """RAM the variant needs serving ``slots`` callers at once: its stated
+    ``min_ram_bytes`` or the estimate above, plus a KV cache per extra slot."""
+    if slots < 1:
+        raise ValueError("slots must be at least 1")
+    kv_cache = kv_cache_allowance_bytes(variant.parameters, variant.runtime_context)
+    extra = (slots - 1) * kv_cache
     if variant.min_ram_bytes is not None:
-        return variant.min_ram_bytes
-    weights = math.ceil(variant.size_bytes * WEIGHTS_OVERHEAD_FACTOR)
-    return weights + kv_cache_allowance_bytes(variant.parameters, variant.runtime_context)
+        return variant.min_ram_bytes + extra
+    return math.ceil(variant.size_bytes * WEIGHTS_OVERHEAD_FACTOR) + kv_cache + extra
 
 
 def disk_needed_bytes(variant: Variant, staging_factor: float = DEFAULT_STAGING_FACTOR) -> int:
@@ -85,6 +93,7 @@ def fit_check(
     disk_free_bytes: int,
     os_reserved_bytes: int = 0,
     staging_factor: float = DEFAULT_STAGING_FACTOR,
+    slots: int = 1,
 ) -> FitResult:
     """Decide whether ``variant`` fits before anything is downloaded.
 
@@ -92,11 +101,12 @@ def fit_check(
     space in the model directory, as measured. ``os_reserved_bytes`` is RAM
     the model may not use: what the firmware profile reserves for the OS,
     plus -- when the new model is loaded while the old one keeps serving --
-    the old worker's resident size.
+    the old worker's resident size. ``slots`` is how many generations the
+    device decodes at once (its profile's ``runtime.parallel``).
     """
     if min(ram_bytes, disk_free_bytes, os_reserved_bytes) < 0:
         raise ValueError("byte counts must not be negative")
-    ram_needed = ram_needed_bytes(variant)
+    ram_needed = ram_needed_bytes(variant, slots)
     disk_needed = disk_needed_bytes(variant, staging_factor)
     usable_ram = ram_bytes - os_reserved_bytes
     if ram_needed > usable_ram:

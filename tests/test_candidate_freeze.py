@@ -75,6 +75,62 @@ def test_frozen_while_a_request_runs_thawed_between(busy: subprocess.Popen) -> N
     asyncio.run(scenario())
 
 
+def test_frozen_until_the_last_of_several_running_requests_is_done(
+        busy: subprocess.Popen) -> None:
+    async def scenario() -> None:
+        sharing = CandidateFreeze(slice_s=0.0, max_frozen_s=60)
+        sharing.attach(busy.pid)
+        await sharing.claim()
+        await sharing.claim()  # a second slot of the serving worker
+        _wait_state(busy.pid, "T")
+        sharing.release()
+        await asyncio.sleep(0.1)
+        assert _state(busy.pid) == "T", "thawed while a request still runs"
+        sharing.release()
+        _wait_state(busy.pid, "R")
+        sharing.detach()
+
+    asyncio.run(scenario())
+
+
+def test_requests_wait_for_the_candidate_once_it_was_frozen_too_long(
+        busy: subprocess.Popen) -> None:
+    """With several slots the serving worker may never be idle: past max_frozen_s a
+    new request waits for the running ones, so the candidate gets its turn."""
+
+    async def scenario() -> None:
+        sharing = CandidateFreeze(slice_s=0.05, max_frozen_s=0.2)
+        sharing.attach(busy.pid)
+        await sharing.claim()
+        _wait_state(busy.pid, "T")
+        await asyncio.wait_for(sharing.claim(), 0.1)  # frozen only just now: runs at once
+        sharing.release()
+        await asyncio.sleep(0.25)
+        late = asyncio.create_task(sharing.claim())
+        await asyncio.sleep(0.1)
+        assert not late.done(), "a request started beside a candidate frozen too long"
+        sharing.release()  # the last running request ends: the candidate runs its slice
+        _wait_state(busy.pid, "R")
+        thawed = time.monotonic()
+        await asyncio.wait_for(late, 1)
+        assert time.monotonic() - thawed >= 0.04, "the candidate had its slice first"
+        _wait_state(busy.pid, "T")
+
+        # A request cancelled while held back is still counted until it releases.
+        await asyncio.sleep(0.25)
+        held = asyncio.create_task(sharing.claim())
+        await asyncio.sleep(0.05)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        sharing.release()  # the cancelled caller's release, as in a lease's finally
+        sharing.release()
+        _wait_state(busy.pid, "R")
+        sharing.detach()
+
+    asyncio.run(scenario())
+
+
 def test_a_dead_candidate_is_not_an_error(busy: subprocess.Popen) -> None:
     async def scenario() -> None:
         sharing = CandidateFreeze(slice_s=0.0)

@@ -36,6 +36,9 @@ class Backend(ABC):
 
     #: serves /v1/embeddings rather than completions
     embeddings: bool = False
+    #: generations that decode at once through :meth:`submit`; 0: only :meth:`complete`,
+    #: one at a time
+    slots: int = 0
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
@@ -53,6 +56,24 @@ class Backend(ABC):
         generation stops early once ``cancelled()`` is true.
         """
         raise BadRequest("this model does not generate text", code="unsupported")
+
+    def submit(
+        self,
+        request: dict[str, Any],
+        emit: Callable[[str], None],
+        cancelled: Callable[[], bool],
+        finished: Callable[[Completion | BaseException], None],
+    ) -> None:
+        """Start a generation beside the running ones and return at once (``slots`` > 0).
+
+        Refusals (:class:`BadRequest`) are raised here; text goes to ``emit``
+        and the end to ``finished``, both from the decoding thread.
+        """
+        raise BadRequest("this model does not generate text", code="unsupported")
+
+    def close(self) -> None:
+        """Stop what runs and free the model's threads (the worker is exiting)."""
+        return None
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One vector per text, and the number of tokens read."""

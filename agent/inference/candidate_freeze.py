@@ -6,12 +6,16 @@ the same cores slow each other down far more than twofold (their threads
 spin at every barrier, waiting for one that is not scheduled), so callers
 would see many times their usual latency for as long as the swap lasts.
 
-Instead the runtime freezes the candidate (SIGSTOP) for as long as a request
-runs on the serving worker and thaws it (SIGCONT) between requests. A
+Instead the runtime freezes the candidate (SIGSTOP) for as long as any request
+runs on the serving worker and thaws it (SIGCONT) when none does. A
 waiting request lets the candidate run for at most one short slice first,
 so the candidate progresses even under back-to-back traffic and a caller
-waits at most that slice. The candidate's health check is timed on the
-monotonic clock and the frozen intervals are subtracted
+waits at most that slice. A worker with several slots may never be idle
+under steady traffic (one request starts as another ends), so once the
+candidate has been frozen for :data:`MAX_FROZEN_S`, new requests wait for
+the running ones to finish and the candidate gets its slice. The
+candidate's health check is timed on the monotonic clock and the frozen
+intervals are subtracted
 (:meth:`CandidateFreeze.frozen_between`): what it measures is the model, not the
 traffic beside it.
 
@@ -28,6 +32,8 @@ import time
 
 #: how long a thawed candidate runs before a waiting request takes the cores back
 DEFAULT_SLICE_S = 0.05
+#: frozen this long, the candidate runs next: new requests wait for the running ones
+MAX_FROZEN_S = 0.5
 #: frozen intervals kept for timing (a health check spans far fewer)
 MAX_INTERVALS = 4096
 
@@ -35,14 +41,19 @@ MAX_INTERVALS = 4096
 class CandidateFreeze:
     """Freezes at most one candidate worker while requests run on the serving one."""
 
-    def __init__(self, slice_s: float = DEFAULT_SLICE_S) -> None:
-        self.slice_s = slice_s
+    def __init__(self, slice_s: float = DEFAULT_SLICE_S,
+                 max_frozen_s: float = MAX_FROZEN_S) -> None:
+        self.slice_s, self.max_frozen_s = slice_s, max_frozen_s
         self._pid: int | None = None
         self._frozen_since: float | None = None
         self._thawed_at = 0.0
         self._intervals: list[tuple[float, float]] = []
-        #: requests running on the serving worker now (0 or 1: it runs one at a time)
+        #: requests running on the serving worker now (up to its slots): the candidate
+        #: stays frozen until the last of them is done
         self._running = 0
+        #: set while the candidate is not frozen (requests held back wait for it)
+        self._thawed = asyncio.Event()
+        self._thawed.set()
 
     @property
     def frozen(self) -> bool:
@@ -70,7 +81,17 @@ class CandidateFreeze:
         A candidate that was just thawed keeps the cores for the rest of its
         slice, so it moves forward even when requests never stop coming.
         """
-        self._running += 1
+        if self.frozen and self._frozen_since is not None \
+                and time.monotonic() - self._frozen_since >= self.max_frozen_s:
+            # The serving worker has not been idle for a while: hold this request
+            # back until the running ones are done and the candidate is thawed.
+            try:
+                await self._thawed.wait()
+            finally:
+                # Counted even when cancelled here: the caller's release() follows.
+                self._running += 1
+        else:
+            self._running += 1
         if self._pid is None or self.frozen:
             return
         wait = self._thawed_at + self.slice_s - time.monotonic()
@@ -106,6 +127,7 @@ class CandidateFreeze:
     def _freeze(self) -> None:
         if self._signal(signal.SIGSTOP):
             self._frozen_since = time.monotonic()
+            self._thawed.clear()
 
     def _thaw(self) -> None:
         if self._frozen_since is None:
@@ -116,3 +138,4 @@ class CandidateFreeze:
         del self._intervals[:-MAX_INTERVALS]
         self._frozen_since = None
         self._thawed_at = now
+        self._thawed.set()

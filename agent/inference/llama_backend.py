@@ -2,42 +2,46 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
+from llama_cpp import _internals
 
 from .backend import Backend, BadRequest, Completion
+from .batch_decoder import BatchDecoder, Job
 from .prompting import PromptBuilder
+from .sampling import TokenSampler
 
 
-class _Counter:
-    """Counts sampled tokens, learns the prompt length, and stops on cancel.
+def _slotted_context(llm: llama_cpp.Llama, parallel: int) -> None:
+    """Give ``llm`` a context of ``parallel`` sequences, each with ``n_ctx / parallel`` cells.
 
-    llama.cpp calls a stopping criterion once per sampled token with the
-    whole sequence so far, which makes it the one hook that both counts
-    exactly and can end a generation between two tokens.
+    ``Llama`` always builds a one-sequence context; the KV cache is split
+    among sequences only when the context is made that way (not unified:
+    each sequence keeps its own share, and attention runs over that share
+    alone instead of over every sequence's cells).
     """
-
-    def __init__(self, cancelled: Callable[[], bool]) -> None:
-        self.cancelled = cancelled
-        self.sampled = 0
-        self.prompt_tokens: int | None = None
-
-    def __call__(self, input_ids: Any, logits: Any) -> bool:
-        if self.prompt_tokens is None:
-            self.prompt_tokens = len(input_ids)
-        self.sampled += 1
-        return self.cancelled()
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_seq_max = parallel
+    params.kv_unified = False
+    llm._ctx.close()
+    llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    llm.context_params = params
 
 
 class LlamaBackend(Backend):
-    """One ``llama_cpp.Llama``; one generation at a time (the worker is sequential)."""
+    """One ``llama_cpp.Llama``; ``runtime["parallel"]`` generations decode at once."""
 
     def __init__(self, model: str, runtime: dict[str, Any]) -> None:
+        self.parallel = max(int(runtime.get("parallel") or 1), 1)
+        self.embeddings = bool(runtime["embeddings"])
+        slots = 1 if self.embeddings else self.parallel
         kwargs: dict[str, Any] = {
             "model_path": model,
-            "n_ctx": runtime["context"],
+            # Each sequence gets the runtime context: the KV cache holds them all.
+            "n_ctx": runtime["context"] * slots,
             "n_threads": runtime["threads"],
             "n_threads_batch": runtime["threads"],
             "n_gpu_layers": runtime["gpu_layers"],
@@ -49,28 +53,35 @@ class LlamaBackend(Backend):
         if runtime.get("batch"):
             kwargs["n_batch"] = runtime["batch"]
         self.runtime = runtime
-        self.embeddings = bool(runtime["embeddings"])
         self.llm = llama_cpp.Llama(**kwargs)
-        self.context = self.llm.n_ctx()
+        if slots > 1:
+            _slotted_context(self.llm, slots)
+        self.context = runtime["context"]
         self.prompts = PromptBuilder(self.llm)
+        self.decoder: BatchDecoder | None = None
+        if not self.embeddings:
+            self.slots = slots
+            self.decoder = BatchDecoder(self.llm._ctx.ctx, self.llm._model.vocab, slots,
+                                        self.llm.n_batch)
 
     def info(self) -> dict[str, Any]:
         """See :meth:`Backend.info`."""
         return {"runtime": "llama.cpp", "llama_cpp_version": llama_cpp.__version__,
                 "context": self.context, "threads": self.runtime["threads"],
-                "embeddings": self.embeddings}
+                "embeddings": self.embeddings, "parallel": max(self.slots, 1)}
 
-    def complete(
+    def submit(
         self,
         request: dict[str, Any],
         emit: Callable[[str], None],
         cancelled: Callable[[], bool],
-    ) -> Completion:
-        """See :meth:`Backend.complete`."""
-        if self.embeddings:
+        finished: Callable[[Completion | BaseException], None],
+    ) -> None:
+        """See :meth:`Backend.submit`."""
+        if self.decoder is None:
             raise BadRequest("this model serves embeddings only", code="unsupported")
         prompt = self.prompts.prompt(request)
-        tokens, stop, extra = prompt.tokens, prompt.stop, prompt.stopping_criteria
+        tokens = prompt.tokens
         room = self.context - len(tokens)
         max_tokens = request.get("max_tokens") or room
         if room <= 0 or max_tokens > room:
@@ -79,36 +90,30 @@ class LlamaBackend(Backend):
                 f"the context window ({self.context} tokens)",
                 code="context_length_exceeded",
             )
-        grammar_text = self.prompts.grammar_text(request)
-        grammar = (llama_cpp.LlamaGrammar.from_string(grammar_text, verbose=False)
-                   if grammar_text is not None else None)
-        counter = _Counter(cancelled)
-        criteria = [counter] + ([extra] if extra is not None else [])
-        finish = "stop"
-        stream = self.llm.create_completion(
-            prompt=tokens,
-            max_tokens=max_tokens,
-            temperature=request.get("temperature", 1.0),
-            top_p=request.get("top_p", 1.0),
-            stop=stop,
-            seed=request.get("seed"),
-            frequency_penalty=request.get("frequency_penalty", 0.0),
-            presence_penalty=request.get("presence_penalty", 0.0),
-            grammar=grammar,
-            stream=True,
-            stopping_criteria=llama_cpp.StoppingCriteriaList(criteria),
-        )
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                emit(choice["text"])
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
-        # llama-cpp-python calls the criteria once more after its loop, to learn why it
-        # ended: that call sampled nothing. And the last sampled token of a "stop" (end
-        # of text, a stop string) is not output.
-        completion = max(counter.sampled - 1 - (1 if finish == "stop" else 0), 0)
-        return Completion(finish, counter.prompt_tokens or len(tokens), completion)
+        sampler = TokenSampler(self.llm._model.vocab, self.llm.n_vocab(), request,
+                               self.prompts.grammar_text(request))
+        self.decoder.submit(Job(tokens, prompt.stop, prompt.stopping_criteria, max_tokens,
+                                sampler, emit, cancelled, finished))
+
+    def complete(
+        self,
+        request: dict[str, Any],
+        emit: Callable[[str], None],
+        cancelled: Callable[[], bool],
+    ) -> Completion:
+        """See :meth:`Backend.complete` (one generation among the others, waited for)."""
+        ended = threading.Event()
+        outcome: list[Completion | BaseException] = []
+
+        def finished(result: Completion | BaseException) -> None:
+            outcome.append(result)
+            ended.set()
+
+        self.submit(request, emit, cancelled, finished)
+        ended.wait()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """See :meth:`Backend.embed`."""
@@ -116,3 +121,9 @@ class LlamaBackend(Backend):
             raise BadRequest("this model does not serve embeddings", code="unsupported")
         result = self.llm.create_embedding(texts)
         return [d["embedding"] for d in result["data"]], result["usage"]["prompt_tokens"]
+
+    def close(self) -> None:
+        """See :meth:`Backend.close`."""
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None

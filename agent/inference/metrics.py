@@ -69,7 +69,10 @@ def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
         _histogram(out, name, s, s.latency)
     each("tokens_per_second", "gauge", "Decode throughput of the latest request.",
          lambda s: None if s.last_tokens_per_s is None else f"{s.last_tokens_per_s:.3f}")
-    each("queue_depth", "gauge", "Requests waiting for the worker.",
+    each("slots", "gauge", "Requests the version's worker runs at once.", lambda s: s.slots)
+    each("slots_busy", "gauge", "Requests running on the version's worker now.",
+         lambda s: s.busy)
+    each("queue_depth", "gauge", "Requests waiting for a free slot.",
          lambda s: queue_depth.get(f"{s.name}@{s.version}", 0))
     each("worker_restarts_total", "counter", "Worker restarts after a crash.",
          lambda s: s.crashes)

@@ -1,7 +1,8 @@
 """The inference runtime: which worker serves, restarts after crashes, warm swaps.
 
 One :class:`Slot` per model version a worker runs. The serving slot takes
-requests one at a time (llama.cpp runs one generation per context); callers
+up to ``runtime.parallel`` requests at once (a llama.cpp worker decodes that
+many sequences together; other models one at a time); callers beyond that
 wait in a bounded queue in front of it, and past that bound are turned away
 (:class:`Overloaded`, an HTTP 503) instead of piling up memory.
 
@@ -9,7 +10,7 @@ Warm swap: :meth:`InferenceRuntime.prepare` loads a new version in a new
 worker and runs its health check there while the old worker keeps serving;
 :meth:`InferenceRuntime.activated` then points new requests at it. A
 request already running (or holding the old worker) finishes there; the old
-worker stops once it is idle. A candidate that fails is stopped, and
+worker stops once all of them are done. A candidate that fails is stopped, and
 callers never see it. The candidate runs only between the serving worker's
 requests (:mod:`.candidate_freeze`), so a swap does not slow callers down.
 
@@ -35,6 +36,7 @@ from protocol import InferenceStats
 
 from ..healthcheck.rules import judge
 from .candidate_freeze import CandidateFreeze
+from .gate import Gate
 from .spec import ModelSpec
 from .stats import VersionStats
 from .supervisor import RemoteError, Worker, WorkerExited, WorkerLoadError
@@ -74,6 +76,14 @@ class RuntimeLimits:
     crash_window_s: float = 300.0
 
 
+def slots_of(spec: ModelSpec) -> int:
+    """Requests ``spec``'s worker runs at once: llama.cpp generations decode together."""
+    runtime = spec.runtime
+    if spec.format == "gguf" and not runtime.embeddings:
+        return max(runtime.parallel, 1)
+    return 1
+
+
 class Slot:
     """One model version and the worker running it."""
 
@@ -81,7 +91,11 @@ class Slot:
                  argv: Sequence[str] | None) -> None:
         self.spec, self.stats, self._limits, self._argv = spec, stats, limits, argv
         self.worker: Worker | None = None
-        self.lock = asyncio.Lock()
+        #: the requests running on the worker (up to its slots)
+        self.gate = Gate(slots_of(spec))
+        #: held while the worker (re)starts: one start at a time, whoever asks
+        self.starting = asyncio.Lock()
+        stats.slots = self.gate.capacity
         self.retired = False
         #: restarted after a crash; only the serving slot is (a candidate just fails)
         self.supervised = False
@@ -105,7 +119,7 @@ class Slot:
     async def start(self, on_spawn: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Start a worker and load the model; return its ``ready`` frame.
 
-        The caller holds :attr:`lock`, or owns the slot (not yet serving).
+        The caller holds :attr:`starting`, or owns the slot (not yet serving).
         ``on_spawn`` gets the worker's pid as soon as it exists.
         """
         delay = self._not_before - time.monotonic()
@@ -142,13 +156,13 @@ class Slot:
         if self.unhealthy:
             log.error("%s is unhealthy: %s", self.spec.ref, self.unhealthy)
         # Restart now rather than on the next request: the device should be ready.
-        async with self.lock:
+        async with self.starting:
             if not self.retired and self.worker is worker:
                 with contextlib.suppress(WorkerLoadError):
                     await self.start()
 
     async def ensure_running(self) -> Worker:
-        """The live worker, started again if it died (the caller holds :attr:`lock`)."""
+        """The live worker, started again if it died (the caller holds :attr:`starting`)."""
         if self.worker is None or not self.worker.alive:
             try:
                 await self.start()
@@ -283,7 +297,7 @@ class InferenceRuntime:
         if slot is None or slot.retired:
             yield
             return
-        async with slot.lock:
+        async with slot.gate.exclusive():
             yield
 
     def activated(self, spec: ModelSpec) -> None:
@@ -313,9 +327,9 @@ class InferenceRuntime:
             self._spawn(self._retire(old), f"retire-{old.spec.ref}")
 
     async def _retire(self, slot: Slot) -> None:
-        # The lock is FIFO: whoever holds it or queued before us finishes (or,
-        # seeing the slot retired, moves to the new one) before the worker stops.
-        async with slot.lock:
+        # The gate is FIFO: every request running or queued before us finishes
+        # (or, seeing the slot retired, moves to the new one) before the worker stops.
+        async with slot.gate.exclusive():
             await slot.stop()
         log.info("stopped the worker of %s", slot.spec.ref)
 
@@ -338,7 +352,7 @@ class InferenceRuntime:
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[tuple[Slot, Worker]]:
-        """Exclusive use of the worker serving ``model`` for one request."""
+        """One of the slots of the worker serving ``model``, for one request."""
         slot = self.resolve(model)
         if self._waiting >= self.limits.max_queue:
             slot.stats.reject()
@@ -349,7 +363,7 @@ class InferenceRuntime:
             while True:
                 remaining = deadline - time.monotonic()
                 try:
-                    await asyncio.wait_for(slot.lock.acquire(), max(remaining, 0.001))
+                    await asyncio.wait_for(slot.gate.acquire(), max(remaining, 0.001))
                 except TimeoutError:
                     slot.stats.reject()
                     raise Overloaded(f"no worker free within "
@@ -357,16 +371,18 @@ class InferenceRuntime:
                 if not slot.retired:
                     break
                 # Swapped while we waited: the new version takes us.
-                slot.lock.release()
+                slot.gate.release()
                 slot = self.resolve(model)
         finally:
             self._waiting -= 1
+        slot.stats.busy += 1
         try:
             try:
                 # Inside: a caller cancelled during claim's wait must still
                 # give the candidate its cores back.
                 await self.sharing.claim()
-                worker = await slot.ensure_running()
+                async with slot.starting:
+                    worker = await slot.ensure_running()
                 yield slot, worker
             except WorkerExited as exc:
                 if self._closed:
@@ -377,7 +393,8 @@ class InferenceRuntime:
             finally:
                 self.sharing.release()
         finally:
-            slot.lock.release()
+            slot.stats.busy -= 1
+            slot.gate.release()
 
     # -- reporting ---------------------------------------------------------------------
 

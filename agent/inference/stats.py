@@ -69,6 +69,9 @@ class VersionStats:
         self.ooms = 0
         self.restarts = 0
         self.last_tokens_per_s: float | None = None
+        #: requests its worker runs at once (0: never loaded), and how many run now
+        self.slots = 0
+        self.busy = 0
 
     def record(self, *, ok: bool, latency_s: float, ttft_s: float | None = None,
                prompt_tokens: int = 0, completion_tokens: int = 0,

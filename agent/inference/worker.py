@@ -22,8 +22,12 @@ worker -> agent::
     {"op": "done", "id": N, ...result}
     {"op": "error", "id": N, "status": 4xx|5xx, "code": S, "message": S}
 
-Requests run one at a time, in order; the agent queues and never sends a
-second before the first is done (``cancel`` excepted, read by a thread).
+A model with slots (llama.cpp, ``runtime.parallel``) decodes up to that many
+``complete`` requests at once: the frame loop hands each to the backend's
+decoding thread, which sends its ``delta`` and ``done`` frames itself, and
+reads the next frame at once. Other ops run one at a time in the frame loop;
+the agent never sends more ``complete`` frames than the model has slots.
+``cancel`` is read by a thread and lands while a generation runs.
 """
 
 from __future__ import annotations
@@ -38,14 +42,14 @@ from typing import Any
 
 from ..child_lifetime import die_with, parent_from
 from ..healthcheck.rules import check_embeddings, run_prompt
-from .backend import Backend, BadRequest, load_backend
+from .backend import Backend, BadRequest, Completion, load_backend
 
 #: shortest gap between two delta frames of one generation (the first goes at once)
 DELTA_EVERY_S = 0.025
 
 
 class _Channel:
-    """Reply writer (one lock: the reader thread never writes, but be safe) and
+    """Reply writer (one lock: the frame loop and the decoding thread both write) and
     request reader (a thread, so ``cancel`` lands while a generation runs)."""
 
     def __init__(self, out_fd: int) -> None:
@@ -99,6 +103,50 @@ class _Deltas:
             self._held.clear()
 
 
+class _Done:
+    """One generation's replies: its deltas, then the ``done`` (or ``error``) frame."""
+
+    def __init__(self, channel: _Channel, rid: int) -> None:
+        self.channel, self.rid = channel, rid
+        self.started = time.perf_counter()
+        self.deltas = _Deltas(channel, rid)
+
+    def frame(self, result: Completion) -> dict[str, Any]:
+        """The ``done`` frame's fields, once the last text went out."""
+        self.deltas.flush()
+        first = self.deltas.first_at
+        return {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "ttft_ms": round((first - self.started) * 1000, 3) if first is not None
+                else None}
+
+    def finished(self, outcome: Completion | BaseException) -> None:
+        """From the decoding thread: the generation ended (see :meth:`Backend.submit`)."""
+        if isinstance(outcome, BaseException):
+            self.deltas.flush()
+            self.channel.send(_error_frame(self.rid, outcome))
+        else:
+            self.channel.send({"op": "done", "id": self.rid, **self.frame(outcome)})
+        self.channel.cancelled.discard(self.rid)
+
+
+def _error_frame(rid: int | None, exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, BadRequest):
+        return {"op": "error", "id": rid, "status": exc.status, "code": exc.code,
+                "message": str(exc)}
+    # llama.cpp reports a failed decode (e.g. KV cache full) as a ValueError or RuntimeError.
+    return {"op": "error", "id": rid, "status": 500, "code": "runtime_error",
+            "message": f"{type(exc).__name__}: {exc}"}
+
+
+def _start(backend: Backend, frame: dict[str, Any], channel: _Channel) -> None:
+    """Hand a ``complete`` frame to the decoding thread; it answers by itself."""
+    rid = frame["id"]
+    done = _Done(channel, rid)
+    backend.submit(frame["request"], done.deltas.emit, lambda: rid in channel.cancelled,
+                   done.finished)
+
+
 def _handle(backend: Backend, frame: dict[str, Any], channel: _Channel) -> dict[str, Any]:
     op, rid = frame["op"], frame["id"]
     if op == "check_prompt":
@@ -106,15 +154,10 @@ def _handle(backend: Backend, frame: dict[str, Any], channel: _Channel) -> dict[
     if op == "check_embeddings":
         return check_embeddings(backend, frame["health_check"])
     if op == "complete":
-        started = time.perf_counter()
-        deltas = _Deltas(channel, rid)
-        result = backend.complete(frame["request"], deltas.emit,
+        done = _Done(channel, rid)
+        result = backend.complete(frame["request"], done.deltas.emit,
                                   lambda: rid in channel.cancelled)
-        deltas.flush()
-        first = deltas.first_at
-        return {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "ttft_ms": round((first - started) * 1000, 3) if first is not None else None}
+        return done.frame(result)
     if op == "embed":
         vectors, tokens = backend.embed(frame["input"])
         return {"embeddings": vectors, "prompt_tokens": tokens}
@@ -139,17 +182,16 @@ def serve(channel: _Channel) -> int:
     while (frame := channel.requests.get()) is not None:
         rid = frame.get("id")
         try:
+            if frame["op"] == "complete" and backend.slots:
+                _start(backend, frame, channel)
+                continue
             result = _handle(backend, frame, channel)
-        except BadRequest as exc:
-            channel.send({"op": "error", "id": rid, "status": exc.status, "code": exc.code,
-                          "message": str(exc)})
-        except (ValueError, RuntimeError) as exc:
-            # llama.cpp reports a failed decode (e.g. KV cache full) this way.
-            channel.send({"op": "error", "id": rid, "status": 500, "code": "runtime_error",
-                          "message": f"{type(exc).__name__}: {exc}"})
+        except (BadRequest, ValueError, RuntimeError) as exc:
+            channel.send(_error_frame(rid, exc))
         else:
             channel.send({"op": "done", "id": rid, **result})
         channel.cancelled.discard(rid)
+    backend.close()
     _step_aside()
     return 0
 

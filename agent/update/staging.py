@@ -159,6 +159,10 @@ def disk_fit(
         ram_bytes=ram,
         disk_free_bytes=free + held + reclaimable,
         os_reserved_bytes=reserved,
+        # Each slot holds its own KV cache; ONNX and embedding models serve one
+        # caller at a time.
+        slots=(1 if variant.format == "onnx" or variant.runtime_defaults.embeddings
+               else profile.runtime.parallel),
     )
     needs_gc = result.ok and free + held < result.disk_needed_bytes
     return DiskFit(result, needs_gc)
