@@ -52,16 +52,23 @@ class ServerSettings:
     context: int
     #: llama-cpp-python's default n_batch and n_ubatch, which the agent keeps
     batch: int = 512
+    #: ``-lv``: 4 logs llama.cpp's buffer sizes at load (and more while serving)
+    log_verbosity: int | None = None
 
     def argv(self, binary: Path, port: int) -> list[str]:
         """The command line: greedy sampling is asked per request (temperature 0)."""
-        return [str(binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(port),
+        verbosity = [] if self.log_verbosity is None else ["-lv", str(self.log_verbosity)]
+        return [str(binary), *verbosity, "-m", str(self.model), "--host", "127.0.0.1",
+                "--port", str(port),
                 "-t", str(self.threads), "-tb", str(self.threads),
                 "-np", str(self.slots), "-c", str(self.slots * self.context),
                 "-b", str(self.batch), "-ub", str(self.batch),
                 # llama-cpp-python's Llama() default, which the agent does not change
                 "-fa", "off",
-                "--seed", "0"]
+                # a KV cache per slot and no prompt cache in host memory, as the
+                # agent (batch_decoder.py): only what the slots hold is reused
+                "--no-kv-unified", "--cache-ram", "0",
+                "--no-webui", "--seed", "0"]
 
 
 def _free_port() -> int:

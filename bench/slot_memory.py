@@ -56,7 +56,8 @@ async def agent_rss(parallel: int, max_tokens: int) -> int:
 
 async def server_rss(slots: int, max_tokens: int, binary: Path) -> tuple[int, float]:
     """llama-server's RSS with ``slots`` slots after the warm-up, and its KV cache (MiB)."""
-    settings = llama_server.ServerSettings(MODEL, THREADS, slots=slots, context=CONTEXT)
+    settings = llama_server.ServerSettings(MODEL, THREADS, slots=slots, context=CONTEXT,
+                                           log_verbosity=4)
     with llama_server.running(settings, binary) as server:
         await _warm(server.url, max_tokens)
         return vm_rss(server.pid), server.kv_cache_mib()

@@ -51,6 +51,8 @@ CFLAGS="$cflags" CXXFLAGS="$cflags" cmake -S "$src" -B "$target/build" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >&2
 say "building llama-server with $(nproc) jobs (one time, several minutes)"
 cmake --build "$target/build" --target llama-server -j"$(nproc)" >&2
+# The objects are not needed to run it: only bin/ (the binary and its libraries).
+find "$target/build" -name "*.o" -delete
 touch "$target/.complete"
 say "llama-server ready at $binary"
 echo "$binary"
