@@ -19,8 +19,8 @@ requests during the swap, p99 latency during the swap <= 2x steady state;
 4 callers >= 1.2x the tokens/s of 1; a short request's p95 TTFT behind a
 long one <= 3x alone; JSON >= 0.8x free text's tokens/s; a second slot
 adds its KV cache plus <= 20 MB; against llama-server >= 1.0x with 1
-caller, >= 0.95x with 4, TTFT within 10 ms. ``BENCH_SKIP_PEER=1`` runs
-the first part only.
+caller, >= 0.95x with 4, TTFT within 10 ms. ``BENCH_PARTS`` picks parts
+(default ``api,peer,memory``: the first part, peer.py, slot_memory.py).
 """
 
 from __future__ import annotations
@@ -159,11 +159,14 @@ async def agent_side() -> dict[str, float]:
             "swap_p99_over_steady": round(during_p99 / steady_p99, 2)}
 
 
-async def run_all(binary: Path | None) -> dict[str, float | int | str]:
-    """Every figure, one part after the other so that no two measure at once."""
-    figures: dict[str, float | int | str] = dict(await agent_side())
-    if binary is not None:
+async def run_all(parts: set[str], binary: Path | None) -> dict[str, float | int | str]:
+    """The figures of ``parts``, one part after the other so that no two measure at once."""
+    figures: dict[str, float | int | str] = {}
+    if "api" in parts:
+        figures |= await agent_side()
+    if binary is not None and "peer" in parts:
         figures |= await peer_figures(PEER_TOKENS, binary)
+    if binary is not None and "memory" in parts:
         figures |= await slot_memory(PEER_TOKENS, binary)
     return figures
 
@@ -171,11 +174,14 @@ async def run_all(binary: Path | None) -> dict[str, float | int | str]:
 def main() -> None:
     if not MODEL.is_file():
         raise SystemExit(f"model missing at {MODEL}: run scripts/bootstrap.sh")
+    parts = set(os.environ.get("BENCH_PARTS", "api,peer,memory").split(","))
+    if not parts <= {"api", "peer", "memory"}:
+        raise SystemExit(f"BENCH_PARTS: {sorted(parts)}; known: api, peer, memory")
     # Built (or found) before anything is measured: a first build takes minutes.
-    binary = None if os.environ.get("BENCH_SKIP_PEER") else llama_server.llama_server_binary()
+    binary = llama_server.llama_server_binary() if parts & {"peer", "memory"} else None
     print(f"model {MODEL.name}, {THREADS} threads, {MAX_TOKENS} tokens x {ROUNDS} rounds, "
           f"then {PEER_TOKENS} tokens; load {os.getloadavg()[0]:.2f}", flush=True)
-    figures = asyncio.run(run_all(binary))
+    figures = asyncio.run(run_all(parts, binary))
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(summary_table(figures), flush=True)
     report(figures)

@@ -56,17 +56,21 @@ def _cell(figures: Figures, key: str | tuple[str, ...] | None) -> str:
 
 def summary_table(figures: Figures) -> str:
     """Two tables: the agent's own figures, then the agent against llama-server."""
-    lines = ["| figure | target | measured | ratio |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {target} | {_cell(figures, pair)} | {_cell(figures, ratio)} |"
-              for name, target, pair, ratio in _FIRST_ROWS]
-    if "agent_1_caller_tokens_per_s" in figures:
-        lines += ["", f"{figures['slots']} slots (the agent decodes "
-                  f"{figures['agent_slots']} at once)", "",
-                  "| figure | target | agent | llama-server | agent vs llama-server |",
+    lines: list[str] = []
+    if "throughput_ratio" in figures:
+        lines += ["| figure | target | measured | ratio |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {target} | {_cell(figures, pair)} | {_cell(figures, ratio)} |"
+                  for name, target, pair, ratio in _FIRST_ROWS]
+    if "slots" in figures or "kv_cache_per_slot_mb" in figures:
+        if "slots" in figures:
+            lines += ["", f"{figures['slots']} slots (the agent decodes "
+                      f"{figures['agent_slots']} at once)"]
+        lines += ["", "| figure | target | agent | llama-server | agent vs llama-server |",
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {target} | {_cell(figures, agent)} | {_cell(figures, peer)} "
                   f"| {_cell(figures, versus)} |"
                   for name, target, agent, peer, versus in _PEER_ROWS]
+    if "kv_cache_per_slot_mb" in figures:
         lines.append(f"KV cache per slot: {_cell(figures, 'kv_cache_per_slot_mb')} MB from "
                      f"the GGUF, {_cell(figures, 'llama_server_kv_cache_per_slot_mb')} MB in "
                      "llama.cpp's log")
