@@ -10,8 +10,10 @@ GGUF and the settings the agent's worker gives llama-cpp-python.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +27,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build-llama-server.sh"
+#: prctl(2) option: the signal a process gets when its parent exits
+PR_SET_PDEATHSIG = 1
 
 
 def llama_server_binary() -> Path:
@@ -71,6 +75,13 @@ class ServerSettings:
                 "--no-webui", "--seed", "0"]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, even by a signal
+    that skips its clean-up, so no llama-server is left holding the cores."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +119,8 @@ def running(settings: ServerSettings, binary: Path | None = None,
     log = Path(log_name)
     with os.fdopen(fd, "wb") as out:
         proc = subprocess.Popen(settings.argv(binary, port), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + load_timeout_s
