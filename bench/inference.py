@@ -7,14 +7,25 @@ HTTP, round for round in turn. Then swap downtime: a client sends requests back 
 while the runtime swaps to a new version (load + health check in a second
 worker, then the switch), against the same client's steady state.
 
+Then concurrency and the peer (peer.py): the agent with ``BENCH_SLOTS``
+slots against llama.cpp's own server (llama-server, built once and cached
+by scripts/build-llama-server.sh) with as many, 1 and 4 callers, a short
+request behind a long one, JSON grammar against free text; and the memory a
+second slot adds (slot_memory.py). The last lines are a summary table to
+paste into docs/benchmarks.md, then the figures as one JSON object.
+
 Targets: throughput ratio >= 0.95, added TTFT <= 10 ms, zero failed
-requests during the swap, p99 latency during the swap <= 2x steady state.
+requests during the swap, p99 latency during the swap <= 2x steady state;
+4 callers >= 1.2x the tokens/s of 1; a short request's p95 TTFT behind a
+long one <= 3x alone; JSON >= 0.8x free text's tokens/s; a second slot
+adds its KV cache plus <= 20 MB; against llama-server >= 1.0x with 1
+caller, >= 0.95x with 4, TTFT within 10 ms. ``BENCH_PARTS`` picks parts
+(default ``api,peer,memory``: the first part, peer.py, slot_memory.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -25,19 +36,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+import llama_server
+from _agent import MODEL, THREADS, serving, spec
 from _common import report
+from concurrency import chat_body, stream_chat
+from peer import peer_figures
+from slot_memory import slot_memory
+from summary import summary_table
 
-from agent.inference.api import ApiSettings, LocalApi
-from agent.inference.runtime import InferenceRuntime
-from agent.inference.spec import ModelSpec
-from agent.runtime_settings import EffectiveRuntime
-from controlplane.devfleet.model_cache import smollm2_path
-
-MODEL = smollm2_path()
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
 ROUNDS = 15
-THREADS = int(os.environ.get("BENCH_THREADS", min(2, len(os.sched_getaffinity(0)))))
+#: tokens per answer in the concurrency, peer and memory figures
+PEER_TOKENS = 128
 SWAP_CHECK = {"golden_prompts": [{"prompt": "What is 2 + 2?", "expected": ["4", "four"],
                                   "max_tokens": 24}],
               "max_ttft_ms": 60_000.0, "min_tokens_per_s": 1.0}
@@ -60,28 +71,10 @@ def direct_round(llm: Any) -> tuple[float, float]:
     return _rate_and_ttft(start, stamps)
 
 
-def _spec(version: str) -> ModelSpec:
-    runtime = EffectiveRuntime(threads=THREADS, gpu_layers=0, batch=None, context=2048,
-                               mmap=True, embeddings=False)
-    return ModelSpec(f"smollm2@{version}-micro", "smollm2", version, "gguf", MODEL, runtime)
-
-
 async def api_round(client: httpx.AsyncClient) -> tuple[float, float]:
     """The same completion streamed through the local API."""
-    body = {"model": "smollm2", "temperature": 0, "max_tokens": MAX_TOKENS, "stream": True,
-            "messages": [{"role": "user", "content": PROMPT}]}
-    start = time.perf_counter()
-    stamps = []
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"][0]["delta"].get("content"):
-                    stamps.append(time.perf_counter())
-                tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
-    # A chunk may carry several tokens: count them from the closing usage.
-    return (tokens - 1) / (stamps[-1] - stamps[0]), (stamps[0] - start) * 1000
+    streamed = await stream_chat(client, chat_body(PROMPT, MAX_TOKENS))
+    return streamed.decode_rate, streamed.ttft_ms
 
 
 async def compare(client: httpx.AsyncClient) -> dict[str, float]:
@@ -136,34 +129,27 @@ def p99(values: list[float]) -> float:
 
 
 async def agent_side() -> dict[str, float]:
-    runtime = InferenceRuntime()
-    api = LocalApi(runtime, ApiSettings())
-    await runtime.serve(_spec("1.0.0"))
-    await api.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}",
-                                     timeout=120) as client:
-            compared = await compare(client)
-            stop = asyncio.Event()
-            steady_task = asyncio.create_task(latencies(client, stop))
-            await asyncio.sleep(8)
-            stop.set()
-            steady = await steady_task
-            print(f"steady: {len(steady)} requests", flush=True)
-            stop = asyncio.Event()
-            swap_task = asyncio.create_task(latencies(client, stop))
-            started = time.perf_counter()
-            result = await runtime.prepare(_spec("1.1.0"), SWAP_CHECK, asyncio.Event(), 300)
-            assert result["passed"], result
-            runtime.activated(_spec("1.1.0"))
-            await asyncio.sleep(2)  # traffic on the new version, the old one stopping
-            swap_s = time.perf_counter() - started
-            stop.set()
-            during = await swap_task
-            print(f"swap: {len(during)} requests over {swap_s:.1f} s", flush=True)
-    finally:
-        await api.close()
-        await runtime.close()
+    """Direct against the API, then the swap, with the agent's default settings."""
+    async with serving(spec("1.0.0")) as (runtime, url), \
+            httpx.AsyncClient(base_url=url, timeout=120) as client:
+        compared = await compare(client)
+        stop = asyncio.Event()
+        steady_task = asyncio.create_task(latencies(client, stop))
+        await asyncio.sleep(8)
+        stop.set()
+        steady = await steady_task
+        print(f"steady: {len(steady)} requests", flush=True)
+        stop = asyncio.Event()
+        swap_task = asyncio.create_task(latencies(client, stop))
+        started = time.perf_counter()
+        result = await runtime.prepare(spec("1.1.0"), SWAP_CHECK, asyncio.Event(), 300)
+        assert result["passed"], result
+        runtime.activated(spec("1.1.0"))
+        await asyncio.sleep(2)  # traffic on the new version, the old one stopping
+        swap_s = time.perf_counter() - started
+        stop.set()
+        during = await swap_task
+        print(f"swap: {len(during)} requests over {swap_s:.1f} s", flush=True)
     steady_p99 = p99([s for _, s in steady])
     during_p99 = p99([s for _, s in during])
     return {**compared,
@@ -173,12 +159,32 @@ async def agent_side() -> dict[str, float]:
             "swap_p99_over_steady": round(during_p99 / steady_p99, 2)}
 
 
+async def run_all(parts: set[str], binary: Path | None) -> dict[str, float | int | str]:
+    """The figures of ``parts``, one part after the other so that no two measure at once."""
+    figures: dict[str, float | int | str] = {}
+    if "api" in parts:
+        figures |= await agent_side()
+    if binary is not None and "peer" in parts:
+        figures |= await peer_figures(PEER_TOKENS, binary)
+    if binary is not None and "memory" in parts:
+        figures |= await slot_memory(PEER_TOKENS, binary)
+    return figures
+
+
 def main() -> None:
     if not MODEL.is_file():
         raise SystemExit(f"model missing at {MODEL}: run scripts/bootstrap.sh")
-    print(f"model {MODEL.name}, {THREADS} threads, {MAX_TOKENS} tokens x {ROUNDS} rounds",
-          flush=True)
-    report(asyncio.run(agent_side()))
+    parts = set(os.environ.get("BENCH_PARTS", "api,peer,memory").split(","))
+    if not parts <= {"api", "peer", "memory"}:
+        raise SystemExit(f"BENCH_PARTS: {sorted(parts)}; known: api, peer, memory")
+    # Built (or found) before anything is measured: a first build takes minutes.
+    binary = llama_server.llama_server_binary() if parts & {"peer", "memory"} else None
+    print(f"model {MODEL.name}, {THREADS} threads, {MAX_TOKENS} tokens x {ROUNDS} rounds, "
+          f"then {PEER_TOKENS} tokens; load {os.getloadavg()[0]:.2f}", flush=True)
+    figures = asyncio.run(run_all(parts, binary))
+    figures["load_average_1m"] = round(os.getloadavg()[0], 2)
+    print(summary_table(figures), flush=True)
+    report(figures)
 
 
 if __name__ == "__main__":
