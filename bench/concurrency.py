@@ -121,7 +121,14 @@ async def short_ttft(client: httpx.AsyncClient, behind_long: bool, long_tokens: 
     started = asyncio.Event()
     long_task = asyncio.create_task(stream_chat(client, chat_body(STORY, long_tokens), started))
     try:
-        await asyncio.wait_for(started.wait(), 60)
+        waiting = asyncio.ensure_future(started.wait())
+        await asyncio.wait({waiting, long_task}, timeout=60,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if long_task.done():
+            long_task.result()  # it failed before its first token: say why
+        if not started.is_set():
+            raise TimeoutError("the long answer's first token took over 60 s")
         await asyncio.sleep(head_start_s)
         ttft = (await stream_chat(client, short)).ttft_ms
         await long_task

@@ -40,6 +40,9 @@ ROUNDS = int(os.environ.get("BENCH_PEER_ROUNDS", 5))
 #: short-behind-long samples per server
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", 12))
 JSON_FORMAT = {"response_format": {"type": "json_object"}}
+#: a connection per request, for both servers alike: llama-server closes a kept-alive
+#: connection between requests at times, and a request sent on it fails unsent
+FRESH = httpx.Limits(max_keepalive_connections=0)
 
 
 async def _callers(targets: dict[str, httpx.AsyncClient], callers: int,
@@ -84,8 +87,8 @@ async def peer_figures(max_tokens: int, binary: Path) -> dict[str, float | int]:
     settings = llama_server.ServerSettings(MODEL, THREADS, slots=SLOTS, context=CONTEXT)
     with llama_server.running(settings, binary) as server:
         async with serving(spec("1.0.0", SLOTS)) as (_, agent_url), \
-                httpx.AsyncClient(base_url=agent_url, timeout=300) as agent, \
-                httpx.AsyncClient(base_url=server.url, timeout=300) as peer:
+                httpx.AsyncClient(base_url=agent_url, timeout=300, limits=FRESH) as agent, \
+                httpx.AsyncClient(base_url=server.url, timeout=300, limits=FRESH) as peer:
             targets = {"agent": agent, "llama_server": peer}
             one = await _callers(targets, 1, max_tokens)
             print(f"1 caller: {one}", flush=True)
