@@ -7,7 +7,6 @@ A real worker subprocess with the SmolLM2-135M GGUF; the API serves on
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -25,24 +24,16 @@ MODEL = smollm2_path()
 THREADS = int(os.environ.get("BENCH_THREADS", min(2, len(os.sched_getaffinity(0)))))
 #: context per slot, for the agent and llama-server alike
 CONTEXT = 2048
-#: whether this agent decodes several requests at once (``EffectiveRuntime.parallel``)
-HAS_SLOTS = "parallel" in {f.name for f in dataclasses.fields(EffectiveRuntime)}
 
 
 def spec(version: str, parallel: int | None = None) -> ModelSpec:
-    """The benchmark's model at ``version``; ``parallel`` slots where the agent has them
-    (None: the agent's default). An agent without slots serves one request at a time."""
+    """The benchmark's model at ``version`` with ``parallel`` slots (None: the default)."""
     settings: dict[str, object] = {"threads": THREADS, "gpu_layers": 0, "batch": None,
                                    "context": CONTEXT, "mmap": True, "embeddings": False}
-    if parallel is not None and HAS_SLOTS:
+    if parallel is not None:
         settings["parallel"] = parallel
     runtime = EffectiveRuntime(**settings)  # type: ignore[arg-type]
     return ModelSpec(f"smollm2@{version}-micro", "smollm2", version, "gguf", MODEL, runtime)
-
-
-def slots_in_effect(parallel: int) -> int:
-    """How many requests the agent decodes at once when asked for ``parallel``."""
-    return parallel if HAS_SLOTS else 1
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import llama_server
-from _agent import CONTEXT, MODEL, THREADS, serving, slots_in_effect, spec
+from _agent import CONTEXT, MODEL, THREADS, serving, spec
 from concurrency import (
     JSON_PROMPT,
     Aggregate,
@@ -98,7 +98,7 @@ async def peer_figures(max_tokens: int, binary: Path) -> dict[str, float | int]:
             print(f"short TTFT p95 alone/behind a long answer: {short}", flush=True)
             json_cost = await _json_cost(targets, max_tokens)
             print(f"free text/JSON tokens/s: {json_cost}", flush=True)
-    figures: dict[str, float | int] = {"slots": SLOTS, "agent_slots": slots_in_effect(SLOTS)}
+    figures: dict[str, float | int] = {"slots": SLOTS}
     for name in targets:
         figures |= {
             f"{name}_1_caller_tokens_per_s": one[name][0],

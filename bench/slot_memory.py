@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import llama_server
-from _agent import CONTEXT, HAS_SLOTS, MODEL, THREADS, serving, spec, worker_pid
+from _agent import CONTEXT, MODEL, THREADS, serving, spec, worker_pid
 from concurrency import concurrent
 
 MIB = 1024 * 1024
@@ -75,9 +75,6 @@ async def slot_memory(max_tokens: int, binary: Path) -> dict[str, float | str]:
         "llama_server_rss_2_slots_mb": round(two / 1e6, 1),
         "llama_server_second_slot_over_kv_mb": round((two - one - kv) / 1e6, 1),
     }
-    if not HAS_SLOTS:
-        figures["agent_second_slot_over_kv_mb"] = "n/a: one request at a time"
-        return figures
     one = await agent_rss(1, max_tokens)
     two = await agent_rss(2, max_tokens)
     figures |= {"agent_rss_1_slot_mb": round(one / 1e6, 1),

@@ -63,8 +63,7 @@ def summary_table(figures: Figures) -> str:
                   for name, target, pair, ratio in _FIRST_ROWS]
     if "slots" in figures or "kv_cache_per_slot_mb" in figures:
         if "slots" in figures:
-            lines += ["", f"{figures['slots']} slots (the agent decodes "
-                      f"{figures['agent_slots']} at once)"]
+            lines += ["", f"{figures['slots']} slots for the agent and llama-server alike"]
         lines += ["", "| figure | target | agent | llama-server | agent vs llama-server |",
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {target} | {_cell(figures, agent)} | {_cell(figures, peer)} "

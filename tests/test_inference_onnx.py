@@ -16,11 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
-from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.runtime import InferenceRuntime
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
-from tests.support.inference import write_onnx_embedder
+from tests.support.inference import in_process_api, write_onnx_embedder
 
 
 def _spec(path: Path, version: str, embeddings: bool = True) -> ModelSpec:
@@ -33,16 +32,9 @@ def _spec(path: Path, version: str, embeddings: bool = True) -> ModelSpec:
 @asynccontextmanager
 async def _serving(spec: ModelSpec) -> AsyncIterator[tuple[InferenceRuntime, httpx.AsyncClient]]:
     """``spec`` served by a runtime in this event loop, and a client of its local API."""
-    runtime = InferenceRuntime()
-    api = LocalApi(runtime, ApiSettings())
-    await runtime.serve(spec)
-    await api.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as client:
-            yield runtime, client
-    finally:
-        await api.close()
-        await runtime.close()
+    async with in_process_api(spec) as (runtime, url), \
+            httpx.AsyncClient(base_url=url, timeout=60) as client:
+        yield runtime, client
 
 
 def test_onnx_embeddings_generic_inference_and_health_check(tmp_path: Path) -> None:

@@ -27,17 +27,15 @@ import pytest
 
 from agent.inference import ollama_fields
 from agent.inference import ollama_shapes as shapes
-from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.ollama_api import MANAGED, OLLAMA_VERSION
 from agent.inference.ollama_fields import FIELDS, OPTIONS
 from agent.inference.ollama_shapes import resolve_name
-from agent.inference.runtime import InferenceRuntime
 from agent.inference.schemas import Limits
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
 from tests.support.agents import AgentProcess, write_agent_config
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import ready_url, serving_rig, worker_pids
+from tests.support.inference import in_process_api, ready_url, serving_rig, worker_pids
 from tests.support.updates import DeviceRig, wait_for
 
 MODEL = "smollm2-135m"
@@ -417,15 +415,8 @@ def test_embed_where_the_model_embeds(model_path: Path) -> None:
                      runtime_settings)
 
     async def scenario() -> None:
-        runtime = InferenceRuntime()
-        api = LocalApi(runtime, ApiSettings())
-        await runtime.serve(spec)
-        await api.start()
-        try:
-            await check(ollama.AsyncClient(host=f"http://127.0.0.1:{api.port}", timeout=120))
-        finally:
-            await api.close()
-            await runtime.close()
+        async with in_process_api(spec) as (_, url):
+            await check(ollama.AsyncClient(host=url, timeout=120))
 
     async def check(client: ollama.AsyncClient) -> None:
         reply = await client.embed(model=SHOWN, input=["The cat sat.", "Stock prices fell."])

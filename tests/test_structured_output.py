@@ -32,7 +32,7 @@ from agent.inference.json_schema_grammar import (
     schema_to_gbnf,
 )
 from agent.inference.prompting import grammar_parses
-from tests.support.inference import served_model, write_onnx_embedder
+from tests.support.inference import in_process_api, served_model, write_onnx_embedder
 from tests.support.structured import BASKET_SCHEMA, PROMPT, ask, response_format
 
 MODEL = "smollm2-135m"
@@ -269,8 +269,6 @@ def test_openai_client_sees_the_refusal_as_bad_request(client: openai.OpenAI) ->
 # -- ONNX refuses rather than dropping ---------------------------------------------------
 
 def test_onnx_model_refuses_json_response_format(tmp_path: Path) -> None:
-    from agent.inference.api import ApiSettings, LocalApi
-    from agent.inference.runtime import InferenceRuntime
     from agent.inference.spec import ModelSpec
     from agent.runtime_settings import EffectiveRuntime
 
@@ -282,23 +280,15 @@ def test_onnx_model_refuses_json_response_format(tmp_path: Path) -> None:
     spec = ModelSpec("g@1.0.0", "g", "1.0.0", "onnx", path, runtime_settings)
 
     async def scenario() -> None:
-        runtime = InferenceRuntime()
-        api = LocalApi(runtime, ApiSettings())
-        await runtime.serve(spec)
-        await api.start()
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}",
-                                         timeout=60) as c:
-                for fmt in ({"type": "json_object"}, response_format()):
-                    r = await c.post("/v1/chat/completions", json={
-                        "model": "g", "messages": [{"role": "user", "content": "hi"}],
-                        "response_format": fmt})
-                    assert r.status_code == 400, r.text
-                    error = r.json()["error"]
-                    assert error["code"] == "unsupported_parameter"
-                    assert "response_format" in error["message"] and "ONNX" in error["message"]
-        finally:
-            await api.close()
-            await runtime.close()
+        async with in_process_api(spec) as (_, url), \
+                httpx.AsyncClient(base_url=url, timeout=60) as c:
+            for fmt in ({"type": "json_object"}, response_format()):
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "g", "messages": [{"role": "user", "content": "hi"}],
+                    "response_format": fmt})
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["code"] == "unsupported_parameter"
+                assert "response_format" in error["message"] and "ONNX" in error["message"]
 
     asyncio.run(scenario())

@@ -7,8 +7,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +24,25 @@ from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 from tests.support.updates import DeviceRig, seed_active, wait_for
+
+
+@asynccontextmanager
+async def in_process_api(spec: Any) -> AsyncIterator[tuple[Any, str]]:
+    """``spec`` (a ModelSpec) served by a runtime in this event loop behind its local
+    API: yields the runtime and the API's base URL, and stops both afterwards."""
+    from agent.inference.api import ApiSettings, LocalApi
+    from agent.inference.runtime import InferenceRuntime
+
+    runtime = InferenceRuntime()
+    api = LocalApi(runtime, ApiSettings())
+    try:
+        await runtime.serve(spec)
+        await api.start()
+        yield runtime, f"http://127.0.0.1:{api.port}"
+    finally:
+        await api.close()
+        await runtime.close()
+
 
 _API_LINE = re.compile(r"local API on (http://127\.0\.0\.1:\d+)")
 WORKER_MODULE = "agent.inference.worker"
