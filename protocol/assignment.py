@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import Field, StringConstraints, model_validator
 
@@ -63,11 +63,14 @@ from .topics import is_valid_device_id
 
 ASSIGNMENT_SCHEMA = "slmfleet.assignment/1"
 
-#: The same 64 KiB cap as every other payload (DESIGN.md): an assignment embeds
-#: a whole signed release (at most MAX_RELEASE_BYTES) plus the director's own
-#: fields and signature, which leaves 16 KiB for those. A small, bounded read
-#: for the agent before it parses anything.
-MAX_ASSIGNMENT_BYTES = MAX_PAYLOAD_BYTES
+#: The one payload allowed past the 64 KiB cap of every other message
+#: (DESIGN.md): a ``desired`` document embeds whole signed releases, one per
+#: model the device runs (:mod:`.assignment_set`), each up to
+#: MAX_RELEASE_BYTES. 256 KiB holds a set of typical releases (a few KiB
+#: each) up to :data:`~protocol.assignment_set.MAX_MODELS`; the director
+#: refuses to sign a larger one. Still a small, bounded read for the agent
+#: before it parses anything.
+MAX_ASSIGNMENT_BYTES = 4 * MAX_PAYLOAD_BYTES
 
 #: How far ``issued_at`` may lie ahead of the device's clock. Covers ordinary
 #: NTP drift between device and control plane; an assignment from further in
@@ -194,7 +197,81 @@ def _verified_release(
     return manifest
 
 
-def _check_caller(
+class _Addressed(Protocol):
+    device_id: str
+    sequence: int
+    issued_at: float
+    expires_at: float
+
+
+def check_addressing(
+    document: _Addressed, *, device_id: str, now: float, highest_sequence: int
+) -> None:
+    """Checks A6-A8 on a verified document: this device's, in its window, not a replay.
+
+    Shared by the single assignment and the set document (:mod:`.assignment_set`).
+    """
+    # A6: a valid assignment for another device must not install here
+    # (retained messages can be misrouted; ACLs are not the only guard).
+    if document.device_id != device_id:
+        raise WrongDeviceError(f"assignment is for {document.device_id!r}, not {device_id!r}")
+
+    # A7: freeze attack: an attacker who withholds newer assignments can only
+    # keep this one alive until it expires. And no issuing from the future:
+    # that would stretch the window the director meant to grant.
+    if document.expires_at <= now:
+        raise ExpiredError(f"assignment expired at {document.expires_at}, now {now}")
+    if document.issued_at > now + CLOCK_SKEW_S:
+        raise NotYetValidError(
+            f"assignment issued at {document.issued_at}, more than {CLOCK_SKEW_S:g} s "
+            f"after now ({now})"
+        )
+
+    # A8: rollback/replay: an old, still-valid assignment (or the current one
+    # again) must not move the device; a deliberate rollback gets a new sequence.
+    if document.sequence <= highest_sequence:
+        raise ReplayError(
+            f"sequence {document.sequence} is not above the highest accepted, {highest_sequence}"
+        )
+
+
+def check_release(
+    release: Any,
+    tier: Tier,
+    *,
+    release_keys: KeyList,
+    hardware: Capabilities | None = None,
+    device_tier: Tier | None = None,
+    release_cache: MutableMapping[bytes, ReleaseManifest] | None = None,
+) -> tuple[ReleaseManifest, Variant]:
+    """Checks A9-A11 on one embedded release: signed, has ``tier``, fits the device."""
+    # A9: the release keys, not the director, vouch for what the model is: a
+    # compromised control plane alone cannot make a device run an unsigned
+    # model. Verified over the raw embedded envelope, not the parsed model.
+    manifest = _verified_release(release, release_keys, release_cache)
+
+    # A10: the director chose a tier; the release must actually have it.
+    variant = manifest.variants.get(tier)
+    if variant is None:
+        have = ", ".join(sorted(t.value for t in manifest.variants))
+        raise VariantMismatch(f"{manifest.ref} has no {tier.value} variant (has: {have})")
+
+    # A11: the variant must fit this device: never a tier above the device's,
+    # and never more RAM than it has (DESIGN.md: "the variant fits its
+    # measured hardware").
+    if device_tier is not None and device_tier.rank < tier.rank:
+        raise DoesNotFit(f"{tier.value} variant on a {device_tier.value} device")
+    if hardware is not None:
+        ram_needed = ram_needed_bytes(variant)
+        if ram_needed > hardware.ram_bytes:
+            raise DoesNotFit(
+                f"{manifest.ref} {tier.value} needs {ram_needed} bytes of RAM, "
+                f"device has {hardware.ram_bytes}"
+            )
+    return manifest, variant
+
+
+def check_caller(
     device_id: str, release_keys: KeyList, director_keys: KeyList, highest_sequence: int
 ) -> None:
     # Caller misuse, not bad remote data: ValueError (STYLE.md item 3).
@@ -240,7 +317,7 @@ def verify_assignment(
     simulator) verifies each release's signatures once, not once per device.
     Every other check still runs on every call.
     """
-    _check_caller(device_id, release_keys, director_keys, highest_sequence)
+    check_caller(device_id, release_keys, director_keys, highest_sequence)
     # A1 + A2: bound the read before parsing, then split the envelope without
     # interpreting anything inside 'signed'.
     # A3: a pinned key list past its expiry is a frozen trust root; rotate first.
@@ -251,54 +328,10 @@ def verify_assignment(
         what="assignment", now=now, also_pinned=(release_keys,),
     )
     assignment = verified.signed
-
-    # A6: a valid assignment for another device must not install here
-    # (retained messages can be misrouted; ACLs are not the only guard).
-    if assignment.device_id != device_id:
-        raise WrongDeviceError(f"assignment is for {assignment.device_id!r}, not {device_id!r}")
-
-    # A7: freeze attack: an attacker who withholds newer assignments can only
-    # keep this one alive until it expires. And no issuing from the future:
-    # that would stretch the window the director meant to grant.
-    if assignment.expires_at <= now:
-        raise ExpiredError(f"assignment expired at {assignment.expires_at}, now {now}")
-    if assignment.issued_at > now + CLOCK_SKEW_S:
-        raise NotYetValidError(
-            f"assignment issued at {assignment.issued_at}, more than {CLOCK_SKEW_S:g} s "
-            f"after now ({now})"
-        )
-
-    # A8: rollback/replay: an old, still-valid assignment (or the current one
-    # again) must not move the device; a deliberate rollback gets a new sequence.
-    if assignment.sequence <= highest_sequence:
-        raise ReplayError(
-            f"sequence {assignment.sequence} is not above the highest accepted, {highest_sequence}"
-        )
-
-    # A9: the release keys, not the director, vouch for what the model is: a
-    # compromised control plane alone cannot make a device run an unsigned
-    # model. Verified over the raw embedded envelope, not the parsed model.
-    manifest = _verified_release(signed["release"], release_keys, release_cache)
-
-    # A10: the director chose a tier; the release must actually have it.
-    variant = manifest.variants.get(assignment.tier)
-    if variant is None:
-        have = ", ".join(sorted(tier.value for tier in manifest.variants))
-        raise VariantMismatch(
-            f"{manifest.ref} has no {assignment.tier.value} variant (has: {have})"
-        )
-
-    # A11: the variant must fit this device: never a tier above the device's,
-    # and never more RAM than it has (DESIGN.md: "the variant fits its
-    # measured hardware").
-    if device_tier is not None and device_tier.rank < assignment.tier.rank:
-        raise DoesNotFit(f"{assignment.tier.value} variant on a {device_tier.value} device")
-    if hardware is not None:
-        ram_needed = ram_needed_bytes(variant)
-        if ram_needed > hardware.ram_bytes:
-            raise DoesNotFit(
-                f"{manifest.ref} {assignment.tier.value} needs {ram_needed} bytes of RAM, "
-                f"device has {hardware.ram_bytes}"
-            )
-
+    check_addressing(assignment, device_id=device_id, now=now,
+                     highest_sequence=highest_sequence)
+    manifest, variant = check_release(
+        signed["release"], assignment.tier, release_keys=release_keys, hardware=hardware,
+        device_tier=device_tier, release_cache=release_cache,
+    )
     return VerifiedAssignment(assignment=assignment, manifest=manifest, variant=variant)

@@ -125,3 +125,71 @@ def fit_check(
         disk_needed_bytes=disk_needed,
         detail=detail,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SetMember:
+    """One model of a desired set, as the set's fit check sees it."""
+
+    name: str
+    variant: Variant
+    #: generations it decodes at once on this device
+    slots: int = 1
+    #: its artifact is not installed yet: it needs disk to download and stage
+    download: bool = True
+    #: it changes version: its new worker loads beside the old one (warm swap)
+    swaps: bool = True
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
+def set_fit_check(
+    members: list[SetMember],
+    *,
+    ram_bytes: int,
+    disk_free_bytes: int,
+    os_reserved_bytes: int = 0,
+    staging_factor: float = DEFAULT_STAGING_FACTOR,
+    max_loaded: int | None = None,
+) -> FitResult:
+    """Does a whole desired set fit? Checked before any of it downloads.
+
+    RAM: the models loaded together at most (``max_loaded`` of them, the
+    largest; all of them with no cap), each with its KV cache per slot, plus
+    room for one warm-swap candidate (the largest model that changes
+    version), plus ``os_reserved_bytes``. Disk: every artifact still to
+    download, with staging. The detail names each figure, so an operator
+    sees which model tips it over.
+    """
+    if min(ram_bytes, disk_free_bytes, os_reserved_bytes) < 0:
+        raise ValueError("byte counts must not be negative")
+    if max_loaded is not None and max_loaded < 1:
+        raise ValueError("max_loaded must be at least 1 (None: no cap)")
+    needs = sorted(((ram_needed_bytes(m.variant, m.slots), m.name) for m in members),
+                   reverse=True)
+    loaded = needs if max_loaded is None else needs[:max_loaded]
+    candidate = max((ram_needed_bytes(m.variant, m.slots) for m in members if m.swaps),
+                    default=0)
+    ram_needed = sum(need for need, _ in loaded) + candidate
+    disk_needed = sum(disk_needed_bytes(m.variant, staging_factor)
+                      for m in members if m.download)
+    usable_ram = ram_bytes - os_reserved_bytes
+    loaded_text = " + ".join(f"{name} {_mib(need)}" for need, name in loaded) or "nothing"
+    ram_text = (f"{_mib(ram_needed)} of RAM ({len(loaded)} loaded together: {loaded_text}; "
+                f"{_mib(candidate)} for a warm-swap candidate)")
+    if ram_needed > usable_ram:
+        reason = "insufficient_ram"
+        detail = (f"the set of {len(members)} models needs {ram_text}, "
+                  f"{_mib(max(usable_ram, 0))} usable after the OS reserve")
+    elif disk_needed > disk_free_bytes:
+        reason = "insufficient_disk"
+        detail = (f"the set of {len(members)} models needs {_mib(disk_needed)} of disk to "
+                  f"download and stage, {_mib(disk_free_bytes)} free")
+    else:
+        reason = "ok"
+        detail = (f"the set fits: {ram_text} of {_mib(usable_ram)} usable, "
+                  f"{_mib(disk_needed)} of {_mib(disk_free_bytes)} disk")
+    return FitResult(ok=reason == "ok", reason=reason, ram_needed_bytes=ram_needed,
+                     disk_needed_bytes=disk_needed, detail=detail)

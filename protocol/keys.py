@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -272,6 +272,7 @@ def verify_envelope(
     what: str,
     now: float | None = None,
     also_pinned: Sequence[KeyList] = (),
+    pick: Callable[[dict[str, Any]], type[M]] | None = None,
 ) -> tuple[dict[str, Any], M]:
     """Verify a signed document; return its raw ``signed`` object and ``model``.
 
@@ -281,7 +282,9 @@ def verify_envelope(
     (:class:`KeyListExpired`: a stale pinned list is a frozen trust root that
     must be rotated first); require a threshold of ``keys`` over the raw
     object (:func:`check_signatures`); only then validate it
-    (:func:`validate_envelope`).
+    (:func:`validate_envelope`). ``pick``, for a document that comes in more
+    than one form, chooses the model from the verified raw object (by its
+    ``schema``), so the form is read only after the signatures verify.
     """
     signed, signatures = open_envelope(envelope, max_bytes=max_bytes, what=what)
     if now is not None:
@@ -289,7 +292,8 @@ def verify_envelope(
             if pinned.is_expired(now):
                 raise KeyListExpired(f"{pinned.role} key list v{pinned.version} has expired")
     check_signatures(signed, signatures, keys, what=what)
-    return signed, validate_envelope(model, signed, signatures, what=what)
+    chosen = pick(signed) if pick is not None else model
+    return signed, validate_envelope(chosen, signed, signatures, what=what)
 
 
 def make_envelope(signed: dict[str, Any], keys: Sequence[SigningKey]) -> dict[str, Any]:

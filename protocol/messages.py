@@ -145,8 +145,14 @@ _FINAL_UPDATE_STATES = frozenset(
 
 
 class UpdateStatus(Wire):
-    """Where the device's latest assignment stands, carried in ``hello``."""
+    """Where the device's latest assignment stands, carried in ``hello``.
 
+    In ``hello/2`` the document's status leaves ``model`` out; each model's
+    own update names its model.
+    """
+
+    #: the model name this status is about (hello/2, per-model updates)
+    model: ShortStr | None = None
     assignment_id: ShortStr
     sequence: NonNegInt
     #: ``name@version`` of the assigned release, when it could be read
@@ -156,10 +162,25 @@ class UpdateStatus(Wire):
     ts: Timestamp
 
 
-class Hello(Wire):
-    """Retained capability report, re-sent on every (re)connect."""
+#: the hello of an agent that runs a set of models and reads ``slmfleet.assignment/2``
+HELLO_SCHEMA_SETS = "slmfleet.hello/2"
+HELLO_SCHEMA_V1 = "slmfleet.hello/1"
+#: models one hello, or one heartbeat, reports at most
+MAX_REPORTED_MODELS = 8
 
-    schema_: Literal["slmfleet.hello/1"] = Field("slmfleet.hello/1", alias="schema")
+
+class Hello(Wire):
+    """Retained capability report, re-sent on every (re)connect.
+
+    Two forms. ``hello/1``: one ``active_model`` and the one ``update``; an
+    agent sending it reads only single-model assignments. ``hello/2``: every
+    active model in ``models`` and each model's latest update in ``updates``
+    (``update`` is then the status of the desired-state document as a
+    whole); the agent reads set documents (``slmfleet.assignment/2``).
+    """
+
+    schema_: Literal["slmfleet.hello/1", "slmfleet.hello/2"] = Field(
+        HELLO_SCHEMA_V1, alias="schema")
     device_id: DeviceId
     ts: Timestamp
     agent_version: ShortStr
@@ -174,8 +195,40 @@ class Hello(Wire):
     #: True when the capabilities come from a simulated-hardware override
     #: (``slmfleet dev``, the fleet simulator), never from a real probe.
     simulated: bool = False
+    #: hello/2: every active model, one per name
+    models: Annotated[list[ActiveModel], Field(max_length=MAX_REPORTED_MODELS)] = []
+    #: hello/2: each model's latest update (``model`` set)
+    updates: Annotated[list[UpdateStatus], Field(max_length=MAX_REPORTED_MODELS)] = []
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _form(self) -> Hello:
+        if self.schema_ == HELLO_SCHEMA_V1 and (self.models or self.updates):
+            raise ValueError(f"{HELLO_SCHEMA_V1} has no models or updates; use {HELLO_SCHEMA_SETS}")
+        if self.schema_ == HELLO_SCHEMA_SETS and self.active_model is not None:
+            raise ValueError(f"{HELLO_SCHEMA_SETS} lists its models in models, not active_model")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("models: a model name is listed twice")
+        return self
+
+    @property
+    def speaks_sets(self) -> bool:
+        """Does this agent read set documents (``slmfleet.assignment/2``)?"""
+        return self.schema_ == HELLO_SCHEMA_SETS
+
+    def active_models(self) -> list[ActiveModel]:
+        """Every active model, in either form."""
+        if self.speaks_sets:
+            return list(self.models)
+        return [self.active_model] if self.active_model is not None else []
+
+    def model_updates(self) -> list[UpdateStatus]:
+        """Each model's latest update; in the old form the one update there is."""
+        if self.speaks_sets:
+            return list(self.updates)
+        return [self.update] if self.update is not None else []
 
 
 class DeviceState(StrEnum):
@@ -209,12 +262,23 @@ class InferenceStats(Wire):
     tokens_per_s: NonNegFloat | None = None
     crashes: NonNegInt = 0
     ooms: NonNegInt = 0
+    #: telemetry/2: times this version was loaded since the last heartbeat, and
+    #: the milliseconds those loads took (a model unloaded by the loaded-model cap
+    #: and loaded again on demand)
+    loads: NonNegInt | None = None
+    load_ms: NonNegFloat | None = None
+
+
+TELEMETRY_SCHEMA_V1 = "slmfleet.telemetry/1"
+#: the heartbeat of an agent that runs a set of models
+TELEMETRY_SCHEMA_SETS = "slmfleet.telemetry/2"
 
 
 class Telemetry(Wire):
     """Periodic heartbeat with resource use and inference counters."""
 
-    schema_: Literal["slmfleet.telemetry/1"] = Field("slmfleet.telemetry/1", alias="schema")
+    schema_: Literal["slmfleet.telemetry/1", "slmfleet.telemetry/2"] = Field(
+        TELEMETRY_SCHEMA_V1, alias="schema")
     device_id: DeviceId
     ts: Timestamp
     seq: NonNegInt
@@ -224,8 +288,27 @@ class Telemetry(Wire):
     temp_c: Annotated[float, Field(ge=-100, le=200)] | None = None
     active_model: ShortStr | None = None
     inference: Annotated[list[InferenceStats], Field(max_length=8)] = []
+    #: telemetry/2: ``name@version`` of every active model (``active_model`` is then unset)
+    models: Annotated[list[ShortStr], Field(max_length=MAX_REPORTED_MODELS)] = []
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _form(self) -> Telemetry:
+        if self.schema_ == TELEMETRY_SCHEMA_V1:
+            if self.models or any(s.loads is not None or s.load_ms is not None
+                                  for s in self.inference):
+                raise ValueError(f"{TELEMETRY_SCHEMA_V1} has no models, loads or load_ms; "
+                                 f"use {TELEMETRY_SCHEMA_SETS}")
+        elif self.active_model is not None:
+            raise ValueError(f"{TELEMETRY_SCHEMA_SETS} lists its models in models")
+        return self
+
+    def active_refs(self) -> list[str]:
+        """``name@version`` of every active model, in either form."""
+        if self.schema_ == TELEMETRY_SCHEMA_SETS:
+            return list(self.models)
+        return [self.active_model] if self.active_model else []
 
 
 class EventType(StrEnum):

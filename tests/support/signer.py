@@ -23,11 +23,13 @@ from typing import Any
 
 from protocol import (
     Assignment,
+    AssignmentSet,
     Capabilities,
     CpuInfo,
     GoldenPrompt,
     HealthCheck,
     KeyList,
+    ModelEntry,
     OsInfo,
     ReleaseManifest,
     Role,
@@ -36,12 +38,15 @@ from protocol import (
     Tier,
     Variant,
     VerifiedAssignment,
+    VerifiedDesired,
     canonical_json,
     make_envelope,
     sign_assignment,
+    sign_assignment_set,
     sign_key_list,
     sign_release,
     verify_assignment,
+    verify_desired,
 )
 
 #: 2023-11-14T22:13:20Z; a fixed clock keeps tests deterministic
@@ -235,6 +240,51 @@ class TrustSimulator:
         assignment = self.assignment(device_id, release, tier, **fields)
         keys = self._director_quorum() if signers is None else signers
         return canonical_json(sign_assignment(assignment, keys))
+
+    def assign_set(
+        self,
+        device_id: str,
+        models: Mapping[str, Mapping[str, Any]],
+        *,
+        tier: Tier = Tier.MICRO,
+        sequence: int = 1,
+        expires_in: float = 3600.0,
+        signers: Sequence[SigningKey] | None = None,
+        units: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """A director-signed set document (``slmfleet.assignment/2``) as wire bytes.
+
+        ``models`` maps a model name to the release envelope it should run;
+        each entry's assignment id is ``a-<device>-<name>-<sequence>``.
+        """
+        entries = {
+            name: ModelEntry(
+                assignment_id=f"a-{device_id}-{name}-{sequence}", rollout_id="r-1", tier=tier,
+                release=dict(release), unit=(units or {}).get(name),
+            )
+            for name, release in models.items()
+        }
+        document = AssignmentSet(
+            device_id=device_id, sequence=sequence, issued_at=self.now,
+            expires_at=self.now + expires_in, models=entries,
+            artifact_url_base="https://cp.example/artifacts",
+        )
+        keys = self._director_quorum() if signers is None else signers
+        return sign_assignment_set(document, keys)[1]
+
+    def verify_set(
+        self, payload: bytes, *, device_id: str, highest_sequence: int = 0, **kwargs: Any
+    ) -> VerifiedDesired:
+        """Run ``verify_desired`` with this simulator's keys and clock."""
+        return verify_desired(
+            payload,
+            device_id=device_id,
+            release_keys=self.release_keys,
+            director_keys=self.director_keys,
+            now=self.now,
+            highest_sequence=highest_sequence,
+            **kwargs,
+        )
 
     def verify(
         self, payload: bytes, *, device_id: str, highest_sequence: int = 0, **kwargs: Any
