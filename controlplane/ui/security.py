@@ -45,7 +45,9 @@ CSP = (
 _HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # "same-origin", not "no-referrer": with no referrer at all a browser sends
+    # `Origin: null` on its own form posts, which the origin check must refuse.
+    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
 
