@@ -398,6 +398,16 @@ class DevFleet:
         self.log(f"publishing smollm2@{version} (signed with the demo release key)")
         publish_release(spec, [self.keys.release_key], self.api_url, self.token)
 
+    def publish_releases(self, model: Path | None = None) -> None:
+        """Publish the demo's two releases (a good one and one whose health check fails)."""
+        model = model or smollm2_path()
+        if not model.is_file():
+            raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
+        self._publish(GOOD_VERSION, model)
+        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
+                      description="SmolLM2-135M with a golden prompt it answers wrongly: "
+                                  "a release that fails its health check on the devices")
+
     def demo(
         self,
         model: Path | None = None,
@@ -410,13 +420,7 @@ class DevFleet:
         tier's variant; then a release whose health check fails on the
         devices stops at the canary and is rolled back automatically.
         """
-        model = model or smollm2_path()
-        if not model.is_file():
-            raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
-        self._publish(GOOD_VERSION, model)
-        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
-                      description="SmolLM2-135M with a golden prompt it answers wrongly: "
-                                  "a release that fails its health check on the devices")
+        self.publish_releases(model)
         done = []
         for version, why in ((GOOD_VERSION, "a good release"),
                              (BAD_VERSION, "a release whose health check fails")):

@@ -36,6 +36,12 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def axe_script() -> Path:
+    """The vendored axe-core, for the accessibility check only."""
+    return AXE
+
+
+@pytest.fixture(scope="session")
 def shots_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where this session's screenshots go."""
     return tmp_path_factory.mktemp("console-screenshots")

@@ -1,69 +1,79 @@
-"""A control plane with a console to open in the browser: signed releases, simulated
-devices (one of them reporting hostile text) and tokens of every role."""
+"""A control plane with a console to open in the browser: signed releases, two
+simulated devices, tokens of every role.
+
+Use with ``pytest_plugins = ["tests.support.trust_fixtures", "tests.support.browser",
+"tests.support.console"]``: each module gets its own control plane.
+"""
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
+import pytest
 
 import protocol as p
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS
-from tests.support.controlplane import event, hello, wait_until
-from tests.support.mqtt import RawClient, provision_device
-
-#: what a hostile device reports, in every field a person reads
-SCRIPT = "<script>window.__xss = 1</script>"
-IMG = '"><img src=x onerror="window.__xss = 2">'
-
-
-@dataclass
-class Tokens:
-    """One token per role, issued through the API."""
-
-    viewer: str
-    operator: str
-    admin: str
+from tests.support.console_data import Tokens, issue_tokens, rollout_spec
+from tests.support.controlplane import cp_settings, wait_until
+from tests.support.registry import TrustFiles, publish
+from tests.support.rollout_fleet import Behaviour, SimFleet
+from tests.support.signer import TrustSimulator
 
 
-def issue_tokens(api: httpx.Client, tag: str) -> Tokens:
-    """A viewer, an operator and an admin token named after ``tag``."""
-    made = {}
-    for role in ("viewer", "operator", "admin"):
-        answer = api.post("/v1/tokens", json={"name": f"{tag}-{role}", "role": role})
-        assert answer.status_code == 201, answer.text
-        made[role] = answer.json()["token"]
-    return Tokens(**made)
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker, cp_credentials: Any,
+       trust: TrustFiles, sim: TrustSimulator) -> Iterator[ControlPlane]:
+    settings = cp_settings(tmp_path_factory.mktemp("cp"), broker, cp_credentials,
+                           **trust.settings())
+    plane = ControlPlane(settings, rollout_tick_s=0.5).start()
+    with httpx.Client(base_url=plane.api_url, headers=ADMIN_HEADERS) as api:
+        publish(api, sim, "smollm2", "1.0.0", (p.Tier.MICRO,))
+        publish(api, sim, "smollm2", "1.1.0", (p.Tier.MICRO,))
+    yield plane
+    plane.stop()
 
 
-def report_hostile_device(broker: MosquittoBroker, cp: ControlPlane, device_id: str) -> None:
-    """A device whose labels, profile, CPU model and event reason carry markup, over MQTT."""
-    client = RawClient(broker.url, device_id, provision_device(broker, device_id))
-    try:
-        client.connect()
-        message = hello(device_id, labels={SCRIPT: IMG, "site": SCRIPT}, profile=IMG)
-        caps = message.capabilities
-        cpu = caps.cpu.model_copy(update={"model": IMG})
-        message = message.model_copy(update={"capabilities": caps.model_copy(update={"cpu": cpu})})
-        for kind, msg in ((p.TopicKind.HELLO, message),
-                          (p.TopicKind.EVENTS, event(device_id, 1, "rejected", reason=SCRIPT))):
-            assert not client.publish(p.device_topic(device_id, kind), p.encode(msg)).is_failure
-    finally:
-        client.close()
-    with httpx.Client(base_url=cp.api_url, headers=ADMIN_HEADERS) as api:
-        wait_until(lambda: api.get(f"/v1/devices/{device_id}/history").json().get("items"),
-                   10, f"{device_id}'s hello and event")
+@pytest.fixture(scope="module")
+def api(cp: ControlPlane) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cp.api_url, headers=ADMIN_HEADERS, timeout=10) as client:
+        yield client
 
 
-def rollout_spec(version: str, labels: dict[str, str]) -> dict[str, object]:
-    """A one-stage rollout that waits for an operator's approval (it stays put for a test)."""
-    return {"model": "smollm2", "version": version, "target": {"labels": labels},
-            "stages": [{"percent": 100, "bake_s": 3600, "approval": True}]}
+@pytest.fixture(scope="module")
+def tokens(api: httpx.Client) -> Tokens:
+    return issue_tokens(api, "console")
 
 
-def new_tag() -> str:
-    """A short unique name for this test's devices and tokens."""
-    return "ui" + secrets.token_hex(3)
+@pytest.fixture(scope="module")
+def fleet(cp: ControlPlane, broker: MosquittoBroker, sim: TrustSimulator,
+          api: httpx.Client) -> Iterator[SimFleet]:
+    """Two simulated micro devices on 1.0.0, heartbeating (so their charts have data)."""
+    f = SimFleet(broker, sim, heartbeat_s=0.5)
+    for n in (1, 2):
+        f.add(f"ui-sim-{n}", "micro", {"1.1.0": Behaviour()}, labels={"ui": "console"},
+              active=("smollm2", "1.0.0"))
+    wait_until(lambda: len(api.get("/v1/devices", params={"label": "ui=console",
+                                                          "online": True}).json()["items"]) == 2,
+               10, "the simulated devices online")
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def rollout(api: httpx.Client, fleet: SimFleet) -> str:
+    """A rollout of 1.1.0 waiting for approval: it stays put while a test acts on it."""
+    made = api.post("/v1/rollouts", json=rollout_spec("1.1.0", {"ui": "console"}))
+    assert made.status_code == 201, made.text
+    rollout_id = made.json()["id"]
+    wait_until(lambda: api.get(f"/v1/rollouts/{rollout_id}").json()["state"]
+               == "awaiting_approval", 10, "the rollout waiting for approval")
+    return rollout_id
+
+
+@pytest.fixture(scope="module")
+def console_url(cp: ControlPlane) -> str:
+    return cp.api_url
