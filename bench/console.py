@@ -106,7 +106,7 @@ def main() -> None:
             sign_in(client, issue(app, "viewer", name="bench"))
             first = client.get("/ui/")
             assert first.status_code == 200 and "bench-00000" in first.text, first.text[:500]
-            rows = first.text.count("<tr>") - 1
+            rows = first.text.count('<th scope="row"><a href="/ui/devices/')
             assets = re.findall(r'(?:href|src)="(/ui/static/[^"]+)"', first.text)
             asset_bytes = sum(len(client.get(a).content) for a in assets)
             before_sum = registry.get_sample_value("slmfleet_api_request_seconds_sum", labels)
