@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse
 
 from controlplane.context import AppContext
 
-from .render import render
+from .render import error_page
 from .security import CookieAuth, FormRefused, SecurityHeaders
 from .sessions import SessionStore
 from .views import admin, device, fleet, releases, rollouts, signin, static
@@ -23,8 +23,7 @@ __all__ = ["CookieAuth", "SecurityHeaders", "install"]
 
 async def _refused(request: Request, exc: Exception) -> HTMLResponse:
     assert isinstance(exc, FormRefused)
-    return render(request, "error.html", status=exc.status, title="Refused", code=exc.code,
-                  message=str(exc))
+    return error_page(request, exc.status, "Refused", exc.code, str(exc))
 
 
 def install(app: FastAPI, context: AppContext) -> CookieAuth:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 480, 120
-_PAD_LEFT, _PAD_BOTTOM, _PAD_TOP = 44, 18, 8
+_PAD_LEFT, _PAD_BOTTOM, _PAD_TOP = 56, 18, 8
 #: a line chart draws at most this many points (the rest are averaged into them)
 MAX_POINTS = 240
 
@@ -31,6 +31,9 @@ def _downsample(points: Sequence[tuple[float, float]]) -> list[tuple[float, floa
 
 
 def _label(value: float) -> str:
+    # Never scientific notation: "3,050" reads better than "3.05e+03" on an axis.
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
     return f"{value:.3g}"
 
 

@@ -102,6 +102,12 @@ def render(request: Request, template: str, status: int = 200, **values: Any) ->
     return HTMLResponse(text, status_code=status, headers={"cache-control": "no-store"})
 
 
+def error_page(request: Request, status: int, title: str, code: str,
+               message: str) -> HTMLResponse:
+    """A page that says what went wrong, with a code a script can match on."""
+    return render(request, "error.html", status=status, title=title, code=code, message=message)
+
+
 def fragment(template: str, **values: Any) -> str:
     """A template rendered on its own (live updates)."""
     return ENV.get_template(template).render(**values)

@@ -18,7 +18,7 @@ from controlplane.auth.tokens import (
     revoke_token,
 )
 
-from ..render import principal_of, render
+from ..render import error_page, principal_of, render
 from ..security import FormRefused, read_form
 from .common import Context, DbSession, page_size
 
@@ -35,8 +35,7 @@ def audit_page(request: Request, session: DbSession) -> HTMLResponse:
     try:
         before = int(raw) if raw else None
     except ValueError:
-        return render(request, "error.html", status=400, title="Bad page", code="bad_cursor",
-                      message="before must be an entry number")
+        return error_page(request, 400, "Bad page", "bad_cursor", "before must be an entry number")
     rows = list_entries(session, before=before, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
@@ -76,8 +75,7 @@ def confirm_revoke(token_id: str, request: Request, session: DbSession) -> HTMLR
     """Ask before revoking: names the token and its role."""
     row = get_token(session, token_id)
     if row is None:
-        return render(request, "error.html", status=404, title="No such token",
-                      code="unknown_token", message=f"no token {token_id!r}")
+        return error_page(request, 404, "No such token", "unknown_token", f"no token {token_id!r}")
     return render(request, "confirm.html", title=f"Revoke token {row.name}",
                   action=request.url.path,
                   question=f"Revoke token {row.name!r} ({row.role}, id {row.id})?",

@@ -20,7 +20,7 @@ from controlplane.registry import list_models, list_versions
 from protocol import ProtocolError
 
 from ..charts import line_chart
-from ..render import can, render
+from ..render import can, error_page, render
 from ..security import FormRefused, read_form
 from .common import Context, DbSession, active_models
 
@@ -72,6 +72,17 @@ def telemetry_series(session: Session, device_id: str, hours: int) -> dict[str, 
     return series
 
 
+def collapse_progress(entries: list[Any]) -> list[Any]:
+    """``entries`` (newest first) with each run of ``downloading`` events cut to its newest:
+    a download reports its progress many times, and the history is about what happened."""
+    out: list[Any] = []
+    for entry in entries:
+        if entry.type == "downloading" and out and out[-1].type == "downloading":
+            continue
+        out.append(entry)
+    return out
+
+
 def memberships(session: Session, device_id: str) -> list[dict[str, Any]]:
     """The device's place in every unfinished rollout: why it waits, if it does."""
     rows = session.execute(
@@ -98,8 +109,8 @@ def _releases(session: Session) -> list[str]:
 def _device_or_404(request: Request, session: Session, device_id: str) -> Any:
     device = queries.get_device(session, device_id)
     if device is None:
-        return None, render(request, "error.html", status=404, title="No such device",
-                            code="unknown_device", message=f"no device {device_id!r}")
+        return None, error_page(request, 404, "No such device", "unknown_device",
+                                f"no device {device_id!r}")
     return device, None
 
 
@@ -128,7 +139,8 @@ def device_page(device_id: str, request: Request, session: DbSession) -> HTMLRes
         request, "device.html", title=f"Device {device.id}", device=device,
         models=active_models(device.active_model), labels=sorted((device.labels or {}).items()),
         caps=device.latest_capabilities or {}, runtimes=device.latest_runtimes or [],
-        charts=charts, hours=hours, windows=WINDOWS_H, history=history[-HISTORY_ROWS:][::-1],
+        charts=charts, hours=hours, windows=WINDOWS_H,
+        history=collapse_progress(history[::-1])[:HISTORY_ROWS],
         live=current_assignment(session, device_id), update=device.update_status,
         memberships=memberships(session, device_id),
         releases=_releases(session) if can(request, Role.OPERATOR) else [],
@@ -144,8 +156,8 @@ def confirm_pin(device_id: str, request: Request, session: DbSession) -> HTMLRes
     ref = request.query_params.get("release", "")
     name, sep, version = ref.partition("@")
     if not sep or not name or not version:
-        return render(request, "error.html", status=400, title="Pick a release",
-                      code="bad_release", message="choose a release as name@version")
+        return error_page(request, 400, "Pick a release", "bad_release",
+                          "choose a release as name@version")
     return render(request, "confirm.html", title=f"Pin {device.id}", action=request.url.path,
                   question=f"Pin device {device.id} to {name}@{version}?",
                   detail="The director signs an assignment for this one device, outside any "

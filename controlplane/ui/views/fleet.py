@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from controlplane.db import queries
 from protocol import Tier
 
-from ..render import render
+from ..render import error_page, render
 from .common import DbSession, active_models, page_size
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -57,8 +57,7 @@ def fleet(request: Request, session: DbSession) -> HTMLResponse:
     try:
         flt, shown = parse_filters(params)
     except FilterError as exc:
-        return render(request, "error.html", status=400, title="Bad filter", code="bad_filter",
-                      message=str(exc))
+        return error_page(request, 400, "Bad filter", "bad_filter", str(exc))
     limit = page_size(params.get("limit"))
     after = params.get("after") or None
     rows = queries.list_devices(session, flt, after=after, limit=limit + 1)

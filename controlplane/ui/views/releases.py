@@ -16,7 +16,7 @@ from controlplane.registry import get_version, list_models, list_versions, varia
 from controlplane.rollouts import RolloutSpec, store
 from protocol import Tier
 
-from ..render import render
+from ..render import error_page, render
 from ..security import FormRefused, read_form
 from .common import Context, DbSession
 
@@ -82,8 +82,8 @@ def spec_from_form(name: str, version: str, form: dict[str, str]) -> RolloutSpec
 def _release(request: Request, session: Session, name: str, version: str) -> Any:
     row = get_version(session, name, version)
     if row is None:
-        return None, render(request, "error.html", status=404, title="No such release",
-                            code="unknown_release", message=f"{name}@{version} is not registered")
+        return None, error_page(request, 404, "No such release", "unknown_release",
+                                f"{name}@{version} is not registered")
     return row, None
 
 

@@ -8,6 +8,7 @@ on the server whenever it changes; ``static/console.js`` swaps it in.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,16 +16,18 @@ from typing import Any
 from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from markupsafe import Markup
 from sqlalchemy.orm import Session
 
 from controlplane.api.routes.rollouts import get_rollout
 from controlplane.api.schemas_rollouts import RolloutDetail
+from controlplane.auth.roles import Role
 from controlplane.db.statuses import FINISHED_ROLLOUT_STATES, OUT_OF_ROLLOUT
 from controlplane.rollouts import store
 from controlplane.rollouts.cohort import stage_size
 
 from ..charts import GateBar, gate_chart, progress_bar
-from ..render import fragment, render
+from ..render import can, error_page, fragment, render
 from ..security import FormRefused, read_form
 from .common import Context, DbSession, page_size
 
@@ -76,9 +79,11 @@ def progress(detail: RolloutDetail) -> dict[str, Any]:
     return {
         "detail": detail, "stages": stages, "eligible": eligible, "updated": updated,
         "overall": progress_bar(updated, eligible, "devices updated"),
-        "gates": [(g, gate_chart(g)) for g in gates],
+        # The latest evaluation is shown apart only when it is not the failed one.
+        "gates": [(g, gate_chart(g)) for g in gates] if gates != failed_gates else [],
         "failed": failed, "failed_gates": [(g, gate_chart(g)) for g in failed_gates],
         "finished": detail.state in FINISHED_ROLLOUT_STATES,
+        "offered": OFFERED.get(detail.state, ()),
     }
 
 
@@ -97,8 +102,8 @@ def rollouts_page(request: Request, session: DbSession) -> HTMLResponse:
     try:
         rows = store.list_rollouts(session, after=after, limit=limit + 1)
     except ValueError:
-        return render(request, "error.html", status=400, title="Bad page", code="bad_cursor",
-                      message="the page link is not one this console made")
+        return error_page(request, 400, "Bad page", "bad_cursor",
+                          "the page link is not one this console made")
     more = len(rows) > limit
     rows = rows[:limit]
     next_after = f"{rows[-1].created_at!r} {rows[-1].id}" if more else None
@@ -111,11 +116,23 @@ def rollout_page(rollout_id: str, request: Request, session: DbSession) -> HTMLR
     """One rollout; its progress section follows it live."""
     detail = _detail(session, rollout_id)
     if detail is None:
-        return render(request, "error.html", status=404, title="No such rollout",
-                      code="unknown_rollout", message=f"no rollout {rollout_id!r}")
+        return error_page(request, 404, "No such rollout", "unknown_rollout",
+                          f"no rollout {rollout_id!r}")
+    values = progress(detail)
+    html = live_part(values, can(request, Role.OPERATOR))
     return render(request, "rollout.html", title=f"Rollout {detail.id}",
-                  offered=OFFERED.get(detail.state, ()), actions=ACTIONS,
-                  done=request.query_params.get("done"), **progress(detail))
+                  done=request.query_params.get("done"), live_html=Markup(html),
+                  live_digest=digest(html), **values)
+
+
+def live_part(values: dict[str, Any], operator: bool) -> str:
+    """The part of a rollout's page that follows it: actions, progress, timeline, devices."""
+    return fragment("rollout_live.html", operator=operator, **values)
+
+
+def digest(html: str) -> str:
+    """A short fingerprint of a live part: the stream sends only what the page lacks."""
+    return hashlib.sha256(html.encode()).hexdigest()[:16]
 
 
 def _event(name: str, html: str) -> str:
@@ -126,7 +143,11 @@ def _event(name: str, html: str) -> str:
 
 @router.get("/{rollout_id}/live")
 async def live(rollout_id: str, request: Request, context: Context) -> StreamingResponse:
-    """Server-sent events: the progress section each time it changes, ``done`` at the end."""
+    """Server-sent events: the rollout's live part each time it changes, ``done`` at the end.
+
+    The actions in it are the ones offered now; a role that may not act sees none.
+    """
+    operator = can(request, Role.OPERATOR)
 
     def look() -> tuple[str, bool] | None:
         with context.sessions() as session:
@@ -134,10 +155,12 @@ async def live(rollout_id: str, request: Request, context: Context) -> Streaming
             if detail is None:
                 return None
             values = progress(detail)
-            return fragment("rollout_progress.html", **values), values["finished"]
+            return live_part(values, operator), values["finished"]
 
     async def events() -> AsyncIterator[str]:
-        last = None
+        # What the page already shows: a reconnect or a fresh page gets no repeat,
+        # and a person using the keyboard keeps their place.
+        last = request.query_params.get("since")
         deadline = time.monotonic() + LIVE_MAX_S
         # Tells the browser how long to wait before reconnecting after the stream ends.
         yield "retry: 2000\n\n"
@@ -150,8 +173,8 @@ async def live(rollout_id: str, request: Request, context: Context) -> Streaming
             if finished:
                 yield _event("done", html)
                 return
-            if html != last:
-                last = html
+            if digest(html) != last:
+                last = digest(html)
                 yield _event("progress", html)
             await asyncio.sleep(LIVE_POLL_S)
 
@@ -173,8 +196,8 @@ def confirm_action(rollout_id: str, action: str, request: Request,
     _action(action)
     detail = _detail(session, rollout_id)
     if detail is None:
-        return render(request, "error.html", status=404, title="No such rollout",
-                      code="unknown_rollout", message=f"no rollout {rollout_id!r}")
+        return error_page(request, 404, "No such rollout", "unknown_rollout",
+                          f"no rollout {rollout_id!r}")
     ref = f"{detail.model}@{detail.version}"
     return render(request, "confirm.html", title=f"{action.capitalize()} rollout {detail.id}",
                   action=request.url.path, question=f"{action.capitalize()} the rollout of "
