@@ -190,6 +190,7 @@ def test_rollout_actions_work_from_the_keyboard_alone(
     # The same keys resume it; and the operator's requests are in the audit log.
     _tab_to(c, "Resume")
     c.page.keyboard.press("Enter")
+    c.page.wait_for_url(f"**/ui/rollouts/{rollout}/act/resume")
     _tab_to(c, "Resume rollout of")
     c.page.keyboard.press("Enter")
     c.page.wait_for_url("**?done=resume")
@@ -294,3 +295,26 @@ def test_over_https_the_session_cookie_is_secure(tmp_path: Any) -> None:
         assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
     finally:
         engine.dispose()
+
+
+def test_a_rollout_page_follows_a_change_made_elsewhere_without_reloading(
+        console: Any, tokens: Tokens, rollout: str, api: httpx.Client) -> None:
+    c = console().sign_in(tokens.viewer, f"/ui/rollouts/{rollout}")
+    c.page.evaluate("window.__same_page = true")
+    assert api.post(f"/v1/rollouts/{rollout}/pause",
+                    json={"reason": "paused over the API"}).status_code == 200
+    c.page.wait_for_selector("#progress [data-state=paused]", timeout=10_000)
+    assert "paused over the API" in c.page.locator("ol.timeline").inner_text()
+    assert c.page.evaluate("window.__same_page") is True
+    assert c.csp_violations() == []
+    api.post(f"/v1/rollouts/{rollout}/abort", json={"reason": "test over"})
+
+
+def test_a_live_page_stops_following_once_its_token_is_revoked(
+        console: Any, rollout: str, api: httpx.Client) -> None:
+    made = api.post("/v1/tokens", json={"name": "watcher", "role": "viewer"}).json()
+    c = console().sign_in(made["token"], f"/ui/rollouts/{rollout}")
+    c.page.wait_for_timeout(500)  # the live stream is open
+    assert api.delete(f"/v1/tokens/{made['id']}").status_code == 200
+    c.page.wait_for_selector("#live[data-done=true]", timeout=10_000)
+    assert "Signed out" in c.page.locator("#live").inner_text()

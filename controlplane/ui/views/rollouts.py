@@ -22,13 +22,14 @@ from sqlalchemy.orm import Session
 from controlplane.api.routes.rollouts import get_rollout
 from controlplane.api.schemas_rollouts import RolloutDetail
 from controlplane.auth.roles import Role
+from controlplane.auth.tokens import get_token, is_active
 from controlplane.db.statuses import FINISHED_ROLLOUT_STATES, OUT_OF_ROLLOUT
 from controlplane.rollouts import store
 from controlplane.rollouts.cohort import stage_size
 
 from ..charts import GateBar, gate_chart, progress_bar
-from ..render import can, error_page, fragment, render
-from ..security import FormRefused, read_form
+from ..render import can, error_page, fragment, principal_of, render
+from ..security import FormRefused, console_session, read_form
 from .common import Context, DbSession, page_size
 
 router = APIRouter(prefix="/ui/rollouts", include_in_schema=False)
@@ -148,14 +149,23 @@ async def live(rollout_id: str, request: Request, context: Context) -> Streaming
     The actions in it are the ones offered now; a role that may not act sees none.
     """
     operator = can(request, Role.OPERATOR)
+    who, signed_in = principal_of(request), console_session(request)
+    store = request.app.state.console_sessions
 
-    def look() -> tuple[str, bool] | None:
+    def look() -> tuple[str, str]:
+        """The event to send now, and its HTML."""
         with context.sessions() as session:
+            # Checked on every look, not only when the stream opened: a sign-out or a
+            # revoked token stops the stream within a second.
+            token = get_token(session, who.token_id) if who else None
+            if (token is None or not is_active(token, time.time())
+                    or (signed_in is not None and store.get(signed_in.id) is None)):
+                return "done", "<p class=error>Signed out: reload the page to sign in.</p>"
             detail = _detail(session, rollout_id)
             if detail is None:
-                return None
+                return "done", "<p class=error>This rollout no longer exists.</p>"
             values = progress(detail)
-            return live_part(values, operator), values["finished"]
+            return ("done" if values["finished"] else "progress"), live_part(values, operator)
 
     async def events() -> AsyncIterator[str]:
         # What the page already shows: a reconnect or a fresh page gets no repeat,
@@ -165,17 +175,13 @@ async def live(rollout_id: str, request: Request, context: Context) -> Streaming
         # Tells the browser how long to wait before reconnecting after the stream ends.
         yield "retry: 2000\n\n"
         while time.monotonic() < deadline and not await request.is_disconnected():
-            seen = await to_thread.run_sync(look)
-            if seen is None:
-                yield _event("done", "<p class=error>This rollout no longer exists.</p>")
-                return
-            html, finished = seen
-            if finished:
-                yield _event("done", html)
+            kind, html = await to_thread.run_sync(look)
+            if kind == "done":
+                yield _event(kind, html)
                 return
             if digest(html) != last:
                 last = digest(html)
-                yield _event("progress", html)
+                yield _event(kind, html)
             await asyncio.sleep(LIVE_POLL_S)
 
     return StreamingResponse(events(), media_type="text/event-stream",
