@@ -34,9 +34,12 @@ def active_models(active: Any) -> list[tuple[str, str]]:
     """``(name, version)`` of every model a device runs, by name.
 
     A device reports one active model today (``{"name", "version", ...}``);
-    a per-name map (``{name: {"version": ...}}`` or ``{name: version}``) is
-    read the same way, so a device running several shows them all.
+    a list of those (``hello/2``'s ``models``) or a per-name map
+    (``{name: {"version": ...}}`` or ``{name: version}``) is read the same
+    way, so a device running several shows them all.
     """
+    if isinstance(active, list):
+        return sorted(pair for entry in active for pair in active_models(entry))
     if not isinstance(active, dict) or not active:
         return []
     if isinstance(active.get("name"), str):
