@@ -8,6 +8,11 @@ Screenshots of each page go to the session's screenshot directory.
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +51,55 @@ def console_url(devfleet: DevFleet) -> str:
 def operator(devfleet: DevFleet) -> str:
     with httpx.Client(base_url=devfleet.api_url, headers=devfleet.headers) as api:
         return issue_tokens(api, "dev-console").operator
+
+
+def _printed(proc: subprocess.Popen[str], prefixes: tuple[str, ...],
+             timeout: float) -> dict[str, str]:
+    """The first line starting with each of ``prefixes`` that ``proc`` prints, by prefix."""
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while len(found) < len(prefixes) and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        line = proc.stdout.readline() if ready else ""
+        if ready and not line:
+            break  # it exited
+        for prefix in prefixes:
+            if line.startswith(prefix + " ") and prefix not in found:
+                found[prefix] = line.strip()
+    return found
+
+
+def test_slmfleet_dev_prints_the_console_line_with_a_code_that_signs_in(
+        tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slmfleet", "dev", "--data-dir", str(tmp_path / "dev")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env={**os.environ, "COLUMNS": "120"})
+    try:
+        lines = _printed(proc, ("API", "TOKEN", "CONSOLE"), 180.0)
+        assert set(lines) == {"API", "TOKEN", "CONSOLE"}, lines
+        api = lines["API"].split()[1]
+        token = lines["TOKEN"].split()[1]
+        _, url, *rest = lines["CONSOLE"].split()
+        assert url == f"{api}/ui/"
+        assert rest[:2] == ["sign-in", "code"] and len(rest) == 3
+        code = rest[2]
+        assert token not in lines["CONSOLE"]
+        with httpx.Client(base_url=api) as browser_like:
+            form = browser_like.get("/ui/sign-in")
+            pre = form.text.split('name="csrf" value="')[1].split('"')[0]
+            signed = browser_like.post("/ui/sign-in", data={"csrf": pre, "credential": code},
+                                       headers={"Origin": api})
+            assert signed.status_code == 303 and signed.headers["location"] == "/ui/"
+            assert "(admin)" in browser_like.get("/ui/").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _start(c: Any, version: str) -> str:
