@@ -23,6 +23,7 @@ command -v cmake >/dev/null || pkgs+=(cmake)
 python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
 # systemd-analyze/-sysusers/-tmpfiles check the units in systemd/ (tests/test_systemd_*.py)
 command -v systemd-analyze >/dev/null || pkgs+=(systemd)
+command -v chromium >/dev/null || pkgs+=(chromium)  # the console's browser tests (tests/test_ui_*.py)
 if [ ${#pkgs[@]} -gt 0 ]; then
     say "installing Debian packages: ${pkgs[*]}"
     sudo=""

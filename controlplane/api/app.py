@@ -8,6 +8,7 @@ from functools import partial
 from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
+from controlplane import ui
 from controlplane.auth import openapi
 from controlplane.auth.bootstrap import bootstrap_admin
 from controlplane.auth.middleware import AuthMiddleware
@@ -66,7 +67,11 @@ def create_app(context: AppContext) -> FastAPI:
     # (tests, replicas in one process) never collide on metric names.
     app.state.metrics_registry = build_registry(context)
     app.state.bootstrap_token = _bootstrap(context)
-    app.add_middleware(AuthMiddleware, sessions=context.sessions)
+    # The console's session cookie is a second way in, under the same policy.
+    browser = ui.install(app, context)
+    app.add_middleware(AuthMiddleware, sessions=context.sessions, browser=browser)
+    # Outside the auth check, so its refusals of console pages carry the CSP too.
+    app.add_middleware(ui.SecurityHeaders)
     # Added last, so outermost: the time includes the token check.
     app.add_middleware(TimingMiddleware, registry=app.state.metrics_registry)
     openapi.install(app, add_links, partial(document_page_max, cap=context.settings.page_max))

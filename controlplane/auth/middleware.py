@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from anyio import CancelScope, to_thread
 from sqlalchemy.exc import SQLAlchemyError
@@ -58,12 +59,27 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
+class BrowserAuth(Protocol):
+    """A second way in for a browser (the console's session cookie), checked by the
+    same route policy and audited the same way as a bearer token."""
+
+    def principal(self, scope: Scope) -> Principal | None:
+        """Who a request without a bearer token acts as; blocking (it runs in a thread)."""
+        ...
+
+    async def refuse(self, scope: Scope, send: Send, status: int, detail: str) -> bool:
+        """Answer a 401 or 403 in the browser's own way; False leaves it to the JSON answer."""
+        ...
+
+
 class AuthMiddleware:
     """Authenticate the bearer token, check its role against the route, audit mutations."""
 
-    def __init__(self, app: ASGIApp, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, app: ASGIApp, sessions: sessionmaker[Session],
+                 browser: BrowserAuth | None = None) -> None:
         self.app = app
         self.sessions = sessions
+        self.browser = browser
         self.routes = RouteIndex()
         self._touch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-touch")
         self._touch_lock = threading.Lock()
@@ -115,8 +131,10 @@ class AuthMiddleware:
             # A database error propagates: the request fails as a server error,
             # like any other query would, and is never let through.
             principal = await to_thread.run_sync(self._authenticate, token)
-            if principal is not None and principal.stale:
-                self._touch_later(principal.token_id)
+        elif needed is not None and self.browser is not None:
+            principal = await to_thread.run_sync(self.browser.principal, scope)
+        if principal is not None and principal.stale:
+            self._touch_later(principal.token_id)
         scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
         status_box: dict[str, int] = {}
 
@@ -133,18 +151,20 @@ class AuthMiddleware:
                     "no bearer token" if token is None
                     else "the token is unknown, expired or revoked"
                 )
+                if self.browser is not None and await self.browser.refuse(
+                        scope, send_and_watch, 401, why):
+                    return
                 await _answer(
                     send_and_watch, 401,
                     f"{why}: send `Authorization: Bearer <token>` (`slmfleet login`)",
                     [(b"www-authenticate", b'Bearer realm="slmfleet"')],
                 )
             elif not principal.role.allows(needed):
-                await _answer(
-                    send_and_watch, 403,
-                    f"{method} {route or scope['path']} needs the {needed.value} role; "
-                    f"token {principal.name!r} has {principal.role.value}",
-                    [],
-                )
+                detail = (f"{method} {route or scope['path']} needs the {needed.value} role; "
+                          f"token {principal.name!r} has {principal.role.value}")
+                if self.browser is None or not await self.browser.refuse(
+                        scope, send_and_watch, 403, detail):
+                    await _answer(send_and_watch, 403, detail, [])
             else:
                 await self.app(scope, receive, send_and_watch)
         finally:

@@ -53,6 +53,16 @@ EXCEPTIONS: tuple[Rule, ...] = (
     Rule(ANY_METHOD, "/v1/keys*", Role.ADMIN, "trust roots"),
     Rule(ANY_METHOD, "/v1/devices/{device_id}/credentials*", Role.ADMIN,
          "device identities: issuing or revoking MQTT credentials"),
+    # The console (controlplane/ui) follows the API: its pages are reads, its
+    # forms are the same actions with the same roles.
+    Rule(READ_METHODS, "/ui/static/{name}", None, "the console's stylesheet and scripts"),
+    Rule(ANY_METHOD, "/ui/sign-in", None,
+         "the sign-in form, where a token or one-time code is exchanged for a session"),
+    Rule(ANY_METHOD, "/ui/sign-out", Role.VIEWER, "anyone signed in may sign out"),
+    Rule(ANY_METHOD, "/ui/sign-in-codes", Role.VIEWER,
+         "a code signs in as the caller's own token, nothing more"),
+    Rule(ANY_METHOD, "/ui/tokens*", Role.ADMIN, "tokens grant access, as /v1/tokens"),
+    Rule(ANY_METHOD, "/ui/audit*", Role.ADMIN, "who did what is for admins, as /v1/audit"),
 )
 
 

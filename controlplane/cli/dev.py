@@ -80,6 +80,7 @@ def dev(
         console.print(fleet_table(fleet.wait_for_devices([])))
         print(f"API {fleet.api_url}", flush=True)
         print(f"TOKEN {fleet.token}", flush=True)
+        print(f"CONSOLE {fleet.console_url} sign-in code {fleet.console_code}", flush=True)
         for device_id, url in fleet.agent_urls.items():
             print(f"AGENT {device_id} {url}", flush=True)
         for detail in fleet.demo(should_stop=stop.is_set):

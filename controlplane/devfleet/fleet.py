@@ -238,6 +238,9 @@ class DevFleet:
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     #: an admin API token issued for this run (the `TOKEN` line)
     token: str | None = None
+    #: a one-time code that signs a browser in to the console as that token
+    #: (the `CONSOLE` line): a token never goes into a URL
+    console_code: str | None = None
     #: each agent's local OpenAI-compatible API, ``http://127.0.0.1:PORT/v1``
     #: (the `AGENT` lines); every agent has a port of its own
     agent_urls: dict[str, str] = field(default_factory=dict)
@@ -274,6 +277,16 @@ class DevFleet:
         self.token = rotate_named_token(
             session_factory(self.controlplane.engine), "slmfleet dev", Role.ADMIN, DEV_TOKEN_TTL_S
         )
+        made = httpx.post(f"{self.api_url}/ui/sign-in-codes", headers=self.headers,
+                          json={"ttl_s": DEV_TOKEN_TTL_S})
+        if made.status_code != 201:
+            raise RuntimeError(f"no console sign-in code: HTTP {made.status_code}: {made.text}")
+        self.console_code = str(made.json()["code"])
+
+    @property
+    def console_url(self) -> str:
+        """The console's address (sign in there with :attr:`console_code`)."""
+        return f"{self.api_url}/ui/"
 
     def enroll(self, device_id: str) -> str:
         """Enroll ``device_id`` through the API, as an operator would; its MQTT password."""
@@ -385,6 +398,16 @@ class DevFleet:
         self.log(f"publishing smollm2@{version} (signed with the demo release key)")
         publish_release(spec, [self.keys.release_key], self.api_url, self.token)
 
+    def publish_releases(self, model: Path | None = None) -> None:
+        """Publish the demo's two releases (a good one and one whose health check fails)."""
+        model = model or smollm2_path()
+        if not model.is_file():
+            raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
+        self._publish(GOOD_VERSION, model)
+        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
+                      description="SmolLM2-135M with a golden prompt it answers wrongly: "
+                                  "a release that fails its health check on the devices")
+
     def demo(
         self,
         model: Path | None = None,
@@ -397,13 +420,7 @@ class DevFleet:
         tier's variant; then a release whose health check fails on the
         devices stops at the canary and is rolled back automatically.
         """
-        model = model or smollm2_path()
-        if not model.is_file():
-            raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
-        self._publish(GOOD_VERSION, model)
-        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
-                      description="SmolLM2-135M with a golden prompt it answers wrongly: "
-                                  "a release that fails its health check on the devices")
+        self.publish_releases(model)
         done = []
         for version, why in ((GOOD_VERSION, "a good release"),
                              (BAD_VERSION, "a release whose health check fails")):
