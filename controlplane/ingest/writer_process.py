@@ -55,6 +55,8 @@ class WorkerConfig:
     queue_max: int
     log_level: int
     stop_timeout_s: float = 10.0
+    #: heartbeats further than this from their arrival are refused (None: any)
+    max_clock_skew_s: float | None = None
 
 
 def encode_batch(batch: list[RawMessage]) -> bytes:
@@ -132,7 +134,8 @@ def run_worker(config: WorkerConfig, inbox: Connection, outbox: Connection) -> N
                 break
             for topic, payload, retained, received_at in pickle.loads(data):
                 try:
-                    item = decode_device_message(topic, payload, retained, received_at)
+                    item = decode_device_message(topic, payload, retained, received_at,
+                                                config.max_clock_skew_s)
                 except ProtocolError as exc:
                     stats.count_rejected(exc.reason)
                     rejects.log(
