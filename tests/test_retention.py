@@ -206,6 +206,10 @@ def test_far_off_clock_is_refused_at_ingest() -> None:
     with pytest.raises(ClockSkew) as refused:
         decode_device_message(topic, off, False, now, max_skew_s=DAY)
     assert refused.value.reason == "clock_skew"
+    # what the ingest still writes: the device was heard, online, at arrival
+    heard = refused.value.heard
+    assert isinstance(heard.message, p.State) and heard.message.state is p.DeviceState.ONLINE
+    assert heard.received_at == now and not heard.retained
     # events may be old (an agent spools them while offline): not bounded
     old = p.encode(_event("ret-a", 3, now - 30 * DAY))
     assert decode_device_message(p.device_topic("ret-a", p.TopicKind.EVENTS), old, False, now,

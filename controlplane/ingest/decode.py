@@ -31,9 +31,17 @@ class ClockSkew(ProtocolError):
 
     Raw telemetry is kept, and on PostgreSQL partitioned, by its ``ts``; a
     clock years off would put it in no day partition and beyond retention.
+    Its figures are refused, but the device was heard: ``heard`` is the
+    liveness the heartbeat carried (an ``online`` state at its arrival),
+    which the ingest still writes, so offline detection does not take a
+    device with a wrong clock for a silent one.
     """
 
     reason = "clock_skew"
+
+    def __init__(self, message: str, heard: IngestItem) -> None:
+        super().__init__(message)
+        self.heard = heard
 
 
 def decode_device_message(
@@ -58,6 +66,8 @@ def decode_device_message(
     at = time.time() if received_at is None else received_at
     if max_skew_s is not None and isinstance(message, protocol.Telemetry) \
             and abs(message.ts - at) > max_skew_s:
+        heard = protocol.State(device_id=device_id, state=protocol.DeviceState.ONLINE, ts=at)
         raise ClockSkew(f"heartbeat ts {message.ts:.0f} is {message.ts - at:+.0f} s from its "
-                        f"arrival (at most {max_skew_s:.0f} s accepted)")
+                        f"arrival (at most {max_skew_s:.0f} s accepted)",
+                        IngestItem(protocol.TopicKind.STATE, heard, at, retained))
     return IngestItem(kind, message, at, retained)

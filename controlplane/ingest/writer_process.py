@@ -31,7 +31,7 @@ from ..db.session import make_engine
 from ..db.writes import BatchStore, IngestItem
 from ..logs import RateLimitedLog
 from .batch_writer import BatchWriter
-from .decode import decode_device_message
+from .decode import ClockSkew, decode_device_message
 from .stats import IngestStats
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ def run_worker(config: WorkerConfig, inbox: Connection, outbox: Connection) -> N
                 try:
                     item = decode_device_message(topic, payload, retained, received_at,
                                                 config.max_clock_skew_s)
+                except ClockSkew as exc:
+                    # the figures are refused; that the device was heard is not
+                    stats.count_rejected(exc.reason)
+                    items.put(exc.heard)
+                    continue
                 except ProtocolError as exc:
                     stats.count_rejected(exc.reason)
                     rejects.log(
