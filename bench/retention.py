@@ -22,12 +22,13 @@ The last line is one JSON object with every figure.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from _common import report
@@ -78,6 +79,20 @@ def day_batches(start: float, first_seq: int) -> list[list[IngestItem]]:
     return [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
 
 
+def job_process(settings: dict[str, object], pipe: Connection) -> None:
+    """Run the retention job at each clock value received; answer with its report."""
+    config = ControlPlaneSettings.model_validate(settings)
+    engine = make_engine(config.database_url)
+    clock = [0.0]
+    job = RetentionJob(engine, config, clock=lambda: clock[0])
+    while True:
+        try:
+            clock[0] = pipe.recv()
+        except EOFError:
+            return
+        pipe.send(job())
+
+
 def write(store: BatchStore, batches: list[list[IngestItem]]) -> float:
     """Write ``batches``; rows per second."""
     t0 = time.perf_counter()
@@ -103,9 +118,13 @@ def main() -> None:
                                         telemetry_raw_days=RAW_DAYS, telemetry_rollup_days=400)
         start = time.time() // DAY_S * DAY_S - DAYS * DAY_S
         clock = [start]
-        job = RetentionJob(engine, settings, clock=lambda: clock[0])
+        jobs, theirs = mp.get_context("spawn").Pipe()
+        worker = mp.get_context("spawn").Process(
+            target=job_process, args=(settings.model_dump(mode="json"), theirs), daemon=True)
+        worker.start()
+        jobs.send(start)  # partitions of the first days, on PostgreSQL
+        jobs.recv()
         store = BatchStore(engine)
-        job()  # partitions of the first days, on PostgreSQL
         sizes, quiet, busy = [], [], []
         pending: list[list[IngestItem]] = []
         for day in range(DAYS):
@@ -113,31 +132,24 @@ def main() -> None:
             quiet.append(write(store, batches))
             clock[0] = start + (day + 1) * DAY_S + 120
             pending = day_batches(start + (day + 1) * DAY_S, (day + 1) * 2880 + 1)
-            # The job, with the next day's first batches written beside it.
-            done = threading.Event()
-            result: list[object] = []
-
-            def run_job(result: list[object] = result, done: threading.Event = done) -> None:
-                result.append(job())
-                done.set()
-
-            runner = threading.Thread(target=run_job)
+            # The job, in a process of its own as in a control plane (its writer is
+            # another process), with the next day's first batches written beside it.
             t0 = time.perf_counter()
-            runner.start()
+            jobs.send(clock[0])
             rows, written = 0, 0
-            while not done.is_set() and written < len(pending):
+            while not jobs.poll() and written < len(pending):
                 store.write(pending[written])
                 rows += len(pending[written])
                 written += 1
             busy_rate = rows / (time.perf_counter() - t0) if rows else 0.0
-            runner.join()
+            result = jobs.recv()
             job_s = time.perf_counter() - t0
             if rows:
                 busy.append(busy_rate)
             pending = pending[written:]
             sizes.append(db_bytes(engine, path))
             print(f"day {day + 1}: {quiet[-1]:,.0f} rows/s alone, {busy_rate:,.0f} rows/s beside "
-                  f"the job ({job_s:.1f} s: {result[0]}), database {sizes[-1] / 1e6:.1f} MB",
+                  f"the job ({job_s:.1f} s: {result}), database {sizes[-1] / 1e6:.1f} MB",
                   flush=True)
         raw_per_device_day = sizes[0] / DEVICES  # day 1: nothing pruned yet, rollups small
         steady = sizes[-1] / DEVICES
@@ -152,6 +164,8 @@ def main() -> None:
             "write_rows_per_s_alone": round(statistics.median(quiet)),
             "write_rows_per_s_beside_retention": round(statistics.median(busy)) if busy else -1,
         }
+        jobs.close()
+        worker.join(30)
     finally:
         engine.dispose()
         if postgres is not None:
