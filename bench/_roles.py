@@ -8,7 +8,7 @@ in the process tree:
 | role | how it is recognised |
 | --- | --- |
 | ``bench`` | the benchmark's own process (its probes and pollers run here) |
-| ``controlplane`` / ``replicaN`` | ``bench/_controlplane.py --role NAME`` |
+| ``controlplane``, ``replicaN`` |``_controlplane.py --role NAME``; ingest.py: ``bench-replica-N`` |
 | ``NAME_writer`` | the ingest writer: a ``multiprocessing`` child of that control plane |
 | ``broker`` | ``mosquitto`` whose command line names the benchmark's broker directory |
 | ``postgres_backends`` | PostgreSQL client backends but the benchmark's own |
@@ -36,6 +36,8 @@ import psutil
 
 #: the command-line flag the control-plane process script is started with
 ROLE_FLAG = "--role"
+#: the client ids of bench/ingest.py's replicas: bench-replica-0, -1, ...
+INGEST_REPLICA_PREFIX = "bench-replica-"
 
 
 def _cpu(proc: psutil.Process) -> float | None:
@@ -61,10 +63,17 @@ def _name(proc: psutil.Process) -> str:
 
 
 def cp_role(cmdline: list[str]) -> str | None:
-    """The role a control-plane process was started with, or None for any other process."""
+    """The role a control-plane process was started with, or None for any other process.
+
+    ``bench/_controlplane.py --role NAME`` names it; ``bench/ingest.py``'s
+    replicas carry their MQTT client id ``bench-replica-N`` (role ``replicaN``).
+    """
     if ROLE_FLAG in cmdline and any(a.endswith("_controlplane.py") for a in cmdline):
         at = cmdline.index(ROLE_FLAG)
         return cmdline[at + 1] if at + 1 < len(cmdline) else None
+    for arg in cmdline:
+        if arg.startswith(INGEST_REPLICA_PREFIX) and arg[len(INGEST_REPLICA_PREFIX):].isdigit():
+            return f"replica{arg[len(INGEST_REPLICA_PREFIX):]}"
     return None
 
 
