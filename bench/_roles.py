@@ -8,7 +8,7 @@ in the process tree:
 | role | how it is recognised |
 | --- | --- |
 | ``bench`` | the benchmark's own process (its probes and pollers run here) |
-| ``controlplane``, ``replicaN`` |``_controlplane.py --role NAME``; ingest.py: ``bench-replica-N`` |
+| ``controlplane``, ``replicaN`` | ``_controlplane.py --role NAME``, or ``bench-replica-N`` |
 | ``NAME_writer`` | the ingest writer: a ``multiprocessing`` child of that control plane |
 | ``broker`` | ``mosquitto`` whose command line names the benchmark's broker directory |
 | ``postgres_backends`` | PostgreSQL client backends but the benchmark's own |
