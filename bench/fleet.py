@@ -72,62 +72,70 @@ SCRAPE_S = 15.0
 TOKEN = "slmf_bench-" + secrets.token_urlsafe(32)
 
 
-class LagProbe:
+class Poller:
+    """A daemon thread calling :meth:`poll` every ``interval`` seconds until stopped."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Poller:
+        """Start polling; return self."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """One round of work."""
+        raise NotImplementedError
+
+
+class LagProbe(Poller):
     """Polls the telemetry table and records, for each new row, now - its ``ts``."""
 
-    def __init__(self, engine: object) -> None:
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(POLL_S)
         self.engine = engine
         self.lags: list[float] = []
         self.rows = 0
-        self._last_id = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> LagProbe:
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+        with engine.connect() as conn:
             self._last_id = conn.execute(select(func.max(TelemetryRow.id))).scalar() or 0
-        self._thread.start()
-        return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
-            with self.engine.connect() as conn:  # type: ignore[attr-defined]
-                rows = conn.execute(select(TelemetryRow.id, TelemetryRow.ts).where(
-                    TelemetryRow.id > self._last_id)).all()
-            now = time.time()
-            if rows:
-                self._last_id = max(r.id for r in rows)
-                self.rows += len(rows)
-                self.lags += [now - r.ts for r in rows]
+    def poll(self) -> None:
+        """Read the rows written since the last poll."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(TelemetryRow.id, TelemetryRow.ts).where(
+                TelemetryRow.id > self._last_id)).all()
+        now = time.time()
+        if rows:
+            self._last_id = max(r.id for r in rows)
+            self.rows += len(rows)
+            self.lags += [now - r.ts for r in rows]
 
 
-class Scraper:
+class Scraper(Poller):
     """Reads ``/metrics`` every :data:`SCRAPE_S`, as Prometheus would; counts the answers."""
 
     def __init__(self, api_url: str) -> None:
-        self.url = f"{api_url}/metrics"
+        super().__init__(SCRAPE_S)
+        self.request = urllib.request.Request(f"{api_url}/metrics",
+                                              headers={"Authorization": f"Bearer {TOKEN}"})
         self.scrapes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> Scraper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        request = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {TOKEN}"})
-        while not self._stop.wait(SCRAPE_S):
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                answer.read()
-            self.scrapes += 1
+    def poll(self) -> None:
+        """One scrape."""
+        with urllib.request.urlopen(self.request, timeout=30) as answer:
+            answer.read()
+        self.scrapes += 1
 
 
 def p99(values: list[float]) -> float:
