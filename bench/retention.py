@@ -61,6 +61,17 @@ def db_bytes(engine: Engine, path: Path) -> int:
     return sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*"))
 
 
+def rollup_bytes(engine: Engine) -> int:
+    """Bytes of ``telemetry_hourly`` with its indexes."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            return int(conn.execute(text(
+                "SELECT pg_total_relation_size('telemetry_hourly')")).scalar())
+        return int(conn.execute(text(
+            "SELECT sum(pgsize) FROM dbstat WHERE name = 'telemetry_hourly' "
+            "OR name LIKE '%telemetry_hourly_%'")).scalar() or 0)
+
+
 def day_batches(start: float, first_seq: int) -> list[list[IngestItem]]:
     """One day of heartbeats of every device, in arrival order, cut in ingest batches."""
     items = []
@@ -152,6 +163,7 @@ def main() -> None:
                   f"the job ({job_s:.1f} s: {result}), database {sizes[-1] / 1e6:.1f} MB",
                   flush=True)
         raw_per_device_day = sizes[0] / DEVICES  # day 1: nothing pruned yet, rollups small
+        rollup_per_device_day = rollup_bytes(engine) / DEVICES / DAYS
         steady = sizes[-1] / DEVICES
         figures = {
             "database": engine.dialect.name, "devices": DEVICES, "days": DAYS,
@@ -159,7 +171,9 @@ def main() -> None:
             "raw_bytes_per_device_day": round(raw_per_device_day),
             "db_bytes_per_device_after_days": round(steady),
             # raw_days whole days plus the day being written, the rollups on top
-            "predicted_bytes_per_device": round((RAW_DAYS + 1) * raw_per_device_day),
+            "rollup_bytes_per_device_day": round(rollup_per_device_day),
+            "predicted_bytes_per_device": round((RAW_DAYS + 1) * raw_per_device_day
+                                                + DAYS * rollup_per_device_day),
             "db_bytes_per_device_by_day": [round(s / DEVICES) for s in sizes],
             "write_rows_per_s_alone": round(statistics.median(quiet)),
             "write_rows_per_s_beside_retention": round(statistics.median(busy)) if busy else -1,

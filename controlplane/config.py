@@ -106,7 +106,7 @@ class ControlPlaneSettings(BaseModel):
     #: raw heartbeats are kept this many days (by their ``ts``); the hourly
     #: rollups made from them before they go are kept ``telemetry_rollup_days``
     telemetry_raw_days: Annotated[int, Field(ge=1, le=3650)] = 7
-    telemetry_rollup_days: Annotated[int, Field(ge=1, le=36500)] = 400
+    telemetry_rollup_days: Annotated[int, Field(ge=1, le=36500)] = 90
     #: update events (``device_events``) are kept this many days
     events_days: Annotated[int, Field(ge=1, le=36500)] = 90
     #: how often retention runs (rollups, pruning, partitions ahead)
