@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, select
+from sqlalchemy import Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db.models import TelemetryRow
@@ -97,7 +97,6 @@ def _upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
     stmt = _dialect_insert(conn)(hourly)
     new = stmt.excluded
     bigger = "greatest" if conn.dialect.name == "postgresql" else "max"
-    from sqlalchemy import func
 
     def larger(name: str) -> Any:
         # NULL-safe on both: SQLite's max(a, NULL) is NULL
