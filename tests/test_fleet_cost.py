@@ -126,7 +126,10 @@ def test_roles_tell_control_plane_writer_and_bench_apart(tmp_path: Path) -> None
     try:
         from _roles import classify
 
-        assert classify(psutil.Process(child.pid), bench_pid=0) == "simulator"
+        proc = psutil.Process(child.pid)
+        # right after fork the child still shows this process's command line
+        wait_until(lambda: "simulate" in proc.cmdline(), 10, "the child's exec")
+        assert classify(proc, bench_pid=0) == "simulator"
         assert classify(psutil.Process(), bench_pid=psutil.Process().pid) == "bench"
     finally:
         child.kill()

@@ -91,8 +91,7 @@ class RetentionJob:
             if partitioned:
                 report.partitions_created = len(partitions.ensure_days(
                     conn, now, behind_days=0, ahead_days=s.telemetry_partitions_ahead_days))
-        pages = max(1, int(s.retention_batch_rows * 20 / ROLLUP_PAGE))
-        report.rolled_up = roll_up(self._engine, now, page=ROLLUP_PAGE, max_pages=pages)
+        report.rolled_up = roll_up(self._engine, now, page=ROLLUP_PAGE, deadline=deadline)
         keep_from = self._live_rollouts_since()
         raw_cutoff = self._cutoff(now, s.telemetry_raw_days, keep_from)
         with self._engine.connect() as conn:

@@ -1,10 +1,12 @@
 """Fold raw heartbeats into hourly rollups, in id order, from a stored mark.
 
-Heartbeats are read in pages by id after the mark ``telemetry_rollup``
+Heartbeats are taken in pages by id after the mark ``telemetry_rollup``
 (ids grow as rows are written, on SQLite and PostgreSQL alike), summed per
-device, hour (of the heartbeat's own ``ts``) and model version in Python,
-and added to ``telemetry_hourly`` with one upsert per page, in the same
-transaction that moves the mark: a page is folded in exactly once.
+device, hour (of the heartbeat's own ``ts``) and model version by the
+database itself (``INSERT ... SELECT ... GROUP BY``, the inference list
+unnested with ``json_each`` or ``json_array_elements``), and added to
+``telemetry_hourly`` (``ON CONFLICT ... DO UPDATE``) in the same transaction
+that moves the mark: a page is folded in exactly once.
 
 Only rows received more than :data:`SETTLE_S` ago are read, so a batch a
 replica is still committing (its ids drawn, its rows not yet visible) is
@@ -13,10 +15,10 @@ not stepped over.
 
 from __future__ import annotations
 
-import json
+import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, select
+from sqlalchemy import Connection, Engine, Table, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db.models import TelemetryRow
@@ -26,7 +28,6 @@ from ..db.retention_tables import SUMMED, WEIGHTED, RetentionMark, TelemetryHour
 ROLLUP_MARK = "telemetry_rollup"
 #: heartbeats younger than this (by ``received_at``) wait for the next run
 SETTLE_S = 60.0
-HOUR_S = 3600.0
 
 telemetry: Table = TelemetryRow.__table__  # type: ignore[assignment]
 hourly: Table = TelemetryHourly.__table__  # type: ignore[assignment]
@@ -52,89 +53,91 @@ def _dialect_insert(conn: Connection) -> Any:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
-def _empty(device_id: str, hour: float, model: str, version: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"device_id": device_id, "hour": hour, "model": model,
-                           "version": version, "heartbeats": 0, "cpu_percent_sum": 0.0,
-                           "cpu_percent_max": 0.0, "ram_used_bytes_max": 0, "temp_c_max": None}
-    row |= dict.fromkeys(SUMMED, 0)
-    for name in WEIGHTED:
-        row[f"{name}_wsum"] = 0.0
-        row[f"{name}_weight"] = 0.0
-    return row
+_WEIGHTS = ", ".join(f"{n}_wsum, {n}_weight" for n in WEIGHTED)
+_COLUMNS = ("device_id, hour, model, version, heartbeats, cpu_percent_sum, cpu_percent_max, "
+            "ram_used_bytes_max, temp_c_max, requests, errors, tokens, crashes, ooms, "
+            + _WEIGHTS)
+_ZEROS = ", ".join("0, 0" for _ in WEIGHTED)
+#: per dialect: the hour of ``ts``, a field of one inference entry ``e`` as text,
+#: the inference list's entries, the larger of two values
+_DIALECT = {
+    "sqlite": {"hour": "CAST(t.ts / 3600 AS INTEGER) * 3600",
+               "field": "json_extract(e.value, '$.{name}')",
+               "entries": "json_each(t.inference) AS e", "greater": "max"},
+    "postgresql": {"hour": "floor(t.ts / 3600) * 3600",
+                   "field": "(e ->> '{name}')::float8",
+                   "entries": "json_array_elements(t.inference) AS e", "greater": "greatest"},
+}
 
 
-def fold(rows: list[Any]) -> list[dict[str, Any]]:
-    """Sum heartbeats ``(device_id, ts, cpu, ram, temp, inference)`` into rollup rows."""
-    out: dict[tuple[str, float, str, str], dict[str, Any]] = {}
-    for device_id, ts, cpu, ram, temp, inference in rows:
-        hour = ts - ts % HOUR_S
-        key = (device_id, hour, "", "")
-        res = out.get(key) or out.setdefault(key, _empty(*key))
-        res["heartbeats"] += 1
-        res["cpu_percent_sum"] += cpu
-        res["cpu_percent_max"] = max(res["cpu_percent_max"], cpu)
-        res["ram_used_bytes_max"] = max(res["ram_used_bytes_max"], ram)
-        if temp is not None:
-            res["temp_c_max"] = temp if res["temp_c_max"] is None else max(res["temp_c_max"], temp)
-        entries = json.loads(inference) if isinstance(inference, str) else inference
-        for stats in entries or ():
-            key = (device_id, hour, str(stats.get("model")), str(stats.get("version")))
-            agg = out.get(key) or out.setdefault(key, _empty(*key))
-            agg["heartbeats"] += 1
-            for name in SUMMED:
-                agg[name] += int(stats.get(name) or 0)
-            # weighted as telemetry_aggregates weighs a heartbeat: by its requests, at least 1
-            weight = max(int(stats.get("requests") or 0), 1)
-            for name in WEIGHTED:
-                if stats.get(name) is not None:
-                    agg[f"{name}_wsum"] += float(stats[name]) * weight
-                    agg[f"{name}_weight"] += weight
-    return list(out.values())
+def _statements(dialect: str) -> tuple[str, str]:
+    """The two ``INSERT ... SELECT ... GROUP BY ... ON CONFLICT`` of one id range:
+    the devices' resource figures, and their inference figures per model version.
+
+    The database folds the rows (in C, no row crosses into Python); the sums
+    and weights are those of :mod:`controlplane.db.telemetry_aggregates`.
+    """
+    d = _DIALECT[dialect]
+    hour, greater = d["hour"], d["greater"]
+
+    def field(name: str) -> str:
+        return d["field"].format(name=name)
+
+    text_field = d["field"].replace("::float8", "")
+    weight = f"{greater}(coalesce({field('requests')}, 0), 1)"
+    weighted = ", ".join(
+        f"coalesce(sum({field(n)} * {weight}), 0), "
+        f"coalesce(sum(CASE WHEN {field(n)} IS NOT NULL THEN {weight} ELSE 0 END), 0)"
+        for n in WEIGHTED)
+    summed = ", ".join(f"coalesce(sum({field(n)}), 0)" for n in SUMMED)
+    summed_cols = [c for c in _COLUMNS.split(", ") if c not in (*_KEY, *_MAXED)]
+    update = ", ".join([f"{c} = telemetry_hourly.{c} + excluded.{c}" for c in summed_cols]
+                       + [f"{c} = {greater}(coalesce(telemetry_hourly.{c}, excluded.{c}), "
+                          f"coalesce(excluded.{c}, telemetry_hourly.{c}))" for c in _MAXED])
+    upsert = f"ON CONFLICT (device_id, hour, model, version) DO UPDATE SET {update}"
+    resources = (
+        f"INSERT INTO telemetry_hourly ({_COLUMNS}) "
+        f"SELECT t.device_id, {hour} AS h, '', '', count(*), sum(t.cpu_percent), "
+        f"max(t.cpu_percent), max(t.ram_used_bytes), max(t.temp_c), 0, 0, 0, 0, 0, {_ZEROS} "
+        "FROM telemetry AS t WHERE t.id > :lo AND t.id <= :hi "
+        f"GROUP BY t.device_id, h {upsert}")
+    model = text_field.format(name="model")
+    version = text_field.format(name="version")
+    inference = (
+        f"INSERT INTO telemetry_hourly ({_COLUMNS}) "
+        f"SELECT t.device_id, {hour} AS h, {model} AS m, {version} AS v, count(*), "
+        f"0, 0, 0, NULL, {summed}, {weighted} "
+        f"FROM telemetry AS t, {d['entries']} "
+        f"WHERE t.id > :lo AND t.id <= :hi AND {model} IS NOT NULL AND {version} IS NOT NULL "
+        f"GROUP BY t.device_id, h, m, v {upsert}")
+    return resources, inference
 
 
-def _upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Add ``rows`` to the stored rollups: sums add up, maxima keep the larger."""
-    stmt = _dialect_insert(conn)(hourly)
-    new = stmt.excluded
-    bigger = "greatest" if conn.dialect.name == "postgresql" else "max"
-
-    def larger(name: str) -> Any:
-        # NULL-safe on both: SQLite's max(a, NULL) is NULL
-        a, b = hourly.c[name], new[name]
-        return getattr(func, bigger)(func.coalesce(a, b), func.coalesce(b, a))
-
-    summed = [c.name for c in hourly.columns
-              if c.name not in (*_KEY, "id", *_MAXED)]
-    update = {name: hourly.c[name] + new[name] for name in summed}
-    update |= {name: larger(name) for name in _MAXED}
-    for start in range(0, len(rows), 500):
-        conn.execute(stmt.on_conflict_do_update(index_elements=list(_KEY), set_=update),
-                     rows[start:start + 500])
-
-
-def roll_up(engine: Engine, now: float, *, page: int, max_pages: int) -> int:
-    """Fold up to ``max_pages`` pages of settled heartbeats in; return how many were read."""
+def roll_up(engine: Engine, now: float, *, page: int, deadline: float) -> int:
+    """Fold settled heartbeats in, a page of ids at a time, until caught up or
+    ``deadline`` (monotonic); return how many were folded."""
     settled = now - SETTLE_S
+    resources, inference = (text(sql) for sql in _statements(engine.dialect.name))
     done = 0
-    for _ in range(max_pages):
+    while time.monotonic() < deadline:
         with engine.begin() as conn:
             mark = read_mark(conn, ROLLUP_MARK)
             rows = conn.execute(
-                select(telemetry.c.id, telemetry.c.received_at, telemetry.c.device_id,
-                       telemetry.c.ts, telemetry.c.cpu_percent, telemetry.c.ram_used_bytes,
-                       telemetry.c.temp_c, telemetry.c.inference)
+                select(telemetry.c.id, telemetry.c.received_at)
                 .where(telemetry.c.id > mark).order_by(telemetry.c.id).limit(page)
             ).all()
-            ready = []
+            ready = 0
             for row in rows:
                 if row.received_at >= settled:
                     break
-                ready.append(row)
+                ready += 1
             if not ready:
                 return done
-            _upsert(conn, fold([tuple(r)[2:] for r in ready]))
-            write_mark(conn, ROLLUP_MARK, ready[-1].id)
-        done += len(ready)
-        if len(ready) < page:
+            bounds = {"lo": mark, "hi": rows[ready - 1].id}
+            conn.execute(resources, bounds)
+            conn.execute(inference, bounds)
+            write_mark(conn, ROLLUP_MARK, bounds["hi"])
+        done += ready
+        if ready < page:
             return done
     return done
