@@ -5,7 +5,7 @@ while retention prunes.
     RETENTION_DB=postgresql .venv/bin/python bench/retention.py
 
 A controlled clock walks ``RETENTION_DAYS`` (8) days. Each day,
-``RETENTION_DEVICES`` devices (100) send a heartbeat every 30 s (2,880 a
+``RETENTION_DEVICES`` devices (30) send a heartbeat every 30 s (2,880 a
 device-day, with one inference entry each), written through the ingest's
 own batch writer in batches of 500 as the ingest writes them; at the end of
 each day the retention job runs (raw kept ``RAW_DAYS`` = 2 days, rollups
@@ -43,7 +43,7 @@ from controlplane.db import make_engine, upgrade_to_head  # noqa: E402
 from controlplane.db.writes import BatchStore, IngestItem  # noqa: E402
 from controlplane.retention import RetentionJob  # noqa: E402
 
-DEVICES = int(os.environ.get("RETENTION_DEVICES", "100"))
+DEVICES = int(os.environ.get("RETENTION_DEVICES", "30"))
 DAYS = int(os.environ.get("RETENTION_DAYS", "8"))
 DATABASE = os.environ.get("RETENTION_DB", "sqlite")
 RAW_DAYS = 2
@@ -53,12 +53,18 @@ DAY_S = 86400
 
 
 def db_bytes(engine: Engine, path: Path) -> int:
-    """The SQLite files, or PostgreSQL's tables with their indexes and partitions."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
+    """The SQLite file, or PostgreSQL's tables with their indexes and partitions.
+
+    SQLite's write-ahead log is checkpointed into the file first: it holds
+    pages on their way there, and its size follows the checkpoints, not
+    the data.
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
             return int(conn.execute(text(
                 "SELECT sum(pg_total_relation_size(relid)) FROM pg_stat_user_tables")).scalar())
-    return sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*"))
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path.stat().st_size
 
 
 def rollup_bytes(engine: Engine) -> int:
