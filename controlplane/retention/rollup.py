@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db.models import TelemetryRow
 from ..db.retention_tables import SUMMED, WEIGHTED, RetentionMark, TelemetryHourly
+from .prune import PAUSE_S
 
 #: the mark's name in ``retention_marks``
 ROLLUP_MARK = "telemetry_rollup"
@@ -140,4 +141,5 @@ def roll_up(engine: Engine, now: float, *, page: int, deadline: float) -> int:
         done += ready
         if ready < page:
             return done
+        time.sleep(PAUSE_S)  # the ingest's turn at the write lock between two pages
     return done
