@@ -17,8 +17,10 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, Table, delete, func, select
 
-#: pause between two delete batches: the ingest's turn at the write lock
-PAUSE_S = 0.02
+#: pause between two batches: the ingest's turn at the write lock. SQLite's busy
+#: handler sleeps up to 100 ms between its tries, so a shorter pause could pass
+#: while a waiting writer sleeps, and the next batch would take the lock again
+PAUSE_S = 0.1
 
 
 def last_id_before(engine: Engine, table: Table, column: str, cutoff: float) -> int | None:
