@@ -30,83 +30,119 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 from _common import report, scratch_broker
-from sqlalchemy import func, select, text
+from _controlplane import PROFILE_RATE, ControlPlaneProcess
+from _profile import breakdown
+from _roles import RoleCpu, cpu_by_role
+from sqlalchemy import Engine, func, select, text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from controlplane.broker_auth import CONTROL_PLANE_USER  # noqa: E402
-from controlplane.db import TelemetryRow  # noqa: E402
-from controlplane.service import ControlPlane  # noqa: E402
-from tests.support.controlplane import cp_settings  # noqa: E402
+from controlplane.db import TelemetryRow, make_engine  # noqa: E402
 
 DEVICES = int(os.environ.get("FLEET_DEVICES", "10000"))
 HOLD_S = float(os.environ.get("FLEET_HOLD_S", "60"))
 #: control-plane replicas; more than one runs on PostgreSQL with a shared subscription
 REPLICAS = int(os.environ.get("FLEET_REPLICAS", "1"))
 DATABASE = os.environ.get("FLEET_DB", "sqlite")
-CEILING_S = 30.0
+#: FLEET_CEILING=0 skips the ceiling phase
+CEILING_S = float(os.environ.get("FLEET_CEILING", "30"))
 POLL_S = 0.2
+#: the simulator's seconds before its ceiling rate is steady (start-up and 5 s ramp)
+SIM_STEADY_AFTER_S = 8
+#: FLEET_PROFILE=DIR: run each control plane under py-spy, collapsed stacks in DIR
+PROFILE_DIR = os.environ.get("FLEET_PROFILE")
+#: how often retention runs in the benchmark (the default is 300 s, which a
+#: hold never reaches); it rolls up what arrived since, so its cost per message holds
+RETENTION_S = 30.0
+#: Prometheus' default scrape interval: a held fleet is watched, not left alone
+SCRAPE_S = 15.0
+TOKEN = "slmf_bench-" + secrets.token_urlsafe(32)
 
 
-class LagProbe:
-    """Polls the telemetry table and records, for each new row, now - its ``ts``."""
+class Poller:
+    """A daemon thread calling :meth:`poll` every ``interval`` seconds until stopped."""
 
-    def __init__(self, engine: object) -> None:
-        self.engine = engine
-        self.lags: list[float] = []
-        self.rows = 0
-        self._last_id = 0
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> LagProbe:
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
-            self._last_id = conn.execute(select(func.max(TelemetryRow.id))).scalar() or 0
+    def start(self) -> Poller:
+        """Start polling; return self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop and wait for the thread."""
         self._stop.set()
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
-            with self.engine.connect() as conn:  # type: ignore[attr-defined]
-                rows = conn.execute(select(TelemetryRow.id, TelemetryRow.ts).where(
-                    TelemetryRow.id > self._last_id)).all()
-            now = time.time()
-            if rows:
-                self._last_id = max(r.id for r in rows)
-                self.rows += len(rows)
-                self.lags += [now - r.ts for r in rows]
+        while not self._stop.wait(self._interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """One round of work."""
+        raise NotImplementedError
+
+
+class LagProbe(Poller):
+    """Polls the telemetry table and records, for each new row, now - its ``ts``."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(POLL_S)
+        self.engine = engine
+        self.lags: list[float] = []
+        self.rows = 0
+        with engine.connect() as conn:
+            self._last_id = conn.execute(select(func.max(TelemetryRow.id))).scalar() or 0
+
+    def poll(self) -> None:
+        """Read the rows written since the last poll."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(TelemetryRow.id, TelemetryRow.ts).where(
+                TelemetryRow.id > self._last_id)).all()
+        now = time.time()
+        if rows:
+            self._last_id = max(r.id for r in rows)
+            self.rows += len(rows)
+            self.lags += [now - r.ts for r in rows]
+
+
+class Scraper(Poller):
+    """Reads ``/metrics`` every :data:`SCRAPE_S`, as Prometheus would; counts the answers."""
+
+    def __init__(self, api_url: str) -> None:
+        super().__init__(SCRAPE_S)
+        self.request = urllib.request.Request(f"{api_url}/metrics",
+                                              headers={"Authorization": f"Bearer {TOKEN}"})
+        self.scrapes = 0
+
+    def poll(self) -> None:
+        """One scrape."""
+        with urllib.request.urlopen(self.request, timeout=30) as answer:
+            answer.read()
+        self.scrapes += 1
 
 
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 100 else max(values or [0])
-
-
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def db_bytes(engine: Any, data_dir: Path) -> int:
@@ -121,15 +157,6 @@ def db_bytes(engine: Any, data_dir: Path) -> int:
     return sum(f.stat().st_size for f in data_dir.glob("*.db*"))
 
 
-def broker_process(data_dir: Path) -> psutil.Process:
-    """The mosquitto process whose command line names ``data_dir`` (its config is there)."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if "mosquitto" in (proc.info["name"] or "") and str(data_dir) in " ".join(
-                proc.info["cmdline"] or []):
-            return proc
-    raise RuntimeError(f"no mosquitto process for {data_dir}")
-
-
 def simulate(broker_url: str, password: str, heartbeat: float, ramp: float,
              duration: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
@@ -141,19 +168,66 @@ def simulate(broker_url: str, password: str, heartbeat: float, ramp: float,
     )
 
 
-def measure(name: str, sim: subprocess.Popen[str], procs: dict[str, psutil.Process],
-            probe: LagProbe, seconds: float, size: Callable[[], int]) -> dict[str, float]:
-    groups = {k: [p, *p.children(recursive=True)] for k, p in procs.items()}
-    groups["simulator"] = [psutil.Process(sim.pid)]
-    cpu0 = {k: cpu_seconds(v) for k, v in groups.items()}
+class Accounting:
+    """CPU per role (processes) and per thread group (inside each control plane)."""
+
+    def __init__(self, roles: RoleCpu, planes: list[ControlPlaneProcess]) -> None:
+        self.roles = roles
+        self.planes = planes
+
+    def snapshot(self) -> tuple[float, dict[int, tuple[str, float]], dict[str, dict[str, float]]]:
+        """(monotonic time, processes, threads of each control plane), taken now."""
+        return (time.monotonic(), self.roles.snapshot(),
+                {p.role: p.threads() for p in self.planes})
+
+    @staticmethod
+    def figures(name: str, before: tuple, after: tuple) -> dict[str, float]:
+        """Percent of one core per role and per control-plane thread group over a window."""
+        seconds = after[0] - before[0]
+        out = {f"{name}_cpu_pct_{role}": pct
+               for role, pct in cpu_by_role(before[1], after[1], seconds).items()}
+        for plane, groups in after[2].items():
+            for group, cpu in sorted(groups.items()):
+                spent = cpu - before[2].get(plane, {}).get(group, 0.0)
+                out[f"{name}_cpu_pct_{plane}_thread_{group}"] = round(100 * spent / seconds, 2)
+        return out
+
+
+def control_plane_share(figures: dict[str, float], name: str) -> float:
+    """The control plane's own processes (every replica and its writer), % of one core."""
+    prefix = f"{name}_cpu_pct_"
+    return round(sum(v for k, v in figures.items() if k.startswith(prefix)
+                     and "_thread_" not in k
+                     and k.removeprefix(prefix).split("_")[0].startswith(("controlplane",
+                                                                          "replica"))), 2)
+
+
+def measure(name: str, accounting: Accounting, probe: LagProbe, seconds: float,
+            size: Callable[[], int]) -> dict[str, float]:
+    """Sleep ``seconds`` and return what every role spent and what the probe saw."""
     rows0, lags0, size0 = probe.rows, len(probe.lags), size()
+    spies = []
+    if PROFILE_DIR:
+        Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
+        spies = [(p.role, p.profile(seconds, Path(PROFILE_DIR) / f"{name}-{p.role}.txt"))
+                 for p in accounting.planes]
     psutil.cpu_percent()
-    t0 = time.monotonic()
+    before = accounting.snapshot()
     time.sleep(seconds)
-    elapsed = time.monotonic() - t0
+    after = accounting.snapshot()
+    profiles = {}
+    for role, spy in spies:
+        spy.wait(60)
+        out = Path(PROFILE_DIR or "") / f"{name}-{role}.txt"
+        if out.exists():
+            profiles[role] = breakdown(out, PROFILE_RATE, seconds)
     machine = psutil.cpu_percent()
-    figures = {f"{name}_{k}_cpu_pct": round(100 * (cpu_seconds(v) - cpu0[k]) / elapsed, 1)
-               for k, v in groups.items()}
+    elapsed = after[0] - before[0]
+    figures = accounting.figures(name, before, after)
+    figures[f"{name}_cpu_pct_control_plane_total"] = control_plane_share(figures, name)
+    for role, shares in profiles.items():
+        figures |= {f"{name}_profile_pct_{role}_{what.replace(' ', '_').replace(',', '')}": pct
+                    for what, pct in shares.items()}
     lags = probe.lags[lags0:]
     cores = psutil.cpu_count() or 1
     figures |= {
@@ -166,34 +240,30 @@ def measure(name: str, sim: subprocess.Popen[str], procs: dict[str, psutil.Proce
         f"{name}_db_growth_bytes": size() - size0,
         f"{name}_seconds": round(elapsed, 1),
     }
-    print(f"{name}: {figures}", flush=True)
+    for key, value in figures.items():
+        print(f"  {key}: {value}", flush=True)
     return figures
 
 
-REPLICA = """
-import sys, signal
-sys.path.insert(0, sys.argv[1])
-from controlplane.service import ControlPlane
-from tests.support.controlplane import cp_settings
-from pathlib import Path
-class B:  # what cp_settings reads of a broker
-    url = sys.argv[3]
-cp = ControlPlane(cp_settings(Path(sys.argv[2]), B, (sys.argv[4], sys.argv[5]),
-                              database_url=sys.argv[6], mqtt_shared_group="slmfleet-cp",
-                              ingest_flush_ms=200)).start()
-print("ready", flush=True)
-signal.sigwait({signal.SIGTERM, signal.SIGINT})
-cp.stop()
-"""
+def sent_rate(summary: dict[str, Any]) -> dict[str, float]:
+    """What the simulator sent once every device was up: heartbeats per second
+    over its steady seconds (the ramp, start-up and the last, partial second left out)."""
+    per_second = summary.get("heartbeats_per_second") or []
+    steady = per_second[SIM_STEADY_AFTER_S:-1]
+    return {"ceiling_sent_msgs_per_s": round(statistics.mean(steady), 1) if steady else -1,
+            "ceiling_sent_min_msgs_per_s": min(steady) if steady else -1,
+            "ceiling_sent_whole_run_msgs_per_s": summary.get("published_per_s", -1)}
 
 
-def start_replica(work: Path, broker_url: str, password: str, url: str) -> subprocess.Popen[str]:
-    """A second control plane in a process of its own, as a real replica would be."""
-    proc = subprocess.Popen([sys.executable, "-c", REPLICA, str(ROOT), str(work), broker_url,
-                             CONTROL_PLANE_USER, password, url],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
+def backend_roles(engine: Engine) -> Callable[[], dict[int, str]]:
+    """The PostgreSQL backend pids serving the benchmark's own connections (the probe)."""
+    def read() -> dict[int, str]:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'slmfleet-bench'"
+            )).scalars().all()
+        return {int(pid): "postgres_bench" for pid in rows}
+    return read
 
 
 def main() -> None:
@@ -201,52 +271,66 @@ def main() -> None:
     broker = scratch_broker([])
     password = broker.users[CONTROL_PLANE_USER]
     postgres = None
-    extra: dict[str, object] = {}
+    common: dict[str, object] = {"mqtt_url": broker.url, "username": CONTROL_PLANE_USER,
+                                 "password": password, "ingest_flush_ms": 200,
+                                 "bootstrap_token": TOKEN,
+                                 # retention runs inside the hold window, not 5 min in
+                                 "retention_interval_s": RETENTION_S}
     if REPLICAS > 1 or DATABASE == "postgresql":
         from tests.support.postgres import PostgresCluster
 
         postgres = PostgresCluster().start()
-        extra["database_url"] = postgres.create_database("fleet")
+        common["database_url"] = postgres.create_database("fleet")
+    else:
+        common["database_url"] = f"sqlite:///{work / 'controlplane' / 'controlplane.db'}"
     if REPLICAS > 1:
-        extra["mqtt_shared_group"] = "slmfleet-cp"
-    cp = ControlPlane(cp_settings(work / "cp", broker, (CONTROL_PLANE_USER, password),
-                                  ingest_flush_ms=200, **extra)).start()
-    others = [start_replica(work / f"cp{i}", broker.url, password, str(extra["database_url"]))
-              for i in range(1, REPLICAS)]
-    probe = LagProbe(cp.engine).start()
-    procs = {"broker": broker_process(broker.data_dir), "controlplane": psutil.Process()}
-    procs |= {f"replica{i}": psutil.Process(o.pid) for i, o in enumerate(others, 1)}
-    figures: dict[str, float | int | str] = {"devices": DEVICES, "replicas": REPLICAS,
-                                             "database": cp.engine.dialect.name}
-    size = functools.partial(db_bytes, cp.engine, work / "cp")
+        common["mqtt_shared_group"] = "slmfleet-cp"
+    planes: list[ControlPlaneProcess] = []
+    probe: LagProbe | None = None
+    scraper: Scraper | None = None
     try:
+        for i in range(REPLICAS):
+            role = "controlplane" if i == 0 else f"replica{i}"
+            planes.append(ControlPlaneProcess(role, {**common, "data_dir": str(work / role)}))
+        url = str(common["database_url"])
+        if url.startswith("postgresql"):
+            url += "?application_name=slmfleet-bench"
+        engine = make_engine(url)
+        probe = LagProbe(engine).start()
+        scraper = Scraper(planes[0].api_url).start()
+        roles = RoleCpu(broker.data_dir, postgres.root / "data" if postgres else None,
+                        backend_roles(engine) if postgres else None)
+        accounting = Accounting(roles, planes)
+        figures: dict[str, float | int | str] = {"devices": DEVICES, "replicas": REPLICAS,
+                                                 "database": engine.dialect.name}
+        size = functools.partial(db_bytes, engine, work / "controlplane")
         ramp = 20.0
         print(f"{DEVICES} devices coming up over {ramp:g} s, 30 s heartbeat, "
               f"{REPLICAS} replica(s) on {figures['database']}", flush=True)
         sim = simulate(broker.url, password, 30.0, ramp, ramp + 35 + HOLD_S)
         time.sleep(ramp + 35)  # up, plus one full heartbeat period to settle
-        hold = measure("hold", sim, procs, probe, HOLD_S, size)
+        hold = measure("hold", accounting, probe, HOLD_S, size)
         sim.communicate(timeout=120)
         device_seconds = DEVICES * hold["hold_seconds"]
         figures |= hold
         figures["db_bytes_per_device_day"] = round(
             hold["hold_db_growth_bytes"] / device_seconds * 86400)
 
-        print(f"ceiling: {DEVICES} devices at a 1 s heartbeat for {CEILING_S:g} s", flush=True)
-        sim = simulate(broker.url, password, 1.0, 5.0, 5 + 5 + CEILING_S)
-        time.sleep(10)
-        figures |= measure("ceiling", sim, procs, probe, CEILING_S, size)
-        summary = json.loads((sim.communicate(timeout=120)[0] or "{}").strip().splitlines()[-1])
-        # What the simulator managed to send over its whole run (ramp included),
-        # below the 10,000/s asked for when the cores are saturated.
-        figures["ceiling_sent_msgs_per_s"] = summary.get("published_per_s", -1)
-        figures["ceiling_asked_msgs_per_s"] = DEVICES
+        if CEILING_S:
+            print(f"ceiling: {DEVICES} devices at a 1 s heartbeat for {CEILING_S:g} s", flush=True)
+            sim = simulate(broker.url, password, 1.0, 5.0, 5 + 5 + CEILING_S)
+            time.sleep(10)
+            figures |= measure("ceiling", accounting, probe, CEILING_S, size)
+            summary = json.loads((sim.communicate(timeout=120)[0] or "{}").strip().splitlines()[-1])
+            figures |= sent_rate(summary)
+            figures["ceiling_asked_msgs_per_s"] = DEVICES
     finally:
-        probe.stop()
-        for other in others:
-            other.terminate()
-            other.wait(timeout=30)
-        cp.stop()
+        if probe is not None:
+            probe.stop()
+        if scraper is not None:
+            scraper.stop()
+        for plane in planes:
+            plane.stop()
         broker.stop()
         if postgres is not None:
             postgres.stop()

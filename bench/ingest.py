@@ -40,6 +40,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psutil
 from _common import report, scratch_broker
+from _roles import INGEST_REPLICA_PREFIX, RoleCpu, cpu_by_role
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -226,7 +227,7 @@ def replicas_drain(broker, devices: list[str], count: int) -> dict[str, float | 
     try:
         url = postgres.create_database("ingest")
         work = Path(tempfile.mkdtemp(prefix="slmfleet-ingest-replicas-"))
-        ids = [f"bench-replica-{i}" for i in range(count)]
+        ids = [f"{INGEST_REPLICA_PREFIX}{i}" for i in range(count)]
         for client_id in ids:
             proc = replica(root, work / client_id, broker, url, client_id, "prepare")
             out, _ = proc.communicate(timeout=120)
@@ -242,10 +243,14 @@ def replicas_drain(broker, devices: list[str], count: int) -> dict[str, float | 
             proc.stdin.write("go\n")
             proc.stdin.flush()
         results = []
+        roles = RoleCpu(broker.data_dir, postgres.root / "data")
+        before, t0 = roles.snapshot(), time.monotonic()
         with MachineCpu() as cpu:
             for proc in procs:
                 out, _ = proc.communicate(timeout=TIMEOUT_S)
                 results.append(json.loads(out.strip().splitlines()[-1]))
+        # Over the drain and the replicas' settling after it (SETTLED_S idle).
+        per_role = cpu_by_role(before, roles.snapshot(), time.monotonic() - t0)
     finally:
         postgres.stop()
     written = sum(r["written"] for r in results)
@@ -256,7 +261,9 @@ def replicas_drain(broker, devices: list[str], count: int) -> dict[str, float | 
     print(f"{count} replica(s) wrote {written} of {total} rows ({shares}) in "
           f"{last - first:.2f} s ({rate:,.0f} msg/s); machine CPU {busy:.0f} % of "
           f"{100 * (psutil.cpu_count() or 1)}", flush=True)
-    return {f"replicas{count}_pg_ingest_msgs_per_s": round(rate),
+    print(f"  CPU by role over the drain, % of one core: {per_role}", flush=True)
+    return {**{f"replicas{count}_pg_cpu_pct_{role}": pct for role, pct in per_role.items()},
+            f"replicas{count}_pg_ingest_msgs_per_s": round(rate),
             f"replicas{count}_pg_written": written,
             f"replicas{count}_pg_machine_cpu_pct": round(busy, 1)}
 

@@ -97,6 +97,24 @@ class ControlPlaneSettings(BaseModel):
     #: bound on decoded messages waiting for the writer; a full queue blocks the
     #: MQTT thread, which stops acking QoS 1 and so pushes back on the broker
     ingest_queue_max: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    #: a heartbeat whose ``ts`` is further than this from its arrival is refused
+    #: (``slmfleet_ingest_rejected{reason="clock_skew"}``): raw telemetry is kept
+    #: by its ``ts``, in day partitions on PostgreSQL
+    ingest_max_clock_skew_s: Annotated[float, Field(ge=60.0)] = 86_400.0
+
+    # -- retention (docs/running.md) ---------------------------------------------
+    #: raw heartbeats are kept this many days (by their ``ts``); the hourly
+    #: rollups made from them before they go are kept ``telemetry_rollup_days``
+    telemetry_raw_days: Annotated[int, Field(ge=1, le=3650)] = 7
+    telemetry_rollup_days: Annotated[int, Field(ge=1, le=36500)] = 90
+    #: update events (``device_events``) are kept this many days
+    events_days: Annotated[int, Field(ge=1, le=36500)] = 90
+    #: how often retention runs (rollups, pruning, partitions ahead)
+    retention_interval_s: Annotated[float, Field(ge=1.0)] = 300.0
+    #: rows one delete statement removes; each batch is its own short transaction
+    retention_batch_rows: Annotated[int, Field(ge=10, le=1_000_000)] = 5_000
+    #: PostgreSQL: day partitions of telemetry created this many days ahead
+    telemetry_partitions_ahead_days: Annotated[int, Field(ge=1, le=60)] = 3
     #: hard cap on list page sizes
     page_max: Annotated[int, Field(ge=1, le=100_000)] = 500
 
@@ -270,6 +288,12 @@ class ControlPlaneSettings(BaseModel):
     def resign_interval(self) -> float:
         """Seconds between two runs of the re-sign job."""
         return self.resign_interval_s or min(300.0, self.resign_margin / 4)
+
+    @model_validator(mode="after")
+    def _rollups_outlive_raw(self) -> ControlPlaneSettings:
+        if self.telemetry_rollup_days < self.telemetry_raw_days:
+            raise ValueError("telemetry_rollup_days must be at least telemetry_raw_days")
+        return self
 
     @property
     def offline_after_s(self) -> float:

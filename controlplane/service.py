@@ -24,6 +24,7 @@ from .ingest import MqttIngest
 from .leader import LeaderElector, LeaderLease
 from .liveness import add_liveness_job
 from .publisher import DesiredPublisher
+from .retention import RETENTION_JOB_ID, add_retention_job
 from .rollouts import RolloutEngine, add_rollout_job, remove_rollout_engine
 from .rollouts.engine import JOB_ID as ROLLOUT_JOB_ID
 from .scheduler import DURABLE_JOBSTORE, create_scheduler, durable_jobstore
@@ -199,6 +200,7 @@ class ControlPlane:
 
     def _on_leadership(self, leading: bool) -> None:
         """Run (or stop running) the jobs only one replica may run at a time."""
+        self._lead_retention(leading)
         scheduler, director, rollouts = self.scheduler, self.director, self.rollouts
         if scheduler is None or director is None or rollouts is None or self.engine is None:
             return
@@ -224,6 +226,16 @@ class ControlPlane:
             # job row stays in the database for the next leader.
             scheduler.remove_jobstore(DURABLE_JOBSTORE, shutdown=False)
             self._durable_attached = False
+
+    def _lead_retention(self, leading: bool) -> None:
+        """Telemetry retention runs in the leader, with or without the registry's keys."""
+        scheduler = self.scheduler
+        if scheduler is None or self.engine is None:
+            return
+        if leading:
+            add_retention_job(scheduler, self.engine, self.settings)
+        elif scheduler.get_job(RETENTION_JOB_ID) is not None:
+            scheduler.remove_job(RETENTION_JOB_ID)
 
     def _bind(self) -> socket.socket:
         # Bind here, not in uvicorn, so port 0 resolves before serving starts

@@ -394,6 +394,8 @@ def test_bad_payloads_are_counted_by_reason_and_good_ones_still_land(
         "too_large": json.dumps({**good, "active_model": "x" * p.MAX_PAYLOAD_BYTES}).encode(),
         "wrong_schema": p.encode(state(did, online=True)),
         "id_mismatch": p.encode(telemetry("someone-else", 1)),
+        # a clock three days ahead: refused (the device still counts as heard)
+        "clock_skew": p.encode(telemetry(did, 2, ts=time.time() + 3 * 86400)),
         "empty": b"",
     }
     for payload in bad.values():

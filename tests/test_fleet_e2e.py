@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def test_bad_payloads_are_counted_and_the_rest_still_lands(tmp_path, broker, new
     api = controlplane.api_url
     before = httpx.get(f"{api}/v1/ingest/stats", headers=ADMIN_HEADERS).json()["rejected"]
     topic = p.device_topic(device_id, "telemetry")
-    good = p.Telemetry(device_id=device_id, ts=1.0, seq=1, uptime_s=1, cpu_percent=1,
+    good = p.Telemetry(device_id=device_id, ts=time.time(), seq=1, uptime_s=1, cpu_percent=1,
                        ram_used_bytes=1)
     client.publish(topic, b"{not json")
     client.publish(topic, b"x" * (p.MAX_PAYLOAD_BYTES + 1))
@@ -147,7 +148,8 @@ def test_bad_payloads_are_counted_and_the_rest_still_lands(tmp_path, broker, new
     # control plane's own user): the ingest re-checks the id itself
     cp = RawClient(broker.url, *cp_credentials)
     cp.connect()
-    spoof = p.Telemetry(device_id="someone-else", ts=1.0, seq=9, uptime_s=1, cpu_percent=1,
+    spoof = p.Telemetry(device_id="someone-else", ts=time.time(), seq=9, uptime_s=1,
+                        cpu_percent=1,
                         ram_used_bytes=1)
     cp.publish(topic, p.encode(spoof))
     cp.close()

@@ -6,6 +6,7 @@ from controlplane.auth import tables as _auth_tables  # noqa: F401
 
 from .migrate import upgrade_to_head
 from .models import Base, CapabilitySnapshot, Device, DeviceEvent, DeviceLabel, TelemetryRow
+from .retention_tables import RetentionMark, TelemetryHourly
 from .session import make_engine, session_factory
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "Device",
     "DeviceEvent",
     "DeviceLabel",
+    "RetentionMark",
+    "TelemetryHourly",
     "TelemetryRow",
     "make_engine",
     "session_factory",

@@ -100,6 +100,7 @@ class MqttIngest:
             flush_s=settings.ingest_flush_ms / 1000.0,
             queue_max=settings.ingest_queue_max,
             log_level=logging.getLogger().getEffectiveLevel(),
+            max_clock_skew_s=settings.ingest_max_clock_skew_s,
         )
         self._batch_max = settings.ingest_batch_max
         self._flush_s = settings.ingest_flush_ms / 1000.0

@@ -31,7 +31,7 @@ from ..db.session import make_engine
 from ..db.writes import BatchStore, IngestItem
 from ..logs import RateLimitedLog
 from .batch_writer import BatchWriter
-from .decode import decode_device_message
+from .decode import ClockSkew, decode_device_message
 from .stats import IngestStats
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class WorkerConfig:
     queue_max: int
     log_level: int
     stop_timeout_s: float = 10.0
+    #: heartbeats further than this from their arrival are refused (None: any)
+    max_clock_skew_s: float | None = None
 
 
 def encode_batch(batch: list[RawMessage]) -> bytes:
@@ -132,7 +134,13 @@ def run_worker(config: WorkerConfig, inbox: Connection, outbox: Connection) -> N
                 break
             for topic, payload, retained, received_at in pickle.loads(data):
                 try:
-                    item = decode_device_message(topic, payload, retained, received_at)
+                    item = decode_device_message(topic, payload, retained, received_at,
+                                                config.max_clock_skew_s)
+                except ClockSkew as exc:
+                    # the figures are refused; that the device was heard is not
+                    stats.count_rejected(exc.reason)
+                    items.put(exc.heard)
+                    continue
                 except ProtocolError as exc:
                     stats.count_rejected(exc.reason)
                     rejects.log(
