@@ -1,0 +1,219 @@
+"""Generative ONNX models through onnxruntime-genai (worker side only).
+
+A model is a folder as onnxruntime-genai's model builder (or Olive, or
+Foundry Local) writes it: ``genai_config.json``, ``model.onnx`` and its
+``model.onnx.data``, and the tokenizer files with the chat template. The
+folder is the signed artifact, so nothing here writes to it: execution
+providers and threads are set on the in-memory ``og.Config`` at load.
+
+One generation at a time (``slots`` 0): onnxruntime-genai's generator is
+one sequence, and the worker's frame loop runs each ``complete`` in turn.
+Sampling maps onto its search options (greedy at temperature 0, else top-k
+40 like the GGUF path, ``top_p``, ``temperature``, ``random_seed``);
+``response_format`` runs under its guided decoding (llguidance, a JSON
+schema). What it has no way to honour (the repetition penalties, tool
+calls) is refused with a 400 naming the field, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnxruntime_genai as og
+
+from . import tool_calls
+from .backend import GENAI_CONFIG, Backend, BadRequest, Completion
+from .text_stream import TextStream
+
+#: top-k of a sampled (temperature > 0) answer, as the GGUF path draws
+TOP_K = 40
+
+#: llguidance's JSON options: compact JSON, as ``json.dumps(..., separators=(",", ":"))``
+GUIDANCE_OPTIONS = {"whitespace_flexible": False}
+
+#: onnxruntime's provider names -> onnxruntime-genai's (``Config.append_provider``)
+GENAI_PROVIDERS = {
+    "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml",
+    "QNNExecutionProvider": "QNN", "OpenVINOExecutionProvider": "OpenVINO",
+    "WebGpuExecutionProvider": "WebGPU", "NvTensorRTRTXExecutionProvider": "NvTensorRtRtx",
+}
+
+
+def _configure(folder: str, runtime: dict[str, Any]) -> tuple[og.Config, list[str], str | None]:
+    """The folder's config with the profile's providers and threads set in memory.
+
+    Returns the config, the providers it runs on and why a wanted one is not
+    used (None: all are). The provider list is checked against the
+    onnxruntime that onnxruntime-genai runs on, as the generic ONNX path
+    checks it, so a missing provider falls back to CPU with the same reason.
+    """
+    from .onnx_backend import choose_providers
+
+    usable, reason = choose_providers(list(runtime.get("onnx_providers") or []))
+    unmapped = [p for p in usable if p != "CPUExecutionProvider" and p not in GENAI_PROVIDERS]
+    if unmapped:
+        usable = [p for p in usable if p not in unmapped] or ["CPUExecutionProvider"]
+        note = f"{', '.join(unmapped)} has no onnxruntime-genai name; running on " \
+               f"{', '.join(usable)}"
+        reason = f"{reason}; {note}" if reason else note
+    config = og.Config(folder)
+    # The folder's own provider list is replaced, never edited: CPU is what
+    # onnxruntime-genai runs when the list is empty.
+    config.clear_providers()
+    for provider in usable:
+        if provider != "CPUExecutionProvider":
+            config.append_provider(GENAI_PROVIDERS[provider])
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": int(runtime["threads"]), "inter_op_num_threads": 1}}}}))
+    return config, usable, reason
+
+
+class GenaiBackend(Backend):
+    """One ``og.Model`` and its tokenizer; answers one request at a time."""
+
+    def __init__(self, folder: str, runtime: dict[str, Any]) -> None:
+        if runtime.get("embeddings"):
+            raise ValueError("an onnxruntime-genai model generates text; it does not serve "
+                             "embeddings")
+        try:
+            with open(Path(folder) / GENAI_CONFIG, encoding="utf-8") as fh:
+                model_context = int(json.load(fh)["model"]["context_length"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{GENAI_CONFIG} does not name model.context_length: {exc}") \
+                from exc
+        try:
+            config, self.providers, self.fallback = _configure(folder, runtime)
+            self.model = og.Model(config)
+            self.tokenizer = og.Tokenizer(self.model)
+        except RuntimeError as exc:  # onnxruntime-genai raises RuntimeError for every failure
+            raise ValueError(f"onnxruntime-genai cannot load the model: {exc}") from exc
+        self.context = min(int(runtime["context"]), model_context)
+        self.threads = int(runtime["threads"])
+        self.eos = set(self.tokenizer.eos_token_ids)
+
+    def info(self) -> dict[str, Any]:
+        """See :meth:`Backend.info`."""
+        return {"runtime": "onnxruntime-genai", "onnxruntime_genai_version": og.__version__,
+                "model_type": self.model.type, "providers": self.providers,
+                "provider_fallback": self.fallback, "context": self.context,
+                "threads": self.threads, "embeddings": False, "parallel": 1}
+
+    def _prompt_tokens(self, request: dict[str, Any]) -> list[int]:
+        if "messages" not in request:
+            return list(self.tokenizer.encode(request["prompt"]))
+        plan = tool_calls.ToolPlan.from_wire(request.get("tools"))
+        if plan is not None and plan.calls_possible:
+            raise BadRequest("'tools' are not supported for onnxruntime-genai models unless "
+                             "tool_choice is \"none\"", code="unsupported_parameter")
+        # The template sees text turns only (earlier calls and results as text),
+        # as the GGUF path renders them for a template without tools.
+        messages = tool_calls.render_messages(request["messages"], plan)
+        text = self.tokenizer.apply_chat_template(json.dumps(messages),
+                                                  add_generation_prompt=True)
+        return list(self.tokenizer.encode(text))
+
+    def _params(self, request: dict[str, Any], max_length: int) -> og.GeneratorParams:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if request.get(name):
+                raise BadRequest(f"'{name}' is not supported for onnxruntime-genai models "
+                                 "(no repetition penalty over a window)",
+                                 code="unsupported_parameter")
+        params = og.GeneratorParams(self.model)
+        temperature = request.get("temperature", 1.0)
+        temperature = 1.0 if temperature is None else float(temperature)
+        options: dict[str, Any] = {"max_length": max_length, "batch_size": 1}
+        if temperature == 0.0:
+            options["do_sample"] = False
+        else:
+            top_p = request.get("top_p", 1.0)
+            seed = request.get("seed")
+            options.update(do_sample=True, temperature=temperature, top_k=TOP_K,
+                           top_p=1.0 if top_p is None else float(top_p),
+                           # onnxruntime-genai takes a non-negative 31-bit seed
+                           random_seed=random.getrandbits(31) if seed is None
+                           else int(seed) & 0x7FFFFFFF)
+        params.set_search_options(**options)
+        guidance = self._guidance(request.get("response_format"))
+        if guidance is not None:
+            try:
+                params.set_guidance("json_schema", guidance)
+            except RuntimeError as exc:
+                raise BadRequest(f"response_format: guided decoding refused the schema: {exc}",
+                                 code="unsupported_schema") from exc
+        return params
+
+    @staticmethod
+    def _guidance(response_format: dict[str, Any] | None) -> str | None:
+        """The JSON schema the answer must follow (llguidance's input), or None."""
+        if not response_format:
+            return None
+        kind = response_format.get("type")
+        if kind == "json_object":
+            schema: dict[str, Any] = {"type": "object"}
+        elif kind == "json_schema":
+            schema = dict(response_format["schema"])
+        else:
+            raise BadRequest(f"response_format type {kind!r} is not supported",
+                             code="unsupported_parameter")
+        # No free whitespace between tokens: a small model can loop on blanks.
+        schema["x-guidance"] = GUIDANCE_OPTIONS
+        return json.dumps(schema)
+
+    def complete(self, request: dict[str, Any], emit: Callable[[str], None],
+                 cancelled: Callable[[], bool]) -> Completion:
+        """See :meth:`Backend.complete`."""
+        tokens = self._prompt_tokens(request)
+        room = self.context - len(tokens)
+        max_tokens = request.get("max_tokens") or room
+        if room <= 0 or max_tokens > room:
+            raise BadRequest(
+                f"prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                f"the context window ({self.context} tokens)", code="context_length_exceeded")
+        params = self._params(request, len(tokens) + max_tokens)
+        try:
+            generator = og.Generator(self.model, params)
+            return self._generate(generator, tokens, max_tokens, list(request.get("stop") or []),
+                                  emit, cancelled)
+        except RuntimeError as exc:
+            raise RuntimeError(f"onnxruntime-genai failed: {exc}") from exc
+
+    def _generate(self, generator: og.Generator, tokens: list[int], max_tokens: int,
+                  stop: list[str], emit: Callable[[str], None],
+                  cancelled: Callable[[], bool]) -> Completion:
+        decoder = self.tokenizer.create_stream()
+        text = TextStream(stop)
+        generator.append_tokens(tokens)
+        generated = 0
+        finish = "length"
+        while generated < max_tokens and not cancelled():
+            if generator.is_done():
+                finish = "stop"
+                break
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            generated += 1
+            if token in self.eos:
+                finish = "stop"
+                break
+            piece = text.feed(decoder.decode(token).encode())
+            if piece:
+                emit(piece)
+            if text.stopped:
+                finish = "stop"
+                break
+        else:
+            if cancelled():
+                finish = "stop"
+        rest = text.finish()
+        if rest:
+            emit(rest)
+        return Completion(finish, len(tokens), generated)
+
+    def close(self) -> None:
+        """See :meth:`Backend.close`."""
+        self.tokenizer = None  # type: ignore[assignment]
+        self.model = None  # type: ignore[assignment]
