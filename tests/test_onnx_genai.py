@@ -4,8 +4,8 @@ scripts/build-onnx-genai.sh builds the model folder from the GGUF the other
 tests use; here it runs in a real worker subprocess behind the agent's
 local API (in this test's event loop), and the official ``openai`` client,
 httpx and Ollama's ``/api/chat`` talk to it: chat and text completions
-streamed and not, the sampling fields, guided JSON, refusals that name the
-field, the health check, provider fallback, a crashed worker, and warm swaps
+streamed and not, the sampling fields, guided JSON and tool calls, refusals
+that name the field, the health check, provider fallback, a crashed worker, and warm swaps
 between the GGUF and the ONNX build under steady traffic.
 """
 
@@ -122,7 +122,8 @@ def test_openai_client_chats_with_the_onnx_model(onnx_model: Path) -> None:
     _serve(onnx_spec(onnx_model, "1.0.0"), check)
 
 
-def test_guided_json_validates_and_unsupported_fields_are_refused(onnx_model: Path) -> None:
+def test_guided_json_and_tool_calls_validate_and_unsupported_fields_are_refused(
+        onnx_model: Path) -> None:
     def check(runtime: InferenceRuntime, url: str) -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for seed, stream in ((1, False), (2, True), (3, False)):
@@ -142,10 +143,16 @@ def test_guided_json_validates_and_unsupported_fields_are_refused(onnx_model: Pa
             assert caught.value.code == "unsupported_parameter"
             assert field in caught.value.message
         tool = {"type": "function", "function": {"name": "weather", "parameters": {
-            "type": "object", "properties": {"city": {"type": "string"}}}}}
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model=MODEL, messages=FRANCE, tools=[tool])
-        assert caught.value.code == "unsupported_parameter" and "tools" in caught.value.message
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": False}}}
+        # Tool calls run under the envelope's schema, read as for a GGUF.
+        reply = client.chat.completions.create(
+            model=MODEL, tools=[tool], parallel_tool_calls=False, temperature=0, max_tokens=48,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+        calls = reply.choices[0].message.tool_calls or []
+        assert reply.choices[0].finish_reason == "tool_calls" and len(calls) == 1, reply
+        assert calls[0].function.name == "weather"
+        assert set(json.loads(calls[0].function.arguments)) == {"city"}
         # tool_choice "none": the tools are not shown and the answer is text.
         reply = client.chat.completions.create(model=MODEL, messages=FRANCE, tools=[tool],
                                                tool_choice="none", temperature=0, max_tokens=24)

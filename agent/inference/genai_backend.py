@@ -10,9 +10,10 @@ One generation at a time (``slots`` 0): onnxruntime-genai's generator is
 one sequence, and the worker's frame loop runs each ``complete`` in turn.
 Sampling maps onto its search options (greedy at temperature 0, else top-k
 40 like the GGUF path, ``top_p``, ``temperature``, ``random_seed``);
-``response_format`` runs under its guided decoding (llguidance, a JSON
-schema). What it has no way to honour (the repetition penalties, tool
-calls) is refused with a 400 naming the field, never dropped.
+``response_format`` and tool calls run under its guided decoding
+(llguidance, a JSON schema: :mod:`.genai_guidance`). What it has no way to
+honour (the repetition penalties) is refused with a 400 naming the field,
+never dropped.
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ import onnxruntime_genai as og
 
 from . import tool_calls
 from .backend import GENAI_CONFIG, Backend, BadRequest, Completion
+from .genai_guidance import guidance_schema
 from .text_stream import TextStream
 
 #: top-k of a sampled (temperature > 0) answer, as the GGUF path draws
 TOP_K = 40
-
-#: llguidance's JSON options: compact JSON, as ``json.dumps(..., separators=(",", ":"))``
-GUIDANCE_OPTIONS = {"whitespace_flexible": False}
 
 #: onnxruntime's provider names -> onnxruntime-genai's (``Config.append_provider``)
 GENAI_PROVIDERS = {
@@ -105,12 +104,10 @@ class GenaiBackend(Backend):
     def _prompt_tokens(self, request: dict[str, Any]) -> list[int]:
         if "messages" not in request:
             return list(self.tokenizer.encode(request["prompt"]))
+        # The template sees text turns only (the tools and the envelope in the
+        # system message, earlier calls and results as text), as the GGUF path
+        # renders them for a template without tools.
         plan = tool_calls.ToolPlan.from_wire(request.get("tools"))
-        if plan is not None and plan.calls_possible:
-            raise BadRequest("'tools' are not supported for onnxruntime-genai models unless "
-                             "tool_choice is \"none\"", code="unsupported_parameter")
-        # The template sees text turns only (earlier calls and results as text),
-        # as the GGUF path renders them for a template without tools.
         messages = tool_calls.render_messages(request["messages"], plan)
         text = self.tokenizer.apply_chat_template(json.dumps(messages),
                                                   add_generation_prompt=True)
@@ -137,31 +134,15 @@ class GenaiBackend(Backend):
                            random_seed=random.getrandbits(31) if seed is None
                            else int(seed) & 0x7FFFFFFF)
         params.set_search_options(**options)
-        guidance = self._guidance(request.get("response_format"))
+        guidance = guidance_schema(request)
         if guidance is not None:
             try:
                 params.set_guidance("json_schema", guidance)
             except RuntimeError as exc:
-                raise BadRequest(f"response_format: guided decoding refused the schema: {exc}",
+                field = "tools" if request.get("tools") else "response_format"
+                raise BadRequest(f"{field}: guided decoding refused the schema: {exc}",
                                  code="unsupported_schema") from exc
         return params
-
-    @staticmethod
-    def _guidance(response_format: dict[str, Any] | None) -> str | None:
-        """The JSON schema the answer must follow (llguidance's input), or None."""
-        if not response_format:
-            return None
-        kind = response_format.get("type")
-        if kind == "json_object":
-            schema: dict[str, Any] = {"type": "object"}
-        elif kind == "json_schema":
-            schema = dict(response_format["schema"])
-        else:
-            raise BadRequest(f"response_format type {kind!r} is not supported",
-                             code="unsupported_parameter")
-        # No free whitespace between tokens: a small model can loop on blanks.
-        schema["x-guidance"] = GUIDANCE_OPTIONS
-        return json.dumps(schema)
 
     def complete(self, request: dict[str, Any], emit: Callable[[str], None],
                  cancelled: Callable[[], bool]) -> Completion:
