@@ -15,6 +15,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,19 @@ def onnx_model() -> Path:
         pytest.fail("ONNX test model missing: run scripts/bootstrap.sh (it runs "
                     "scripts/build-onnx-genai.sh)", pytrace=False)
     return folder
+
+
+def test_a_second_build_finds_the_cached_model_and_changes_nothing(onnx_model: Path) -> None:
+    before = {f.name: f.stat().st_mtime_ns for f in onnx_model.iterdir()}
+    started = time.monotonic()
+    done = subprocess.run(["scripts/build-onnx-genai.sh"], capture_output=True, text=True,
+                          timeout=120, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.splitlines()[-1] == str(onnx_model)
+    assert "building" not in done.stderr, done.stderr
+    assert time.monotonic() - started < 60
+    assert {f.name: f.stat().st_mtime_ns for f in onnx_model.iterdir()} == before
+    assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"} <= set(before)
 
 
 def _serve(spec: Any, check: Callable[[InferenceRuntime, str], Any]) -> None:
