@@ -250,3 +250,32 @@ async def _until(condition: Callable[[], bool], what: str, timeout: float = 120)
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+def test_a_provider_onnxruntime_genai_cannot_run_falls_back_to_cpu(
+        onnx_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime lists a provider that this onnxruntime-genai build cannot load (CUDA,
+    named for a provider onnxruntime has here): the model runs on the CPU, with the reason,
+    and the folder is left as it was."""
+    import onnxruntime as ort
+
+    from agent.inference import genai_backend
+
+    listed = next(p for p in ort.get_available_providers() if p != "CPUExecutionProvider")
+    monkeypatch.setitem(genai_backend.GENAI_PROVIDERS, listed, "cuda")
+    before = {f.name: f.stat().st_mtime_ns for f in onnx_model.iterdir()}
+    backend = genai_backend.GenaiBackend(str(onnx_model), {
+        "threads": 1, "context": 512, "embeddings": False,
+        "onnx_providers": [listed, "CPUExecutionProvider"]})
+    try:
+        info = backend.info()
+        assert info["providers"] == ["CPUExecutionProvider"]
+        assert f"onnxruntime-genai cannot run on {listed}" in info["provider_fallback"]
+        pieces: list[str] = []
+        backend.complete({"messages": [{"role": "user", "content": "What is the chemical "
+                                        "symbol for water?"}], "temperature": 0,
+                          "max_tokens": 12}, pieces.append, lambda: False)
+        assert "H2O" in "".join(pieces)
+    finally:
+        backend.close()
+    assert {f.name: f.stat().st_mtime_ns for f in onnx_model.iterdir()} == before

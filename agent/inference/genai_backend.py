@@ -42,23 +42,27 @@ GENAI_PROVIDERS = {
 }
 
 
-def _configure(folder: str, runtime: dict[str, Any]) -> tuple[og.Config, list[str], str | None]:
-    """The folder's config with the profile's providers and threads set in memory.
+def _usable_providers(wanted: list[str]) -> tuple[list[str], str | None]:
+    """The providers to run with, and why a wanted one is not used (None: all are).
 
-    Returns the config, the providers it runs on and why a wanted one is not
-    used (None: all are). The provider list is checked against the
-    onnxruntime that onnxruntime-genai runs on, as the generic ONNX path
-    checks it, so a missing provider falls back to CPU with the same reason.
+    Checked against the onnxruntime that onnxruntime-genai runs on, as the
+    generic ONNX path checks it, so a missing provider falls back to CPU
+    with the same reason.
     """
     from .onnx_backend import choose_providers
 
-    usable, reason = choose_providers(list(runtime.get("onnx_providers") or []))
+    usable, reason = choose_providers(wanted)
     unmapped = [p for p in usable if p != "CPUExecutionProvider" and p not in GENAI_PROVIDERS]
     if unmapped:
         usable = [p for p in usable if p not in unmapped] or ["CPUExecutionProvider"]
         note = f"{', '.join(unmapped)} has no onnxruntime-genai name; running on " \
                f"{', '.join(usable)}"
         reason = f"{reason}; {note}" if reason else note
+    return usable, reason
+
+
+def _configure(folder: str, runtime: dict[str, Any], usable: list[str]) -> og.Config:
+    """The folder's config with ``usable`` providers and the threads set in memory."""
     config = og.Config(folder)
     # The folder's own provider list is replaced, never edited: CPU is what
     # onnxruntime-genai runs when the list is empty.
@@ -68,7 +72,24 @@ def _configure(folder: str, runtime: dict[str, Any]) -> tuple[og.Config, list[st
             config.append_provider(GENAI_PROVIDERS[provider])
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": int(runtime["threads"]), "inter_op_num_threads": 1}}}}))
-    return config, usable, reason
+    return config
+
+
+def _load(folder: str, runtime: dict[str, Any]) -> tuple[og.Model, list[str], str | None]:
+    """The model on the first usable providers, else on the CPU (with the reason)."""
+    usable, reason = _usable_providers(list(runtime.get("onnx_providers") or []))
+    try:
+        return og.Model(_configure(folder, runtime, usable)), usable, reason
+    except RuntimeError as exc:
+        if usable == ["CPUExecutionProvider"]:
+            raise
+        # onnxruntime has the provider, yet this onnxruntime-genai build cannot
+        # use it (e.g. a CPU-only onnxruntime-genai beside onnxruntime-gpu).
+        note = f"onnxruntime-genai cannot run on {', '.join(usable)} ({exc}); running on " \
+               "CPUExecutionProvider"
+        cpu = ["CPUExecutionProvider"]
+        model = og.Model(_configure(folder, runtime, cpu))
+        return model, cpu, f"{reason}; {note}" if reason else note
 
 
 class GenaiBackend(Backend):
@@ -85,8 +106,7 @@ class GenaiBackend(Backend):
             raise ValueError(f"{GENAI_CONFIG} does not name model.context_length: {exc}") \
                 from exc
         try:
-            config, self.providers, self.fallback = _configure(folder, runtime)
-            self.model = og.Model(config)
+            self.model, self.providers, self.fallback = _load(folder, runtime)
             self.tokenizer = og.Tokenizer(self.model)
         except RuntimeError as exc:  # onnxruntime-genai raises RuntimeError for every failure
             raise ValueError(f"onnxruntime-genai cannot load the model: {exc}") from exc
