@@ -110,4 +110,5 @@ then
     echo "Rebuild it: rm -r '$LLAMA_WHEELS' && scripts/bootstrap.sh" >&2
     exit 1
 fi
+scripts/build-onnx-genai.sh >/dev/null  # the same model as ONNX int4 (onnxruntime-genai), cached
 say "ready: .venv, Mosquitto, model at $MODEL"

@@ -10,7 +10,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+#: the file that makes a model folder an onnxruntime-genai model
+GENAI_CONFIG = "genai_config.json"
 
 
 class BadRequest(Exception):
@@ -91,6 +95,12 @@ def load_backend(model: str, fmt: str, runtime: dict[str, Any]) -> Backend:
 
         return LlamaBackend(model, runtime)
     if fmt == "onnx":
+        # A folder with a genai_config.json is a generative model
+        # (onnxruntime-genai); a single file is a graph for onnxruntime.
+        if (Path(model) / GENAI_CONFIG).is_file():
+            from .genai_backend import GenaiBackend
+
+            return GenaiBackend(model, runtime)
         from .onnx_backend import OnnxBackend
 
         return OnnxBackend(model, runtime)
