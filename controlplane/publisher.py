@@ -1,10 +1,11 @@
 """Puts each device's current assignment, retained, on its ``desired`` topic.
 
 The database says what every device should have: ``device_sequences`` holds
-the highest sequence issued to a device (``last_sequence``) and the one the
-broker last acknowledged (``published_sequence``). A device whose two
-numbers differ is owed a message: the envelope of its active assignment, or
-an empty retained message (which clears ``desired``) when it has none.
+the highest sequence issued to a device (``last_sequence``), the one the
+broker last acknowledged (``published_sequence``) and the device's current
+signed document (``envelope``). A device whose two numbers differ is owed a
+message: that document, or an empty retained message (which clears
+``desired``) when it has none.
 
 One thread drains that backlog: read a batch in one statement, publish each
 payload retained at QoS 1, wait for the PUBACKs, then record each
@@ -46,8 +47,7 @@ from sqlalchemy import Engine, bindparam, select, update
 from protocol import TOPIC_ROOT, TopicKind, device_topic
 
 from .config import ControlPlaneSettings
-from .db.models import AssignmentRecord, DeviceSequence
-from .db.statuses import AssignmentStatus
+from .db.models import DeviceSequence
 from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -255,16 +255,9 @@ class DesiredPublisher:
             self._checked_connection = connection
             return
         seq = DeviceSequence.__table__
-        rec = AssignmentRecord.__table__
         with self._engine.begin() as conn:
             owed = conn.execute(
-                update(seq)
-                .where(
-                    seq.c.device_id.in_(
-                        select(rec.c.device_id).where(rec.c.status == AssignmentStatus.ACTIVE)
-                    )
-                )
-                .values(published_sequence=0)
+                update(seq).where(seq.c.envelope.is_not(None)).values(published_sequence=0)
             ).rowcount
         if owed:
             log.warning(
@@ -298,32 +291,18 @@ class DesiredPublisher:
 
     def _owed(self) -> list[_Owed]:
         seq = DeviceSequence.__table__
-        rec = AssignmentRecord.__table__
-        # Two statements, sequences first: an outer join of the two tables
-        # sorted by device made SQLite walk the assignments for every owed row
-        # (seconds per batch at 10,000 devices). An assignment committed in
-        # between only makes the envelope newer than the number recorded
-        # for it, which leaves the device owed and re-published next pass;
-        # never the other way round.
+        # Number and document come from the same row, written in the same
+        # transaction: a document is never published under another's number.
         with self._engine.connect() as conn:
             owed = conn.execute(
-                select(seq.c.device_id, seq.c.last_sequence)
+                select(seq.c.device_id, seq.c.last_sequence, seq.c.envelope)
                 .where(seq.c.published_sequence != seq.c.last_sequence)
                 .order_by(seq.c.device_id)
                 .limit(BATCH)
             ).all()
-            if not owed:
-                return []
-            envelopes = dict(conn.execute(
-                select(rec.c.device_id, rec.c.envelope).where(
-                    rec.c.device_id.in_([device_id for device_id, _ in owed]),
-                    rec.c.status == AssignmentStatus.ACTIVE,
-                )
-            ).all())
         return [
-            _Owed(device_id, int(last),
-                  envelopes[device_id].encode("utf-8") if envelopes.get(device_id) else b"")
-            for device_id, last in owed
+            _Owed(device_id, int(last), envelope.encode("utf-8") if envelope else b"")
+            for device_id, last, envelope in owed
         ]
 
     def drain_once(self) -> bool:

@@ -39,9 +39,11 @@ def _owe(engine, device_ids: list[str]) -> None:
             "assignment_id": f"a-{d}", "device_id": d, "version_id": version_id,
             "ref": "m@1.0.0", "tier": "micro", "sequence": 1, "issued_at": now,
             "expires_at": now + 3600, "rollout_id": None, "kind": "assign", "status": "active",
-            "ended_at": None, "envelope": f'{{"for":"{d}"}}'} for d in device_ids])
+            "ended_at": None, "model_name": "m"} for d in device_ids])
         conn.execute(insert(DeviceSequence), [
-            {"device_id": d, "last_sequence": 1, "published_sequence": 0} for d in device_ids])
+            {"device_id": d, "last_sequence": 1, "published_sequence": 0,
+             "envelope": f'{{"for":"{d}"}}', "expires_at": now + 3600, "form": "single"}
+            for d in device_ids])
 
 
 def test_publisher_keeps_to_the_brokers_receive_maximum(tmp_path: Path) -> None:
