@@ -73,9 +73,13 @@ class SimDevice:
     rejected: list[str] = field(default_factory=list)
     #: sets: every document accepted, in order
     documents: list[p.VerifiedDesired] = field(default_factory=list)
+    #: broker password already issued (say, through the control plane's API);
+    #: None: provision one on the broker directly
+    password: str | None = None
 
     def __post_init__(self) -> None:
-        self.password = provision_device(self.broker, self.device_id)
+        if self.password is None:
+            self.password = provision_device(self.broker, self.device_id)
         self._lock = threading.Lock()
         self._seq = 0
         self._tele_seq = 0
