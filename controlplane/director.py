@@ -54,8 +54,9 @@ from protocol import (
     verify_release,
 )
 
-from .db.models import AssignmentRecord, Device, DeviceSequence, ModelVersion
+from .db.models import AssignmentRecord, DesiredDocument, Device, ModelVersion
 from .db.statuses import AssignmentStatus
+from .db.writes import insert_ignoring_conflicts
 from .documents import (
     SINGLE,
     Entry,
@@ -64,7 +65,6 @@ from .documents import (
     Signed,
     forms,
     live_entries,
-    same_entries,
     sign,
 )
 from .plans import AssignResult, Change, Plan, Status, plan_change
@@ -80,7 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 assignments: Table = AssignmentRecord.__table__  # type: ignore[assignment]
-sequences: Table = DeviceSequence.__table__  # type: ignore[assignment]
+documents: Table = DesiredDocument.__table__  # type: ignore[assignment]
 
 #: re-signs per database read; the job repeats while a batch comes back full
 RESIGN_BATCH = 500
@@ -268,10 +268,10 @@ class Director:
         """Re-sign the documents with less than ``margin_s`` left; return how many."""
         with self._engine.connect() as conn:
             due = list(conn.execute(
-                select(sequences.c.device_id)
-                .where(sequences.c.envelope.is_not(None),
-                       sequences.c.expires_at < self._clock() + margin_s)
-                .order_by(sequences.c.expires_at)
+                select(documents.c.device_id)
+                .where(documents.c.envelope.is_not(None),
+                       documents.c.expires_at < self._clock() + margin_s)
+                .order_by(documents.c.expires_at)
                 .limit(batch)
             ).scalars())
         done = sum(r.status == "assigned" for r in self._apply_all([Change(d) for d in due])
@@ -304,22 +304,27 @@ class Director:
         with the numbers and entries read then: on SQLite the transaction
         holds the only write lock, and the publisher and the ingest would
         wait behind every signature. Inside, the numbers are allocated for
-        real and the entries read again; a device whose number or entries
-        moved meanwhile (another writer got there first) is planned and signed
-        again. One commit (one fsync on SQLite) per batch instead of per device
-        is what lets a stage of thousands of devices go out in seconds.
+        real; a device whose number moved meanwhile (another writer got
+        there first) has its entries read again, and is planned and signed
+        again. The form its agent reads is not re-read: a hello that changes
+        it bumps nothing, and the device's next document follows it. One
+        commit (one fsync on SQLite) per batch instead of per device is what
+        lets a stage of thousands of devices go out in seconds.
         """
         ids = [c.device_id for c in changes]
         with self._engine.connect() as conn:
+            # The counters first: every change to a device's entries bumps its
+            # counter in the same commit, so a device whose number is still the
+            # one peeked here when it is allocated had no change in between.
+            guess = peek_next_sequences(conn, ids)
             current = live_entries(conn, ids, self._releases)
             reads = forms(conn, ids)
-            guess = peek_next_sequences(conn, ids)
         now = self._clock()
         results: dict[str, AssignResult] = {}
         plans: dict[str, Plan] = {}
         for change in changes:
             plan, refused = plan_change(change, current.get(change.device_id, {}),
-                                  reads.get(change.device_id, SINGLE))
+                                        reads.get(change.device_id, SINGLE))
             if plan is None:
                 assert refused is not None
                 results[change.device_id] = refused
@@ -330,25 +335,24 @@ class Director:
             return results
         with self._engine.begin() as conn:
             sequence = next_sequences(conn, list(plans))
-            fresh = live_entries(conn, list(plans), self._releases)
-            moved = 0
-            for device_id, plan in list(plans.items()):
-                live = fresh.get(device_id, {})
-                if not same_entries(live, current.get(device_id, {})):
-                    plan, refused = plan_change(plan.change, live, plan.reads)
-                    if plan is None:
-                        # Its number is taken: what is live now is signed with it.
-                        plan = plan_change(Change(device_id), live, plans[device_id].reads)[0]
-                        assert plan is not None and refused is not None
-                        results[device_id] = refused
-                    plans[device_id] = plan
-                if plan.signed is None or plan.signed.sequence != sequence[device_id]:
-                    plan.signed = self._sign(device_id, plan, sequence[device_id], now)
-                    moved += 1
+            moved = [d for d in plans if sequence[d] != guess[d]]
+            # Another writer got to these devices first: plan again on the
+            # entries live now (read under the counters' lock) and sign again.
+            fresh = live_entries(conn, moved, self._releases) if moved else {}
+            for device_id in moved:
+                live, reads_now = fresh.get(device_id, {}), plans[device_id].reads
+                plan, refused = plan_change(plans[device_id].change, live, reads_now)
+                if plan is None:
+                    # Its number is taken: what is live now is signed with it.
+                    plan = plan_change(Change(device_id), live, reads_now)[0]
+                    assert plan is not None and refused is not None
+                    results[device_id] = refused
+                plan.signed = self._sign(device_id, plan, sequence[device_id], now)
+                plans[device_id] = plan
             self._store(conn, plans, now)
         if moved:
-            log.debug("%d of %d document(s) signed again: sequence or entries moved",
-                      moved, len(plans))
+            log.debug("%d of %d document(s) signed again: another writer came first",
+                      len(moved), len(plans))
         for device_id, plan in plans.items():
             results.setdefault(device_id, _result(device_id, plan))
         return results
@@ -371,10 +375,10 @@ class Director:
             conn.execute(
                 update(assignments).where(assignments.c.device_id == bindparam("b_d"), live)
                 .values(**revoke), cleared)
-        for start in range(0, len(ids), 500):
+        for start in range(0, len(ids), ASSIGN_BATCH):
             conn.execute(
                 update(assignments)
-                .where(assignments.c.device_id.in_(ids[start : start + 500]),
+                .where(assignments.c.device_id.in_(ids[start : start + ASSIGN_BATCH]),
                        assignments.c.status == AssignmentStatus.ACTIVE)
                 .values(status=AssignmentStatus.SUPERSEDED, ended_at=now)
             )
@@ -382,13 +386,19 @@ class Director:
                 for entry in plan.entries.values()]
         if rows:
             conn.execute(insert(assignments), rows)
+        signed = [{"device_id": d, "envelope": p.signed.envelope,
+                   "expires_at": p.signed.expires_at,
+                   "form": p.signed.form if p.signed.envelope else None}
+                  for d, p in plans.items() if p.signed is not None]
+        # Every device here has a counter row (bumped above) but maybe no document yet.
+        conn.execute(insert_ignoring_conflicts(conn.dialect.name, documents, ["device_id"]),
+                     [{"device_id": row["device_id"]} for row in signed])
         conn.execute(
-            update(sequences).where(sequences.c.device_id == bindparam("b_d"))
+            update(documents).where(documents.c.device_id == bindparam("b_d"))
             .values(envelope=bindparam("b_envelope"), expires_at=bindparam("b_expires"),
                     form=bindparam("b_form")),
-            [{"b_d": d, "b_envelope": p.signed.envelope, "b_expires": p.signed.expires_at,
-              "b_form": p.signed.form if p.signed.envelope else None}
-             for d, p in plans.items() if p.signed is not None],
+            [{"b_d": r["device_id"], "b_envelope": r["envelope"], "b_expires": r["expires_at"],
+              "b_form": r["form"]} for r in signed],
         )
 
 

@@ -37,7 +37,7 @@ SINGLE: Form = "single"
 SET: Form = "set"
 
 #: ids per statement where a list of device ids is bound
-CHUNK = 500
+CHUNK = 1000
 #: releases kept encoded; a fleet runs few at a time
 RELEASE_CACHE_SIZE = 256
 
@@ -142,11 +142,6 @@ def forms(conn: Connection, device_ids: Sequence[str]) -> dict[str, Form]:
         ):
             found[device_id] = SET if form == SET else SINGLE
     return found
-
-
-def same_entries(a: Mapping[str, Entry], b: Mapping[str, Entry]) -> bool:
-    """Whether two entry maps name the same assignments (what a re-read checks)."""
-    return {n: e.assignment_id for n, e in a.items()} == {n: e.assignment_id for n, e in b.items()}
 
 
 def sign(

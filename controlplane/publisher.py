@@ -1,9 +1,9 @@
 """Puts each device's current assignment, retained, on its ``desired`` topic.
 
 The database says what every device should have: ``device_sequences`` holds
-the highest sequence issued to a device (``last_sequence``), the one the
-broker last acknowledged (``published_sequence``) and the device's current
-signed document (``envelope``). A device whose two numbers differ is owed a
+the highest sequence issued to a device (``last_sequence``) and the one the
+broker last acknowledged (``published_sequence``); ``desired_documents``
+its current signed document. A device whose two numbers differ is owed a
 message: that document, or an empty retained message (which clears
 ``desired``) when it has none.
 
@@ -47,7 +47,7 @@ from sqlalchemy import Engine, bindparam, select, update
 from protocol import TOPIC_ROOT, TopicKind, device_topic
 
 from .config import ControlPlaneSettings
-from .db.models import DeviceSequence
+from .db.models import DesiredDocument, DeviceSequence
 from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -255,9 +255,13 @@ class DesiredPublisher:
             self._checked_connection = connection
             return
         seq = DeviceSequence.__table__
+        doc = DesiredDocument.__table__
         with self._engine.begin() as conn:
             owed = conn.execute(
-                update(seq).where(seq.c.envelope.is_not(None)).values(published_sequence=0)
+                update(seq)
+                .where(seq.c.device_id.in_(
+                    select(doc.c.device_id).where(doc.c.envelope.is_not(None))))
+                .values(published_sequence=0)
             ).rowcount
         if owed:
             log.warning(
@@ -291,18 +295,29 @@ class DesiredPublisher:
 
     def _owed(self) -> list[_Owed]:
         seq = DeviceSequence.__table__
-        # Number and document come from the same row, written in the same
-        # transaction: a document is never published under another's number.
+        doc = DesiredDocument.__table__
+        # Two statements, counters first: an outer join of the two tables
+        # sorted by device made SQLite walk the documents for every owed row.
+        # A document committed in between only makes the envelope newer than
+        # the number recorded for it, which leaves the device owed and
+        # re-published next pass; never the other way round.
         with self._engine.connect() as conn:
             owed = conn.execute(
-                select(seq.c.device_id, seq.c.last_sequence, seq.c.envelope)
+                select(seq.c.device_id, seq.c.last_sequence)
                 .where(seq.c.published_sequence != seq.c.last_sequence)
                 .order_by(seq.c.device_id)
                 .limit(BATCH)
             ).all()
+            if not owed:
+                return []
+            envelopes = dict(conn.execute(
+                select(doc.c.device_id, doc.c.envelope)
+                .where(doc.c.device_id.in_([device_id for device_id, _ in owed]))
+            ).all())
         return [
-            _Owed(device_id, int(last), envelope.encode("utf-8") if envelope else b"")
-            for device_id, last, envelope in owed
+            _Owed(device_id, int(last),
+                  envelopes[device_id].encode("utf-8") if envelopes.get(device_id) else b"")
+            for device_id, last in owed
         ]
 
     def drain_once(self) -> bool:

@@ -9,7 +9,10 @@ plane, one broker and one set of registered releases.
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,10 @@ from sqlalchemy import insert, select, text
 
 import protocol as p
 from controlplane.db import make_engine
-from controlplane.db.models import AssignmentRecord, DeviceSequence
+from controlplane.db.models import AssignmentRecord, DesiredDocument
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
-from tests.support.auth import ADMIN_HEADERS
+from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings
 from tests.support.registry import TrustFiles, publish
 from tests.support.rollout_fleet import Behaviour, SimDevice, SimFleet, ids, wait_for
@@ -42,7 +45,8 @@ BEHAVIOURS = {
     "2.0.0": Behaviour(tokens_per_s=10.0, latency_p95_ms=3000.0, errors_per_10=3),
 }
 
-pytest_plugins = ["tests.support.trust_fixtures"]  # sim, trust
+# sim, trust; api, fleet
+pytest_plugins = ["tests.support.trust_fixtures", "tests.support.rollout_fixtures"]
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +61,6 @@ def cp(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker, cp_cre
         publish(client, sim, EMBED, "2.0.0", (p.Tier.SMALL,))
     yield plane
     plane.stop()
-
-
-@pytest.fixture
-def api(cp: ControlPlane) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cp.api_url, headers=ADMIN_HEADERS, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
-def fleet(broker: MosquittoBroker, sim: TrustSimulator) -> Iterator[SimFleet]:
-    f = SimFleet(broker, sim)
-    yield f
-    f.close()
 
 
 def _devices(api: httpx.Client, fleet: SimFleet, prefix: str, n: int, *, sets: bool = True
@@ -222,6 +213,39 @@ def test_an_old_form_device_gets_one_model_and_a_second_is_a_clear_409(
     assert device.device_id not in {d["id"] for d in sets["items"]}
 
 
+def _cli(cp: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "slmfleet", "devices", *args, "--server", cp.api_url,
+         "--token", ADMIN_TOKEN], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_assigns_and_unassigns_one_model_and_lists_the_forms(
+    cp: ControlPlane, api: httpx.Client, fleet: SimFleet
+) -> None:
+    labels, (device,) = _devices(api, fleet, "cli", 1)
+    for model, version in ((CHAT, "1.0.0"), (EMBED, "2.0.0")):
+        done = _cli(cp, "assign", device.device_id, model, version)
+        assert done.returncode == 0, done.stderr
+        assert f"assigned {model}@{version} to {device.device_id}" in done.stdout
+    _running(device, {CHAT: "1.0.0", EMBED: "2.0.0"})
+    _shown(api, device.device_id, {CHAT: "1.0.0", EMBED: "2.0.0"})
+    listed = _cli(cp, "list", "--label", f"test={labels['test']}", "--form", "set", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["assignment_form"] == "set" and set(row["models"]) == {CHAT, EMBED}
+    shown = _cli(cp, "show", device.device_id)
+    assert f"model {EMBED}" in shown.stdout and "2.0.0 (serving)" in shown.stdout
+
+    removed = _cli(cp, "unassign", device.device_id, EMBED)
+    assert removed.returncode == 0 and f"took {EMBED} off {device.device_id}" in removed.stdout
+    _running(device, {CHAT: "1.0.0"})
+    again = _cli(cp, "unassign", device.device_id, EMBED)
+    assert again.returncode == 1 and "HTTP 404" in again.stderr
+    nothing = _cli(cp, "list", "--label", f"test={labels['test']}", "--form", "single",
+                   "-o", "json")
+    assert json.loads(nothing.stdout) == []
+
+
 def _rollout(api: httpx.Client, spec: dict[str, Any], states: set[str]) -> dict[str, Any]:
     r = api.post("/v1/rollouts", json=spec)
     assert r.status_code == 201, r.text
@@ -287,7 +311,7 @@ def test_gates_compare_the_rolled_out_models_versions_and_rollback_moves_only_it
 
 def test_upgrade_fills_model_names_and_each_devices_document(tmp_path: Path) -> None:
     """Rows written before sets: the migration names each assignment's model and
-    moves each device's live envelope to its counter row."""
+    moves each device's live envelope to its own document row."""
     from alembic import command
 
     from controlplane.db import upgrade_to_head
@@ -318,8 +342,8 @@ def test_upgrade_fills_model_names_and_each_devices_document(tmp_path: Path) -> 
         upgrade_to_head(engine)
         with engine.connect() as conn:
             assert set(conn.execute(select(AssignmentRecord.model_name)).scalars()) == {"m"}
-            counter = conn.execute(select(DeviceSequence)).one()
-            assert (counter.envelope, counter.expires_at, counter.form) == (
+            document = conn.execute(select(DesiredDocument)).one()
+            assert (document.envelope, document.expires_at, document.form) == (
                 '{"seq": 2}', 200.0, "single")
             device = conn.execute(text(
                 "SELECT assignment_form, models FROM devices")).one()

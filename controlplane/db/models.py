@@ -300,7 +300,7 @@ class AssignmentRecord(Base):
     keep ``assignment_id``, release and tier and are ``refresh`` rows. The
     rows they replace become ``superseded`` (``revoked`` for a model taken
     off the device). At most one row per device and model name is ``active``.
-    The signed document itself is kept on the device's :class:`DeviceSequence`.
+    The signed document itself is the device's :class:`DesiredDocument`.
     """
 
     __tablename__ = "assignments"
@@ -326,7 +326,7 @@ class AssignmentRecord(Base):
     #: when it stopped being active
     ended_at: Mapped[float | None]
     #: the signed document, for rows written before it moved to
-    #: ``device_sequences.envelope``; None since
+    #: ``desired_documents``; None since
     envelope: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
@@ -354,10 +354,23 @@ class DeviceSequence(Base):
     #: the ``last_sequence`` whose desired state the broker acknowledged; below
     #: ``last_sequence`` means the publisher still owes the device a message
     published_sequence: Mapped[int] = mapped_column(BigInteger)
-    #: the device's current signed document (canonical JSON, the exact
-    #: ``desired`` payload); None: its ``desired`` is cleared
+
+
+class DesiredDocument(Base):
+    """Per device: its current signed desired-state document, the ``desired`` payload.
+
+    Written in the transaction that bumps the device's :class:`DeviceSequence`;
+    a table of its own so the counter rows, bumped and acknowledged for every
+    document, stay a few bytes each. No foreign key to ``devices``, like the
+    counter: a device row deleted meanwhile leaves a cleared document behind.
+    """
+
+    __tablename__ = "desired_documents"
+
+    device_id: Mapped[str] = mapped_column(String(DEVICE_ID_LEN), primary_key=True)
+    #: the signed envelope as canonical JSON; None: the device's ``desired`` is cleared
     envelope: Mapped[str | None] = mapped_column(Text)
-    #: when that document expires (the re-sign job's key); None without one
+    #: when it expires (the re-sign job's key); None without one
     expires_at: Mapped[float | None] = mapped_column(index=True)
     #: the form it was signed in: ``single`` (assignment/1) or ``set`` (assignment/2)
     form: Mapped[str | None] = mapped_column(String(8))

@@ -181,14 +181,8 @@ class SimDevice:
             if self.sets:
                 self._on_set(payload)
                 return
-            try:
-                verified = p.verify_assignment(
-                    payload, device_id=self.device_id, release_keys=self.trust.release_keys,
-                    director_keys=self.trust.director_keys, now=time.time(),
-                    highest_sequence=self._highest, device_tier=p.Tier(self.tier),
-                )
-            except p.ProtocolError as exc:
-                self.rejected.append(f"{exc.reason}: {exc}")
+            verified = self._verify(p.verify_assignment, payload)
+            if verified is None:
                 return
             a = verified.assignment
             self._highest, self._accepted = a.sequence, payload
@@ -198,16 +192,22 @@ class SimDevice:
             self._install(None, a.assignment_id, a.sequence, verified.manifest)
             self._hello()
 
-    def _on_set(self, payload: bytes) -> None:
-        """A desired payload, read as an agent that runs sets does."""
+    def _verify(self, check: Callable[..., Any], payload: bytes) -> Any:
+        """``check`` (an agent's acceptance check) with the pinned keys; None when refused."""
         try:
-            desired = p.verify_desired(
+            return check(
                 payload, device_id=self.device_id, release_keys=self.trust.release_keys,
                 director_keys=self.trust.director_keys, now=time.time(),
                 highest_sequence=self._highest, device_tier=p.Tier(self.tier),
             )
         except p.ProtocolError as exc:
             self.rejected.append(f"{exc.reason}: {exc}")
+            return None
+
+    def _on_set(self, payload: bytes) -> None:
+        """A desired payload, read as an agent that runs sets does."""
+        desired: p.VerifiedDesired | None = self._verify(p.verify_desired, payload)
+        if desired is None:
             return
         self._highest, self._accepted = desired.sequence, payload
         self.documents.append(desired)

@@ -5,8 +5,8 @@
   as the unique key (a document's entries share its sequence), and a
   partial unique index allows one ``active`` row per device and name.
   ``envelope`` becomes optional: the signed document moves to
-  ``device_sequences``.
-- ``device_sequences`` gains the device's current signed document
+  ``desired_documents``.
+- ``desired_documents`` holds each device's current signed document
   (``envelope``), its ``expires_at`` (what the re-sign job looks for) and
   its ``form``, filled from each device's active assignment.
 - ``devices`` gains ``assignment_form`` (``single`` until the device says
@@ -21,8 +21,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from controlplane.migrations.columns import double, json, string, text
-from controlplane.migrations.tables import create_index, drop_index
+from controlplane.migrations.columns import device_id, double, json, string, text
+from controlplane.migrations.tables import create_index, create_table, drop_index
 
 revision: str = "0007"
 down_revision: str | None = "0006"
@@ -54,23 +54,22 @@ def upgrade() -> None:
     op.create_index(_ACTIVE_INDEX, "assignments", ["device_id", "model_name"], unique=True,
                     sqlite_where=_ACTIVE, postgresql_where=_ACTIVE)
 
-    op.add_column("device_sequences", text("envelope", nullable=True))
-    op.add_column("device_sequences", double("expires_at", nullable=True))
-    op.add_column("device_sequences", string("form", 8, nullable=True))
-    create_index("device_sequences", "expires_at")
-    sequences = sa.table("device_sequences", sa.column("device_id"), sa.column("envelope"),
-                         sa.column("expires_at"), sa.column("form"))
-    live = (assignments.c.device_id == sequences.c.device_id) & (assignments.c.status == "active")
-    conn.execute(
-        sa.update(sequences)
-        .where(sa.select(assignments.c.id).where(live).exists())
-        .values(
-            envelope=sa.select(assignments.c.envelope).where(live).limit(1).scalar_subquery(),
-            expires_at=sa.select(assignments.c.expires_at).where(live).limit(1)
-            .scalar_subquery(),
-            form="single",
-        )
+    create_table(
+        "desired_documents",
+        device_id(),
+        text("envelope", nullable=True),
+        double("expires_at", nullable=True),
+        string("form", 8, nullable=True),
+        primary_key=("device_id",),
     )
+    create_index("desired_documents", "expires_at")
+    documents = sa.table("desired_documents", sa.column("device_id"), sa.column("envelope"),
+                         sa.column("expires_at"), sa.column("form"))
+    conn.execute(sa.insert(documents).from_select(
+        ["device_id", "envelope", "expires_at", "form"],
+        sa.select(assignments.c.device_id, assignments.c.envelope, assignments.c.expires_at,
+                  sa.literal("single")).where(assignments.c.status == "active"),
+    ))
 
     op.add_column("devices", sa.Column("assignment_form", sa.String(8), nullable=False,
                                        server_default="single"))
@@ -101,9 +100,7 @@ def downgrade() -> None:
     drop_index("devices", "assignment_form")
     for column in ("model_updates", "models", "assignment_form"):
         op.drop_column("devices", column)
-    drop_index("device_sequences", "expires_at")
-    for column in ("form", "expires_at", "envelope"):
-        op.drop_column("device_sequences", column)
+    op.drop_table("desired_documents")
     op.drop_index(_ACTIVE_INDEX, table_name="assignments")
     conn = op.get_bind()
     # The old key allows one row per device and sequence: keep each document's
