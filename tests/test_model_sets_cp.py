@@ -168,6 +168,11 @@ def test_removing_a_model_publishes_a_set_without_it(
 
     again = api.delete(f"/v1/devices/{device.device_id}/assignment/{EMBED}")
     assert again.status_code == 404 and EMBED in again.json()["detail"]
+    # Taking a model off is audited like any assignment: the call and its answer.
+    audit = api.get("/v1/audit", params={"limit": 500}).json()["items"]
+    path = f"/v1/devices/{device.device_id}/assignment/{EMBED}"
+    assert sorted(e["status"] for e in audit
+                  if e["method"] == "DELETE" and e["path"] == path) == [200, 404]
     # The last model off: an empty set, signed (a set device unloads it too).
     assert api.delete(f"/v1/devices/{device.device_id}/assignment/{CHAT}").status_code == 200
     _running(device, {})
