@@ -64,8 +64,9 @@ class Plan:
     signed: Signed | None = None
 
 
-def plan_change(change: Change, current: Mapping[str, Entry], reads: Form
-          ) -> tuple[Plan | None, AssignResult | None]:
+def plan_change(
+    change: Change, current: Mapping[str, Entry], reads: Form
+) -> tuple[Plan | None, AssignResult | None]:
     """The device's next document under ``change``, or why there is none."""
     entries = dict(current)
     kind = change.kind
@@ -88,7 +89,8 @@ def plan_change(change: Change, current: Mapping[str, Entry], reads: Form
             others = sorted(set(entries) - {change.model_name})
             return None, AssignResult(
                 change.device_id, "needs_upgrade",
-                reason=(f"the device's agent reads one model (it said slmfleet.hello/1) and "
+                reason=(f"the device's agent reads one model (its last hello was slmfleet.hello/1, "
+                        f"or it has not said hello) and "
                         f"already runs {', '.join(others)}: upgrade its agent to one that "
                         f"says slmfleet.hello/2 to assign it a second model"),
             )
