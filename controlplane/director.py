@@ -1,30 +1,34 @@
-"""The director: signs per-device assignments and keeps them fresh.
+"""The director: signs each device's desired state and keeps it fresh.
 
-For each device it picks the release's variant for the device's tier
-(:func:`choose_tier`), takes the next number from the device's sequence
-counter, signs an :class:`protocol.Assignment` with the director key(s),
-stores it and asks the publisher to put it, retained, on the device's
-``desired`` topic. Storing comes first and publishing is retried until the
-broker acknowledges, so an assignment made while the broker is down is
-delivered when it is back.
+A device's desired state is one document listing every model it should
+run, one entry per model name (:mod:`.documents`). Assigning a release to a
+device changes the entry of the release's name and leaves the others as
+they are; removing a model drops its entry; either way the director signs
+the device's whole document again with the next number from the device's
+sequence counter (:mod:`.sequences`), stores it and asks the publisher to
+put it, retained, on the device's ``desired`` topic. Storing comes first
+and publishing is retried until the broker acknowledges, so an assignment
+made while the broker is down is delivered when it is back.
 
-Sequence numbers come from one counter row per device, bumped with
-``UPDATE ... SET last_sequence = last_sequence + 1 RETURNING`` as the first
-write of the transaction that stores the assignment: PostgreSQL serialises
-concurrent bumps on the row lock, SQLite on its single writer lock, so
-numbers are strictly increasing per device across assignments, re-signs,
-rollbacks and unassignments, whichever replica or thread issues them. A
-batch of new assignments is signed before its transaction opens, with the
-numbers the counters say come next, and any device whose number moved in
-between is signed again inside it: what is stored is always signed with the
-number the counter handed out, and the write lock is held for the writes only.
+A device whose agent reads one model (its last hello was
+``slmfleet.hello/1``, or it never said hello) gets the old single-model
+form of its one entry; a second model for it is refused
+(``needs_upgrade``), since its agent could not read the document.
 
-Re-signing (:meth:`Director.resign_due`) keeps ``assignment_id``, release,
-tier and rollout and issues a new sequence and validity window: agents treat
-that as a refresh, not a reinstall.
+A batch of devices is signed before its transaction opens, with the
+numbers and entries the database shows then. Inside, the numbers are
+allocated for real (the counter row lock serialises every writer of a
+device) and the entries read again; a device whose number or entries moved
+in between is planned and signed again: what is stored is always signed
+with the number the counter handed out, over the entries live at commit,
+and the write lock is held for the writes only.
 
-Python API for rollouts: :meth:`Director.assign`, :meth:`Director.unassign`,
-:meth:`Director.verified_release`.
+Re-signing (:meth:`Director.resign_due`) keeps every entry's
+``assignment_id``, release, tier and rollout and issues a new sequence and
+validity window: agents treat that as a refresh, not a reinstall.
+
+Python API for rollouts: :meth:`Director.assign`, :meth:`Director.remove`,
+:meth:`Director.unassign`, :meth:`Director.verified_release`.
 """
 
 from __future__ import annotations
@@ -33,59 +37,58 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from apscheduler.schedulers.base import BaseScheduler
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 
 from protocol import (
-    Assignment,
     KeyList,
     ReleaseManifest,
     SigningKey,
     Tier,
     canonical_json,
-    sign_assignment_bytes,
     verify_release,
 )
 
-from .db.models import AssignmentRecord, Device, DeviceSequence, ModelVersion
+from .db.models import AssignmentRecord, DesiredDocument, Device, ModelVersion
 from .db.statuses import AssignmentStatus
 from .db.writes import insert_ignoring_conflicts
+from .documents import (
+    SINGLE,
+    Entry,
+    Release,
+    ReleaseCache,
+    Signed,
+    forms,
+    live_entries,
+    sign,
+)
+from .plans import AssignResult, Change, Plan, Status, plan_change
+from .sequences import next_sequence, next_sequences, peek_next_sequences
 from .tier_policy import RAM_BYTES, choose_tier
 from .trust import DirectorKeys
+
+__all__ = [
+    "AssignResult", "Director", "Status", "UnknownRelease", "add_resign_job", "new_assignment_id",
+    "new_assignment_ids", "next_sequence", "next_sequences", "peek_next_sequences",
+]
 
 log = logging.getLogger(__name__)
 
 assignments: Table = AssignmentRecord.__table__  # type: ignore[assignment]
-sequences: Table = DeviceSequence.__table__  # type: ignore[assignment]
+documents: Table = DesiredDocument.__table__  # type: ignore[assignment]
 
 #: re-signs per database read; the job repeats while a batch comes back full
 RESIGN_BATCH = 500
-#: new assignments per transaction (SQLite caps bound parameters at 32,766)
+#: devices per transaction (SQLite caps bound parameters at 32,766)
 ASSIGN_BATCH = 1000
-
-Status = Literal["assigned", "incompatible", "unknown_device", "unassigned", "not_assigned"]
-
 
 class UnknownRelease(LookupError):
     """No registered release has this name and version."""
-
-
-@dataclass(frozen=True)
-class AssignResult:
-    """What happened for one device."""
-
-    device_id: str
-    status: Status
-    tier: str | None = None
-    assignment_id: str | None = None
-    sequence: int | None = None
-    expires_at: float | None = None
-    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,81 +107,6 @@ def new_assignment_ids(count: int) -> list[str]:
     of the system's random source rather than one per id."""
     pool = secrets.token_bytes(12 * count)
     return [f"a-{pool[i:i + 12].hex()}" for i in range(0, 12 * count, 12)]
-
-
-def next_sequence(conn: Connection, device_id: str) -> int:
-    """Allocate the device's next sequence number inside ``conn``'s transaction.
-
-    Call it as the transaction's first write: it takes the lock that
-    serialises every allocation for this device until commit.
-    """
-    conn.execute(
-        insert_ignoring_conflicts(conn.dialect.name, sequences, ["device_id"]),
-        {"device_id": device_id, "last_sequence": 0, "published_sequence": 0},
-    )
-    return int(
-        conn.execute(
-            update(sequences)
-            .where(sequences.c.device_id == device_id)
-            .values(last_sequence=sequences.c.last_sequence + 1)
-            .returning(sequences.c.last_sequence)
-        ).scalar_one()
-    )
-
-
-def next_sequences(conn: Connection, device_ids: Sequence[str]) -> dict[str, int]:
-    """:func:`next_sequence` for many devices at once: one bump each, in ``conn``'s transaction.
-
-    Call it as the transaction's first write. On PostgreSQL the counter rows
-    are locked in device-id order first, so two batches sharing devices wait
-    for each other instead of deadlocking.
-    """
-    ids = sorted(set(device_ids))
-    conn.execute(
-        insert_ignoring_conflicts(conn.dialect.name, sequences, ["device_id"]),
-        [{"device_id": d, "last_sequence": 0, "published_sequence": 0} for d in ids],
-    )
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            select(sequences.c.device_id).where(sequences.c.device_id.in_(ids))
-            .order_by(sequences.c.device_id).with_for_update()
-        ).all()
-    rows = conn.execute(
-        update(sequences)
-        .where(sequences.c.device_id.in_(ids))
-        .values(last_sequence=sequences.c.last_sequence + 1)
-        .returning(sequences.c.device_id, sequences.c.last_sequence)
-    ).all()
-    return {device_id: int(last) for device_id, last in rows}
-
-
-def peek_next_sequences(conn: Connection, device_ids: Sequence[str]) -> dict[str, int]:
-    """What :func:`next_sequences` would hand out if nobody allocated first; locks nothing.
-
-    Lets a batch be signed before its write transaction opens. The guess is
-    checked against the real allocation inside that transaction.
-    """
-    last = dict(conn.execute(
-        select(sequences.c.device_id, sequences.c.last_sequence)
-        .where(sequences.c.device_id.in_(device_ids))
-    ).all())
-    return {device_id: int(last.get(device_id, 0)) + 1 for device_id in device_ids}
-
-
-@dataclass(frozen=True, slots=True)
-class _Draft:
-    """One assignment to sign and store: everything but its sequence and validity."""
-
-    device_id: str
-    tier: Tier
-    assignment_id: str
-    version_id: int
-    ref: str
-    release: dict[str, Any]
-    #: ``canonical_json(release)``: encoded once for every draft that embeds it
-    release_json: bytes
-    rollout_id: str | None
-    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +136,7 @@ class _CachedSigningKey(SigningKey):
 
 
 class Director:
-    """Signs, stores and hands out assignments. Thread-safe; one per process."""
+    """Signs, stores and hands out desired-state documents. Thread-safe; one per process."""
 
     def __init__(
         self,
@@ -230,8 +158,9 @@ class Director:
         #: called after every commit that changes what a device should get
         self._on_change = on_change
         self._clock = clock
+        self._releases = ReleaseCache()
 
-    # -- assigning -------------------------------------------------------------
+    # -- releases and devices --------------------------------------------------------
 
     def _release(self, name: str, version: str) -> tuple[int, dict[str, Any], ReleaseManifest]:
         with self._engine.connect() as conn:
@@ -257,12 +186,17 @@ class Director:
         return self._release(name, version)[2]
 
     def _facts(self, device_ids: Sequence[str]) -> dict[str, _DeviceFacts]:
+        found: dict[str, _DeviceFacts] = {}
         with self._engine.connect() as conn:
-            rows = conn.execute(
-                select(Device.id, Device.tier, RAM_BYTES).where(Device.id.in_(device_ids))
-            ).all()
-        return {device_id: _DeviceFacts(Tier(tier) if tier else None, ram)
-                for device_id, tier, ram in rows}
+            for start in range(0, len(device_ids), ASSIGN_BATCH):
+                for device_id, tier, ram in conn.execute(
+                    select(Device.id, Device.tier, RAM_BYTES)
+                    .where(Device.id.in_(device_ids[start : start + ASSIGN_BATCH]))
+                ):
+                    found[device_id] = _DeviceFacts(Tier(tier) if tier else None, ram)
+        return found
+
+    # -- the Python API ---------------------------------------------------------------
 
     def assign(
         self,
@@ -272,14 +206,17 @@ class Director:
         *,
         rollout_id: str | None = None,
     ) -> list[AssignResult]:
-        """Assign ``name@version`` to each device; one result per device, in order.
+        """Make ``name@version`` each device's entry for model ``name``; one result per device.
 
-        Raises :class:`UnknownRelease` if the release is not registered.
-        Devices are assigned in batches of :data:`ASSIGN_BATCH`, one
-        transaction each; a batch is stored whole or not at all.
+        The devices' other models keep their entries. Raises
+        :class:`UnknownRelease` if the release is not registered. Devices are
+        signed in batches of :data:`ASSIGN_BATCH`, one transaction each; a
+        batch is stored whole or not at all.
         """
         ids = list(dict.fromkeys(device_ids))
         version_id, envelope, manifest = self._release(name, version)
+        release = Release(version_id, manifest.ref, envelope, canonical_json(envelope))
+        self._releases.put(release)
         facts = self._facts(ids)
         results: dict[str, AssignResult] = {}
         todo: list[tuple[str, Tier]] = []
@@ -294,181 +231,213 @@ class Director:
                 results[device_id] = AssignResult(device_id, "incompatible", reason=why)
                 continue
             todo.append((device_id, tier))
-        release_json = canonical_json(envelope)
-        drafts = [
-            _Draft(device_id, tier, assignment_id, version_id, manifest.ref, envelope,
-                   release_json, rollout_id, "assign")
+        changes = [
+            Change(device_id, manifest.name, Entry(manifest.name, assignment_id, release, tier,
+                                                    rollout_id))
             for (device_id, tier), assignment_id in zip(
                 todo, new_assignment_ids(len(todo)), strict=True
             )
         ]
-        for start in range(0, len(drafts), ASSIGN_BATCH):
-            for result in self._issue_many(drafts[start : start + ASSIGN_BATCH]):
-                results[result.device_id] = result
-            # Publishing starts with the first batch, while later ones are signed.
-            self._on_change()
+        results.update(self._apply_all(changes))
+        log.info("assign %s -> %d device(s)", manifest.ref,
+                 sum(r.status == "assigned" for r in results.values()))
         return [results[device_id] for device_id in ids]
 
-    def _signed_row(self, draft: _Draft, sequence: int, now: float) -> dict[str, Any]:
-        """The ``assignments`` row for ``draft`` with ``sequence``, its envelope signed."""
-        assignment = Assignment(
-            assignment_id=draft.assignment_id,
-            device_id=draft.device_id,
-            rollout_id=draft.rollout_id,
-            sequence=sequence,
-            issued_at=now,
-            expires_at=now + self._ttl_s,
-            tier=draft.tier,
-            release=draft.release,
-            artifact_url_base=self._url_base,
-        )
-        _, signed = sign_assignment_bytes(assignment, self._signers,
-                                          release_json=draft.release_json)
-        return {
-            "assignment_id": draft.assignment_id,
-            "device_id": draft.device_id,
-            "version_id": draft.version_id,
-            "ref": draft.ref,
-            "tier": draft.tier.value,
-            "sequence": sequence,
-            "issued_at": now,
-            "expires_at": assignment.expires_at,
-            "rollout_id": draft.rollout_id,
-            "kind": draft.kind,
-            "status": AssignmentStatus.ACTIVE,
-            "ended_at": None,
-            "envelope": signed.decode("utf-8"),
-        }
+    def remove(self, device_ids: Iterable[str], name: str) -> list[AssignResult]:
+        """Take model ``name`` off each device: its next document leaves the name out.
 
-    def _issue_many(self, drafts: Sequence[_Draft]) -> list[AssignResult]:
-        """Store ``drafts`` (one per device) as the devices' live assignments, in one transaction.
-
-        Signing is most of the work, so it happens before the transaction,
-        with the sequence numbers the devices' counters say come next: on
-        SQLite the transaction holds the only write lock, and the publisher
-        and the ingest would wait behind every signature. Inside, the numbers
-        are allocated for real; a device whose number moved meanwhile (another
-        writer assigned to it) is signed again with the one it got. One commit
-        (one fsync on SQLite) per batch instead of per device is what lets a
-        stage of thousands of devices go out in seconds.
+        An agent reading sets unloads the model (and keeps its files for a
+        rollback until garbage collection); a device in the old form with no
+        model left has its ``desired`` cleared. ``not_assigned`` where the
+        device had no entry of that name.
         """
-        if not drafts:
-            return []
-        device_ids = [draft.device_id for draft in drafts]
-        with self._engine.connect() as conn:
-            guess = peek_next_sequences(conn, device_ids)
-        now = self._clock()
-        rows = [self._signed_row(draft, guess[draft.device_id], now) for draft in drafts]
-        with self._engine.begin() as conn:
-            sequence = next_sequences(conn, device_ids)
-            moved = 0
-            for i, draft in enumerate(drafts):
-                if sequence[draft.device_id] != rows[i]["sequence"]:
-                    rows[i] = self._signed_row(draft, sequence[draft.device_id], now)
-                    moved += 1
-            conn.execute(
-                update(assignments)
-                .where(assignments.c.device_id.in_(device_ids),
-                       assignments.c.status == AssignmentStatus.ACTIVE)
-                .values(status=AssignmentStatus.SUPERSEDED, ended_at=now)
-            )
-            conn.execute(insert(assignments), rows)
-        if moved:
-            log.debug("%d of %d assignment(s) signed again: sequence moved", moved, len(rows))
-        log.info("assign %s -> %d device(s)", drafts[0].ref, len(rows))
-        return [_assigned(row) for row in rows]
-
-    def _issue(self, draft: _Draft, *, replaces: int) -> AssignResult:
-        """Re-sign ``draft`` as the device's live assignment if row ``replaces`` still is."""
-        with self._engine.begin() as conn:
-            sequence = next_sequence(conn, draft.device_id)
-            now = self._clock()
-            # A re-sign applies only if that row is still the live one; a new
-            # assignment made meanwhile wins.
-            ended = conn.execute(
-                update(assignments)
-                .where(assignments.c.id == replaces,
-                       assignments.c.status == AssignmentStatus.ACTIVE)
-                .values(status=AssignmentStatus.SUPERSEDED, ended_at=now)
-            ).rowcount
-            if ended != 1:
-                conn.rollback()
-                return AssignResult(draft.device_id, "not_assigned", reason="replaced meanwhile")
-            row = self._signed_row(draft, sequence, now)
-            conn.execute(insert(assignments), row)
-        log.info("%s %s -> %s (%s, seq %d)", draft.kind, draft.ref, draft.device_id,
-                 draft.tier.value, sequence)
-        return _assigned(row)
+        ids = list(dict.fromkeys(device_ids))
+        results = self._apply_all([Change(d, name) for d in ids])
+        return [results[d] for d in ids]
 
     def unassign(self, device_ids: Iterable[str]) -> list[AssignResult]:
-        """Revoke each device's live assignment; the publisher clears its ``desired``.
+        """Revoke every entry of each device; the publisher clears its ``desired``.
 
         The device keeps serving what it runs; it just has nothing pending.
         """
-        results = []
-        for device_id in dict.fromkeys(device_ids):
-            with self._engine.begin() as conn:
-                # Bumped even though nothing is signed: the publisher owes the
-                # device a (clearing) message until this number is acknowledged.
-                next_sequence(conn, device_id)
-                revoked = conn.execute(
-                    update(assignments)
-                    .where(assignments.c.device_id == device_id,
-                           assignments.c.status == AssignmentStatus.ACTIVE)
-                    .values(status=AssignmentStatus.REVOKED, ended_at=self._clock())
-                ).rowcount
-                if not revoked:
-                    conn.rollback()
-            results.append(
-                AssignResult(device_id, "unassigned" if revoked else "not_assigned")
-            )
-        if any(r.status == "unassigned" for r in results):
-            self._on_change()
-        return results
-
-    # -- re-signing -------------------------------------------------------------
+        ids = list(dict.fromkeys(device_ids))
+        results = self._apply_all([Change(d, clear=True) for d in ids])
+        return [results[d] for d in ids]
 
     def resign_due(self, margin_s: float, *, batch: int = RESIGN_BATCH) -> int:
-        """Re-sign live assignments with less than ``margin_s`` left; return how many."""
-        now = self._clock()
+        """Re-sign the documents with less than ``margin_s`` left; return how many."""
         with self._engine.connect() as conn:
-            due = conn.execute(
-                select(
-                    assignments.c.id,
-                    assignments.c.device_id,
-                    assignments.c.assignment_id,
-                    assignments.c.version_id,
-                    assignments.c.ref,
-                    assignments.c.tier,
-                    assignments.c.rollout_id,
-                    assignments.c.envelope,
-                )
-                .where(assignments.c.status == AssignmentStatus.ACTIVE,
-                       assignments.c.expires_at < now + margin_s)
-                .order_by(assignments.c.expires_at)
+            due = list(conn.execute(
+                select(documents.c.device_id)
+                .where(documents.c.envelope.is_not(None),
+                       documents.c.expires_at < self._clock() + margin_s)
+                .order_by(documents.c.expires_at)
                 .limit(batch)
-            ).all()
-        done = 0
-        for row in due:
-            # The release exactly as embedded before: same bytes, same signatures.
-            release = json.loads(row.envelope)["signed"]["release"]
-            result = self._issue(
-                _Draft(row.device_id, Tier(row.tier), row.assignment_id, row.version_id,
-                       row.ref, release, canonical_json(release), row.rollout_id, "refresh"),
-                replaces=row.id,
-            )
-            done += result.status == "assigned"
+            ).scalars())
+        done = sum(r.status == "assigned" for r in self._apply_all([Change(d) for d in due])
+                   .values())
         if done:
-            log.info("re-signed %d assignment(s)", done)
-            self._on_change()
+            log.info("re-signed %d document(s)", done)
         return done
 
+    # -- signing and storing ----------------------------------------------------------
 
-def _assigned(row: dict[str, Any]) -> AssignResult:
-    """The result reported for a stored assignment row."""
+    def _apply_all(self, changes: Sequence[Change]) -> dict[str, AssignResult]:
+        results: dict[str, AssignResult] = {}
+        for start in range(0, len(changes), ASSIGN_BATCH):
+            part = self._apply(changes[start : start + ASSIGN_BATCH])
+            results.update(part)
+            if any(r.status in ("assigned", "unassigned") for r in part.values()):
+                # Publishing starts with the first batch, while later ones are signed.
+                self._on_change()
+        return results
+
+    def _sign(self, device_id: str, plan: Plan, sequence: int, now: float) -> Signed:
+        return sign(device_id, plan.form, plan.entries, sequence=sequence, now=now,
+                    ttl_s=self._ttl_s, signers=self._signers, artifact_url_base=self._url_base)
+
+    def _apply(self, changes: Sequence[Change]) -> dict[str, AssignResult]:
+        """Sign and store the next document of each device in ``changes`` (one each), in
+        one transaction.
+
+        Signing is most of the work, so it happens before the transaction,
+        with the numbers and entries read then: on SQLite the transaction
+        holds the only write lock, and the publisher and the ingest would
+        wait behind every signature. Inside, the numbers are allocated for
+        real; a device whose number moved meanwhile (another writer got
+        there first) has its entries read again, and is planned and signed
+        again. The form its agent reads is not re-read: a hello that changes
+        it bumps nothing, and the device's next document follows it. One
+        commit (one fsync on SQLite) per batch instead of per device is what
+        lets a stage of thousands of devices go out in seconds.
+        """
+        ids = [c.device_id for c in changes]
+        with self._engine.connect() as conn:
+            # The counters first: every change to a device's entries bumps its
+            # counter in the same commit, so a device whose number is still the
+            # one peeked here when it is allocated had no change in between.
+            guess = peek_next_sequences(conn, ids)
+            current = live_entries(conn, ids, self._releases)
+            reads = forms(conn, ids)
+        now = self._clock()
+        results: dict[str, AssignResult] = {}
+        plans: dict[str, Plan] = {}
+        for change in changes:
+            plan, refused = plan_change(change, current.get(change.device_id, {}),
+                                        reads.get(change.device_id, SINGLE))
+            if plan is None:
+                assert refused is not None
+                results[change.device_id] = refused
+                continue
+            plan.signed = self._sign(change.device_id, plan, guess[change.device_id], now)
+            plans[change.device_id] = plan
+        if not plans:
+            return results
+        with self._engine.begin() as conn:
+            sequence = next_sequences(conn, list(plans))
+            moved = [d for d in plans if sequence[d] != guess[d]]
+            # Another writer got to these devices first: plan again on the
+            # entries live now (read under the counters' lock) and sign again.
+            fresh = live_entries(conn, moved, self._releases) if moved else {}
+            for device_id in moved:
+                live, reads_now = fresh.get(device_id, {}), plans[device_id].reads
+                plan, refused = plan_change(plans[device_id].change, live, reads_now)
+                if plan is None:
+                    # Its number is taken: what is live now is signed with it.
+                    plan = plan_change(Change(device_id), live, reads_now)[0]
+                    assert plan is not None and refused is not None
+                    results[device_id] = refused
+                plan.signed = self._sign(device_id, plan, sequence[device_id], now)
+                plans[device_id] = plan
+            self._store(conn, plans, now)
+        if moved:
+            log.debug("%d of %d document(s) signed again: another writer came first",
+                      len(moved), len(plans))
+        for device_id, plan in plans.items():
+            results.setdefault(device_id, _result(device_id, plan))
+        return results
+
+    def _store(self, conn: Connection, plans: Mapping[str, Plan], now: float) -> None:
+        """Write each plan's document and entry rows; retire the rows they replace."""
+        ids = list(plans)
+        # A model taken off (or every model, cleared) is revoked, not superseded.
+        live = assignments.c.status == AssignmentStatus.ACTIVE
+        revoke = {"status": AssignmentStatus.REVOKED, "ended_at": now}
+        removed = [{"b_d": d, "b_m": p.change.model_name}
+                   for d, p in plans.items() if p.change.kind == "remove"]
+        if removed:
+            conn.execute(
+                update(assignments).where(assignments.c.device_id == bindparam("b_d"),
+                                          assignments.c.model_name == bindparam("b_m"), live)
+                .values(**revoke), removed)
+        cleared = [{"b_d": d} for d, p in plans.items() if p.change.kind == "clear"]
+        if cleared:
+            conn.execute(
+                update(assignments).where(assignments.c.device_id == bindparam("b_d"), live)
+                .values(**revoke), cleared)
+        for start in range(0, len(ids), ASSIGN_BATCH):
+            conn.execute(
+                update(assignments)
+                .where(assignments.c.device_id.in_(ids[start : start + ASSIGN_BATCH]),
+                       assignments.c.status == AssignmentStatus.ACTIVE)
+                .values(status=AssignmentStatus.SUPERSEDED, ended_at=now)
+            )
+        rows = [_row(d, plan, entry) for d, plan in plans.items()
+                for entry in plan.entries.values()]
+        if rows:
+            conn.execute(insert(assignments), rows)
+        signed = [{"device_id": d, "envelope": p.signed.envelope,
+                   "expires_at": p.signed.expires_at,
+                   "form": p.signed.form if p.signed.envelope else None}
+                  for d, p in plans.items() if p.signed is not None]
+        # Every device here has a counter row (bumped above) but maybe no document yet.
+        conn.execute(insert_ignoring_conflicts(conn.dialect.name, documents, ["device_id"]),
+                     [{"device_id": row["device_id"]} for row in signed])
+        conn.execute(
+            update(documents).where(documents.c.device_id == bindparam("b_d"))
+            .values(envelope=bindparam("b_envelope"), expires_at=bindparam("b_expires"),
+                    form=bindparam("b_form")),
+            [{"b_d": r["device_id"], "b_envelope": r["envelope"], "b_expires": r["expires_at"],
+              "b_form": r["form"]} for r in signed],
+        )
+
+
+def _row(device_id: str, plan: Plan, entry: Entry) -> dict[str, Any]:
+    """The ``assignments`` row of ``entry`` in ``plan``'s signed document."""
+    signed = plan.signed
+    assert signed is not None and signed.expires_at is not None
+    changed = plan.change.kind == "assign" and plan.change.model_name == entry.model_name
+    return {
+        "assignment_id": entry.assignment_id,
+        "device_id": device_id,
+        "version_id": entry.release.version_id,
+        "model_name": entry.model_name,
+        "ref": entry.release.ref,
+        "tier": entry.tier.value,
+        "sequence": signed.sequence,
+        "issued_at": signed.issued_at,
+        "expires_at": signed.expires_at,
+        "rollout_id": entry.rollout_id,
+        "kind": "assign" if changed else "refresh",
+        "status": AssignmentStatus.ACTIVE,
+        "ended_at": None,
+        "envelope": None,
+    }
+
+
+def _result(device_id: str, plan: Plan) -> AssignResult:
+    """The result reported for a stored plan."""
+    signed = plan.signed
+    assert signed is not None
+    kind = plan.change.kind
+    if kind in ("remove", "clear"):
+        return AssignResult(device_id, "unassigned", sequence=signed.sequence,
+                            expires_at=signed.expires_at)
+    entry = plan.entries.get(plan.change.model_name or "")
     return AssignResult(
-        row["device_id"], "assigned", tier=row["tier"], assignment_id=row["assignment_id"],
-        sequence=row["sequence"], expires_at=row["expires_at"],
+        device_id, "assigned", tier=entry.tier.value if entry else None,
+        assignment_id=entry.assignment_id if entry else None,
+        sequence=signed.sequence, expires_at=signed.expires_at,
     )
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .context import AppContext
 from .db.models import Rollout, RolloutDevice
-from .db.queries import count_devices_by_tier_and_state
+from .db.queries import count_devices_by_form, count_devices_by_tier_and_state
 from .db.statuses import MOVING_ROLLOUT_STATES
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class ControlPlaneCollector(Collector):
         try:
             with self._context.sessions() as session:
                 counts = count_devices_by_tier_and_state(session)
+                by_form = count_devices_by_form(session)
         except SQLAlchemyError as exc:
             # The scrape still reports the ingest; health says the database is down.
             log.warning("metrics: cannot count devices: %s", exc)
@@ -135,6 +136,15 @@ class ControlPlaneCollector(Collector):
         for tier, online, count in counts:
             devices.add_metric([tier or "unknown", "true" if online else "false"], count)
         yield devices
+        forms = GaugeMetricFamily(
+            "slmfleet_devices_by_assignment_form",
+            "devices by the desired-state form their agent reads: single (one model, "
+            "slmfleet.hello/1; upgrade to assign more) or set (slmfleet.hello/2)",
+            labels=["form"],
+        )
+        for form in ("single", "set"):
+            forms.add_metric([form], dict(by_form).get(form, 0))
+        yield forms
 
 
 def build_registry(context: AppContext) -> CollectorRegistry:

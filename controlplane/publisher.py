@@ -2,9 +2,10 @@
 
 The database says what every device should have: ``device_sequences`` holds
 the highest sequence issued to a device (``last_sequence``) and the one the
-broker last acknowledged (``published_sequence``). A device whose two
-numbers differ is owed a message: the envelope of its active assignment, or
-an empty retained message (which clears ``desired``) when it has none.
+broker last acknowledged (``published_sequence``); ``desired_documents``
+its current signed document. A device whose two numbers differ is owed a
+message: that document, or an empty retained message (which clears
+``desired``) when it has none.
 
 One thread drains that backlog: read a batch in one statement, publish each
 payload retained at QoS 1, wait for the PUBACKs, then record each
@@ -46,8 +47,7 @@ from sqlalchemy import Engine, bindparam, select, update
 from protocol import TOPIC_ROOT, TopicKind, device_topic
 
 from .config import ControlPlaneSettings
-from .db.models import AssignmentRecord, DeviceSequence
-from .db.statuses import AssignmentStatus
+from .db.models import DesiredDocument, DeviceSequence
 from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -255,15 +255,12 @@ class DesiredPublisher:
             self._checked_connection = connection
             return
         seq = DeviceSequence.__table__
-        rec = AssignmentRecord.__table__
+        doc = DesiredDocument.__table__
         with self._engine.begin() as conn:
             owed = conn.execute(
                 update(seq)
-                .where(
-                    seq.c.device_id.in_(
-                        select(rec.c.device_id).where(rec.c.status == AssignmentStatus.ACTIVE)
-                    )
-                )
+                .where(seq.c.device_id.in_(
+                    select(doc.c.device_id).where(doc.c.envelope.is_not(None))))
                 .values(published_sequence=0)
             ).rowcount
         if owed:
@@ -298,13 +295,12 @@ class DesiredPublisher:
 
     def _owed(self) -> list[_Owed]:
         seq = DeviceSequence.__table__
-        rec = AssignmentRecord.__table__
-        # Two statements, sequences first: an outer join of the two tables
-        # sorted by device made SQLite walk the assignments for every owed row
-        # (seconds per batch at 10,000 devices). An assignment committed in
-        # between only makes the envelope newer than the number recorded
-        # for it, which leaves the device owed and re-published next pass;
-        # never the other way round.
+        doc = DesiredDocument.__table__
+        # Two statements, counters first: an outer join of the two tables
+        # sorted by device made SQLite walk the documents for every owed row.
+        # A document committed in between only makes the envelope newer than
+        # the number recorded for it, which leaves the device owed and
+        # re-published next pass; never the other way round.
         with self._engine.connect() as conn:
             owed = conn.execute(
                 select(seq.c.device_id, seq.c.last_sequence)
@@ -315,10 +311,8 @@ class DesiredPublisher:
             if not owed:
                 return []
             envelopes = dict(conn.execute(
-                select(rec.c.device_id, rec.c.envelope).where(
-                    rec.c.device_id.in_([device_id for device_id, _ in owed]),
-                    rec.c.status == AssignmentStatus.ACTIVE,
-                )
+                select(doc.c.device_id, doc.c.envelope)
+                .where(doc.c.device_id.in_([device_id for device_id, _ in owed]))
             ).all())
         return [
             _Owed(device_id, int(last),

@@ -71,7 +71,7 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
 #: modules whose tests run on both databases (the control plane's own tests)
 BOTH_DATABASES = frozenset({
     "tests.test_controlplane_api", "tests.test_controlplane_ingest", "tests.test_registry_api",
-    "tests.test_auth", "tests.test_director", "tests.test_rollouts",
+    "tests.test_auth", "tests.test_director", "tests.test_rollouts", "tests.test_model_sets_cp",
 })
 
 

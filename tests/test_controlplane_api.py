@@ -393,6 +393,6 @@ def test_openapi_lists_the_routes(fleet: TestClient) -> None:
     ):
         assert "get" in paths[path], path
     params = {q["name"] for q in paths["/v1/devices"]["get"]["parameters"]}
-    assert params == {"tier", "profile", "online", "label", "limit", "cursor"}
+    assert params == {"tier", "profile", "online", "label", "assignment_form", "limit", "cursor"}
     assert "404" in paths["/v1/devices/{device_id}"]["get"]["responses"]
     assert fleet.get("/docs").status_code == 200

@@ -241,9 +241,9 @@ def test_statuses_are_stored_as_the_strings_earlier_releases_wrote(any_db_url: s
                 "VALUES (1, 'm', '1.0.0', '00', 1.0, 1.0, '', 'x', '{}')"))
             # Rows as an earlier release wrote them, plain strings.
             conn.execute(text(
-                "INSERT INTO assignments (assignment_id, device_id, version_id, ref, tier, "
-                "sequence, issued_at, expires_at, kind, status, envelope) VALUES "
-                "('a-1', 'dev-1', 1, 'm@1.0.0', 'micro', 1, 1.0, 2.0, 'assign', 'revoked', '{}')"))
+                "INSERT INTO assignments (assignment_id, device_id, version_id, model_name, ref, "
+                "tier, sequence, issued_at, expires_at, kind, status, envelope) VALUES ('a-1', "
+                "'dev-1', 1, 'm', 'm@1.0.0', 'micro', 1, 1.0, 2.0, 'assign', 'revoked', '{}')"))
             conn.execute(text(
                 "INSERT INTO rollouts (id, model_name, version, version_id, spec, state, "
                 "stage_index, approved_stage, revision, created_at, updated_at) VALUES "

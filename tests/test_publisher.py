@@ -13,7 +13,14 @@ from sqlalchemy import insert
 
 from controlplane.broker_auth import CONTROL_PLANE_USER
 from controlplane.db import make_engine, upgrade_to_head
-from controlplane.db.models import AssignmentRecord, Device, DeviceSequence, Model, ModelVersion
+from controlplane.db.models import (
+    AssignmentRecord,
+    DesiredDocument,
+    Device,
+    DeviceSequence,
+    Model,
+    ModelVersion,
+)
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.publisher import DesiredPublisher
 from protocol import TOPIC_ROOT, TopicKind, device_topic
@@ -39,9 +46,12 @@ def _owe(engine, device_ids: list[str]) -> None:
             "assignment_id": f"a-{d}", "device_id": d, "version_id": version_id,
             "ref": "m@1.0.0", "tier": "micro", "sequence": 1, "issued_at": now,
             "expires_at": now + 3600, "rollout_id": None, "kind": "assign", "status": "active",
-            "ended_at": None, "envelope": f'{{"for":"{d}"}}'} for d in device_ids])
+            "ended_at": None, "model_name": "m"} for d in device_ids])
         conn.execute(insert(DeviceSequence), [
             {"device_id": d, "last_sequence": 1, "published_sequence": 0} for d in device_ids])
+        conn.execute(insert(DesiredDocument), [
+            {"device_id": d, "envelope": f'{{"for":"{d}"}}', "expires_at": now + 3600,
+             "form": "single"} for d in device_ids])
 
 
 def test_publisher_keeps_to_the_brokers_receive_maximum(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ BEHAVIOURS = {
     "1.3.0": Behaviour(tokens_per_s=35.0, latency_p95_ms=900.0),
 }
 
-pytest_plugins = ["tests.support.trust_fixtures"]  # sim, trust
+# sim, trust; api, fleet
+pytest_plugins = ["tests.support.trust_fixtures", "tests.support.rollout_fixtures"]
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +71,6 @@ def cp(cp_dir, broker: MosquittoBroker, cp_credentials: Any, trust: TrustFiles,
         publish(client, sim, MODEL, "1.3.0", tiers)
     yield plane
     plane.stop()
-
-
-@pytest.fixture
-def api(cp: ControlPlane) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cp.api_url, headers=ADMIN_HEADERS, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
-def fleet(broker: MosquittoBroker, sim: TrustSimulator) -> Iterator[SimFleet]:
-    f = SimFleet(broker, sim)
-    yield f
-    f.close()
 
 
 def _label() -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .schemas_base import FromRow
 from .schemas_registry import AssignmentSummary
@@ -23,7 +23,20 @@ class DeviceSummary(FromRow):
     first_seen: float = Field(description="Unix seconds")
     last_seen: float | None = Field(description="last time heard live, Unix seconds")
     state_changed_at: float = Field(description="last online/offline transition, Unix seconds")
-    active_model: dict[str, Any] | None
+    active_model: dict[str, Any] | None = Field(
+        description="the device's one active model (old form, or a set of one); see models")
+    assignment_form: Literal["single", "set"] = Field(description=(
+        "the desired-state form the device's agent reads: single (slmfleet.hello/1, one "
+        "model; upgrade its agent to assign it more) or set (slmfleet.hello/2)"))
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="every active model by name (name, version, tier, sha256), from hello")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _none_is_no_models(cls, value: Any) -> Any:
+        # A device heard before its first hello has no models column yet.
+        return {} if value is None else value
 
 
 class TelemetryPoint(FromRow):
@@ -40,6 +53,22 @@ class TelemetryPoint(FromRow):
     inference: list[dict[str, Any]]
 
 
+class DeviceModel(BaseModel):
+    """One model name on a device: what runs, what is assigned, where its update stands."""
+
+    name: str
+    version: str | None = Field(description="the version the device reports active")
+    tier: str | None = Field(description="the active variant's tier, else the assigned one's")
+    sha256: str | None = None
+    state: Literal["serving", "updating", "failed", "removing", "unmanaged"] = Field(
+        description=(
+            "serving: runs what is assigned; updating: an assigned version is on its way; "
+            "failed: the device refused or failed the assigned version; removing: taken "
+            "off, still reported active; unmanaged: active with no assignment (old form)"))
+    assignment: AssignmentSummary | None = Field(description="its live assignment, if any")
+    update: dict[str, Any] | None = Field(description="its latest update, as hello reported")
+
+
 class DeviceDetail(DeviceSummary):
     """A device with its latest capability report, recent telemetry and assignment."""
 
@@ -50,7 +79,12 @@ class DeviceDetail(DeviceSummary):
         None, description="the agent's latest update state, as reported in hello.update"
     )
     assignment: AssignmentSummary | None = Field(
-        None, description="the live assignment the control plane issued, if any"
+        None, description=("the live assignment the control plane issued, if any (with "
+                           "several models: the one assigned last; see models)")
+    )
+    models: dict[str, DeviceModel] = Field(  # type: ignore[assignment]
+        default_factory=dict,
+        description="every model name the device runs or is assigned, with its state",
     )
 
 

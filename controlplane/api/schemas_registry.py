@@ -111,7 +111,10 @@ class AssignResultOut(FromRow):
     """What happened for one device."""
 
     device_id: str
-    status: Literal["assigned", "incompatible", "unknown_device", "unassigned", "not_assigned"]
+    status: Literal["assigned", "incompatible", "unknown_device", "unassigned", "not_assigned",
+                    "needs_upgrade"] = Field(description=(
+        "needs_upgrade: the device's agent reads one model (slmfleet.hello/1) and runs "
+        "another; upgrade it to assign a second"))
     tier: str | None = Field(None, description="the variant tier chosen")
     assignment_id: str | None = None
     sequence: int | None = None
@@ -128,11 +131,13 @@ class AssignResponse(BaseModel):
     assigned: int
     incompatible: int
     unknown: int
+    needs_upgrade: int = Field(0, description="devices whose agent reads one model only")
 
 
 class AssignmentSummary(FromRow):
-    """A device's live assignment."""
+    """A device's live assignment of one model."""
 
+    model_name: str = Field(description="the model name the entry is for")
     assignment_id: str
     ref: str = Field(description="name@version")
     tier: str
@@ -151,6 +156,7 @@ class HistoryItem(BaseModel):
     type: str = Field(
         description="assigned | refreshed | unassigned, or the event type (received, ...)"
     )
+    model: str | None = Field(None, description="the model name (assignment steps)")
     assignment_id: str | None = None
     ref: str | None = None
     tier: str | None = None

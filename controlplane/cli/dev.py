@@ -20,19 +20,21 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def fleet_table(devices: list[dict]) -> Table:
-    """A rich table of devices as returned by ``GET /v1/devices``."""
+    """A rich table of devices as returned by ``GET /v1/devices``: every model per device."""
     table = Table(title="fleet")
-    for column in ("device", "tier", "profile", "online", "labels", "active model"):
+    for column in ("device", "tier", "profile", "online", "labels", "models", "form"):
         table.add_column(column)
     for d in devices:
-        active = d.get("active_model") or {}
+        models = d.get("models") or {}
         table.add_row(
             d["id"],
             d.get("tier") or "?",
             d.get("profile") or "?",
             "yes" if d.get("online") else "no",
             ", ".join(f"{k}={v}" for k, v in sorted((d.get("labels") or {}).items())),
-            f"{active['name']}@{active['version']}" if active else "-",
+            "\n".join(f"{name}@{m.get('version')}" for name, m in sorted(models.items())) or "-",
+            # "single": an agent that reads one model; the embedder waits for its upgrade
+            d.get("assignment_form") or "single",
         )
     return table
 
@@ -58,7 +60,8 @@ def dev(
     data_dir: Path = typer.Option(Path(".dev-data"), "--data-dir", help="state for this demo"),
     api_port: int = typer.Option(0, "--api-port", help="API port (0: pick a free one)"),
 ) -> None:
-    """Run a local fleet (Mosquitto, control plane, three agents) and demo staged rollouts."""
+    """Run a local fleet (Mosquitto, control plane, three agents) and demo staged rollouts
+    of a chat model with an embedding model beside it."""
     from controlplane.client import PublishError
     from controlplane.devfleet.fleet import DevFleet
     from controlplane.devfleet.mosquitto import find_mosquitto

@@ -11,18 +11,27 @@ from rich.table import Table
 from .options import Api, api_command
 from .output import emit_json, titled_table, when
 
-app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
+app = typer.Typer(help="Devices: list, show, assign, unassign, enroll, revoke.",
+                  no_args_is_help=True)
 
 
 @app.callback()
 def _group() -> None:
-    """Devices: list, show, enroll (MQTT credentials), revoke."""
+    """Devices: list, show, assign and unassign models, enroll (MQTT credentials), revoke."""
 
 
 
 def _active(d: dict[str, Any]) -> str:
-    active = d.get("active_model") or {}
-    return f"{active.get('name')}@{active.get('version')}" if active else "-"
+    """Every active model as ``name@version``, by name."""
+    models = d.get("models") or {}
+    refs = [f"{name}@{m.get('version')}" for name, m in sorted(models.items())
+            if m.get("version")]
+    return ", ".join(refs) or "-"
+
+
+def _form(d: dict[str, Any]) -> str:
+    # "single" is the old form: say what it means for the operator.
+    return "set" if d.get("assignment_form") == "set" else "single (old agent)"
 
 
 def _labels(d: dict[str, Any]) -> str:
@@ -32,7 +41,8 @@ def _labels(d: dict[str, Any]) -> str:
 def device_table(devices: list[dict[str, Any]]) -> Table:
     """A table of devices as ``GET /v1/devices`` lists them."""
     table = titled_table(
-        "devices", "device", "tier", "profile", "online", "last seen", "labels", "active model"
+        "devices", "device", "tier", "profile", "online", "last seen", "labels", "active models",
+        "form",
     )
     for d in devices:
         table.add_row(
@@ -40,6 +50,7 @@ def device_table(devices: list[dict[str, Any]]) -> Table:
             "yes" if d.get("online") else "no", when(d.get("last_seen"), seconds=True),
             _labels(d),
             _active(d),
+            _form(d),
         )
     return table
 
@@ -51,9 +62,12 @@ def list_(
     profile: str | None = typer.Option(None, "--profile", help="firmware profile name"),
     online: bool | None = typer.Option(None, "--online/--offline", help="only online / offline"),
     label: list[str] = typer.Option([], "--label", help="key=value; repeat, all must match"),
+    form: str | None = typer.Option(
+        None, "--form", help="single: agents that read one model (to upgrade); set"),
 ) -> None:
     """Devices matching every filter, by id."""
-    params: dict[str, Any] = {"tier": tier, "profile": profile, "label": label or None}
+    params: dict[str, Any] = {"tier": tier, "profile": profile, "label": label or None,
+                              "assignment_form": form}
     if online is not None:
         params["online"] = "true" if online else "false"
     devices = api.list("/v1/devices", **params)
@@ -75,11 +89,15 @@ def device_detail(d: dict[str, Any]) -> Table:
         ("last seen", when(d.get("last_seen"), seconds=True)),
         ("labels", _labels(d)),
         ("RAM", f"{caps['ram_bytes'] / 2**30:.1f} GiB" if caps.get("ram_bytes") else "?"),
-        ("active model", _active(d)),
+        ("assignment form", _form(d)),
         ("update", f"{update.get('state', '-')} {update.get('reason') or ''}".strip()),
         ("assignment", f"{assignment.get('ref', '-')}" if assignment else "-"),
         ("recent telemetry", str(len(d.get("recent_telemetry") or []))),
     ]
+    for name, m in sorted((d.get("models") or {}).items()):
+        assigned = (m.get("assignment") or {}).get("ref") or "-"
+        rows.append((f"model {name}", f"{m.get('version') or '-'} ({m.get('state')}), "
+                                      f"assigned {assigned}, tier {m.get('tier') or '?'}"))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -90,6 +108,41 @@ def show(api: Api, device_id: str = typer.Argument(..., help="device id")) -> No
     """One device: identity, liveness, capabilities, update state and assignment."""
     d = api.call(lambda client: client.get(f"/v1/devices/{quote(device_id, safe='')}"))
     api.emit(d, device_detail(d))
+
+
+def _assignment_path(device_id: str, model: str | None = None) -> str:
+    path = f"/v1/devices/{quote(device_id, safe='')}/assignment"
+    return path if model is None else f"{path}/{quote(model, safe='')}"
+
+
+@api_command(app)
+def assign(
+    api: Api,
+    device_id: str = typer.Argument(..., help="device id"),
+    model: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="release version"),
+) -> None:
+    """Pin the device's model MODEL to MODEL@VERSION; its other models stay as they are."""
+    body = {"model": model, "version": version}
+    done = api.call(lambda client: client.post(_assignment_path(device_id), body))
+    result = done["results"][0]
+    if api.json:
+        emit_json(done)
+        return
+    typer.echo(f"assigned {model}@{version} to {device_id} ({result['tier']}, "
+               f"sequence {result['sequence']})")
+
+
+@api_command(app, output=False)
+def unassign(
+    api: Api,
+    device_id: str = typer.Argument(..., help="device id"),
+    model: str = typer.Argument(..., help="the model name to take off the device"),
+) -> None:
+    """Take MODEL off the device: its next document leaves it out (admin)."""
+    done = api.call(
+        lambda client: client.request("DELETE", _assignment_path(device_id, model)).json())
+    typer.echo(f"took {model} off {device_id} (sequence {done['sequence']})")
 
 
 @api_command(app)

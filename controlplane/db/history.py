@@ -1,4 +1,4 @@
-"""Read queries over assignments: a device's live one and its merged timeline."""
+"""Read queries over assignments: a device's live entries and its merged timeline."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ class TimelineEntry:
 
 @dataclass(frozen=True)
 class LiveAssignment:
-    """A device's active assignment and whether the broker acknowledged it."""
+    """A device's active assignment of one model and whether the broker acknowledged it."""
 
+    model_name: str
     assignment_id: str
     ref: str
     tier: str
@@ -61,23 +62,29 @@ class LiveAssignment:
     published: bool
 
 
-def current_assignment(session: Session, device_id: str) -> LiveAssignment | None:
-    """The device's active assignment, or None."""
-    row = session.scalars(
+def current_assignments(session: Session, device_id: str) -> dict[str, LiveAssignment]:
+    """The device's active assignments by model name, the most recently assigned first."""
+    rows = session.scalars(
         select(AssignmentRecord).where(
             AssignmentRecord.device_id == device_id,
             AssignmentRecord.status == AssignmentStatus.ACTIVE,
-        )
-    ).first()
-    if row is None:
-        return None
+        ).order_by(AssignmentRecord.kind, AssignmentRecord.id.desc())
+    ).all()
     counter = session.get(DeviceSequence, device_id)
-    return LiveAssignment(
-        **same_named(
-            row, "assignment_id", "ref", "tier", "sequence", "issued_at", "expires_at", "rollout_id"
-        ),
-        published=counter is not None and counter.published_sequence >= row.sequence,
-    )
+    published = counter.published_sequence if counter is not None else 0
+    return {
+        row.model_name: LiveAssignment(
+            **same_named(row, "model_name", "assignment_id", "ref", "tier", "sequence",
+                         "issued_at", "expires_at", "rollout_id"),
+            published=published >= row.sequence,
+        )
+        for row in rows
+    }
+
+
+def current_assignment(session: Session, device_id: str) -> LiveAssignment | None:
+    """The device's most recently assigned active entry, or None (its only one in the old form)."""
+    return next(iter(current_assignments(session, device_id).values()), None)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ def _after(ts_col: Any, id_col: Any, source: int, after: TimelineKey | None) -> 
 
 def _assignment_fields(row: AssignmentRecord) -> dict[str, Any]:
     return {
+        "model": row.model_name,
         "assignment_id": row.assignment_id,
         "ref": row.ref,
         "tier": row.tier,
@@ -129,18 +137,24 @@ def _assignment_fields(row: AssignmentRecord) -> dict[str, Any]:
 
 
 def device_timeline(
-    session: Session, device_id: str, *, after: TimelineKey | None, limit: int
+    session: Session, device_id: str, *, after: TimelineKey | None, limit: int,
+    model: str | None = None,
 ) -> list[TimelineEntry]:
     """Up to ``limit`` timeline entries of ``device_id`` after ``after``, oldest first.
 
     Merges three sources, each read in key order: assignments issued (by
     ``issued_at``), assignments revoked (by ``ended_at``) and device events
-    (by the device's own ``ts``).
+    (by the device's own ``ts``). With ``model``, only that model name's
+    assignments and the events about them (by their assignment id).
     """
     A, E = AssignmentRecord, DeviceEvent
     entries: list[TimelineEntry] = []
     page = _Page(session, device_id, after, limit)
-    for row in page.read(A, A.issued_at, ISSUED):
+    of_model: tuple[Any, ...] = () if model is None else (A.model_name == model,)
+    events_of_model: tuple[Any, ...] = () if model is None else (E.assignment_id.in_(
+        select(A.assignment_id).where(A.device_id == device_id, A.model_name == model)
+    ),)
+    for row in page.read(A, A.issued_at, ISSUED, *of_model):
         entries.append(
             TimelineEntry(
                 TimelineKey(row.issued_at, ISSUED, row.id),
@@ -150,7 +164,7 @@ def device_timeline(
             )
         )
     revoked = (A.status == AssignmentStatus.REVOKED, A.ended_at.is_not(None))
-    for row in page.read(A, A.ended_at, ENDED, *revoked):
+    for row in page.read(A, A.ended_at, ENDED, *revoked, *of_model):
         assert row.ended_at is not None
         entries.append(
             TimelineEntry(
@@ -160,7 +174,7 @@ def device_timeline(
                 _assignment_fields(row),
             )
         )
-    for ev in page.read(E, E.ts, EVENT):
+    for ev in page.read(E, E.ts, EVENT, *events_of_model):
         entries.append(
             TimelineEntry(
                 TimelineKey(ev.ts, EVENT, ev.id),

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -102,6 +103,14 @@ class Device(Base):
     latest_runtimes: Mapped[list[Any] | None]
     #: the agent's latest assignment state (``hello.update``), as it reported it
     update_status: Mapped[dict[str, Any] | None]
+    #: the desired-state form its agent reads: ``single`` (hello/1, one model;
+    #: also a device never heard from) or ``set`` (hello/2, a set of models)
+    assignment_form: Mapped[str] = mapped_column(
+        String(8), server_default="single", index=True)
+    #: every active model by name, as the latest hello reported it
+    models: Mapped[dict[str, Any] | None]
+    #: each model's latest update by name, as the latest hello reported it
+    model_updates: Mapped[dict[str, Any] | None]
 
 
 class DeviceLabel(Base):
@@ -283,11 +292,15 @@ class ModelVariant(Base):
 
 
 class AssignmentRecord(Base):
-    """One director-signed assignment envelope, as issued.
+    """One model name's entry in a device's signed desired state, as issued.
 
-    A re-sign keeps ``assignment_id``, release and tier and gets a row of its
-    own with a higher ``sequence`` (``kind`` ``refresh``); the row it replaces
-    becomes ``superseded``. At most one row per device is ``active``.
+    Every document the director signs for a device gets one row per entry,
+    all with the document's ``sequence`` and validity. The entry that
+    changed is ``kind`` ``assign``; the others, and every entry of a re-sign,
+    keep ``assignment_id``, release and tier and are ``refresh`` rows. The
+    rows they replace become ``superseded`` (``revoked`` for a model taken
+    off the device). At most one row per device and model name is ``active``.
+    The signed document itself is the device's :class:`DesiredDocument`.
     """
 
     __tablename__ = "assignments"
@@ -298,6 +311,8 @@ class AssignmentRecord(Base):
     version_id: Mapped[int] = mapped_column(
         BigId, ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False, index=True
     )
+    #: the model name the entry is for (its release's name)
+    model_name: Mapped[str] = mapped_column(String(NAME_LEN))
     #: ``name@version`` of the release, kept beside the key for timelines
     ref: Mapped[str] = mapped_column(String(SHORT_LEN))
     tier: Mapped[str] = mapped_column(String(16))
@@ -310,11 +325,15 @@ class AssignmentRecord(Base):
     status: Mapped[AssignmentStatus] = mapped_column(status_type(AssignmentStatus, 16))
     #: when it stopped being active
     ended_at: Mapped[float | None]
-    #: the signed envelope as canonical JSON: the exact ``desired`` payload
-    envelope: Mapped[str] = mapped_column(Text)
+    #: the signed document, for rows written before it moved to
+    #: ``desired_documents``; None since
+    envelope: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        UniqueConstraint("device_id", "sequence"),
+        UniqueConstraint("device_id", "model_name", "sequence"),
+        Index("uq_assignments_active_device_id_model_name", "device_id", "model_name",
+              unique=True, sqlite_where=text("status = 'active'"),
+              postgresql_where=text("status = 'active'")),
         Index("ix_assignments_status_expires_at", "status", "expires_at"),
         Index("ix_assignments_device_id_issued_at", "device_id", "issued_at"),
     )
@@ -335,6 +354,26 @@ class DeviceSequence(Base):
     #: the ``last_sequence`` whose desired state the broker acknowledged; below
     #: ``last_sequence`` means the publisher still owes the device a message
     published_sequence: Mapped[int] = mapped_column(BigInteger)
+
+
+class DesiredDocument(Base):
+    """Per device: its current signed desired-state document, the ``desired`` payload.
+
+    Written in the transaction that bumps the device's :class:`DeviceSequence`;
+    a table of its own so the counter rows, bumped and acknowledged for every
+    document, stay a few bytes each. No foreign key to ``devices``, like the
+    counter: a device row deleted meanwhile leaves a cleared document behind.
+    """
+
+    __tablename__ = "desired_documents"
+
+    device_id: Mapped[str] = mapped_column(String(DEVICE_ID_LEN), primary_key=True)
+    #: the signed envelope as canonical JSON; None: the device's ``desired`` is cleared
+    envelope: Mapped[str | None] = mapped_column(Text)
+    #: when it expires (the re-sign job's key); None without one
+    expires_at: Mapped[float | None] = mapped_column(index=True)
+    #: the form it was signed in: ``single`` (assignment/1) or ``set`` (assignment/2)
+    form: Mapped[str | None] = mapped_column(String(8))
 
 
 # --- rollouts (docs/rollouts.md) -------------------------------------------------

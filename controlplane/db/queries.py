@@ -19,6 +19,8 @@ class DeviceFilter:
     profile: str | None = None
     online: bool | None = None
     labels: Sequence[tuple[str, str]] = ()
+    #: ``single`` or ``set``: the desired-state form the device's agent reads
+    assignment_form: str | None = None
 
 
 def _has_label(key: str, value: str) -> Exists:
@@ -51,6 +53,8 @@ def list_devices(
         query = query.where(Device.profile == flt.profile)
     if flt.online is not None:
         query = query.where(Device.online.is_(flt.online))
+    if flt.assignment_form is not None:
+        query = query.where(Device.assignment_form == flt.assignment_form)
     for key, value in flt.labels:
         query = query.where(_has_label(key, value))
     return session.scalars(query).all()
@@ -69,6 +73,14 @@ def recent_telemetry(session: Session, device_id: str, limit: int) -> Sequence[T
         .order_by(TelemetryRow.ts.desc(), TelemetryRow.id.desc())
         .limit(limit)
     ).all()
+
+
+def count_devices_by_form(session: Session) -> list[tuple[str, int]]:
+    """``(assignment_form, count)``: how many devices read each desired-state form."""
+    rows = session.execute(
+        select(Device.assignment_form, func.count()).group_by(Device.assignment_form)
+    ).all()
+    return [(form, int(count)) for form, count in rows]
 
 
 def count_devices_by_tier_and_state(session: Session) -> list[tuple[str | None, bool, int]]:

@@ -291,8 +291,30 @@ _HELLO_UPDATE = (
         latest_capabilities=bindparam("b_caps", type_=devices.c.latest_capabilities.type),
         latest_runtimes=bindparam("b_runtimes", type_=devices.c.latest_runtimes.type),
         update_status=bindparam("b_update", type_=devices.c.update_status.type),
+        assignment_form=bindparam("b_form"),
+        models=bindparam("b_models", type_=devices.c.models.type),
+        model_updates=bindparam("b_model_updates", type_=devices.c.model_updates.type),
     )
 )
+
+
+def hello_models(hello: Hello) -> dict[str, Any]:
+    """The hello's device-model fields: the form its agent reads, every active model
+    by name, each model's latest update by name, and the one active model (set only
+    when there is exactly one, as the old form has it)."""
+    active = {m.name: m.model_dump(mode="json") for m in hello.active_models()}
+    updates = {}
+    for status in hello.model_updates():
+        # hello/1's one update names no model; its ref ("name@version") does.
+        name = status.model or (status.ref.partition("@")[0] if status.ref else None)
+        if name:
+            updates[name] = status.model_dump(mode="json", exclude_none=True)
+    return {
+        "b_form": "set" if hello.speaks_sets else "single",
+        "b_models": active,
+        "b_model_updates": updates,
+        "b_active_model": next(iter(active.values())) if len(active) == 1 else None,
+    }
 
 
 def _write_hellos(conn: Connection, hellos: dict[str, IngestItem]) -> None:
@@ -312,12 +334,10 @@ def _write_hellos(conn: Connection, hellos: dict[str, IngestItem]) -> None:
                 "b_agent_version": hello.agent_version,
                 "b_labels": dict(hello.labels),
                 "b_simulated": hello.simulated,
-                "b_active_model": hello.active_model.model_dump(mode="json")
-                if hello.active_model
-                else None,
                 "b_caps": report["capabilities"],
                 "b_runtimes": report["runtimes"],
                 "b_update": hello.update.model_dump(mode="json") if hello.update else None,
+                **hello_models(hello),
             }
         )
     conn.execute(_HELLO_UPDATE, params)

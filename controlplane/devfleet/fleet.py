@@ -6,10 +6,12 @@ on SQLite and a few agents as separate processes. The agents run with a SIMULATE
 hardware override (each presents a different recorded board) because they all
 share this one machine; everything else (broker, protocol, database) is real.
 
-Then it shows what the fleet is for (:meth:`DevFleet.demo`): a release with
-a variant per tier rolled out canary-first to every device, and a release
-that fails its health check stopped at the canary and rolled back by the
-rollout engine, with every decision and its reason printed.
+Then it shows what the fleet is for (:meth:`DevFleet.demo`): a chat release
+with a variant per tier rolled out canary-first to every device; an
+embedding model assigned beside it; the chat model's next version rolled
+out canary-first while the embedder keeps serving; and a release that fails
+its health check stopped at the canary and rolled back by the rollout
+engine, with every decision and its reason printed.
 """
 
 from __future__ import annotations
@@ -39,57 +41,26 @@ from ..db import session_factory
 from ..db.statuses import FINISHED_ROLLOUT_STATES
 from ..keyfiles import build_key_list, generate_key, read_private_key, write_atomic
 from ..service import ControlPlane
+from .demo_specs import (
+    BAD_HEALTH_CHECK,
+    BAD_VERSION,
+    CHAT_MODEL,
+    DEMO_DEVICES,
+    DEMO_TICK_S,
+    EMBED_MODEL,
+    EMBED_VERSION,
+    GOOD_VERSION,
+    NEXT_VERSION,
+    demo_release_spec,
+    demo_rollout_spec,
+)
 from .model_cache import smollm2_path
 from .mosquitto import MosquittoBroker
-
-#: golden prompts SmolLM2-135M answers correctly and stably at temperature 0
-#: through its chat template (see examples/smollm2.release.yaml). The speed
-#: limits are loose on purpose (0 tokens/s: not gated): the demo's agents share
-#: this machine's cores, and the bad release must fail on its answer, not on a
-#: busy CPU
-_DEMO_HEALTH_CHECK = {
-    "max_ttft_ms": 60000,
-    "min_tokens_per_s": 0,
-    "golden_prompts": [
-        {"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 32},
-        {"prompt": "What is the opposite of hot?", "expected": ["cold"], "max_tokens": 32},
-    ],
-}
 
 #: the demo's admin token lives a day; each run revokes the previous one
 DEV_TOKEN_TTL_S = 86_400.0
 
 _ROLLOUT_FINAL = FINISHED_ROLLOUT_STATES
-
-GOOD_VERSION = "1.0.0"
-BAD_VERSION = "1.1.0"
-#: SmolLM2-135M answers this one wrongly ("L'Étoile, la Marseillaise, ..."), so a
-#: release that ships it as a golden prompt fails its health check on every device
-_BAD_HEALTH_CHECK = {
-    **_DEMO_HEALTH_CHECK,
-    "golden_prompts": [
-        {"prompt": "What is the capital of France?", "expected": ["paris"], "max_tokens": 32},
-    ],
-}
-#: the engine's tick in the demo: quick enough to watch, slow enough to read
-DEMO_TICK_S = 1.0
-
-
-def demo_rollout_spec(version: str) -> dict[str, Any]:
-    """Every demo device, a one-device canary then 100 %, rolled back on any failure.
-
-    One download at a time: the demo's agents share this machine's cores,
-    and health checks running side by side would fail on speed alone.
-    """
-    return {
-        "model": "smollm2",
-        "version": version,
-        "target": {"all": True},
-        "stages": [{"percent": 10, "bake_s": 3}, {"percent": 100, "bake_s": 3}],
-        "gates": {"min_devices_reporting": 1, "max_failed": 0, "min_health_pass_rate": 1.0},
-        "on_failure": "rollback",
-        "max_concurrent_downloads": 1,
-    }
 
 #: how long an agent may take from online to its local API answering (the
 #: probe and the worker's start are behind it; a model it serves loads first)
@@ -110,47 +81,6 @@ def free_loopback_ports(count: int) -> list[int]:
             sock.bind(("127.0.0.1", 0))
             ports.append(int(sock.getsockname()[1]))
         return ports
-
-
-#: (device id, simulated board preset, labels) of the demo fleet
-DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
-    ("pi4-kitchen", "raspberry-pi-4-4gb", {"site": "home", "room": "kitchen"}),
-    ("jetson-lab", "jetson-orin-nano-8gb", {"site": "lab"}),
-    ("ws-render", "x86_64-gpu-workstation", {"site": "lab"}),
-]
-
-
-def demo_release_spec(
-    model: Path,
-    version: str = "1.0.0",
-    *,
-    health_check: dict[str, Any] | None = None,
-    description: str = "SmolLM2-135M-Instruct Q4_1 (the demo's model for every tier)",
-) -> dict[str, Any]:
-    """A release spec with a variant for every tier, for ``slmfleet models publish``.
-
-    The demo has one real model, so every tier's variant is the same GGUF
-    with that tier's runtime settings (a bigger context where there is more
-    memory); a real release would ship a bigger model for bigger tiers.
-    """
-
-    def variant(context: int) -> dict[str, Any]:
-        return {
-            "file": str(model),
-            "format": "gguf",
-            "quantization": "Q4_1",
-            "parameters": 135_000_000,
-            "context_length": 8192,
-            "runtime_defaults": {"context": context, "mmap": True},
-            "health_check": health_check or _DEMO_HEALTH_CHECK,
-        }
-
-    return {
-        "name": "smollm2",
-        "version": version,
-        "description": description,
-        "variants": {"micro": variant(2048), "small": variant(4096), "medium": variant(8192)},
-    }
 
 
 @dataclass(frozen=True)
@@ -384,29 +314,52 @@ class DevFleet:
             if waiting:
                 time.sleep(0.2)
 
-    def _publish(self, version: str, model: Path, **kwargs: Any) -> None:
+    def _publish(self, version: str, model: Path, name: str = CHAT_MODEL, **kwargs: Any) -> None:
         from ..client import publish_release
 
         assert self.keys is not None
-        if httpx.get(f"{self.api_url}/v1/models/smollm2/versions/{version}",
+        if httpx.get(f"{self.api_url}/v1/models/{name}/versions/{version}",
                      headers=self.headers).status_code == 200:
-            self.log(f"smollm2@{version} is already published (from an earlier run)")
+            self.log(f"{name}@{version} is already published (from an earlier run)")
             return
-        spec = self.data_dir / f"smollm2-{version}.release.yaml"
-        spec.write_text(yaml.safe_dump(demo_release_spec(model, version, **kwargs),
+        spec = self.data_dir / f"{name}-{version}.release.yaml"
+        spec.write_text(yaml.safe_dump(demo_release_spec(model, version, name=name, **kwargs),
                                        sort_keys=False))
-        self.log(f"publishing smollm2@{version} (signed with the demo release key)")
+        self.log(f"publishing {name}@{version} (signed with the demo release key)")
         publish_release(spec, [self.keys.release_key], self.api_url, self.token)
 
     def publish_releases(self, model: Path | None = None) -> None:
-        """Publish the demo's two releases (a good one and one whose health check fails)."""
+        """Publish the demo's releases: the chat model's good, next and bad
+        versions (the bad one fails its health check) and the embedder."""
         model = model or smollm2_path()
         if not model.is_file():
             raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
         self._publish(GOOD_VERSION, model)
-        self._publish(BAD_VERSION, model, health_check=_BAD_HEALTH_CHECK,
+        self._publish(NEXT_VERSION, model,
+                      description="SmolLM2-135M-Instruct Q4_1, the chat model's next version")
+        self._publish(BAD_VERSION, model, health_check=BAD_HEALTH_CHECK,
                       description="SmolLM2-135M with a golden prompt it answers wrongly: "
                                   "a release that fails its health check on the devices")
+        self._publish(EMBED_VERSION, model, name=EMBED_MODEL, embeddings=True,
+                      description="SmolLM2-135M with embeddings on: the demo's embedder")
+
+    def assign_everywhere(self, name: str, version: str) -> dict[str, Any]:
+        """Assign ``name@version`` beside what every demo device runs; log each outcome.
+
+        A device whose agent reads one model (it says ``slmfleet.hello/1``)
+        is refused with ``needs_upgrade`` and keeps what it runs.
+        """
+        body = {"model": name, "version": version,
+                "selector": {"device_ids": [d for d, _, _ in DEMO_DEVICES]}}
+        response = httpx.post(f"{self.api_url}/v1/devices/*/assignment", json=body,
+                              headers=self.headers, timeout=30)
+        response.raise_for_status()
+        done = response.json()
+        for result in done["results"]:
+            note = result["status"] if result["status"] == "assigned" else (
+                f"{result['status']}: {result.get('reason')}")
+            self.log(f"{name}@{version} -> {result['device_id']}: {note}")
+        return done
 
     def demo(
         self,
@@ -414,19 +367,32 @@ class DevFleet:
         timeout: float = 300.0,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> list[dict]:
-        """The mission in two rollouts; return their final details.
+        """The mission: a chat model, an embedder beside it, rollouts of the chat
+        model alone; return the rollouts' final details.
 
         A good release goes canary-first to every device, each getting its
-        tier's variant; then a release whose health check fails on the
-        devices stops at the canary and is rolled back automatically.
+        tier's variant; an embedding model is assigned beside it; the chat
+        model's next version goes out canary-first while the embedder keeps
+        serving; then a release whose health check fails on the devices
+        stops at the canary and is rolled back automatically (the chat
+        model only: the embedder's entry never changes).
         """
         self.publish_releases(model)
         done = []
-        for version, why in ((GOOD_VERSION, "a good release"),
-                             (BAD_VERSION, "a release whose health check fails")):
+        steps: list[tuple[str, str]] = [
+            (GOOD_VERSION, "a good release"),
+            ("", "the embedder"),
+            (NEXT_VERSION, "the chat model's next version, the embedder serving beside it"),
+            (BAD_VERSION, "a release whose health check fails"),
+        ]
+        for version, why in steps:
             if should_stop():
                 break
-            self.log(f"rolling out smollm2@{version} ({why}): canary first, then 100 %")
+            if not version:
+                self.log(f"assigning {EMBED_MODEL}@{EMBED_VERSION} ({why}) beside the chat model")
+                self.assign_everywhere(EMBED_MODEL, EMBED_VERSION)
+                continue
+            self.log(f"rolling out {CHAT_MODEL}@{version} ({why}): canary first, then 100 %")
             done.append(self.run_rollout(demo_rollout_spec(version), timeout, should_stop))
         return done
 

@@ -27,9 +27,10 @@ A tick, per rollout, in this order:
    an operator's approval when the next stage asks for one.
 
 Rollback sends each device the rollout touched a new, higher-sequence
-assignment of the version it ran when it joined (or clears its assignment
-when it ran nothing of this model), through the director like any other
-assignment. Everything is read from and written to the database, so a
+document whose entry for the rollout's model is the version it ran when it
+joined (or has no entry of that model when it ran none), through the
+director like any other assignment; the device's other models keep their
+entries. Everything is read from and written to the database, so a
 restarted control plane resumes exactly where the last committed tick left
 it: stage advances are conditional on the rollout's revision, and a device
 is assigned only from ``pending``.
@@ -165,9 +166,9 @@ class RolloutEngine:
             rows = []
             for device in queries.candidates(conn, new_ids):
                 tier, why = choose_tier(manifest, Tier(device.tier), device.ram_bytes)
-                active = device.active_model or {}
-                previous = (f"{active['name']}@{active['version']}"
-                            if active.get("name") == spec.model else None)
+                # This model's version only: the device's other models are not
+                # this rollout's to touch, on the way in or back.
+                previous = device.running(spec.model)
                 rows.append({
                     "rollout_id": row.id,
                     "device_id": device.id,
@@ -311,8 +312,11 @@ class RolloutEngine:
             # stage of thousands of devices is recorded in one round trip each.
             queries.mark_assigned(conn, row.id, issued, row.stage_index, now)
             # unknown_device (deleted meanwhile) is left out: the row goes with it.
-            queries.mark_incompatible(conn, row.id, {r.device_id: r.reason for r in results
-                                                     if r.status == "incompatible"}, now)
+            # A device whose agent reads one model and runs another cannot take
+            # this one before its agent is upgraded: out of the stages, with the reason.
+            queries.mark_incompatible(conn, row.id, {
+                r.device_id: r.reason for r in results
+                if r.status in ("incompatible", "needs_upgrade")}, now)
             if sent:
                 store.record(
                     conn, row.id, "assigned",
@@ -385,7 +389,7 @@ class RolloutEngine:
             by_previous.setdefault(m.previous_ref, []).append(m.device_id)
         notes = []
         for previous, device_ids in sorted(by_previous.items(), key=lambda kv: str(kv[0])):
-            outcome = self._send_back(previous, device_ids, row.id)
+            outcome = self._send_back(previous, device_ids, row.id, spec.model)
             notes.append(outcome)
             with self._engine.begin() as conn:
                 queries.mark_rolled_back(conn, row.id, device_ids, outcome, self._clock())
@@ -399,18 +403,20 @@ class RolloutEngine:
             )
         log.warning("rollout %s rolled back (%d device(s))", row.id, len(members))
 
-    def _send_back(self, previous: str | None, device_ids: list[str], rollout_id: str) -> str:
+    def _send_back(self, previous: str | None, device_ids: list[str], rollout_id: str,
+                   model: str) -> str:
+        # Only this model's entry moves; the devices' other models keep theirs.
         if previous is None:
-            self._director.unassign(device_ids)
-            return f"{len(device_ids)} without a previous version: assignment cleared"
+            self._director.remove(device_ids, model)
+            return f"{len(device_ids)} without a previous version: {model} taken off"
         name, _, version = previous.partition("@")
         try:
             results = self._director.assign(device_ids, name, version, rollout_id=rollout_id)
         except (UnknownRelease, ProtocolError) as exc:
             # The old release is gone or no longer verifies: the best left is
-            # to stop pushing the new one; agents keep what they run.
-            self._director.unassign(device_ids)
-            return f"{len(device_ids)} to {previous} impossible ({exc}): assignment cleared"
+            # to stop pushing the new one.
+            self._director.remove(device_ids, model)
+            return f"{len(device_ids)} to {previous} impossible ({exc}): {model} taken off"
         sent = sum(r.status == "assigned" for r in results)
         return f"{sent} of {len(device_ids)} reassigned {previous}"
 

@@ -65,7 +65,13 @@ class Candidate:
     id: str
     tier: str
     ram_bytes: int | None
-    active_model: dict[str, Any] | None
+    #: every active model by name, as the device's latest hello reported it
+    models: dict[str, Any] | None
+
+    def running(self, name: str) -> str | None:
+        """``name@version`` of the model ``name`` the device runs, or None."""
+        active = (self.models or {}).get(name) or {}
+        return f"{name}@{active['version']}" if active.get("version") else None
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,8 @@ def candidates(conn: Connection, device_ids: Sequence[str]) -> list[Candidate]:
     """What joining needs of each device, in id order."""
     found: list[Candidate] = []
     for chunk in chunks(device_ids):
-        found.extend(Candidate(d.id, d.tier, d.ram_bytes, d.active_model) for d in conn.execute(
-            select(Device.id, Device.tier, RAM_BYTES.label("ram_bytes"), Device.active_model)
+        found.extend(Candidate(d.id, d.tier, d.ram_bytes, d.models) for d in conn.execute(
+            select(Device.id, Device.tier, RAM_BYTES.label("ram_bytes"), Device.models)
             .where(Device.id.in_(chunk))
         ).all())
     return sorted(found, key=lambda d: d.id)

@@ -9,6 +9,12 @@ events an agent reports. What a version *does* on the device -- pass or fail
 its health check, how fast it decodes -- comes from a :class:`Behaviour`
 the test chooses, in place of running a real model. Every payload a device
 received is kept, so a test can prove which devices never saw a release.
+
+A device made with ``sets=True`` speaks as an agent that runs a set of
+models: ``slmfleet.hello/2`` listing each active model and its update,
+``slmfleet.telemetry/2``, and every ``desired`` payload checked with
+:func:`protocol.verify_desired`; each entry whose assignment id is new is
+installed on its own, and a name the document leaves out is unloaded.
 """
 
 from __future__ import annotations
@@ -58,18 +64,33 @@ class SimDevice:
     behaviours: dict[str, Behaviour]
     labels: dict[str, str] = field(default_factory=dict)
     active: tuple[str, str] | None = None
-    received: list[p.VerifiedAssignment] = field(default_factory=list)
+    #: speak hello/2 and read set documents
+    sets: bool = False
+    #: sets: every active model, name -> version
+    models: dict[str, str] = field(default_factory=dict)
+    #: what it accepted to install: VerifiedAssignment (old form) or VerifiedEntry (sets)
+    received: list[Any] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    #: sets: every document accepted, in order
+    documents: list[p.VerifiedDesired] = field(default_factory=list)
+    #: broker password already issued (say, through the control plane's API);
+    #: None: provision one on the broker directly
+    password: str | None = None
 
     def __post_init__(self) -> None:
-        self.password = provision_device(self.broker, self.device_id)
+        if self.password is None:
+            self.password = provision_device(self.broker, self.device_id)
         self._lock = threading.Lock()
         self._seq = 0
         self._tele_seq = 0
         self._highest = 0
         self._accepted: bytes | None = None
         self._update: p.UpdateStatus | None = None
+        #: sets: each model's latest update, by name
+        self._updates: dict[str, p.UpdateStatus] = {}
         self.client: mqtt.Client | None = None
+        if self.sets and self.active is not None:
+            self.models[self.active[0]] = self.active[1]
 
     # -- connection --------------------------------------------------------------
 
@@ -118,10 +139,19 @@ class SimDevice:
                            qos=1, retain=retain)
 
     def _hello(self) -> None:
+        tier = p.Tier(self.tier)
         active = None
-        if self.active is not None:
+        if self.active is not None and not self.sets:
             name, version = self.active
-            active = p.ActiveModel(name=name, version=version, tier=p.Tier(self.tier), sha256=SHA)
+            active = p.ActiveModel(name=name, version=version, tier=tier, sha256=SHA)
+        form: dict[str, Any] = {"active_model": active}
+        if self.sets:
+            form = {
+                "schema": p.HELLO_SCHEMA_SETS,
+                "models": [p.ActiveModel(name=n, version=v, tier=tier, sha256=SHA)
+                           for n, v in sorted(self.models.items())],
+                "updates": [self._updates[n] for n in sorted(self._updates)],
+            }
         self._say(p.TopicKind.HELLO, p.Hello(
             device_id=self.device_id, ts=time.time(), agent_version="sim-1",
             capabilities=p.Capabilities(
@@ -129,9 +159,9 @@ class SimDevice:
                 ram_bytes=TIER_RAM[self.tier], disk_free_bytes=64 << 30,
                 os=p.OsInfo(system="Linux", release="6.1"),
             ),
-            profile=f"sim-{self.tier}", tier=p.Tier(self.tier),
+            profile=f"sim-{self.tier}", tier=tier,
             runtimes=[p.Runtime(name="llama.cpp", version="0.3.2")],
-            active_model=active, update=self._update, labels=self.labels, simulated=True,
+            update=self._update, labels=self.labels, simulated=True, **form,
         ), retain=True)
 
     # -- the update pipeline, simulated ---------------------------------------------
@@ -148,39 +178,76 @@ class SimDevice:
         with self._lock:
             if not payload or payload == self._accepted:
                 return
-            try:
-                verified = p.verify_assignment(
-                    payload, device_id=self.device_id, release_keys=self.trust.release_keys,
-                    director_keys=self.trust.director_keys, now=time.time(),
-                    highest_sequence=self._highest, device_tier=p.Tier(self.tier),
-                )
-            except p.ProtocolError as exc:
-                self.rejected.append(f"{exc.reason}: {exc}")
+            if self.sets:
+                self._on_set(payload)
+                return
+            verified = self._verify(p.verify_assignment, payload)
+            if verified is None:
                 return
             a = verified.assignment
             self._highest, self._accepted = a.sequence, payload
             if self._update is not None and self._update.assignment_id == a.assignment_id:
                 return  # a re-sign of what we run: nothing to do
             self.received.append(verified)
-            self._install(verified)
+            self._install(None, a.assignment_id, a.sequence, verified.manifest)
+            self._hello()
 
-    def _install(self, verified: p.VerifiedAssignment) -> None:
-        a, manifest = verified.assignment, verified.manifest
-        aid = a.assignment_id
+    def _verify(self, check: Callable[..., Any], payload: bytes) -> Any:
+        """``check`` (an agent's acceptance check) with the pinned keys; None when refused."""
+        try:
+            return check(
+                payload, device_id=self.device_id, release_keys=self.trust.release_keys,
+                director_keys=self.trust.director_keys, now=time.time(),
+                highest_sequence=self._highest, device_tier=p.Tier(self.tier),
+            )
+        except p.ProtocolError as exc:
+            self.rejected.append(f"{exc.reason}: {exc}")
+            return None
+
+    def _on_set(self, payload: bytes) -> None:
+        """A desired payload, read as an agent that runs sets does."""
+        desired: p.VerifiedDesired | None = self._verify(p.verify_desired, payload)
+        if desired is None:
+            return
+        self._highest, self._accepted = desired.sequence, payload
+        self.documents.append(desired)
+        for name, refused in desired.refused.items():
+            self.rejected.append(f"{name}: {refused.error.reason}: {refused.error}")
+        for name in set(self.models) - set(desired.entries):
+            # Left out of the set: unload it (an agent keeps the files for rollback).
+            del self.models[name]
+        for name, entry in desired.entries.items():
+            update = self._updates.get(name)
+            if update is not None and update.assignment_id == entry.assignment_id:
+                continue  # a refresh of what it runs, or another model's change
+            self.received.append(entry)
+            self._install(name, entry.assignment_id, desired.sequence, entry.manifest)
+        self._update = p.UpdateStatus(assignment_id=f"doc-{desired.sequence}",
+                                      sequence=desired.sequence, state=p.UpdateState.ACTIVATED,
+                                      ts=time.time())
+        self._hello()
+
+    def _running(self, name: str) -> str | None:
+        if self.sets:
+            return self.models.get(name)
+        return self.active[1] if self.active and self.active[0] == name else None
+
+    def _install(self, name: str | None, aid: str, sequence: int,
+                 manifest: p.ReleaseManifest) -> None:
+        """Install one release as ``name`` (None: the old form's one model)."""
         behaviour = self.behaviours.get(manifest.version, Behaviour())
         if behaviour.refuses is not None:
             self._event("received", aid)
             self._event("verified", aid)
             reason = f"{behaviour.refuses.value}: simulated"
             self._event("rejected", aid, reason, behaviour.refuses)
-            self._update = p.UpdateStatus(assignment_id=aid, sequence=a.sequence,
-                                          ref=manifest.ref, state=p.UpdateState.REJECTED,
-                                          reason=reason, ts=time.time())
-            self._hello()
+            self._record(name, p.UpdateStatus(
+                model=name, assignment_id=aid, sequence=sequence, ref=manifest.ref,
+                state=p.UpdateState.REJECTED, reason=reason, ts=time.time()))
             return
         for step in ("received", "verified", "fit_checked", "downloading", "staged"):
             self._event(step, aid)
-        if self.active == (manifest.name, manifest.version):
+        if self._running(manifest.name) == manifest.version:
             state, reason = p.UpdateState.ACTIVATED, None
         elif behaviour.healthy:
             self._event("health_passed", aid)
@@ -190,34 +257,48 @@ class SimDevice:
             self._event("health_failed", aid, reason, p.EventCode.HEALTH_FAILED)
             state, reason = p.UpdateState.FAILED, f"health_failed: {reason}"
         if state is p.UpdateState.ACTIVATED:
-            self.active = (manifest.name, manifest.version)
+            if self.sets:
+                self.models[manifest.name] = manifest.version
+            else:
+                self.active = (manifest.name, manifest.version)
             self._event("activated", aid)
         else:
             self._event("failed", aid, reason, p.EventCode.HEALTH_FAILED)
-        self._update = p.UpdateStatus(assignment_id=aid, sequence=a.sequence,
-                                      ref=manifest.ref, state=state, reason=reason,
-                                      ts=time.time())
-        self._hello()
+        self._record(name, p.UpdateStatus(
+            model=name, assignment_id=aid, sequence=sequence, ref=manifest.ref, state=state,
+            reason=reason, ts=time.time()))
+
+    def _record(self, name: str | None, status: p.UpdateStatus) -> None:
+        if name is None:
+            self._update = status
+        else:
+            self._updates[name] = status
 
     # -- heartbeats ------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """One telemetry message with this interval's inference stats for the active version."""
+        """One telemetry message with this interval's inference stats for each active version."""
         with self._lock:
             self._tele_seq += 1
+            if self.sets:
+                running = sorted(self.models.items())
+            else:
+                running = [self.active] if self.active is not None else []
             stats = []
-            if self.active is not None:
-                b = self.behaviours.get(self.active[1], Behaviour())
+            for name, version in running:
+                b = self.behaviours.get(version, Behaviour())
                 stats.append(p.InferenceStats(
-                    model=self.active[0], version=self.active[1], requests=10,
+                    model=name, version=version, requests=10,
                     errors=b.errors_per_10, tokens=int(b.tokens_per_s * 2),
                     latency_p95_ms=b.latency_p95_ms, latency_p50_ms=b.latency_p95_ms / 2,
                     ttft_p95_ms=50.0, ttft_p50_ms=30.0, tokens_per_s=b.tokens_per_s))
+            refs = [f"{n}@{v}" for n, v in running]
+            form: dict[str, Any] = (
+                {"schema": p.TELEMETRY_SCHEMA_SETS, "models": refs} if self.sets
+                else {"active_model": refs[0] if refs else None})
             self._say(p.TopicKind.TELEMETRY, p.Telemetry(
                 device_id=self.device_id, ts=time.time(), seq=self._tele_seq, uptime_s=100.0,
-                cpu_percent=20.0, ram_used_bytes=1 << 30,
-                active_model=f"{self.active[0]}@{self.active[1]}" if self.active else None,
-                inference=stats))
+                cpu_percent=20.0, ram_used_bytes=1 << 30, inference=stats, **form))
 
     def clear(self) -> None:
         """Drop this device's retained messages from the shared broker."""
@@ -239,9 +320,11 @@ class SimFleet:
         self._thread.start()
 
     def add(self, device_id: str, tier: str, behaviours: dict[str, Behaviour],
-            *, labels: dict[str, str], active: tuple[str, str] | None = None) -> SimDevice:
+            *, labels: dict[str, str], active: tuple[str, str] | None = None,
+            sets: bool = False, models: dict[str, str] | None = None) -> SimDevice:
         device = SimDevice(self.broker, device_id, tier, self.trust, behaviours,
-                           labels=labels, active=active).connect()
+                           labels=labels, active=active, sets=sets,
+                           models=dict(models or {})).connect()
         self.devices[device_id] = device
         return device
 
@@ -255,7 +338,7 @@ class SimFleet:
                     continue
 
     def received(self, version: str) -> set[str]:
-        """Ids of devices that accepted an assignment of ``version``."""
+        """Ids of devices that accepted an assignment (or a set entry) of ``version``."""
         return {d.device_id for d in self.devices.values()
                 if any(v.manifest.version == version for v in d.received)}
 

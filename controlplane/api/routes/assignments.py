@@ -1,15 +1,20 @@
 """``/v1/devices/{id}/assignment`` and ``/history``: the operator's direct lever.
 
-``POST /v1/devices/{id}/assignment`` pins one device to ``model@version``;
-with ``*`` as the id and a ``selector`` in the body it pins every matching
-device. The director picks each device's variant (its own tier, else the
-highest below it), signs, stores and publishes. ``DELETE`` revokes a
-device's assignment and clears its retained ``desired``.
+``POST /v1/devices/{id}/assignment`` pins one device's model ``model`` to
+``model@version``, leaving its other models as they are; with ``*`` as the
+id and a ``selector`` in the body it pins every matching device. The
+director picks each device's variant (its own tier, else the highest below
+it), signs the device's whole document, stores and publishes.
+``DELETE /v1/devices/{id}/assignment/{model}`` takes one model off the
+device (a new document without it); ``DELETE /v1/devices/{id}/assignment``
+revokes every model's assignment and clears its retained ``desired``.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
 
 from controlplane.api.deps import ContextDep, SessionDep, described, not_configured, off_response
 from controlplane.api.pagination import PageDep
@@ -82,13 +87,18 @@ def _targets(device_id: str, body: AssignRequest, context: AppContext) -> list[s
     responses={
         **off_response("the director key", also="no such device (single device) or release"),
         **described({
-            409: "the device has no variant it can run (single device)",
+            409: "the device has no variant it can run, or its agent reads one model and "
+                 "runs another (status needs_upgrade; single device)",
             422: "bad body or selector",
         }),
     },
 )
 def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignResponse:
-    """Pin a device (or, with id `*`, every device the selector matches) to a release."""
+    """Pin a device's model (or, with id `*`, every matching device's) to a release.
+
+    Only the entry of the release's model name changes; the device's other
+    models keep theirs.
+    """
     director = _director(context)
     targets = _targets(device_id, body, context)
     try:
@@ -103,7 +113,7 @@ def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignRe
         result = out[0]
         if result.status == "unknown_device":
             raise HTTPException(404, detail=result.model_dump())
-        if result.status == "incompatible":
+        if result.status in ("incompatible", "needs_upgrade"):
             raise HTTPException(409, detail=result.model_dump())
     return AssignResponse(
         model=body.model,
@@ -112,6 +122,7 @@ def assign(device_id: str, body: AssignRequest, context: ContextDep) -> AssignRe
         assigned=sum(r.status == "assigned" for r in out),
         incompatible=sum(r.status == "incompatible" for r in out),
         unknown=sum(r.status == "unknown_device" for r in out),
+        needs_upgrade=sum(r.status == "needs_upgrade" for r in out),
     )
 
 
@@ -129,17 +140,39 @@ def unassign(device_id: str, context: ContextDep) -> AssignResultOut:
     return result
 
 
+@router.delete(
+    "/{device_id}/assignment/{model}",
+    response_model=AssignResultOut,
+    responses=off_response("the director key", also="the device has no live assignment of it"),
+)
+def remove_model(device_id: str, model: str, context: ContextDep) -> AssignResultOut:
+    """Take one model off the device: its next document leaves the model out.
+
+    The device's other models keep their entries. An agent reading sets
+    unloads the model; a device in the old form with no model left has its
+    `desired` cleared.
+    """
+    director = _director(context)
+    result = AssignResultOut.model_validate(director.remove([device_id], model)[0])
+    if result.status != "unassigned":
+        raise HTTPException(404, detail=f"device {device_id!r} has no live assignment of {model!r}")
+    return result
+
+
 @router.get(
     "/{device_id}/history",
     response_model=HistoryPage,
     responses=described({404: "no such device"}),
 )
-def history(device_id: str, session: SessionDep, page: PageDep) -> HistoryPage:
+def history(device_id: str, session: SessionDep, page: PageDep,
+            model: Annotated[str | None, Query(
+                description="only this model name's assignments and its events")] = None,
+            ) -> HistoryPage:
     """The device's timeline, oldest first: assignments issued and revoked, and its events."""
     if queries.get_device(session, device_id) is None:
         raise HTTPException(404, detail=f"device {device_id!r} not found")
     entries = device_timeline(
-        session, device_id, after=page.after(TimelineKey.decode), limit=page.fetch
+        session, device_id, after=page.after(TimelineKey.decode), limit=page.fetch, model=model
     )
     served, after = page.cut(entries, lambda e: e.key.encode())
     return HistoryPage(

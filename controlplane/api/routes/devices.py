@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 
 from controlplane.api.deps import SessionDep, described
+from controlplane.api.device_models import device_models
 from controlplane.api.pagination import PageDep, query_error
 from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
 from controlplane.api.schemas_registry import AssignmentSummary
 from controlplane.db import queries
-from controlplane.db.history import current_assignment
+from controlplane.db.history import current_assignments
 from protocol import Tier
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -39,6 +40,8 @@ def list_devices(
     tier: Tier | None = None,
     profile: str | None = None,
     online: bool | None = None,
+    assignment_form: Annotated[Literal["single", "set"] | None, Query(
+        description="single: agents that read one model (slmfleet.hello/1); set: sets")] = None,
     label: Annotated[
         list[str] | None,
         Query(
@@ -54,6 +57,7 @@ def list_devices(
         profile=profile,
         online=online,
         labels=parse_labels(label or []),
+        assignment_form=assignment_form,
     )
     rows = queries.list_devices(session, flt, after=page.after(), limit=page.fetch)
     served, after = page.cut(rows, lambda d: d.id)
@@ -71,12 +75,14 @@ def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
     if device is None:
         raise HTTPException(status_code=404, detail=f"device {device_id!r} not found")
     telemetry = queries.recent_telemetry(session, device_id, RECENT_TELEMETRY)
-    live = current_assignment(session, device_id)
+    live = current_assignments(session, device_id)
+    last = next(iter(live.values()), None)
     return DeviceDetail(
-        **DeviceSummary.model_validate(device).model_dump(),
+        **DeviceSummary.model_validate(device).model_dump(exclude={"models"}),
         capabilities=device.latest_capabilities,
         runtimes=device.latest_runtimes,
         recent_telemetry=[TelemetryPoint.model_validate(t) for t in telemetry],
         update=device.update_status,
-        assignment=AssignmentSummary.model_validate(live) if live else None,
+        assignment=AssignmentSummary.model_validate(last) if last else None,
+        models=device_models(device, live),
     )

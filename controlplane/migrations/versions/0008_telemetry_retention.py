@@ -22,8 +22,8 @@ from alembic import op
 from controlplane.migrations.columns import big_integer, double, string
 from controlplane.migrations.tables import create_device_table, create_table
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 
 DAY_S = 86400
 #: the most days of existing telemetry given partitions of their own
