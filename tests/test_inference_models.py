@@ -419,3 +419,36 @@ def test_a_model_added_to_the_set_serves_once_activated(model_path: Path,
             assert (await http.get("/healthz")).json()["status"] == "ok"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (None, None), (0, 0.0), ("0", 0.0), (300, 300.0), (2.5, 2.5), ("5m", 300.0),
+    ("1h30m", 5400.0), ("300ms", 0.3), ("10s", 10.0), ("-1", float("inf")),
+    (-1, float("inf")), ("-5m", float("inf")),
+])
+def test_keep_alive_reads_as_ollama_reads_it(value: Any, seconds: float | None) -> None:
+    from agent.inference.ollama_shapes import keep_alive
+
+    assert keep_alive({} if value is None else {"keep_alive": value}) == seconds
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "m", "", "5x", True, [5], float("nan")])
+def test_a_bad_keep_alive_is_400(value: Any) -> None:
+    from agent.inference.ollama_shapes import OllamaError, keep_alive
+
+    with pytest.raises(OllamaError) as err:
+        keep_alive({"keep_alive": value})
+    assert err.value.status == 400 and "'keep_alive' must be a duration" in str(err.value)
+
+
+def test_the_agent_settings_bound_the_cap_and_the_keep_alive() -> None:
+    from pydantic import ValidationError
+
+    from agent.config import AgentConfig
+
+    config = AgentConfig(device_id="dev-1", max_loaded_models=2, inference_keep_alive_s=600)
+    assert (config.max_loaded_models, config.inference_keep_alive_s) == (2, 600.0)
+    assert AgentConfig(device_id="dev-1").max_loaded_models == 0, "no cap unless set"
+    for bad in ({"max_loaded_models": -1}, {"inference_keep_alive_s": -5}):
+        with pytest.raises(ValidationError):
+            AgentConfig(device_id="dev-1", **bad)
