@@ -387,8 +387,9 @@ class InferenceRuntime:
                     return host, slot
                 # Swapped while we waited: the new version takes us.
                 slot.gate.release()
+                moved = self.host_for(model)  # raises before the counts change
                 host.waiting -= 1
-                host = self.host_for(model)
+                host = moved
                 host.waiting += 1
                 slot = host.serving
                 assert slot is not None

@@ -181,7 +181,10 @@ class Slot:
         self.parked = True
         worker, self.worker = self.worker, None
         if worker is not None and worker.alive:
-            await worker.stop()
+            # Killed, not asked to exit: nothing runs on it, and a worker freeing its
+            # model at idle priority on a busy device would hold the RAM (and the
+            # request waiting for the room) for its whole grace time.
+            await worker.stop(grace_s=0.0)
             self.stats.unloaded(reason)
             log.info("unloaded %s (%s)", self.spec.ref, reason)
 
