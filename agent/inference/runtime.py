@@ -412,8 +412,7 @@ class InferenceRuntime:
         serving = [h.serving.spec.ref for h in self.hosts.values() if h.serving is not None]
         refs = serving + [ref for ref, s in self._stats.items()
                           if ref not in serving and s.active()]
-        return [self._stats[ref].take() for ref in refs[:MAX_REPORTED_VERSIONS]
-                if ref in self._stats]
+        return [self._stats[ref].take() for ref in refs[:MAX_REPORTED_VERSIONS]]
 
     def all_stats(self) -> list[VersionStats]:
         """Every version counted since the agent started (for /metrics)."""
