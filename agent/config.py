@@ -107,6 +107,12 @@ class AgentConfig(BaseModel):
     inference_crash_window_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
     #: generations a model decodes at once; None: the firmware profile's ``runtime.parallel``
     inference_parallel: Annotated[int, Field(ge=1, le=MAX_PARALLEL)] | None = None
+    #: models kept loaded at once; loading one more unloads the least recently used
+    #: idle one first (0: no cap; RAM still decides)
+    max_loaded_models: Annotated[int, Field(ge=0, le=64)] = 0
+    #: a model unloads this long after its last request unless the request's
+    #: ``keep_alive`` says otherwise; None: it stays loaded until evicted
+    inference_keep_alive_s: Annotated[float, Field(ge=0, le=31_536_000)] | None = None
 
     @field_validator("ollama_port")
     @classmethod

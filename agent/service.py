@@ -129,6 +129,9 @@ class Agent:
                 load_timeout_s=config.inference_load_timeout_s,
                 crash_limit=config.inference_crash_limit,
                 crash_window_s=config.inference_crash_window_s,
+                max_loaded=config.max_loaded_models,
+                keep_alive_s=config.inference_keep_alive_s,
+                os_reserve_bytes=self.profile.runtime.os_reserved_mb << 20,
             ))
             if health is None:
                 health = WorkerHealthChecker(self.inference, self.profile.runtime,

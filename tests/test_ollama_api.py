@@ -352,11 +352,12 @@ def test_bad_generate_bodies_are_400(ollama_url: str, body, message) -> None:
     assert r.status_code == 400 and message in r.json()["error"], r.text
 
 
-def test_load_and_keep_alive_requests_change_nothing_the_fleet_decided(
+def test_load_requests_and_a_keep_alive_keep_the_model_loaded(
         client: ollama.Client, ollama_url: str) -> None:
+    # keep_alive 0 (unload) is tested in test_inference_models.py.
     for route, body in (("chat", {"messages": []}), ("generate", {})):
         r = httpx.post(f"{ollama_url}/api/{route}",
-                       json={"model": MODEL, "keep_alive": 0, **body}, timeout=30)
+                       json={"model": MODEL, "keep_alive": "5m", **body}, timeout=30)
         assert r.status_code == 200 and r.json()["done_reason"] == "load", r.text
     reply = client.generate(model=MODEL, prompt="Hi", keep_alive="10m",
                             options={"num_predict": 1, "num_ctx": 512, "num_thread": 64,

@@ -1,6 +1,9 @@
 """Local inference: worker subprocesses per model, their supervision, the local API.
 
-Agent side: :mod:`.runtime` (which worker serves, warm swaps, restarts),
+Agent side: :mod:`.runtime` (which workers serve which models, warm swaps,
+restarts) with :mod:`.model_host` (one assigned model name), :mod:`.slot`
+(one version and its worker), :mod:`.room` and :mod:`.memory` (the
+loaded-model cap, free RAM, least recently used unloading),
 :mod:`.gate` (how many requests a worker runs at once, in arrival order),
 :mod:`.candidate_freeze` (a warm candidate runs only while the serving
 worker is idle), :mod:`.supervisor` (one worker process), :mod:`.api`

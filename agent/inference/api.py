@@ -270,18 +270,21 @@ class LocalApi:
     async def metrics(self, send: Send, body: bytes) -> None:
         """Prometheus text."""
         runtime = self.runtime
-        depth = {runtime.serving.spec.ref: runtime.queue_depth} if runtime.serving else {}
-        text = metrics.render(runtime.all_stats(), depth).encode()
+        text = metrics.render(runtime.all_stats(), runtime.queue_depths(),
+                              runtime.loaded_refs()).encode()
         await self._send_bytes(send, 200, text, "text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, send: Send, body: bytes) -> None:
-        """The served model, OpenAI's ``list`` shape."""
+        """Every assigned model, loaded or not, OpenAI's ``list`` shape."""
         data = []
-        if (slot := self.runtime.serving) is not None:
+        for host in self.runtime.hosts.values():
+            if (slot := host.serving) is None:
+                continue
             spec = slot.spec
             data.append({"id": spec.name, "object": "model", "created": 0,
                          "owned_by": "slmfleet", "version": spec.version,
-                         "format": spec.format, "embeddings": spec.runtime.embeddings})
+                         "format": spec.format, "embeddings": spec.runtime.embeddings,
+                         "loaded": slot.loaded})
         await self._json(send, 200, {"object": "list", "data": data})
 
     async def chat(self, send: Send, body: bytes) -> None:
@@ -315,10 +318,11 @@ class LocalApi:
 
     # -- running requests ------------------------------------------------------------------
 
-    async def _call(self, model: str, op: str, payload: dict[str, Any]) -> tuple[dict, str]:
+    async def _call(self, model: str, op: str, payload: dict[str, Any],
+                    keep_alive_s: float | None = None) -> tuple[dict, str]:
         """One non-streamed worker request, counted, errors mapped to HTTP."""
         started = time.perf_counter()
-        async with _mapped(), self.runtime.lease(model) as (slot, worker):
+        async with _mapped(), self.runtime.lease(model, keep_alive_s) as (slot, worker):
             try:
                 done = await worker.call(op, payload)
             except BaseException:

@@ -28,6 +28,12 @@ class Gate:
         self._exclusive = False
         self._waiters: deque[tuple[asyncio.Future[None], bool]] = deque()
 
+    @property
+    def idle(self) -> bool:
+        """No request runs, none waits and no one holds the exclusive turn."""
+        return self.running == 0 and not self._exclusive and not any(
+            not future.done() for future, _ in self._waiters)
+
     def _can_enter(self, exclusive: bool) -> bool:
         if self._exclusive:
             return False

@@ -26,8 +26,11 @@ class Generation:
     cancels the request in the worker, and kills a worker stuck past that.
     """
 
-    def __init__(self, runtime: InferenceRuntime, model: str, request: dict[str, Any]) -> None:
+    def __init__(self, runtime: InferenceRuntime, model: str, request: dict[str, Any],
+                 keep_alive_s: float | None = None) -> None:
         self._runtime, self._model, self._request = runtime, model, request
+        #: how long the model stays loaded afterwards (None: the runtime's default)
+        self._keep_alive_s = keep_alive_s
         self._lease: Any = None
         self._pieces: asyncio.Queue[str | None] = asyncio.Queue()
         self._stamps: list[float] = []
@@ -45,7 +48,7 @@ class Generation:
 
     async def __aenter__(self) -> Generation:
         self._started = time.perf_counter()
-        self._lease = self._runtime.lease(self._model)
+        self._lease = self._runtime.lease(self._model, self._keep_alive_s)
         self.slot, self.worker = await self._lease.__aenter__()
         self._call = asyncio.create_task(self.worker.call(
             "complete", {"request": self._request}, self._on_delta, self._ids.append))

@@ -13,6 +13,8 @@ from typing import Any
 from .stats import BUCKETS_S, Histogram, VersionStats
 
 PREFIX = "slmfleet_inference"
+#: loading and unloading models (several per device, a cap on those loaded)
+MODEL_PREFIX = "slmfleet_model"
 
 
 def _labels(stats: VersionStats, **extra: str) -> str:
@@ -33,12 +35,14 @@ def _histogram(lines: list[str], name: str, stats: VersionStats, hist: Histogram
     lines.append(f"{name}_count{_labels(stats)} {hist.total}")
 
 
-def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
-    """The exposition text; ``queue_depth`` by ``name@version``."""
+def render(versions: list[VersionStats], queue_depth: dict[str, int],
+           loaded: set[str] | None = None) -> str:
+    """The exposition text; ``queue_depth`` by ``name@version``, ``loaded`` the
+    ``name@version`` of every version whose worker runs now."""
     out: list[str] = []
 
-    def family(name: str, kind: str, help_text: str) -> str:
-        full = f"{PREFIX}_{name}"
+    def family(name: str, kind: str, help_text: str, prefix: str = PREFIX) -> str:
+        full = f"{prefix}_{name}"
         out.append(f"# HELP {full} {help_text}")
         out.append(f"# TYPE {full} {kind}")
         return full
@@ -48,9 +52,10 @@ def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
         out.append(f"{name}{_labels(s, outcome='ok')} {s.requests_ok}")
         out.append(f"{name}{_labels(s, outcome='error')} {s.requests_error}")
         out.append(f"{name}{_labels(s, outcome='rejected')} {s.rejected}")
-    def each(name: str, kind: str, help_text: str, value: Callable[[VersionStats], Any]) -> None:
+    def each(name: str, kind: str, help_text: str, value: Callable[[VersionStats], Any],
+             prefix: str = PREFIX) -> None:
         """A family with one sample per version; a version whose value is None has none."""
-        full = family(name, kind, help_text)
+        full = family(name, kind, help_text, prefix)
         for s in versions:
             if (sample := value(s)) is not None:
                 out.append(f"{full}{_labels(s)} {sample}")
@@ -77,4 +82,16 @@ def render(versions: list[VersionStats], queue_depth: dict[str, int]) -> str:
     each("worker_restarts_total", "counter", "Worker restarts after a crash.",
          lambda s: s.crashes)
     each("worker_ooms_total", "counter", "Worker deaths by the OOM killer.", lambda s: s.ooms)
+    each("loads_total", "counter", "Worker starts that loaded the model (first load, reload "
+         "after an unload, restart after a crash).", lambda s: s.loads, MODEL_PREFIX)
+    each("load_seconds_total", "counter", "Time spent starting workers and loading the model.",
+         lambda s: f"{s.load_s:.6f}", MODEL_PREFIX)
+    name = family("unloads_total", "counter", "Loaded workers stopped on purpose, by reason "
+                  "(lru, memory, keep_alive, replaced, removed).", MODEL_PREFIX)
+    for s in versions:
+        for reason, count in sorted(s.unloads.items()):
+            out.append(f"{name}{_labels(s, reason=reason)} {count}")
+    refs = loaded or set()
+    each("loaded", "gauge", "1 while a worker of the version runs.",
+         lambda s: int(f"{s.name}@{s.version}" in refs), MODEL_PREFIX)
     return "\n".join(out) + "\n"

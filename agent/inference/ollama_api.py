@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 OLLAMA_VERSION = "0.5.0"
 MANAGED = ("models on this device are managed by the fleet: assign a release from the "
            "control plane")
-#: ``expires_at`` of a loaded model: the fleet keeps it loaded, no timer unloads it
-#: (what Ollama answers for ``keep_alive: -1``)
+#: ``expires_at`` of a model kept loaded until evicted (what Ollama answers for
+#: ``keep_alive: -1``)
 NEVER = "2318-01-01T00:00:00Z"
 
 
@@ -65,11 +65,12 @@ def _served(api: LocalApi, data: dict[str, Any]) -> tuple[Slot, str]:
     asked = data.get("model", data.get("name"))  # /api/show's older clients send `name`
     if not isinstance(asked, str) or not asked:
         raise OllamaError(400, "'model' is required and must be a string")
-    slot = api.runtime.serving
-    ref = shapes.resolve_name(asked, slot.spec.name, slot.spec.version) if slot else None
-    if slot is None or ref is None:
-        raise shapes.not_found(asked)
-    return slot, ref
+    for host in api.runtime.hosts.values():
+        slot = host.serving
+        if slot is not None and (ref := shapes.resolve_name(asked, slot.spec.name,
+                                                             slot.spec.version)):
+            return slot, ref
+    raise shapes.not_found(asked)
 
 
 def _shown(slot: Slot) -> str:
@@ -116,12 +117,17 @@ async def _text(api: LocalApi, send: Send, route: str, slot: Slot, ref: str,
     """Run one generation and answer it, NDJSON-streamed or as one object."""
     request = asked.request
     if request is None:
-        # Ollama's "load the model" request: it is loaded (the fleet keeps it so).
+        # Ollama's load-only request: load the model (or, with keep_alive 0, unload it).
         empty = shapes.chat_message("", None) if route == shapes.CHAT else ""
-        await api._json(send, 200, shapes.final(route, _shown(slot), empty, None, None))
+        unloaded = asked.keep_alive == 0 and await api.runtime.unload(ref)
+        if not unloaded:
+            async with api.runtime.lease(ref, asked.keep_alive):
+                pass
+        await api._json(send, 200, shapes.final(route, _shown(slot), empty, None, None,
+                                                unloaded))
         return
     started = time.perf_counter()
-    async with Generation(api.runtime, ref, request) as gen:
+    async with Generation(api.runtime, ref, request, asked.keep_alive) as gen:
         leased = time.perf_counter()
         assert gen.slot is not None
         name = _shown(gen.slot)
@@ -211,14 +217,19 @@ async def _embed(api: LocalApi, body: bytes, route: str) -> dict[str, Any]:
     data = _body(body)
     slot, ref = _served(api, data)
     _, texts = shapes.embed_request(data, route, api.settings.limits, slot.spec.runtime.context)
+    keep = shapes.keep_alive(data)
     name = _shown(slot)
     if not slot.spec.runtime.embeddings:
         raise OllamaError(400, f"'{name}' does not serve embeddings: its release runs it for "
                           "text generation")
     if not texts:
+        # Load only, as on the text routes.
+        if not (keep == 0 and await api.runtime.unload(ref)):
+            async with api.runtime.lease(ref, keep):
+                pass
         return {"model": name, "embeddings": []}
     started = time.perf_counter()
-    done, _ = await api._call(ref, "embed", {"input": texts})
+    done, _ = await api._call(ref, "embed", {"input": texts}, keep)
     return {"model": name, "embeddings": [shapes.pooled(v) for v in done["embeddings"]],
             "total_duration": _ns(time.perf_counter() - started), "load_duration": 0,
             "prompt_eval_count": done["prompt_tokens"]}
@@ -243,9 +254,11 @@ def _details(slot: Slot) -> dict[str, Any]:
 
 
 async def tags(api: LocalApi, send: Send, body: bytes) -> None:
-    """``GET /api/tags``: the served model, as ``name:latest`` and ``name:VERSION``."""
+    """``GET /api/tags``: every assigned model, as ``name:latest`` and ``name:VERSION``."""
     models = []
-    if (slot := api.runtime.serving) is not None:
+    for host in api.runtime.hosts.values():
+        if (slot := host.serving) is None:
+            continue
         size, modified = _file(slot)
         for name in (f"{slot.spec.name}:latest", _shown(slot)):
             models.append({"name": name, "model": name, "modified_at": modified, "size": size,
@@ -254,15 +267,19 @@ async def tags(api: LocalApi, send: Send, body: bytes) -> None:
 
 
 async def ps(api: LocalApi, send: Send, body: bytes) -> None:
-    """``GET /api/ps``: the served model while its worker runs."""
+    """``GET /api/ps``: the models whose workers run now, with when each unloads."""
     models = []
-    slot = api.runtime.serving
-    if slot is not None and slot.worker is not None and slot.worker.alive:
+    for host in api.runtime.hosts.values():
+        slot = host.serving
+        if slot is None or slot.worker is None or not slot.worker.alive:
+            continue
         size, _ = _file(slot)
         name = _shown(slot)
+        expires = host.expires_wall()
         models.append({
             "name": name, "model": name, "size": size, "digest": slot.spec.sha256,
-            "details": _details(slot), "expires_at": NEVER,
+            "details": _details(slot),
+            "expires_at": NEVER if expires is None else shapes.stamp(expires),
             "size_vram": size if slot.spec.runtime.gpu_layers else 0,
             "context_length": slot.worker.info.get("context", slot.spec.runtime.context)})
     await api._json(send, 200, {"models": models})

@@ -47,8 +47,9 @@ FIELDS: dict[str, Field] = {
     "stream": Field("honoured", TEXT, "NDJSON, true by default"),
     "format": Field("honoured", TEXT, "`\"json\"` or a JSON schema (see \"Structured output\")"),
     "options": Field("honoured", ALL, "see the options table"),
-    "keep_alive": Field("ignored", ALL, "the fleet decides what stays loaded; `0` unloads "
-                        "nothing"),
+    "keep_alive": Field("honoured", ALL, "how long the model stays loaded after the request: "
+                        "a duration (`\"5m\"`) or seconds; `0` unloads it right after, "
+                        "negative keeps it loaded"),
     "tools": Field("honoured", frozenset({CHAT}),
                    "OpenAI's tool shape; the model chooses between text and calls (see "
                    "\"Tool calls\")"),

@@ -85,6 +85,12 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def parameter_count(path: Path, sha256: str) -> int | None:
+    """The GGUF's ``general.parameter_count``, where the file states it."""
+    count = _summary(path, sha256).get("general.parameter_count")
+    return count if isinstance(count, int) and count > 0 else None
+
+
 def details(fmt: str, path: Path, sha256: str) -> dict[str, Any]:
     """Ollama's ``details`` object of a served model."""
     info = _summary(path, sha256) if fmt == "gguf" else {}

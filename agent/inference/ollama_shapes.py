@@ -9,8 +9,10 @@ validates, so both front ends hand the worker the same request dict.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,7 +77,8 @@ def resolve_name(asked: str, name: str, version: str) -> str | None:
 
 
 def not_found(asked: str) -> OllamaError:
-    """Ollama's answer for a model it does not have."""
+    """Ollama's answer for a model it does not have, word for word (apps match on it;
+    ``/api/tags`` lists what is served)."""
     return OllamaError(404, f"model '{asked}' not found")
 
 
@@ -93,6 +96,8 @@ class TextRequest:
     model: str
     stream: bool
     request: dict[str, Any] | None
+    #: how long the model stays loaded afterwards (see :func:`keep_alive`)
+    keep_alive: float | None = None
 
 
 def _model(data: dict[str, Any]) -> str:
@@ -111,12 +116,43 @@ def _bool(data: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def _keep_alive(data: dict[str, Any]) -> None:
-    """Check ``keep_alive``'s type; its value changes nothing (the fleet decides)."""
+#: Go's duration units (Ollama parses ``keep_alive`` with ``time.ParseDuration``)
+_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+_KEEP_ALIVE_ERROR = ("'keep_alive' must be a duration such as \"5m\" or \"1h30m\", or a "
+                     "number of seconds")
+
+
+def keep_alive(data: dict[str, Any]) -> float | None:
+    """Seconds the request's ``keep_alive`` keeps the model loaded: None when absent
+    (the agent's default), 0 to unload right after, infinity for a negative one
+    (keep it loaded), as Ollama reads it."""
     value = data.get("keep_alive")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
-        raise OllamaError(400, "'keep_alive' must be a duration such as \"5m\" or a number "
-                          "of seconds")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise OllamaError(400, _KEEP_ALIVE_ERROR)
+    if isinstance(value, str):
+        seconds = _duration(value.strip())
+    else:
+        seconds = float(value)
+        if math.isnan(seconds):
+            raise OllamaError(400, _KEEP_ALIVE_ERROR)
+    return math.inf if seconds < 0 else seconds
+
+
+def _duration(text: str) -> float:
+    """A Go duration (``"5m"``, ``"-1h"``, ``"1h30m"``) or a plain number, in seconds."""
+    with contextlib.suppress(ValueError):
+        number = float(text)
+        if not math.isnan(number):
+            return number
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    parts = _DURATION.findall(body)
+    if not body or "".join(a + b for a, b in parts) != body:
+        raise OllamaError(400, _KEEP_ALIVE_ERROR)
+    return sign * sum(float(a) * _UNITS[b] for a, b in parts)
 
 
 def _options(data: dict[str, Any], route: str, limits: Limits, context: int
@@ -259,7 +295,6 @@ def chat_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequ
     tools = _tools(data.get("tools"))
     _check(data, FIELDS, CHAT, "")
     model, stream = _model(data), _bool(data, "stream", True)
-    _keep_alive(data)
     messages = data.get("messages")
     if messages is None:
         messages = []
@@ -268,11 +303,12 @@ def chat_request(data: dict[str, Any], limits: Limits, context: int) -> TextRequ
     sampling, whole = _options(data, CHAT, limits, context)
     fmt = _format(data)
     if not messages:
-        return TextRequest(model, stream, None)
+        return TextRequest(model, stream, None, keep_alive(data))
     calls: list[tuple[str, str]] = []
     body = {"model": model, "messages": [_message(i, m, calls) for i, m in enumerate(messages)],
             **sampling, **fmt, **tools}
-    return TextRequest(model, stream, _worker_request(schemas.chat_request, body, limits, whole))
+    return TextRequest(model, stream, _worker_request(schemas.chat_request, body, limits, whole),
+                       keep_alive(data))
 
 
 def _tools(tools: Any) -> dict[str, Any]:
@@ -295,7 +331,6 @@ def generate_request(data: dict[str, Any], limits: Limits, context: int) -> Text
     _check(data, FIELDS, GENERATE, "")
     model, stream = _model(data), _bool(data, "stream", True)
     raw = _bool(data, "raw", False)
-    _keep_alive(data)
     prompt, system = data.get("prompt"), data.get("system")
     if prompt is not None and not isinstance(prompt, str):
         raise OllamaError(400, "'prompt' must be a string")
@@ -306,15 +341,17 @@ def generate_request(data: dict[str, Any], limits: Limits, context: int) -> Text
     sampling, whole = _options(data, GENERATE, limits, context)
     fmt = _format(data)
     if not prompt:
-        return TextRequest(model, stream, None)
+        return TextRequest(model, stream, None, keep_alive(data))
     if raw:
         body = {"model": model, "prompt": prompt, **sampling, **fmt}
         return TextRequest(model, stream,
-                           _worker_request(schemas.completion_request, body, limits, whole))
+                           _worker_request(schemas.completion_request, body, limits, whole),
+                           keep_alive(data))
     messages = ([{"role": "system", "content": system}] if system else []) \
         + [{"role": "user", "content": prompt}]
     body = {"model": model, "messages": messages, **sampling, **fmt}
-    return TextRequest(model, stream, _worker_request(schemas.chat_request, body, limits, whole))
+    return TextRequest(model, stream, _worker_request(schemas.chat_request, body, limits, whole),
+                       keep_alive(data))
 
 
 def embed_request(data: dict[str, Any], route: str, limits: Limits, context: int
@@ -326,7 +363,7 @@ def embed_request(data: dict[str, Any], route: str, limits: Limits, context: int
     """
     _check(data, FIELDS, route, "")
     model = _model(data)
-    _keep_alive(data)
+    keep_alive(data)
     _options(data, route, limits, context)
     name = "input" if route == EMBED else "prompt"
     texts = data.get(name)
@@ -347,6 +384,11 @@ def embed_request(data: dict[str, Any], route: str, limits: Limits, context: int
 def now() -> str:
     """``created_at``: RFC 3339 in UTC."""
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def stamp(unix_time: float) -> str:
+    """A Unix time as RFC 3339 in UTC (``expires_at``)."""
+    return datetime.fromtimestamp(unix_time, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,16 +431,17 @@ def _tool_calls(text: str, request: dict[str, Any]) -> tuple[str, list[dict[str,
 
 
 def final(route: str, model: str, body: Any, done: dict[str, Any] | None,
-          timing: Timing | None) -> dict[str, Any]:
+          timing: Timing | None, unloaded: bool = False) -> dict[str, Any]:
     """The last object of an answer (the only one when not streamed).
 
     ``body`` is the message (chat) or the text (generate): empty when
-    streamed. ``done`` None: a load-only request, answered ``done_reason: "load"``.
+    streamed. ``done`` None: a load-only request, answered ``done_reason: "load"``
+    (``"unload"`` when it asked, with ``keep_alive: 0``, to unload the model).
     """
     key = "message" if route == CHAT else "response"
     out: dict[str, Any] = {"model": model, "created_at": now(), key: body, "done": True}
     if done is None:
-        out["done_reason"] = "load"
+        out["done_reason"] = "unload" if unloaded else "load"
         return out
     assert timing is not None
     out.update(done_reason=done["finish_reason"], total_duration=timing.total,

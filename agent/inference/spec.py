@@ -25,6 +25,8 @@ class ModelSpec:
     path: Path
     runtime: EffectiveRuntime
     sha256: str = ""
+    #: RAM its worker needs (weights, KV cache per slot); 0: estimate from the file
+    ram_bytes: int = 0
 
     @property
     def ref(self) -> str:
@@ -44,21 +46,29 @@ def spec_for_version(version: ModelVersion, profile: RuntimeSettings) -> ModelSp
     the agent's own trusted state, so its runtime defaults are read as they are.
     """
     from protocol import RuntimeDefaults, Variant
+    from protocol.fit import ram_needed_bytes
 
     manifest = version.manifest
     tier = manifest.get("tier", "micro")
+    fmt = manifest.get("format", "gguf")
     try:
         variant = Variant.model_validate(manifest["release"]["signed"]["variants"][tier])
         defaults, context = variant.runtime_defaults, variant.runtime_context
     except (KeyError, TypeError, ValueError):
-        defaults, context = RuntimeDefaults(), FALLBACK_CONTEXT
-    fmt = manifest.get("format", "gguf")
+        variant, defaults, context = None, RuntimeDefaults(), FALLBACK_CONTEXT
+    runtime = runtime_from_defaults(profile, defaults, context, onnx=fmt == "onnx")
+    ram = 0
+    if variant is not None:
+        # The fit check's figure for the slots this device runs the model with.
+        parallel = runtime.parallel if fmt == "gguf" and not runtime.embeddings else 1
+        ram = ram_needed_bytes(variant, max(parallel, 1))
     return ModelSpec(
         key=version.key,
         name=manifest["name"],
         version=manifest["version"],
         format=fmt,
         path=version.artifact,
-        runtime=runtime_from_defaults(profile, defaults, context, onnx=fmt == "onnx"),
+        runtime=runtime,
         sha256=manifest.get("sha256", ""),
+        ram_bytes=ram,
     )

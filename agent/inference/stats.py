@@ -48,6 +48,8 @@ class _Window:
     ooms: int = 0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    loads: int = 0
+    load_s: float = 0.0
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW_SAMPLES))
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW_SAMPLES))
 
@@ -72,6 +74,12 @@ class VersionStats:
         #: requests its worker runs at once (0: never loaded), and how many run now
         self.slots = 0
         self.busy = 0
+        #: worker starts (first load, reload after an unload, restart after a crash)
+        self.loads = 0
+        self.load_s = 0.0
+        #: workers stopped while loaded, by why (``lru``, ``memory``, ``keep_alive``,
+        #: ``replaced``, ``removed``)
+        self.unloads: dict[str, int] = {}
 
     def record(self, *, ok: bool, latency_s: float, ttft_s: float | None = None,
                prompt_tokens: int = 0, completion_tokens: int = 0,
@@ -111,10 +119,21 @@ class VersionStats:
             self.ooms += 1
             self._window.ooms += 1
 
+    def loaded(self, seconds: float) -> None:
+        """A worker of this version started and loaded the model in ``seconds``."""
+        self.loads += 1
+        self.load_s += seconds
+        self._window.loads += 1
+        self._window.load_s += seconds
+
+    def unloaded(self, reason: str) -> None:
+        """A loaded worker of this version was stopped on purpose, for ``reason``."""
+        self.unloads[reason] = self.unloads.get(reason, 0) + 1
+
     def active(self) -> bool:
         """Anything counted since the last heartbeat."""
         w = self._window
-        return bool(w.requests or w.crashes)
+        return bool(w.requests or w.crashes or w.loads)
 
     def take(self) -> InferenceStats:
         """The window since the last call, for one heartbeat; starts a new window."""
@@ -124,6 +143,10 @@ class VersionStats:
             return round(value, 2) if value is not None else None
 
         ttft, latency = list(w.ttft_ms), list(w.latency_ms)
+        loads: dict[str, int | float] = {}
+        if "loads" in InferenceStats.model_fields:
+            # Older wire models have no load counters: the rest still goes out.
+            loads = {"loads": w.loads, "load_ms": round(w.load_s * 1000, 2)}
         return InferenceStats(
             model=self.name[:128], version=self.version[:128],
             requests=w.requests, errors=w.errors, tokens=w.tokens,
@@ -131,5 +154,5 @@ class VersionStats:
             latency_p50_ms=rounded(percentile(latency, 50)),
             latency_p95_ms=rounded(percentile(latency, 95)),
             tokens_per_s=rounded(w.decode_tokens / w.decode_s) if w.decode_s > 0 else None,
-            crashes=w.crashes, ooms=w.ooms,
+            crashes=w.crashes, ooms=w.ooms, **loads,
         )

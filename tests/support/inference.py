@@ -30,13 +30,24 @@ from tests.support.updates import DeviceRig, seed_active, wait_for
 async def in_process_api(spec: Any) -> AsyncIterator[tuple[Any, str]]:
     """``spec`` (a ModelSpec) served by a runtime in this event loop behind its local
     API: yields the runtime and the API's base URL, and stops both afterwards."""
+    async with in_process_models([spec]) as served:
+        yield served
+
+
+@asynccontextmanager
+async def in_process_models(specs: list[Any], limits: Any = None,
+                            **runtime_extra: Any) -> AsyncIterator[tuple[Any, str]]:
+    """Several ModelSpecs served at once by one runtime (``limits``: its
+    RuntimeLimits; ``runtime_extra``: more InferenceRuntime arguments) behind
+    its local API, as :func:`in_process_api`."""
     from agent.inference.api import ApiSettings, LocalApi
     from agent.inference.runtime import InferenceRuntime
 
-    runtime = InferenceRuntime()
+    runtime = InferenceRuntime(limits, **runtime_extra)
     api = LocalApi(runtime, ApiSettings())
     try:
-        await runtime.serve(spec)
+        for spec in specs:
+            await runtime.serve(spec)
         await api.start()
         yield runtime, f"http://127.0.0.1:{api.port}"
     finally:
