@@ -1,4 +1,5 @@
-"""ModelStore: install, activate, rollback, gc, and crashes between any two syscalls."""
+"""ModelStore: install, activate, rollback, gc, and crashes between any two syscalls;
+ModelStores: one store per model name, and the move from the single-store layout."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from agent.errors import StoreError
 from agent.update.store import ModelStore, model_key
+from agent.update.stores import ModelStores
 
 V1, V2, V3, V4 = (model_key("smollm2-135m", f"1.{i}.0", "micro") for i in range(1, 5))
 
@@ -242,6 +244,8 @@ SCENARIOS = {
     "upgrade": (first_install, upgrade, {V1, V2}),
     "gc": (three_versions, lambda s: s.gc(keep=2), {V3}),
     "rollback": (three_versions, rollback, {V2, V3}),
+    # the name left the desired set: nothing active after, V3 kept as previous
+    "deactivate": (three_versions, lambda s: s.deactivate(), {V3, None}),
 }
 
 
@@ -340,3 +344,94 @@ def test_clean_staging_keeps_the_partial_being_resumed(tmp_path: Path) -> None:
 
     assert store.staging_path(V1).read_bytes() == b"resume me"
     assert not store.staging_path(V2).exists()
+
+
+def test_deactivate_keeps_the_version_for_a_rollback(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    three_versions(store)
+    assert store.deactivate().key == V3
+    assert store.active() is None and store.previous().key == V3
+    assert store.deactivate() is None, "nothing active: nothing to do"
+    assert store.gc(keep=0) == [V1, V2], "previous stays until it is replaced"
+    assert store.rollback().key == V3, "assigned again, it comes back without a download"
+
+
+def test_gc_never_deletes_what_a_pending_update_needs(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    three_versions(store)
+    install(store, V4)  # staged, health check pending
+    assert store.gc(keep=2, protect=[V4]) == [V1]
+    assert set(store.installed()) == {V2, V3, V4}
+
+
+# --- one store per name --------------------------------------------------------
+
+E1, E2 = model_key("embed", "1.0.0", "micro"), model_key("embed", "2.0.0", "micro")
+
+
+def test_each_name_has_its_own_versions_and_pointers(tmp_path: Path) -> None:
+    stores = ModelStores(tmp_path)
+    chat, embed = stores.store("smollm2-135m"), stores.store("embed")
+    first_install(chat)
+    for key in (E1, E2):
+        install(embed, key)
+        embed.activate(key)
+    assert stores.names() == ["embed", "smollm2-135m"]
+    assert (chat.active().key, embed.active().key, embed.previous().key) == (V1, E2, E1)
+    assert chat.root == tmp_path / "by-name" / "smollm2-135m"
+    install(chat, V2)
+    assert stores.gc(1, protect={"smollm2-135m": {V2}}) == {}, "pointers and pending stay"
+    with pytest.raises(ValueError):
+        stores.store("../x")
+
+
+def legacy_layout(root: Path) -> None:
+    """What an agent from before model sets left: one store, two names in it, a partial."""
+    old = ModelStore(root)
+    install(old, E1)
+    old.activate(E1)
+    for key in (V1, V2):
+        install(old, key)
+        old.activate(key)
+    stage(old, V3)  # a download being resumed
+
+
+def assert_migrated(root: Path) -> None:
+    stores = ModelStores(root)
+    assert not stores.legacy()
+    assert {p.name for p in root.iterdir()} == {"by-name"}
+    chat, embed = stores.store("smollm2-135m"), stores.store("embed")
+    assert chat.active().key == V2 and chat.verify_hash(V2)
+    assert chat.previous().key == V1
+    assert embed.active() is None and embed.installed() == [E1], "another name's previous"
+    assert chat.staging_path(V3).is_file(), "the partial moved, so it resumes"
+
+
+def test_the_single_store_layout_moves_to_per_name_stores(tmp_path: Path) -> None:
+    legacy_layout(tmp_path)
+    assert ModelStores(tmp_path).legacy()
+    assert sorted(ModelStores(tmp_path).migrate()) == sorted([E1, V1, V2])
+    assert_migrated(tmp_path)
+    assert ModelStores(tmp_path).migrate() == [], "done once"
+
+
+def test_migration_finishes_after_a_crash_at_any_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 0
+    while True:
+        root = tmp_path / f"crash-{n}"
+        legacy_layout(root)
+        finished = False
+        with crash_after(n, monkeypatch):
+            try:
+                ModelStores(root).migrate()
+                finished = True
+            except Crash:
+                pass
+        ModelStores(root).migrate()  # the next start
+        assert_migrated(root)
+        if finished:
+            break
+        n += 1
+    assert n >= 8, "the migration should have had several crash points"

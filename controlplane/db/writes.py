@@ -237,7 +237,7 @@ def _plan(items: Iterable[IngestItem]) -> _Plan:
                     "cpu_percent": msg.cpu_percent,
                     "ram_used_bytes": msg.ram_used_bytes,
                     "temp_c": msg.temp_c,
-                    "active_model": msg.active_model,
+                    "active_model": next(iter(msg.active_refs()), None),
                     "inference": _inference_json.dump_json(
                         msg.inference, exclude_none=True
                     ).decode(),
@@ -312,9 +312,8 @@ def _write_hellos(conn: Connection, hellos: dict[str, IngestItem]) -> None:
                 "b_agent_version": hello.agent_version,
                 "b_labels": dict(hello.labels),
                 "b_simulated": hello.simulated,
-                "b_active_model": hello.active_model.model_dump(mode="json")
-                if hello.active_model
-                else None,
+                "b_active_model": next(
+                    (m.model_dump(mode="json") for m in hello.active_models()), None),
                 "b_caps": report["capabilities"],
                 "b_runtimes": report["runtimes"],
                 "b_update": hello.update.model_dump(mode="json") if hello.update else None,
