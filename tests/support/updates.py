@@ -141,9 +141,11 @@ def seed_active(store_root: Path, name: str, version: str, artifact: Path, *,
 def sign_set(
     sim: TrustSimulator, device_id: str, releases: dict[str, dict[str, Any]], *,
     sequence: int, artifact_url_base: str, ids: dict[str, str] | None = None,
-    units: dict[str, str] | None = None, expires_in: float = 3600.0,
+    units: dict[str, str] | None = None, tiers: dict[str, p.Tier] | None = None,
+    issued_at: float | None = None, expires_in: float = 3600.0,
+    signers: list[SigningKey] | None = None,
 ) -> bytes:
-    """A director-signed set document of ``releases`` (name -> release, micro tier).
+    """A director-signed set document of ``releases`` (name -> release; micro by default).
 
     Unlike :meth:`TrustSimulator.assign_set` the caller chooses each entry's
     assignment id (an entry kept unchanged keeps its id) and where the
@@ -152,16 +154,18 @@ def sign_set(
     entries = {
         name: p.ModelEntry(
             assignment_id=(ids or {}).get(name, f"a-{device_id}-{name}-{sequence}"),
-            rollout_id="r-1", tier=p.Tier.MICRO, release=dict(release),
+            rollout_id="r-1", tier=(tiers or {}).get(name, p.Tier.MICRO), release=dict(release),
             unit=(units or {}).get(name),
         )
         for name, release in releases.items()
     }
+    issued = sim.now if issued_at is None else issued_at
     document = p.AssignmentSet(
-        device_id=device_id, sequence=sequence, issued_at=sim.now,
-        expires_at=sim.now + expires_in, models=entries, artifact_url_base=artifact_url_base,
+        device_id=device_id, sequence=sequence, issued_at=issued,
+        expires_at=issued + expires_in, models=entries, artifact_url_base=artifact_url_base,
     )
-    return p.sign_assignment_set(document, sim.director_signers[: sim.director_keys.threshold])[1]
+    keys = sim.director_signers[: sim.director_keys.threshold] if signers is None else signers
+    return p.sign_assignment_set(document, keys)[1]
 
 
 class DeviceRig:
