@@ -44,16 +44,18 @@ def document_status(file: UpdateFile) -> UpdateStatus | None:
     entries it carried: in progress while any is (at the least advanced
     one's state), else ``activated`` when every entry was activated or
     removed, else the worst way one ended, with each such entry's reason.
-    A document of one entry (always so in the single-model form) reports
-    that entry's own status.
+    A document naming one model (always so in the single-model form)
+    reports that entry's own status.
     """
     document = file.document
     if file.status is not None or document is None:
         return file.status
     records = sorted((r for r in file.models.values() if r.sequence == document.sequence),
                      key=lambda r: r.name)
-    if len(records) == 1:
-        return records[0].status(with_model=False)
+    entries = [r for r in records if not r.remove]
+    if len(entries) == 1:
+        # The one model it names (the names it dropped are a side effect).
+        return entries[0].status(with_model=False)
     pending = [r.state for r in records if not r.state.is_final]
     bad = [r for r in records if r.state in _WORST]
     if pending:

@@ -58,7 +58,6 @@ from protocol import (
     UpdateStatus,
     VerifiedDesired,
     VerifiedEntry,
-    code_from_reason,
 )
 
 from ..config import AgentConfig
@@ -69,12 +68,12 @@ from ..profiles import FirmwareProfile
 from ..trust import TrustRoots, TrustUnavailable, load_trust
 from .intake import Action, Change, Decision, DeviceFacts, accepted, decide, refreshed, verify
 from .ledger import Ledger, document_status
-from .outcome import Failed
+from .outcome import Failed, Stopped
 from .recovery import write_clean_marker
 from .setfit import PlannedEntry, set_fit
 from .startup import recover
 from .state import EntryRecord, UpdateStateStore
-from .steps import StepTools, UpdateRun, activate_unit
+from .steps import StepTools, UpdateRun, settle_units
 from .stores import ModelStores
 
 if TYPE_CHECKING:
@@ -333,12 +332,15 @@ class Updater:
     async def run(self) -> None:
         """Run pending updates one step sequence at a time until :meth:`stop`."""
         while not self._ledger.stopping:
-            record = self._next()
-            if record is not None:
-                await self._run_entry(record)
-                continue
-            if await self._settle_units():
-                continue
+            try:
+                record = self._next()
+                if record is not None:
+                    await self._run_entry(record)
+                    continue
+                if await settle_units(self._tools):
+                    continue
+            except Stopped:
+                continue  # superseded or stopping: the loop's condition decides
             self._wake.clear()
             await self._wake.wait()
 
@@ -418,30 +420,6 @@ class Updater:
         self.refresh_active()
         self._on_removed(record.name)
         self._ledger.finish(record.name, record.update_id, UpdateState.REMOVED)
-
-    async def _settle_units(self) -> bool:
-        """Activate or fail each unit whose pending members all reached their end of the line."""
-        units: dict[tuple[str, int], list[EntryRecord]] = {}
-        for record in self._ledger.file.models.values():
-            if record.unit is not None and not record.remove:
-                units.setdefault((record.unit, record.sequence), []).append(record)
-        for (unit, _), members in sorted(units.items()):
-            pending = [m for m in members if not m.state.is_final]
-            if not pending:
-                continue
-            broken = next((m for m in members if m.state.is_final
-                           and m.state is not UpdateState.ACTIVATED), None)
-            if broken is not None:
-                for member in pending:
-                    self._ledger.finish(
-                        member.name, member.update_id, UpdateState.FAILED,
-                        f"unit {unit!r}: {broken.name} {broken.state.value}: {broken.reason}",
-                        code_from_reason(broken.reason) or EventCode.INTERNAL_ERROR)
-                return True
-            if all(m.state is UpdateState.HEALTH_CHECKED for m in pending):
-                await activate_unit(self._tools, sorted(pending, key=lambda m: m.name))
-                return True
-        return False
 
     # -- the active models -------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from protocol import EventCode, EventType, UpdateState, VerifiedEntry
+from protocol import EventCode, EventType, UpdateState, VerifiedEntry, code_from_reason
 
 from ..config import AgentConfig
 from ..errors import StoreError
@@ -106,6 +106,38 @@ async def activate_unit(tools: StepTools, members: list[EntryRecord]) -> None:
     """
     for member in members:
         await activate(tools, tools.ledger.record(member.name, member.update_id))
+
+
+async def settle_units(tools: StepTools) -> bool:
+    """Activate or fail each unit whose pending members have all gone as far as alone.
+
+    Members are the records of one document sharing a ``unit``. Once any
+    member ended other than activated, the pending ones fail with it; once
+    every pending member passed its health check, they are all activated.
+    Returns whether anything changed.
+    """
+    ledger = tools.ledger
+    units: dict[tuple[str, int], list[EntryRecord]] = {}
+    for record in ledger.file.models.values():
+        if record.unit is not None and not record.remove:
+            units.setdefault((record.unit, record.sequence), []).append(record)
+    for (unit, _), members in sorted(units.items()):
+        pending = [m for m in members if not m.state.is_final]
+        if not pending:
+            continue
+        broken = next((m for m in members if m.state.is_final
+                       and m.state is not UpdateState.ACTIVATED), None)
+        if broken is not None:
+            for member in pending:
+                ledger.finish(
+                    member.name, member.update_id, UpdateState.FAILED,
+                    f"unit {unit!r}: {broken.name} {broken.state.value}: {broken.reason}",
+                    code_from_reason(broken.reason) or EventCode.INTERNAL_ERROR)
+            return True
+        if all(m.state is UpdateState.HEALTH_CHECKED for m in pending):
+            await activate_unit(tools, sorted(pending, key=lambda m: m.name))
+            return True
+    return False
 
 
 class UpdateRun:
