@@ -383,15 +383,17 @@ def test_one_tampered_entry_fails_alone(env: Env) -> None:
     rig = env.rig
     env.server.set_fault("flip.bin", flip_at=TINY // 2)
     tampered, _ = env.tiny_release("flip.bin")
-    good = rig.release("1.0.0", variant_for(env.files["ok.bin"], "ok.bin"), name="embedder")
+    # A model that loads and answers: the real SmolLM2 under another name.
+    good_variant = variant_for(env.files["genuine.gguf"], "genuine.gguf")
+    good = rig.release("1.0.0", good_variant, name="embedder")
     payload = env.assign(tampered, others={"seed": env.seed_release(), "embedder": good})
     rig.publish(payload)
 
     final = rig.wait_final(env.assignment_id(payload), timeout=30)
     assert (final.type, final.code) == (E.FAILED, p.EventCode.HASH_MISMATCH), final
-    embedder = rig.wait_final(env.assignment_id(payload, "embedder"), timeout=30)
+    embedder = rig.wait_final(env.assignment_id(payload, "embedder"), timeout=120)
     assert embedder.type == E.ACTIVATED, embedder
-    assert rig.active("embedder")[1] == variant_for(env.files["ok.bin"], "ok.bin").sha256
+    assert rig.active("embedder")[1] == good_variant.sha256
     assert rig.active("seed") == (env.seed_key, env.seed_sha)
     assert rig.active("smollm2-135m") is None, "the tampered entry never activates"
     rig.wait_clean()
