@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import protocol as p
+from agent.disk import disk_free_bytes
 from agent.update.staging import ram_budget
 from agent.update.state import UpdateStateStore
 from tests.support.http_artifacts import ArtifactServer
@@ -130,30 +131,38 @@ def test_a_unit_activates_together_or_not_at_all(device: Device) -> None:
     run(go)
 
 
+@pytest.mark.parametrize("resource", ["ram", "disk"])
 def test_a_set_that_does_not_fit_is_refused_whole_though_each_model_would(
-    device: Device,
+    device: Device, resource: str
 ) -> None:
     async def go() -> None:
         updater = await device.boot()
-        ram, reserved = ram_budget(device.updater._device.capabilities, device.updater._profile)
-        # Each model alone fits with room to spare; the two loaded together do not.
-        need = int((ram - reserved) * 0.6)
+        # Each model alone fits with room to spare; the two together do not.
+        if resource == "ram":
+            ram, reserved = ram_budget(updater._device.capabilities, updater._profile)
+            need = {"min_ram_bytes": int((ram - reserved) * 0.6)}
+            code, figures = p.EventCode.INSUFFICIENT_RAM, ("MiB of RAM", "MiB usable")
+        else:
+            free = disk_free_bytes(device.config.state_dir)
+            need = {"min_disk_bytes": int(free * 0.6)}
+            code, figures = p.EventCode.INSUFFICIENT_DISK, ("MiB of disk", "MiB free")
         both = {"m": ("a.bin", "1.0.0"), "e": ("b.bin", "1.0.0")}
-        await updater.offer(offer_set(device, both, min_ram_bytes=need))
+        await updater.offer(offer_set(device, both, **need))
         for aid in ("a-m-1", "a-e-1"):
             event = device.final(aid)
             assert event is not None and event.type == E.REJECTED, aid
-            assert event.code == p.EventCode.INSUFFICIENT_RAM
-            assert "the set of 2 models needs" in event.reason and "MiB usable" in event.reason
-            assert "m " in event.reason and "e " in event.reason, "each model's figure"
+            assert event.code == code
+            assert event.reason.startswith(f"{code.value}: the set of 2 models needs ")
+            assert all(figure in event.reason for figure in figures), event.reason
+            if resource == "ram":
+                assert "m " in event.reason and "e " in event.reason, "each model's figure"
         assert device.server.requests("a.bin") == [] and device.server.requests("b.bin") == []
         assert updater.status().state == p.UpdateState.REJECTED
         persisted = UpdateStateStore(device.config.update_state_path).load()
         assert persisted.models == {} and persisted.highest_sequence == 0, "no entry changes"
 
         for name, artifact in (("m", "a.bin"), ("e", "b.bin")):
-            await updater.offer(offer_set(device, {name: (artifact, "1.0.0")},
-                                          min_ram_bytes=need))
+            await updater.offer(offer_set(device, {name: (artifact, "1.0.0")}, **need))
             assert await _check(device, True) == name
             aid = f"a-{name}-{device.sequence}"
             await device.until(lambda aid=aid: device.final(aid), f"{name} alone")
