@@ -265,7 +265,9 @@ class Chaos:
         old = {name: self.stores.store(name).active().key for name in NAMES}  # type: ignore
         will_rollback = i % 5 == 4
         choices = NO_DOWNLOAD if will_rollback else tuple(PHASES)
-        phase = choices[i % len(choices)]
+        # Every fifth trial is a rollback: shift by i // 5 so that the others
+        # still come round to every phase.
+        phase = choices[(i + i // 5) % len(choices)]
         # Each entry's phases in turn: the one that runs first, then the other.
         target = NAMES[(i // len(choices)) % len(NAMES)]
         sequence, new, rollback = self.assign(i, slow=target if phase == "downloading" else None)
