@@ -46,6 +46,8 @@ MAX_RESUMES = 5
 async def recover(config: AgentConfig, stores: ModelStores, ledger: Ledger,
                   updater: Updater) -> None:
     """Run the start-up steps of the module docstring."""
+    # hello reports the free disk of the models' filesystem from the start.
+    stores.root.mkdir(parents=True, exist_ok=True)
     moved = await asyncio.to_thread(stores.migrate)
     if moved:
         log.info("moved %s into per-name model stores", moved)
