@@ -266,45 +266,45 @@ def assert_consistent(root: Path, allowed: set[str | None]) -> None:
     assert {p.name for p in root.iterdir()} <= {"active", "previous", "staging", "versions"}
 
 
+def at_every_crash_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prepare: Callable[[Path], Any],
+    operation: Callable[[Path], Any], restarted: Callable[[Path], Any],
+) -> int:
+    """Crash ``operation`` after 0, 1, 2, ... syscalls, each on a fresh ``prepare``d
+    root, and check it with ``restarted`` after each; returns how many points it had."""
+    n = 0
+    while True:
+        root = tmp_path / f"crash-{n}"
+        prepare(root)
+        finished = False
+        with crash_after(n, monkeypatch):
+            try:
+                operation(root)
+                finished = True
+            except Crash:
+                pass
+        restarted(root)
+        if finished:
+            return n
+        n += 1
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_crash_at_every_syscall_leaves_a_whole_active_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str
 ) -> None:
     setup, operation, allowed = SCENARIOS[scenario]
-    n = 0
-    while True:
-        root = tmp_path / f"crash-{n}"
-        store = ModelStore(root)
-        setup(store)
-        finished = False
-        with crash_after(n, monkeypatch):
-            try:
-                operation(store)
-                finished = True
-            except Crash:
-                pass
-        assert_consistent(root, allowed)
-        if finished:
-            break
-        n += 1
-    assert n >= 5, "the operation should have had several crash points"
+    points = at_every_crash_point(
+        tmp_path, monkeypatch, lambda root: setup(ModelStore(root)),
+        lambda root: operation(ModelStore(root)), lambda root: assert_consistent(root, allowed))
+    assert points >= 5, "the operation should have had several crash points"
 
 
 def test_upgrade_completes_after_a_crash_at_any_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    n = 0
-    while True:
-        root = tmp_path / f"crash-{n}"
-        first_install(ModelStore(root))
-        finished = False
-        with crash_after(n, monkeypatch):
-            try:
-                upgrade(ModelStore(root))
-                finished = True
-            except Crash:
-                pass
-        # Restart: clean up, then redo the upgrade (re-staging if the partial was consumed).
+    def restart(root: Path) -> None:
+        # Clean up, then redo the upgrade (re-staging if the partial was consumed).
         store = ModelStore(root)
         store.clean_staging()
         if store.version(V2) is None:
@@ -313,9 +313,9 @@ def test_upgrade_completes_after_a_crash_at_any_point(
         store.gc(keep=2)
         assert store.active().key == V2 and store.verify_hash(V2)
         assert store.previous().key == V1
-        if finished:
-            break
-        n += 1
+
+    at_every_crash_point(tmp_path, monkeypatch, lambda root: first_install(ModelStore(root)),
+                         lambda root: upgrade(ModelStore(root)), restart)
 
 
 def test_half_built_staging_dir_is_invisible_and_cleaned(tmp_path: Path) -> None:
@@ -418,20 +418,10 @@ def test_the_single_store_layout_moves_to_per_name_stores(tmp_path: Path) -> Non
 def test_migration_finishes_after_a_crash_at_any_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    n = 0
-    while True:
-        root = tmp_path / f"crash-{n}"
-        legacy_layout(root)
-        finished = False
-        with crash_after(n, monkeypatch):
-            try:
-                ModelStores(root).migrate()
-                finished = True
-            except Crash:
-                pass
-        ModelStores(root).migrate()  # the next start
+    def next_start(root: Path) -> None:
+        ModelStores(root).migrate()
         assert_migrated(root)
-        if finished:
-            break
-        n += 1
-    assert n >= 8, "the migration should have had several crash points"
+
+    points = at_every_crash_point(tmp_path, monkeypatch, legacy_layout,
+                                  lambda root: ModelStores(root).migrate(), next_start)
+    assert points >= 8, "the migration should have had several crash points"
