@@ -39,7 +39,8 @@ from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 from tests.support.updates import DeviceRig, link_or_copy, seed_active, variant_for, wait_for
 
-pytestmark = pytest.mark.integration
+#: two models per trial: longer than the suite's default per-test limit on a busy machine
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 E = p.EventType
 GGUF = "smollm2.gguf"
@@ -85,6 +86,9 @@ class _Trials:
     def __init__(self, rig: DeviceRig, server: ArtifactServer, seed: int) -> None:
         self.rig, self.server, self.rng, self.seed = rig, server, random.Random(seed), seed
         self.releases: dict[str, dict] = {}
+        # Every release here is the same GGUF: hash it once, not twice per trial.
+        self.variant = variant_for(server.directory / GGUF, GGUF, health_check=QUICK_CHECK,
+                                   runtime_defaults=ONE_THREAD)
         self.kill_points: Counter[str] = Counter()
         self.phases: Counter[str] = Counter()
 
@@ -104,9 +108,7 @@ class _Trials:
                 continue
             version = f"1.0.{i}"
             new_keys[name] = f"{name}@{version}-micro"
-            variant = variant_for(self.server.directory / GGUF, GGUF, health_check=QUICK_CHECK,
-                                  runtime_defaults=ONE_THREAD)
-            self.releases[new_keys[name]] = rig.release(version, variant, name=name)
+            self.releases[new_keys[name]] = rig.release(version, self.variant, name=name)
         sequence = rig.next_sequence()
         aids = {name: f"crash-{rig.device_id}-{name}-{sequence}" for name in NAMES}
         rig.publish(rig.assign_set({name: self.releases[new_keys[name]] for name in NAMES},
