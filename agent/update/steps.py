@@ -13,10 +13,10 @@ state says it stands::
   check, and install into the name's own store, in its own versioned
   directory.
 - **health check** in the worker that will serve the model.
-- **activate**: the one pointer swap of this name, then its old versions
-  are cleaned up. An entry that belongs to a ``unit`` stops after its
-  health check: its unit activates once every member passed
-  (:func:`activate_unit`).
+- **activate**: the one pointer swap of this name, then old versions are
+  cleaned up (every name's, keeping what pending updates need). An entry
+  that belongs to a ``unit`` stops after its health check: its unit
+  activates once every member passed (:func:`activate_unit`).
 
 Before each step the run checks that its update is still its name's
 current one (:meth:`Ledger.record`): a newer document that changes this
@@ -90,9 +90,11 @@ async def activate(tools: StepTools, record: EntryRecord) -> None:
     # health check takes new requests, in-flight ones finish on the old.
     tools.on_activated(record.name)
     tools.ledger.finish(record.name, record.update_id, UpdateState.ACTIVATED)
-    store = tools.stores.store(record.name)
-    removed = await asyncio.to_thread(store.gc, tools.config.keep_versions,
-                                      tools.protected().get(record.name, ()))
+    # Every name's, not only this one's: a crash between another name's
+    # activation and its clean-up left its old version behind, and start-up
+    # collects only once nothing is pending.
+    removed = await asyncio.to_thread(tools.stores.gc, tools.config.keep_versions,
+                                      tools.protected())
     if removed:
         log.info("deleted old versions %s", removed)
 
