@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from protocol import Capabilities, Hello, TopicKind, encode
+from protocol import HELLO_SCHEMA_SETS, Capabilities, Hello, TopicKind, encode
 
 from . import LOG_FORMAT, __version__
 from .config import AgentConfig
@@ -144,12 +144,13 @@ class Agent:
             health=health,
             on_status=self._hello_changed,
             on_activated=self._activated,
+            on_removed=self._removed,
         )
         self.link = MqttLink(config, self.hello_payload, on_desired=self.updater.offer,
                              on_connected=self._on_connected)
         self.telemetry = TelemetrySampler(
             config.device_id,
-            active_model=self.updater.active_ref,
+            active_models=self.updater.active_refs,
             inference=self.inference.telemetry if self.inference else list,
         )
         self._stop = asyncio.Event()
@@ -167,6 +168,7 @@ class Agent:
     def hello(self) -> Hello:
         """The capability report this device publishes (retained) on connect."""
         return Hello(
+            schema=HELLO_SCHEMA_SETS,
             device_id=self.config.device_id,
             ts=time.time(),
             agent_version=__version__,
@@ -174,7 +176,8 @@ class Agent:
             profile=self.profile.id,
             tier=self.profile.tier,
             runtimes=self.runtimes,
-            active_model=self.updater.active_model(),
+            models=self.updater.active_models(),
+            updates=self.updater.updates(),
             update=self.updater.status(),
             labels=self.config.labels,
             simulated=self.config.simulate is not None,
@@ -215,13 +218,18 @@ class Agent:
         if self.inference is not None:
             self.inference.activated(spec_for_version(version, self.profile.runtime))
 
+    def _removed(self, name: str) -> None:
+        """``name`` left the desired set: the runtime stops serving it (if it can)."""
+        remove = getattr(self.inference, "remove", None)
+        if remove is not None:
+            remove(name)
+
     async def _start_inference(self) -> None:
         """Serve the active model and open the local API (neither delays joining the fleet)."""
         if self.inference is None:
             return
         config = self.config
-        active = self.updater.store.active() if self.updater.active_model() else None
-        if active is not None:
+        for active in self.updater.active_versions():
             await self.inference.serve(spec_for_version(active, self.profile.runtime))
         api = LocalApi(self.inference, ApiSettings(
             host=config.api_host, port=config.api_port, socket_path=config.api_socket,

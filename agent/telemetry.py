@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from protocol import InferenceStats, Telemetry
+from protocol import MAX_REPORTED_MODELS, TELEMETRY_SCHEMA_SETS, InferenceStats, Telemetry
 
 #: hwmon chips whose temp*_input psutil reads; the coretemp platform path
 #: holds the same files on some kernels without a /sys/class/hwmon link.
@@ -126,13 +126,13 @@ class TelemetrySampler:
     def __init__(
         self,
         device_id: str,
-        active_model: Callable[[], str | None] = lambda: None,
+        active_models: Callable[[], list[str]] = list,
         inference: Callable[[], list[InferenceStats]] = list,
         *,
         root: Path = Path("/"),
     ) -> None:
         self._device_id = device_id
-        self._active_model = active_model
+        self._active_models = active_models
         self._inference = inference
         self._proc = root / "proc"
         self._sys = root / "sys"
@@ -176,6 +176,7 @@ class TelemetrySampler:
         self._seq += 1
         temp = self._temperature()
         return Telemetry(
+            schema=TELEMETRY_SCHEMA_SETS,
             device_id=self._device_id,
             ts=time.time(),
             seq=self._seq,
@@ -183,6 +184,6 @@ class TelemetrySampler:
             cpu_percent=self._cpu_percent(),
             ram_used_bytes=self._ram_used(),
             temp_c=max(-100.0, min(200.0, temp)) if temp is not None else None,
-            active_model=self._active_model(),
+            models=self._active_models()[:MAX_REPORTED_MODELS],
             inference=self._inference(),
         )

@@ -1,17 +1,19 @@
 """Crash consistency at scale: 1,000 SIGKILLs at random points of the update pipeline.
 
-Every trial publishes a new signed assignment (a new release, or every fifth
-time a rollback to the previous one) on a real Mosquitto, lets a real agent
+Each device runs two models. Every trial publishes a new signed desired set
+that changes both at once (new releases, or every fifth time a rollback of
+both to their previous versions) on a real Mosquitto, lets a real agent
 start working on it, SIGKILLs the agent at a random moment inside a chosen
-phase (just after the publish, verified, fit-checked, downloading, staged /
-health-checking, activated / cleaning up), checks the disk, restarts the
-agent and waits until it settles by itself. Invariants, per trial:
+phase of one of the two entries, taken in turn (just after the publish,
+fit-checked, downloading, staged / health-checking, activated / cleaning
+up), checks the disk, restarts the agent and waits until it settles by
+itself. Invariants, per trial and per model name:
 
 - right after the kill: the active version is the old or the new one, and
   its bytes match its sha256 (never neither, never a damaged one);
-- after the restart, with no new input: the update ends ``activated`` (all
-  assignments are valid), the new version is active and intact, and
-  staging is empty.
+- after the restart, with no new input: the entry ends ``activated`` (all
+  entries are valid), the new version is active and intact, and staging
+  is empty.
 
 To fit 1,000 restarts in a few minutes on 2 cores, three things differ from
 ``tests/test_agent_update_crash.py`` (which runs the real thing, 50 times):
@@ -64,10 +66,10 @@ from agent.healthcheck import SubprocessHealthChecker  # noqa: E402
 from agent.profiles import generic_profile  # noqa: E402
 from agent.service import Agent  # noqa: E402
 from agent.update.state import UpdateStateStore  # noqa: E402
-from agent.update.store import ModelStore  # noqa: E402
+from agent.update.stores import ModelStores  # noqa: E402
 from controlplane.broker_auth import CONTROL_PLANE_USER  # noqa: E402
 from tests.support.signer import TrustSimulator, capabilities  # noqa: E402
-from tests.support.updates import seed_active, variant_for, write_trust  # noqa: E402
+from tests.support.updates import seed_active, sign_set, variant_for, write_trust  # noqa: E402
 
 TRIALS = int(os.environ.get("CHAOS_TRIALS", "1000"))
 #: stop early (and say so) rather than run past this
@@ -77,6 +79,8 @@ SETTLE_TIMEOUT_S = 30.0
 #: devices (each with its own worker process) running trials side by side
 WORKERS = 2
 FAST, SLOW = "model.bin", "slow.bin"
+#: the two models each device runs; every set changes both
+NAMES = ("chaos", "chaos-embed")
 ARTIFACT_BYTES = 1 << 20
 #: trials that kill during the download fetch this one, served at this rate
 #: (in ~50 ms pieces), so the kill lands mid-transfer; the downloader writes
@@ -87,16 +91,16 @@ STAND_IN_HEALTH = [
     "sh", "-c", """cat >/dev/null; sleep 0.02; echo '{"passed": true, "reasons": []}'""",
 ]
 ORDER = ["verified", "fit_checked", "downloading", "staged", "health_checked", "activated"]
-#: phase -> (persisted state that starts it, longest random delay after it, s)
+#: phase -> (persisted state that starts it, longest random delay after it, s); an
+#: entry is persisted fit-checked at once (the set's fit check runs before it is saved)
 PHASES: dict[str, tuple[str | None, float]] = {
     "publish": (None, 0.03),
-    "verified": ("verified", 0.003),
     "fit_checked": ("fit_checked", 0.003),
     "downloading": ("downloading", 0.25),
     "staged": ("staged", 0.05),
     "activated": ("activated", 0.02),
 }
-NO_DOWNLOAD = ("publish", "verified", "fit_checked", "staged", "activated")
+NO_DOWNLOAD = ("publish", "fit_checked", "staged", "activated")
 
 SERVE = """
 import sys
@@ -145,10 +149,11 @@ class Chaos:
             reconnect_max_s=0.2, log_level="WARNING", api_port=0,
         )
         write_trust(self.config.state_dir, self.sim)
-        seed_active(self.config.models_path, "chaos", "0.0.1", self.artifact)
+        for name in NAMES:
+            seed_active(self.config.models_path, name, "0.0.1", self.artifact)
         caps = capabilities()
         self.hardware = (caps, [], generic_profile(caps))
-        self.store = ModelStore(self.config.models_path)
+        self.stores = ModelStores(self.config.models_path)
         self.state = UpdateStateStore(self.config.update_state_path)
         self.publisher = Publisher(broker.host, broker.port, broker.users[CONTROL_PLANE_USER],
                                    f"cp-{device_id}")
@@ -202,92 +207,115 @@ class Chaos:
 
     # -- observing the disk ----------------------------------------------------------
 
-    def persisted(self, sequence: int) -> str:
-        current = self.state.load().current
+    def persisted(self, sequence: int, name: str) -> str:
+        current = self.state.load().models.get(name)
         if current is None or current.sequence != sequence:
             return "before verified"
         return current.state.value
 
-    def wait_state(self, sequence: int, at_least: str, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    def wait_state(self, sequence: int, at_least: str, name: str,
+                   timeout: float = SETTLE_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         want = ORDER.index(at_least)
         while True:
-            state = self.persisted(sequence)
+            state = self.persisted(sequence, name)
             if state in ORDER and ORDER.index(state) >= want:
                 return
             if state in ("rejected", "failed", "rolled_back") or time.monotonic() > deadline:
-                raise RuntimeError(f"sequence {sequence} stuck at {state}")
+                raise RuntimeError(f"sequence {sequence} of {name} stuck at {state}")
             time.sleep(0.002)
 
     def staging(self) -> list[str]:
-        return sorted(e.name for e in (self.config.models_path / "staging").iterdir())
+        return sorted(e.name for _, store in self.stores.all()
+                      for e in (store.root / "staging").iterdir())
+
+    def installed(self) -> dict[str, list[str]]:
+        return {name: store.installed() for name, store in self.stores.all()}
 
     # -- one trial ----------------------------------------------------------------------
 
-    def assign(self, i: int, slow: bool) -> tuple[int, str, bool]:
-        previous = self.store.previous()
-        rollback = i % 5 == 4 and previous is not None and previous.key in self.releases
-        if rollback and previous is not None:
-            key = previous.key
-        else:
+    def assign(self, i: int, slow: str | None) -> tuple[int, dict[str, str], bool]:
+        """Publish a set changing both names (``slow``'s artifact trickles); return its
+        sequence, the new key by name and whether it rolls both back."""
+        previous = {name: self.stores.store(name).previous() for name in NAMES}
+        rollback = i % 5 == 4 and all(v is not None and v.key in self.releases
+                                      for v in previous.values())
+        keys: dict[str, str] = {}
+        for name in NAMES:
+            if rollback:
+                keys[name] = previous[name].key  # type: ignore[union-attr]
+                continue
             version = f"1.{i}.0"
-            key = f"chaos@{version}-micro"
-            variant = (variant_for(self.slow_artifact, SLOW) if slow
+            keys[name] = f"{name}@{version}-micro"
+            variant = (variant_for(self.slow_artifact, SLOW) if slow == name
                        else variant_for(self.artifact, FAST))
-            self.releases[key] = self.sim.release("chaos", version,
-                                                  variants={p.Tier.MICRO: variant})
+            self.releases[keys[name]] = self.sim.release(name, version,
+                                                         variants={p.Tier.MICRO: variant})
         self.sequence += 1
         self.sim.now = time.time()
-        payload = self.sim.assign(self.device_id, self.releases[key], p.Tier.MICRO,
-                                  sequence=self.sequence, artifact_url_base=self.base_url,
-                                  assignment_id=f"chaos-{self.sequence}")
+        payload = sign_set(self.sim, self.device_id,
+                           {name: self.releases[keys[name]] for name in NAMES},
+                           sequence=self.sequence, artifact_url_base=self.base_url,
+                           ids={name: f"{name}-{self.sequence}" for name in NAMES})
         self.publisher.publish(self.device_id, payload)
-        return self.sequence, key, rollback
+        return self.sequence, keys, rollback
 
     def trial(self, i: int, rng: random.Random) -> dict[str, Any]:
         """Run trial ``i`` against the running agent; leave the restarted one running."""
-        old = self.store.active().key
+        old = {name: self.stores.store(name).active().key for name in NAMES}  # type: ignore
         will_rollback = i % 5 == 4
         choices = NO_DOWNLOAD if will_rollback else tuple(PHASES)
-        phase = choices[i % len(choices)]
-        sequence, new, rollback = self.assign(i, slow=phase == "downloading")
+        # Every fifth trial is a rollback: shift by i // 5 so that the others
+        # still come round to every phase.
+        phase = choices[(i + i // 5) % len(choices)]
+        # Each entry's phases in turn: the one that runs first, then the other.
+        target = NAMES[(i // len(choices)) % len(NAMES)]
+        sequence, new, rollback = self.assign(i, slow=target if phase == "downloading" else None)
         start, longest = PHASES[phase]
         if start is not None:
-            self.wait_state(sequence, start)
+            self.wait_state(sequence, start, target)
         time.sleep(rng.uniform(0, longest))
         self.kill()
 
-        result: dict[str, Any] = {"phase": phase, "killed_at": self.persisted(sequence),
+        result: dict[str, Any] = {"phase": phase, "target": target,
+                                  "killed_at": self.persisted(sequence, target),
                                   "rollback": rollback, "problems": []}
-        partial = self.store.staging_path(new)
+        partial = self.stores.store(target).staging_path(new[target])
         result["partial_left"] = partial.is_file() and partial.stat().st_size > 0
-        active = self.store.active()
-        if active is None or active.key not in (old, new) or not self.store.verify_hash(
-            active.key
-        ):
-            result["problems"].append(f"after kill: active {active and active.key!r}")
+        for name in NAMES:
+            store = self.stores.store(name)
+            active = store.active()
+            if active is None or active.key not in (old[name], new[name]) or not (
+                store.verify_hash(active.key)
+            ):
+                result["problems"].append(f"after kill: {name} active {active and active.key!r}")
 
         self.spawn()
         try:
-            self.wait_state(sequence, "activated")
+            for name in NAMES:
+                self.wait_state(sequence, "activated", name)
             # gc of the oldest version runs right after the activation is recorded;
             # it fsyncs, and fsync on a busy shared disk can stall for seconds.
             deadline = time.monotonic() + SETTLE_TIMEOUT_S
             # Versions first: gc renames one into staging/ in one step, so
             # reading staging first could miss it in both places.
-            while len(self.store.installed()) > self.config.keep_versions or self.staging():
+            while any(len(keys) > self.config.keep_versions
+                      for keys in self.installed().values()) or self.staging():
                 if time.monotonic() > deadline:
                     result["problems"].append(
                         f"not cleaned up after {SETTLE_TIMEOUT_S:g} s: "
-                        f"{self.store.installed()} installed, staging {self.staging()}"
+                        f"{self.installed()} installed, staging {self.staging()}"
                     )
                     break
                 time.sleep(0.002)
         except RuntimeError as exc:
             result["problems"].append(str(exc))
-        active = self.store.active()
-        if active is None or active.key != new or not self.store.verify_hash(new):
-            result["problems"].append(f"after restart: active {active and active.key!r}")
+        for name in NAMES:
+            store = self.stores.store(name)
+            active = store.active()
+            if active is None or active.key != new[name] or not store.verify_hash(new[name]):
+                result["problems"].append(
+                    f"after restart: {name} active {active and active.key!r}")
         if self.staging():
             result["problems"].append(f"staging not empty: {self.staging()}")
         self.publisher.client.loop(0)  # keepalive
@@ -349,7 +377,8 @@ def main() -> None:
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     base_url = server.stdout.readline().strip()
-    print(f"{TRIALS} trials on {WORKERS} devices side by side; artifact "
+    print(f"{TRIALS} trials on {WORKERS} devices side by side, each set changing "
+          f"{len(NAMES)} models; artifact "
           f"{ARTIFACT_BYTES >> 20} MiB of random bytes ({SLOW_ARTIFACT_BYTES >> 20} MiB, "
           f"trickled, when the kill targets the download); stand-in health check; "
           f"work dir {work}", flush=True)
@@ -373,7 +402,7 @@ def main() -> None:
         raise SystemExit(f"{len(failed)} worker(s) crashed; see above")
 
     results = [r for d in workers.values() for r in json.loads((d / "results.json").read_text())]
-    killed_at = Counter(r["killed_at"] for r in results)
+    killed_at = Counter(f'{r["target"]}:{r["killed_at"]}' for r in results)
     phases = Counter(r["phase"] for r in results)
     violations = sum(1 for r in results if r["problems"])
     print(f"kills by phase: {dict(phases)}")
@@ -388,6 +417,7 @@ def main() -> None:
         "trial_median_s": round(statistics.median(r["s"] for r in results), 3),
         "total_s": round(time.monotonic() - started, 1),
         "artifact_mib": ARTIFACT_BYTES >> 20,
+        "models_per_set": len(NAMES),
     })
 
 

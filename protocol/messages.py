@@ -118,8 +118,10 @@ class UpdateState(StrEnum):
     ``received -> verified -> fit_checked -> downloading -> staged ->
     health_checked -> activated``; or it ends ``rejected`` (the assignment was
     refused before anything was downloaded), ``failed`` (download, staging or
-    health check went wrong; the active model never changed) or
-    ``rolled_back`` (the device went back to the previous version).
+    health check went wrong; the active model never changed),
+    ``rolled_back`` (the device went back to the previous version) or
+    ``removed`` (the model left the device's desired set; it is no longer
+    served, its files are kept for a rollback until garbage collection).
     """
 
     RECEIVED = "received"
@@ -132,6 +134,7 @@ class UpdateState(StrEnum):
     REJECTED = "rejected"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    REMOVED = "removed"
 
     @property
     def is_final(self) -> bool:
@@ -140,7 +143,8 @@ class UpdateState(StrEnum):
 
 
 _FINAL_UPDATE_STATES = frozenset(
-    {UpdateState.ACTIVATED, UpdateState.REJECTED, UpdateState.FAILED, UpdateState.ROLLED_BACK}
+    {UpdateState.ACTIVATED, UpdateState.REJECTED, UpdateState.FAILED, UpdateState.ROLLED_BACK,
+     UpdateState.REMOVED}
 )
 
 
@@ -325,6 +329,8 @@ class EventType(StrEnum):
     ACTIVATED = "activated"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    #: the model left the desired set and is no longer served
+    REMOVED = "removed"
 
 
 EVENT_SCHEMA = "slmfleet.event/2"

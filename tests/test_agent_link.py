@@ -184,7 +184,7 @@ def test_hello_is_json_with_schema(tmp_path, broker, device, watcher) -> None:
     try:
         _wait(lambda: watcher.decoded(p.TopicKind.HELLO), 10, "hello")
         raw = next(m.payload for m in watcher.raw.messages if m.topic.endswith("/hello"))
-        assert json.loads(raw)["schema"] == "slmfleet.hello/1"
+        assert json.loads(raw)["schema"] == "slmfleet.hello/2", "this agent reads model sets"
         assert watcher.decoded(p.TopicKind.HELLO)[0].tier == p.Tier.MEDIUM
     finally:
         agent.stop()

@@ -22,6 +22,7 @@ from tests.support.updates import (
     FAILING_PROMPT,
     PASSING_PROMPTS,
     DeviceRig,
+    file_sha256,
     link_or_copy,
     seed_active,
     variant_for,
@@ -92,8 +93,12 @@ def test_assignment_activates_model_and_reports_every_step(make_rig, server, mod
     assert len(progress) <= 11, "progress is rate-limited to one event per 10 %"
 
     hello = rig.wait_hello(lambda h: h.update is not None and h.update.state.is_final)
-    assert hello.active_model == p.ActiveModel(name="smollm2-135m", version="1.0.0",
-                                               tier=p.Tier.MICRO, sha256=variant.sha256)
+    assert hello.speaks_sets
+    assert hello.active_models() == [p.ActiveModel(name="smollm2-135m", version="1.0.0",
+                                                   tier=p.Tier.MICRO, sha256=variant.sha256)]
+    [entry] = hello.model_updates()
+    assert (entry.model, entry.assignment_id, entry.state) == (
+        "smollm2-135m", aid, p.UpdateState.ACTIVATED)
     assert hello.update.state == p.UpdateState.ACTIVATED
     assert hello.update.sequence == 1 and hello.update.assignment_id == aid
     assert hello.update.ref == "smollm2-135m@1.0.0"
@@ -107,7 +112,8 @@ def test_resign_refreshes_and_rollback_reuses_previous(make_rig, server) -> None
     v1 = rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))
     first = rig.assign(v1, sequence=1, assignment_id="roll-1")
     rig.publish(first)
-    assert rig.wait_final("roll-1").type == E.ACTIVATED
+    final = rig.wait_final("roll-1")
+    assert final.type == E.ACTIVATED, (final, rig.agent.log()[-3000:])
     served, reported = len(server.requests(GGUF)), len(rig.events("roll-1"))
 
     # The director re-signs before expiry: same id, release and tier, higher sequence.
@@ -119,13 +125,15 @@ def test_resign_refreshes_and_rollback_reuses_previous(make_rig, server) -> None
 
     v2 = rig.release("1.1.0", variant_for(server.directory / GGUF, GGUF))
     rig.publish(rig.assign(v2, sequence=3, assignment_id="roll-2"))
-    assert rig.wait_final("roll-2").type == E.ACTIVATED
+    final = rig.wait_final("roll-2")
+    assert final.type == E.ACTIVATED, (final, rig.agent.log()[-3000:])
     assert rig.store.previous().key == "smollm2-135m@1.0.0-micro"
     served = len(server.requests(GGUF))
 
     # Rolling back is a new assignment with a higher sequence; 1.0.0 is still `previous`.
     rig.publish(rig.assign(v1, sequence=4, assignment_id="roll-3"))
-    assert rig.wait_final("roll-3").type == E.ACTIVATED
+    final = rig.wait_final("roll-3")
+    assert final.type == E.ACTIVATED, (final, rig.agent.log()[-3000:])
     assert _types(rig.events("roll-3")) == [E.RECEIVED, E.VERIFIED, E.FIT_CHECKED, E.STAGED,
                                             E.HEALTH_PASSED, E.ACTIVATED]
     assert len(server.requests(GGUF)) == served, "the previous version is reused, not fetched"
@@ -164,14 +172,18 @@ def test_trickling_server_is_abandoned_with_a_reason(make_rig, server) -> None:
     assert "need >= 1000 B/s" in final.reason
     assert len(server.requests("tiny.bin")) == 2, "retried once, then abandoned"
     assert rig.staging == []
-    assert rig.active()[0] == old
+    assert rig.active("seed")[0] == old
 
 
 def test_failing_health_check_never_activates(make_rig, server) -> None:
+    """...and a device upgraded from the single-store layout keeps serving its model."""
     rig = make_rig()
-    old = seed_active(rig.state_dir / "models", "seed", "0.1.0", server.directory / "tiny.bin")
-    old_sha = rig.store.active().manifest["sha256"]
+    old = seed_active(rig.state_dir / "models", "seed", "0.1.0", server.directory / "tiny.bin",
+                      legacy=True)
+    old_sha = file_sha256(server.directory / "tiny.bin")
     rig.start()
+    assert rig.active("seed") == (old, old_sha), "moved into its name's store"
+    assert not rig.stores.legacy()
     variant = variant_for(server.directory / GGUF, GGUF, prompts=[FAILING_PROMPT])
     rig.publish(rig.assign(rig.release("1.0.0", variant)))
     aid = f"a-{rig.device_id}-1"
@@ -184,11 +196,11 @@ def test_failing_health_check_never_activates(make_rig, server) -> None:
     assert "contains none of ['paris']" in health.reason, health.reason
     assert final.reason.startswith("health_failed: prompt 1: answer")
     assert E.ACTIVATED not in {e.type for e in events}
-    assert rig.active() == (old, old_sha), "the previous model keeps serving"
+    assert rig.active("seed") == (old, old_sha), "the previous model keeps serving"
 
     hello = rig.wait_hello(lambda h: h.update is not None and h.update.state.is_final)
     assert hello.update.state == p.UpdateState.FAILED
-    assert hello.active_model.name == "seed" and hello.active_model.sha256 == old_sha
+    assert [(m.name, m.sha256) for m in hello.active_models()] == [("seed", old_sha)]
     assert rig.staging == []
 
 
@@ -198,7 +210,7 @@ def test_without_trust_files_the_agent_joins_but_refuses(make_rig, server) -> No
     missing.unlink()
     rig.start()
     hello = rig.wait_hello(lambda h: True)
-    assert hello.update is None and hello.active_model is None
+    assert hello.update is None and hello.active_models() == []
     rig.publish(rig.assign(rig.release("1.0.0", variant_for(server.directory / GGUF, GGUF))))
 
     final = rig.wait_final(f"a-{rig.device_id}-1", timeout=20)
@@ -221,7 +233,7 @@ def test_stop_mid_download_resumes_after_restart(make_rig, server) -> None:
     wait_for(lambda: any(e.type == E.DOWNLOADING and e.progress_pct >= 10
                          for e in rig.events(aid)), 30, "the download to be under way")
     assert rig.agent.terminate() == 0
-    partial = rig.state_dir / "models" / "staging" / "smollm2-135m@1.0.0-micro.partial"
+    partial = rig.store.staging_path("smollm2-135m@1.0.0-micro")
     held = partial.stat().st_size
     assert 0 < held < size
 

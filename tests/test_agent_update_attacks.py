@@ -8,6 +8,13 @@ produce (a compromised control plane, broker or artifact server) and
 asserts that the device refused it with the code and reason in its event,
 that nothing is left in staging, and that the active model and its hash did
 not change.
+
+Every row runs against both forms of the desired state: the single-model
+assignment, and the set document naming the seeded model beside the
+attacked one. Rows marked ``sets`` only make sense for sets (an entry moved
+between two devices' documents, an entry dropped by a replayed older
+document); one entry's tampered artifact, which must fail alone while the
+other entries of its document activate, has a test of its own.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from protocol import SigningKey
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator, flip_byte
-from tests.support.updates import DeviceRig, link_or_copy, seed_active, variant_for
+from tests.support.updates import DeviceRig, link_or_copy, seed_active, sign_set, variant_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,12 +77,51 @@ class Env:
     server: ArtifactServer
     seed_key: str
     seed_sha: str
+    #: "single" (slmfleet.assignment/1) or "set" (slmfleet.assignment/2)
+    form: str = "single"
     files: dict[str, Path] = field(default_factory=dict)
 
     def tiny_release(self, name: str, **variant: Any) -> tuple[dict[str, Any], p.Variant]:
         """A correctly signed release of tiny artifact ``name``, a fresh version each time."""
         v = variant_for(self.files[name], name, **variant)
         return self.rig.release(f"3.{secrets.randbelow(10**6)}.0", v), v
+
+    def seed_release(self) -> dict[str, Any]:
+        return self.rig.release("0.1.0", variant_for(self.files["seed.bin"], "seed.bin"),
+                                name="seed")
+
+    def assign(self, release: dict[str, Any], *, sequence: int | None = None,
+               assignment_id: str | None = None, tier: p.Tier = p.Tier.MICRO,
+               others: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> bytes:
+        """``release`` assigned in this row's form; a set also names the seed (or ``others``).
+
+        ``kwargs``: ``device_id``, ``signers``, ``issued_at``, ``expires_in``.
+        """
+        rig = self.rig
+        sequence = rig.next_sequence() if sequence is None else sequence
+        assignment_id = assignment_id or f"a-{rig.device_id}-{sequence}"
+        rig.sim.now = time.time()
+        if self.form == "single":
+            return rig.sim.assign(kwargs.pop("device_id", rig.device_id), release, tier,
+                                  sequence=sequence, assignment_id=assignment_id,
+                                  artifact_url_base=self.server.base_url, **kwargs)
+        name = release["signed"]["name"]
+        releases = {"seed": self.seed_release()} if others is None else dict(others)
+        releases[name] = release
+        ids = {other: f"{other}-{rig.device_id}" for other in releases} | {name: assignment_id}
+        return sign_set(rig.sim, kwargs.pop("device_id", rig.device_id), releases,
+                        sequence=sequence, artifact_url_base=self.server.base_url, ids=ids,
+                        tiers={name: tier}, **kwargs)
+
+    def release_in(self, envelope: dict[str, Any], name: str = "smollm2-135m") -> dict[str, Any]:
+        """Where the release of ``name`` sits in a payload of this row's form."""
+        signed = envelope["signed"]
+        return signed["release"] if self.form == "single" else signed["models"][name]["release"]
+
+    def assignment_id(self, payload: bytes, name: str = "smollm2-135m") -> str:
+        signed = json.loads(payload)["signed"]
+        return (signed["assignment_id"] if self.form == "single"
+                else signed["models"][name]["assignment_id"])
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +138,18 @@ def shared(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Sha
         yield Shared(broker, cp_credentials, server, sim, files)
 
 
-@pytest.fixture
-def env(shared: Shared, tmp_path: Path) -> Iterator[Env]:
-    """A fresh device serving the seed model, for one row."""
+@pytest.fixture(params=["single", "set"])
+def env(shared: Shared, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    """A fresh device serving the seed model, for one row, in each form."""
     device_id = f"atk-{secrets.token_hex(3)}"
     rig = DeviceRig(tmp_path / device_id, shared.broker, shared.cp_credentials, device_id,
                     provision_device(shared.broker, device_id), shared.server, shared.sim,
                     simulate={"preset": "raspberry-pi-4-4gb"})
     seed_key = seed_active(rig.state_dir / "models", "seed", "0.1.0", shared.files["seed.bin"])
-    seed_sha = rig.store.active().manifest["sha256"]
+    seed_sha = rig.stores.store("seed").active().manifest["sha256"]
     rig.start()
     try:
-        yield Env(rig, shared.server, seed_key, seed_sha, shared.files)
+        yield Env(rig, shared.server, seed_key, seed_sha, request.param, shared.files)
     finally:
         rig.close()
 
@@ -113,28 +159,28 @@ def env(shared: Shared, tmp_path: Path) -> Iterator[Env]:
 
 def no_signature(env: Env) -> bytes:
     release, _ = env.tiny_release("ok.bin")
-    return env.rig.sim.tamper(env.rig.assign(release), lambda e: e.update(signatures=[]))
+    return env.rig.sim.tamper(env.assign(release), lambda e: e.update(signatures=[]))
 
 
 def wrong_director_key(env: Env) -> bytes:
     release, _ = env.tiny_release("ok.bin")
-    return env.rig.assign(release, signers=[SigningKey.generate()])
+    return env.assign(release, signers=[SigningKey.generate()])
 
 
 def release_threshold_not_met(env: Env) -> bytes:
     _, variant = env.tiny_release("ok.bin")
     one_of_two = env.rig.sim.release_signers[:1]
     release = env.rig.release("3.999.1", variant, signers=one_of_two)
-    return env.rig.assign(release)
+    return env.assign(release)
 
 
 def manifest_byte_changed(env: Env) -> bytes:
     """A compromised control plane edits the embedded release and re-signs as director."""
     release, _ = env.tiny_release("ok.bin")
-    payload = env.rig.assign(release)
+    payload = env.assign(release)
 
     def edit(envelope: dict[str, Any]) -> None:
-        v = envelope["signed"]["release"]["signed"]["variants"]["micro"]
+        v = env.release_in(envelope)["signed"]["variants"]["micro"]
         v["sha256"] = ("1" if v["sha256"][0] == "0" else "0") + v["sha256"][1:]
 
     return env.rig.sim.tamper(payload, edit, resign=True)
@@ -142,44 +188,40 @@ def manifest_byte_changed(env: Env) -> bytes:
 
 def assignment_byte_changed(env: Env) -> bytes:
     release, variant = env.tiny_release("ok.bin")
-    return flip_byte(env.rig.assign(release), variant.sha256)
+    return flip_byte(env.assign(release), variant.sha256)
 
 
 def artifact_byte_flipped(env: Env) -> bytes:
     env.server.set_fault("flip.bin", flip_at=TINY // 2)
     release, _ = env.tiny_release("flip.bin")
-    return env.rig.assign(release)
+    return env.assign(release)
 
 
 def artifact_longer_than_signed(env: Env) -> bytes:
     env.server.set_fault("long.bin", extra_bytes=4096)
     release, _ = env.tiny_release("long.bin")
-    return env.rig.assign(release)
+    return env.assign(release)
 
 
 def expired(env: Env) -> bytes:
     release, _ = env.tiny_release("ok.bin")
-    return env.rig.assign(release, issued_at=time.time() - 7200, expires_in=3600)
+    return env.assign(release, issued_at=time.time() - 7200, expires_in=3600)
 
 
 def for_another_device(env: Env) -> bytes:
     release, _ = env.tiny_release("ok.bin")
-    return env.rig.assign(release, device_id="someone-else")
+    return env.assign(release, device_id="someone-else")
 
 
 def does_not_fit_ram(env: Env) -> bytes:
     release, _ = env.tiny_release("ok.bin", min_ram_bytes=6 << 30)  # the Pi 4 has 3.7 GiB
-    return env.rig.assign(release)
+    return env.assign(release)
 
 
 def tier_above_device(env: Env) -> bytes:
     _, variant = env.tiny_release("ok.bin")
     release = env.rig.sim.release("smollm2-135m", "3.999.2", variants={p.Tier.SMALL: variant})
-    seq = env.rig.next_sequence()
-    env.rig.sim.now = time.time()
-    return env.rig.sim.assign(env.rig.device_id, release, p.Tier.SMALL, sequence=seq,
-                              assignment_id=f"a-{env.rig.device_id}-{seq}",
-                              artifact_url_base=env.server.base_url)
+    return env.assign(release, tier=p.Tier.SMALL)
 
 
 def tokenizer_swapped_artifact(env: Env) -> bytes:
@@ -191,14 +233,14 @@ def tokenizer_swapped_artifact(env: Env) -> bytes:
     genuine_tokenizer = tokenizer_sha256(env.files["genuine.gguf"])
     variant = variant_for(env.files["swapped.gguf"], "swapped.gguf",
                           tokenizer_sha256=genuine_tokenizer)
-    return env.rig.assign(env.rig.release("3.999.3", variant))
+    return env.assign(env.rig.release("3.999.3", variant))
 
 
 def variant_stitched_from_another_release(env: Env) -> bytes:
     """The release states another release's tokenizer for this artifact."""
     other = tokenizer_sha256(env.files["swapped.gguf"])
     variant = variant_for(env.files["genuine.gguf"], "genuine.gguf", tokenizer_sha256=other)
-    return env.rig.assign(env.rig.release("3.999.4", variant))
+    return env.assign(env.rig.release("3.999.4", variant))
 
 
 def _accept_seed_again(env: Env) -> int:
@@ -208,7 +250,8 @@ def _accept_seed_again(env: Env) -> int:
     rig.next_sequence()  # skipped: a sequence below the accepted one must exist to replay
     sequence = rig.next_sequence()
     aid = f"a-{rig.device_id}-{sequence}"
-    rig.publish(rig.assign(rig.release("0.1.0", seed, name="seed"), sequence=sequence))
+    rig.publish(env.assign(rig.release("0.1.0", seed, name="seed"), sequence=sequence,
+                           assignment_id=aid, others={}))
     assert rig.wait_final(aid).type == E.ACTIVATED
     return sequence
 
@@ -216,8 +259,8 @@ def _accept_seed_again(env: Env) -> int:
 def replayed_lower_sequence(env: Env) -> bytes:
     accepted = _accept_seed_again(env)
     release, _ = env.tiny_release("ok.bin")
-    return env.rig.assign(release, sequence=accepted - 1,
-                          assignment_id=f"a-{env.rig.device_id}-replay-{accepted}")
+    return env.assign(release, sequence=accepted - 1,
+                      assignment_id=f"a-{env.rig.device_id}-replay-{accepted}")
 
 
 def replayed_after_restart(env: Env) -> bytes:
@@ -225,8 +268,32 @@ def replayed_after_restart(env: Env) -> bytes:
     env.rig.restart()
     release, _ = env.tiny_release("ok.bin")
     # Equal counts as a replay too: the persisted floor is the highest accepted.
-    return env.rig.assign(release, sequence=accepted,
-                          assignment_id=f"a-{env.rig.device_id}-replay-{accepted}")
+    return env.assign(release, sequence=accepted,
+                      assignment_id=f"a-{env.rig.device_id}-replay-{accepted}")
+
+
+def entry_from_another_device(env: Env) -> bytes:
+    """A broker or control plane moves an entry of device B's document into A's."""
+    release, _ = env.tiny_release("ok.bin")
+    mine = env.assign(env.tiny_release("seed.bin")[0])
+    theirs = json.loads(env.assign(release, device_id="someone-else"))
+    entry = theirs["signed"]["models"]["smollm2-135m"]
+
+    def swap(envelope: dict[str, Any]) -> None:
+        envelope["signed"]["models"]["smollm2-135m"] = entry
+
+    return env.rig.sim.tamper(mine, swap)
+
+
+def entry_dropped_by_replay(env: Env) -> bytes:
+    """An older, genuine document that lacks the seed would take it out of service."""
+    rig = env.rig
+    older = env.assign(env.tiny_release("ok.bin")[0], others={})
+    sequence = rig.next_sequence()
+    aid = f"a-{rig.device_id}-{sequence}"
+    rig.publish(env.assign(env.seed_release(), sequence=sequence, assignment_id=aid, others={}))
+    assert rig.wait_final(aid).type == E.ACTIVATED
+    return older
 
 
 @dataclass(frozen=True)
@@ -235,6 +302,8 @@ class Row:
     outcome: p.EventType
     reason: str
     detail: str | None = None
+    #: only for set documents
+    sets: bool = False
 
 
 ROWS = {
@@ -270,15 +339,23 @@ ROWS = {
     "replayed sequence after a restart": Row(
         replayed_after_restart, E.REJECTED, "replayed_sequence"
     ),
+    "an entry moved from another device's document": Row(
+        entry_from_another_device, E.REJECTED, "threshold_not_met", "director keys", sets=True
+    ),
+    "an entry dropped by a replayed older document": Row(
+        entry_dropped_by_replay, E.REJECTED, "replayed_sequence", sets=True
+    ),
 }
 
 
 @pytest.mark.parametrize("row", ROWS.values(), ids=ROWS.keys())
 def test_attack_is_refused(env: Env, row: Row) -> None:
+    if row.sets and env.form != "set":
+        pytest.skip("a set document's attack")
     rig = env.rig
-    installed_before = set(rig.store.installed())
+    installed_before = installed(rig)
     payload = row.build(env)
-    aid = json.loads(payload)["signed"]["assignment_id"]
+    aid = env.assignment_id(payload)
     rig.publish(payload)
 
     final = rig.wait_final(aid, timeout=30)
@@ -288,6 +365,40 @@ def test_attack_is_refused(env: Env, row: Row) -> None:
     if row.detail:
         assert row.detail in final.reason, final.reason
     assert rig.staging == [], "nothing may be left in staging"
-    assert rig.active() == (env.seed_key, env.seed_sha), "the active model must not change"
-    assert set(rig.store.installed()) <= installed_before, "nothing new may be installed"
+    assert rig.active("seed") == (env.seed_key, env.seed_sha), "the active model must not change"
+    assert installed(rig) <= installed_before, "nothing new may be installed"
     assert E.ACTIVATED not in {e.type for e in rig.events(aid)}
+    assert [m.name for m in rig.wait_hello(lambda h: True).active_models()] == ["seed"]
+
+
+def installed(rig: DeviceRig) -> set[str]:
+    """Every version installed, whatever its name."""
+    return {key for _, store in rig.stores.all() for key in store.installed()}
+
+
+def test_one_tampered_entry_fails_alone(env: Env) -> None:
+    """Entries are independent: the other entries of the same document activate."""
+    if env.form != "set":
+        pytest.skip("a set document's attack")
+    rig = env.rig
+    env.server.set_fault("flip.bin", flip_at=TINY // 2)
+    tampered, _ = env.tiny_release("flip.bin")
+    # A model that loads and answers: the real SmolLM2 under another name.
+    good_variant = variant_for(env.files["genuine.gguf"], "genuine.gguf")
+    good = rig.release("1.0.0", good_variant, name="embedder")
+    payload = env.assign(tampered, others={"seed": env.seed_release(), "embedder": good})
+    rig.publish(payload)
+
+    final = rig.wait_final(env.assignment_id(payload), timeout=30)
+    assert (final.type, final.code) == (E.FAILED, p.EventCode.HASH_MISMATCH), final
+    embedder = rig.wait_final(env.assignment_id(payload, "embedder"), timeout=120)
+    assert embedder.type == E.ACTIVATED, embedder
+    assert rig.active("embedder")[1] == good_variant.sha256
+    assert rig.active("seed") == (env.seed_key, env.seed_sha)
+    assert rig.active("smollm2-135m") is None, "the tampered entry never activates"
+    rig.wait_clean()
+    hello = rig.wait_hello(lambda h: h.update is not None and h.update.state.is_final)
+    assert [m.name for m in hello.active_models()] == ["embedder", "seed"]
+    assert hello.update.state == p.UpdateState.FAILED
+    assert {(u.model, u.state) for u in hello.model_updates()} >= {
+        ("smollm2-135m", p.UpdateState.FAILED), ("embedder", p.UpdateState.ACTIVATED)}

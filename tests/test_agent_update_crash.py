@@ -1,21 +1,23 @@
 """Crash consistency: SIGKILL the agent at random points of the update pipeline.
 
 Real agent processes, the real SmolLM2 GGUF (download, install, real health
-check in a subprocess), real broker. Each trial publishes a new assignment
-(a new release, or every fifth time a rollback to the previous one) and
-kills the agent at a random moment inside one pipeline phase, taken in
-turn: right after publishing, during verification, the download, the
-install, the health check, the activation, or the clean-up after it. The
-phase starts are read off the device's own events, so kills cover every
-phase whatever the machine's speed. Each trial checks:
+check in a subprocess), real broker. Each device runs two models (a chat
+model and an "embedder", both SmolLM2 here). Each trial publishes a desired
+set that changes both at once (new releases, or every fifth time a rollback
+of both to their previous versions) and kills the agent at a random moment
+inside one pipeline phase of one of the two entries, taken in turn: right
+after publishing, during verification, the download, the install, the
+health check, the activation, or the clean-up after it. The phase starts
+are read off the device's own events, so kills cover every phase whatever
+the machine's speed. Each trial checks:
 
-- right after the kill, on disk: the active version is the old or the new
-  one and its bytes match its sha256 -- never neither;
-- after a restart, with no further input: the agent finishes the update by
-  itself (every assignment here is valid, so it must end activated),
-  reports it in ``hello`` and ``events``, and leaves nothing in staging.
+- right after the kill, on disk: each name's active version is its old or
+  its new one and its bytes match its sha256 -- never neither;
+- after a restart, with no further input: the agent finishes both updates
+  by itself (every entry here is valid, so each must end activated),
+  reports them in ``hello`` and ``events``, and leaves nothing in staging.
 
-50 trials, on two devices side by side to keep the run short.
+30 trials (60 entry updates), on two devices side by side to keep the run short.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 from tests.support.updates import DeviceRig, link_or_copy, seed_active, variant_for, wait_for
 
-pytestmark = pytest.mark.integration
+#: two models per trial: longer than the suite's default per-test limit on a busy machine
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 E = p.EventType
 GGUF = "smollm2.gguf"
+#: the two models each device runs; the set changes both every trial
+NAMES = ("embedder", "smollm2-135m")
 DEVICES = 2
-TRIALS_PER_DEVICE = 25
+TRIALS_PER_DEVICE = 15
 #: one short golden prompt ("The opposite of hot is cold."), not gated on speed:
 #: this test is about crashes, and the machine runs two pipelines at once
 QUICK_PROMPT = GoldenPrompt(prompt="What is the opposite of hot?", expected=["cold"],
@@ -67,9 +72,9 @@ PHASES: dict[str, tuple[p.EventType | None, float]] = {
 NO_DOWNLOAD = ("publish", "verify", "health check", "activate", "clean-up")
 
 
-def _kill_point(rig: DeviceRig, sequence: int) -> str:
-    """Where the pipeline stood when it died, from its persisted record."""
-    record = UpdateStateStore(rig.state_dir / "update" / "state.json").load().current
+def _kill_point(rig: DeviceRig, sequence: int, name: str) -> str:
+    """Where ``name``'s update stood when the agent died, from its persisted record."""
+    record = UpdateStateStore(rig.state_dir / "update" / "state.json").load().models.get(name)
     if record is None or record.sequence != sequence:
         return "before verified"
     return record.state.value
@@ -81,26 +86,34 @@ class _Trials:
     def __init__(self, rig: DeviceRig, server: ArtifactServer, seed: int) -> None:
         self.rig, self.server, self.rng, self.seed = rig, server, random.Random(seed), seed
         self.releases: dict[str, dict] = {}
+        # Every release here is the same GGUF: hash it once, not twice per trial.
+        self.variant = variant_for(server.directory / GGUF, GGUF, health_check=QUICK_CHECK,
+                                   runtime_defaults=ONE_THREAD)
         self.kill_points: Counter[str] = Counter()
         self.phases: Counter[str] = Counter()
 
-    def _assign_next(self, i: int) -> tuple[str, str, int, bool]:
-        """Publish the next assignment; return (assignment id, new key, sequence, rollback)."""
+    def _assign_next(self, i: int) -> tuple[dict[str, str], dict[str, str], int, bool]:
+        """Publish the next set, changing both names.
+
+        Returns (assignment id and new key by name, sequence, rollback).
+        """
         rig = self.rig
-        previous = rig.store.previous()
-        rollback = i % 5 == 4 and previous is not None and previous.key in self.releases
-        if rollback and previous is not None:
-            new_key = previous.key  # a new assignment of an installed release
-        else:
+        previous = {name: rig.stores.store(name).previous() for name in NAMES}
+        rollback = i % 5 == 4 and all(v is not None and v.key in self.releases
+                                      for v in previous.values())
+        new_keys = {}
+        for name in NAMES:
+            if rollback:
+                new_keys[name] = previous[name].key  # a new entry of an installed release
+                continue
             version = f"1.0.{i}"
-            new_key = f"smollm2-135m@{version}-micro"
-            variant = variant_for(self.server.directory / GGUF, GGUF, health_check=QUICK_CHECK,
-                                  runtime_defaults=ONE_THREAD)
-            self.releases[new_key] = rig.release(version, variant)
+            new_keys[name] = f"{name}@{version}-micro"
+            self.releases[new_keys[name]] = rig.release(version, self.variant, name=name)
         sequence = rig.next_sequence()
-        aid = f"crash-{rig.device_id}-{sequence}"
-        rig.publish(rig.assign(self.releases[new_key], sequence=sequence, assignment_id=aid))
-        return aid, new_key, sequence, rollback
+        aids = {name: f"crash-{rig.device_id}-{name}-{sequence}" for name in NAMES}
+        rig.publish(rig.assign_set({name: self.releases[new_keys[name]] for name in NAMES},
+                                   sequence=sequence, ids=aids))
+        return aids, new_keys, sequence, rollback
 
     def _wait_phase(self, phase: str, aid: str) -> None:
         start, longest = PHASES[phase]
@@ -114,17 +127,20 @@ class _Trials:
             wait_for(started, 60, f"{phase} of {aid}", poll=0.005)
         time.sleep(self.rng.uniform(0, longest))
 
-    def _settled(self, aid: str, new_key: str, sequence: int, what: str) -> None:
+    def _settled(self, aids: dict[str, str], new_keys: dict[str, str], sequence: int,
+                 what: str) -> None:
         rig = self.rig
-        final = rig.wait_final(aid, timeout=90)
-        assert final.type == E.ACTIVATED, (what, final)
-        assert rig.active()[0] == new_key, what  # re-hashes it
+        for name in NAMES:
+            final = rig.wait_final(aids[name], timeout=150)
+            assert final.type == E.ACTIVATED, (what, name, final)
+            assert rig.active(name)[0] == new_keys[name], (what, name)  # re-hashes it
         hello = rig.wait_hello(
             lambda h: h.update is not None and h.update.sequence == sequence
             and h.update.state.is_final
         )
-        assert hello.active_model is not None
-        assert hello.active_model.sha256 == rig.store.active().manifest["sha256"]
+        assert hello.update.state == p.UpdateState.ACTIVATED, what
+        on_disk = {name: rig.stores.store(name).active().manifest["sha256"] for name in NAMES}
+        assert {m.name: m.sha256 for m in hello.active_models()} == on_disk, what
         # gc of the oldest version runs right after the activation is recorded.
         rig.wait_clean()
 
@@ -132,23 +148,27 @@ class _Trials:
         rig = self.rig
         rig.start()
         for i in range(TRIALS_PER_DEVICE):
-            old_key = rig.store.active().key
-            aid, new_key, sequence, rollback = self._assign_next(i)
+            old_keys = {name: rig.stores.store(name).active().key for name in NAMES}
+            aids, new_keys, sequence, rollback = self._assign_next(i)
             choices = NO_DOWNLOAD if rollback else tuple(PHASES)
             phase = choices[(i + self.seed) % len(choices)]
+            # Each entry's phases in turn: the first to run, then the one after it.
+            target = NAMES[(i // len(choices)) % len(NAMES)]
             self.phases[phase] += 1
-            self._wait_phase(phase, aid)
+            self._wait_phase(phase, aids[target])
             rig.kill()
 
-            killed_at = _kill_point(rig, sequence)
+            killed_at = _kill_point(rig, sequence, target)
             self.kill_points[killed_at] += 1
-            on_disk = rig.active()  # re-hashes it
-            what = f"trial {i}, killed in {phase} at {killed_at}"
-            assert on_disk is not None, f"{what}: nothing active"
-            assert on_disk[0] in (old_key, new_key), f"{what}: {on_disk} is active"
+            what = f"trial {i}, killed in {phase} of {target} at {killed_at}"
+            for name in NAMES:
+                on_disk = rig.active(name)  # re-hashes it
+                assert on_disk is not None, f"{what}: nothing active for {name}"
+                assert on_disk[0] in (old_keys[name], new_keys[name]), (
+                    f"{what}: {on_disk} is active for {name}")
 
             rig.start()
-            self._settled(aid, new_key, sequence, what)
+            self._settled(aids, new_keys, sequence, what)
         return self.kill_points
 
 
@@ -163,7 +183,8 @@ def test_sigkill_anywhere_leaves_old_or_new_model_and_the_update_finishes(
             device_id = f"crash-{secrets.token_hex(3)}"
             rig = DeviceRig(tmp_path / device_id, broker, cp_credentials, device_id,
                             provision_device(broker, device_id), server, sim)
-            seed_active(rig.state_dir / "models", "smollm2-135m", "0.0.1", model_path)
+            for name in NAMES:
+                seed_active(rig.state_dir / "models", name, "0.0.1", model_path)
             trials.append(_Trials(rig, server, seed))
         try:
             with ThreadPoolExecutor(DEVICES) as pool:

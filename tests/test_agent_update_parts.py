@@ -20,7 +20,13 @@ from agent.healthcheck import HealthAborted, HealthRequest, SubprocessHealthChec
 from agent.profiles import RuntimeSettings
 from agent.runtime_settings import EffectiveRuntime, effective_runtime
 from agent.trust import TrustUnavailable, load_pinned, load_trust, rotation_path
-from agent.update.state import StateCorrupt, UpdateFile, UpdateRecord, UpdateStateStore
+from agent.update.state import (
+    DocumentRecord,
+    EntryRecord,
+    StateCorrupt,
+    UpdateFile,
+    UpdateStateStore,
+)
 from protocol import HealthCheck, RuntimeDefaults
 from tests.support.signer import TrustSimulator, make_variant
 from tests.support.updates import pinned_file, write_trust
@@ -186,25 +192,27 @@ def test_event_counter_lost_in_a_crash_continues_from_the_spool(tmp_path: Path) 
 # --- the persisted record ------------------------------------------------------------
 
 
-def _record(**overrides) -> UpdateRecord:
+def _record(**overrides) -> EntryRecord:
     fields = {
-        "update_id": "u1", "assignment_id": "a-1", "sequence": 7, "ref": "m@1.0.0",
-        "tier": p.Tier.MICRO, "key": "m@1.0.0-micro", "sha256": "0" * 64,
-        "state": p.UpdateState.DOWNLOADING, "ts": 1.0, "accepted_at": 1.0,
-        "payload": "{}", "payload_sha256": "1" * 64,
+        "name": "m", "update_id": "u1", "assignment_id": "a-1", "sequence": 7,
+        "ref": "m@1.0.0", "tier": p.Tier.MICRO, "key": "m@1.0.0-micro", "sha256": "0" * 64,
+        "state": p.UpdateState.DOWNLOADING, "ts": 1.0,
     }
     fields.update(overrides)
-    return UpdateRecord(**fields)
+    return EntryRecord(**fields)
 
 
 def test_update_record_round_trips_and_corruption_is_not_papered_over(tmp_path: Path) -> None:
     store = UpdateStateStore(tmp_path / "update" / "state.json")
     assert store.load() == UpdateFile()
-    record = _record()
-    state = UpdateFile(highest_sequence=7, current=record, status=record.status())
+    document = DocumentRecord(sequence=7, payload="{}", payload_sha256="1" * 64, accepted_at=1.0)
+    state = UpdateFile(highest_sequence=7, document=document, models={
+        "m": _record(), "e": _record(name="e", key="e@1.0.0-micro", ref="e@1.0.0",
+                                     state=p.UpdateState.ACTIVATED)})
     store.save(state)
     assert store.load() == state
-    assert json.loads(store.path.read_text())["schema"] == "slmfleet.agent-update/1"
+    assert json.loads(store.path.read_text())["schema"] == "slmfleet.agent-update/2"
+    assert [r.name for r in store.load().pending()] == ["m"]
 
     store.path.write_text('{"highest_sequence": "lots"}')
     with pytest.raises(StateCorrupt, match="invalid"):

@@ -187,7 +187,7 @@ def test_newer_assignment_supersedes_a_running_update(device: Device) -> None:
         assert device.final("a-2").type == E.ACTIVATED
         # a-1 ended before a-2 began.
         assert superseded.seq < device.events("a-2")[0].seq
-        assert updater.store.active().key == "m@2.0.0-micro"
+        assert updater.stores.store("m").active().key == "m@2.0.0-micro"
         assert updater.highest_sequence == 2
         assert updater.status().state == p.UpdateState.ACTIVATED
 
@@ -207,7 +207,7 @@ def test_failed_health_check_ends_the_update_with_its_code(device: Device) -> No
         assert (final.code, final.reason) == (
             p.EventCode.HEALTH_FAILED, "health_failed: gated: told to fail"
         )
-        assert updater.store.active() is None
+        assert updater.stores.store("m").active() is None
 
     run(go)
 
@@ -226,7 +226,7 @@ def test_resign_mid_update_continues_it(device: Device) -> None:
         assert device.final("a-x").type == E.ACTIVATED
         assert updater.status().sequence == 2
         persisted = UpdateStateStore(device.config.update_state_path).load()
-        assert persisted.highest_sequence == 2 and persisted.current.sequence == 2
+        assert persisted.highest_sequence == 2 and persisted.models["m"].sequence == 2
 
     run(go)
 
@@ -256,26 +256,26 @@ def test_activation_not_yet_recorded_is_reconciled(device: Device) -> None:
         aid = await _activate(device, "a.bin", "1.2.0")
         # The clean-up after an activation runs on after its event: let it end
         # before the crash, or it races the version installed below.
-        await device.until(lambda: len(updater.store.installed()) == 2, "the clean-up")
+        await device.until(lambda: len(updater.stores.store("m").installed()) == 2, "the clean-up")
         await device.crash()
         # As if killed between the pointer swap and writing the record, so
         # also before the clean-up that deletes the oldest version.
         store = UpdateStateStore(device.config.update_state_path)
         state = store.load()
-        current = state.current.model_copy(update={"state": p.UpdateState.HEALTH_CHECKED})
-        store.save(state.model_copy(update={"current": current}))
+        current = state.models["m"].model_copy(update={"state": p.UpdateState.HEALTH_CHECKED})
+        store.save(state.with_record(current))
         old = device.server.directory / "a.bin"
-        left_over = updater.store.staging_path("m@0.9.0-micro")
+        left_over = updater.stores.store("m").staging_path("m@0.9.0-micro")
         left_over.write_bytes(old.read_bytes())
-        updater.store.install("m@0.9.0-micro", left_over,
+        updater.stores.store("m").install("m@0.9.0-micro", left_over,
                               {"sha256": file_sha256(old), "size": old.stat().st_size})
-        assert len(updater.store.installed()) == 3
+        assert len(updater.stores.store("m").installed()) == 3
 
         updater = await device.boot()
         assert updater.status().state == p.UpdateState.ACTIVATED
         assert [e.type for e in device.events(aid)].count(E.ACTIVATED) == 2
         assert len(device.health.calls) == 3, "no health check is run again"
-        assert updater.store.installed() == ["m@1.1.0-micro", "m@1.2.0-micro"]
+        assert updater.stores.store("m").installed() == ["m@1.1.0-micro", "m@1.2.0-micro"]
 
     run(go)
 
@@ -286,13 +286,13 @@ def test_damaged_active_model_rolls_back_at_an_unclean_start(device: Device) -> 
         await _activate(device, "a.bin", "1.0.0")
         bid = await _activate(device, "b.bin", "2.0.0")
         await device.crash()
-        damaged = updater.store.active().artifact
+        damaged = updater.stores.store("m").active().artifact
         os.chmod(damaged, 0o644)
         with damaged.open("r+b") as f:
             f.write(b"\x00")
 
         updater = await device.boot()
-        assert updater.store.active().key == "m@1.0.0-micro"
+        assert updater.stores.store("m").active().key == "m@1.0.0-micro"
         assert device.types(bid)[-2:] == [E.ACTIVATED, E.ROLLED_BACK]
         rolled = device.events(bid)[-1]
         assert rolled.reason == "active model m@2.0.0-micro fails its sha256 check"
@@ -345,6 +345,6 @@ def test_an_update_interrupted_by_too_many_restarts_gives_up(device: Device) -> 
         event = device.final("a-1")
         assert event.type == E.FAILED and event.reason.startswith("crash_loop: ")
         assert event.code == p.EventCode.CRASH_LOOP
-        assert updater.store.active() is None
+        assert updater.stores.store("m").active() is None
 
     run(go)

@@ -1,4 +1,5 @@
-"""ModelStore: install, activate, rollback, gc, and crashes between any two syscalls."""
+"""ModelStore: install, activate, rollback, gc, and crashes between any two syscalls;
+ModelStores: one store per model name, and the move from the single-store layout."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from agent.errors import StoreError
 from agent.update.store import ModelStore, model_key
+from agent.update.stores import ModelStores
 
 V1, V2, V3, V4 = (model_key("smollm2-135m", f"1.{i}.0", "micro") for i in range(1, 5))
 
@@ -242,6 +244,8 @@ SCENARIOS = {
     "upgrade": (first_install, upgrade, {V1, V2}),
     "gc": (three_versions, lambda s: s.gc(keep=2), {V3}),
     "rollback": (three_versions, rollback, {V2, V3}),
+    # the name left the desired set: nothing active after, V3 kept as previous
+    "deactivate": (three_versions, lambda s: s.deactivate(), {V3, None}),
 }
 
 
@@ -262,45 +266,45 @@ def assert_consistent(root: Path, allowed: set[str | None]) -> None:
     assert {p.name for p in root.iterdir()} <= {"active", "previous", "staging", "versions"}
 
 
+def at_every_crash_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prepare: Callable[[Path], Any],
+    operation: Callable[[Path], Any], restarted: Callable[[Path], Any],
+) -> int:
+    """Crash ``operation`` after 0, 1, 2, ... syscalls, each on a fresh ``prepare``d
+    root, and check it with ``restarted`` after each; returns how many points it had."""
+    n = 0
+    while True:
+        root = tmp_path / f"crash-{n}"
+        prepare(root)
+        finished = False
+        with crash_after(n, monkeypatch):
+            try:
+                operation(root)
+                finished = True
+            except Crash:
+                pass
+        restarted(root)
+        if finished:
+            return n
+        n += 1
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_crash_at_every_syscall_leaves_a_whole_active_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str
 ) -> None:
     setup, operation, allowed = SCENARIOS[scenario]
-    n = 0
-    while True:
-        root = tmp_path / f"crash-{n}"
-        store = ModelStore(root)
-        setup(store)
-        finished = False
-        with crash_after(n, monkeypatch):
-            try:
-                operation(store)
-                finished = True
-            except Crash:
-                pass
-        assert_consistent(root, allowed)
-        if finished:
-            break
-        n += 1
-    assert n >= 5, "the operation should have had several crash points"
+    points = at_every_crash_point(
+        tmp_path, monkeypatch, lambda root: setup(ModelStore(root)),
+        lambda root: operation(ModelStore(root)), lambda root: assert_consistent(root, allowed))
+    assert points >= 5, "the operation should have had several crash points"
 
 
 def test_upgrade_completes_after_a_crash_at_any_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    n = 0
-    while True:
-        root = tmp_path / f"crash-{n}"
-        first_install(ModelStore(root))
-        finished = False
-        with crash_after(n, monkeypatch):
-            try:
-                upgrade(ModelStore(root))
-                finished = True
-            except Crash:
-                pass
-        # Restart: clean up, then redo the upgrade (re-staging if the partial was consumed).
+    def restart(root: Path) -> None:
+        # Clean up, then redo the upgrade (re-staging if the partial was consumed).
         store = ModelStore(root)
         store.clean_staging()
         if store.version(V2) is None:
@@ -309,9 +313,9 @@ def test_upgrade_completes_after_a_crash_at_any_point(
         store.gc(keep=2)
         assert store.active().key == V2 and store.verify_hash(V2)
         assert store.previous().key == V1
-        if finished:
-            break
-        n += 1
+
+    at_every_crash_point(tmp_path, monkeypatch, lambda root: first_install(ModelStore(root)),
+                         lambda root: upgrade(ModelStore(root)), restart)
 
 
 def test_half_built_staging_dir_is_invisible_and_cleaned(tmp_path: Path) -> None:
@@ -340,3 +344,84 @@ def test_clean_staging_keeps_the_partial_being_resumed(tmp_path: Path) -> None:
 
     assert store.staging_path(V1).read_bytes() == b"resume me"
     assert not store.staging_path(V2).exists()
+
+
+def test_deactivate_keeps_the_version_for_a_rollback(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    three_versions(store)
+    assert store.deactivate().key == V3
+    assert store.active() is None and store.previous().key == V3
+    assert store.deactivate() is None, "nothing active: nothing to do"
+    assert store.gc(keep=0) == [V1, V2], "previous stays until it is replaced"
+    assert store.rollback().key == V3, "assigned again, it comes back without a download"
+
+
+def test_gc_never_deletes_what_a_pending_update_needs(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    three_versions(store)
+    install(store, V4)  # staged, health check pending
+    assert store.gc(keep=2, protect=[V4]) == [V1]
+    assert set(store.installed()) == {V2, V3, V4}
+
+
+# --- one store per name --------------------------------------------------------
+
+E1, E2 = model_key("embed", "1.0.0", "micro"), model_key("embed", "2.0.0", "micro")
+
+
+def test_each_name_has_its_own_versions_and_pointers(tmp_path: Path) -> None:
+    stores = ModelStores(tmp_path)
+    chat, embed = stores.store("smollm2-135m"), stores.store("embed")
+    first_install(chat)
+    for key in (E1, E2):
+        install(embed, key)
+        embed.activate(key)
+    assert stores.names() == ["embed", "smollm2-135m"]
+    assert (chat.active().key, embed.active().key, embed.previous().key) == (V1, E2, E1)
+    assert chat.root == tmp_path / "by-name" / "smollm2-135m"
+    install(chat, V2)
+    assert stores.gc(1, protect={"smollm2-135m": {V2}}) == {}, "pointers and pending stay"
+    with pytest.raises(ValueError):
+        stores.store("../x")
+
+
+def legacy_layout(root: Path) -> None:
+    """What an agent from before model sets left: one store, two names in it, a partial."""
+    old = ModelStore(root)
+    install(old, E1)
+    old.activate(E1)
+    for key in (V1, V2):
+        install(old, key)
+        old.activate(key)
+    stage(old, V3)  # a download being resumed
+
+
+def assert_migrated(root: Path) -> None:
+    stores = ModelStores(root)
+    assert not stores.legacy()
+    assert {p.name for p in root.iterdir()} == {"by-name"}
+    chat, embed = stores.store("smollm2-135m"), stores.store("embed")
+    assert chat.active().key == V2 and chat.verify_hash(V2)
+    assert chat.previous().key == V1
+    assert embed.active() is None and embed.installed() == [E1], "another name's previous"
+    assert chat.staging_path(V3).is_file(), "the partial moved, so it resumes"
+
+
+def test_the_single_store_layout_moves_to_per_name_stores(tmp_path: Path) -> None:
+    legacy_layout(tmp_path)
+    assert ModelStores(tmp_path).legacy()
+    assert sorted(ModelStores(tmp_path).migrate()) == sorted([E1, V1, V2])
+    assert_migrated(tmp_path)
+    assert ModelStores(tmp_path).migrate() == [], "done once"
+
+
+def test_migration_finishes_after_a_crash_at_any_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def next_start(root: Path) -> None:
+        ModelStores(root).migrate()
+        assert_migrated(root)
+
+    points = at_every_crash_point(tmp_path, monkeypatch, legacy_layout,
+                                  lambda root: ModelStores(root).migrate(), next_start)
+    assert points >= 8, "the migration should have had several crash points"

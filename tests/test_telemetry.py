@@ -116,11 +116,11 @@ def test_no_sensors(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
 def test_sampler_agrees_with_psutil_on_this_machine() -> None:
-    sampler = TelemetrySampler("dev-1", active_model=lambda: "m@1")
+    sampler = TelemetrySampler("dev-1", active_models=lambda: ["m@1", "e@2"])
     time.sleep(0.2)
     first = sampler.sample()
     expected_ram = psutil.virtual_memory().used
-    assert first.seq == 1 and first.active_model == "m@1"
+    assert first.seq == 1 and first.active_refs() == ["m@1", "e@2"]
     assert 0.0 <= first.cpu_percent <= 100.0
     # RAM moves a little between two reads; the definition is the same
     assert abs(first.ram_used_bytes - expected_ram) < 0.05 * psutil.virtual_memory().total

@@ -1,14 +1,17 @@
-"""The device's update pipeline: from a signed assignment to an active model.
+"""The device's update pipeline: from a signed desired set to the active models.
 
 :mod:`.pipeline` (the ``Updater``) does the I/O around it: :mod:`.intake`
-decides, purely, what a ``desired`` message means (ignore, reject, refresh,
-accept); :mod:`.steps` runs an accepted update (verify again, fit check,
-stage, health check, activate), with :mod:`.download` retrying
-:mod:`.fetcher`'s downloads (bytes written by :mod:`.sink`); :mod:`.staging`
-checks artifacts before they enter :mod:`.store`, the versioned model
-directories with their atomic ``active`` pointer; :mod:`.ledger` records
-each transition in :mod:`.state`'s persisted file and reports it;
-:mod:`.outcome` holds how a step stops; :mod:`.recovery` checks the active
-model after a crash. Nothing is re-exported here, so importing one part
-does not drag in the rest.
+decides, purely, what a ``desired`` document means, as a whole and per
+model name (ignore, reject, refresh, accept; per name new, refresh,
+rejected, remove); :mod:`.setfit` checks the whole set fits before any of
+it downloads; :mod:`.steps` runs one entry's update (stage, health check,
+activate; units activate together), with :mod:`.download` retrying
+:mod:`.fetcher`'s downloads (bytes written by :mod:`.sink`);
+:mod:`.staging` checks artifacts before they enter their name's
+:mod:`.store` (versioned directories with an atomic ``active`` pointer),
+one per model name under :mod:`.stores`; :mod:`.ledger` records each
+transition in :mod:`.state`'s persisted file and reports it;
+:mod:`.outcome` holds how a step stops; :mod:`.startup` and
+:mod:`.recovery` make a crash harmless at the next start. Nothing is
+re-exported here, so importing one part does not drag in the rest.
 """

@@ -1,10 +1,11 @@
-"""The update record in memory and on disk, and the event each transition reports.
+"""The update file in memory and on disk, and the event each transition reports.
 
 Every change to what the pipeline remembers goes through :class:`Ledger`:
 one atomic replace of the update file (:class:`UpdateStateStore`) per
-transition, then the event. A record that could not be read at start-up is
-never overwritten (it holds the replay floor): the ledger is ``disabled``
-and refuses updates until an operator looks.
+transition of one model name's record, then the event, which carries that
+entry's assignment id. A file that could not be read at start-up is never
+overwritten (it holds the replay floor): the ledger is ``disabled`` and
+refuses updates until an operator looks.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from protocol import EventCode, EventType, UpdateState
+from protocol import EventCode, EventType, UpdateState, UpdateStatus
 
 from ..events import EventLog
 from .outcome import Stopped
-from .state import StateCorrupt, UpdateFile, UpdateRecord, UpdateStateStore
-from .store import ModelStore
+from .state import EntryRecord, StateCorrupt, UpdateFile, UpdateStateStore
+from .stores import ModelStores
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,50 @@ _FINAL_EVENTS = {
     UpdateState.ACTIVATED: EventType.ACTIVATED,
     UpdateState.REJECTED: EventType.REJECTED,
     UpdateState.ROLLED_BACK: EventType.ROLLED_BACK,
+    UpdateState.REMOVED: EventType.REMOVED,
 }
+#: how far along the pipeline each state is (a document reports its least advanced entry)
+_ORDER = [UpdateState.RECEIVED, UpdateState.VERIFIED, UpdateState.FIT_CHECKED,
+          UpdateState.DOWNLOADING, UpdateState.STAGED, UpdateState.HEALTH_CHECKED]
+#: how a document's entries ended, worst first
+_WORST = [UpdateState.FAILED, UpdateState.ROLLED_BACK, UpdateState.REJECTED]
+
+
+def document_status(file: UpdateFile) -> UpdateStatus | None:
+    """What ``hello`` reports as ``update``: the document as a whole.
+
+    A document refused as a whole is reported as such. Otherwise the
+    entries it carried: in progress while any is (at the least advanced
+    one's state), else ``activated`` when every entry was activated or
+    removed, else the worst way one ended, with each such entry's reason.
+    A document naming one model (always so in the single-model form)
+    reports that entry's own status.
+    """
+    document = file.document
+    if file.status is not None or document is None:
+        return file.status
+    records = sorted((r for r in file.models.values() if r.sequence == document.sequence),
+                     key=lambda r: r.name)
+    entries = [r for r in records if not r.remove]
+    if len(entries) == 1:
+        # The one model it names (the names it dropped are a side effect).
+        return entries[0].status(with_model=False)
+    pending = [r.state for r in records if not r.state.is_final]
+    bad = [r for r in records if r.state in _WORST]
+    if pending:
+        state = min(pending, key=_ORDER.index)
+    elif bad:
+        state = min((r.state for r in bad), key=_WORST.index)
+    else:
+        state = UpdateState.ACTIVATED
+    reason = "; ".join(f"{r.name}: {r.reason}" for r in bad if r.reason) or None
+    return UpdateStatus(
+        assignment_id=f"desired-{document.sequence}",
+        sequence=document.sequence,
+        state=state,
+        reason=reason[:1024] if reason else None,
+        ts=max((r.ts for r in records), default=document.accepted_at),
+    )
 
 
 class Ledger:
@@ -37,16 +81,16 @@ class Ledger:
         self,
         state_store: UpdateStateStore,
         events: EventLog,
-        store: ModelStore,
+        stores: ModelStores,
         on_status: Callable[[], None],
     ) -> None:
         self._state_store = state_store
         self.events = events
-        self._store = store
+        self._stores = stores
         self._on_status = on_status
         #: the update file as last saved
         self.file = UpdateFile()
-        #: why updates are refused wholesale (unreadable record); None when they are not
+        #: why updates are refused wholesale (unreadable file); None when they are not
         self.disabled: str | None = None
         #: set when the agent stops: no running update is current any more
         self.stopping = False
@@ -63,53 +107,54 @@ class Ledger:
         """Tell the agent ``hello`` has something new to say."""
         self._on_status()
 
-    def pending(self) -> UpdateRecord | None:
-        """The current update if it has not ended (and updates are not disabled)."""
-        current = self.file.current
-        if current is None or current.state.is_final or self.disabled:
-            return None
-        return current
+    def pending(self) -> list[EntryRecord]:
+        """The records whose update has not ended (none while updates are disabled)."""
+        return [] if self.disabled else self.file.pending()
 
     def save(self, state: UpdateFile) -> None:
-        """Persist ``state`` atomically (never over a record that could not be read)."""
+        """Persist ``state`` atomically (never over a file that could not be read)."""
         if self.disabled:
             return  # it holds the replay floor
         self._state_store.save(state)
         self.file = state
 
-    def save_record(self, record: UpdateRecord, state: UpdateState, reason: str | None) -> None:
-        """Persist ``record`` in ``state`` as the current update and ``hello``'s status."""
+    def save_record(self, record: EntryRecord, state: UpdateState, reason: str | None) -> None:
+        """Persist ``record`` in ``state`` as its name's record."""
         record = record.model_copy(update={"state": state, "reason": reason, "ts": time.time()})
-        self.save(self.file.model_copy(update={"current": record, "status": record.status()}))
+        self.save(self.file.with_record(record))
 
-    def current(self, update_id: str) -> UpdateRecord:
-        """The record of ``update_id``; raises :class:`Stopped` if it is no longer current."""
-        current = self.file.current
-        if self.stopping or current is None or current.update_id != update_id:
+    def record(self, name: str, update_id: str) -> EntryRecord:
+        """The record of ``name``'s update ``update_id``; raises :class:`Stopped` if it
+        is no longer that name's current update (or the agent is stopping)."""
+        record = self.file.models.get(name)
+        if self.stopping or record is None or record.update_id != update_id:
             raise Stopped()
-        return current
+        return record
 
-    def transition(self, update_id: str, state: UpdateState, event: EventType | None) -> None:
-        """Move the current update ``update_id`` to ``state`` and report ``event``, if any."""
-        record = self.current(update_id)
+    def transition(self, name: str, update_id: str, state: UpdateState,
+                   event: EventType | None) -> None:
+        """Move ``name``'s update ``update_id`` to ``state`` and report ``event``, if any."""
+        record = self.record(name, update_id)
         self.save_record(record, state, None)
         if event is not None:
             self.events.emit(event, record.assignment_id)
 
     def finish(
         self,
+        name: str,
         update_id: str,
         state: UpdateState,
         reason: str | None = None,
         code: EventCode | None = None,
     ) -> None:
-        """End the update in a final state: record, clean staging, report, re-publish hello."""
-        record = self.current(update_id)
+        """End ``name``'s update in a final state: record, clean staging, report."""
+        record = self.record(name, update_id)
         self.save_record(record, state, reason)
-        if state is not UpdateState.ACTIVATED:
-            # Nothing is in progress now: no partial or half-built version is worth
-            # keeping. Before the event, so whoever sees it sees staging empty.
-            self._store.clean_staging()
+        if state not in (UpdateState.ACTIVATED, UpdateState.REMOVED):
+            # Nothing of this name is in progress now: no partial or half-built
+            # version is worth keeping. Before the event, so whoever sees it
+            # sees its staging empty.
+            self._stores.store(name).clean_staging()
         event = _FINAL_EVENTS.get(state, EventType.FAILED)
         self.events.emit(event, record.assignment_id, reason=reason, code=code)
         self._on_status()

@@ -1,38 +1,41 @@
-"""The update pipeline: from a signed assignment to an active model, crash-safe.
+"""The update pipeline: from a signed desired set to the active models, crash-safe.
 
-A persisted state machine (DESIGN.md "Agent")::
+A device runs a set of models; the director signs one document naming all
+of them (``slmfleet.assignment/2``; the single-model form reads as a set
+of one). Each model name has its own store (:mod:`agent.update.stores`)
+and its own persisted state machine (DESIGN.md "Agent")::
 
-    received -> verified -> fit_checked -> downloading -> staged
+    verified -> fit_checked -> downloading -> staged
              -> health_checked -> activated
-    or ends rejected / failed / rolled_back
+    or ends rejected / failed / rolled_back / removed
 
-Each transition is one atomic replace of the update record and one event
-(:mod:`agent.update.ledger`). The active model changes in exactly one place,
-:meth:`ModelStore.activate`, after the artifact was verified against the
-release-signed sha256, installed into its own versioned directory and
-health-checked; a failure at any step leaves the previous model active and
-serving.
+Each transition is one atomic replace of the update file and one event
+carrying that entry's assignment id (:mod:`agent.update.ledger`). A name's
+active model changes in exactly one place, :meth:`ModelStore.activate`,
+after its artifact was verified against the release-signed sha256,
+installed into its own versioned directory and health-checked; a failure
+at any step leaves that name's previous model active and serving, and the
+other names' updates go on.
 
 :class:`Updater` does the I/O around pure decisions and runs the steps:
 
 - Intake (:meth:`Updater.offer`, called for every ``desired`` message):
-  :func:`agent.update.intake.decide` says ignore, reject, refresh or accept
-  (its docstring tables the rules); the updater loads the pinned keys,
-  persists the outcome and reports it. ``received`` is reported and not
-  persisted: an assignment that was not yet verified when the agent died is
-  verified again when the broker redelivers it. A newer assignment arriving
-  while an update runs ends that one (``failed``, "superseded") at its next
-  safe point; the newest is then taken.
-- The steps (:mod:`agent.update.steps`) run one update at a time in
-  :meth:`Updater.run`, a task of its own, so heartbeats never wait; the
-  download with its retries is :mod:`agent.update.download`.
-- Start-up (:meth:`Updater.start`) makes any crash harmless: staging
-  leftovers are removed except the partial download of the pending update
-  (which resumes with ``Range``), the active model is re-hashed after an
-  unclean stop (:mod:`agent.update.recovery`; rolled back to the previous
-  version if it fails), an update that was activated but not yet recorded
-  is recorded, and any other pending update continues from its persisted
-  state after its payload is verified again.
+  :func:`agent.update.intake.decide` says ignore, reject, refresh or
+  accept, and what the document means per name (its docstring tables the
+  rules). Before an accepted document is saved, the whole set's fit check
+  runs (:mod:`agent.update.setfit`): a set that does not fit is refused as
+  a whole and nothing changes. A name whose entry changes ends its
+  running update (``failed``, "superseded") at its next safe point.
+- The worker (:meth:`Updater.run`, a task of its own, so heartbeats never
+  wait) runs one entry's steps at a time (:mod:`agent.update.steps`):
+  downloads are sequential, but each entry goes from download to
+  activation on its own, so one name's bad artifact or failed check does
+  not hold up another's activation. Entries that share a ``unit`` are
+  activated together once every one passed its health check, or failed
+  together. A name that left the set is taken out of service
+  (``removed``); its versions stay for a rollback until garbage collection.
+- Start-up (:meth:`Updater.start`, :mod:`agent.update.startup`) makes any
+  crash harmless, per name.
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ from protocol import (
     Capabilities,
     EventCode,
     EventType,
-    Tier,
+    ProtocolError,
     UpdateState,
     UpdateStatus,
-    VerifiedAssignment,
+    VerifiedDesired,
+    VerifiedEntry,
 )
 
 from ..config import AgentConfig
@@ -62,12 +66,15 @@ from ..events import EventLog
 from ..healthcheck import HealthChecker, SubprocessHealthChecker
 from ..profiles import FirmwareProfile
 from ..trust import TrustRoots, TrustUnavailable, load_trust
-from .intake import Action, Decision, DeviceFacts, accepted, decide, refreshed
-from .ledger import Ledger
-from .recovery import check_active, consume_clean_marker, write_clean_marker
-from .state import UpdateRecord, UpdateStateStore
-from .steps import StepTools, UpdateRun
-from .store import ModelStore
+from .intake import Action, Change, Decision, DeviceFacts, accepted, decide, refreshed, verify
+from .ledger import Ledger, document_status
+from .outcome import Failed, Stopped
+from .recovery import write_clean_marker
+from .setfit import PlannedEntry, set_fit
+from .startup import recover
+from .state import EntryRecord, UpdateStateStore
+from .steps import StepTools, UpdateRun, settle_units
+from .stores import ModelStores
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher
@@ -75,8 +82,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: start-ups that may find the same update unfinished before it is given up
-MAX_RESUMES = 5
+#: model names whose latest updates ``hello`` reports at most
+MAX_REPORTED_UPDATES = 8
 
 
 class Updater:
@@ -93,76 +100,92 @@ class Updater:
         fetcher_factory: Callable[[], Fetcher] | None = None,
         on_status: Callable[[], None] = lambda: None,
         on_activated: Callable[[ModelVersion], None] = lambda version: None,
+        on_removed: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._config = config
         self._device = DeviceFacts(config.device_id, capabilities, profile.tier)
+        self._profile = profile
         self._events = events
         self._on_activated = on_activated
-        self.store = ModelStore(config.models_path)
-        self._ledger = Ledger(UpdateStateStore(config.update_state_path), events, self.store,
+        self._on_removed = on_removed
+        self.stores = ModelStores(config.models_path)
+        self._ledger = Ledger(UpdateStateStore(config.update_state_path), events, self.stores,
                               on_status)
         self._tools = StepTools(
             config=config,
             device=self._device,
             profile=profile,
-            store=self.store,
+            stores=self.stores,
             ledger=self._ledger,
             health=health or SubprocessHealthChecker(config.health_check_timeout_s),
             fetcher_factory=fetcher_factory,
-            trust=self._trust_roots,
-            active_key=self._active_key,
+            active_key=self.active_key,
             on_activated=self._activated,
+            protected=self._protected,
         )
         self._trust: TrustRoots | None = None
         self._trust_problem: str | None = None
-        self._verified: dict[str, VerifiedAssignment] = {}
+        #: the accepted document, verified: (payload sha256, document)
+        self._verified: tuple[str, VerifiedDesired] | None = None
         self._last_rejected: str | None = None
-        self._active: ActiveModel | None = None
-        #: an active version that failed its hash with nothing intact to go back to
-        self._damaged: str | None = None
+        self._active: dict[str, ActiveModel] = {}
+        #: active versions that failed their hash with nothing intact to go back to
+        self.damaged: set[str] = set()
         self._wake = asyncio.Event()
         self._run: UpdateRun | None = None
 
-    # -- what hello reports -------------------------------------------------
+    # -- what hello and telemetry report ---------------------------------------
 
     def status(self) -> UpdateStatus | None:
-        """The latest update's state, for ``hello``."""
-        return self._ledger.file.status
+        """The latest desired-state document's state, for ``hello``'s ``update``."""
+        return document_status(self._ledger.file)
+
+    def updates(self) -> list[UpdateStatus]:
+        """Each model name's latest update (``model`` set), newest first, for ``hello``."""
+        records = sorted(self._ledger.file.models.values(), key=lambda r: r.ts, reverse=True)
+        return [r.status() for r in records[:MAX_REPORTED_UPDATES]]
+
+    def active_models(self) -> list[ActiveModel]:
+        """Every active model as the stores record them, by name (damaged ones left out)."""
+        return [self._active[name] for name in sorted(self._active)]
 
     def active_model(self) -> ActiveModel | None:
-        """The active model as the store records it (None before the first, or if damaged)."""
-        return self._active
+        """The first active model by name (None before the first, or if damaged)."""
+        models = self.active_models()
+        return models[0] if models else None
+
+    def active_refs(self) -> list[str]:
+        """``name@version`` of every active model, for telemetry."""
+        return [f"{m.name}@{m.version}" for m in self.active_models()]
 
     def active_ref(self) -> str | None:
-        """``name@version`` of the active model, for telemetry."""
-        return f"{self._active.name}@{self._active.version}" if self._active else None
+        """``name@version`` of every active model, comma-separated (None when none)."""
+        return ", ".join(self.active_refs()) or None
+
+    def active_versions(self) -> list[ModelVersion]:
+        """The installed version behind each active model, for serving."""
+        versions = []
+        for model in self.active_models():
+            try:
+                version = self.stores.store(model.name).active()
+            except StoreError:
+                continue
+            if version is not None:
+                versions.append(version)
+        return versions
 
     @property
     def highest_sequence(self) -> int:
-        """The highest assignment sequence ever accepted."""
+        """The highest desired-state sequence ever accepted."""
         return self._ledger.file.highest_sequence
 
     # -- start-up and shutdown ----------------------------------------------------
 
     async def start(self) -> None:
         """Recover from whatever the last run left behind; call before :meth:`run`."""
-        ledger = self._ledger
-        ledger.load()
         self._load_trust()
-        clean = consume_clean_marker(self._config.state_dir)
-        pending = ledger.pending()
-        keep = [pending.key] if pending is not None else []
-        await asyncio.to_thread(self.store.clean_staging, keep)
-        if not clean:
-            await self._check_active()
-        # Again: the check may have ended it (its model rolled back).
-        pending = ledger.pending()
-        if pending is not None:
-            self._reconcile(pending)
-        if ledger.pending() is None and not ledger.disabled:
-            # A crash between an activation and its clean-up leaves an old version behind.
-            await asyncio.to_thread(self.store.gc, self._config.keep_versions)
-        self._refresh_active()
+        await recover(self._config, self.stores, self._ledger, self)
+        self.refresh_active()
 
     def _load_trust(self) -> TrustRoots | None:
         try:
@@ -177,50 +200,14 @@ class Updater:
         trust = self._trust or self._load_trust()
         return trust, self._trust_problem
 
-    async def _check_active(self) -> None:
-        check = await asyncio.to_thread(check_active, self.store)
-        if check.problem is None:
-            return
-        if check.active_key is None:
-            # Never report (or later fall back to) a model that failed its hash.
-            self._damaged = self._active_key()
-        current = self._ledger.file.current
-        affected = current is not None and current.key == check.rolled_back_from
-        if check.rolled_back_from is not None:
-            assignment_id = current.assignment_id if affected and current else None
-            self._events.emit(EventType.ROLLED_BACK, assignment_id, reason=check.problem,
-                              code=EventCode.ACTIVE_BROKEN)
-            if affected and current is not None:
-                self._ledger.save_record(current, UpdateState.ROLLED_BACK, check.problem)
-        self._ledger.status_changed()
-
-    def _reconcile(self, current: UpdateRecord) -> None:
-        """Settle what a crash can leave half-recorded before the worker resumes."""
-        ledger, active = self._ledger, self._active_key()
-        if current.state is UpdateState.HEALTH_CHECKED and active == current.key:
-            # Crashed between the pointer swap and the record: the swap is what counts.
-            ledger.save_record(current, UpdateState.ACTIVATED, None)
-            self._events.emit(EventType.ACTIVATED, current.assignment_id)
-            return
-        if current.resumes + 1 >= MAX_RESUMES:
-            reason = f"crash_loop: interrupted by {current.resumes + 1} restarts"
-            ledger.save_record(current, UpdateState.FAILED, reason)
-            self._events.emit(EventType.FAILED, current.assignment_id, reason=reason,
-                              code=EventCode.CRASH_LOOP)
-            self.store.clean_staging()
-            return
-        log.info("resuming %s from %s", current.assignment_id, current.state.value)
-        ledger.save(ledger.file.model_copy(
-            update={"current": current.model_copy(update={"resumes": current.resumes + 1})}
-        ))
-
     def stop(self) -> None:
         """Ask :meth:`run` to return; a running update stops at its next safe point.
 
         Its persisted state stays as it is, so the next start resumes it.
         """
         self._ledger.stopping = True
-        self._request_abort()
+        if self._run is not None:
+            self._run.abort()
         self._wake.set()
 
     def mark_clean_shutdown(self) -> None:
@@ -232,7 +219,7 @@ class Updater:
     async def offer(self, payload: bytes) -> None:
         """Handle one ``desired`` message (:mod:`agent.update.intake` decides what to do)."""
         if not payload:
-            log.info("no assignment published (empty desired); keeping the current model")
+            log.info("no assignment published (empty desired); keeping the current models")
             return
         ledger = self._ledger
         trust, trust_problem = (None, None) if ledger.disabled else self._trust_roots()
@@ -253,22 +240,29 @@ class Updater:
             self._reject(decision)
         elif decision.action is Action.REFRESH:
             ledger.save(refreshed(ledger.file, payload, decision, now=time.time()))
-            log.info("assignment %s re-signed: sequence %d", decision.assignment_id,
-                     decision.sequence)
+            self._keep_verified(decision)
+            log.info("desired set re-signed: sequence %d", decision.sequence)
             ledger.status_changed()
         else:
-            self._accept(payload, decision)
+            await self._accept(payload, decision)
+
+    def _keep_verified(self, decision: Decision) -> None:
+        if decision.verified is not None:
+            self._verified = (decision.digest, decision.verified)
 
     def _reject(self, decision: Decision) -> None:
+        """Refuse a document as a whole: one event per entry it claims, nothing changes."""
         self._last_rejected = decision.digest
         reason = decision.reason or ""
-        self._events.emit(EventType.REJECTED, decision.assignment_id, reason=reason,
-                          code=decision.code)
+        for assignment_id in decision.assignment_ids or (None,):
+            self._events.emit(EventType.REJECTED, assignment_id, reason=reason,
+                              code=decision.code)
         if decision.replay:
-            # An old assignment replayed says nothing about what this device is doing.
+            # An old document replayed says nothing about what this device is doing.
             return
+        ids = decision.assignment_ids
         status = UpdateStatus(
-            assignment_id=decision.assignment_id or "unknown",
+            assignment_id=ids[0] if len(ids) == 1 else f"desired-{decision.sequence}",
             sequence=decision.sequence,
             state=UpdateState.REJECTED,
             reason=reason[:1024],
@@ -277,94 +271,199 @@ class Updater:
         self._ledger.save(self._ledger.file.model_copy(update={"status": status}))
         self._ledger.status_changed()
 
-    def _accept(self, payload: bytes, decision: Decision) -> None:
-        ledger, previous = self._ledger, self._ledger.file.current
-        update_id = uuid.uuid4().hex
-        ledger.save(accepted(payload, decision, update_id=update_id, now=time.time()))
-        if decision.verified is not None:
-            self._verified = {update_id: decision.verified}
-        if previous is not None and not previous.state.is_final:
-            # It never activates now: its activation re-checks that it is current.
-            self._events.emit(
-                EventType.FAILED, previous.assignment_id,
-                reason=f"superseded: by {decision.assignment_id} "
-                f"(sequence {decision.sequence})",
-                code=EventCode.SUPERSEDED,
-            )
-            self._request_abort()
-        self._events.emit(EventType.RECEIVED, decision.assignment_id)
-        self._events.emit(EventType.VERIFIED, decision.assignment_id)
+    async def _accept(self, payload: bytes, decision: Decision) -> None:
+        ledger, previous = self._ledger, self._ledger.file
+        planned = [PlannedEntry(plan.name, plan.key, plan.entry) for plan in decision.plans
+                   if plan.entry is not None and plan.key is not None]
+        needs_gc = False
+        if any(plan.change is Change.NEW for plan in decision.plans):
+            fit = set_fit(self.stores, planned, capabilities=self._device.capabilities,
+                          profile=self._profile, max_loaded=self._max_loaded(),
+                          protect=self._protected())
+            if not fit.result.ok:
+                code = EventCode(fit.result.reason)
+                self._reject(Decision(Action.REJECT, decision.digest, decision.assignment_ids,
+                                      decision.sequence, code,
+                                      f"{code.value}: {fit.result.detail}"))
+                return
+            needs_gc = fit.needs_gc
+        ledger.save(accepted(previous, payload, decision, update_ids=lambda: uuid.uuid4().hex,
+                             now=time.time()))
+        self._keep_verified(decision)
+        for plan in decision.changed():
+            old = previous.models.get(plan.name)
+            if old is not None and not old.state.is_final:
+                # It never activates now: each step re-checks that it is current.
+                self._events.emit(
+                    EventType.FAILED, old.assignment_id,
+                    reason=f"superseded: by {plan.assignment_id} "
+                    f"(sequence {decision.sequence})",
+                    code=EventCode.SUPERSEDED,
+                )
+                if self._run is not None and self._run.name == plan.name:
+                    self._run.abort()
+        for plan in decision.plans:
+            if plan.change is Change.NEW:
+                for step in (EventType.RECEIVED, EventType.VERIFIED, EventType.FIT_CHECKED):
+                    self._events.emit(step, plan.assignment_id)
+            elif plan.change is Change.REJECTED:
+                self._events.emit(EventType.REJECTED, plan.assignment_id, reason=plan.reason,
+                                  code=plan.code)
+        if needs_gc:
+            removed = await asyncio.to_thread(self.stores.gc, 0, self._protected())
+            log.info("deleted %s to make room for the set", removed)
+        if any(plan.change is Change.REJECTED for plan in decision.plans):
+            ledger.status_changed()
         self._wake.set()
+
+    def _max_loaded(self) -> int | None:
+        return getattr(self._config, "max_loaded_models", 0) or None
+
+    def _protected(self) -> dict[str, set[str]]:
+        """Versions pending updates still need, by name (kept from garbage collection)."""
+        keep: dict[str, set[str]] = {}
+        for record in self._ledger.pending():
+            if record.key is not None:
+                keep.setdefault(record.name, set()).add(record.key)
+        return keep
 
     # -- the worker ------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run pending updates one at a time until :meth:`stop`."""
+        """Run pending updates one step sequence at a time until :meth:`stop`."""
         while not self._ledger.stopping:
-            pending = self._ledger.pending()
-            if pending is not None:
-                await self._run_update(pending.update_id)
-                continue
+            try:
+                record = self._next()
+                if record is not None:
+                    await self._run_entry(record)
+                    continue
+                if await settle_units(self._tools):
+                    continue
+            except Stopped:
+                continue  # superseded or stopping: the loop's condition decides
             self._wake.clear()
             await self._wake.wait()
 
-    async def _run_update(self, update_id: str) -> None:
+    def _next(self) -> EntryRecord | None:
+        """The first pending update (by name) that can move on by itself."""
+        for record in self._ledger.pending():
+            if record.remove or record.state is not UpdateState.HEALTH_CHECKED or (
+                record.unit is None
+            ):
+                return record
+        return None
+
+    async def _run_entry(self, record: EntryRecord) -> None:
         ledger = self._ledger
-        self._run = UpdateRun(self._tools, update_id, self._verified.get(update_id))
+        if record.remove:
+            await self._remove(record)
+            return
+        try:
+            entry, base = self._entry(record)
+        except Failed as exc:
+            ledger.finish(record.name, record.update_id, exc.state, exc.reason, exc.code)
+            return
+        self._run = UpdateRun(self._tools, record, entry, base)
         try:
             await self._run.run()
         finally:
-            if self._run.verified is not None:
-                self._verified = {update_id: self._run.verified}
             self._run = None
-        current = ledger.file.current
+        current = ledger.file.models.get(record.name)
+        waits_for_unit = (current is not None and current.unit is not None
+                          and current.state is UpdateState.HEALTH_CHECKED)
         if (
-            current is not None and current.update_id == update_id
-            and not current.state.is_final and not ledger.stopping
+            current is not None and current.update_id == record.update_id
+            and not current.state.is_final and not waits_for_unit and not ledger.stopping
         ):
-            ledger.finish(update_id, UpdateState.FAILED, "internal_error: stopped unfinished",
-                          EventCode.INTERNAL_ERROR)
+            ledger.finish(record.name, record.update_id, UpdateState.FAILED,
+                          "internal_error: stopped unfinished", EventCode.INTERNAL_ERROR)
 
-    def _request_abort(self) -> None:
-        if self._run is not None:
-            self._run.abort()
+    def _entry(self, record: EntryRecord) -> tuple[VerifiedEntry, str | None]:
+        """The verified entry of ``record``'s name, verifying the document again if needed.
 
-    # -- the active model -------------------------------------------------------------
+        After a restart the payload is checked against the clock and
+        sequence it was accepted with: expiring while the device was down
+        does not undo an accepted update, but the pinned keys of today must
+        still vouch for it.
+        """
+        document = self._ledger.file.document
+        if document is None:
+            raise Failed(UpdateState.FAILED, EventCode.STATE_CORRUPT, "no accepted document")
+        if self._verified is None or self._verified[0] != document.payload_sha256:
+            trust, problem = self._trust_roots()
+            if trust is None:
+                raise Failed(UpdateState.FAILED, EventCode.KEYS_UNAVAILABLE, str(problem))
+            try:
+                verified = verify(document.payload.encode(), self._device, trust,
+                                  now=document.accepted_at,
+                                  highest_sequence=document.sequence - 1)
+            except ProtocolError as exc:
+                raise Failed.of(exc, detail=f"no longer verifies: {exc}") from exc
+            self._verified = (document.payload_sha256, verified)
+        verified = self._verified[1]
+        entry = verified.entries.get(record.name)
+        if entry is None:
+            refused = verified.refused.get(record.name)
+            if refused is not None:
+                raise Failed.of(refused.error, detail=f"no longer verifies: {refused.error}")
+            raise Failed(UpdateState.FAILED, EventCode.MALFORMED,
+                         f"the accepted document has no entry {record.name}")
+        return entry, verified.artifact_url_base
 
-    def _activated(self) -> None:
-        """The pointer was just swapped: refresh what hello reports and switch traffic."""
-        self._refresh_active()
+    async def _remove(self, record: EntryRecord) -> None:
+        """Take ``record``'s name out of service; its versions stay until garbage collection."""
+        store = self.stores.store(record.name)
         try:
-            version = self.store.active()
+            await asyncio.to_thread(store.deactivate)
+        except (StoreError, OSError) as exc:
+            log.error("cannot take %s out of service cleanly: %s", record.name, exc)
+        self.refresh_active()
+        self._on_removed(record.name)
+        self._ledger.finish(record.name, record.update_id, UpdateState.REMOVED)
+
+    # -- the active models -------------------------------------------------------------
+
+    def _activated(self, name: str) -> None:
+        """``name``'s pointer was just swapped: refresh what hello reports, switch traffic."""
+        self.refresh_active()
+        try:
+            version = self.stores.store(name).active()
         except StoreError as exc:
-            log.error("active model unreadable after activation: %s", exc)
+            log.error("active model %s unreadable after activation: %s", name, exc)
             return
         if version is not None:
             self._on_activated(version)
 
-    def _active_key(self) -> str | None:
+    def active_key(self, name: str) -> str | None:
+        """The key of ``name``'s active version, None when nothing (readable) is active."""
         try:
-            active = self.store.active()
+            active = self.stores.store(name).active()
         except StoreError:
             return None
         return active.key if active is not None else None
 
-    def _refresh_active(self) -> None:
-        try:
-            active = self.store.active()
-        except StoreError as exc:
-            log.error("active model unreadable: %s", exc)
-            active = None
-        self._active = None
-        if active is None or active.key == self._damaged:
-            return
-        manifest = active.manifest
-        try:
-            self._active = ActiveModel(
-                name=manifest["name"],
-                version=manifest["version"],
-                tier=Tier(manifest["tier"]),
-                sha256=manifest["sha256"],
-            )
-        except (KeyError, ValueError) as exc:
-            log.error("active model %s has an unusable manifest: %s", active.key, exc)
+    def refresh_active(self) -> None:
+        """Read every name's active version again (after a swap, a removal, a rollback)."""
+        self._active = {}
+        for name, store in self.stores.all():
+            try:
+                active = store.active()
+            except StoreError as exc:
+                log.error("active model of %s unreadable: %s", name, exc)
+                continue
+            if active is None or active.key in self.damaged:
+                continue
+            model = active_model_of(active)
+            if model is not None:
+                self._active[name] = model
+
+
+def active_model_of(version: ModelVersion) -> ActiveModel | None:
+    """What ``hello`` says about an installed version (None if its manifest is unusable)."""
+    manifest = version.manifest
+    try:
+        return ActiveModel(name=manifest["name"], version=manifest["version"],
+                           tier=manifest["tier"], sha256=manifest["sha256"])
+    except (KeyError, ValueError) as exc:
+        log.error("active model %s has an unusable manifest: %s", version.key, exc)
+        return None

@@ -17,7 +17,7 @@ touch big files):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from protocol import (
     EventCode,
     FitResult,
     Variant,
-    VerifiedAssignment,
+    VerifiedEntry,
     canonical_json,
     disk_needed_bytes,
     fit_check,
@@ -51,10 +51,10 @@ class StagingError(Exception):
         self.reason = reason
 
 
-def store_manifest(verified: VerifiedAssignment) -> dict[str, Any]:
+def store_manifest(verified: VerifiedEntry) -> dict[str, Any]:
     """The manifest stored with an installed version: identity plus the signed release."""
     manifest, variant = verified.manifest, verified.variant
-    release = verified.assignment.release
+    release = verified.entry.release
     return {
         "sha256": variant.sha256,
         "size": variant.size_bytes,
@@ -68,13 +68,13 @@ def store_manifest(verified: VerifiedAssignment) -> dict[str, Any]:
     }
 
 
-def _is_this_variant(stored: dict[str, Any], verified: VerifiedAssignment) -> bool:
+def _is_this_variant(stored: dict[str, Any], verified: VerifiedEntry) -> bool:
     expected = store_manifest(verified)
     return all(stored.get(k) == expected[k] for k in ("sha256", "size", "name", "version", "tier"))
 
 
 def installed_copy(
-    store: ModelStore, key: str, verified: VerifiedAssignment
+    store: ModelStore, key: str, verified: VerifiedEntry
 ) -> ModelVersion | None:
     """The intact installed copy of this exact variant under ``key``, or ``None``.
 
@@ -110,9 +110,10 @@ class DiskFit:
     needs_gc: bool
 
 
-def _reclaimable_bytes(store: ModelStore) -> int:
-    """Bytes that deleting every version but ``active`` and ``previous`` would free."""
+def reclaimable_bytes(store: ModelStore, protect: Iterable[str] = ()) -> int:
+    """Bytes that deleting every version but ``active``, ``previous`` and ``protect`` frees."""
     protected = {v.key for v in (store.active(), store.previous()) if v is not None}
+    protected.update(protect)
     total = 0
     for key in store.installed():
         version = store.version(key) if key not in protected else None
@@ -146,7 +147,29 @@ def disk_fit(
     if installed:
         # Nothing to download: only the RAM check can fail.
         free = max(free, disk_needed_bytes(variant))
-    reclaimable = 0 if installed else _reclaimable_bytes(store)
+    reclaimable = 0 if installed else reclaimable_bytes(store)
+    ram, reserved = ram_budget(capabilities, profile, memory_limit)
+    result = fit_check(
+        variant,
+        ram_bytes=ram,
+        disk_free_bytes=free + held + reclaimable,
+        os_reserved_bytes=reserved,
+        slots=slots_for(variant, profile),
+    )
+    needs_gc = result.ok and free + held < result.disk_needed_bytes
+    return DiskFit(result, needs_gc)
+
+
+def ram_budget(
+    capabilities: Capabilities, profile: FirmwareProfile,
+    memory_limit: Callable[[], int | None] = memory_limit_bytes,
+) -> tuple[int, int]:
+    """``(ram, reserved)`` for a fit check: RAM the models may use is ``ram - reserved``.
+
+    The measured (or simulated) total less the profile's OS reserve, or,
+    when the agent's cgroup limit (``memory_limit()``, e.g. the unit's
+    ``MemoryMax=``) is tighter, that limit less what the agent itself uses.
+    """
     ram, reserved = capabilities.ram_bytes, profile.runtime.os_reserved_mb * MIB
     limit = memory_limit()
     if limit is not None:
@@ -154,18 +177,15 @@ def disk_fit(
         own = _own_rss_bytes()
         if limit - own < ram - reserved:
             ram, reserved = limit, own
-    result = fit_check(
-        variant,
-        ram_bytes=ram,
-        disk_free_bytes=free + held + reclaimable,
-        os_reserved_bytes=reserved,
-        # Each slot holds its own KV cache; ONNX and embedding models serve one
-        # caller at a time.
-        slots=(1 if variant.format == "onnx" or variant.runtime_defaults.embeddings
-               else profile.runtime.parallel),
-    )
-    needs_gc = result.ok and free + held < result.disk_needed_bytes
-    return DiskFit(result, needs_gc)
+    return ram, reserved
+
+
+def slots_for(variant: Variant, profile: FirmwareProfile) -> int:
+    """Generations ``variant`` decodes at once on this device, each with its own KV cache."""
+    # ONNX and embedding models serve one caller at a time.
+    if variant.format == "onnx" or variant.runtime_defaults.embeddings:
+        return 1
+    return profile.runtime.parallel
 
 
 def _own_rss_bytes() -> int:

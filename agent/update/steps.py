@@ -1,25 +1,28 @@
-"""One update's steps, from a verified assignment to an active model.
+"""One model name's update steps, from a verified entry to an active version.
 
-:class:`UpdateRun` takes the current update from wherever its persisted
+:class:`UpdateRun` takes one entry's update from wherever its persisted
 state says it stands::
 
-    verified -> fit_checked -> downloading -> staged -> health_checked -> activated
+    fit_checked -> downloading -> staged -> health_checked -> activated
 
-- **verify again** after a restart (:meth:`UpdateRun._reverify`): the
-  payload is checked against the clock and sequence it was accepted with,
-  with today's pinned keys.
-- **fit check**: RAM and disk (:func:`agent.update.staging.disk_fit`),
-  cleaning up old versions first if that makes it fit.
+(the fit check of the whole set ran before the document was accepted:
+:mod:`agent.update.setfit`).
+
 - **download and stage**: skipped when the exact variant is already
   installed intact; otherwise :mod:`agent.update.download`, the tokenizer
-  check, and install into the store's own versioned directory.
+  check, and install into the name's own store, in its own versioned
+  directory.
 - **health check** in the worker that will serve the model.
-- **activate**: the one pointer swap, then old versions are cleaned up.
+- **activate**: the one pointer swap of this name, then old versions are
+  cleaned up (every name's, keeping what pending updates need). An entry
+  that belongs to a ``unit`` stops after its health check: its unit
+  activates once every member passed (:func:`activate_unit`).
 
-Before each step the run checks that its update is still current
-(:meth:`Ledger.current`): a newer assignment or a stop ends it there
-(:class:`Stopped`), its persisted state unchanged. A step that cannot
-succeed raises :class:`Failed`, which ends the update with its code.
+Before each step the run checks that its update is still its name's
+current one (:meth:`Ledger.record`): a newer document that changes this
+name, or a stop, ends it there (:class:`Stopped`), its persisted state
+unchanged. A step that cannot succeed raises :class:`Failed`, which ends
+this entry's update with its code; the other names' updates go on.
 """
 
 from __future__ import annotations
@@ -32,13 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from protocol import (
-    EventCode,
-    EventType,
-    ProtocolError,
-    UpdateState,
-    VerifiedAssignment,
-)
+from protocol import EventCode, EventType, UpdateState, VerifiedEntry, code_from_reason
 
 from ..config import AgentConfig
 from ..errors import StoreError
@@ -46,15 +43,14 @@ from ..healthcheck import HealthAborted, HealthChecker, HealthRequest
 from ..profiles import FirmwareProfile
 from ..runtime_settings import effective_runtime
 from .download import ArtifactRequest, download_with_retries
-from .intake import DeviceFacts, verify
+from .intake import DeviceFacts
 from .ledger import Ledger
 from .outcome import Failed, Stopped
-from .staging import StagingError, check_tokenizer, disk_fit, installed_copy, store_manifest
-from .state import UpdateRecord
-from .store import ModelStore
+from .staging import StagingError, check_tokenizer, installed_copy, store_manifest
+from .state import EntryRecord
+from .stores import ModelStores
 
 if TYPE_CHECKING:
-    from ..trust import TrustRoots
     from .fetcher import Fetcher
 
 log = logging.getLogger(__name__)
@@ -65,33 +61,99 @@ PROGRESS_STEP_PCT = 10
 
 @dataclass(frozen=True, slots=True)
 class StepTools:
-    """What every run needs of the agent: settings, the device, the store, the ledger."""
+    """What every run needs of the agent: settings, the device, the stores, the ledger."""
 
     config: AgentConfig
     device: DeviceFacts
     profile: FirmwareProfile
-    store: ModelStore
+    stores: ModelStores
     ledger: Ledger
     health: HealthChecker
     fetcher_factory: Callable[[], Fetcher] | None
-    #: the pinned keys (loaded again if they were missing), or None and why
-    trust: Callable[[], tuple[TrustRoots | None, str | None]]
-    #: the active version's key, None when nothing (readable) is active
-    active_key: Callable[[], str | None]
-    #: called right after the pointer swap
-    on_activated: Callable[[], None]
+    #: the name's active version's key, None when nothing (readable) is active
+    active_key: Callable[[str], str | None]
+    #: called right after a name's pointer swap
+    on_activated: Callable[[str], None]
+    #: keys each name's pending updates still need (never garbage-collected)
+    protected: Callable[[], dict[str, set[str]]]
+
+
+async def activate(tools: StepTools, record: EntryRecord) -> None:
+    """Swap ``record``'s name to its version, report it, clean up old versions.
+
+    One synchronous block up to the event: nothing can supersede the update
+    between the caller's check that it is current and the pointer swap.
+    """
+    assert record.key is not None
+    tools.stores.store(record.name).activate(record.key)
+    # Traffic follows the pointer at once: the warm worker that passed the
+    # health check takes new requests, in-flight ones finish on the old.
+    tools.on_activated(record.name)
+    tools.ledger.finish(record.name, record.update_id, UpdateState.ACTIVATED)
+    # Every name's, not only this one's: a crash between another name's
+    # activation and its clean-up left its old version behind, and start-up
+    # collects only once nothing is pending.
+    removed = await asyncio.to_thread(tools.stores.gc, tools.config.keep_versions,
+                                      tools.protected())
+    if removed:
+        log.info("deleted old versions %s", removed)
+
+
+async def activate_unit(tools: StepTools, members: list[EntryRecord]) -> None:
+    """Activate every member of a unit, each of which passed its health check.
+
+    The swaps are one per name; a crash between two leaves the rest
+    ``health_checked``, and the next start activates them (no member is
+    ever given up once one of its unit is active).
+    """
+    for member in members:
+        await activate(tools, tools.ledger.record(member.name, member.update_id))
+
+
+async def settle_units(tools: StepTools) -> bool:
+    """Activate or fail each unit whose pending members have all gone as far as alone.
+
+    Members are the records of one document sharing a ``unit``. Once any
+    member ended other than activated, the pending ones fail with it; once
+    every pending member passed its health check, they are all activated.
+    Returns whether anything changed.
+    """
+    ledger = tools.ledger
+    units: dict[tuple[str, int], list[EntryRecord]] = {}
+    for record in ledger.file.models.values():
+        if record.unit is not None and not record.remove:
+            units.setdefault((record.unit, record.sequence), []).append(record)
+    for (unit, _), members in sorted(units.items()):
+        pending = [m for m in members if not m.state.is_final]
+        if not pending:
+            continue
+        broken = next((m for m in members if m.state.is_final
+                       and m.state is not UpdateState.ACTIVATED), None)
+        if broken is not None:
+            for member in pending:
+                ledger.finish(
+                    member.name, member.update_id, UpdateState.FAILED,
+                    f"unit {unit!r}: {broken.name} {broken.state.value}: {broken.reason}",
+                    code_from_reason(broken.reason) or EventCode.INTERNAL_ERROR)
+            return True
+        if all(m.state is UpdateState.HEALTH_CHECKED for m in pending):
+            await activate_unit(tools, sorted(pending, key=lambda m: m.name))
+            return True
+    return False
 
 
 class UpdateRun:
-    """One run of the current update's remaining steps; see the module docstring."""
+    """One run of one name's update's remaining steps; see the module docstring."""
 
     def __init__(
-        self, tools: StepTools, update_id: str, verified: VerifiedAssignment | None
+        self, tools: StepTools, record: EntryRecord, entry: VerifiedEntry,
+        artifact_url_base: str | None,
     ) -> None:
         self._tools = tools
-        self.update_id = update_id
-        #: the verified assignment (from intake, or verified again on the first step)
-        self.verified = verified
+        self.name = record.name
+        self.update_id = record.update_id
+        self._entry = entry
+        self._url_base = artifact_url_base
         self._abort = asyncio.Event()
         self._cancel = threading.Event()
         self._progress_step = -1
@@ -109,124 +171,89 @@ class UpdateRun:
         try:
             await self._steps()
         except Stopped:
-            log.info("update %s stopped at a safe point", self.update_id)
+            log.info("update %s of %s stopped at a safe point", self.update_id, self.name)
         except Failed as exc:
             with contextlib.suppress(Stopped):
-                ledger.finish(self.update_id, exc.state, exc.reason, exc.code)
+                ledger.finish(self.name, self.update_id, exc.state, exc.reason, exc.code)
         except Exception as exc:
             # A bug or local trouble (disk full, permissions): end it rather
             # than retry forever; the previous model keeps serving.
-            log.exception("update %s failed unexpectedly", self.update_id)
+            log.exception("update %s of %s failed unexpectedly", self.update_id, self.name)
             with contextlib.suppress(Stopped):
-                ledger.finish(self.update_id, UpdateState.FAILED, f"internal_error: {exc!r}",
-                              EventCode.INTERNAL_ERROR)
+                ledger.finish(self.name, self.update_id, UpdateState.FAILED,
+                              f"internal_error: {exc!r}", EventCode.INTERNAL_ERROR)
         finally:
             self._running = False
 
-    def _current(self) -> UpdateRecord:
-        return self._tools.ledger.current(self.update_id)
+    def _current(self) -> EntryRecord:
+        return self._tools.ledger.record(self.name, self.update_id)
 
     def _transition(self, state: UpdateState, event: EventType | None) -> None:
-        self._tools.ledger.transition(self.update_id, state, event)
+        self._tools.ledger.transition(self.name, self.update_id, state, event)
 
     async def _steps(self) -> None:
         record = self._current()
-        verified = self.verified or self._reverify(record)
         state = record.state
         if state is UpdateState.VERIFIED:
-            await self._fit_check(verified)
+            # Accepted by an agent from before set fit checks, which had not
+            # checked it yet: the set it came in was a set of one.
+            self._transition(UpdateState.FIT_CHECKED, EventType.FIT_CHECKED)
             state = UpdateState.FIT_CHECKED
         if state in (UpdateState.FIT_CHECKED, UpdateState.DOWNLOADING):
-            await self._stage(verified)
+            await self._stage()
             state = UpdateState.STAGED
         if state is UpdateState.STAGED:
-            await self._health_check(verified)
+            await self._health_check()
             state = UpdateState.HEALTH_CHECKED
-        if state is UpdateState.HEALTH_CHECKED:
-            await self._activate()
-
-    def _reverify(self, record: UpdateRecord) -> VerifiedAssignment:
-        """Verify a persisted assignment again before resuming it (after a restart).
-
-        Against the clock and sequence it was accepted with: expiring while
-        the device was down does not undo an accepted update, but the pinned
-        keys of today must still vouch for it.
-        """
-        trust, problem = self._tools.trust()
-        if trust is None:
-            raise Failed(UpdateState.FAILED, EventCode.KEYS_UNAVAILABLE, str(problem))
-        try:
-            verified = verify(record.payload.encode(), self._tools.device, trust,
-                              now=record.accepted_at, highest_sequence=record.sequence - 1)
-        except ProtocolError as exc:
-            raise Failed.of(exc, detail=f"no longer verifies: {exc}") from exc
-        self.verified = verified
-        return verified
-
-    # -- fit check ---------------------------------------------------------------
-
-    async def _fit_check(self, verified: VerifiedAssignment) -> None:
-        tools, record = self._tools, self._current()
-        # Presence only: identity and hash of an installed copy are checked when staging.
-        try:
-            installed = tools.store.version(record.key) is not None
-        except StoreError:
-            installed = False
-        fit = await asyncio.to_thread(
-            disk_fit, tools.store, record.key, verified.variant,
-            capabilities=tools.device.capabilities, profile=tools.profile, installed=installed,
-        )
-        self._current()
-        if not fit.result.ok:
-            raise Failed(UpdateState.REJECTED, EventCode(fit.result.reason), fit.result.detail)
-        if fit.needs_gc:
-            removed = await asyncio.to_thread(tools.store.gc, 0)
-            log.info("deleted %s to make room for %s", removed, record.key)
-        self._transition(UpdateState.FIT_CHECKED, EventType.FIT_CHECKED)
+        if state is UpdateState.HEALTH_CHECKED and record.unit is None:
+            await activate(self._tools, self._current())
 
     # -- download and stage ---------------------------------------------------------
 
-    def _installed(self, key: str, verified: VerifiedAssignment) -> bool:
+    def _installed(self, key: str) -> bool:
         try:
-            return installed_copy(self._tools.store, key, verified) is not None
+            return installed_copy(self._tools.stores.store(self.name), key, self._entry) is not None
         except StagingError as exc:
             raise Failed.of(exc) from exc
 
-    async def _stage(self, verified: VerifiedAssignment) -> None:
-        store, record = self._tools.store, self._current()
-        if await asyncio.to_thread(self._installed, record.key, verified):
+    async def _stage(self) -> None:
+        store, record = self._tools.stores.store(self.name), self._current()
+        assert record.key is not None
+        if await asyncio.to_thread(self._installed, record.key):
             # Already in the store (a rollback to the previous version): no download.
             log.info("%s is installed and intact; not downloading", record.key)
         else:
-            await self._download(verified)
+            await self._download(record.key)
             partial = store.staging_path(record.key)
             try:
-                await asyncio.to_thread(check_tokenizer, partial, verified.variant)
+                await asyncio.to_thread(check_tokenizer, partial, self._entry.variant)
             except StagingError as exc:
                 partial.unlink(missing_ok=True)
                 raise Failed.of(exc) from exc
             self._current()
-            await asyncio.to_thread(store.install, record.key, partial, store_manifest(verified))
+            await asyncio.to_thread(store.install, record.key, partial,
+                                    store_manifest(self._entry))
         self._transition(UpdateState.STAGED, EventType.STAGED)
 
-    def _artifact_url(self, verified: VerifiedAssignment) -> str:
-        base = verified.assignment.artifact_url_base or self._tools.config.artifact_base_url
+    def _artifact_url(self) -> str:
+        base = self._url_base or self._tools.config.artifact_base_url
         if base is None:
             raise Failed(UpdateState.FAILED, EventCode.NO_ARTIFACT_URL,
                          "the assignment names no artifact_url_base "
                          "and artifact_base_url is not configured")
-        return f"{base.rstrip('/')}/{verified.variant.artifact}"
+        return f"{base.rstrip('/')}/{self._entry.variant.artifact}"
 
-    async def _download(self, verified: VerifiedAssignment) -> None:
-        tools, record, variant = self._tools, self._current(), verified.variant
+    async def _download(self, key: str) -> None:
+        tools, variant = self._tools, self._entry.variant
+        store = tools.stores.store(self.name)
         request = ArtifactRequest(
-            url=self._artifact_url(verified),
-            partial=tools.store.staging_path(record.key),
+            url=self._artifact_url(),
+            partial=store.staging_path(key),
             size=variant.size_bytes,
             sha256=variant.sha256,
         )
-        # Leftovers of other updates go; this one's partial stays and resumes.
-        await asyncio.to_thread(tools.store.clean_staging, [record.key])
+        # Leftovers of this name's other updates go; this one's partial stays and resumes.
+        await asyncio.to_thread(store.clean_staging, [key])
         held = request.partial.stat().st_size if request.partial.is_file() else 0
         self._transition(UpdateState.DOWNLOADING, None)
         self._progress(held, variant.size_bytes)
@@ -247,7 +274,7 @@ class UpdateRun:
 
     def _progress(self, done: int, total: int) -> None:
         """Report download progress, at most one event per PROGRESS_STEP_PCT."""
-        current = self._tools.ledger.file.current
+        current = self._tools.ledger.file.models.get(self.name)
         if not self._running or current is None or current.update_id != self.update_id:
             return
         pct = 100.0 * done / total if total else 100.0
@@ -258,28 +285,32 @@ class UpdateRun:
         self._tools.ledger.events.emit(EventType.DOWNLOADING, current.assignment_id,
                                        progress_pct=round(min(pct, 100.0), 1))
 
-    # -- health check and activation ---------------------------------------------------
+    # -- health check ----------------------------------------------------------------
 
-    async def _health_check(self, verified: VerifiedAssignment) -> None:
-        tools, record = self._tools, self._current()
-        if tools.active_key() == record.key:
+    async def _health_check(self) -> None:
+        tools, record, entry = self._tools, self._current(), self._entry
+        if tools.active_key(self.name) == record.key:
             # Assigned what already serves (e.g. back to the active version):
             # it passed its check when it was activated.
             self._transition(UpdateState.HEALTH_CHECKED, None)
             return
-        version = tools.store.version(record.key)
+        assert record.key is not None
+        try:
+            version = tools.stores.store(self.name).version(record.key)
+        except StoreError:
+            version = None
         if version is None:
             raise Failed(UpdateState.FAILED, EventCode.STORE_CORRUPT,
                          f"staged {record.key} is gone")
         request = HealthRequest(
             model=version.artifact,
-            format=verified.variant.format,
-            runtime=effective_runtime(tools.profile.runtime, verified.variant),
-            spec=verified.variant.health_check,
+            format=entry.variant.format,
+            runtime=effective_runtime(tools.profile.runtime, entry.variant),
+            spec=entry.variant.health_check,
             key=record.key,
-            name=verified.manifest.name,
-            version=verified.manifest.version,
-            sha256=verified.variant.sha256,
+            name=entry.manifest.name,
+            version=entry.manifest.version,
+            sha256=entry.variant.sha256,
         )
         try:
             result = await tools.health.check(request, self._abort)
@@ -292,16 +323,3 @@ class UpdateRun:
             raise Failed(UpdateState.FAILED, EventCode.HEALTH_FAILED, result.reason)
         log.info("health check of %s passed: %s", record.key, result.details)
         self._transition(UpdateState.HEALTH_CHECKED, EventType.HEALTH_PASSED)
-
-    async def _activate(self) -> None:
-        # One synchronous block: nothing can supersede the update between the
-        # check that it is current and the pointer swap.
-        tools, record = self._tools, self._current()
-        tools.store.activate(record.key)
-        # Traffic follows the pointer at once: the warm worker that passed the
-        # health check takes new requests, in-flight ones finish on the old.
-        tools.on_activated()
-        tools.ledger.finish(self.update_id, UpdateState.ACTIVATED)
-        removed = await asyncio.to_thread(tools.store.gc, tools.config.keep_versions)
-        if removed:
-            log.info("deleted old versions %s", removed)

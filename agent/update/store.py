@@ -41,6 +41,9 @@ activated. Why each method keeps it:
   ``versions/`` into ``staging/`` (atomic, fsynced), then deleted. A
   half-deleted directory under ``versions/`` would look installed and could
   later be activated; in ``staging/`` it is just garbage.
+- ``deactivate`` (the name left the desired set): ``previous`` is pointed
+  at the active version, then ``active`` is removed. A crash between leaves
+  ``active`` as it was, and the step is simply run again.
 - ``clean_staging``: deletes only what lives in ``staging/`` and stray
   temporary links in ``root``; nothing a pointer can name.
 
@@ -252,16 +255,31 @@ class ModelStore:
         fsync_dir(self.root)
         return target
 
-    def gc(self, keep: int = 2) -> list[str]:
+    def deactivate(self) -> ModelVersion | None:
+        """Stop naming an active version; it becomes ``previous`` (kept for a rollback).
+
+        Returns the version that was active, None if none was.
+        """
+        current = self._link_key(_ACTIVE)
+        if current is None:
+            return None
+        version = self.version(current)
+        # previous first: a crash before the unlink leaves active as it was.
+        replace_symlink_atomic(self.root / _PREVIOUS, f"versions/{current}")
+        (self.root / _ACTIVE).unlink()
+        fsync_dir(self.root)
+        return version
+
+    def gc(self, keep: int = 2, protect: Iterable[str] = ()) -> list[str]:
         """Delete old versions, oldest first, until at most ``keep`` remain; returns their keys.
 
-        ``active`` and ``previous`` are never deleted (they count towards
-        ``keep``). Call after :meth:`activate`: a version installed but not
-        yet activated is fair game.
+        ``active``, ``previous`` and the keys in ``protect`` (versions a
+        pending update installed and has yet to activate) are never deleted
+        (they count towards ``keep``).
         """
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
-        protected = {self._link_key(_ACTIVE), self._link_key(_PREVIOUS)} - {None}
+        protected = {self._link_key(_ACTIVE), self._link_key(_PREVIOUS), *protect} - {None}
         keys = self.installed()
         excess = len(keys) - max(keep, len(protected & set(keys)))
         doomed = [k for k in keys if k not in protected][: max(excess, 0)]

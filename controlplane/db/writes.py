@@ -237,7 +237,7 @@ def _plan(items: Iterable[IngestItem]) -> _Plan:
                     "cpu_percent": msg.cpu_percent,
                     "ram_used_bytes": msg.ram_used_bytes,
                     "temp_c": msg.temp_c,
-                    "active_model": msg.active_model,
+                    "active_model": next(iter(msg.active_refs()), None),
                     "inference": _inference_json.dump_json(
                         msg.inference, exclude_none=True
                     ).decode(),

@@ -20,6 +20,7 @@ from typing import Any
 
 import protocol as p
 from agent.update.store import ModelStore, model_key
+from agent.update.stores import ModelStores
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from protocol import (
     GoldenPrompt,
@@ -118,9 +119,13 @@ def variant_for(
     return Variant(**fields)
 
 
-def seed_active(store_root: Path, name: str, version: str, artifact: Path) -> str:
-    """Install ``artifact`` as the active version before the agent first starts."""
-    store = ModelStore(store_root)
+def seed_active(store_root: Path, name: str, version: str, artifact: Path, *,
+                legacy: bool = False) -> str:
+    """Install ``artifact`` as ``name``'s active version before the agent first starts.
+
+    ``legacy``: in the single-store layout of agents from before model sets.
+    """
+    store = ModelStore(store_root) if legacy else ModelStores(store_root).store(name)
     key = model_key(name, version, "micro")
     staged = store.staging_path(key)
     shutil.copyfile(artifact, staged)
@@ -131,6 +136,36 @@ def seed_active(store_root: Path, name: str, version: str, artifact: Path) -> st
     store.install(key, staged, manifest)
     store.activate(key)
     return key
+
+
+def sign_set(
+    sim: TrustSimulator, device_id: str, releases: dict[str, dict[str, Any]], *,
+    sequence: int, artifact_url_base: str, ids: dict[str, str] | None = None,
+    units: dict[str, str] | None = None, tiers: dict[str, p.Tier] | None = None,
+    issued_at: float | None = None, expires_in: float = 3600.0,
+    signers: list[SigningKey] | None = None,
+) -> bytes:
+    """A director-signed set document of ``releases`` (name -> release; micro by default).
+
+    Unlike :meth:`TrustSimulator.assign_set` the caller chooses each entry's
+    assignment id (an entry kept unchanged keeps its id) and where the
+    artifacts come from.
+    """
+    entries = {
+        name: p.ModelEntry(
+            assignment_id=(ids or {}).get(name, f"a-{device_id}-{name}-{sequence}"),
+            rollout_id="r-1", tier=(tiers or {}).get(name, p.Tier.MICRO), release=dict(release),
+            unit=(units or {}).get(name),
+        )
+        for name, release in releases.items()
+    }
+    issued = sim.now if issued_at is None else issued_at
+    document = p.AssignmentSet(
+        device_id=device_id, sequence=sequence, issued_at=issued,
+        expires_at=issued + expires_in, models=entries, artifact_url_base=artifact_url_base,
+    )
+    keys = sim.director_signers[: sim.director_keys.threshold] if signers is None else signers
+    return p.sign_assignment_set(document, keys)[1]
 
 
 class DeviceRig:
@@ -183,12 +218,19 @@ class DeviceRig:
     # -- the agent process ---------------------------------------------------
 
     @property
+    def stores(self) -> ModelStores:
+        return ModelStores(self.state_dir / "models")
+
+    @property
     def store(self) -> ModelStore:
-        return ModelStore(self.state_dir / "models")
+        """The store of the model most tests assign (smollm2-135m)."""
+        return self.stores.store("smollm2-135m")
 
     @property
     def staging(self) -> list[str]:
-        return sorted(entry.name for entry in (self.state_dir / "models" / "staging").iterdir())
+        """What every name's staging holds."""
+        return sorted(entry.name for _, store in self.stores.all()
+                      for entry in (store.root / "staging").iterdir())
 
     def start(self, *, wait: bool = True) -> AgentProcess:
         self.agent = AgentProcess(self.config_path)
@@ -288,13 +330,26 @@ class DeviceRig:
         """Wait for the clean-up after an activation: old versions deleted, staging empty."""
         # Versions first: gc renames one into staging/ in one step, so reading
         # staging first could miss it in both places.
-        wait_for(lambda: len(self.store.installed()) <= keep and not self.staging, timeout,
-                 "old versions deleted and staging empty")
+        wait_for(lambda: all(len(s.installed()) <= keep for _, s in self.stores.all())
+                 and not self.staging, timeout, "old versions deleted and staging empty")
 
-    def active(self) -> tuple[str, str] | None:
-        """``(key, sha256)`` of the active version on disk, after re-hashing it."""
-        version = self.store.active()
+    def active(self, name: str = "smollm2-135m") -> tuple[str, str] | None:
+        """``(key, sha256)`` of ``name``'s active version on disk, after re-hashing it."""
+        store = self.stores.store(name)
+        version = store.active()
         if version is None:
             return None
-        assert self.store.verify_hash(version.key), f"active {version.key} fails its hash"
+        assert store.verify_hash(version.key), f"active {version.key} fails its hash"
         return version.key, version.manifest["sha256"]
+
+    def assign_set(self, releases: dict[str, dict[str, Any]], *, sequence: int | None = None,
+                   device_id: str | None = None, ids: dict[str, str] | None = None,
+                   units: dict[str, str] | None = None) -> bytes:
+        """A signed set document (``slmfleet.assignment/2``) of ``releases`` (name -> release).
+
+        Each entry's assignment id is ``ids[name]``, or ``a-<device>-<name>-<sequence>``.
+        """
+        sequence = self.next_sequence() if sequence is None else sequence
+        self.sim.now = time.time()
+        return sign_set(self.sim, device_id or self.device_id, releases, sequence=sequence,
+                        artifact_url_base=self.server.base_url, ids=ids, units=units)
