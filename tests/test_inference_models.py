@@ -84,8 +84,8 @@ def _client(url: str) -> openai.AsyncOpenAI:
 
 
 async def _embed(client: openai.AsyncOpenAI, texts: str | list[str]) -> Any:
-    # The client asks for base64 unless told; the local API answers floats only.
-    return await client.embeddings.create(model=EMB, input=texts, encoding_format="float")
+    # The client's default: it asks for base64 and decodes it itself.
+    return await client.embeddings.create(model=EMB, input=texts)
 
 
 def test_two_models_serve_at_once_through_the_openai_client(model_path: Path) -> None:
@@ -117,6 +117,23 @@ def test_two_models_serve_at_once_through_the_openai_client(model_path: Path) ->
 
     asyncio.run(scenario())
 
+
+
+def test_base64_embeddings_are_the_float_ones(model_path: Path) -> None:
+    """The official client's default (base64 float32) decodes to the float answer."""
+    async def scenario() -> None:
+        specs = [_gguf(model_path), _gguf(model_path, name=EMB, embeddings=True)]
+        async with in_process_models(specs) as (_runtime, url):
+            client = _client(url)
+            texts = ["a kiosk", "a plant floor"]
+            packed = await _embed(client, texts)
+            floats = await client.embeddings.create(model=EMB, input=texts,
+                                                    encoding_format="float")
+            for a, b in zip(packed.data, floats.data, strict=True):
+                assert len(a.embedding) == len(b.embedding) > 8
+                assert a.embedding == pytest.approx(b.embedding, rel=1e-6, abs=1e-7)
+
+    asyncio.run(scenario())
 
 def test_an_unknown_model_is_404_naming_those_served(model_path: Path, embedder: Path) -> None:
     async def scenario() -> None:

@@ -301,9 +301,12 @@ class LocalApi:
 
     async def embeddings(self, send: Send, body: bytes) -> None:
         """``/v1/embeddings``."""
-        model, texts = schemas.embeddings_request(schemas.parse_json(body), self.settings.limits)
+        request = schemas.parse_json(body)
+        model, texts = schemas.embeddings_request(request, self.settings.limits)
+        fmt = schemas.embedding_encoding(request)
         done, ref = await self._call(model, "embed", {"input": texts})
-        data = [{"object": "embedding", "index": i, "embedding": v}
+        data = [{"object": "embedding", "index": i,
+                 "embedding": schemas.encoded_embedding(schemas.pooled(v), fmt)}
                 for i, v in enumerate(done["embeddings"])]
         tokens = done["prompt_tokens"]
         await self._json(send, 200, {"object": "list", "data": data, "model": ref,

@@ -29,7 +29,7 @@ from . import ollama_shapes as shapes
 from .generation import Generation
 from .ollama_shapes import OllamaError, Timing
 from .runtime import Slot
-from .schemas import ApiError, parse_json
+from .schemas import ApiError, parse_json, pooled
 from .supervisor import RemoteError, WorkerExited
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ async def _embed(api: LocalApi, body: bytes, route: str) -> dict[str, Any]:
         return {"model": name, "embeddings": []}
     started = time.perf_counter()
     done, _ = await api._call(ref, "embed", {"input": texts}, keep)
-    return {"model": name, "embeddings": [shapes.pooled(v) for v in done["embeddings"]],
+    return {"model": name, "embeddings": [pooled(v) for v in done["embeddings"]],
             "total_duration": _ns(time.perf_counter() - started), "load_duration": 0,
             "prompt_eval_count": done["prompt_tokens"]}
 

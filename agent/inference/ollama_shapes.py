@@ -451,14 +451,6 @@ def final(route: str, model: str, body: Any, done: dict[str, Any] | None,
     return out
 
 
-def pooled(vector: list[Any]) -> list[float]:
-    """One vector per input, as Ollama answers: a model whose GGUF sets no pooling gives
-    one vector per token, averaged here (as the agent pools ONNX embedders)."""
-    if not vector or not isinstance(vector[0], list):
-        return vector
-    return [sum(column) / len(vector) for column in zip(*vector, strict=True)]
-
-
 def normalized(vector: list[float]) -> list[float]:
     """``vector`` scaled to length 1, as Ollama's ``/api/embed`` answers."""
     norm = math.sqrt(sum(v * v for v in vector))

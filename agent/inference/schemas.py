@@ -9,8 +9,10 @@ generation routes honour, refuse or ignore is tabled in
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -306,11 +308,40 @@ def embeddings_request(data: dict[str, Any], limits: Limits) -> tuple[str, list[
             and all(isinstance(t, str) and t for t in texts)):
         raise ApiError(400, f"'input' must be a non-empty string or a list of 1 to "
                        f"{MAX_EMBED_INPUTS} non-empty strings", param="input")
-    if data.get("encoding_format", "float") != "float":
-        raise ApiError(400, "only encoding_format 'float' is supported",
-                       param="encoding_format")
+    embedding_encoding(data)
     _check_size(sum(len(t) for t in texts), limits)
     return model, texts
+
+
+def embedding_encoding(data: dict[str, Any]) -> str:
+    """The request's ``encoding_format``: ``float`` (the default) or ``base64``.
+
+    The official OpenAI clients ask for ``base64`` unless told otherwise (and
+    decode it themselves), so refusing it would fail their plain
+    ``embeddings.create(...)``.
+    """
+    fmt = data.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be 'float' or 'base64'",
+                       param="encoding_format")
+    return str(fmt)
+
+
+def pooled(vector: list[Any]) -> list[float]:
+    """One vector per input, as OpenAI and Ollama answer: a model whose GGUF sets no
+    pooling gives one vector per token, averaged here (as the agent pools ONNX
+    embedders)."""
+    if not vector or not isinstance(vector[0], list):
+        return vector
+    return [sum(column) / len(vector) for column in zip(*vector, strict=True)]
+
+
+def encoded_embedding(vector: list[float], fmt: str) -> list[float] | str:
+    """One embedding as the response carries it: the list of floats, or for
+    ``base64`` its little-endian float32 bytes in base64 (what OpenAI sends)."""
+    if fmt == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def infer_request(data: dict[str, Any]) -> tuple[str, dict[str, Any], list[str] | None]:
