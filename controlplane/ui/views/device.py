@@ -137,7 +137,8 @@ def device_page(device_id: str, request: Request, session: DbSession) -> HTMLRes
     history = device_timeline(session, device_id, after=window, limit=HISTORY_ROWS * 4)
     return render(
         request, "device.html", title=f"Device {device.id}", device=device,
-        models=active_models(device.active_model), labels=sorted((device.labels or {}).items()),
+        models=active_models(device.models or device.active_model),
+        labels=sorted((device.labels or {}).items()),
         caps=device.latest_capabilities or {}, runtimes=device.latest_runtimes or [],
         charts=charts, hours=hours, windows=WINDOWS_H,
         history=collapse_progress(history[::-1])[:HISTORY_ROWS],

@@ -74,7 +74,9 @@ def fleet(request: Request, session: DbSession) -> HTMLResponse:
                                          "after": rows[-1].id, "limit": limit})
     devices = [
         {"id": d.id, "tier": d.tier, "profile": d.profile, "online": d.online,
-         "models": active_models(d.active_model), "labels": sorted((d.labels or {}).items()),
+         # hello/2 reports every model by name; hello/1 its one active model
+         "models": active_models(d.models or d.active_model),
+         "labels": sorted((d.labels or {}).items()),
          "last_seen": d.last_seen, "simulated": d.simulated}
         for d in rows
     ]
