@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,11 @@ class ModelSpec:
     path: Path
     runtime: EffectiveRuntime
     sha256: str = ""
-    #: RAM its worker needs (weights, KV cache per slot); 0: estimate from the file
-    ram_bytes: int = 0
+    #: RAM its worker needs (weights, KV cache per slot); 0: estimate from the file.
+    #: An estimate, not part of what the spec is: the health check's spec (built
+    #: from the staged request) must equal the activated one (built from the
+    #: store) for the warm candidate to take the traffic
+    ram_bytes: int = field(default=0, compare=False)
 
     @property
     def ref(self) -> str:

@@ -9,11 +9,11 @@ directory (:func:`shots_dir`).
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -70,7 +70,10 @@ class Console:
         self.page.goto(path)
         self.page.fill("#credential", credential)
         self.page.click("button[type=submit]")
-        self.page.wait_for_url(re.compile(r".*/ui/(?!sign-in).*"))
+        # The sign-in page's own URL ends in ``?next=/ui/``: judge the path alone,
+        # so the wait ends when the form's redirect has landed, not at once.
+        self.page.wait_for_url(lambda url: not urlsplit(url).path.startswith("/ui/sign-in"))
+        self.page.wait_for_load_state()
         return self
 
     def shoot(self, name: str) -> Path:
