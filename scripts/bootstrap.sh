@@ -71,7 +71,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" !
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$wheel" ]; then
         .venv/bin/pip install -q --force-reinstall --no-deps "$wheel"
     fi
-    .venv/bin/pip install -q "$wheel" -e '.[dev,llama,onnx,postgres]'
+    .venv/bin/pip install -q "$wheel" -e '.[dev,llama,onnx,postgres,build]'
     echo "$wheel" > "$stamp"
 fi
 
