@@ -56,6 +56,7 @@ from .keys import (
 )
 from .manifest import RELEASE_NAME_PATTERN, ReleaseManifest, Variant
 from .messages import Capabilities, DeviceId, Strict, Tier
+from .update_policy import UpdatePolicy
 
 ASSIGNMENT_SET_SCHEMA = "slmfleet.assignment/2"
 
@@ -80,6 +81,8 @@ class ModelEntry(SignedPart):
     #: entries with the same unit are accepted, installed and activated together
     #: or not at all (an adapter and its base); None: independent
     unit: UnitName | None = None
+    #: when and how fast this model may download and activate; None: any time, uncapped
+    policy: UpdatePolicy | None = None
 
 
 class AssignmentSet(SignedPart):

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .canonical import canonical_json
+from .eval_set import EvalSetRef
 from .keys import (
     KeyList,
     PositiveInt,
@@ -35,6 +36,7 @@ from .keys import (
 )
 from .messages import Strict, Tier, Wire
 from .signing import SigningKey
+from .variant_files import MAX_VARIANT_FILES, VariantFile, check_file_list, check_relative_path
 
 RELEASE_SCHEMA = "slmfleet.release/1"
 
@@ -55,7 +57,6 @@ SEMVER_PATTERN = (
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
 _SEMVER_RE = re.compile(SEMVER_PATTERN)
-_ARTIFACT_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 ReleaseName = Annotated[str, StringConstraints(pattern=RELEASE_NAME_PATTERN)]
 SemVer = Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
@@ -63,6 +64,7 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
 NonNegFloat = Annotated[float, Field(strict=True, ge=0)]
 StrictBool = Annotated[bool, Field(strict=True)]
+VariantFiles = Annotated[list[VariantFile], Field(min_length=1, max_length=MAX_VARIANT_FILES)]
 
 
 def semver_key(version: str) -> tuple[Any, ...]:
@@ -151,19 +153,15 @@ class Variant(Wire):
     tokenizer_sha256: Sha256 | None = None
     health_check: HealthCheck
 
+    #: a folder variant (e.g. an onnxruntime-genai model): every file it holds;
+    #: then ``sha256`` is :func:`files_digest` of this list, ``size_bytes`` the
+    #: sum of its sizes, and ``artifact`` the folder under the artifact base URL
+    files: VariantFiles | None = None
+
     @field_validator("artifact")
     @classmethod
     def _relative_path(cls, value: str) -> str:
-        # The agent joins this to a base URL and to its store directory: an
-        # absolute path, '..', '%', '?', '#' or a backslash could step outside.
-        segments = value.split("/")
-        for segment in segments:
-            if not _ARTIFACT_SEGMENT_RE.fullmatch(segment) or segment in (".", ".."):
-                raise ValueError(
-                    "artifact must be a relative path of [A-Za-z0-9._-] segments, "
-                    "without '.' or '..'"
-                )
-        return value
+        return check_relative_path(value, "artifact")
 
     @model_validator(mode="after")
     def _consistent(self) -> Variant:
@@ -180,7 +178,14 @@ class Variant(Wire):
         # merely loading; only embedding models are checked on load and speed.
         if not defaults.embeddings and not self.health_check.golden_prompts:
             raise ValueError("a text-generation variant needs at least one golden prompt")
+        if self.files is not None:
+            check_file_list(self.files, sha256=self.sha256, size_bytes=self.size_bytes)
         return self
+
+    @property
+    def is_folder(self) -> bool:
+        """True when the variant is a folder of listed files, not one file."""
+        return self.files is not None
 
     @property
     def runtime_context(self) -> int:
@@ -197,6 +202,8 @@ class ReleaseManifest(SignedPart):
     released_at: Timestamp
     description: Annotated[str, StringConstraints(max_length=2048)] = ""
     variants: Annotated[dict[Tier, Variant], Field(min_length=1)]
+    #: questions the agent scores the candidate on during its health check
+    eval_set: EvalSetRef | None = None
 
     @property
     def ref(self) -> str:

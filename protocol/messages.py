@@ -122,11 +122,19 @@ class UpdateState(StrEnum):
     ``rolled_back`` (the device went back to the previous version) or
     ``removed`` (the model left the device's desired set; it is no longer
     served, its files are kept for a rollback until garbage collection).
+
+    Waiting is not failing: ``waiting_window`` (the download window is
+    closed) and ``waiting_network`` (the link is metered and the policy does
+    not allow it) hold before ``downloading``; a health-checked candidate
+    whose activation window is closed, or that an update lock defers, stays
+    ``staged`` with the reason and the next opening.
     """
 
     RECEIVED = "received"
     VERIFIED = "verified"
     FIT_CHECKED = "fit_checked"
+    WAITING_WINDOW = "waiting_window"
+    WAITING_NETWORK = "waiting_network"
     DOWNLOADING = "downloading"
     STAGED = "staged"
     HEALTH_CHECKED = "health_checked"
@@ -331,6 +339,14 @@ class EventType(StrEnum):
     ROLLED_BACK = "rolled_back"
     #: the model left the desired set and is no longer served
     REMOVED = "removed"
+    #: the download waits for its window (``reason`` names the next opening)
+    WAITING_WINDOW = "waiting_window"
+    #: the download waits for an unmetered link
+    WAITING_NETWORK = "waiting_network"
+    #: activation held: the activation window is closed or an update lock is held
+    DEFERRED = "deferred"
+    #: an evaluation set was scored on the candidate (``reason`` carries the scores)
+    EVALUATED = "evaluated"
 
 
 EVENT_SCHEMA = "slmfleet.event/2"
