@@ -43,6 +43,7 @@ from ..healthcheck import HealthAborted, HealthChecker, HealthRequest
 from ..profiles import FirmwareProfile
 from ..runtime_settings import effective_runtime
 from .download import ArtifactRequest, download_with_retries
+from .folder import held_bytes, remove_partial
 from .intake import DeviceFacts
 from .ledger import Ledger
 from .outcome import Failed, Stopped
@@ -228,7 +229,7 @@ class UpdateRun:
             try:
                 await asyncio.to_thread(check_tokenizer, partial, self._entry.variant)
             except StagingError as exc:
-                partial.unlink(missing_ok=True)
+                await asyncio.to_thread(remove_partial, partial)
                 raise Failed.of(exc) from exc
             self._current()
             await asyncio.to_thread(store.install, record.key, partial,
@@ -251,10 +252,15 @@ class UpdateRun:
             partial=store.staging_path(key),
             size=variant.size_bytes,
             sha256=variant.sha256,
+            # A folder: each file from <url>/<path> into the partial folder.
+            files=None if variant.files is None else tuple(variant.files),
         )
         # Leftovers of this name's other updates go; this one's partial stays and resumes.
         await asyncio.to_thread(store.clean_staging, [key])
-        held = request.partial.stat().st_size if request.partial.is_file() else 0
+        if request.partial.exists() and request.partial.is_dir() != variant.is_folder:
+            # A file where a folder's files go, or the reverse: no base to resume from.
+            await asyncio.to_thread(remove_partial, request.partial)
+        held = await asyncio.to_thread(held_bytes, request.partial)
         self._transition(UpdateState.DOWNLOADING, None)
         self._progress(held, variant.size_bytes)
         loop = asyncio.get_running_loop()
