@@ -237,10 +237,13 @@ def download_artifact(
     read: the one place a rate cap or a pause may block the download (it may
     raise :class:`Cancelled` to stop it).
 
-    Returns ``dest_partial``, verified and fsynced; the caller moves it into
-    the store. Raises :class:`DownloadError` (partial kept: call again to
-    resume), :class:`ArtifactError` (partial deleted), or ``OSError`` for
-    local disk trouble (partial kept).
+    Returns ``dest_partial``, verified; its writeback to disk has started
+    but is not awaited: the store fsyncs it before the rename that installs
+    it (:meth:`~agent.update.store.ModelStore.install`), where durability
+    matters, so the download itself is bounded by the network and not by
+    the disk's write speed. Raises :class:`DownloadError` (partial kept:
+    call again to resume), :class:`ArtifactError` (partial deleted), or
+    ``OSError`` for local disk trouble (partial kept).
     """
     if expected_size < 0:
         raise ValueError(f"expected_size must be >= 0, got {expected_size}")
@@ -255,8 +258,6 @@ def download_artifact(
         # Unbuffered: the sink thread writes whole batches to the descriptor.
         with open(dest_partial, "a+b", buffering=0, opener=_open_private) as f:
             _Download(fetcher, url, f, limits, progress, cancel, pace).run()
-            # Durable before the caller renames it into the store.
-            os.fsync(f.fileno())
     except ArtifactError:
         # Bad remote bytes are no base to resume from.
         dest_partial.unlink(missing_ok=True)
