@@ -326,6 +326,14 @@ def entry_dropped_by_replay(env: Env) -> bytes:
     return older
 
 
+def _relist(variant: dict[str, Any], edit: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Edit a variant's file list in place; its digest and size follow the new list."""
+    edit(variant["files"])
+    entries = sorted(variant["files"], key=lambda f: f["path"])
+    variant["sha256"] = hashlib.sha256(canonical_json(entries)).hexdigest()
+    variant["size_bytes"] = sum(f["size_bytes"] for f in entries)
+
+
 def _folder_release(env: Env, served: str, edit: Callable[[list[dict[str, Any]]], None]
                     | None = None) -> dict[str, Any]:
     """A release of folder-a's file list served from ``served``, signed by the release keys.
@@ -335,10 +343,7 @@ def _folder_release(env: Env, served: str, edit: Callable[[list[dict[str, Any]]]
     """
     variant = folder_variant_for(env.files["folder-a"], served).model_dump(mode="json")
     if edit is not None:
-        edit(variant["files"])
-        entries = sorted(variant["files"], key=lambda f: f["path"])
-        variant["sha256"] = hashlib.sha256(canonical_json(entries)).hexdigest()
-        variant["size_bytes"] = sum(f["size_bytes"] for f in entries)
+        _relist(variant, edit)
     release = env.tiny_release("ok.bin")[0]
     release["signed"]["variants"]["micro"] = variant
     return env.rig.sim.resign_release(release)
@@ -349,11 +354,7 @@ def _folder_list_edited(env: Env, edit: Callable[[list[dict[str, Any]]], None]) 
     payload = env.assign(_folder_release(env, "folder-a"))
 
     def tamper(envelope: dict[str, Any]) -> None:
-        variant = env.release_in(envelope)["signed"]["variants"]["micro"]
-        edit(variant["files"])
-        entries = sorted(variant["files"], key=lambda f: f["path"])
-        variant["sha256"] = hashlib.sha256(canonical_json(entries)).hexdigest()
-        variant["size_bytes"] = sum(f["size_bytes"] for f in entries)
+        _relist(env.release_in(envelope)["signed"]["variants"]["micro"], edit)
 
     return env.rig.sim.tamper(payload, tamper, resign=True)
 

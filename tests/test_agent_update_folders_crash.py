@@ -31,10 +31,15 @@ import httpx
 import pytest
 
 import protocol as p
-from tests.support.genai import onnx_genai_path
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.inference import ready_url, serving_rig
-from tests.support.updates import DeviceRig, folder_variant_for, link_or_copy, wait_for
+from tests.support.updates import (
+    DeviceRig,
+    built_onnx_folder,
+    folder_variant_for,
+    link_or_copy,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -47,11 +52,7 @@ POINTS = ("between files", "mid-file", "end of download", "after staging", "mid-
 
 @pytest.fixture()
 def onnx_folder() -> Path:
-    folder = onnx_genai_path()
-    if folder is None:
-        pytest.fail("ONNX test model missing: run scripts/bootstrap.sh (it runs "
-                    "scripts/build-onnx-genai.sh)", pytrace=False)
-    return folder
+    return built_onnx_folder()
 
 
 def _partial(rig: DeviceRig, key: str) -> Path:

@@ -19,11 +19,11 @@ import openai
 import pytest
 
 import protocol as p
-from tests.support.genai import onnx_genai_path
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.inference import ready_url, serving_rig
 from tests.support.updates import (
     DeviceRig,
+    built_onnx_folder,
     file_sha256,
     folder_variant_for,
     link_or_copy,
@@ -39,11 +39,7 @@ WATER = [{"role": "user", "content": "What is the chemical symbol for water?"}]
 
 @pytest.fixture(scope="module")
 def onnx_folder() -> Path:
-    folder = onnx_genai_path()
-    if folder is None:
-        pytest.fail("ONNX test model missing: run scripts/bootstrap.sh (it runs "
-                    "scripts/build-onnx-genai.sh)", pytrace=False)
-    return folder
+    return built_onnx_folder()
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,19 @@ def variant_for(
     return Variant(**fields)
 
 
+def built_onnx_folder() -> Path:
+    """The ONNX SmolLM2 folder the set-up built; fails the test (not skips) when it is missing."""
+    import pytest
+
+    from tests.support.genai import onnx_genai_path
+
+    folder = onnx_genai_path()
+    if folder is None:
+        pytest.fail("ONNX test model missing: run scripts/bootstrap.sh (it runs "
+                    "scripts/build-onnx-genai.sh)", pytrace=False)
+    return folder
+
+
 def folder_files(folder: Path) -> list[VariantFile]:
     """Every file under ``folder`` as a folder variant lists it, by path."""
     return [VariantFile(path=f.relative_to(folder).as_posix(), sha256=file_sha256(f),
