@@ -6,7 +6,8 @@ A real agent process serves the GGUF SmolLM2 as 1.0.0; a signed release
 files) as a folder variant. The agent downloads it file by file over HTTP,
 installs it as one unit, health-checks it in its worker and switches to
 it; the official ``openai`` client then gets answers from it, streamed and
-not, named as 2.0.0. Then back to the GGUF, as 3.0.0.
+not, named as 2.0.0. Then to the GGUF, as 3.0.0, and back to the folder,
+which is still installed and is not fetched again.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ def test_an_onnx_folder_variant_is_installed_whole_and_served(
     assert rig.store.previous().key == f"{MODEL}@2.0.0-micro"
     assert rig.store.verify_hash(f"{MODEL}@2.0.0-micro")
     text, _ = wait_for(lambda: _served_by(url, "3.0.0", False), 60, "the GGUF to answer")
+    assert "h2o" in text.lower(), text
+
+    # Back to the folder: it is installed and verifies whole, so nothing is fetched again.
+    fetched = len(rig.server.requests())
+    _update(rig, "2.0.0", variant)
+    assert rig.active(MODEL) == (f"{MODEL}@2.0.0-micro", variant.sha256)
+    assert len(rig.server.requests()) == fetched, "the installed folder is reused"
+    text, _ = wait_for(lambda: _served_by(url, "2.0.0", False), 60, "the ONNX build again")
     assert "h2o" in text.lower(), text
 
 

@@ -77,6 +77,9 @@ class StepTools:
     on_activated: Callable[[str], None]
     #: keys each name's pending updates still need (never garbage-collected)
     protected: Callable[[], dict[str, set[str]]]
+    #: called with each chunk's size as it arrives, on the download thread:
+    #: where a rate cap or a metered-link pause holds a download back
+    pace: Callable[[int], None] | None = None
 
 
 async def activate(tools: StepTools, record: EntryRecord) -> None:
@@ -276,6 +279,7 @@ class UpdateRun:
             cancel=self._cancel,
             abort=self._abort,
             still_current=self._current,
+            pace=tools.pace,
         )
 
     def _progress(self, done: int, total: int) -> None:
