@@ -136,13 +136,15 @@ def test_a_listed_size_that_lies_is_refused(served, tmp_path) -> None:
         _fetch(tmp_path / "b", server.url("r1"), long)
 
 
-def test_a_symlink_planted_in_the_partial_folder_is_not_followed(served, tmp_path) -> None:
+def test_what_is_planted_in_the_partial_folder_is_removed_not_followed(served, tmp_path) -> None:
     server, files = served
     dest, outside = tmp_path / "partial", tmp_path / "outside.bin"
     dest.mkdir()
     outside.write_bytes(b"")
     (dest / "model.onnx").symlink_to(outside)
-    _fetch(dest, server.url("r1"), files["r1"])  # the stray link is removed first
+    (dest / "genai_config.json" / "inner").mkdir(parents=True)  # a folder where a file goes
+    (dest / "tokenizer").symlink_to(tmp_path)  # a link where a folder goes
+    _fetch(dest, server.url("r1"), files["r1"])  # strays are removed first
     assert outside.read_bytes() == b""
     check_folder(dest, files["r1"], hashes=True)
 

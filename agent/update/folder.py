@@ -166,9 +166,11 @@ def _make_folders(dest: Path, files: Iterable[VariantFile]) -> None:
 
 def _drop_unlisted(dest: Path, files: Sequence[VariantFile]) -> None:
     """Delete what an earlier attempt left in ``dest`` that the list does not name."""
-    keep = {f.path for f in files} | _folders_of(files)
+    listed, folders = {f.path for f in files}, _folders_of(files)
+    # Deepest first, so a folder's entries go before it does.
     for rel, st in sorted(_entries(dest).items(), key=lambda item: -len(item[0])):
-        if rel in keep and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        if (rel in listed and stat.S_ISREG(st.st_mode)) or (
+                rel in folders and stat.S_ISDIR(st.st_mode)):
             continue
         remove_partial(dest / rel)
 
@@ -201,8 +203,9 @@ def download_folder(
     """
     verified = set() if verified is None else verified
     total = sum(f.size_bytes for f in files)
+    if dest.is_dir() and not dest.is_symlink():
+        _drop_unlisted(dest, files)
     _make_folders(dest, files)
-    _drop_unlisted(dest, files)
     base = 0
     for f in files:
         if f.path not in verified:
