@@ -178,6 +178,11 @@ def test_an_installed_folder_is_one_read_only_unit_that_verifies(served, tmp_pat
         p.relative_to(active.artifact).as_posix() for p in active.artifact.rglob("*")
         if p.is_file()}
     assert store.staging_path(active.key).exists() is False
+    # Installing the same folder again is a no-op that consumes the new copy.
+    again = store.staging_path(active.key)
+    _copy_tree(server.directory / "r1", again)
+    assert store.install(active.key, again, _manifest(files["r1"])) == active.dir
+    assert not again.exists() and store.verify_hash(active.key)
 
 
 TAMPERS = {

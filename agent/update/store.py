@@ -78,7 +78,7 @@ from agent.atomic import (
 from agent.errors import ArtifactError, StoreError
 from protocol import VariantFile, check_file_list
 
-from .folder import check_folder
+from .folder import check_folder, remove_partial
 
 __all__ = ["ModelStore", "ModelVersion", "model_key"]
 
@@ -231,7 +231,7 @@ class ModelStore:
         if existing is not None:
             if _artifact_digest(existing.manifest)[0] != sha256:
                 raise ValueError(f"{key} is already installed with a different sha256")
-            verified_file.unlink(missing_ok=True)
+            remove_partial(verified_file)
             return final
         if files is not None:
             check_folder(verified_file, files, hashes=False)
