@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import HashMismatch, Interrupted, SizeMismatch, TooLong
+from agent.errors import Cancelled, HashMismatch, Interrupted, SizeMismatch, TooLong
 from agent.update.fetcher import HttpFetcher, download_artifact
 from agent.update.folder import FolderMismatch, check_folder, download_folder, held_bytes
 from agent.update.store import ModelStore, model_key
@@ -71,6 +71,24 @@ def test_a_folder_downloads_file_by_file_with_progress_over_the_whole(served, tm
     assert {t for _, t in seen} == {total}
     assert server.requests("r1/extra.bin") == []
     assert held_bytes(dest) == total
+
+
+def test_pace_sees_every_byte_and_can_hold_or_stop_the_download(served, tmp_path) -> None:
+    server, files = served
+    paced: list[int] = []
+    _fetch(tmp_path / "a", server.url("r1"), files["r1"], pace=paced.append)
+    assert sum(paced) == sum(RELEASE.values()) and len(paced) > len(RELEASE)
+
+    def stop_after_1mb(n: int) -> None:
+        paced.append(n)
+        if sum(paced) > 1 << 20:
+            raise Cancelled("paused: metered link")
+
+    paced.clear()
+    with pytest.raises(Cancelled, match="metered"):
+        _fetch(tmp_path / "b", server.url("r1"), files["r1"], pace=stop_after_1mb)
+    # What arrived before the stop is kept, to resume from.
+    assert 1 << 20 < held_bytes(tmp_path / "b") < sum(RELEASE.values())
 
 
 def test_a_cut_mid_file_resumes_that_file_and_skips_the_ones_done(served, tmp_path) -> None:
