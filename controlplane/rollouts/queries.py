@@ -157,7 +157,8 @@ def take_over(conn: Connection, rollout: RolloutRow, device_ids: Sequence[str],
         conn.execute(
             update(members)
             .where(members.c.rollout_id.in_(older), members.c.device_id.in_(chunk),
-                   members.c.state.in_((MemberState.PENDING, MemberState.ASSIGNED)))
+                   members.c.state.in_((MemberState.PENDING, MemberState.ASSIGNED,
+                                        MemberState.WAITING)))
             .values(state=MemberState.SUPERSEDED, reason=f"taken over by rollout {rollout.id}",
                     updated_at=now)
         )
