@@ -44,3 +44,15 @@ class LockOverrideOut(BaseModel):
     issued_at: float
     reason: str
     sequence: int = Field(description="the number of the re-signed document")
+
+
+class WaitingOut(BaseModel):
+    """One entry whose update waits on the device, from its latest event."""
+
+    model: str
+    assignment_id: str
+    type: str = Field(description="waiting_window, waiting_network, deferred or staged")
+    code: str | None = None
+    reason: str | None = Field(None, description="the device's words: what it waits for")
+    since: float = Field(description="when the device reported it (its clock)")
+    until: float | None = Field(None, description="the next opening the device named, if any")

@@ -98,6 +98,9 @@ def device_detail(d: dict[str, Any]) -> Table:
         assigned = (m.get("assignment") or {}).get("ref") or "-"
         rows.append((f"model {name}", f"{m.get('version') or '-'} ({m.get('state')}), "
                                       f"assigned {assigned}, tier {m.get('tier') or '?'}"))
+    for w in d.get("waiting") or []:
+        until = f" until {when(w['until'], seconds=True)}" if w.get("until") else ""
+        rows.append((f"waiting {w['model']}", f"{w['type']}{until}: {w.get('reason') or ''}"))
     for key, value in rows:
         table.add_row(key, value)
     return table
