@@ -23,7 +23,8 @@ from controlplane.rollouts.outcome import ReportedEvent, outcome
 from controlplane.rollouts.waiting import waiting_until
 from controlplane.service import ControlPlane
 from controlplane.update_policies import PolicyLayer, effective
-from tests.support.auth import ADMIN_HEADERS
+from slmfleet.app import build_app
+from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings
 from tests.support.policy_fleet import TestClock, add_policy_devices
 from tests.support.registry import TrustFiles, publish
@@ -205,3 +206,25 @@ def test_an_old_agent_with_a_default_policy_is_told_to_upgrade(
     r = api.post(f"/v1/devices/{old.device_id}/assignment",
                  json={"model": MODEL, "version": "1.1.0"})
     assert r.status_code == 200, r.text
+
+
+def test_policies_cli_sets_lists_and_removes(cp: ControlPlane, tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    def cli(*args: str, code: int = 0) -> str:
+        result = CliRunner(env={"COLUMNS": "300"}).invoke(build_app("policies"), [
+            "policies", *args, "--server", cp.api_url, "--token", ADMIN_TOKEN])
+        assert result.exit_code == code, result.output
+        return " ".join(result.output.split())
+
+    key = f"fleet{secrets.token_hex(3)}"
+    spec = tmp_path / "policy.yaml"
+    spec.write_text("activation_window: {cron: '30 2 * * *', duration_s: 1800, tz: local}\n"
+                    "max_bytes_per_s: 1048576\n")
+    assert "30 2 * * * for 1800 s (local)" in cli("set", "label", f"{key}=kiosk", "-f", str(spec))
+    listed = cli("list")
+    assert f"label {key}=kiosk" in listed and "1048576" in listed
+    spec.write_text("max_bytes_per_s: 12\n")
+    assert "HTTP 422" in cli("set", "profile", key, "-f", str(spec), code=1)
+    assert "removed" in cli("remove", "label", f"{key}=kiosk")
+    assert f"{key}=kiosk" not in cli("list")

@@ -24,7 +24,8 @@ import protocol as p
 from controlplane.db.models import DesiredDocument
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
-from tests.support.auth import ADMIN_HEADERS
+from slmfleet.app import build_app
+from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings
 from tests.support.policy_fleet import PolicyDevice, TestClock, add_policy_devices
 from tests.support.registry import TrustFiles, publish
@@ -97,6 +98,16 @@ def _until(api: httpx.Client, rollout_id: str, what: str, check: Any,
         raise AssertionError(f"{what}: {detail['state']} {detail['counts']} "
                              f"{[(d['kind'], d['reason']) for d in detail['timeline']]}"
                              f"\n{detail['devices']}") from None
+
+
+def _cli(cp: ControlPlane, *args: str) -> str:
+    """``slmfleet ARGS`` in-process against ``cp``, as an admin; its output."""
+    from typer.testing import CliRunner
+
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(build_app(args[0]), [
+        *args, "--server", cp.api_url, "--token", ADMIN_TOKEN])
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def _signed_entry(cp: ControlPlane, sim: TrustSimulator, device: PolicyDevice) -> p.ModelEntry:
@@ -217,11 +228,15 @@ def test_an_operator_overrides_a_held_update_lock(
     missing = api.post(f"/v1/devices/{device.device_id}/lock-override",
                        json={"model": "no-such-model", "reason": "x"})
     assert missing.status_code == 404
+    # rollouts show and devices show say who waits, and why.
+    shown = " ".join(_cli(cp, "rollouts", "show", rollout_id).split())
+    assert "waiting on the device: 1 deferred" in shown and "locked: robot mid-task" in shown
+    shown = " ".join(_cli(cp, "devices", "show", device.device_id).split())
+    assert f"waiting {MODEL}" in shown and "locked: robot mid-task" in shown
+
     since = time.time()
-    r = api.post(f"/v1/devices/{device.device_id}/lock-override",
-                 json={"model": MODEL, "reason": "maintenance: swap now"})
-    assert r.status_code == 200, r.text
-    done = r.json()
+    done = json.loads(_cli(cp, "devices", "override-lock", device.device_id, MODEL,
+                           "--reason", "maintenance: swap now", "--output", "json"))
     assert done["assignment_id"] == detail["devices"][0]["assignment_id"]  # a refresh
 
     # Signed into the entry, and the device acts on it.

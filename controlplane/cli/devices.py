@@ -148,6 +148,24 @@ def unassign(
     typer.echo(f"took {model} off {device_id} (sequence {done['sequence']})")
 
 
+@api_command(app, "override-lock")
+def override_lock(
+    api: Api,
+    device_id: str = typer.Argument(..., help="device id"),
+    model: str = typer.Argument(..., help="the model whose activation the locks defer"),
+    reason: str = typer.Option(..., "--reason", help="why; kept in the signed entry"),
+) -> None:
+    """Override the device's update locks for MODEL: locks taken before now no longer
+    defer its activation (signed into the device's entry; audited)."""
+    path = f"/v1/devices/{quote(device_id, safe='')}/lock-override"
+    done = api.call(lambda client: client.post(path, {"model": model, "reason": reason}))
+    if api.json:
+        emit_json(done)
+        return
+    typer.echo(f"override {done['override_id']} signed into {device_id}'s {model} entry "
+               f"(sequence {done['sequence']})")
+
+
 @api_command(app)
 def enroll(
     api: Api, device_id: str = typer.Argument(..., help="device id: becomes its MQTT username")
