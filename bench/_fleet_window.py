@@ -25,11 +25,13 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -48,17 +50,20 @@ from controlplane.service import ControlPlane  # noqa: E402
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN  # noqa: E402
 from tests.support.controlplane import cp_settings  # noqa: E402
 
-#: the window opens this long after the simulated devices start (their clock: 01:58:30)
-LEAD_S = 90.0
-CLOCK_START = "2026-12-07T01:58:30Z"
+#: the window opens this long after the simulated devices start: long enough for
+#: every device to say hello, get its assignment and stage it (FLEET_WINDOW_LEAD_S)
+LEAD_S = float(os.environ.get("FLEET_WINDOW_LEAD_S", "150"))
+OPENS = datetime(2026, 12, 7, 2, 0, tzinfo=UTC)
+CLOCK_START = (OPENS - timedelta(seconds=LEAD_S)).isoformat()
 WINDOW = {"cron": "0 2 * * *", "duration_s": 3600, "tz": "UTC"}
 #: share of devices holding an update lock, and for how long (+-50 %) from their start
 LOCKED, LOCK_HOLD_S = 0.05, LEAD_S + 10.0
 TICK_S = 0.5
 
-#: prints "opens <wall time of the opening>", then "held <json counts>" every 5 s
+#: prints "opens <wall time of the opening>", then "held <json counts>" every 2 s until
+#: its stdin closes
 SIMULATOR = """
-import json, sys, time
+import json, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from agent.profiles import default_profiles_dir, load_profiles
@@ -78,9 +83,11 @@ sim = FleetSimulator(scenario, sys.argv[2], sys.argv[3], sys.argv[4], trust=trus
                      profiles=load_profiles(default_profiles_dir()))
 sim.start()
 print("opens", time.time() + float(sys.argv[12]), flush=True)
-while not sys.stdin.closed:
-    time.sleep(5)
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+while not done.wait(2):
     print("held", json.dumps(dict(sim.stats.assignments)), flush=True)
+sim.stop()
 """
 
 
@@ -137,13 +144,11 @@ def run(n: int) -> dict[str, float | int]:
                     reached[pct] = time.time()
             time.sleep(0.25)
         completed = wait("completed", lambda: api.get(path).json()["state"] == "completed")
-        held = {}
-        while True:  # the simulator's latest counts
-            line = sim.stdout.readline().split(maxsplit=1)
+        held: dict[str, int] = {}
+        while held.get("activated", 0) < n and time.time() < deadline:
+            line = sim.stdout.readline().split(maxsplit=1)  # every 2 s
             if line and line[0] == "held":
                 held = json.loads(line[1])
-                if held.get("activated", 0) >= n:
-                    break
     finally:
         stop.set()
         sim.stdin.close()
