@@ -105,8 +105,11 @@ def plan_change(
         # Its agent went back to the old form while running several: the set
         # is all that says what it should run (the old agent refuses it, in events).
         form = SET
-    if form == SINGLE and kind == "assign" and change.entry is not None \
-            and change.entry.policy is not None:
+    if form == SINGLE and any(e.policy is not None for e in entries.values()):
+        if kind != "assign" or change.entry is None or change.entry.policy is None:
+            # Its agent went back to the old form holding an entry with a
+            # policy: only the set can say it (the old agent refuses it, in events).
+            return Plan(change, reads, SET, entries), None
         # The old form has no place for a policy, and an agent that cannot
         # read one would update at once, outside every window: refused.
         return None, AssignResult(

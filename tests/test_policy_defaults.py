@@ -228,3 +228,23 @@ def test_policies_cli_sets_lists_and_removes(cp: ControlPlane, tmp_path: Any) ->
     assert "HTTP 422" in cli("set", "profile", key, "-f", str(spec), code=1)
     assert "removed" in cli("remove", "label", f"{key}=kiosk")
     assert f"{key}=kiosk" not in cli("list")
+
+
+def test_the_old_form_never_carries_a_policy() -> None:
+    from dataclasses import replace
+
+    from controlplane.documents import SET, SINGLE, Entry, Release
+    from controlplane.plans import Change, plan_change
+
+    release = Release(1, f"{MODEL}@1.0.0", {}, b"{}")
+    entry = Entry(MODEL, "a-1", release, p.Tier.SMALL, None, p.UpdatePolicy(allow_metered=True))
+    # A new assignment with a policy, to an agent reading one model: refused.
+    plan, refused = plan_change(Change("d", MODEL, entry), {}, SINGLE)
+    assert plan is None and refused is not None and refused.status == "needs_upgrade"
+    # Without one it goes out in the old form, as before.
+    plan, _ = plan_change(Change("d", MODEL, replace(entry, policy=None)), {}, SINGLE)
+    assert plan is not None and plan.form == SINGLE
+    # An agent gone back to the old form while holding an entry with a policy: its
+    # re-sign stays a set, the only form that says what the entry is.
+    plan, refused = plan_change(Change("d"), {MODEL: entry}, SINGLE)
+    assert refused is None and plan is not None and plan.form == SET
