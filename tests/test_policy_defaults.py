@@ -106,18 +106,18 @@ def test_until_is_read_from_the_waiting_reason(reason: str | None, until: float 
 def test_defaults_are_set_listed_refused_and_removed(api: httpx.Client,
                                                      cp: ControlPlane) -> None:
     key = f"site{secrets.token_hex(3)}"
-    r = api.put(f"/v1/update-policies/label/{key}=store", json={"download_window": NIGHT})
+    r = api.put(f"/v1/update-policies/label/{key}/store", json={"download_window": NIGHT})
     assert r.status_code == 200, r.text
     assert r.json()["policy"] == {"download_window": NIGHT, "activation_window": None,
                                   "max_bytes_per_s": None, "allow_metered": None}
     listed = api.get("/v1/update-policies").json()["items"]
     assert [(d["selector"], d["key"], d["value"]) for d in listed if d["key"] == key] == \
         [("label", key, "store")]
-    # Refusals, each with what is wrong, and nothing stored.
-    assert api.put(f"/v1/update-policies/label/{key}", json={"allow_metered": True}) \
-        .json()["detail"]["code"] == "bad_label"
-    empty = api.put(f"/v1/update-policies/profile/{key}", json={})
-    assert empty.status_code == 400 and empty.json()["detail"]["code"] == "empty_policy"
+    # Refusals, each saying what is wrong, and nothing stored.
+    long = api.put(f"/v1/update-policies/profile/{'x' * 129}", json={"allow_metered": True})
+    assert long.status_code == 422 and long.json()["detail"][0]["loc"] == ["path", "name"]
+    assert api.put(f"/v1/update-policies/profile/{key}",
+                   json={"max_bytes_per_s": 10}).status_code == 422
     assert api.put(f"/v1/update-policies/profile/{key}",
                    json={"download_window": {**NIGHT, "cron": "61 1 * * *"}}).status_code == 422
     assert api.put(f"/v1/update-policies/profile/{key}",
@@ -126,7 +126,7 @@ def test_defaults_are_set_listed_refused_and_removed(api: httpx.Client,
                    json={"lock_override": {"id": "x", "issued_at": 1, "reason": "r"}}
                    ).status_code == 422
     assert api.put("/v1/update-policies/device/x", json={"allow_metered": True}) \
-        .status_code == 422
+        .status_code == 404  # defaults are by label or profile only
     issued = api.post("/v1/tokens", json={"name": f"viewer-{key}", "role": "viewer"}).json()
     with httpx.Client(base_url=cp.api_url,
                       headers={"Authorization": f"Bearer {issued['token']}"}) as viewer:
@@ -134,8 +134,8 @@ def test_defaults_are_set_listed_refused_and_removed(api: httpx.Client,
                           json={"allow_metered": True}).status_code == 403
         assert viewer.get("/v1/update-policies").status_code == 200
     assert [d["key"] for d in api.get("/v1/update-policies").json()["items"]].count(key) == 1
-    assert api.delete(f"/v1/update-policies/label/{key}=store").status_code == 204
-    assert api.delete(f"/v1/update-policies/label/{key}=store").status_code == 404
+    assert api.delete(f"/v1/update-policies/label/{key}/store").status_code == 204
+    assert api.delete(f"/v1/update-policies/label/{key}/store").status_code == 404
 
 
 def test_label_and_profile_defaults_apply_and_a_rollouts_own_policy_wins(
@@ -152,7 +152,7 @@ def test_label_and_profile_defaults_apply_and_a_rollouts_own_policy_wins(
     assert api.put(f"/v1/update-policies/profile/{profile}",
                    json={"max_bytes_per_s": 1 << 20, "download_window": NIGHT}).status_code == 200
     try:
-        assert api.put(f"/v1/update-policies/label/test={labels['test']}",
+        assert api.put(f"/v1/update-policies/label/test/{labels['test']}",
                        json={"allow_metered": True}).status_code == 200
         # A direct assignment gets the defaults.
         target = devices[0].device_id
@@ -180,7 +180,7 @@ def test_label_and_profile_defaults_apply_and_a_rollouts_own_policy_wins(
             p.Window(**WEEKEND)  # type: ignore[union-attr]
     finally:
         api.delete(f"/v1/update-policies/profile/{profile}")
-        api.delete(f"/v1/update-policies/label/test={labels['test']}")
+        api.delete(f"/v1/update-policies/label/test/{labels['test']}")
 
 
 def test_an_old_agent_with_a_default_policy_is_told_to_upgrade(
@@ -190,7 +190,7 @@ def test_an_old_agent_with_a_default_policy_is_told_to_upgrade(
     old = fleet.add(f"old-{secrets.token_hex(3)}", "small", {}, labels=labels,
                     active=(MODEL, "1.0.0"))
     wait_for(lambda: api.get(f"/v1/devices/{old.device_id}").status_code == 200, 15, "seen")
-    assert api.put(f"/v1/update-policies/label/test={labels['test']}",
+    assert api.put(f"/v1/update-policies/label/test/{labels['test']}",
                    json={"max_bytes_per_s": 4096}).status_code == 200
     try:
         r = api.post(f"/v1/devices/{old.device_id}/assignment",
@@ -201,7 +201,7 @@ def test_an_old_agent_with_a_default_policy_is_told_to_upgrade(
         time.sleep(0.5)
         assert old.received == []
     finally:
-        api.delete(f"/v1/update-policies/label/test={labels['test']}")
+        api.delete(f"/v1/update-policies/label/test/{labels['test']}")
     # Without the default it takes the release as before.
     r = api.post(f"/v1/devices/{old.device_id}/assignment",
                  json={"model": MODEL, "version": "1.1.0"})

@@ -44,9 +44,14 @@ def policy_table(items: list[dict[str, Any]]) -> Table:
 
 
 def _path(selector: str, name: str) -> str:
-    if selector not in ("label", "profile"):
+    if selector == "profile":
+        return f"/v1/update-policies/profile/{quote(name, safe='')}"
+    if selector != "label":
         raise typer.BadParameter(f"{selector!r}: say label or profile")
-    return f"/v1/update-policies/{selector}/{quote(name, safe='=')}"
+    key, sep, value = name.partition("=")
+    if not sep or not key or not value:
+        raise typer.BadParameter(f"a label is KEY=VALUE, got {name!r}")
+    return f"/v1/update-policies/label/{quote(key, safe='')}/{quote(value, safe='')}"
 
 
 @api_command(app, "list")

@@ -3,7 +3,7 @@
 
 A default policy (windows, rate cap, metered links) is set for a firmware
 profile (``/v1/update-policies/profile/{name}``) or a label
-(``/v1/update-policies/label/{key}={value}``); the director signs a device's
+(``/v1/update-policies/label/{key}/{value}``); the director signs a device's
 defaults, with a rollout's own policy over them, into each entry it assigns.
 The lock override puts an operator's :class:`protocol.LockOverride` into the
 device's entry for one model and re-signs its document: it reaches the
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Literal
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Path
 
 from controlplane import policy_defaults
 from controlplane.api.deps import ContextDep, described, not_configured, off_response
@@ -27,14 +27,14 @@ from controlplane.api.schemas_policies import (
     PolicyDefaultList,
     PolicyDefaultOut,
 )
+from controlplane.context import AppContext
 from controlplane.update_policies import PolicyLayer
 from protocol import LockOverride
 
 router = APIRouter(tags=["update-policies"])
 
-SelectorPath = Literal["label", "profile"]
 #: a label's key and value, or a profile's name: what the devices table holds
-MAX_NAME = 128
+Name = Annotated[str, Path(min_length=1, max_length=128)]
 
 
 def _out(found: policy_defaults.PolicyDefault) -> PolicyDefaultOut:
@@ -42,20 +42,18 @@ def _out(found: policy_defaults.PolicyDefault) -> PolicyDefaultOut:
                             policy=found.layer, updated_at=found.updated_at)
 
 
-def _split(selector: SelectorPath, name: str) -> tuple[str, str]:
-    """``(key, value)`` of a label ``key=value`` or a profile ``name``; 400 when malformed."""
-    if selector == "label":
-        key, sep, value = name.partition("=")
-        if not sep or not key or not value:
-            raise HTTPException(400, detail={
-                "code": "bad_label",
-                "message": f"a label default is named key=value, got {name!r}"})
-    else:
-        key, value = name, ""
-    if len(key) > MAX_NAME or len(value) > MAX_NAME:
-        raise HTTPException(400, detail={
-            "code": "name_too_long", "message": f"keys and values are at most {MAX_NAME} chars"})
-    return key, value
+def _put(context: AppContext, selector: policy_defaults.Selector, key: str, value: str,
+         body: PolicyLayer) -> PolicyDefaultOut:
+    with context.engine.begin() as conn:
+        return _out(policy_defaults.put(conn, selector, key, value, body, time.time()))
+
+
+def _delete(context: AppContext, selector: policy_defaults.Selector, key: str,
+            value: str) -> None:
+    with context.engine.begin() as conn:
+        if not policy_defaults.remove(conn, selector, key, value):
+            what = f"label {key}={value}" if selector == "label" else f"profile {key}"
+            raise HTTPException(404, detail=f"no default update policy for {what}")
 
 
 @router.get("/v1/update-policies", response_model=PolicyDefaultList)
@@ -65,41 +63,39 @@ def list_defaults(context: ContextDep) -> PolicyDefaultList:
         return PolicyDefaultList(items=[_out(d) for d in policy_defaults.list_all(conn)])
 
 
-@router.put(
-    "/v1/update-policies/{selector}/{name}",
-    response_model=PolicyDefaultOut,
-    responses=described({400: "a label default not named key=value",
-                         422: "bad policy (unknown field, bad cron or time zone)"}),
-)
-def put_default(selector: SelectorPath, name: str, body: PolicyLayer,
-                context: ContextDep) -> PolicyDefaultOut:
-    """Set the default policy of a profile (``name``) or a label (``key=value``).
-
-    Assignments made from now on get it (under a rollout's own policy); an
-    empty body is refused: remove the default instead.
-    """
-    key, value = _split(selector, name)
-    if body.is_empty():
-        raise HTTPException(400, detail={
-            "code": "empty_policy",
-            "message": "the policy sets nothing; DELETE the default to remove it"})
-    with context.engine.begin() as conn:
-        return _out(policy_defaults.put(conn, selector, key, value, body,
-                                        time.time()))
+_PUT_ANSWERS = described({422: "bad policy (unknown field, bad cron or time zone, a cap "
+                               "under 1024 bytes/s)"})
 
 
-@router.delete(
-    "/v1/update-policies/{selector}/{name}",
-    status_code=204,
-    responses=described({400: "a label default not named key=value",
-                         404: "no default for that label or profile"}),
-)
-def delete_default(selector: SelectorPath, name: str, context: ContextDep) -> None:
-    """Remove a default; entries already signed keep the policy they were signed with."""
-    key, value = _split(selector, name)
-    with context.engine.begin() as conn:
-        if not policy_defaults.remove(conn, selector, key, value):
-            raise HTTPException(404, detail=f"no default update policy for {selector} {name!r}")
+@router.put("/v1/update-policies/profile/{name}", response_model=PolicyDefaultOut,
+            responses=_PUT_ANSWERS)
+def put_profile_default(name: Name, body: PolicyLayer, context: ContextDep) -> PolicyDefaultOut:
+    """Set the default policy of devices with firmware profile ``name``, for
+    assignments made from now on (a rollout's own policy goes over it)."""
+    return _put(context, "profile", name, "", body)
+
+
+@router.put("/v1/update-policies/label/{key}/{value}", response_model=PolicyDefaultOut,
+            responses=_PUT_ANSWERS)
+def put_label_default(key: Name, value: Name, body: PolicyLayer,
+                      context: ContextDep) -> PolicyDefaultOut:
+    """Set the default policy of devices labelled ``key=value``, for assignments made
+    from now on (over the profile's; a rollout's own policy goes over both)."""
+    return _put(context, "label", key, value, body)
+
+
+@router.delete("/v1/update-policies/profile/{name}", status_code=204,
+               responses=described({404: "no default for that profile"}))
+def delete_profile_default(name: Name, context: ContextDep) -> None:
+    """Remove a profile's default; entries already signed keep the policy they have."""
+    _delete(context, "profile", name, "")
+
+
+@router.delete("/v1/update-policies/label/{key}/{value}", status_code=204,
+               responses=described({404: "no default for that label"}))
+def delete_label_default(key: Name, value: Name, context: ContextDep) -> None:
+    """Remove a label's default; entries already signed keep the policy they have."""
+    _delete(context, "label", key, value)
 
 
 @router.post(
