@@ -33,9 +33,9 @@ class PolicyLayer(BaseModel):
     #: a staged candidate waits for it before activating
     activation_window: Window | None = None
     #: the download's rate cap, bytes per second
-    max_bytes_per_s: Annotated[int, Field(ge=1024)] | None = None
+    max_bytes_per_s: Annotated[int, Field(strict=True, ge=1024)] | None = None
     #: may the download run over a link the device reports as metered
-    allow_metered: bool | None = None
+    allow_metered: Annotated[bool, Field(strict=True)] | None = None
 
     def is_empty(self) -> bool:
         """True when the layer sets nothing."""

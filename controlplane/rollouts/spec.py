@@ -108,8 +108,8 @@ class RolloutSpec(_Strict):
     #: defaults (docs/update-policy-controlplane.md); None: the defaults' say
     download_window: Window | None = None
     activation_window: Window | None = None
-    max_bytes_per_s: Annotated[int, Field(ge=1024)] | None = None
-    allow_metered: bool | None = None
+    max_bytes_per_s: Annotated[int, Field(strict=True, ge=1024)] | None = None
+    allow_metered: Annotated[bool, Field(strict=True)] | None = None
 
     @model_validator(mode="after")
     def _stages_grow_to_100(self) -> RolloutSpec:
