@@ -14,7 +14,9 @@ one stage of 100 %, no bake. Figures:
   deferred) a moment before the opening, and ``activated_before_opening``
   (must be 0);
 - ``deferred_by_window``, ``deferred_by_lock``: devices that reported
-  ``deferred`` for the closed window, and for an app's lock;
+  ``deferred`` for the closed window, and for an app's lock (``locks_held``
+  hold one; the last is released ``last_lock_release_after_opening_s`` after
+  the opening, which bounds the time to 100 % from below);
 - ``opening_to_50pct_s``, ``opening_to_90pct_s``, ``opening_to_100pct_s``:
   from the window's opening until that share of the devices is ``succeeded``
   in the rollout, and ``opening_to_completed_s`` until the engine completed it.
@@ -60,8 +62,8 @@ WINDOW = {"cron": "0 2 * * *", "duration_s": 3600, "tz": "UTC"}
 LOCKED, LOCK_HOLD_S = 0.05, LEAD_S + 10.0
 TICK_S = 0.5
 
-#: prints "opens <wall time of the opening>", then "held <json counts>" every 2 s until
-#: its stdin closes
+#: prints "opens <wall time of the opening> <locks> <last release after it, s>", then
+#: "held <json counts>" every 2 s until its stdin closes
 SIMULATOR = """
 import json, sys, threading, time
 sys.path.insert(0, sys.argv[1])
@@ -82,7 +84,10 @@ scenario = Scenario(devices=n, id_prefix=prefix, heartbeat_s=60.0, ramp_s=min(30
 sim = FleetSimulator(scenario, sys.argv[2], sys.argv[3], sys.argv[4], trust=trust,
                      profiles=load_profiles(default_profiles_dir()))
 sim.start()
-print("opens", time.time() + float(sys.argv[12]), flush=True)
+lead = float(sys.argv[12])
+untils = [d.lock.until for d in sim.devices if d.lock is not None]
+opens = sim.clock() + lead
+print("opens", time.time() + lead, len(untils), max(untils, default=opens) - opens, flush=True)
 done = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
 while not done.wait(2):
@@ -122,7 +127,7 @@ def run(n: int) -> dict[str, float | int]:
         publish_release(release_spec(work), [keys.release_key], cp.api_url, ADMIN_TOKEN)
         line = sim.stdout.readline().split()
         assert line[0] == "opens", line
-        opens = float(line[1])
+        opens, locked, last_release = float(line[1]), int(line[2]), float(line[3])
         wait("every hello", lambda: count(cp, select(func.count()).select_from(Device).where(
             Device.tier.is_not(None), Device.id.like(f"{prefix}-%"))) >= n, poll=0.5)
         r = api.post("/v1/rollouts", json={
@@ -162,6 +167,8 @@ def run(n: int) -> dict[str, float | int]:
         "activated_before_opening": before.get("succeeded", 0),
         "deferred_by_window": held.get("held_deferred", 0),
         "deferred_by_lock": held.get("held_locked", 0),
+        "locks_held": locked,
+        "last_lock_release_after_opening_s": round(last_release, 2),
         **{f"opening_to_{pct}pct_s": round(at - opens, 2) for pct, at in reached.items()},
         "opening_to_completed_s": round(completed - opens, 2),
     }
