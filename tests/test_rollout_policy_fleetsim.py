@@ -107,13 +107,16 @@ def test_simulated_fleet_waits_for_the_window_and_an_override_lifts_locks(
                  opens_at - time.monotonic() - 1, "every device staged and deferred")
         assert fleet.active_versions()["none"] == n  # nobody activated before the opening
 
-        # The window opens: the unlocked devices activate; the locked ones wait on.
-        wait_for(lambda: api.get(path).json()["counts"] == {"succeeded": n - len(locked),
-                                                            "waiting": len(locked)},
-                 LEAD_S + 15, "the unlocked devices activated at the opening")
-        waiting = [m for m in api.get(path).json()["devices"] if m["state"] == "waiting"]
-        assert {m["device_id"] for m in waiting} == locked
-        assert all(m["reason"] == "deferred: locked: robot mid-task" for m in waiting)
+        # The window opens: the unlocked devices activate; the locked ones wait on,
+        # now for their lock.
+        def locked_wait() -> bool:
+            detail = api.get(path).json()
+            waiting = {m["device_id"]: m["reason"] for m in detail["devices"]
+                       if m["state"] == "waiting"}
+            return detail["counts"] == {"succeeded": n - len(locked), "waiting": len(locked)} \
+                and waiting == dict.fromkeys(locked, "deferred: locked: robot mid-task")
+
+        wait_for(locked_wait, LEAD_S + 20, "the unlocked devices activated at the opening")
 
         for device_id in locked:
             r = api.post(f"/v1/devices/{device_id}/lock-override",
