@@ -71,12 +71,3 @@ def waiting_until(reason: str | None) -> float | None:
         return None  # a local time of unknown zone: better unsaid than wrong
     return moment.timestamp()
 
-
-def waiting_counts(members: Sequence[Member]) -> dict[str, int]:
-    """Waiting members by what they wait for (the event type in their reason)."""
-    counts: dict[str, int] = {}
-    for m in members:
-        if m.state == MemberState.WAITING:
-            kind = (m.reason or "waiting").split(":", 1)[0]
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts
