@@ -64,7 +64,7 @@ from protocol import ProtocolError, ReleaseManifest, Tier
 from . import queries, store
 from .cohort import cohort_key, stage_size
 from .gates import GateResult, evaluate, overall
-from .outcome import outcome
+from .outcome import changed_outcomes
 from .queries import Issued, Member
 from .spec import RolloutSpec
 from .store import RolloutRow
@@ -217,11 +217,8 @@ class RolloutEngine:
             if pending and queries.issued_any(conn, row.id):
                 queries.mark_assigned(conn, row.id, queries.issued_to(conn, row.id, pending),
                                       row.stage_index, now)
-            for assignment_id, events in queries.events_for(conn, list(watching)).items():
-                member = watching[assignment_id]
-                values = outcome(events)
-                if values and any(getattr(member, k) != v for k, v in values.items()):
-                    queries.set_outcome(conn, row.id, member, values, now)
+            queries.set_outcomes(conn, row.id, changed_outcomes(
+                watching, queries.events_for(conn, list(watching))), now)
 
     # -- 3. judge --------------------------------------------------------------------
 
@@ -394,8 +391,8 @@ class RolloutEngine:
 
     def _start_bake(self, row: RolloutRow, cohort: Sequence[Member], bake_s: float,
                     now: float) -> None:
-        activated = sum(m.state == MemberState.SUCCEEDED for m in cohort)
-        waiting = sum(m.state == MemberState.WAITING for m in cohort)
+        activated, waiting = (sum(m.state == state for m in cohort)
+                              for state in (MemberState.SUCCEEDED, MemberState.WAITING))
         with self._engine.begin() as conn:
             store.transition(
                 conn, row, {"bake_started_at": now}, kind="bake_started",

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
 
 from controlplane.db.statuses import MemberState
 from protocol import EventCode, EventType
@@ -151,3 +152,17 @@ def is_waiting(ev: ReportedEvent) -> bool:
     if ev.type in WAITING_EVENTS:
         return True
     return ev.type == EventType.STAGED and (ev.reason or "").startswith(EventType.DEFERRED.value)
+
+
+def changed_outcomes(
+    members: Mapping[str, Any], events: Mapping[str, Iterable[ReportedEvent]]
+) -> list[tuple[Any, dict[str, str | None]]]:
+    """``(member, values)`` for each member (a :class:`controlplane.rollouts.queries.Member`,
+    by assignment id) whose events say something its row does not say yet."""
+    changed = []
+    for assignment_id, reported in events.items():
+        member = members[assignment_id]
+        values = outcome(reported)
+        if values and any(getattr(member, k) != v for k, v in values.items()):
+            changed.append((member, values))
+    return changed
