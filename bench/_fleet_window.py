@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 from _common import report, scratch_broker
-from rollout import count, release_spec, wait  # the rollout benchmark's set-up
+from rollout import SIMULATOR_SETUP, count, release_spec, wait  # its set-up
 from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,18 +64,8 @@ TICK_S = 0.5
 
 #: prints "opens <wall time of the opening> <locks> <last release after it, s>", then
 #: "held <json counts>" every 2 s until its stdin closes
-SIMULATOR = """
-import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
-from pathlib import Path
-from agent.profiles import default_profiles_dir, load_profiles
-from agent.trust import TrustRoots
-from fleetsim import FleetSimulator, Scenario
-from protocol import verify_pinned_key_list
-
-n, prefix = int(sys.argv[5]), sys.argv[6]
-trust = TrustRoots(release=verify_pinned_key_list(Path(sys.argv[7]).read_bytes(), "release"),
-                   director=verify_pinned_key_list(Path(sys.argv[8]).read_bytes(), "director"))
+SIMULATOR = SIMULATOR_SETUP + """
+import json, threading
 scenario = Scenario(devices=n, id_prefix=prefix, heartbeat_s=60.0, ramp_s=min(30.0, n / 330),
                     labels={"bench": prefix}, sets=True, clock_start=sys.argv[9],
                     locks={"fraction": float(sys.argv[10]), "hold_s": float(sys.argv[11])},
