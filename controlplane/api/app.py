@@ -31,6 +31,7 @@ from .routes import (
     models,
     rollouts,
     tokens,
+    update_policies,
     whoami,
 )
 from .timing import TimingMiddleware
@@ -78,6 +79,6 @@ def create_app(context: AppContext) -> FastAPI:
     allow.install(app)
     # In this order: a template declared first wins where two match a path.
     for resource in (health, devices, assignments, models, artifacts, ingest, metrics,
-                     rollouts, inference, tokens, audit, whoami, credentials):
+                     rollouts, inference, tokens, audit, whoami, credentials, update_policies):
         app.include_router(resource.router)
     return app

@@ -173,6 +173,23 @@ class TelemetryRow(_DeviceRows, Base):
     )
 
 
+class UpdatePolicyDefault(Base):
+    """A default update policy that devices with a label (``selector`` ``label``:
+    ``key=value``) or a firmware profile (``profile``: ``key``, ``value`` empty) get
+    under a rollout's own (controlplane/policy_defaults.py)."""
+
+    __tablename__ = "update_policy_defaults"
+
+    id: Mapped[int] = big_id()
+    selector: Mapped[str] = mapped_column(String(8))
+    key: Mapped[str] = mapped_column(String(SHORT_LEN))
+    value: Mapped[str] = mapped_column(String(SHORT_LEN))
+    policy: Mapped[dict[str, Any]]
+    updated_at: Mapped[float]
+
+    __table_args__ = (UniqueConstraint("selector", "key", "value"),)
+
+
 class Lease(Base):
     """A named lease (controlplane/leader.py): who holds it, until when, and how
     many times it changed hands (``epoch``, the fencing token)."""
@@ -328,6 +345,8 @@ class AssignmentRecord(Base):
     #: the signed document, for rows written before it moved to
     #: ``desired_documents``; None since
     envelope: Mapped[str | None] = mapped_column(Text)
+    #: the entry's effective :class:`protocol.UpdatePolicy` as signed; None: none
+    policy: Mapped[dict[str, Any] | None]
 
     __table_args__ = (
         UniqueConstraint("device_id", "model_name", "sequence"),
@@ -412,6 +431,8 @@ class Rollout(Base):
     reason: Mapped[str | None] = mapped_column(String(1024))
     #: the latest gate evaluation of the current stage, as the engine measured it
     last_gates: Mapped[list[Any] | None]
+    #: when the current stage had enough activated devices for its bake to start
+    bake_started_at: Mapped[float | None]
 
 
 class RolloutDevice(Base):
