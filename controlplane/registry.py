@@ -2,8 +2,10 @@
 
 :func:`register_release` is the only way a release gets in. It verifies the
 envelope against the pinned release keys (:func:`protocol.verify_release`)
-before reading anything from it, requires every variant's artifact to be in
-the store already with the declared digest and size, and stores the
+before reading anything from it, requires every file it refers to (each
+variant's file or each file of a folder variant, the eval set) to be in the
+store already with the declared digest and size, lists those files as the
+release's (:class:`ReleaseFile`, what garbage collection keeps), and stores the
 envelope as canonical JSON -- the bytes every assignment will embed, which
 verify on the device exactly as they verified here.
 
@@ -28,14 +30,13 @@ from protocol import (
     MAX_RELEASE_BYTES,
     KeyList,
     ProtocolError,
-    ReleaseManifest,
     canonical_json,
     load_json,
     verify_release,
 )
 
-from .artifacts import StoredFile
-from .db.models import Artifact, Model, ModelVariant, ModelVersion
+from .artifact_index import HasBlob, IndexRefusal, index_release_files, release_files
+from .db.models import Model, ModelVariant, ModelVersion, ReleaseFile
 from .semver_order import sort_key
 
 
@@ -59,12 +60,6 @@ class ReleaseConflict(RegistryError):
     reason = "conflict"
 
 
-class ArtifactMismatch(RegistryError):
-    """The artifact's database record disagrees with what was just stored on disk."""
-
-    reason = "conflict"
-
-
 @dataclass(frozen=True)
 class Registered:
     """Outcome of :func:`register_release`."""
@@ -76,26 +71,6 @@ class Registered:
 def manifest_digest(signed: dict[str, object]) -> str:
     """sha256 of the canonical signed manifest: two uploads are identical iff these match."""
     return hashlib.sha256(canonical_json(signed)).hexdigest()
-
-
-def _check_artifacts(session: Session, manifest: ReleaseManifest) -> None:
-    paths = [variant.artifact for variant in manifest.variants.values()]
-    stored = {a.path: a for a in session.scalars(select(Artifact).where(Artifact.path.in_(paths)))}
-    for tier, variant in sorted(manifest.variants.items()):
-        found = stored.get(variant.artifact)
-        if found is None:
-            raise ReleaseRejected(
-                "missing_artifact",
-                f"{tier.value} variant: artifact {variant.artifact!r} is not in the store; "
-                f"upload it first (PUT /v1/artifacts/{variant.artifact})",
-            )
-        if (found.sha256, found.size_bytes) != (variant.sha256, variant.size_bytes):
-            raise ReleaseRejected(
-                "artifact_mismatch",
-                f"{tier.value} variant: stored {variant.artifact!r} is sha256 {found.sha256}, "
-                f"{found.size_bytes} bytes; the manifest says {variant.sha256}, "
-                f"{variant.size_bytes} bytes",
-            )
 
 
 def _existing(session: Session, name: str, version: str) -> ModelVersion | None:
@@ -114,12 +89,19 @@ def _same_or_conflict(existing: ModelVersion, digest: str) -> Registered:
 
 
 def register_release(
-    session: Session, payload: bytes, release_keys: KeyList, *, now: float | None = None
+    session: Session,
+    payload: bytes,
+    release_keys: KeyList,
+    *,
+    has_blob: HasBlob | None = None,
+    now: float | None = None,
 ) -> Registered:
     """Verify and store a signed release envelope (wire bytes); commit on success.
 
-    Idempotent: registering the same manifest again returns the stored
-    version with ``created=False``.
+    Every file the release refers to must resolve: a path already indexed
+    with the same digest, or a blob ``has_blob`` finds in the store (the
+    path is then indexed). Idempotent: registering the same manifest again
+    returns the stored version with ``created=False``.
     """
     now = time.time() if now is None else now
     try:
@@ -138,7 +120,11 @@ def register_release(
     existing = _existing(session, manifest.name, manifest.version)
     if existing is not None:
         return _same_or_conflict(existing, digest)
-    _check_artifacts(session, manifest)
+    files = release_files(manifest)
+    try:
+        index_release_files(session, files, has_blob)
+    except IndexRefusal as exc:
+        raise ReleaseRejected(exc.reason, str(exc)) from exc
 
     if session.get(Model, manifest.name) is None:
         session.add(Model(name=manifest.name, created_at=now))
@@ -165,6 +151,10 @@ def register_release(
                 ),
             )
         )
+    session.add_all(
+        ReleaseFile(version_id=row.id, path=path, sha256=sha256, size_bytes=size)
+        for path, (sha256, size) in files.items()
+    )
     try:
         session.commit()
     except IntegrityError:
@@ -175,38 +165,6 @@ def register_release(
             raise
         return _same_or_conflict(existing, digest)
     return Registered(row, created=True)
-
-
-def record_artifact(session: Session, stored: StoredFile, *, now: float | None = None) -> bool:
-    """Record a verified file; return True if the record is new. Commits.
-
-    The file is placed on disk before it is recorded, so a crash between
-    the two leaves a file the next identical upload records.
-    """
-    row = session.get(Artifact, stored.path)
-    if row is not None:
-        if (row.sha256, row.size_bytes) != (stored.sha256, stored.size_bytes):
-            raise ArtifactMismatch(f"{stored.path} is recorded with sha256 {row.sha256}")
-        return False
-    session.add(
-        Artifact(
-            path=stored.path,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            stored_at=time.time() if now is None else now,
-        )
-    )
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        return record_artifact(session, stored, now=now)
-    return True
-
-
-def get_artifact(session: Session, path: str) -> Artifact | None:
-    """The stored artifact at ``path``, or None."""
-    return session.get(Artifact, path)
 
 
 # --- reads ----------------------------------------------------------------------
