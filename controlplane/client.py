@@ -156,8 +156,9 @@ def publish_release(
     spec_path: Path, key_paths: list[Path], server: str | None = None, token: str | None = None
 ) -> dict[str, Any]:
     """Hash, sign, upload what the store lacks and register; return the registered
-    version (API JSON). :func:`controlplane.publishing.publish` also returns the figures.
+    version (API JSON). A file hashed by an earlier call in this process is not
+    read again. :func:`controlplane.publishing.publish` also returns the figures.
     """
     from .publishing import publish
 
-    return publish(spec_path, key_paths, server, token).version
+    return publish(spec_path, key_paths, server, token, remember=True).version

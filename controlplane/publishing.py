@@ -85,6 +85,17 @@ class _File:
     rel: str | None = None
 
 
+#: digests measured in this process, by file identity: ``slmfleet dev`` publishes
+#: several releases of the same GGUF and reads it once
+_HASHED: dict[tuple[Any, ...], tuple[str, int]] = {}
+
+
+def _identity(path: Path) -> tuple[Any, ...]:
+    """What changes when a file's content may have (as git's index keys it)."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -171,6 +182,55 @@ def _plan(spec: Any) -> dict[Any, list[_File]]:
     return plan
 
 
+#: path in the store -> (sha256, size, the local file)
+Sources = dict[str, tuple[str, int, Path]]
+
+
+def _measure(plan: dict[Any, list[_File]], progress: Progress, summary: PublishSummary,
+             memo: dict[tuple[Any, ...], tuple[str, int]], dedupe: bool
+             ) -> tuple[dict[Any, Any], Sources]:
+    """Hash what ``memo`` lacks; each tier's measurement and every path's source."""
+    from protocol import VariantFile
+
+    measured: dict[Any, Any] = {}
+    sources: Sources = {}
+    for tier, files in plan.items():
+        for f in files:
+            key = _identity(f.local) if dedupe else (f.path,)
+            if key not in memo:
+                memo[key] = _hash(f.local, progress)
+                summary.files_hashed += 1
+                summary.bytes_hashed += memo[key][1]
+            sources[f.path] = (*memo[key], f.local)
+        if files[0].rel is None:
+            measured[tier] = sources[files[0].path][:2]
+        else:
+            measured[tier] = [VariantFile(path=f.rel, sha256=sources[f.path][0],
+                                          size_bytes=sources[f.path][1]) for f in files]
+    return measured, sources
+
+
+def _send_all(client: ApiClient, plan: dict[Any, list[_File]], sources: Sources,
+              summary: PublishSummary, progress: Progress, dedupe: bool) -> None:
+    """Upload each blob the store lacks once (or, without ``dedupe``, every path's file)."""
+    if not dedupe:
+        for path, (sha, size, local) in sources.items():
+            _send(client, f"/v1/artifacts/{path}", local, sha, size, progress)
+            summary.uploads += 1
+            summary.bytes_sent += size
+        return
+    blobs = {sha: (size, local) for sha, size, local in sources.values()}
+    lacking = _missing(client, sorted(blobs))
+    for sha, (size, local) in sorted(blobs.items()):
+        if sha in lacking:
+            _send(client, f"/v1/blobs/{sha}", local, sha, size, progress)
+            summary.uploads += 1
+            summary.bytes_sent += size
+        else:
+            summary.bytes_held += size
+    _report(plan, sources, lacking)
+
+
 def publish(
     spec_path: Path,
     key_paths: list[Path],
@@ -178,14 +238,19 @@ def publish(
     token: str | None = None,
     *,
     dedupe: bool = True,
+    remember: bool = False,
 ) -> Published:
     """Hash, sign, upload what the store lacks, register; return the version and figures.
 
-    ``server`` and ``token`` resolve as for every command (:func:`controlplane.client.resolve`).
+    ``remember`` keeps the digests measured for the rest of the process, so
+    publishing another release of the same unchanged file does not read it
+    again (``slmfleet dev`` publishes four releases of one GGUF).
+    ``server`` and ``token`` resolve as for every command
+    (:func:`controlplane.client.resolve`).
     """
     import httpx
 
-    from protocol import VariantFile, canonical_json, sign_release
+    from protocol import canonical_json, sign_release
 
     from .keyfiles import KeyFileError, read_private_key
     from .release_spec import SpecError, build_manifest, load_spec
@@ -198,54 +263,21 @@ def publish(
         raise PublishError(str(exc)) from exc
     plan = _plan(spec)
     summary = PublishSummary(files=sum(len(files) for files in plan.values()))
-
     with _progress() as progress:
-        hashed: dict[Path, tuple[str, int]] = {}
-        measured: dict[Any, Any] = {}
-        sent_as: dict[str, tuple[str, int, Path]] = {}  # path -> (sha256, size, local)
-        for tier, files in plan.items():
-            for f in files:
-                key = f.local.resolve() if dedupe else f.local
-                if key not in hashed or not dedupe:
-                    hashed[key] = _hash(f.local, progress)
-                    summary.files_hashed += 1
-                    summary.bytes_hashed += hashed[key][1]
-                sent_as[f.path] = (*hashed[key], f.local)
-            if files[0].rel is None:
-                measured[tier] = sent_as[files[0].path][:2]
-            else:
-                measured[tier] = [
-                    VariantFile(path=f.rel, sha256=sent_as[f.path][0],
-                                size_bytes=sent_as[f.path][1])
-                    for f in files
-                ]
+        memo = _HASHED if remember and dedupe else {}
+        measured, sources = _measure(plan, progress, summary, memo, dedupe)
         summary.hash_s = time.monotonic() - started
         try:
             manifest = build_manifest(spec, measured, released_at=time.time())
             envelope = sign_release(manifest, keys)
         except (SpecError, ValueError) as exc:
             raise PublishError(str(exc)) from exc
-        blobs = {sha: (size, local) for sha, size, local in sent_as.values()}
-        summary.blobs = len(blobs)
-        summary.bytes_total = sum(size for size, _ in blobs.values())
+        distinct = {sha: size for sha, size, _ in sources.values()}
+        summary.blobs, summary.bytes_total = len(distinct), sum(distinct.values())
         upload_started = time.monotonic()
         try:
             with ApiClient(server, token, timeout=httpx.Timeout(**UPLOAD_TIMEOUT)) as client:
-                if dedupe:
-                    lacking = _missing(client, sorted(blobs))
-                    for sha, (size, local) in sorted(blobs.items()):
-                        if sha in lacking:
-                            _send(client, f"/v1/blobs/{sha}", local, sha, size, progress)
-                            summary.uploads += 1
-                            summary.bytes_sent += size
-                        else:
-                            summary.bytes_held += size
-                    _report(plan, sent_as, lacking)
-                else:
-                    for path, (sha, size, local) in sent_as.items():
-                        _send(client, f"/v1/artifacts/{path}", local, sha, size, progress)
-                        summary.uploads += 1
-                        summary.bytes_sent += size
+                _send_all(client, plan, sources, summary, progress, dedupe)
                 summary.upload_s = time.monotonic() - upload_started
                 response = client.request(
                     "POST", "/v1/models", content=canonical_json(envelope),
