@@ -291,3 +291,28 @@ def test_folder_with_a_symlink_or_hidden_file_is_refused_at_publish(
     assert ("hidden" if problem == "hidden" else "symlink") in str(caught.value)
     assert plane.blob_names() == before
     assert plane.http.get("/v1/models/bad/versions/1.0.0").status_code == 404
+
+
+def test_example_release_with_a_gguf_and_an_onnx_folder_variant(
+    plane: Plane, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/smollm2-onnx.release.yaml, with the ONNX build made at set-up."""
+    from tests.support.genai import onnx_genai_path
+
+    folder = onnx_genai_path()
+    if folder is None:
+        pytest.skip("no onnxruntime-genai build: run scripts/build-onnx-genai.sh")
+    monkeypatch.setenv("SLMFLEET_ONNX_MODEL", str(folder))
+    example = Path(__file__).parent.parent / "examples" / "smollm2-onnx.release.yaml"
+    spec = plane.root / "onnx-example.yaml"
+    spec.write_text(example.read_text().replace(
+        "~/.cache/slmfleet/models/SmolLM2-135M-Instruct.Q4_1.gguf", str(model_path)))
+    done = plane.publish(spec)
+    manifest = done.version["manifest"]
+    assert manifest["variants"]["micro"]["format"] == "gguf"
+    small = manifest["variants"]["small"]
+    assert small["format"] == "onnx"
+    assert {f["path"] for f in small["files"]} == {p.name for p in folder.iterdir()}
+    data = (folder / "genai_config.json").read_bytes()
+    served = httpx.get(f"{plane.url}/v1/artifacts/{small['artifact']}/genai_config.json")
+    assert served.content == data
