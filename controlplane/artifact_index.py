@@ -19,7 +19,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,18 +27,8 @@ from protocol import ReleaseManifest
 from .artifacts import StoredFile
 from .db.models import Artifact
 
-#: does the store hold this blob, with this size?
-HasBlob = Callable[[str, int], bool]
 #: resolutions kept in memory; a path's resolution never changes once recorded
 CACHE_SIZE = 4096
-
-
-class IndexRefusal(Exception):
-    """A release's file cannot be indexed; ``reason`` is a short machine label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class PathConflict(Exception):
@@ -83,43 +72,6 @@ def record_path(session: Session, stored: StoredFile, *, now: float | None = Non
         session.rollback()
         return record_path(session, stored, now=now)
     return True
-
-
-def index_release_files(
-    session: Session, files: dict[str, tuple[str, int]], has_blob: HasBlob | None
-) -> None:
-    """Record every path of a release before it is registered. Commits.
-
-    Raises :class:`IndexRefusal` with reason ``artifact_mismatch`` (a path
-    already resolves to other content) or ``missing_artifact`` (neither
-    recorded nor in the store). Nothing is recorded unless every file passes.
-    """
-    recorded = {a.path: a for a in session.scalars(select(Artifact).where(
-        Artifact.path.in_(list(files))))}
-    new = []
-    for path, (sha256, size) in sorted(files.items()):
-        found = recorded.get(path)
-        if found is not None:
-            if (found.sha256, found.size_bytes) != (sha256, size):
-                raise IndexRefusal(
-                    "artifact_mismatch",
-                    f"{path!r} is stored as sha256 {found.sha256}, {found.size_bytes} bytes; "
-                    f"the manifest says {sha256}, {size} bytes (paths never change: "
-                    "publish under a new version or artifact path)",
-                )
-        elif has_blob is not None and has_blob(sha256, size):
-            new.append(StoredFile(path, sha256, size))
-        else:
-            raise IndexRefusal(
-                "missing_artifact",
-                f"{path!r}: its blob (sha256 {sha256}, {size} bytes) is not in the store; "
-                f"upload it first (PUT /v1/blobs/{sha256})",
-            )
-    for stored in new:
-        try:
-            record_path(session, stored)
-        except PathConflict as exc:
-            raise IndexRefusal("artifact_mismatch", str(exc)) from exc
 
 
 class PathCache:

@@ -5,7 +5,7 @@
    read once.
 2. The manifest is built from the measurements and signed.
 3. ``POST /v1/blobs/missing`` asks which of the distinct digests the store
-   lacks; only those are streamed to ``PUT /v1/blobs/<sha256>``, one upload
+   lacks; only those are streamed to ``PUT /v1/blobs/sha256/<hex>``, one upload
    per digest however many paths name it.
 4. ``POST /v1/models`` registers the envelope; the control plane records
    each path the release names against its blob.
@@ -223,7 +223,7 @@ def _send_all(client: ApiClient, plan: dict[Any, list[_File]], sources: Sources,
     lacking = _missing(client, sorted(blobs))
     for sha, (size, local) in sorted(blobs.items()):
         if sha in lacking:
-            _send(client, f"/v1/blobs/{sha}", local, sha, size, progress)
+            _send(client, f"/v1/blobs/sha256/{sha}", local, sha, size, progress)
             summary.uploads += 1
             summary.bytes_sent += size
         else:

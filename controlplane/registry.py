@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_
@@ -35,9 +35,13 @@ from protocol import (
     verify_release,
 )
 
-from .artifact_index import HasBlob, IndexRefusal, index_release_files, release_files
-from .db.models import Model, ModelVariant, ModelVersion, ReleaseFile
+from .artifact_index import PathConflict, record_path, release_files
+from .artifacts import StoredFile
+from .db.models import Artifact, Model, ModelVariant, ModelVersion, ReleaseFile
 from .semver_order import sort_key
+
+#: does the store hold this blob, with this size?
+HasBlob = Callable[[str, int], bool]
 
 
 class RegistryError(Exception):
@@ -71,6 +75,43 @@ class Registered:
 def manifest_digest(signed: dict[str, object]) -> str:
     """sha256 of the canonical signed manifest: two uploads are identical iff these match."""
     return hashlib.sha256(canonical_json(signed)).hexdigest()
+
+
+def _index_release_files(
+    session: Session, files: dict[str, tuple[str, int]], has_blob: HasBlob | None
+) -> None:
+    """Record every path of a release before it is registered. Commits.
+
+    Raises :class:`ReleaseRejected` with reason ``artifact_mismatch`` (a path
+    already resolves to other content) or ``missing_artifact`` (neither
+    recorded nor in the store). Nothing is recorded unless every file passes.
+    """
+    recorded = {a.path: a for a in session.scalars(select(Artifact).where(
+        Artifact.path.in_(list(files))))}
+    new = []
+    for path, (sha256, size) in sorted(files.items()):
+        found = recorded.get(path)
+        if found is not None:
+            if (found.sha256, found.size_bytes) != (sha256, size):
+                raise ReleaseRejected(
+                    "artifact_mismatch",
+                    f"{path!r} is stored as sha256 {found.sha256}, {found.size_bytes} bytes; "
+                    f"the manifest says {sha256}, {size} bytes (paths never change: "
+                    "publish under a new version or artifact path)",
+                )
+        elif has_blob is not None and has_blob(sha256, size):
+            new.append(StoredFile(path, sha256, size))
+        else:
+            raise ReleaseRejected(
+                "missing_artifact",
+                f"{path!r}: its blob (sha256 {sha256}, {size} bytes) is not in the store; "
+                f"upload it first (PUT /v1/blobs/sha256/{sha256})",
+            )
+    for stored in new:
+        try:
+            record_path(session, stored)
+        except PathConflict as exc:
+            raise ReleaseRejected("artifact_mismatch", str(exc)) from exc
 
 
 def _existing(session: Session, name: str, version: str) -> ModelVersion | None:
@@ -121,10 +162,7 @@ def register_release(
     if existing is not None:
         return _same_or_conflict(existing, digest)
     files = release_files(manifest)
-    try:
-        index_release_files(session, files, has_blob)
-    except IndexRefusal as exc:
-        raise ReleaseRejected(exc.reason, str(exc)) from exc
+    _index_release_files(session, files, has_blob)
 
     if session.get(Model, manifest.name) is None:
         session.add(Model(name=manifest.name, created_at=now))

@@ -192,13 +192,13 @@ def test_tampered_upload_is_refused_and_nothing_kept(plane: Plane) -> None:
     claimed = blob("claimed", 5_000)
     sent = blob("sent", 5_000)
     before = plane.blob_names()
-    r = plane.http.put(f"/v1/blobs/{_sha(claimed)}", content=sent)
+    r = plane.http.put(f"/v1/blobs/sha256/{_sha(claimed)}", content=sent)
     assert r.status_code == 422 and r.json()["detail"]["reason"] == "digest_mismatch"
     assert plane.blob_names() == before
     assert list(plane.incoming.iterdir()) == []
     assert plane.http.post("/v1/blobs/missing", json={"digests": [_sha(claimed), _sha(sent)]}
                            ).json()["missing"] == [_sha(claimed), _sha(sent)]
-    assert plane.http.put("/v1/blobs/not-a-digest", content=sent).status_code == 422
+    assert plane.http.put("/v1/blobs/sha256/not-a-digest", content=sent).status_code == 422
     assert plane.http.post("/v1/blobs/missing", json={"digests": ["ABC"]}).status_code == 422
 
 
@@ -212,7 +212,7 @@ def test_concurrent_uploads_of_the_same_digest_keep_one_copy(plane: Plane) -> No
         with httpx.Client(base_url=plane.url, headers=ADMIN_HEADERS, timeout=60) as http:
             start.wait()
             # No Content-Length (a generator body): every upload streams in full.
-            statuses.append(http.put(f"/v1/blobs/{sha}", content=iter([data[:1 << 20],
+            statuses.append(http.put(f"/v1/blobs/sha256/{sha}", content=iter([data[:1 << 20],
                                                                        data[1 << 20:]]))
                             .status_code)
 
@@ -237,7 +237,7 @@ def test_gc_keeps_referenced_blobs_and_removes_orphans(plane: Plane) -> None:
     folder = _folder(plane.root, "gc", {"model.onnx": kept})
     done = plane.publish(plane.spec("gc", "1.0.0", {"small": (folder, "onnx")}))
     orphan = blob("gc-orphan", 3_000)
-    assert plane.http.put(f"/v1/blobs/{_sha(orphan)}", content=orphan).status_code == 201
+    assert plane.http.put(f"/v1/blobs/sha256/{_sha(orphan)}", content=orphan).status_code == 201
     unregistered = blob("gc-path", 2_000)
     assert plane.http.put("/v1/artifacts/never/registered.bin", content=unregistered,
                           headers={"X-Content-SHA256": _sha(unregistered)}).status_code == 201

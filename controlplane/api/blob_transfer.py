@@ -1,4 +1,5 @@
-"""Receiving an upload into the blob store, shared by ``/v1/blobs`` and ``/v1/artifacts``.
+"""What ``/v1/blobs`` and ``/v1/artifacts`` share: receiving an upload into the blob
+store, its refusals as HTTP answers, and the app's cache of resolved paths.
 
 The body streams to a temp file in gathered chunks, each written and hashed
 on a worker thread so the event loop stays free for downloads; the blob is
@@ -11,6 +12,7 @@ from anyio import to_thread
 from fastapi import HTTPException, Request
 
 from controlplane.api.deps import not_configured
+from controlplane.artifact_index import PathCache
 from controlplane.artifacts import (
     ArtifactConflict,
     ArtifactError,
@@ -22,6 +24,7 @@ from controlplane.artifacts import (
     DigestMismatch,
 )
 from controlplane.context import AppContext
+from controlplane.db.models import Artifact
 
 #: bytes gathered before one trip to the worker thread that writes them
 WRITE_CHUNK = 1 << 20
@@ -40,6 +43,21 @@ def store_of(context: AppContext) -> ArtifactStore:
     if context.artifacts is None:
         raise not_configured("the artifact store is not configured (artifacts_dir)")
     return context.artifacts
+
+
+def path_cache(request: Request, context: AppContext) -> PathCache:
+    """The app's resolutions of artifact paths to blobs, made on first use."""
+    cache = getattr(request.app.state, "artifact_paths", None)
+    if cache is None:
+        def lookup(path: str) -> tuple[str, int] | None:
+            # A session of its own, closed before the body streams: a request-scoped
+            # one would stay checked out of the pool for the whole download.
+            with context.sessions() as session:
+                row = session.get(Artifact, path)
+                return None if row is None else (row.sha256, row.size_bytes)
+
+        cache = request.app.state.artifact_paths = PathCache(lookup)
+    return cache
 
 
 def refuse(exc: ArtifactError) -> HTTPException:

@@ -16,7 +16,7 @@ MAX_DIGESTS = 10_000
 class MissingIn(BaseModel):
     """Digests a publisher holds locally."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     digests: Annotated[list[Sha256], Field(max_length=MAX_DIGESTS)]
 
@@ -37,7 +37,7 @@ class BlobOut(BaseModel):
 class CollectIn(BaseModel):
     """One garbage collection."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dry_run: bool = Field(False, description="report what would go; remove nothing")
     grace_s: float = Field(

@@ -23,16 +23,15 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from controlplane.api.blob_transfer import receive, refuse, store_of
+from controlplane.api.blob_transfer import path_cache, receive, refuse, store_of
 from controlplane.api.deps import ContextDep, described
 from controlplane.api.schemas_registry import ArtifactOut
-from controlplane.artifact_index import PathCache, PathConflict, record_path
+from controlplane.artifact_index import PathConflict, record_path
 from controlplane.artifacts import (
     ArtifactConflict,
     ArtifactError,
     ArtifactTooLarge,
     BadArtifactPath,
-    BadDigest,
     StoredFile,
     check_path,
 )
@@ -47,21 +46,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHA256_HEADER_PATTERN = r"^\s*[0-9a-fA-F]{64}\s*$"
 #: content at a path never changes (a different blob is a 409), so caches may keep it
 IMMUTABLE = "public, max-age=31536000, immutable"
-
-
-def _paths(request: Request, context: AppContext) -> PathCache:
-    """The app's resolutions of paths to blobs, made on first use."""
-    cache = getattr(request.app.state, "artifact_paths", None)
-    if cache is None:
-        def lookup(path: str) -> tuple[str, int] | None:
-            # A session of its own, closed before the body streams: a request-scoped
-            # one would stay checked out of the pool for the whole download.
-            with context.sessions() as session:
-                row = session.get(Artifact, path)
-                return None if row is None else (row.sha256, row.size_bytes)
-
-        cache = request.app.state.artifact_paths = PathCache(lookup)
-    return cache
 
 
 _READ_RESPONSES = described({
@@ -90,7 +74,7 @@ def get_artifact_file(path: str, request: Request, context: ContextDep) -> Respo
         check_path(path)
     except BadArtifactPath as exc:
         raise HTTPException(404, detail=f"artifact {path!r} not found") from exc
-    found = _paths(request, context).resolve(path)
+    found = path_cache(request, context).resolve(path)
     file = store.blob_path(found[0]) if found is not None else None
     if found is None or file is None or not file.is_file():
         raise HTTPException(404, detail=f"artifact {path!r} not found")
@@ -173,7 +157,7 @@ async def put_artifact(
         blob = await receive(request, store, expected)
         created, row = await to_thread.run_sync(
             _record, context, StoredFile(path, blob.sha256, blob.size_bytes))
-    except (ArtifactError, BadDigest) as exc:
+    except ArtifactError as exc:
         raise refuse(exc) from exc
     except PathConflict as exc:
         raise HTTPException(409, detail={"reason": exc.reason, "message": str(exc)}) from exc
