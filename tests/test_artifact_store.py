@@ -265,6 +265,33 @@ def test_gc_keeps_referenced_blobs_and_removes_orphans(plane: Plane) -> None:
     assert any(entry.get("path") == "/v1/blobs/gc" for entry in audit)
 
 
+def test_gc_never_touches_an_upload_in_progress(plane: Plane) -> None:
+    """A collection while an upload is half sent leaves it to finish and land."""
+    data = blob("gc-in-flight", 3_000_000)
+    half_sent, go_on = threading.Event(), threading.Event()
+    outcome: list[int] = []
+
+    def body() -> Iterator[bytes]:
+        yield data[:1_500_000]
+        half_sent.set()
+        go_on.wait(30)
+        yield data[1_500_000:]
+
+    def send() -> None:
+        with httpx.Client(base_url=plane.url, headers=ADMIN_HEADERS, timeout=60) as http:
+            outcome.append(http.put(f"/v1/blobs/sha256/{_sha(data)}", content=body()).status_code)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert half_sent.wait(30)
+    done = plane.http.post("/v1/blobs/gc", json={"grace_s": 0}).json()
+    assert _sha(data) not in done["removed_blobs"]
+    go_on.set()
+    sender.join(60)
+    assert outcome == [201]
+    assert (plane.blobs / _sha(data)).read_bytes() == data
+
+
 def test_gc_needs_admin(plane: Plane) -> None:
     r = httpx.post(f"{plane.url}/v1/blobs/gc", json={"dry_run": True})
     assert r.status_code == 401
