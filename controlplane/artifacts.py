@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +196,7 @@ class Upload:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self._tmp.unlink()
-        return Blob(sha256, self.size, self._store.blob_path(sha256).stat().st_mtime), created
+        return Blob(sha256, self.size, time.time()), created
 
     def abort(self) -> None:
         """Drop the partial file. Idempotent."""
@@ -279,11 +280,12 @@ class ArtifactStore:
         """Regular files an earlier layout stored at their artifact path."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             here = Path(dirpath)
+            # Pruned before os.walk lists them: a large store starts without
+            # reading its blob directory.
             if here == self.root:
                 dirnames[:] = [d for d in dirnames if d != _INCOMING]
-            if here == self.blobs:
-                dirnames[:] = []
-                continue
+            if here == self.blobs.parent:
+                dirnames[:] = [d for d in dirnames if d != self.blobs.name]
             for name in filenames:
                 yield here / name
 
