@@ -74,7 +74,9 @@ def upgrade() -> None:
         sa.column("version_id"), sa.column("path"), sa.column("sha256"), sa.column("size_bytes"),
     )
     for version_id, envelope in conn.execute(sa.text("SELECT id, envelope FROM model_versions")):
-        files = _release_files(json.loads(envelope)["signed"])
+        # Registration stored only verified envelopes; anything else lists no files.
+        signed = json.loads(envelope).get("signed") if envelope else None
+        files = _release_files(signed) if isinstance(signed, dict) else {}
         if files:
             conn.execute(table.insert(), [
                 {"version_id": version_id, "path": path, "sha256": sha, "size_bytes": size}
