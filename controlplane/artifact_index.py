@@ -7,9 +7,9 @@ conflict. That is what lets downloads be cached for good and resolutions be
 kept in memory (:class:`PathCache`) instead of asking the database on every
 request.
 
-Registering a release records every path it refers to (when its blob is
-stored) and lists them in ``release_files``; garbage collection keeps every
-blob listed there.
+Registering a release (controlplane/registry.py) records every path it
+refers to (when its blob is stored) and lists them in ``release_files``;
+garbage collection keeps every blob listed there.
 """
 
 from __future__ import annotations
@@ -38,17 +38,25 @@ class PathConflict(Exception):
 
 
 def release_files(manifest: ReleaseManifest) -> dict[str, tuple[str, int]]:
-    """path -> (sha256, size) of every file a release refers to."""
-    out: dict[str, tuple[str, int]] = {}
+    """path -> (sha256, size) of every file a release refers to.
+
+    Raises :class:`PathConflict` when the release names one path twice with
+    different content (one of the two would be served to the wrong devices).
+    """
+    named: list[tuple[str, str, int]] = []
     for variant in manifest.variants.values():
         if variant.files:
-            for f in variant.files:
-                out[f"{variant.artifact}/{f.path}"] = (f.sha256, f.size_bytes)
+            named += [(f"{variant.artifact}/{f.path}", f.sha256, f.size_bytes)
+                      for f in variant.files]
         else:
-            out[variant.artifact] = (variant.sha256, variant.size_bytes)
+            named.append((variant.artifact, variant.sha256, variant.size_bytes))
     if manifest.eval_set is not None:
         ref = manifest.eval_set
-        out[ref.artifact] = (ref.sha256, ref.size_bytes)
+        named.append((ref.artifact, ref.sha256, ref.size_bytes))
+    out: dict[str, tuple[str, int]] = {}
+    for path, sha256, size in named:
+        if out.setdefault(path, (sha256, size)) != (sha256, size):
+            raise PathConflict(f"the release names {path!r} twice, with different content")
     return out
 
 

@@ -161,7 +161,10 @@ def register_release(
     existing = _existing(session, manifest.name, manifest.version)
     if existing is not None:
         return _same_or_conflict(existing, digest)
-    files = release_files(manifest)
+    try:
+        files = release_files(manifest)
+    except PathConflict as exc:
+        raise ReleaseRejected("artifact_mismatch", str(exc)) from exc
     _index_release_files(session, files, has_blob)
 
     if session.get(Model, manifest.name) is None:

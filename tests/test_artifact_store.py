@@ -20,10 +20,10 @@ import yaml
 
 from controlplane.keyfiles import save_key
 from controlplane.publishing import publish
-from protocol import VariantFile, files_digest
+from protocol import Tier, VariantFile, canonical_json, files_digest
 from tests.support.auth import ADMIN_HEADERS
 from tests.support.registry import blob, write_trust
-from tests.support.signer import TrustSimulator
+from tests.support.signer import TrustSimulator, make_variant
 
 HEALTH = {
     "max_ttft_ms": 2000,
@@ -35,8 +35,9 @@ HEALTH = {
 class Plane:
     """A running control plane, its store on disk, a release key and a spec writer."""
 
-    def __init__(self, root: Path, url: str, key: Path) -> None:
+    def __init__(self, root: Path, url: str, key: Path, sim: TrustSimulator) -> None:
         self.root = root
+        self.sim = sim
         self.url = url
         self.key = key
         self.http = httpx.Client(base_url=url, headers=ADMIN_HEADERS, timeout=60)
@@ -84,7 +85,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory, broker: Any,
     cp = ControlPlane(cp_settings(root / "cp", broker, cp_credentials,
                                   release_keys_file=trust.release_keys_file)).start()
     try:
-        yield Plane(root, cp.api_url, key)
+        yield Plane(root, cp.api_url, key, sim)
     finally:
         cp.stop()
 
@@ -263,6 +264,21 @@ def test_gc_keeps_referenced_blobs_and_removes_orphans(plane: Plane) -> None:
     assert httpx.get(f"{plane.url}/v1/artifacts/never/registered.bin").status_code == 404
     audit = plane.http.get("/v1/audit").json()["items"]
     assert any(entry.get("path") == "/v1/blobs/gc" for entry in audit)
+
+
+def test_a_release_naming_one_path_twice_with_different_content_is_refused(
+    plane: Plane
+) -> None:
+    a, b = blob("twice-a", 100), blob("twice-b", 100)
+    for data in (a, b):
+        assert plane.http.put(f"/v1/blobs/sha256/{_sha(data)}", content=data).status_code == 201
+    variants = {tier: make_variant(tier, sha256=_sha(data), size_bytes=100,
+                                   artifact="twice/model.gguf")
+                for tier, data in ((Tier.MICRO, a), (Tier.SMALL, b))}
+    envelope = plane.sim.release("twice", "1.0.0", variants=variants)
+    r = plane.http.post("/v1/models", content=canonical_json(envelope))
+    assert r.status_code == 422 and r.json()["detail"]["reason"] == "artifact_mismatch"
+    assert httpx.get(f"{plane.url}/v1/artifacts/twice/model.gguf").status_code == 404
 
 
 def test_gc_never_touches_an_upload_in_progress(plane: Plane) -> None:
