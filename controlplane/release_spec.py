@@ -20,10 +20,15 @@ Example (``examples/smollm2.release.yaml`` has a complete one)::
             - {prompt: "What is the capital of Germany?", expected: [Berlin]}
 
 ``file`` is relative to the spec's directory (``~`` and ``$VARS`` expand).
+It may name a folder (an onnxruntime-genai model: ``model.onnx``,
+``model.onnx.data``, ``genai_config.json``, tokenizer files): the variant is
+then a folder variant, every file in it hashed and listed in ``files``
+(symlinks, hidden names and anything else :mod:`controlplane.spec_folders`
+refuses are errors), its ``sha256`` the digest of that list.
 ``artifact``, the path in the store, defaults to
-``<name>/<version>/<tier>/<file name>``. Everything else is a
-:class:`protocol.Variant` field with the same name and rules; the hash and
-size are measured from the file, never written by hand.
+``<name>/<version>/<tier>/<file or folder name>``. Everything else is a
+:class:`protocol.Variant` field with the same name and rules; hashes and
+sizes are measured from the files, never written by hand.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from protocol import (
     RuntimeDefaults,
     Tier,
     Variant,
+    VariantFile,
+    files_digest,
     parse_yaml_mapping,
     validation_problems,
 )
@@ -103,22 +110,30 @@ def load_spec(path: Path) -> ReleaseSpec:
 
 
 def artifact_path(spec: ReleaseSpec, tier: Tier) -> str:
-    """Where the tier's file goes in the artifact store."""
+    """Where the tier's file (or a folder variant's folder) goes in the artifact store."""
     variant = spec.variants[tier]
     return variant.artifact or f"{spec.name}/{spec.version}/{tier.value}/{variant.file.name}"
 
 
+#: what was measured of one tier: (sha256, size) of its file, or a folder's file list
+Measured = tuple[str, int] | list[VariantFile]
+
+
 def build_manifest(
-    spec: ReleaseSpec, measured: dict[Tier, tuple[str, int]], *, released_at: float
+    spec: ReleaseSpec, measured: dict[Tier, Measured], *, released_at: float
 ) -> ReleaseManifest:
-    """The release manifest for ``spec``, given each tier's measured (sha256, size)."""
+    """The release manifest for ``spec``, given each tier's measured (sha256, size),
+    or for a folder variant its files."""
     variants = {}
     for tier, v in spec.variants.items():
-        sha256, size = measured[tier]
+        found = measured[tier]
         fields = v.model_dump(exclude={"file", "artifact"}, exclude_none=True)
+        if isinstance(found, list):
+            fields.update(files=found, sha256=files_digest(found),
+                          size_bytes=sum(f.size_bytes for f in found))
+        else:
+            fields.update(sha256=found[0], size_bytes=found[1])
         fields.update(
-            sha256=sha256,
-            size_bytes=size,
             artifact=artifact_path(spec, tier),
             runtime_defaults=v.runtime_defaults,
             health_check=v.health_check,

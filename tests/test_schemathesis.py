@@ -86,6 +86,10 @@ NOT_IN_THE_SCHEMA: dict[tuple[str, str], tuple[Any, str]] = {
         positive_data_acceptance,
         "the body must hash to X-Content-SHA256: a rule across header and body",
     ),
+    ("PUT", "/v1/blobs/sha256/{sha256}"): (
+        positive_data_acceptance,
+        "the body must hash to the digest in the path: a rule across path and body",
+    ),
 }
 
 

@@ -22,6 +22,7 @@ from .routes import (
     artifacts,
     assignments,
     audit,
+    blobs,
     credentials,
     devices,
     health,
@@ -78,7 +79,7 @@ def create_app(context: AppContext) -> FastAPI:
     openapi.install(app, add_links, partial(document_page_max, cap=context.settings.page_max))
     allow.install(app)
     # In this order: a template declared first wins where two match a path.
-    for resource in (health, devices, assignments, models, artifacts, ingest, metrics,
+    for resource in (health, devices, assignments, models, artifacts, blobs, ingest, metrics,
                      rollouts, inference, tokens, audit, whoami, credentials, update_policies):
         app.include_router(resource.router)
     return app
