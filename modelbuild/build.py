@@ -111,12 +111,13 @@ def _quantized(store: BuildStore, spec: BuildSpec, candidate: Candidate,
     bars.callback(candidate.name)(f"quantize {candidate.type}", 0, 1)
     started = time.perf_counter()
     quantize(spec.source.file, partial, candidate.type, candidate.overrides,
-             threads=spec.threads, log=directory / "quantize.log")
+             threads=spec.threads, log=directory / "quantize.log", imatrix=candidate.imatrix)
     seconds = time.perf_counter() - started
     os.replace(partial, file)
     record = {
         "type": candidate.type,
         "overrides": candidate.overrides,
+        "imatrix": None if candidate.imatrix is None else str(candidate.imatrix),
         "seconds": seconds,
         "sha256": file_sha256(file),
         "tensors": {t.name: t.type for t in read_tensors(file)},

@@ -33,22 +33,22 @@ TENSOR_TYPES.setdefault("TQ2_0", 35)
 _TYPE_NAMES = {value: name for name, value in TENSOR_TYPES.items()}
 
 
+def _lookup(table: dict[str, int], name: str, what: str) -> int:
+    try:
+        return table[name.upper()]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise ValueError(f"unknown {what} {name!r} (llama.cpp knows: {known})") from None
+
+
 def file_type(name: str) -> int:
     """The llama_ftype for ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return FILE_TYPES[name.upper()]
-    except KeyError:
-        known = ", ".join(sorted(FILE_TYPES))
-        raise ValueError(f"unknown quantization type {name!r} (llama.cpp knows: {known})") from None
+    return _lookup(FILE_TYPES, name, "quantization type")
 
 
 def tensor_type(name: str) -> int:
     """The ggml_type for ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return TENSOR_TYPES[name.upper()]
-    except KeyError:
-        known = ", ".join(sorted(TENSOR_TYPES))
-        raise ValueError(f"unknown tensor type {name!r} (llama.cpp knows: {known})") from None
+    return _lookup(TENSOR_TYPES, name, "tensor type")
 
 
 def tensor_type_name(value: int) -> str:

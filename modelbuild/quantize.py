@@ -25,9 +25,11 @@ class QuantizeError(RuntimeError):
 
 
 def quantize(source: Path, out: Path, type_name: str, overrides: dict[str, str], *,
-             threads: int, log: Path) -> None:
-    """Write ``source`` quantized to ``type_name`` at ``out`` (``overrides``: regex -> type)."""
-    args = json.dumps({"type": type_name, "overrides": overrides, "threads": threads})
+             threads: int, log: Path, imatrix: Path | None = None) -> None:
+    """Write ``source`` quantized to ``type_name`` at ``out`` (``overrides``: regex -> type;
+    ``imatrix``: a GGUF importance matrix weighing the rounding)."""
+    args = json.dumps({"type": type_name, "overrides": overrides, "threads": threads,
+                       "imatrix": None if imatrix is None else str(imatrix)})
     with open(log, "wb") as sink:
         done = subprocess.run([sys.executable, "-m", __name__, str(source), str(out), args],
                               stdout=sink, stderr=subprocess.STDOUT, check=False)
@@ -37,6 +39,33 @@ def quantize(source: Path, out: Path, type_name: str, overrides: dict[str, str],
                             f"{done.returncode}; log {log}): {' | '.join(tail)}")
 
 
+def _override_table(overrides: dict[str, str]):
+    import llama_cpp
+
+    table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (pattern, kind) in enumerate(overrides.items()):
+        table[i].pattern = pattern.encode()
+        table[i].type = tensor_type(kind)
+    table[len(overrides)].pattern = None  # the list ends at a null pattern
+    return table
+
+
+def _imatrix_table(path: Path, keep: list[object]):
+    import llama_cpp
+
+    from .imatrix import load_imatrix
+
+    weights = load_imatrix(path)
+    keep.append(weights)
+    table = (llama_cpp.llama_model_imatrix_data * (len(weights) + 1))()
+    for i, (name, values) in enumerate(weights.items()):
+        table[i].name = name.encode()
+        table[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        table[i].size = len(values)
+    table[len(weights)].name = None  # the list ends at a null name
+    return table
+
+
 def _run(source: str, out: str, args: dict) -> int:
     import llama_cpp
 
@@ -44,17 +73,17 @@ def _run(source: str, out: str, args: dict) -> int:
     params.ftype = file_type(args["type"])
     params.allow_requantize = True
     params.nthread = args["threads"]
-    overrides = list(args["overrides"].items())
-    # kept referenced until the call returns: llama.cpp reads the C strings through them
-    patterns = [pattern.encode() for pattern, _ in overrides]
-    table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
-    for i, (_, kind) in enumerate(overrides):
-        table[i].pattern = patterns[i]
-        table[i].type = tensor_type(kind)
-    table[len(overrides)].pattern = None  # the list ends at a null pattern
-    if overrides:
-        pointer = ctypes.POINTER(llama_cpp.llama_model_tensor_override)
-        params.tt_overrides = ctypes.cast(table, pointer)
+    # every table stays referenced until the call returns: llama.cpp reads through them
+    keep: list[object] = []
+    if args["overrides"]:
+        overrides = _override_table(args["overrides"])
+        keep.append(overrides)
+        params.tt_overrides = ctypes.cast(
+            overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if args.get("imatrix"):
+        imatrix = _imatrix_table(Path(args["imatrix"]), keep)
+        keep.append(imatrix)
+        params.imatrix = ctypes.cast(imatrix, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     return llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params))
 
 

@@ -100,6 +100,8 @@ class Candidate(_Strict):
     type: str
     #: tensor-name regex -> tensor type, first match wins (llama-quantize's --tensor-type)
     overrides: dict[str, str] = Field(default_factory=dict)
+    #: a GGUF importance matrix (llama-imatrix's output) to weigh the rounding with
+    imatrix: Path | None = None
 
     @field_validator("type")
     @classmethod
@@ -122,8 +124,9 @@ class Candidate(_Strict):
 
     @property
     def quantization(self) -> str:
-        """The manifest's ``quantization``: the type, or the name when tensors differ."""
-        return self.type if not self.overrides else self.name
+        """The manifest's ``quantization``: the type, or the name when tensors differ
+        or an importance matrix weighed the rounding."""
+        return self.type if not (self.overrides or self.imatrix) else self.name
 
 
 class TierBudget(_Strict):
@@ -197,8 +200,13 @@ def load_build_spec(path: Path) -> BuildSpec:
         "held_out": spec.held_out.model_copy(update={"text": _resolve(base, spec.held_out.text)}),
         "eval_set": _resolve(base, spec.eval_set),
     })
-    for what, file in (("source.file", spec.source.file), ("held_out.text", spec.held_out.text),
-                       ("eval_set", spec.eval_set)):
+    candidates = [c if c.imatrix is None else c.model_copy(update={
+        "imatrix": _resolve(base, c.imatrix)}) for c in spec.candidates]
+    spec = spec.model_copy(update={"candidates": candidates})
+    files = [("source.file", spec.source.file), ("held_out.text", spec.held_out.text),
+             ("eval_set", spec.eval_set)]
+    files += [(f"candidates.{c.name}.imatrix", c.imatrix) for c in candidates if c.imatrix]
+    for what, file in files:
         if not file.is_file():
             raise BuildSpecError(f"{source}: {what}: {file} does not exist")
     return spec

@@ -11,7 +11,7 @@ Layout, under the build directory::
             measure-<key>.json              its figures
 
 The variant key hashes what makes the file (source sha256, type, overrides,
-llama-cpp-python version); the measurement key adds what makes the
+importance matrix, llama-cpp-python version); the measurement key adds what makes the
 figures (held-out text, eval set, contexts, threads). A build that stops
 half way resumes from the variants whose files and figures are written
 (each written whole, by rename); a second build of the same spec measures
@@ -84,6 +84,7 @@ class BuildStore:
         """The candidate's directory (its key: source, type, overrides, llama.cpp version)."""
         key = _key({"format": QUANTIZE_FORMAT, "source": self.source_sha256,
                     "type": candidate.type, "overrides": candidate.overrides,
+                    "imatrix": candidate.imatrix and file_sha256(candidate.imatrix),
                     "llama_cpp": _llama_cpp_version()})
         return self.root / f"{candidate.name}-{key}"
 

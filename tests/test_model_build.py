@@ -19,9 +19,11 @@ import yaml
 
 from controlplane.release_spec import build_manifest, load_spec
 from modelbuild import NoVariantFits, run_build
+from modelbuild.imatrix import ImatrixError, load_imatrix
+from modelbuild.quantize import quantize
 from modelbuild.tensors import read_tensors
 from protocol import Tier
-from tests.support.build import ROOT, write_spec
+from tests.support.build import ROOT, write_imatrix, write_spec
 
 CANDIDATES = [
     {"name": "q8_0", "type": "Q8_0"},
@@ -168,3 +170,19 @@ def test_a_bad_spec_is_refused_by_name(tmp_path: Path, model_path: Path) -> None
     assert done.returncode == 2
     assert "unknown quantization type 'Q9_9'" in done.stderr
     assert not (tmp_path / "build").exists()
+
+
+def test_an_importance_matrix_weighs_the_rounding(tmp_path: Path, model_path: Path) -> None:
+    imatrix = write_imatrix(model_path, tmp_path / "imatrix.gguf")
+    weights = load_imatrix(imatrix)
+    assert len(weights) == 210 and all(len(w) in (576, 1536) for w in weights.values())
+    plain, weighed = tmp_path / "plain.gguf", tmp_path / "weighed.gguf"
+    quantize(model_path, plain, "Q4_0", {}, threads=1, log=tmp_path / "plain.log")
+    quantize(model_path, weighed, "Q4_0", {}, threads=1, log=tmp_path / "weighed.log",
+             imatrix=imatrix)
+    # same tensors and types where no guard applies, different rounding
+    assert read_tensors(weighed)[5].type == read_tensors(plain)[5].type == "Q4_0"
+    assert plain.read_bytes() != weighed.read_bytes()
+    # a file that is not an importance matrix is refused by name
+    with pytest.raises(ImatrixError, match=r"no \.in_sum2 tensors"):
+        load_imatrix(model_path)

@@ -63,3 +63,26 @@ def llama_perplexity_binary() -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"{BUILD_SCRIPT.name} llama-perplexity failed (exit {done.returncode})")
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+def write_imatrix(model_path: Path, out: Path, seed: int = 0) -> Path:
+    """A GGUF importance matrix for every block weight of ``model_path``, as llama-imatrix
+    writes them (``<tensor>.in_sum2`` and ``<tensor>.counts``), with random column weights."""
+    import gguf
+    import numpy as np
+
+    from modelbuild.tensors import read_tensors
+
+    writer = gguf.GGUFWriter(str(out), arch="imatrix")
+    rng = np.random.default_rng(seed)
+    for tensor in read_tensors(model_path):
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            columns = tensor.shape[0]
+            writer.add_tensor(f"{tensor.name}.in_sum2",
+                              rng.random((1, columns), dtype=np.float32) * 10 + 0.01)
+            writer.add_tensor(f"{tensor.name}.counts", np.array([[100.0]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
