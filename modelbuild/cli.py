@@ -31,10 +31,10 @@ def default_build_dir() -> Path:
 def build(
     spec: Path = typer.Argument(..., help="build spec (YAML; see docs/build.md)", dir_okay=False),
     build_dir: Path = typer.Option(None, "--build-dir",
-                                   help="where variants and figures are kept between builds "
-                                        "[default: ~/.cache/slmfleet/model-builds]"),
-    out: Path = typer.Option(None, "--out", help="release spec to write "
-                             "[default: <NAME>-<VERSION>.release.yaml in the build directory]"),
+                                   help="where variants and figures are kept between builds",
+                                   show_default="~/.cache/slmfleet/model-builds"),
+    out: Path = typer.Option(None, "--out", help="release spec to write",
+                             show_default="NAME-VERSION.release.yaml in the build directory"),
     output: OutputKind = typer.Option(OutputKind.TABLE, "--output", help="table or json"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
