@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from enum import StrEnum
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def _show(report: dict, output: OutputKind) -> None:
     if output is OutputKind.JSON:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
-        print_report(report, Console())
+        # a pipe or a log file gets the whole table, not one cut to 80 columns
+        print_report(report, Console(width=None if sys.stdout.isatty() else 160))
 
 
 def main(argv: list[str]) -> None:

@@ -47,7 +47,7 @@ def table(report: dict[str, Any]) -> Table:
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     """The table, then each refusal, then where the outputs are."""
-    console.print(table(report), width=max(console.width, 150))
+    console.print(table(report))
     for tier, info in report["tiers"].items():
         for reason in info["verdicts"].values():
             if reason is not None:
