@@ -5,6 +5,16 @@ verification, and the checks on what operators write by hand (broker URLs,
 YAML documents). No network, no disk, no clock it is not handed.
 """
 
+from .adapter import (
+    ADAPTER_FORMAT,
+    ADAPTER_SEPARATOR,
+    ActiveBase,
+    AdapterBase,
+    BaseMismatch,
+    check_base,
+    in_range,
+    split_model,
+)
 from .assignment import (
     CLOCK_SKEW_S,
     MAX_ASSIGNMENT_BYTES,
@@ -127,6 +137,8 @@ from .topics import (
 )
 
 __all__ = [
+    "ADAPTER_FORMAT",
+    "ADAPTER_SEPARATOR",
     "ASSIGNMENT_SET_SCHEMA",
     "CLOCK_SKEW_S",
     "DEVICE_ID_PATTERN",
@@ -147,10 +159,13 @@ __all__ = [
     "TELEMETRY_SCHEMA_V1",
     "TOPIC_ROOT",
     "Accelerator",
+    "ActiveBase",
     "ActiveModel",
+    "AdapterBase",
     "Assignment",
     "AssignmentSet",
     "BadVersionError",
+    "BaseMismatch",
     "Capabilities",
     "CpuInfo",
     "DeviceMessage",
@@ -205,6 +220,7 @@ __all__ = [
     "WrongDeviceError",
     "WrongRoleError",
     "canonical_json",
+    "check_base",
     "check_broker_url",
     "check_device_id",
     "code_from_reason",
@@ -213,6 +229,7 @@ __all__ = [
     "disk_needed_bytes",
     "encode",
     "fit_check",
+    "in_range",
     "is_valid_device_id",
     "key_id_for",
     "load_json",
@@ -227,6 +244,7 @@ __all__ = [
     "sign_assignment_set",
     "sign_key_list",
     "sign_release",
+    "split_model",
     "subscription",
     "trusted_keys",
     "validation_problems",
