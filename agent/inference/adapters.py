@@ -18,12 +18,14 @@ that build arrives.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from protocol import ADAPTER_SEPARATOR, split_model
 
+from ..healthcheck import HealthAborted, HealthRequest, HealthResult
 from ..healthcheck.rules import judge
 from .slot import NoModel, Slot, Unavailable
 from .supervisor import RemoteError, WorkerExited, WorkerLoadError
@@ -147,6 +149,34 @@ def served_adapters(runtime: InferenceRuntime) -> list[tuple[Slot, AdapterSpec]]
     return [(host.serving, spec) for host in runtime.hosts.values()
             if host.serving is not None for spec in host.serving.adapters.values()]
 
+
+
+async def check_staged_adapter(runtime: InferenceRuntime, request: HealthRequest,
+                               abort: asyncio.Event, timeout_s: float) -> HealthResult:
+    """The update pipeline's health check of a staged adapter (:func:`check_adapter`)."""
+    from .spec import AdapterSpec
+
+    assert request.adapter_of is not None
+    base, base_sha256, scale = request.adapter_of
+    spec = AdapterSpec(name=request.name or request.model.parent.name,
+                       version=request.version or "0", base=base, base_sha256=base_sha256,
+                       path=request.model, scale=scale, sha256=request.sha256 or "")
+    work = asyncio.ensure_future(check_adapter(runtime, spec, request.spec.model_dump(
+        mode="json")))
+    stop = asyncio.ensure_future(abort.wait())
+    try:
+        done, _ = await asyncio.wait({work, stop}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if work not in done:
+        work.cancel()
+        if stop in done:
+            raise HealthAborted("health check aborted")
+        return HealthResult(False, [f"health check timed out after {timeout_s:g} s"])
+    result = work.result()
+    details = {k: v for k, v in result.items() if k not in ("passed", "reasons")}
+    return HealthResult(bool(result.get("passed")), list(result.get("reasons", [])), details)
 
 
 def adapter_model_id(slot: Slot, adapter: AdapterSpec) -> str:

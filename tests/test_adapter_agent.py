@@ -1,0 +1,212 @@
+"""Adapter releases on a real agent serving the real SmolLM2 (``smollm2-135m@1.1.0``).
+
+The attack rows each get a device of their own, as in
+``tests/test_agent_update_attacks.py``: the device is handed an adapter an
+attacker could produce and must refuse it with its reason, download nothing
+it should not, leave staging empty, keep the base's active hash and go on
+answering with the base. The happy path: the adapter is downloaded alone
+(not a byte of the base), checked with its golden prompt applied, served
+under ``<base>+<adapter>`` beside the base's own answers, and rolled back by
+leaving the set, with the base never reloaded.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import protocol as p
+from controlplane.devfleet.mosquitto import MosquittoBroker
+from protocol import SigningKey
+from tests.support.adapters import BuiltAdapter, adapter_of, adapter_variant, built_adapter
+from tests.support.http_artifacts import ArtifactServer
+from tests.support.inference import ready_url, worker_pids
+from tests.support.mqtt import provision_device
+from tests.support.signer import TrustSimulator
+from tests.support.updates import DeviceRig, file_sha256, link_or_copy, seed_active, sign_set
+
+pytestmark = pytest.mark.integration
+
+E = p.EventType
+BASE = "smollm2-135m"
+ADAPTER = "support-formal"
+
+
+@dataclass
+class Shared:
+    broker: MosquittoBroker
+    cp_credentials: tuple[str, str]
+    server: ArtifactServer
+    adapter: BuiltAdapter
+    model_path: Path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Shared]:
+    root = tmp_path_factory.mktemp("adapter-artifacts")
+    adapter = built_adapter(model_path)
+    for name in ("adapter.gguf", "tampered.gguf"):
+        shutil.copyfile(adapter.path, root / name)
+    link_or_copy(model_path, root / "base.gguf")
+    with ArtifactServer(root) as server:
+        server.set_fault("tampered.gguf", flip_at=adapter.size_bytes // 2)
+        yield Shared(broker, cp_credentials, server, adapter, model_path)
+
+
+@pytest.fixture
+def device(tmp_path: Path, shared: Shared) -> Iterator[DeviceRig]:
+    """A fresh device serving the real base as smollm2-135m@1.1.0 on its local API."""
+    device_id = f"lora-{secrets.token_hex(3)}"
+    rig = DeviceRig(tmp_path, shared.broker, shared.cp_credentials, device_id,
+                    provision_device(shared.broker, device_id), shared.server,
+                    TrustSimulator(), api_port=0, inference_parallel=2)
+    seed_active(rig.state_dir / "models", BASE, "1.1.0", shared.model_path)
+    rig.start()
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def base_release(rig: DeviceRig, shared: Shared) -> dict[str, Any]:
+    """The base as the set names it (what is active already: a refresh, no download)."""
+    from tests.support.updates import variant_for
+
+    return rig.release("1.1.0", variant_for(shared.model_path, "base.gguf"))
+
+
+def adapter_release(rig: DeviceRig, shared: Shared, *, artifact: str = "adapter.gguf",
+                    base_sha: str | None = None, base: str = BASE, version: str = "1.0.0",
+                    signers: list[SigningKey] | None = None) -> dict[str, Any]:
+    adapter = shared.adapter
+    variant = adapter_variant(sha256=adapter.sha256, size_bytes=adapter.size_bytes,
+                              artifact=artifact, prompt=adapter.prompt,
+                              expected=adapter.expected)
+    return rig.release(version, variant, name=ADAPTER, signers=signers,
+                       adapter_of=adapter_of(base_sha or adapter.base_sha256, name=base))
+
+
+def assign(rig: DeviceRig, shared: Shared, adapter: dict[str, Any] | None) -> tuple[bytes, str]:
+    """The set {base, adapter}; returns the payload and the adapter entry's assignment id."""
+    sequence = rig.next_sequence()
+    releases = {BASE: base_release(rig, shared)}
+    aid = f"{ADAPTER}-{rig.device_id}-{sequence}"
+    ids = {BASE: f"{BASE}-{rig.device_id}"}
+    if adapter is not None:
+        releases[ADAPTER] = adapter
+        ids[ADAPTER] = aid
+    rig.sim.now = __import__("time").time()
+    return sign_set(rig.sim, rig.device_id, releases, sequence=sequence,
+                    artifact_url_base=shared.server.base_url, ids=ids), aid
+
+
+def ask(url: str, model: str, prompt: str) -> tuple[int, str]:
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0, "max_tokens": 12})
+    if response.status_code != 200:
+        return response.status_code, response.text
+    return 200, response.json()["choices"][0]["message"]["content"]
+
+
+@dataclass(frozen=True)
+class Row:
+    make: Callable[[DeviceRig, Shared], dict[str, Any]]
+    event: p.EventType
+    code: str
+    words: str
+    #: whether the adapter's bytes may be fetched at all before the refusal
+    downloads: bool = False
+
+
+ROWS = {
+    "adapter for another base hash": Row(
+        lambda rig, s: adapter_release(rig, s, base_sha="ab" * 32),
+        E.REJECTED, "base_mismatch", "sha256"),
+    "adapter whose base is not active": Row(
+        lambda rig, s: adapter_release(rig, s, base="llama-3b"),
+        E.REJECTED, "base_mismatch", "not active here"),
+    "tampered adapter file": Row(
+        lambda rig, s: adapter_release(rig, s, artifact="tampered.gguf"),
+        E.FAILED, "hash_mismatch", "sha256", downloads=True),
+    "adapter signed by the director alone": Row(
+        lambda rig, s: adapter_release(rig, s, signers=rig.sim.director_signers),
+        E.REJECTED, "threshold_not_met", "release keys"),
+}
+
+
+@pytest.mark.parametrize("row", list(ROWS), ids=list(ROWS))
+def test_attack_row(device: DeviceRig, shared: Shared, row: str) -> None:
+    spec = ROWS[row]
+    url = ready_url(device)
+    active_before = device.store.active()
+    assert active_before is not None
+    served_before = shared.server.bytes_sent()
+    workers = worker_pids(device.agent.proc.pid)
+    payload, aid = assign(device, shared, spec.make(device, shared))
+    device.publish(payload)
+    final = device.wait_final(aid)
+    assert final.type is spec.event, (final, device.agent.log()[-3000:])
+    assert final.code == spec.code and spec.words in (final.reason or ""), final
+    if not spec.downloads:
+        assert shared.server.bytes_sent() == served_before  # refused before any download
+    assert not any(e.type is E.ACTIVATED for e in device.events(aid))
+    assert device.staging == []
+    assert device.stores.store(ADAPTER).active() is None
+    active = device.store.active()
+    assert active is not None and active.key == active_before.key
+    assert file_sha256(active.artifact) == shared.adapter.base_sha256
+    status, answer = ask(url, BASE, shared.adapter.prompt)
+    assert status == 200 and shared.adapter.expected.lower() not in answer.lower()
+    status, _ = ask(url, f"{BASE}+{ADAPTER}", shared.adapter.prompt)
+    assert status == 404
+    assert worker_pids(device.agent.proc.pid) == workers  # the base was never reloaded
+
+
+def test_adapter_arrives_alone_serves_by_name_and_rolls_back(device: DeviceRig,
+                                                            shared: Shared) -> None:
+    adapter = shared.adapter
+    url = ready_url(device)
+    workers = worker_pids(device.agent.proc.pid)
+    base_sent = shared.server.bytes_sent("base.gguf")
+    sent = shared.server.bytes_sent("adapter.gguf")
+    payload, aid = assign(device, shared, adapter_release(device, shared))
+    device.publish(payload)
+    final = device.wait_final(aid, timeout=180)
+    assert final.type is E.ACTIVATED, (final, device.agent.log()[-3000:])
+    kinds = [e.type for e in device.events(aid)]
+    assert E.DOWNLOADING in kinds and E.HEALTH_PASSED in kinds
+    # Only the adapter's bytes moved; the base stayed where it was.
+    assert shared.server.bytes_sent("adapter.gguf") - sent == adapter.size_bytes
+    assert shared.server.bytes_sent("base.gguf") == base_sent
+    installed = device.stores.store(ADAPTER).active()
+    assert installed is not None and file_sha256(installed.artifact) == adapter.sha256
+
+    status, adapted = ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    assert status == 200 and adapter.expected.lower() in adapted.lower(), adapted
+    status, plain = ask(url, BASE, adapter.prompt)
+    assert status == 200 and adapter.expected.lower() not in plain.lower(), plain
+    ids = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert ids == {BASE, f"{BASE}+{ADAPTER}"}
+    hello = device.wait_hello(lambda h: any(m.name == ADAPTER for m in h.models))
+    assert {m.name for m in hello.models} == {BASE, ADAPTER}
+    assert worker_pids(device.agent.proc.pid) == workers  # applied, not reloaded
+
+    # Rolled back by leaving the set: the base answers as before, nothing reloads.
+    payload, _ = assign(device, shared, None)
+    device.publish(payload)
+    device.wait_hello(lambda h: all(m.name != ADAPTER for m in h.models), timeout=60)
+    from tests.support.updates import wait_for
+
+    wait_for(lambda: ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)[0] == 404, 30,
+             "the adapter to stop being served")
+    status, plain = ask(url, BASE, adapter.prompt)
+    assert status == 200 and adapter.expected.lower() not in plain.lower()
+    assert worker_pids(device.agent.proc.pid) == workers
