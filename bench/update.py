@@ -15,6 +15,10 @@ file fetched by ``agent.update.fetcher.download_artifact`` (Range-capable fetch,
 size cap, throughput floor, streaming sha256 on a second thread, fsync) and
 by a bare httpx stream written to disk with no checks at all. Target (issue
 3): download+verify >= 0.8 of raw.
+
+Part 3, LoRA adapters (``bench/_adapters.py``): moving the device to a new
+adapter against a full model update (seconds and bytes), and applying an
+adapter against loading the base in a fresh worker.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _adapters import adapter_figures
 from _common import report, scratch_broker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -142,6 +147,7 @@ def main() -> None:
     print(f"model {model.name}, {model.stat().st_size / 1e6:.1f} MB; work dir {work}", flush=True)
     times, phases = assign_to_active(work, model)
     verified, raw = throughput(work, model)
+    adapters = adapter_figures(work, model)
     assign_s = statistics.median(times)
     print(f"assignment -> active: median {assign_s:.2f} s of {ROUNDS}; "
           f"download+verify {verified:.0f} MB/s vs raw {raw:.0f} MB/s "
@@ -154,6 +160,7 @@ def main() -> None:
         "raw_http_mb_per_s": round(raw, 1),
         "ratio_vs_raw": round(verified / raw, 3),
         "artifact_mb": round(model.stat().st_size / 1e6, 1),
+        **adapters,
     })
 
 

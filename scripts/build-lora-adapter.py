@@ -50,15 +50,9 @@ NOISE_RANK = 8
 NOISE_STD = 3e-3
 #: how far the target's logit must lead the best other token, in logits
 MARGIN = 6.0
-BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-def cache_dir() -> Path:
-    """scripts/bootstrap.sh's cache directory (same variables)."""
-    explicit = os.environ.get("SLMFLEET_CACHE")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmfleet"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from controlplane.devfleet.model_cache import SMOLLM2_FILE, cache_dir  # noqa: E402
 
 
 def sha256_file(path: Path) -> str:
@@ -280,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=cache_dir())
     parser.add_argument("--base", type=Path)
     args = parser.parse_args(argv)
-    base_path = args.base or args.cache / "models" / BASE_FILE
+    base_path = args.base or args.cache / "models" / SMOLLM2_FILE
     if not base_path.is_file():
         print(f"error: {base_path} is missing: run scripts/bootstrap.sh first", file=sys.stderr)
         return 1

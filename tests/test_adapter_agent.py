@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,18 @@ from controlplane.devfleet.mosquitto import MosquittoBroker
 from protocol import SigningKey
 from tests.support.adapters import BuiltAdapter, adapter_of, adapter_variant, built_adapter
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import ready_url, worker_pids
+from tests.support.inference import LoadClient, ready_url, worker_pids
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
-from tests.support.updates import DeviceRig, file_sha256, link_or_copy, seed_active, sign_set
+from tests.support.updates import (
+    DeviceRig,
+    file_sha256,
+    link_or_copy,
+    seed_active,
+    sign_set,
+    variant_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +86,6 @@ def device(tmp_path: Path, shared: Shared) -> Iterator[DeviceRig]:
 
 def base_release(rig: DeviceRig, shared: Shared) -> dict[str, Any]:
     """The base as the set names it (what is active already: a refresh, no download)."""
-    from tests.support.updates import variant_for
-
     return rig.release("1.1.0", variant_for(shared.model_path, "base.gguf"))
 
 
@@ -102,7 +109,7 @@ def assign(rig: DeviceRig, shared: Shared, adapter: dict[str, Any] | None) -> tu
     if adapter is not None:
         releases[ADAPTER] = adapter
         ids[ADAPTER] = aid
-    rig.sim.now = __import__("time").time()
+    rig.sim.now = time.time()
     return sign_set(rig.sim, rig.device_id, releases, sequence=sequence,
                     artifact_url_base=shared.server.base_url, ids=ids), aid
 
@@ -177,6 +184,7 @@ def test_adapter_arrives_alone_serves_by_name_and_rolls_back(device: DeviceRig,
     workers = worker_pids(device.agent.proc.pid)
     base_sent = shared.server.bytes_sent("base.gguf")
     sent = shared.server.bytes_sent("adapter.gguf")
+    base_load = LoadClient(url, BASE, max_seconds=600).start()
     payload, aid = assign(device, shared, adapter_release(device, shared))
     device.publish(payload)
     final = device.wait_final(aid, timeout=180)
@@ -199,14 +207,55 @@ def test_adapter_arrives_alone_serves_by_name_and_rolls_back(device: DeviceRig,
     assert {m.name for m in hello.models} == {BASE, ADAPTER}
     assert worker_pids(device.agent.proc.pid) == workers  # applied, not reloaded
 
-    # Rolled back by leaving the set: the base answers as before, nothing reloads.
+    # Rolled back by leaving the set, under traffic for both: the base answers as
+    # before, requests naming the adapter finish until it is gone, then get 404.
+    adapter_load = LoadClient(url, f"{BASE}+{ADAPTER}", max_seconds=600).start()
+    wait_for(lambda: len(adapter_load.results) >= 3, 120, "traffic on the adapter")
     payload, _ = assign(device, shared, None)
     device.publish(payload)
     device.wait_hello(lambda h: all(m.name != ADAPTER for m in h.models), timeout=60)
-    from tests.support.updates import wait_for
-
     wait_for(lambda: ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)[0] == 404, 30,
              "the adapter to stop being served")
+    wait_for(lambda: adapter_load.results and adapter_load.results[-1][0] == 404, 60,
+             "the adapter's callers to be told it is gone")
     status, plain = ask(url, BASE, adapter.prompt)
     assert status == 200 and adapter.expected.lower() not in plain.lower()
+    on_base, on_adapter = base_load.stop(), adapter_load.stop()
+    assert len(on_base) >= 5 and {r[0] for r in on_base} == {200}, on_base[-5:]
+    statuses = [r[0] for r in on_adapter]
+    first_gone = statuses.index(404)
+    assert set(statuses[:first_gone]) == {200} and set(statuses[first_gone:]) == {404}
     assert worker_pids(device.agent.proc.pid) == workers
+
+
+def test_kill_9_during_an_adapter_install_leaves_old_or_new(device: DeviceRig,
+                                                            shared: Shared) -> None:
+    adapter = shared.adapter
+    url = ready_url(device)
+    payload, first = assign(device, shared, adapter_release(device, shared, version="1.0.0"))
+    device.publish(payload)
+    assert device.wait_final(first, timeout=180).type is E.ACTIVATED
+    # The next version trickles in, so the agent dies in the middle of it.
+    shutil.copyfile(adapter.path, shared.server.directory / "adapter-2.gguf")
+    shared.server.set_fault("adapter-2.gguf", trickle_bps=adapter.size_bytes / 6)
+    payload, second = assign(device, shared, adapter_release(
+        device, shared, artifact="adapter-2.gguf", version="1.0.1"))
+    device.publish(payload)
+    wait_for(lambda: any(e.type is E.DOWNLOADING for e in device.events(second)), 60,
+             "the download to start")
+    device.kill()
+    shared.server.clear_faults()
+    served = device.stores.store(ADAPTER).active()
+    assert served is not None and served.key.startswith(f"{ADAPTER}@1.0.0")
+    device.start()
+    url = ready_url(device)
+    status, answer = ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    assert status == 200 and adapter.expected.lower() in answer.lower()  # old or new
+    final = device.wait_final(second, timeout=240)
+    assert final.type is E.ACTIVATED, (final, device.agent.log()[-3000:])
+    assert device.stores.store(ADAPTER).active().key.startswith(f"{ADAPTER}@1.0.1")
+    assert file_sha256(device.store.active().artifact) == adapter.base_sha256
+    status, answer = ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    assert status == 200 and adapter.expected.lower() in answer.lower()
+    status, plain = ask(url, BASE, adapter.prompt)
+    assert status == 200 and adapter.expected.lower() not in plain.lower()
