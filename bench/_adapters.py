@@ -36,11 +36,15 @@ APPLY_ROUNDS = 5
 
 def _adapter_set(rig: Any, server: Any, adapter: Any, model: Path, base_version: str,
                  adapter_version: str | None) -> tuple[bytes, str]:
+    from protocol import HealthCheck
     from tests.support.adapters import adapter_of, adapter_variant
-    from tests.support.updates import sign_set, variant_for
+    from tests.support.updates import PASSING_PROMPTS, sign_set, variant_for
 
     sequence = rig.next_sequence()
-    releases = {BASE: rig.release(base_version, variant_for(model, f"base-{base_version}.gguf"))}
+    # No speed floor: on a busy machine a base check could fail on speed alone.
+    check = HealthCheck(golden_prompts=list(PASSING_PROMPTS), max_ttft_ms=60_000.0)
+    releases = {BASE: rig.release(base_version, variant_for(model, f"base-{base_version}.gguf",
+                                                            health_check=check))}
     ids = {BASE: f"{BASE}-{base_version}"}
     if adapter_version is not None:
         variant = adapter_variant(sha256=adapter.sha256, size_bytes=adapter.size_bytes,

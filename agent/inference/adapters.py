@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: how long an adapter waits for the runtime to serve its base (at start-up)
+BASE_WAIT_S = 60.0
+
 
 def adapter_key(slot: Slot, model: str) -> str | None:
     """The worker's key for the adapter ``model`` names on ``slot`` (None: no adapter)."""
@@ -62,6 +65,22 @@ def base_slot(runtime: InferenceRuntime, adapter: AdapterSpec) -> Slot | str:
     return slot
 
 
+async def _served_base(runtime: InferenceRuntime, adapter: AdapterSpec) -> Slot | str:
+    """:func:`base_slot`, after waiting for the runtime to serve the base at all.
+
+    After a restart the update pipeline resumes while the runtime is still
+    bringing up the installed models: an adapter waits for its base to be
+    served (it was active when the adapter was accepted) rather than fail.
+    """
+    deadline = time.monotonic() + BASE_WAIT_S
+    while time.monotonic() < deadline:
+        host = runtime.hosts.get(adapter.base)
+        if host is not None and host.serving is not None:
+            break
+        await asyncio.sleep(0.1)
+    return base_slot(runtime, adapter)
+
+
 async def _load(slot: Slot, adapter: AdapterSpec) -> dict[str, Any]:
     """Load ``adapter`` into the slot's worker (started if it is not)."""
     async with slot.starting:
@@ -76,7 +95,7 @@ async def check_adapter(runtime: InferenceRuntime, adapter: AdapterSpec,
     The version stays loaded under its own key when it passed (activation
     then only points its name at it); it is freed when it failed.
     """
-    slot = base_slot(runtime, adapter)
+    slot = await _served_base(runtime, adapter)
     if isinstance(slot, str):
         return {"passed": False, "reasons": [slot]}
     started = time.perf_counter()
@@ -111,7 +130,7 @@ async def activate_adapter(runtime: InferenceRuntime, adapter: AdapterSpec) -> s
     its check (or loads it now, after an agent restart); the name then
     points at it and the previous version is freed once its requests ended.
     """
-    slot = base_slot(runtime, adapter)
+    slot = await _served_base(runtime, adapter)
     if isinstance(slot, str):
         for host in runtime.hosts.values():  # not served elsewhere either
             if host.serving is not None:
