@@ -41,7 +41,7 @@ from tests.support.updates import (
     wait_for,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 E = p.EventType
 BASE = "smollm2-135m"
