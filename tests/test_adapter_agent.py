@@ -26,7 +26,13 @@ import pytest
 import protocol as p
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from protocol import SigningKey
-from tests.support.adapters import BuiltAdapter, adapter_of, adapter_variant, built_adapter
+from tests.support.adapters import (
+    BuiltAdapter,
+    adapter_of,
+    adapter_variant,
+    built_adapter,
+    chat_answer,
+)
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.inference import LoadClient, ready_url, worker_pids
 from tests.support.mqtt import provision_device
@@ -114,14 +120,6 @@ def assign(rig: DeviceRig, shared: Shared, adapter: dict[str, Any] | None) -> tu
                     artifact_url_base=shared.server.base_url, ids=ids), aid
 
 
-def ask(url: str, model: str, prompt: str) -> tuple[int, str]:
-    response = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0, "max_tokens": 12})
-    if response.status_code != 200:
-        return response.status_code, response.text
-    return 200, response.json()["choices"][0]["message"]["content"]
-
 
 @dataclass(frozen=True)
 class Row:
@@ -170,9 +168,9 @@ def test_attack_row(device: DeviceRig, shared: Shared, row: str) -> None:
     active = device.store.active()
     assert active is not None and active.key == active_before.key
     assert file_sha256(active.artifact) == shared.adapter.base_sha256
-    status, answer = ask(url, BASE, shared.adapter.prompt)
+    status, answer = chat_answer(url, BASE, shared.adapter.prompt)
     assert status == 200 and shared.adapter.expected.lower() not in answer.lower()
-    status, _ = ask(url, f"{BASE}+{ADAPTER}", shared.adapter.prompt)
+    status, _ = chat_answer(url, f"{BASE}+{ADAPTER}", shared.adapter.prompt)
     assert status == 404
     assert worker_pids(device.agent.proc.pid) == workers  # the base was never reloaded
 
@@ -197,9 +195,9 @@ def test_adapter_arrives_alone_serves_by_name_and_rolls_back(device: DeviceRig,
     installed = device.stores.store(ADAPTER).active()
     assert installed is not None and file_sha256(installed.artifact) == adapter.sha256
 
-    status, adapted = ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    status, adapted = chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)
     assert status == 200 and adapter.expected.lower() in adapted.lower(), adapted
-    status, plain = ask(url, BASE, adapter.prompt)
+    status, plain = chat_answer(url, BASE, adapter.prompt)
     assert status == 200 and adapter.expected.lower() not in plain.lower(), plain
     ids = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
     assert ids == {BASE, f"{BASE}+{ADAPTER}"}
@@ -214,11 +212,11 @@ def test_adapter_arrives_alone_serves_by_name_and_rolls_back(device: DeviceRig,
     payload, _ = assign(device, shared, None)
     device.publish(payload)
     device.wait_hello(lambda h: all(m.name != ADAPTER for m in h.models), timeout=60)
-    wait_for(lambda: ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)[0] == 404, 30,
+    wait_for(lambda: chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)[0] == 404, 30,
              "the adapter to stop being served")
     wait_for(lambda: adapter_load.results and adapter_load.results[-1][0] == 404, 60,
              "the adapter's callers to be told it is gone")
-    status, plain = ask(url, BASE, adapter.prompt)
+    status, plain = chat_answer(url, BASE, adapter.prompt)
     assert status == 200 and adapter.expected.lower() not in plain.lower()
     on_base, on_adapter = base_load.stop(), adapter_load.stop()
     assert len(on_base) >= 5 and {r[0] for r in on_base} == {200}, on_base[-5:]
@@ -249,13 +247,13 @@ def test_kill_9_during_an_adapter_install_leaves_old_or_new(device: DeviceRig,
     assert served is not None and served.key.startswith(f"{ADAPTER}@1.0.0")
     device.start()
     url = ready_url(device)
-    status, answer = ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    status, answer = chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)
     assert status == 200 and adapter.expected.lower() in answer.lower()  # old or new
     final = device.wait_final(second, timeout=240)
     assert final.type is E.ACTIVATED, (final, device.agent.log()[-3000:])
     assert device.stores.store(ADAPTER).active().key.startswith(f"{ADAPTER}@1.0.1")
     assert file_sha256(device.store.active().artifact) == adapter.base_sha256
-    status, answer = ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    status, answer = chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)
     assert status == 200 and adapter.expected.lower() in answer.lower()
-    status, plain = ask(url, BASE, adapter.prompt)
+    status, plain = chat_answer(url, BASE, adapter.prompt)
     assert status == 200 and adapter.expected.lower() not in plain.lower()

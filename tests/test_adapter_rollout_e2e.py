@@ -24,7 +24,7 @@ from controlplane.devfleet.demo_specs import demo_release_spec
 from controlplane.devfleet.fleet import ensure_dev_keys
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
-from tests.support.adapters import BuiltAdapter, built_adapter
+from tests.support.adapters import BuiltAdapter, built_adapter, chat_answer
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.support.controlplane import cp_settings, wait_until
 from tests.support.mqtt import provision_device
@@ -97,14 +97,6 @@ def _serving(api: httpx.Client, agents: list[FleetAgent], name: str, version: st
     return True
 
 
-def _ask(url: str, model: str, prompt: str) -> tuple[int, str]:
-    response = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0, "max_tokens": 12})
-    if response.status_code != 200:
-        return response.status_code, response.text
-    return 200, response.json()["choices"][0]["message"]["content"]
-
 
 def test_an_adapter_rolls_out_canary_first_and_serves_beside_its_base(world) -> None:
     api, agents, adapter = world
@@ -147,9 +139,9 @@ def test_an_adapter_rolls_out_canary_first_and_serves_beside_its_base(world) -> 
     assert chats.errors == [], chats.errors[:5]
     for agent in agents:
         url = agent.api_url()
-        status, adapted = _ask(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+        status, adapted = chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)
         assert status == 200 and adapter.expected.lower() in adapted.lower(), adapted
-        status, plain = _ask(url, BASE, adapter.prompt)
+        status, plain = chat_answer(url, BASE, adapter.prompt)
         assert status == 200 and adapter.expected.lower() not in plain.lower(), plain
         models = api.get(f"/v1/devices/{agent.device_id}").json()["models"]
         assert models[BASE]["version"] == "1.1.0"  # the base was left alone

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from protocol import AdapterBase, GoldenPrompt, HealthCheck, Tier, Variant
 from tests.support.signer import fake_sha256
 
@@ -44,6 +46,16 @@ def built_adapter(base: Path) -> BuiltAdapter:
         answer_base=meta["answer_base"], answer_adapted=meta["answer_adapted"],
         sha256=meta["sha256"], size_bytes=meta["size_bytes"], base_sha256=meta["base_sha256"],
     )
+
+
+def chat_answer(url: str, model: str, prompt: str) -> tuple[int, str]:
+    """(status, answer or error body) of one greedy chat completion on a local API."""
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0, "max_tokens": 12})
+    if response.status_code != 200:
+        return response.status_code, response.text
+    return 200, response.json()["choices"][0]["message"]["content"]
 
 
 def adapter_variant(*, name: str = "support-formal", sha256: str | None = None,
