@@ -73,7 +73,7 @@ def adapter_variant(*, name: str = "support-formal", sha256: str | None = None,
         "health_check": HealthCheck(
             golden_prompts=[GoldenPrompt(prompt=prompt, expected=[expected], max_tokens=16)],
             # Generous: the 2-core test machine runs agents and checks side by side.
-            max_ttft_ms=30_000.0,
+            max_ttft_ms=60_000.0,
         ),
     }
     fields.update(overrides)
