@@ -20,6 +20,10 @@ the set-up built, fetched file by file by
 ``agent.update.folder.download_folder`` against the same bare stream per
 file. Target: download+verify >= 0.8 of raw, for a file and for a folder.
 
+Part 3, LoRA adapters (``bench/_adapters.py``): moving the device to a new
+adapter against a full model update (seconds and bytes), and applying an
+adapter against loading the base in a fresh worker.
+
 ``--throughput`` runs part 2 alone.
 """
 
@@ -37,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from _adapters import adapter_figures
 from _common import report, scratch_broker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -231,7 +236,7 @@ def _download_figures(file: dict[str, float], folder: dict[str, float] | None) -
 
 
 def main() -> None:
-    """Both parts; ``--throughput`` runs part 2 alone."""
+    """All three parts; ``--throughput`` runs part 2 alone."""
     model = _model_path()
     work = Path(tempfile.mkdtemp(prefix="slmfleet-bench-update-"))
     print(f"model {model.name}, {model.stat().st_size / 1e6:.1f} MB; work dir {work}", flush=True)
@@ -246,6 +251,8 @@ def main() -> None:
             **{k: round(v, 3) for k, v in phases.items()},
         }
     figures |= _download_figures(throughput(work, model), folder_throughput(work))
+    if "--throughput" not in sys.argv[1:]:
+        figures |= adapter_figures(work, model)
     report({
         **figures,
         "artifact_mb": round(model.stat().st_size / 1e6, 1),

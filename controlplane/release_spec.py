@@ -19,6 +19,15 @@ Example (``examples/smollm2.release.yaml`` has a complete one)::
           golden_prompts:
             - {prompt: "What is the capital of Germany?", expected: [Berlin]}
 
+An adapter release (a LoRA fine-tune of another release, see docs/adapters.md)
+has ``format: gguf-lora`` variants and says which base it applies to::
+
+    adapter_of:
+      name: smollm2
+      versions: ">=1.0.0,<2.0.0"
+      sha256: {micro: <sha256 of the base's micro artifact>}
+      scale: 1.0
+
 ``file`` is relative to the spec's directory (``~`` and ``$VARS`` expand).
 It may name a folder (an onnxruntime-genai model: ``model.onnx``,
 ``model.onnx.data``, ``genai_config.json``, tokenizer files): the variant is
@@ -42,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from protocol import (
     RELEASE_NAME_PATTERN,
     SEMVER_PATTERN,
+    AdapterBase,
     HealthCheck,
     ReleaseManifest,
     RuntimeDefaults,
@@ -67,7 +77,7 @@ class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: Path
-    format: Literal["gguf", "onnx"]
+    format: Literal["gguf", "onnx", "gguf-lora"]
     artifact: str | None = None
     quantization: str | None = None
     parameters: int
@@ -88,6 +98,8 @@ class ReleaseSpec(BaseModel):
     version: Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
     description: str = ""
     variants: Annotated[dict[Tier, VariantSpec], Field(min_length=1)]
+    #: an adapter release: the base it applies to
+    adapter_of: AdapterBase | None = None
 
 
 def load_spec(path: Path) -> ReleaseSpec:
@@ -153,6 +165,7 @@ def build_manifest(
             released_at=released_at,
             description=spec.description,
             variants=variants,
+            adapter_of=spec.adapter_of,
         )
     except ValidationError as exc:
         raise SpecError(validation_problems(exc, root="(root)")) from exc

@@ -37,6 +37,7 @@ EXPECTED: dict[EventCode, Treatment] = {
     # the device cannot run this variant: it leaves the rollout, no gate counts it
     EventCode.NO_VARIANT: INCOMPATIBLE,
     EventCode.DOES_NOT_FIT: INCOMPATIBLE,
+    EventCode.BASE_MISMATCH: INCOMPATIBLE,
     EventCode.INSUFFICIENT_RAM: INCOMPATIBLE,
     EventCode.INSUFFICIENT_DISK: INCOMPATIBLE,
     # transport: reported only once the agent's own retries gave up

@@ -42,6 +42,7 @@ from ..errors import StoreError
 from ..healthcheck import HealthAborted, HealthChecker, HealthRequest
 from ..profiles import FirmwareProfile
 from ..runtime_settings import effective_runtime
+from .adapters import adapter_base
 from .download import ArtifactRequest, download_with_retries
 from .folder import held_bytes, remove_partial
 from .intake import DeviceFacts
@@ -321,6 +322,7 @@ class UpdateRun:
             name=entry.manifest.name,
             version=entry.manifest.version,
             sha256=entry.variant.sha256,
+            adapter_of=adapter_base(entry),
         )
         try:
             result = await tools.health.check(request, self._abort)

@@ -63,6 +63,7 @@ TREATMENT: Mapping[EventCode, Treatment] = MappingProxyType({
     # the device cannot run this variant
     EventCode.NO_VARIANT: _I,
     EventCode.DOES_NOT_FIT: _I,
+    EventCode.BASE_MISMATCH: _I,
     EventCode.INSUFFICIENT_RAM: _I,
     EventCode.INSUFFICIENT_DISK: _I,
     # the transport failed, and the agent's retries with it (see above)
