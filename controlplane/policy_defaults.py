@@ -19,7 +19,8 @@ from sqlalchemy import Connection, delete, select, update
 
 from protocol import UpdatePolicy
 
-from .db.models import Device, DeviceLabel, UpdatePolicyDefault
+from .db.models import Device, DeviceLabel
+from .db.policy_tables import UpdatePolicyDefault
 from .db.writes import insert_ignoring_conflicts
 from .update_policies import PolicyLayer, effective
 

@@ -173,23 +173,6 @@ class TelemetryRow(_DeviceRows, Base):
     )
 
 
-class UpdatePolicyDefault(Base):
-    """A default update policy that devices with a label (``selector`` ``label``:
-    ``key=value``) or a firmware profile (``profile``: ``key``, ``value`` empty) get
-    under a rollout's own (controlplane/policy_defaults.py)."""
-
-    __tablename__ = "update_policy_defaults"
-
-    id: Mapped[int] = big_id()
-    selector: Mapped[str] = mapped_column(String(8))
-    key: Mapped[str] = mapped_column(String(SHORT_LEN))
-    value: Mapped[str] = mapped_column(String(SHORT_LEN))
-    policy: Mapped[dict[str, Any]]
-    updated_at: Mapped[float]
-
-    __table_args__ = (UniqueConstraint("selector", "key", "value"),)
-
-
 class Lease(Base):
     """A named lease (controlplane/leader.py): who holds it, until when, and how
     many times it changed hands (``epoch``, the fencing token)."""
