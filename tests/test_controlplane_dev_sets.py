@@ -24,7 +24,7 @@ from controlplane.keyfiles import read_key_list
 from tests.support.rollout_fleet import Behaviour, SimDevice, wait_for
 
 #: the demo's devices, as simulated here: (tier, reads sets)
-SIMULATED = {"pi4-kitchen": ("micro", True), "jetson-lab": ("small", True),
+SIMULATED = {"pi4-kitchen": ("micro", True), "npu-laptop": ("small", True),
              "ws-render": ("medium", False)}
 
 
@@ -78,7 +78,7 @@ def test_dev_demo_rolls_the_chat_model_out_while_the_embedder_keeps_its_entry(
         listed = {d["id"]: d for d in httpx.get(f"{fleet.api_url}/v1/devices",
                                                headers=fleet.headers).json()["items"]}
         assert listed["ws-render"]["assignment_form"] == "single"
-        assert set(listed["jetson-lab"]["models"]) == {CHAT_MODEL, EMBED_MODEL}
+        assert set(listed["npu-laptop"]["models"]) == {CHAT_MODEL, EMBED_MODEL}
     finally:
         for device in devices:
             device.disconnect()

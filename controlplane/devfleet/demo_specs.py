@@ -37,6 +37,15 @@ BAD_HEALTH_CHECK = {
         {"prompt": "What is the capital of France?", "expected": ["paris"], "max_tokens": 32},
     ],
 }
+#: the ONNX build's golden prompt: both builds of SmolLM2 answer it right at
+#: temperature 0 (the int4 ONNX build differs from the GGUF on the others)
+_ONNX_HEALTH_CHECK = {
+    **_DEMO_HEALTH_CHECK,
+    "golden_prompts": [
+        {"prompt": "What is the chemical symbol for water?", "expected": ["h2o"],
+         "max_tokens": 24},
+    ],
+}
 #: the engine's tick in the demo: quick enough to watch, slow enough to read
 DEMO_TICK_S = 1.0
 
@@ -60,7 +69,7 @@ def demo_rollout_spec(version: str, model: str = CHAT_MODEL) -> dict[str, Any]:
 #: (device id, simulated board preset, labels) of the demo fleet
 DEMO_DEVICES: list[tuple[str, str, dict[str, str]]] = [
     ("pi4-kitchen", "raspberry-pi-4-4gb", {"site": "home", "room": "kitchen"}),
-    ("jetson-lab", "jetson-orin-nano-8gb", {"site": "lab"}),
+    ("npu-laptop", "x86_64-npu-laptop-16gb", {"site": "office"}),
     ("ws-render", "x86_64-gpu-workstation", {"site": "lab"}),
 ]
 
@@ -73,6 +82,7 @@ def demo_release_spec(
     description: str = "SmolLM2-135M-Instruct Q4_1 (the demo's model for every tier)",
     name: str = CHAT_MODEL,
     embeddings: bool = False,
+    onnx_folder: Path | None = None,
 ) -> dict[str, Any]:
     """A release spec with a variant for every tier, for ``slmfleet models publish``.
 
@@ -80,7 +90,9 @@ def demo_release_spec(
     with that tier's runtime settings (a bigger context where there is more
     memory); a real release would ship a bigger model for bigger tiers.
     With ``embeddings`` the variants serve ``/v1/embeddings`` instead of
-    completions.
+    completions. With ``onnx_folder`` (the onnxruntime-genai build of the
+    same model) the ``small`` tier, the NPU laptop's, gets that folder
+    instead: an ONNX variant beside GGUF ones in one release.
     """
 
     def variant(context: int) -> dict[str, Any]:
@@ -98,9 +110,20 @@ def demo_release_spec(
             or (_EMBED_HEALTH_CHECK if embeddings else _DEMO_HEALTH_CHECK),
         }
 
+    small = variant(4096)
+    if onnx_folder is not None:
+        small = {
+            "file": str(onnx_folder),
+            "format": "onnx",
+            "quantization": "int4",
+            "parameters": 135_000_000,
+            "context_length": 8192,
+            "runtime_defaults": {"context": 2048},
+            "health_check": health_check or _ONNX_HEALTH_CHECK,
+        }
     return {
         "name": name,
         "version": version,
         "description": description,
-        "variants": {"micro": variant(2048), "small": variant(4096), "medium": variant(8192)},
+        "variants": {"micro": variant(2048), "small": small, "medium": variant(8192)},
     }

@@ -54,7 +54,7 @@ from .demo_specs import (
     demo_release_spec,
     demo_rollout_spec,
 )
-from .model_cache import smollm2_path
+from .model_cache import onnx_genai_path, smollm2_path
 from .mosquitto import MosquittoBroker
 
 #: the demo's admin token lives a day; each run revokes the previous one
@@ -330,13 +330,25 @@ class DevFleet:
 
     def publish_releases(self, model: Path | None = None) -> None:
         """Publish the demo's releases: the chat model's good, next and bad
-        versions (the bad one fails its health check) and the embedder."""
-        model = model or smollm2_path()
+        versions (the bad one fails its health check) and the embedder.
+
+        Without ``model`` the set-up's builds are used, and the next version
+        gives the NPU laptop's tier the onnxruntime-genai build of the same
+        model (an ONNX variant beside GGUF ones in one release).
+        """
+        onnx = None
+        if model is None:
+            model = smollm2_path()
+            onnx = onnx_genai_path()
+            if onnx is None:
+                self.log("no ONNX build of SmolLM2 (scripts/build-onnx-genai.sh builds it): "
+                         f"{CHAT_MODEL}@{NEXT_VERSION} ships GGUF for every tier")
         if not model.is_file():
             raise RuntimeError(f"demo model {model} is missing; run scripts/bootstrap.sh")
         self._publish(GOOD_VERSION, model)
-        self._publish(NEXT_VERSION, model,
-                      description="SmolLM2-135M-Instruct Q4_1, the chat model's next version")
+        self._publish(NEXT_VERSION, model, onnx_folder=onnx,
+                      description="SmolLM2-135M-Instruct, the chat model's next version: "
+                                  "Q4_1 GGUF, and int4 ONNX for the small tier when built")
         self._publish(BAD_VERSION, model, health_check=BAD_HEALTH_CHECK,
                       description="SmolLM2-135M with a golden prompt it answers wrongly: "
                                   "a release that fails its health check on the devices")

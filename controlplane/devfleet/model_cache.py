@@ -1,4 +1,4 @@
-"""Where scripts/bootstrap.sh puts the SmolLM2-135M GGUF the demo, tests and benchmarks use.
+"""Where scripts/bootstrap.sh puts the SmolLM2-135M builds the demo, tests and benchmarks use.
 
 One definition, following the same variables as the script:
 ``$SLMFLEET_CACHE``, else ``$XDG_CACHE_HOME/slmfleet``, else ``~/.cache/slmfleet``.
@@ -24,3 +24,10 @@ def cache_dir() -> Path:
 def smollm2_path() -> Path:
     """The SmolLM2-135M GGUF's path (whether or not it has been fetched yet)."""
     return cache_dir() / "models" / SMOLLM2_FILE
+
+
+def onnx_genai_path() -> Path | None:
+    """The newest onnxruntime-genai SmolLM2 folder scripts/build-onnx-genai.sh built, or None."""
+    folders = [p.parent for p in (cache_dir() / "models").glob("onnx-genai-*/genai_config.json")
+               if not p.parent.name.endswith(".partial")]
+    return max(folders, key=lambda p: p.stat().st_mtime, default=None)

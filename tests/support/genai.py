@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.inference.spec import ModelSpec
 from agent.runtime_settings import EffectiveRuntime
-from controlplane.devfleet.model_cache import cache_dir
+from controlplane.devfleet.model_cache import onnx_genai_path  # noqa: F401 (tests and benches find it here)
 
 #: what the tests and benchmarks call both builds of SmolLM2-135M-Instruct
 MODEL = "smollm2-135m"
@@ -21,13 +21,6 @@ HEALTH_CHECK = {
     "max_ttft_ms": 5000.0,
     "min_tokens_per_s": 0.0,
 }
-
-
-def onnx_genai_path() -> Path | None:
-    """The newest built model folder under the cache, or None when none was built."""
-    folders = [p.parent for p in (cache_dir() / "models").glob("onnx-genai-*/genai_config.json")
-               if not p.parent.name.endswith(".partial")]
-    return max(folders, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def runtime(threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",),
