@@ -260,6 +260,11 @@ def publish_release(
                     path = artifact_path(spec, tier)
                     outcome = _upload(client, path, variant.file, sha256, size, progress)
                     console.print(f"{tier.value}: {path} {outcome}")
+                if spec.eval_set is not None and manifest.eval_set is not None:
+                    ref = manifest.eval_set
+                    outcome = _upload(client, ref.artifact, spec.eval_set.path, ref.sha256,
+                                      ref.size_bytes, progress)
+                    console.print(f"eval set: {ref.artifact} {outcome}")
                 response = client.request(
                     "POST",
                     "/v1/models",

@@ -34,6 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from controlplane.eval_spec import EvalSetSpec
 from protocol import (
     RELEASE_NAME_PATTERN,
     SEMVER_PATTERN,
@@ -81,6 +82,8 @@ class ReleaseSpec(BaseModel):
     version: Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
     description: str = ""
     variants: Annotated[dict[Tier, VariantSpec], Field(min_length=1)]
+    #: questions the devices score the release on (controlplane/eval_spec.py)
+    eval_set: EvalSetSpec | None = None
 
 
 def load_spec(path: Path) -> ReleaseSpec:
@@ -99,6 +102,8 @@ def load_spec(path: Path) -> ReleaseSpec:
     for variant in spec.variants.values():
         expanded = Path(os.path.expandvars(os.path.expanduser(str(variant.file))))
         variant.file = expanded if expanded.is_absolute() else base / expanded
+    if spec.eval_set is not None:
+        spec.eval_set = spec.eval_set.resolved(base)
     return spec
 
 
@@ -132,12 +137,17 @@ def build_manifest(
             problems = validation_problems(exc, root="(root)")
             raise SpecError(f"variants.{tier.value}: {problems}{hint}") from exc
     try:
+        eval_set = spec.eval_set.pin(spec.name, spec.version) if spec.eval_set else None
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+    try:
         return ReleaseManifest(
             name=spec.name,
             version=spec.version,
             released_at=released_at,
             description=spec.description,
             variants=variants,
+            eval_set=eval_set,
         )
     except ValidationError as exc:
         raise SpecError(validation_problems(exc, root="(root)")) from exc
