@@ -7,7 +7,7 @@ SmolLM2-135M GGUF. Every release carries the same evaluation set (items of
 
 1. ``1.0.0`` (the Q4_1 file) reaches every device; each scores it during
    its health check and keeps the score (the baseline of the next update).
-2. ``2.0.0`` is the same model quantized to Q2_0: it loads, answers the
+2. ``2.0.0`` is the same model quantized with Q2_K: it loads, answers the
    golden prompt and passes every health check, but scores clearly lower.
    With ``min_eval_ratio: 0.9`` it stops at the one-device canary and is
    rolled back; the rollout's detail holds both versions' scores and the

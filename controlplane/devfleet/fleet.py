@@ -50,10 +50,12 @@ from .demo_specs import (
     EMBED_MODEL,
     EMBED_VERSION,
     GOOD_VERSION,
+    LOW_QUALITY_VERSION,
     NEXT_VERSION,
     demo_release_spec,
     demo_rollout_spec,
 )
+from .low_quality import publish_low_quality
 from .model_cache import smollm2_path
 from .mosquitto import MosquittoBroker
 
@@ -340,6 +342,7 @@ class DevFleet:
         self._publish(BAD_VERSION, model, health_check=BAD_HEALTH_CHECK,
                       description="SmolLM2-135M with a golden prompt it answers wrongly: "
                                   "a release that fails its health check on the devices")
+        publish_low_quality(self._publish, model)
         self._publish(EMBED_VERSION, model, name=EMBED_MODEL, embeddings=True,
                       description="SmolLM2-135M with embeddings on: the demo's embedder")
 
@@ -384,6 +387,7 @@ class DevFleet:
             ("", "the embedder"),
             (NEXT_VERSION, "the chat model's next version, the embedder serving beside it"),
             (BAD_VERSION, "a release whose health check fails"),
+            (LOW_QUALITY_VERSION, "a healthy release that answers fewer of the evaluation set"),
         ]
         for version, why in steps:
             if should_stop():
