@@ -18,12 +18,15 @@ Example (``examples/smollm2.release.yaml`` has a complete one)::
           min_tokens_per_s: 5
           golden_prompts:
             - {prompt: "What is the capital of Germany?", expected: [Berlin]}
+    eval_set: {path: smollm2.eval.json, time_budget_s: 60}   # optional
 
 ``file`` is relative to the spec's directory (``~`` and ``$VARS`` expand).
 ``artifact``, the path in the store, defaults to
 ``<name>/<version>/<tier>/<file name>``. Everything else is a
 :class:`protocol.Variant` field with the same name and rules; the hash and
-size are measured from the file, never written by hand.
+size are measured from the file, never written by hand. ``eval_set``
+(optional) names the evaluation set the devices score the release on
+(:mod:`controlplane.eval_spec`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The quality gate end to end: three real agents score releases on an evaluation set.
+"""The quality gate end to end: two real agents score releases on an evaluation set.
 
-Real Mosquitto (the session's), a control plane on SQLite, three ``slmfleet
+Real Mosquitto (the session's), a control plane on SQLite, two ``slmfleet
 agent run`` processes (simulated Raspberry Pi 5s: tier small) and the real
 SmolLM2-135M GGUF. Every release carries the same evaluation set (items of
 ``examples/smollm2.eval.json``). In order:
@@ -38,16 +38,16 @@ from tests.support.controlplane import cp_settings, wait_until
 from tests.support.mqtt import provision_device
 from tests.support.rollout_agents import FleetAgent, start_agents
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 TICK_S = 0.5
 MODEL = "smollm2-eval"
 LABEL = {"suite": "quality-gate-e2e"}
-DEVICES = 3
+DEVICES = 2
 EXAMPLE = Path(__file__).parent.parent / "examples" / "smollm2.eval.json"
 #: the example's items the Q4_1 file answers and Q2_0 mostly does not (measured:
 #: docs/benchmarks.md): a short set keeps each check to a few seconds
-ITEMS = 16
+ITEMS = 10
 GOLDEN = [{"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 24}]
 
 
