@@ -55,13 +55,23 @@ def low_quality_model(source: Path, ftype: str = LOW_QUALITY_TYPE) -> Path:
     return target
 
 
-def publish_low_quality(publish: Callable[..., None], source: Path) -> None:
-    """Publish the demo's low-quality release (``publish``: the demo's publisher)."""
+def publish_low_quality(publish: Callable[..., None], source: Path,
+                        log: Callable[[str], None]) -> bool:
+    """Publish the demo's low-quality release (``publish``: the demo's publisher).
+
+    Returns False, saying why, when ``source`` cannot be quantized (not a
+    model llama.cpp reads): the demo then leaves that rollout out.
+    """
     from .demo_specs import DEMO_EVAL_SET, LOW_QUALITY_VERSION
 
     if not DEMO_EVAL_SET.is_file():
         raise RuntimeError(f"the demo's evaluation set {DEMO_EVAL_SET} is missing")
-    publish(LOW_QUALITY_VERSION, low_quality_model(source), quantization=LOW_QUALITY_TYPE,
-            eval_set=DEMO_EVAL_SET,
+    try:
+        model = low_quality_model(source)
+    except RuntimeError as exc:
+        log(f"no low-quality release: {exc}")
+        return False
+    publish(LOW_QUALITY_VERSION, model, quantization=LOW_QUALITY_TYPE, eval_set=DEMO_EVAL_SET,
             description=f"SmolLM2-135M-Instruct {LOW_QUALITY_TYPE}: healthy, but it answers "
                         "fewer of the evaluation set's questions (stopped by min_eval_ratio)")
+    return True
