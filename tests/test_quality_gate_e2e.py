@@ -27,8 +27,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from rich.console import Console
 from sqlalchemy import select
 
+from controlplane.cli.rollout_view import rollout_view
 from controlplane.client import publish_release
 from controlplane.db.models import DeviceEvent
 from controlplane.devfleet.fleet import ensure_dev_keys
@@ -185,6 +187,15 @@ def test_lower_scoring_release_stops_at_the_canary_and_equal_quality_passes(
     gate = next(g for g in low["gates"] if g["gate"] == "min_eval_ratio")
     assert gate["verdict"] == "fail" and gate["measured"] < 0.9
     assert set(scores["new"]["by_category"]) <= {"facts", "choice", "json", "arith"}
+    # What `slmfleet rollouts show` prints, and what /metrics exports.
+    console = Console(width=160, record=True)
+    console.print(rollout_view(low))
+    shown = console.export_text()
+    assert "min_eval_ratio" in shown and "evaluation scores" in shown
+    assert f"{scores['new']['score']:.3f}" in shown and f"{scores['old']['score']:.3f}" in shown
+    metrics = world.api.get("/metrics").text
+    assert (f'slmfleet_eval_score{{rollout="{low["id"]}",model="{MODEL}",version="2.0.0",'
+            f'tier="small",role="new"}} {scores["new"]["score"]}') in metrics, metrics
 
     equal = _run(world.api, "2.1.0", timeout=300)
     assert equal["state"] == "completed", equal["reason"]
