@@ -194,8 +194,8 @@ def test_lower_scoring_release_stops_at_the_canary_and_equal_quality_passes(
     assert "min_eval_ratio" in shown and "evaluation scores" in shown
     assert f"{scores['new']['score']:.3f}" in shown and f"{scores['old']['score']:.3f}" in shown
     metrics = world.api.get("/metrics").text
-    assert (f'slmfleet_eval_score{{rollout="{low["id"]}",model="{MODEL}",version="2.0.0",'
-            f'tier="small",role="new"}} {scores["new"]["score"]}') in metrics, metrics
+    assert (f'slmfleet_eval_score{{model="{MODEL}",role="new",rollout="{low["id"]}",'
+            f'tier="small",version="2.0.0"}} {scores["new"]["score"]}') in metrics
 
     equal = _run(world.api, "2.1.0", timeout=300)
     assert equal["state"] == "completed", equal["reason"]
