@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from protocol import Event, EventCode, EventType, encode
+from protocol import EvalOutcome, Event, EventCode, EventType, encode
 
 from .atomic import ensure_dir, read_json, remove_stale_temps, write_bytes_atomic, write_json_atomic
 
@@ -87,6 +87,7 @@ class EventLog:
         reason: str | None = None,
         code: EventCode | None = None,
         progress_pct: float | None = None,
+        eval: EvalOutcome | None = None,
     ) -> Event:
         """Number and spool one event, and wake the flusher. Call from the event loop.
 
@@ -102,6 +103,7 @@ class EventLog:
             reason=reason[:1024] if reason else None,
             code=code,
             progress_pct=progress_pct,
+            eval=eval,
         )
         write_bytes_atomic(self._path(event.seq), encode(event))
         self._pending.append(event.seq)

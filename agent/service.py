@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from protocol import HELLO_SCHEMA_SETS, Capabilities, Hello, TopicKind, encode
+from protocol import HELLO_SCHEMA_SETS, Capabilities, Hello, InferenceStats, TopicKind, encode
 
 from . import LOG_FORMAT, __version__
 from .config import AgentConfig
@@ -20,6 +20,7 @@ from .disk import disk_free_bytes
 from .events import EventLog
 from .hardware import Detection, Hardware, detect_hardware
 from .healthcheck import HealthChecker
+from .healthcheck.eval_cache import EvalCache, with_scores
 from .healthcheck.in_worker import WorkerHealthChecker
 from .inference import adapters
 from .inference.api import ApiSettings, LocalApi
@@ -124,6 +125,8 @@ class Agent:
                                max_spooled=config.max_spooled_events)
         self.inference: InferenceRuntime | None = None
         self.api: LocalApi | None = None
+        #: evaluation scores measured on this device (the quality gate's baselines)
+        self.eval_cache = EvalCache(config.state_dir / "eval-scores.json")
         if config.api_enabled:
             self.inference = InferenceRuntime(RuntimeLimits(
                 max_queue=config.inference_max_queue,
@@ -137,7 +140,7 @@ class Agent:
             ))
             if health is None:
                 health = WorkerHealthChecker(self.inference, self.profile.runtime,
-                                             config.health_check_timeout_s)
+                                             config.health_check_timeout_s, self.eval_cache)
         self.updater = Updater(
             config,
             capabilities=self.capabilities,
@@ -153,7 +156,7 @@ class Agent:
         self.telemetry = TelemetrySampler(
             config.device_id,
             active_models=self.updater.active_refs,
-            inference=self.inference.telemetry if self.inference else list,
+            inference=self._inference_stats if self.inference else list,
         )
         self._stop = asyncio.Event()
         self._hello_dirty = asyncio.Event()
@@ -201,6 +204,12 @@ class Agent:
     async def _on_connected(self) -> None:
         notify("READY=1\nSTATUS=connected to broker")
         self.events.kick()
+
+    def _inference_stats(self) -> list[InferenceStats]:
+        """Telemetry's per-version counters with each active version's evaluation score."""
+        assert self.inference is not None
+        return with_scores(self.inference.telemetry(), self.eval_cache,
+                           self.updater.active_models())
 
     def _hello_changed(self) -> None:
         self._hello_dirty.set()

@@ -11,6 +11,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from controlplane.rollouts.eval_scores import recent_eval_scores
+
 from .context import AppContext
 from .db.models import Rollout, RolloutDevice
 from .db.queries import count_devices_by_form, count_devices_by_tier_and_state
@@ -65,6 +67,27 @@ class ControlPlaneCollector(Collector):
             )
         yield from self._device_metrics()
         yield from self._rollout_metrics()
+        yield from self._eval_metrics()
+
+    def _eval_metrics(self) -> Iterator[Metric]:
+        """Mean on-device evaluation score per version and tier of the newest rollouts."""
+        try:
+            with self._context.engine.connect() as conn:
+                rows = recent_eval_scores(conn)
+        except SQLAlchemyError as exc:
+            log.warning("metrics: cannot read evaluation scores: %s", exc)
+            return
+        score = GaugeMetricFamily(
+            "slmfleet_eval_score",
+            "mean on-device evaluation score (0..1) of a version in a tier, over the devices "
+            "of a rollout that scored it (role: new = the rollout's version, old = the one "
+            "it replaces)",
+            labels=["rollout", "model", "version", "tier", "role"],
+        )
+        for rollout_id, model, row in rows:
+            score.add_metric([rollout_id, model, row["version"], row["tier"], row["role"]],
+                             row["score"])
+        yield score
 
     def _rollout_metrics(self) -> Iterator[Metric]:
         """Stage, device states and the latest gate evaluation of each rollout in progress.

@@ -272,6 +272,12 @@ def publish(
             envelope = sign_release(manifest, keys)
         except (SpecError, ValueError) as exc:
             raise PublishError(str(exc)) from exc
+        if manifest.eval_set is not None and spec.eval_set is not None:
+            # the evaluation set is a blob like any file: sent once, held once
+            ref = manifest.eval_set
+            sources[ref.artifact] = (ref.sha256, ref.size_bytes, spec.eval_set.path)
+            summary.files += 1
+            console.print(f"eval set: {ref.artifact} ({ref.items} items)")
         distinct = {sha: size for sha, size, _ in sources.values()}
         summary.blobs, summary.bytes_total = len(distinct), sum(distinct.values())
         upload_started = time.monotonic()

@@ -18,6 +18,7 @@ Example (``examples/smollm2.release.yaml`` has a complete one)::
           min_tokens_per_s: 5
           golden_prompts:
             - {prompt: "What is the capital of Germany?", expected: [Berlin]}
+    eval_set: {path: smollm2.eval.json, time_budget_s: 60}   # optional
 
 An adapter release (a LoRA fine-tune of another release, see docs/adapters.md)
 has ``format: gguf-lora`` variants and says which base it applies to::
@@ -37,7 +38,9 @@ refuses are errors), its ``sha256`` the digest of that list.
 ``artifact``, the path in the store, defaults to
 ``<name>/<version>/<tier>/<file or folder name>``. Everything else is a
 :class:`protocol.Variant` field with the same name and rules; hashes and
-sizes are measured from the files, never written by hand.
+sizes are measured from the files, never written by hand. ``eval_set``
+(optional) names the evaluation set the devices score the release on
+(:mod:`controlplane.eval_spec`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from controlplane.eval_spec import EvalSetSpec
 from protocol import (
     RELEASE_NAME_PATTERN,
     SEMVER_PATTERN,
@@ -100,6 +104,8 @@ class ReleaseSpec(BaseModel):
     variants: Annotated[dict[Tier, VariantSpec], Field(min_length=1)]
     #: an adapter release: the base it applies to
     adapter_of: AdapterBase | None = None
+    #: questions the devices score the release on (controlplane/eval_spec.py)
+    eval_set: EvalSetSpec | None = None
 
 
 def load_spec(path: Path) -> ReleaseSpec:
@@ -118,6 +124,8 @@ def load_spec(path: Path) -> ReleaseSpec:
     for variant in spec.variants.values():
         expanded = Path(os.path.expandvars(os.path.expanduser(str(variant.file))))
         variant.file = expanded if expanded.is_absolute() else base / expanded
+    if spec.eval_set is not None:
+        spec.eval_set = spec.eval_set.resolved(base)
     return spec
 
 
@@ -159,6 +167,10 @@ def build_manifest(
             problems = validation_problems(exc, root="(root)")
             raise SpecError(f"variants.{tier.value}: {problems}{hint}") from exc
     try:
+        eval_set = spec.eval_set.pin(spec.name, spec.version) if spec.eval_set else None
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+    try:
         return ReleaseManifest(
             name=spec.name,
             version=spec.version,
@@ -166,6 +178,7 @@ def build_manifest(
             description=spec.description,
             variants=variants,
             adapter_of=spec.adapter_of,
+            eval_set=eval_set,
         )
     except ValidationError as exc:
         raise SpecError(validation_problems(exc, root="(root)")) from exc

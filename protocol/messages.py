@@ -259,6 +259,42 @@ class State(Wire):
     model_config = ConfigDict(populate_by_name=True)
 
 
+class CategoryScore(Wire):
+    """Items of one category of an evaluation set: passed of run."""
+
+    passed: NonNegInt
+    run: NonNegInt
+
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class EvalScores(Wire):
+    """One model version's score on an evaluation set, as the device measured it.
+
+    ``score`` is passed over ``total`` (items not run count as failed);
+    ``stopped_early`` says the time budget ran out before every item ran.
+    """
+
+    score: Annotated[float, Field(ge=0, le=1)]
+    passed: NonNegInt
+    run: NonNegInt
+    total: NonNegInt
+    by_category: Annotated[dict[ShortStr, CategoryScore], Field(max_length=32)] = {}
+    elapsed_s: NonNegFloat | None = None
+    stopped_early: bool = False
+
+
+class EvalOutcome(Wire):
+    """An ``evaluated`` event's figures: the candidate's and the active version's scores."""
+
+    eval_sha256: Sha256Hex
+    candidate: EvalScores
+    #: the version serving when the candidate was checked (None: none served)
+    active_sha256: Sha256Hex | None = None
+    active: EvalScores | None = None
+
+
 class InferenceStats(Wire):
     """Inference counters for one model version since the previous heartbeat."""
 
@@ -279,6 +315,9 @@ class InferenceStats(Wire):
     #: and loaded again on demand)
     loads: NonNegInt | None = None
     load_ms: NonNegFloat | None = None
+    #: this version's latest on-device evaluation score (optional: older agents send none)
+    eval_score: Annotated[float, Field(ge=0, le=1)] | None = None
+    eval_by_category: Annotated[dict[ShortStr, CategoryScore], Field(max_length=32)] | None = None
 
 
 TELEMETRY_SCHEMA_V1 = "slmfleet.telemetry/1"
@@ -345,7 +384,7 @@ class EventType(StrEnum):
     WAITING_NETWORK = "waiting_network"
     #: activation held: the activation window is closed or an update lock is held
     DEFERRED = "deferred"
-    #: an evaluation set was scored on the candidate (``reason`` carries the scores)
+    #: an evaluation set was scored on the candidate (``eval`` carries the scores)
     EVALUATED = "evaluated"
 
 
@@ -373,6 +412,8 @@ class Event(Wire):
     code: EventCode | None = None
     reason: LongStr | None = None
     progress_pct: Annotated[float, Field(ge=0, le=100)] | None = None
+    #: ``evaluated`` events: the scores (optional: older agents send none)
+    eval: EvalOutcome | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -147,6 +147,9 @@ def shared(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Sha
     for name in ("seed.bin", "flip.bin", "long.bin", "ok.bin"):
         files[name] = root / name
         files[name].write_bytes(secrets.token_bytes(TINY))
+    for name in ("eval.json", "evalflip.json", "evallong.json"):
+        files[name] = root / name
+        files[name].write_text(json.dumps(EVAL_SET))
     files["genuine.gguf"] = link_or_copy(model_path, root / "genuine.gguf")
     files["swapped.gguf"] = swap_tokenizer(model_path, root / "swapped.gguf")
     for release in ("folder-a", "folder-b"):
@@ -271,6 +274,43 @@ def variant_stitched_from_another_release(env: Env) -> bytes:
     other = tokenizer_sha256(env.files["swapped.gguf"])
     variant = variant_for(env.files["genuine.gguf"], "genuine.gguf", tokenizer_sha256=other)
     return env.assign(env.rig.release("3.999.4", variant))
+
+
+EVAL_SET = {"schema": "slmfleet.evalset/1", "items": [
+    {"id": "capital", "prompt": "What is the capital of Germany?",
+     "scorer": {"kind": "contains", "expected": ["Berlin"]}},
+    {"id": "sum", "category": "arith", "prompt": "What is 2 + 2?",
+     "scorer": {"kind": "regex", "pattern": "\\b4\\b"}},
+]}
+
+
+def _eval_release(env: Env, eval_file: str) -> dict[str, Any]:
+    """A release of ``ok.bin`` pinning the evaluation set served as ``eval_file``."""
+    ref = p.eval_set_ref(env.files[eval_file].read_bytes(), eval_file)
+    variant = variant_for(env.files["ok.bin"], "ok.bin")
+    return env.rig.release(f"3.{secrets.randbelow(10**6)}.0", variant, eval_set=ref)
+
+
+def eval_set_changed_in_manifest(env: Env) -> bytes:
+    """A compromised control plane pins another evaluation set and re-signs as director."""
+    payload = env.assign(_eval_release(env, "eval.json"))
+
+    def edit(envelope: dict[str, Any]) -> None:
+        ref = env.release_in(envelope)["signed"]["eval_set"]
+        ref["sha256"] = ("1" if ref["sha256"][0] == "0" else "0") + ref["sha256"][1:]
+
+    return env.rig.sim.tamper(payload, edit, resign=True)
+
+
+def eval_file_byte_flipped(env: Env) -> bytes:
+    """The artifact server hands out an evaluation set other than the pinned one."""
+    env.server.set_fault("evalflip.json", flip_at=40)
+    return env.assign(_eval_release(env, "evalflip.json"))
+
+
+def eval_file_longer_than_pinned(env: Env) -> bytes:
+    env.server.set_fault("evallong.json", extra_bytes=512)
+    return env.assign(_eval_release(env, "evallong.json"))
 
 
 def _accept_seed_again(env: Env) -> int:
@@ -438,6 +478,15 @@ ROWS = {
     "variant stitched from another release": Row(
         variant_stitched_from_another_release, E.FAILED, "tokenizer_mismatch",
         "GGUF tokenizer sha256",
+    ),
+    "evaluation set changed in the manifest": Row(
+        eval_set_changed_in_manifest, E.REJECTED, "threshold_not_met", "release keys"
+    ),
+    "evaluation set with one flipped byte": Row(
+        eval_file_byte_flipped, E.FAILED, "hash_mismatch"
+    ),
+    "evaluation set longer than pinned": Row(
+        eval_file_longer_than_pinned, E.FAILED, "too_long", "more than the signed"
     ),
     "replayed lower sequence": Row(replayed_lower_sequence, E.REJECTED, "replayed_sequence"),
     "replayed sequence after a restart": Row(

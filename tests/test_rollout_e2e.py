@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +46,11 @@ from controlplane.devfleet.fleet import DevKeys, ensure_dev_keys
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from controlplane.service import ControlPlane
 from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.support.controlplane import cp_settings, wait_until
+from tests.support.controlplane import cp_settings
 from tests.support.mqtt import provision_device
 from tests.support.rollout_agents import FleetAgent, LoadDriver, f32_copy, start_agents
+from tests.support.rollout_runs import poll as _poll
+from tests.support.rollout_runs import run_rollout as _run
 
 TICK_S = 0.5
 MODEL = "smollm2"
@@ -132,27 +134,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker,
             agent.process.stop()
         api.close()
         cp.stop()
-
-
-def _poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """:func:`wait_until` at a gentler pace: the API shares this process and two cores."""
-    return wait_until(predicate, timeout, what, poll=0.3)
-
-
-def _run(api: httpx.Client, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    r = api.post("/v1/rollouts", json=spec)
-    assert r.status_code == 201, r.text
-    rollout_id = r.json()["id"]
-
-    def over() -> dict[str, Any] | None:
-        detail = api.get(f"/v1/rollouts/{rollout_id}").json()
-        return detail if detail["state"] in ("completed", "rolled_back", "paused") else None
-
-    try:
-        return _poll(over, timeout, f"rollout {rollout_id} to finish")
-    except AssertionError:
-        detail = api.get(f"/v1/rollouts/{rollout_id}").json()
-        raise AssertionError([(d["kind"], d["reason"]) for d in detail["timeline"]]) from None
 
 
 def _good_release_everywhere(world: World) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import HealthCheck
+from protocol import EvalSet, HealthCheck
 
 from ..runtime_settings import EffectiveRuntime
 
@@ -54,6 +54,21 @@ class HealthRequest:
     #: a LoRA adapter's base: (name, the build's artifact sha256, scale); checked on
     #: that base's serving worker with the adapter applied
     adapter_of: tuple[str, str, float] | None = None
+    #: the release's evaluation set (verified against its pin), scored after the golden prompts
+    eval_set: EvalSet | None = None
+    eval_sha256: str | None = None
+    eval_budget_s: float = 60.0
+    #: the sha256 of the version serving now: its score on the same set is the baseline
+    active_sha256: str | None = None
+
+    def health_check(self) -> dict[str, Any]:
+        """The variant's health check as plain values, with the evaluation (``eval``) if any."""
+        from .evaluation import eval_request
+
+        spec = self.spec.model_dump(mode="json")
+        if self.eval_set is not None:
+            spec["eval"] = eval_request(self.eval_set, self.eval_budget_s)
+        return spec
 
     def to_json(self) -> bytes:
         """The request as :mod:`agent.healthcheck` reads it on stdin."""
@@ -61,7 +76,7 @@ class HealthRequest:
             "model": str(self.model),
             "format": self.format,
             "runtime": self.runtime.as_dict(),
-            "health_check": self.spec.model_dump(mode="json"),
+            "health_check": self.health_check(),
         }).encode()
 
 

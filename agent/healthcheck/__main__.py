@@ -48,7 +48,24 @@ def run_check(request: dict[str, Any]) -> dict[str, Any]:
     except (ValueError, RuntimeError, OSError) as exc:
         return _fail(f"model does not load: {exc}")
     load_ms = round((time.perf_counter() - started) * 1000, 1)
-    return {**run_golden(backend, request["health_check"]), "load_ms": load_ms}
+    result = {**run_golden(backend, request["health_check"]), "load_ms": load_ms}
+    if result["passed"] and request["health_check"].get("eval"):
+        result["eval"] = _evaluate(backend, request["health_check"]["eval"])
+    return result
+
+
+def _evaluate(backend: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Score the loaded model on the evaluation set the request carries."""
+    import asyncio
+
+    from .evaluation import eval_set_of, score_model
+    from .rules import run_prompt
+
+    async def ask(item: Any) -> str | None:
+        outcome = run_prompt(backend, {"prompt": item.prompt, "max_tokens": item.max_tokens})
+        return outcome.get("answer")
+
+    return asyncio.run(score_model(eval_set_of(spec), spec["time_budget_s"], ask))
 
 
 def main(argv: list[str] | None = None) -> int:

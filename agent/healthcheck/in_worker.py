@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 from ..inference.adapters import check_staged_adapter
 from ..inference.runtime import InferenceRuntime, PrepareAborted
 from ..inference.spec import ModelSpec
 from ..profiles import RuntimeSettings
 from . import HealthAborted, HealthChecker, HealthRequest, HealthResult
+from .eval_cache import EvalCache
+from .evaluation import score_model
+
+log = logging.getLogger(__name__)
 
 
 class WorkerHealthChecker(HealthChecker):
@@ -16,11 +22,17 @@ class WorkerHealthChecker(HealthChecker):
 
     A model that passes stays loaded beside the serving one, so activating
     it moves traffic without a cold start (:meth:`InferenceRuntime.activated`).
+
+    With an evaluation set, the version serving the name is scored on it
+    first (once per device: :class:`EvalCache`), through the serving
+    worker like any request, so the candidate's score has a baseline
+    measured on the same device.
     """
 
     def __init__(self, runtime: InferenceRuntime, profile: RuntimeSettings,
-                 timeout_s: float) -> None:
+                 timeout_s: float, cache: EvalCache | None = None) -> None:
         self.runtime, self.profile, self.timeout_s = runtime, profile, timeout_s
+        self.cache = cache
 
     async def check(self, request: HealthRequest, abort: asyncio.Event) -> HealthResult:
         """See :meth:`HealthChecker.check`."""
@@ -35,11 +47,48 @@ class WorkerHealthChecker(HealthChecker):
             runtime=request.runtime,
             sha256=request.sha256 or "",
         )
+        baseline = await self._active_scores(request)
         try:
-            result = await self.runtime.prepare(
-                spec, request.spec.model_dump(mode="json"), abort, self.timeout_s
-            )
+            result = await self.runtime.prepare(spec, request.health_check(), abort,
+                                                self.timeout_s)
         except PrepareAborted as exc:
             raise HealthAborted(str(exc)) from exc
         details = {k: v for k, v in result.items() if k not in ("passed", "reasons")}
+        if "eval" in details and baseline is not None:
+            details["eval_active"] = baseline
+            details["eval_active_sha256"] = request.active_sha256
+        if "eval" in details and self.cache is not None and request.sha256 and request.eval_sha256:
+            # Once active, this version's score is the baseline of the next candidate.
+            self.cache.put(request.sha256, request.eval_sha256, details["eval"])
         return HealthResult(bool(result.get("passed")), list(result.get("reasons", [])), details)
+
+    async def _active_scores(self, request: HealthRequest) -> dict[str, Any] | None:
+        """The serving version's scores on the request's set: cached, or measured now."""
+        if request.eval_set is None or not request.active_sha256 or not request.eval_sha256:
+            return None
+        if self.cache is not None:
+            cached = self.cache.get(request.active_sha256, request.eval_sha256)
+            if cached is not None:
+                return cached
+        name = request.name or "model"
+        host = self.runtime.hosts.get(name)
+        serving = host.serving if host is not None else None
+        if serving is None or serving.spec.sha256 != request.active_sha256:
+            return None
+
+        async def ask(item: Any) -> str | None:
+            parts: list[str] = []
+            body = {"messages": [{"role": "user", "content": item.prompt}],
+                    "temperature": 0.0, "max_tokens": item.max_tokens, "seed": 0}
+            async with self.runtime.lease(name) as (_, worker):
+                await worker.call("complete", {"request": body}, parts.append)
+            return "".join(parts)
+
+        try:
+            scores = await score_model(request.eval_set, request.eval_budget_s, ask)
+        except Exception as exc:  # the baseline is optional; the candidate's check goes on
+            log.warning("scoring the active %s on the evaluation set failed: %s", name, exc)
+            return None
+        if self.cache is not None:
+            self.cache.put(request.active_sha256, request.eval_sha256, scores)
+        return scores

@@ -42,6 +42,7 @@ from typing import Any
 
 from protocol import InferenceStats, split_model
 
+from ..healthcheck.evaluation import score_in_worker
 from ..healthcheck.rules import judge
 from .adapters import adapter_key, carry_adapters
 from .candidate_freeze import CandidateFreeze
@@ -212,6 +213,9 @@ class InferenceRuntime:
                 outcomes = [await worker.call("check_prompt", {"item": item})
                             for item in health_check.get("golden_prompts") or []]
                 result = judge(health_check, outcomes, self.sharing.frozen_between)
+                if result["passed"] and health_check.get("eval"):
+                    result["eval"] = await score_in_worker(worker.call, health_check["eval"],
+                                                           self.sharing.frozen_between)
         except WorkerExited as exc:
             return {"passed": False, "reasons": [f"health check crashed: {exc}"]}
         except RemoteError as exc:

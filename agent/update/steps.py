@@ -44,6 +44,7 @@ from ..profiles import FirmwareProfile
 from ..runtime_settings import effective_runtime
 from .adapters import adapter_base
 from .download import ArtifactRequest, download_with_retries
+from .eval_fetch import FetchedEvalSet, eval_fields, fetch_eval_set, report_evaluation
 from .folder import held_bytes, remove_partial
 from .intake import DeviceFacts
 from .ledger import Ledger
@@ -163,6 +164,8 @@ class UpdateRun:
         self._cancel = threading.Event()
         self._progress_step = -1
         self._running = False
+        #: the release's evaluation set, verified (fetched before the model)
+        self._eval: FetchedEvalSet | None = None
 
     def abort(self) -> None:
         """Stop at the next safe point: the download's next chunk, a back-off, a health check."""
@@ -224,6 +227,7 @@ class UpdateRun:
     async def _stage(self) -> None:
         store, record = self._tools.stores.store(self.name), self._current()
         assert record.key is not None
+        await self._fetch_eval(record.key)
         if await asyncio.to_thread(self._installed, record.key):
             # Already in the store (a rollback to the previous version): no download.
             log.info("%s is installed and intact; not downloading", record.key)
@@ -240,13 +244,26 @@ class UpdateRun:
                                     store_manifest(self._entry))
         self._transition(UpdateState.STAGED, EventType.STAGED)
 
-    def _artifact_url(self) -> str:
+    def _artifact_base(self) -> str:
         base = self._url_base or self._tools.config.artifact_base_url
         if base is None:
             raise Failed(UpdateState.FAILED, EventCode.NO_ARTIFACT_URL,
                          "the assignment names no artifact_url_base "
                          "and artifact_base_url is not configured")
-        return f"{base.rstrip('/')}/{self._entry.variant.artifact}"
+        return base
+
+    def _artifact_url(self) -> str:
+        return f"{self._artifact_base().rstrip('/')}/{self._entry.variant.artifact}"
+
+    async def _fetch_eval(self, key: str) -> None:
+        """The release's evaluation set, verified against its pin (before the model's bytes)."""
+        if self._eval is not None or self._entry.manifest.eval_set is None:
+            return
+        tools = self._tools
+        self._eval = await fetch_eval_set(
+            self._entry, self._artifact_base(), key=key, config=tools.config,
+            stores=tools.stores, fetcher_factory=tools.fetcher_factory, cancel=self._cancel,
+            abort=self._abort, still_current=self._current)
 
     async def _download(self, key: str) -> None:
         tools, variant = self._tools, self._entry.variant
@@ -313,6 +330,7 @@ class UpdateRun:
         if version is None:
             raise Failed(UpdateState.FAILED, EventCode.STORE_CORRUPT,
                          f"staged {record.key} is gone")
+        await self._fetch_eval(record.key)
         request = HealthRequest(
             model=version.artifact,
             format=entry.variant.format,
@@ -323,12 +341,14 @@ class UpdateRun:
             version=entry.manifest.version,
             sha256=entry.variant.sha256,
             adapter_of=adapter_base(entry),
+            **eval_fields(self._eval, tools.stores.store(self.name)),
         )
         try:
             result = await tools.health.check(request, self._abort)
         except HealthAborted as exc:
             raise Stopped() from exc
         record = self._current()
+        report_evaluation(tools.ledger.events, record.assignment_id, self._eval, result)
         if not result.passed:
             tools.ledger.events.emit(EventType.HEALTH_FAILED, record.assignment_id,
                                      reason=result.reason, code=EventCode.HEALTH_FAILED)

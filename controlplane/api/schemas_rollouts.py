@@ -74,6 +74,18 @@ class MemberOut(BaseModel):
     reason: str | None
 
 
+class EvalScoreOut(BaseModel):
+    """One version's mean on-device evaluation score in one tier of a rollout."""
+
+    tier: str
+    version: str
+    role: str = Field(description="`new` (the rollout's version) or `old` (what devices ran)")
+    devices: int = Field(description="devices that reported this score")
+    score: float = Field(description="mean score, 0..1, over those devices")
+    by_category: dict[str, dict[str, int]] = Field(
+        description="category -> passed and run, summed over those devices")
+
+
 class RolloutDetail(RolloutSummary):
     """Everything about one rollout."""
 
@@ -89,6 +101,9 @@ class RolloutDetail(RolloutSummary):
     timeline: list[DecisionOut]
     devices: list[MemberOut]
     devices_truncated: bool
+    eval_scores: list[EvalScoreOut] = Field(
+        default=[], description="on-device evaluation scores per tier and version (both "
+        "versions scored on the same devices; the min_eval_ratio gate compares them)")
 
 
 class VersionMetrics(BaseModel):

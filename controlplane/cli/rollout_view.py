@@ -1,4 +1,4 @@
-"""How a rollout looks on a terminal: stages and tiers with progress bars, gates, timeline.
+"""How a rollout looks on a terminal: stages and tiers with progress bars, gates, scores, timeline.
 
 Shared by ``slmfleet rollouts show/watch`` and ``slmfleet dev``.
 """
@@ -83,6 +83,18 @@ def gate_table(gates: list[dict[str, Any]]) -> Table:
     return table
 
 
+def eval_table(scores: list[dict[str, Any]]) -> Table:
+    """On-device evaluation scores per tier and version, with each category's pass count."""
+    table = titled_table("evaluation scores (on the devices)", "tier", "version", "", "devices",
+                         "score", "by category", expand=False)
+    for s in scores:
+        categories = ", ".join(f"{name} {c['passed']}/{c['run']}"
+                               for name, c in s["by_category"].items())
+        table.add_row(s["tier"], s["version"], s["role"], str(s["devices"]),
+                      f"{s['score']:.3f}", categories)
+    return table
+
+
 def timeline_table(timeline: list[dict[str, Any]], last: int = 12) -> Table:
     """The newest ``last`` decisions: when, what, who, why."""
     table = titled_table("timeline", "time", "stage", "decision", "by", "reason", expand=False)
@@ -120,5 +132,7 @@ def rollout_view(detail: dict[str, Any]) -> Group:
         parts.append(waiting)
     if detail["gates"]:
         parts.append(gate_table(detail["gates"]))
+    if detail.get("eval_scores"):
+        parts.append(eval_table(detail["eval_scores"]))
     parts.append(timeline_table(detail["timeline"]))
     return Group(*parts)

@@ -200,6 +200,8 @@ class DeviceEvent(_DeviceRows, Base):
     code: Mapped[EventCode | None] = mapped_column(status_type(EventCode, EVENT_CODE_LEN))
     reason: Mapped[str | None] = mapped_column(String(1024))
     progress_pct: Mapped[float | None]
+    #: an ``evaluated`` event's scores (:class:`protocol.EvalOutcome`)
+    eval: Mapped[dict[str, Any] | None]
 
     __table_args__ = (UniqueConstraint("device_id", "seq"),)
 

@@ -137,6 +137,7 @@ _EVENT_KEYS = [
     "code",
     "reason",
     "progress_pct",
+    "eval",
 ]
 _DEVICE_KEYS = [
     "id",
@@ -257,6 +258,7 @@ def _plan(items: Iterable[IngestItem]) -> _Plan:
                     "code": msg.code.value if msg.code else None,
                     "reason": msg.reason,
                     "progress_pct": msg.progress_pct,
+                    "eval": msg.eval.model_dump_json() if msg.eval else None,
                 },
             )
         elif isinstance(msg, Hello):

@@ -24,6 +24,13 @@ GOOD_VERSION = "1.0.0"
 #: the chat model's next version, rolled out while the embedder keeps serving
 NEXT_VERSION = "1.0.1"
 BAD_VERSION = "1.1.0"
+#: healthy but answers fewer questions: stopped by the quality gate (devfleet/low_quality.py)
+LOW_QUALITY_VERSION = "1.2.0"
+#: the evaluation set the low-quality release ships, and the budget devices get for it
+DEMO_EVAL_SET = Path(__file__).resolve().parents[2] / "examples" / "smollm2.eval.json"
+DEMO_EVAL_BUDGET_S = 60.0
+#: the demo's quality gate: the new version must score at least this share of the old one
+DEMO_MIN_EVAL_RATIO = 0.9
 #: the embedding model served beside the chat model: SmolLM2 with embeddings on
 EMBED_MODEL = "smollm2-embed"
 EMBED_VERSION = "1.0.0"
@@ -61,7 +68,8 @@ def demo_rollout_spec(version: str, model: str = CHAT_MODEL) -> dict[str, Any]:
         "version": version,
         "target": {"all": True},
         "stages": [{"percent": 10, "bake_s": 3}, {"percent": 100, "bake_s": 3}],
-        "gates": {"min_devices_reporting": 1, "max_failed": 0, "min_health_pass_rate": 1.0},
+        "gates": {"min_devices_reporting": 1, "max_failed": 0, "min_health_pass_rate": 1.0,
+                  "min_eval_ratio": DEMO_MIN_EVAL_RATIO},
         "on_failure": "rollback",
         "max_concurrent_downloads": 1,
     }
@@ -83,6 +91,8 @@ def demo_release_spec(
     name: str = CHAT_MODEL,
     embeddings: bool = False,
     onnx_folder: Path | None = None,
+    quantization: str = "Q4_1",
+    eval_set: Path | None = None,
 ) -> dict[str, Any]:
     """A release spec with a variant for every tier, for ``slmfleet models publish``.
 
@@ -90,9 +100,10 @@ def demo_release_spec(
     with that tier's runtime settings (a bigger context where there is more
     memory); a real release would ship a bigger model for bigger tiers.
     With ``embeddings`` the variants serve ``/v1/embeddings`` instead of
-    completions. With ``onnx_folder`` (the onnxruntime-genai build of the
-    same model) the ``small`` tier, the NPU laptop's, gets that folder
-    instead: an ONNX variant beside GGUF ones in one release.
+    completions; with ``eval_set`` the devices score the release on it. With
+    ``onnx_folder`` (the onnxruntime-genai build of the same model) the
+    ``small`` tier, the NPU laptop's, gets that folder instead: an ONNX
+    variant beside GGUF ones in one release.
     """
 
     def variant(context: int) -> dict[str, Any]:
@@ -102,7 +113,7 @@ def demo_release_spec(
         return {
             "file": str(model),
             "format": "gguf",
-            "quantization": "Q4_1",
+            "quantization": quantization,
             "parameters": 135_000_000,
             "context_length": 8192,
             "runtime_defaults": defaults,
@@ -121,9 +132,12 @@ def demo_release_spec(
             "runtime_defaults": {"context": 2048},
             "health_check": health_check or _ONNX_HEALTH_CHECK,
         }
-    return {
+    spec: dict[str, Any] = {
         "name": name,
         "version": version,
         "description": description,
         "variants": {"micro": variant(2048), "small": small, "medium": variant(8192)},
     }
+    if eval_set is not None:
+        spec["eval_set"] = {"path": str(eval_set), "time_budget_s": DEMO_EVAL_BUDGET_S}
+    return spec

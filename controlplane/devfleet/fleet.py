@@ -50,10 +50,12 @@ from .demo_specs import (
     EMBED_MODEL,
     EMBED_VERSION,
     GOOD_VERSION,
+    LOW_QUALITY_VERSION,
     NEXT_VERSION,
     demo_release_spec,
     demo_rollout_spec,
 )
+from .low_quality import publish_low_quality
 from .model_cache import onnx_genai_path, smollm2_path
 from .mosquitto import MosquittoBroker
 
@@ -174,6 +176,8 @@ class DevFleet:
     #: each agent's local OpenAI-compatible API, ``http://127.0.0.1:PORT/v1``
     #: (the `AGENT` lines); every agent has a port of its own
     agent_urls: dict[str, str] = field(default_factory=dict)
+    #: the low-quality release was published (it needs a model llama.cpp can quantize)
+    low_quality: bool = False
 
     def start(self) -> None:
         """Start broker, control plane and agents; wait until all agents reported
@@ -329,8 +333,9 @@ class DevFleet:
         publish_release(spec, [self.keys.release_key], self.api_url, self.token)
 
     def publish_releases(self, model: Path | None = None) -> None:
-        """Publish the demo's releases: the chat model's good, next and bad
-        versions (the bad one fails its health check) and the embedder.
+        """Publish the demo's releases: the chat model's good, next, bad (it
+        fails its health check) and low-quality (it scores lower on the
+        evaluation set) versions, and the embedder.
 
         Without ``model`` the set-up's builds are used, and the next version
         gives the NPU laptop's tier the onnxruntime-genai build of the same
@@ -352,6 +357,7 @@ class DevFleet:
         self._publish(BAD_VERSION, model, health_check=BAD_HEALTH_CHECK,
                       description="SmolLM2-135M with a golden prompt it answers wrongly: "
                                   "a release that fails its health check on the devices")
+        self.low_quality = publish_low_quality(self._publish, model, self.log)
         self._publish(EMBED_VERSION, model, name=EMBED_MODEL, embeddings=True,
                       description="SmolLM2-135M with embeddings on: the demo's embedder")
 
@@ -387,7 +393,9 @@ class DevFleet:
         model's next version goes out canary-first while the embedder keeps
         serving; then a release whose health check fails on the devices
         stops at the canary and is rolled back automatically (the chat
-        model only: the embedder's entry never changes).
+        model only: the embedder's entry never changes); last, a release
+        that passes every health check but answers fewer of the evaluation
+        set stops at the canary on the quality gate and is rolled back.
         """
         self.publish_releases(model)
         done = []
@@ -397,6 +405,9 @@ class DevFleet:
             (NEXT_VERSION, "the chat model's next version, the embedder serving beside it"),
             (BAD_VERSION, "a release whose health check fails"),
         ]
+        if self.low_quality:
+            steps.append((LOW_QUALITY_VERSION,
+                          "a healthy release that answers fewer of the evaluation set"))
         for version, why in steps:
             if should_stop():
                 break

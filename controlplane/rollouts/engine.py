@@ -63,6 +63,8 @@ from protocol import ProtocolError, ReleaseManifest, Tier
 
 from . import queries, store
 from .cohort import cohort_key, stage_size
+from .eval_gate import DeviceEval
+from .eval_scores import device_evals
 from .gates import GateResult, evaluate, overall
 from .outcome import changed_outcomes
 from .queries import Issued, Member
@@ -232,12 +234,17 @@ class RolloutEngine:
             gates.max_crashes))
         if needs_metrics and assigned:
             new_by_tier, old_by_tier = self._metrics(row, spec, assigned)
-        results = evaluate(gates, [m.view() for m in assigned], new_by_tier, old_by_tier)
+        evals = self._evals(assigned) if gates.min_eval_ratio is not None else None
+        results = evaluate(gates, [m.view() for m in assigned], new_by_tier, old_by_tier, evals)
         public = [r.public() for r in results]
         if public != row.last_gates:
             with self._engine.begin() as conn:
                 queries.save_gates(conn, row.id, public)
         return results
+
+    def _evals(self, assigned: Sequence[Member]) -> dict[str, DeviceEval]:
+        with self._engine.connect() as conn:
+            return device_evals(conn, assigned)
 
     def _metrics(
         self, row: RolloutRow, spec: RolloutSpec, assigned: Sequence[Member]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from controlplane.db.statuses import REPORTED, MemberState
 from controlplane.db.telemetry_aggregates import Aggregate
 
 from .spec import Gates
+
+if TYPE_CHECKING:
+    from .eval_gate import DeviceEval
 
 Verdict = Literal["pass", "fail", "wait"]
 
@@ -162,15 +165,21 @@ def evaluate(
     members: Sequence[MemberView],
     new_by_tier: Mapping[str, Aggregate],
     old_by_tier: Mapping[str, Aggregate],
+    evals: Mapping[str, DeviceEval] | None = None,
 ) -> list[GateResult]:
     """Every gate of ``gates`` over the rollout's assigned ``members`` so far.
 
     ``new_by_tier`` holds the new version's figures on the rollout's devices,
     ``old_by_tier`` the other versions' on devices of the same tier still on
-    them; both keyed by device tier.
+    them; both keyed by device tier. ``evals`` holds each device's
+    evaluation scores of both versions (the ``min_eval_ratio`` gate).
     """
     results = _install_gates(gates, members)
     tiers = sorted({m.tier for m in members if m.tier} | set(new_by_tier))
     for tier in tiers:
         results += _tier_gates(gates, tier, new_by_tier.get(tier), old_by_tier.get(tier))
+    if gates.min_eval_ratio is not None:
+        from .eval_gate import eval_gates
+
+        results += eval_gates(gates.min_eval_ratio, members, evals or {})
     return results

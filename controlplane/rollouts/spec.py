@@ -80,6 +80,9 @@ class Gates(_Strict):
     max_crashes: Annotated[int, Field(ge=0)] | None = None
     #: requests a side needs before its inference figures count
     min_requests: Annotated[int, Field(ge=1)] = 1
+    #: new version's on-device evaluation score / the old version's, paired per device
+    #: (controlplane/rollouts/eval_gate.py)
+    min_eval_ratio: Ratio | None = None
 
 
 class Stage(_Strict):

@@ -26,6 +26,7 @@ from controlplane.api.schemas_rollouts import (
 )
 from controlplane.db.models import Rollout
 from controlplane.rollouts import ACTIONS, RolloutSpec, store
+from controlplane.rollouts.eval_scores import rollout_eval_scores
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
@@ -94,6 +95,7 @@ def _detail(session: SessionDep, row: Rollout) -> RolloutDetail:
             for m in members[:DETAIL_DEVICES]
         ],
         devices_truncated=len(members) > DETAIL_DEVICES,
+        eval_scores=rollout_eval_scores(session.connection(), row.id, row.version),
     )
 
 
