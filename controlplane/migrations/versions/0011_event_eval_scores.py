@@ -14,8 +14,8 @@ from alembic import op
 
 from controlplane.migrations.columns import json
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0011"
+down_revision: str | None = "0010"
 
 
 def upgrade() -> None:
