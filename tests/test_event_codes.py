@@ -67,6 +67,13 @@ EXPECTED: dict[EventCode, Treatment] = {
     EventCode.ACTIVE_BROKEN: FAILED,
     # replaced before it finished
     EventCode.SUPERSEDED: FAILED,
+    # waiting codes ride on non-final events only (waiting, deferred, activated):
+    # the engine never reads an outcome from them; a final one would be a bug
+    EventCode.DOWNLOAD_WINDOW: FAILED,
+    EventCode.ACTIVATION_WINDOW: FAILED,
+    EventCode.METERED: FAILED,
+    EventCode.LOCKED: FAILED,
+    EventCode.LOCK_OVERRIDDEN: FAILED,
 }
 
 #: member state each treatment leads to

@@ -46,9 +46,11 @@ from .download import ArtifactRequest, download_with_retries
 from .intake import DeviceFacts
 from .ledger import Ledger
 from .outcome import Failed, Stopped
+from .policy_gate import Hold, PolicyGate, record_hold
 from .staging import StagingError, check_tokenizer, installed_copy, store_manifest
 from .state import EntryRecord
 from .stores import ModelStores
+from .throttle import DownloadHeld
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher
@@ -76,10 +78,15 @@ class StepTools:
     on_activated: Callable[[str], None]
     #: keys each name's pending updates still need (never garbage-collected)
     protected: Callable[[], dict[str, set[str]]]
+    #: windows, locks, caps and metered links (:mod:`agent.update.policy_gate`)
+    gate: PolicyGate
 
 
-async def activate(tools: StepTools, record: EntryRecord) -> None:
+async def activate(tools: StepTools, record: EntryRecord,
+                   note: tuple[str, EventCode] | None = None) -> None:
     """Swap ``record``'s name to its version, report it, clean up old versions.
+
+    ``note``: the activated event's reason and code (a lock override).
 
     One synchronous block up to the event: nothing can supersede the update
     between the caller's check that it is current and the pointer swap.
@@ -89,7 +96,8 @@ async def activate(tools: StepTools, record: EntryRecord) -> None:
     # Traffic follows the pointer at once: the warm worker that passed the
     # health check takes new requests, in-flight ones finish on the old.
     tools.on_activated(record.name)
-    tools.ledger.finish(record.name, record.update_id, UpdateState.ACTIVATED)
+    tools.ledger.finish(record.name, record.update_id, UpdateState.ACTIVATED,
+                        *(note or ()))
     # Every name's, not only this one's: a crash between another name's
     # activation and its clean-up left its old version behind, and start-up
     # collects only once nothing is pending.
@@ -199,14 +207,28 @@ class UpdateRun:
             # checked it yet: the set it came in was a set of one.
             self._transition(UpdateState.FIT_CHECKED, EventType.FIT_CHECKED)
             state = UpdateState.FIT_CHECKED
-        if state in (UpdateState.FIT_CHECKED, UpdateState.DOWNLOADING):
+        if state in (UpdateState.FIT_CHECKED, UpdateState.WAITING_WINDOW,
+                     UpdateState.WAITING_NETWORK, UpdateState.DOWNLOADING):
             await self._stage()
             state = UpdateState.STAGED
         if state is UpdateState.STAGED:
             await self._health_check()
             state = UpdateState.HEALTH_CHECKED
         if state is UpdateState.HEALTH_CHECKED and record.unit is None:
-            await activate(self._tools, self._current())
+            gate, policy = self._tools.gate, self._entry.entry.policy
+            if await self._hold(lambda: gate.activation_hold(policy)):
+                self._transition(UpdateState.HEALTH_CHECKED, None)
+            await activate(self._tools, self._current(), gate.override_note(policy))
+
+    async def _hold(self, check: Callable[[], Hold | None]) -> bool:
+        """Wait while ``check`` names a hold, recording each new one; True if it held."""
+        held = False
+        while (hold := check()) is not None:
+            record_hold(self._tools.ledger, self._current(), hold)
+            held = True
+            await self._tools.gate.wait(hold, self._abort)
+            self._current()
+        return held
 
     # -- download and stage ---------------------------------------------------------
 
@@ -254,23 +276,32 @@ class UpdateRun:
         )
         # Leftovers of this name's other updates go; this one's partial stays and resumes.
         await asyncio.to_thread(store.clean_staging, [key])
-        held = request.partial.stat().st_size if request.partial.is_file() else 0
-        self._transition(UpdateState.DOWNLOADING, None)
-        self._progress(held, variant.size_bytes)
+        gate, policy = tools.gate, self._entry.entry.policy
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:
             loop.call_soon_threadsafe(self._progress, done, total)
 
-        await download_with_retries(
-            request,
-            config=tools.config,
-            fetcher_factory=tools.fetcher_factory,
-            progress=progress,
-            cancel=self._cancel,
-            abort=self._abort,
-            still_current=self._current,
-        )
+        while True:
+            await self._hold(lambda: gate.download_hold(policy))
+            held = request.partial.stat().st_size if request.partial.is_file() else 0
+            self._transition(UpdateState.DOWNLOADING, None)
+            self._progress(held, variant.size_bytes)
+            try:
+                await download_with_retries(
+                    request,
+                    config=gate.download_config(policy),
+                    fetcher_factory=gate.fetcher_factory(tools.fetcher_factory, policy,
+                                                         self._cancel),
+                    progress=progress,
+                    cancel=self._cancel,
+                    abort=self._abort,
+                    still_current=self._current,
+                )
+                return
+            except DownloadHeld as exc:
+                # The partial keeps its bytes: the next attempt resumes with Range.
+                log.info("download of %s paused: %s", key, exc.reason)
 
     def _progress(self, done: int, total: int) -> None:
         """Report download progress, at most one event per PROGRESS_STEP_PCT."""
