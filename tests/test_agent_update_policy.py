@@ -11,7 +11,6 @@ open and when it next opens across time zones, midnight and DST changes.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from agent.update.clock import SystemClock
 from agent.update.locks import UpdateLocks
 from agent.update.policy_gate import PolicyGate
 from protocol.update_policy import UpdatePolicy, Window
-from tests.support.http_artifacts import ArtifactServer
-from tests.support.policy import ManualClock, PolicyDevice, at
+from tests.support.policy import ManualClock, PolicyDevice, at, policy_device
 from tests.test_agent_updater import run
 
 E = p.EventType
@@ -32,32 +30,18 @@ NIGHT = Window(cron="0 2 * * *", duration_s=3600, tz="UTC")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ArtifactServer]:
-    root = tmp_path / "artifacts"
-    root.mkdir()
-    (root / "a.bin").write_bytes(secrets.token_bytes(64 * 1024))
-    with ArtifactServer(root) as s:
-        yield s
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(at("2026-06-01T01:00:00+00:00"))
-
-
-@pytest.fixture
-def device(tmp_path: Path, server: ArtifactServer, clock: ManualClock) -> PolicyDevice:
-    return PolicyDevice(tmp_path, server, clock)
+def device(tmp_path: Path) -> Iterator[PolicyDevice]:
+    yield from policy_device(tmp_path, 64 * 1024)
 
 
 def test_a_closed_activation_window_keeps_the_candidate_staged_until_it_opens(
-    device: PolicyDevice, clock: ManualClock
+    device: PolicyDevice,
 ) -> None:
+    clock = device.clock
+
     async def go() -> None:
         updater = await device.boot()
-        payload, aid = device.offer("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
-        await updater.offer(payload)
-        await device.until(lambda: device.of_type(aid, E.DEFERRED), "the deferral")
+        aid = await device.deliver("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
 
         deferred = device.of_type(aid, E.DEFERRED)[0]
         assert deferred.code == p.EventCode.ACTIVATION_WINDOW
@@ -84,15 +68,15 @@ def test_a_closed_activation_window_keeps_the_candidate_staged_until_it_opens(
     run(go)
 
 
-def test_a_closed_download_window_holds_the_download(
-    device: PolicyDevice, clock: ManualClock, server: ArtifactServer
-) -> None:
+def test_a_closed_download_window_holds_the_download(device: PolicyDevice) -> None:
+    clock = device.clock
+    server = device.server
+
     async def go() -> None:
         updater = await device.boot()
         window = Window(cron="30 1 * * *", duration_s=600, tz="UTC")
-        payload, aid = device.offer("a.bin", "1.0.0", UpdatePolicy(download_window=window))
-        await updater.offer(payload)
-        await device.until(lambda: device.of_type(aid, E.WAITING_WINDOW), "the wait")
+        aid = await device.deliver("a.bin", "1.0.0", UpdatePolicy(download_window=window),
+                                   lambda a: device.of_type(a, E.WAITING_WINDOW))
 
         waiting = device.of_type(aid, E.WAITING_WINDOW)[0]
         assert waiting.code == p.EventCode.DOWNLOAD_WINDOW
@@ -110,12 +94,10 @@ def test_a_closed_download_window_holds_the_download(
     run(go)
 
 
-def test_a_newer_document_ends_a_wait_at_once(device: PolicyDevice, clock: ManualClock) -> None:
+def test_a_newer_document_ends_a_wait_at_once(device: PolicyDevice) -> None:
     async def go() -> None:
         updater = await device.boot()
-        payload, first = device.offer("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
-        await updater.offer(payload)
-        await device.until(lambda: device.of_type(first, E.DEFERRED), "the deferral")
+        first = await device.deliver("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
         payload, second = device.offer("a.bin", "1.0.1", None)
         await updater.offer(payload)
         await device.until(lambda: device.final(second), "the newer update")
@@ -126,13 +108,11 @@ def test_a_newer_document_ends_a_wait_at_once(device: PolicyDevice, clock: Manua
 
 
 def test_a_crash_while_waiting_for_a_window_waits_again_then_completes(
-    device: PolicyDevice, clock: ManualClock
+    device: PolicyDevice,
 ) -> None:
     async def go() -> None:
-        updater = await device.boot()
-        payload, aid = device.offer("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
-        await updater.offer(payload)
-        await device.until(lambda: device.of_type(aid, E.DEFERRED), "the deferral")
+        await device.boot()
+        aid = await device.deliver("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
         await device.crash()
 
         updater = await device.boot()
@@ -141,7 +121,7 @@ def test_a_crash_while_waiting_for_a_window_waits_again_then_completes(
         assert device.final(aid) is None and updater.stores.store("m").active() is None
         assert device.record().state == p.UpdateState.STAGED
         assert device.record().resumes == 0, "waiting is not a crash loop"
-        clock.set(at("2026-06-01T02:10:00+00:00"))
+        device.clock.set(at("2026-06-01T02:10:00+00:00"))
         await device.until(lambda: device.final(aid), "the activation")
         assert device.final(aid).type == E.ACTIVATED
 

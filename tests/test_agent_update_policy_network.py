@@ -28,7 +28,7 @@ from agent.update.throttle import TokenBucket
 from agent.update.throttled_fetcher import ThrottledFetcher
 from protocol.update_policy import UpdatePolicy
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.policy import ManualClock, PolicyDevice, at
+from tests.support.policy import PolicyDevice, policy_device
 from tests.support.updates import file_sha256
 from tests.test_agent_updater import run
 
@@ -37,17 +37,8 @@ MB = 1_000_000
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ArtifactServer]:
-    root = tmp_path / "artifacts"
-    root.mkdir()
-    (root / "a.bin").write_bytes(secrets.token_bytes(600_000))
-    with ArtifactServer(root) as s:
-        yield s
-
-
-@pytest.fixture
-def device(tmp_path: Path, server: ArtifactServer) -> PolicyDevice:
-    return PolicyDevice(tmp_path, server, ManualClock(at("2026-06-01T01:00:00+00:00")))
+def device(tmp_path: Path) -> Iterator[PolicyDevice]:
+    yield from policy_device(tmp_path, 600_000)
 
 
 def test_a_1_mb_s_cap_holds_for_20_s_within_5_percent(tmp_path: Path) -> None:
@@ -125,8 +116,10 @@ def test_the_pipeline_downloads_at_the_assignment_cap(device: PolicyDevice) -> N
 
 
 def test_a_metered_link_holds_the_download_and_it_resumes_where_it_stopped(
-    device: PolicyDevice, server: ArtifactServer
+    device: PolicyDevice
 ) -> None:
+    server = device.server
+
     async def go() -> None:
         device.metered(True)
         updater = await device.boot()

@@ -120,3 +120,17 @@ def test_the_last_final_event_decides_and_health_is_kept() -> None:
     assert outcome(events) == {"health": "passed", "state": MemberState.SUCCEEDED,
                                "reason": None}
     assert outcome(events[:1]) == {}
+
+
+@pytest.mark.parametrize("kind", [EventType.WAITING_WINDOW, EventType.WAITING_NETWORK,
+                                  EventType.DEFERRED])
+def test_a_waiting_device_has_no_outcome_yet(kind: EventType) -> None:
+    """Waiting for a window, a link or a lock is neither failing nor succeeding."""
+    code = {EventType.WAITING_WINDOW: EventCode.DOWNLOAD_WINDOW,
+            EventType.WAITING_NETWORK: EventCode.METERED,
+            EventType.DEFERRED: EventCode.LOCKED}[kind]
+    waiting = ReportedEvent("a-1", kind, code, f"{code.value}: detail")
+    assert outcome([ReportedEvent("a-1", EventType.DOWNLOADING, None, None), waiting]) == {}
+    overridden = ReportedEvent("a-1", EventType.ACTIVATED, EventCode.LOCK_OVERRIDDEN,
+                               "lock_overridden: override o-1 (hotfix) skipped ...")
+    assert outcome([waiting, overridden])["state"] is MemberState.SUCCEEDED

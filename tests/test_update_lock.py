@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,31 +26,15 @@ from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.runtime import InferenceRuntime
 from agent.update.locks import MAX_LOCKS, UpdateLocks
 from protocol.update_policy import LockOverride, UpdatePolicy
-from tests.support.http_artifacts import ArtifactServer
-from tests.support.policy import ManualClock, PolicyDevice, at
+from tests.support.policy import START, ManualClock, PolicyDevice, policy_device
 from tests.test_agent_updater import run
 
 E = p.EventType
-START = at("2026-06-01T01:00:00+00:00")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ArtifactServer]:
-    root = tmp_path / "artifacts"
-    root.mkdir()
-    (root / "a.bin").write_bytes(secrets.token_bytes(64 * 1024))
-    with ArtifactServer(root) as s:
-        yield s
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
-
-
-@pytest.fixture
-def device(tmp_path: Path, server: ArtifactServer, clock: ManualClock) -> PolicyDevice:
-    return PolicyDevice(tmp_path, server, clock)
+def device(tmp_path: Path) -> Iterator[PolicyDevice]:
+    yield from policy_device(tmp_path, 64 * 1024)
 
 
 class App:
@@ -81,16 +64,16 @@ def deferred_by_lock(device: PolicyDevice, aid: str) -> list[p.Event]:
 
 
 def test_a_lock_defers_activation_renewals_keep_it_and_release_swaps_at_once(
-    device: PolicyDevice, clock: ManualClock
+    device: PolicyDevice,
 ) -> None:
+    clock = device.clock
+
     async def go() -> None:
         app = await serve(device)
         lock = await app.take("robot arm mid-task", 60)
         assert lock["expires_at"] == START + 60 and lock["reason"] == "robot arm mid-task"
 
-        payload, aid = device.offer("a.bin", "1.0.0", None)
-        await device.updater.offer(payload)
-        await device.until(lambda: deferred_by_lock(device, aid), "the deferral")
+        aid = await device.deliver("a.bin", "1.0.0", None)
         event = deferred_by_lock(device, aid)[0]
         assert event.reason == "locked: update lock held by 'robot arm mid-task'"
         assert device.record().state == p.UpdateState.STAGED
@@ -129,9 +112,9 @@ time.sleep(600)
 """
 
 
-def test_a_lock_whose_holder_dies_expires_after_its_lease(
-    device: PolicyDevice, clock: ManualClock
-) -> None:
+def test_a_lock_whose_holder_dies_expires_after_its_lease(device: PolicyDevice) -> None:
+    clock = device.clock
+
     async def go() -> None:
         app = await serve(device)
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(app.http.base_url)],
@@ -142,9 +125,7 @@ def test_a_lock_whose_holder_dies_expires_after_its_lease(
         finally:
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait()
-        payload, aid = device.offer("a.bin", "1.0.0", None)
-        await device.updater.offer(payload)
-        await device.until(lambda: deferred_by_lock(device, aid), "the deferral")
+        aid = await device.deliver("a.bin", "1.0.0", None)
         assert "'checkout in progress'" in deferred_by_lock(device, aid)[0].reason
 
         clock.set(START + 29)
@@ -159,9 +140,9 @@ def test_a_lock_whose_holder_dies_expires_after_its_lease(
     run(go)
 
 
-def test_an_operator_override_skips_locks_taken_before_it(
-    device: PolicyDevice, clock: ManualClock
-) -> None:
+def test_an_operator_override_skips_locks_taken_before_it(device: PolicyDevice) -> None:
+    clock = device.clock
+
     async def go() -> None:
         app = await serve(device)
         await app.take("stuck kiosk session", 3600)
@@ -178,9 +159,7 @@ def test_an_operator_override_skips_locks_taken_before_it(
 
         # A lock taken after the override was issued still defers.
         await app.take("new task", 3600)
-        payload, second = device.offer("a.bin", "1.0.1", UpdatePolicy(lock_override=override))
-        await device.updater.offer(payload)
-        await device.until(lambda: deferred_by_lock(device, second), "the deferral")
+        second = await device.deliver("a.bin", "1.0.1", UpdatePolicy(lock_override=override))
         assert deferred_by_lock(device, second)[0].reason == \
             "locked: update lock held by 'new task'"
         await app.api.close()
@@ -188,15 +167,11 @@ def test_an_operator_override_skips_locks_taken_before_it(
     run(go)
 
 
-def test_a_crash_while_locked_still_waits_then_completes(
-    device: PolicyDevice, clock: ManualClock
-) -> None:
+def test_a_crash_while_locked_still_waits_then_completes(device: PolicyDevice) -> None:
     async def go() -> None:
         app = await serve(device)
         lock = await app.take("surgery robot", 600)
-        payload, aid = device.offer("a.bin", "1.0.0", None)
-        await device.updater.offer(payload)
-        await device.until(lambda: deferred_by_lock(device, aid), "the deferral")
+        aid = await device.deliver("a.bin", "1.0.0", None)
         await device.crash()
 
         updater = await device.boot()  # a new process: the locks come back from disk

@@ -14,8 +14,10 @@ pass at once, and documents signed with a policy per entry.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from agent.update.pipeline import Updater
 from agent.update.state import UpdateStateStore
 from protocol.update_policy import UpdatePolicy
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.signer import capabilities
+from tests.support.signer import TrustSimulator, capabilities
 from tests.support.updates import variant_for
 from tests.test_agent_updater import DEVICE, Device
 
@@ -38,6 +40,33 @@ from tests.test_agent_updater import DEVICE, Device
 def at(text: str) -> float:
     """Epoch seconds of an ISO 8601 time with its offset (``2026-06-01T02:00:00+00:00``)."""
     return datetime.fromisoformat(text).timestamp()
+
+
+#: where the tests' clocks start: an hour before the ``0 2 * * *`` UTC window opens
+START = at("2026-06-01T01:00:00+00:00")
+
+
+def policy_device(tmp_path: Path, size: int) -> Iterator[PolicyDevice]:
+    """A fixture body: a :class:`PolicyDevice` on a clock at :data:`START`, whose real
+    HTTP artifact server holds ``a.bin``, ``size`` random bytes."""
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    (root / "a.bin").write_bytes(secrets.token_bytes(size))
+    with ArtifactServer(root) as server:
+        yield PolicyDevice(tmp_path, server, ManualClock(START))
+
+
+def sign_policy_set(sim: TrustSimulator, device_id: str, name: str, release: dict[str, Any],
+                    policy: UpdatePolicy | None, *, sequence: int, assignment_id: str,
+                    artifact_url_base: str) -> bytes:
+    """A director-signed set of one entry ``name`` (micro) carrying ``policy``."""
+    sim.now = time.time()
+    entry = p.ModelEntry(assignment_id=assignment_id, rollout_id="r-1", tier=p.Tier.MICRO,
+                         release=dict(release), policy=policy)
+    document = p.AssignmentSet(device_id=device_id, sequence=sequence, issued_at=sim.now,
+                               expires_at=sim.now + 3600, models={name: entry},
+                               artifact_url_base=artifact_url_base)
+    return p.sign_assignment_set(document, sim.director_signers[: sim.director_keys.threshold])[1]
 
 
 class ManualClock(Clock):
@@ -120,15 +149,21 @@ class PolicyDevice(Device):
         release = self.sim.release(name, version, variants={
             p.Tier.MICRO: variant_for(self.server.directory / artifact, artifact)})
         aid = f"a-{name}-{self.sequence}"
-        self.sim.now = time.time()
-        entry = p.ModelEntry(assignment_id=aid, rollout_id="r-1", tier=p.Tier.MICRO,
-                             release=dict(release), policy=policy)
-        document = p.AssignmentSet(
-            device_id=DEVICE, sequence=self.sequence, issued_at=self.sim.now,
-            expires_at=self.sim.now + 3600, models={name: entry},
-            artifact_url_base=self.server.base_url)
-        signers = self.sim.director_signers[: self.sim.director_keys.threshold]
-        return p.sign_assignment_set(document, signers)[1], aid
+        payload = sign_policy_set(self.sim, DEVICE, name, release, policy,
+                                  sequence=self.sequence, assignment_id=aid,
+                                  artifact_url_base=self.server.base_url)
+        return payload, aid
+
+    async def deliver(self, artifact: str, version: str, policy: UpdatePolicy | None,
+                      until: Callable[[str], object] | None = None) -> str:
+        """Offer a signed set of one entry (see :meth:`offer`) and wait for ``until(aid)``
+        (default: the entry's first ``deferred`` event); returns the assignment id."""
+        assert self.updater is not None
+        payload, aid = self.offer(artifact, version, policy)
+        await self.updater.offer(payload)
+        await self.until(lambda: (until or (lambda a: self.of_type(a, p.EventType.DEFERRED)))(aid),
+                         f"{aid} to wait")
+        return aid
 
     def record(self, name: str = "m") -> Any:
         """``name``'s record as persisted on disk."""
