@@ -27,6 +27,7 @@ from tests.test_agent_updater import run
 
 E = p.EventType
 NIGHT = Window(cron="0 2 * * *", duration_s=3600, tz="UTC")
+NIGHT_OPENS = at("2026-06-01T02:00:00+00:00")
 
 
 @pytest.fixture
@@ -107,20 +108,29 @@ def test_a_newer_document_ends_a_wait_at_once(device: PolicyDevice) -> None:
     run(go)
 
 
-def test_a_crash_while_waiting_for_a_window_waits_again_then_completes(
-    device: PolicyDevice,
+@pytest.mark.parametrize("which", ["download", "activation"])
+def test_restarts_while_waiting_for_a_window_wait_again_then_complete(
+    device: PolicyDevice, which: str
 ) -> None:
+    """Six crashes while waiting (more than the crash-loop limit): still waiting, then done."""
     async def go() -> None:
         await device.boot()
-        aid = await device.deliver("a.bin", "1.0.0", UpdatePolicy(activation_window=NIGHT))
-        await device.crash()
-
-        updater = await device.boot()
-        await device.until(lambda: len(device.health.calls) == 2, "the check again")
-        await asyncio.sleep(0.2)
+        if which == "download":
+            policy, state = UpdatePolicy(download_window=NIGHT), p.UpdateState.WAITING_WINDOW
+            aid = await device.deliver("a.bin", "1.0.0", policy,
+                                       lambda a: device.of_type(a, E.WAITING_WINDOW))
+        else:
+            policy, state = UpdatePolicy(activation_window=NIGHT), p.UpdateState.STAGED
+            aid = await device.deliver("a.bin", "1.0.0", policy)
+        for restart in range(1, 7):
+            await device.crash()
+            updater = await device.boot()
+            await device.until(lambda n=restart: len(device.clock.sleeps) > n
+                               and device.clock.sleeps[-1] == NIGHT_OPENS, "the wait again")
+            record = device.record()
+            assert (record.state, record.resumes) == (state, 0), "waiting is not a crash loop"
         assert device.final(aid) is None and updater.stores.store("m").active() is None
-        assert device.record().state == p.UpdateState.STAGED
-        assert device.record().resumes == 0, "waiting is not a crash loop"
+        assert len(device.server.requests("a.bin")) == (0 if which == "download" else 1)
         device.clock.set(at("2026-06-01T02:10:00+00:00"))
         await device.until(lambda: device.final(aid), "the activation")
         assert device.final(aid).type == E.ACTIVATED

@@ -197,6 +197,8 @@ def record_hold(ledger: Ledger, record: EntryRecord, hold: Hold) -> None:
     crash-loop limit, so the record's ``resumes`` start again from zero.
     """
     if record.state is hold.state and record.reason == hold.reason:
+        if record.resumes:  # resumed after a restart: still waiting, nothing new to say
+            ledger.save(ledger.file.with_record(record.model_copy(update={"resumes": 0})))
         return
     ledger.save(ledger.file.with_record(record.model_copy(update={
         "state": hold.state, "reason": hold.reason, "ts": time.time(), "resumes": 0})))
