@@ -11,9 +11,12 @@ state says it stands::
 - **download and stage**: skipped when the exact variant is already
   installed intact; otherwise :mod:`agent.update.download`, the tokenizer
   check, and install into the name's own store, in its own versioned
-  directory.
+  directory. The entry's update policy may hold the download first, or
+  pause it, for its window or a metered link, and caps its rate
+  (:mod:`agent.update.policy_gate`).
 - **health check** in the worker that will serve the model.
-- **activate**: the one pointer swap of this name, then old versions are
+- **activate**: once the policy's activation window is open and no update
+  lock holds it off, the one pointer swap of this name, then old versions are
   cleaned up (every name's, keeping what pending updates need). An entry
   that belongs to a ``unit`` stops after its health check: its unit
   activates once every member passed (:func:`activate_unit`).
@@ -220,10 +223,13 @@ class UpdateRun:
                 self._transition(UpdateState.HEALTH_CHECKED, None)
             await activate(self._tools, self._current(), gate.override_note(policy))
 
-    async def _hold(self, check: Callable[[], Hold | None]) -> bool:
-        """Wait while ``check`` names a hold, recording each new one; True if it held."""
+    async def _hold(self, check: Callable[[], Hold | None], *, threaded: bool = False) -> bool:
+        """Wait while ``check`` names a hold, recording each new one; True if it held.
+
+        ``threaded``: ask in a thread (asking NetworkManager runs a subprocess).
+        """
         held = False
-        while (hold := check()) is not None:
+        while (hold := await asyncio.to_thread(check) if threaded else check()) is not None:
             record_hold(self._tools.ledger, self._current(), hold)
             held = True
             await self._tools.gate.wait(hold, self._abort)
@@ -283,7 +289,7 @@ class UpdateRun:
             loop.call_soon_threadsafe(self._progress, done, total)
 
         while True:
-            await self._hold(lambda: gate.download_hold(policy))
+            await self._hold(lambda: gate.download_hold(policy), threaded=True)
             held = request.partial.stat().st_size if request.partial.is_file() else 0
             self._transition(UpdateState.DOWNLOADING, None)
             self._progress(held, variant.size_bytes)
