@@ -60,9 +60,12 @@ def test_a_1_mb_s_cap_holds_for_20_s_within_5_percent(tmp_path: Path) -> None:
                                   (time.monotonic(), done)))
         finally:
             fetcher.close()
-        elapsed = time.monotonic() - start
-    rate = size / elapsed
-    assert elapsed > 20, elapsed
+    # From the first byte to the last: the connection's set-up and the final fsync
+    # are not the cap's (on a loaded machine they take a good part of a second).
+    (first_t, first_done), (last_t, last_done) = samples[0], samples[-1]
+    elapsed = last_t - first_t
+    rate = (last_done - first_done) / elapsed
+    assert last_done == size and elapsed > 20, (last_done, elapsed)
     assert abs(rate - MB) / MB < 0.05, f"{rate:.0f} B/s over {elapsed:.1f} s"
     # Smooth: every whole second after the first carries about the cap, no burst and stall.
     per_second = []
