@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING
 
 from protocol import EventCode, EventType, UpdateState
@@ -78,8 +78,9 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def _opens(window: Window, now: float, zone: object) -> tuple[str, float | None]:
-    nxt = window.next_open(now, zone)  # type: ignore[arg-type]
+def _opens(window: Window, now: float, zone: tzinfo) -> tuple[str, float | None]:
+    """The reason's words for ``window``'s next opening, and that time."""
+    nxt = window.next_open(now, zone)
     if nxt is None:
         return "does not open within the next 400 days", None
     return f"opens at {iso(nxt)}", nxt
