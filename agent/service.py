@@ -21,15 +21,17 @@ from .events import EventLog
 from .hardware import Detection, Hardware, detect_hardware
 from .healthcheck import HealthChecker
 from .healthcheck.in_worker import WorkerHealthChecker
+from .inference import adapters
 from .inference.api import ApiSettings, LocalApi
 from .inference.runtime import InferenceRuntime, RuntimeLimits
 from .inference.schemas import Limits
-from .inference.spec import spec_for_version
+from .inference.spec import AdapterSpec, adapter_spec_for_version, spec_for_version
 from .link import MqttLink
 from .malloc_trim import limit_malloc_arenas, release_freed_memory
 from .profiles import with_overrides
 from .sdnotify import notify, watchdog_interval_s
 from .telemetry import TelemetrySampler
+from .update.adapters import inactive_adapters
 from .update.pipeline import Updater
 from .update.store import ModelVersion
 
@@ -215,22 +217,50 @@ class Agent:
             release_freed_memory()
 
     def _activated(self, version: ModelVersion) -> None:
-        if self.inference is not None:
-            self.inference.activated(spec_for_version(version, self.profile.runtime))
+        if self.inference is None:
+            return
+        adapter = adapter_spec_for_version(version)
+        if adapter is not None:
+            # Applied on its base's worker: nothing of the base is loaded again.
+            adapters.spawn(self.inference, self._serve_adapter(adapter), f"adapter-{adapter.ref}")
+            return
+        spec = spec_for_version(version, self.profile.runtime)
+        self.inference.activated(spec)
+        active = [a for v in self.updater.active_versions()
+                  if (a := adapter_spec_for_version(v)) is not None]
+        for adapter in inactive_adapters(spec.name, spec.sha256, active):
+            self.updater.adapter_inactive(adapter.name, f"base_mismatch: {adapter.ref} was made "
+                                          f"for another build of {spec.name}; {spec.ref} serves "
+                                          "without it until a matching adapter arrives")
+
+    async def _serve_adapter(self, adapter: AdapterSpec) -> None:
+        assert self.inference is not None
+        why = await adapters.activate_adapter(self.inference, adapter)
+        if why is not None:
+            log.warning("adapter %s is not served: %s", adapter.ref, why)
+            self.updater.adapter_inactive(adapter.name, why)
 
     def _removed(self, name: str) -> None:
         """``name`` left the desired set: the runtime stops serving it (if it can)."""
         remove = getattr(self.inference, "remove", None)
         if remove is not None:
             remove(name)
+        if self.inference is not None:
+            adapters.spawn(self.inference, adapters.remove_adapter(self.inference, name),
+                           f"remove-adapter-{name}")
 
     async def _start_inference(self) -> None:
         """Serve the active model and open the local API (neither delays joining the fleet)."""
         if self.inference is None:
             return
         config = self.config
-        for active in self.updater.active_versions():
-            await self.inference.serve(spec_for_version(active, self.profile.runtime))
+        installed = self.updater.active_versions()
+        for active in installed:
+            if adapter_spec_for_version(active) is None:
+                await self.inference.serve(spec_for_version(active, self.profile.runtime))
+        for active in installed:
+            if (adapter := adapter_spec_for_version(active)) is not None:
+                await self._serve_adapter(adapter)
         api = LocalApi(self.inference, ApiSettings(
             host=config.api_host, port=config.api_port, socket_path=config.api_socket,
             ollama_port=config.ollama_port,

@@ -3,6 +3,7 @@
     .venv/bin/python bench/fleet.py                    # FLEET_DEVICES=N, FLEET_HOLD_S=S
     FLEET_REPLICAS=2 .venv/bin/python bench/fleet.py   # two replicas on PostgreSQL
     FLEET_DB=postgresql .venv/bin/python bench/fleet.py
+    FLEET_SCENARIO=window .venv/bin/python bench/fleet.py  # activation window, locks
 
 One broker, one control plane (API, ingest parent and its writer process, on
 SQLite) and ``slmfleet simulate`` in a process of its own, all on this
@@ -60,6 +61,8 @@ HOLD_S = float(os.environ.get("FLEET_HOLD_S", "60"))
 #: control-plane replicas; more than one runs on PostgreSQL with a shared subscription
 REPLICAS = int(os.environ.get("FLEET_REPLICAS", "1"))
 DATABASE = os.environ.get("FLEET_DB", "sqlite")
+#: FLEET_SCENARIO=window: a rollout waiting for its activation window (bench/_fleet_window.py)
+SCENARIO = os.environ.get("FLEET_SCENARIO", "ingest")
 #: FLEET_CEILING=0 skips the ceiling phase
 CEILING_S = float(os.environ.get("FLEET_CEILING", "30"))
 POLL_S = 0.2
@@ -267,6 +270,11 @@ def backend_roles(engine: Engine) -> Callable[[], dict[int, str]]:
 
 
 def main() -> None:
+    if SCENARIO == "window":
+        from _fleet_window import main as window_scenario
+
+        window_scenario(DEVICES)
+        return
     work = Path(tempfile.mkdtemp(prefix="slmfleet-bench-fleet-"))
     broker = scratch_broker([])
     password = broker.users[CONTROL_PLANE_USER]

@@ -66,9 +66,9 @@ TIMED_TICKS = 5
 #: upper bound on any one wait, so the benchmark always ends
 WAIT_S = 300.0
 
-#: the simulator process: prints "up", then "delivered <wall time>" once every
-#: device accepted an assignment (or "gave_up" when WAIT_S passes), then exits on stdin EOF
-SIMULATOR = """
+#: a simulator process's start (shared with bench/_fleet_window.py): the imports,
+#: ``n`` and ``prefix`` (argv 5 and 6) and ``trust``, the pinned key lists (argv 7 and 8)
+SIMULATOR_SETUP = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
@@ -80,6 +80,10 @@ from protocol import verify_pinned_key_list
 n, prefix = int(sys.argv[5]), sys.argv[6]
 trust = TrustRoots(release=verify_pinned_key_list(Path(sys.argv[7]).read_bytes(), "release"),
                    director=verify_pinned_key_list(Path(sys.argv[8]).read_bytes(), "director"))
+"""
+#: the simulator process: prints "up", then "delivered <wall time>" once every
+#: device accepted an assignment (or "gave_up" when WAIT_S passes), then exits on stdin EOF
+SIMULATOR = SIMULATOR_SETUP + """
 # Hellos spread over up to 30 s, and installs over 0-6 s after delivery (no download
 # time): a fleet of 10,000 reporting all at once would only measure the ingest.
 scenario = Scenario(devices=n, id_prefix=prefix, heartbeat_s=60.0, ramp_s=min(30.0, n / 330),

@@ -1,7 +1,7 @@
 """The control-plane API from Python: one client for the admin CLI, ``slmfleet dev``,
 the benchmarks and the tests, with one place for the server URL, the bearer
 token, timeouts and error messages that name the fix, and the operations
-made of several calls (:func:`publish_release`).
+made of several calls (:func:`publish_release`, in :mod:`controlplane.publishing`).
 
 Where the server and token come from, first found wins: the ``--server`` /
 ``--token`` options, the ``SLMFLEET_SERVER`` / ``SLMFLEET_TOKEN`` environment
@@ -11,23 +11,13 @@ server only the default ``http://127.0.0.1:8080`` that ``slmfleet dev`` uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 #: plain API calls; uploads pass their own, longer timeouts
@@ -155,117 +145,20 @@ class ApiClient:
                 return
 
 
-# --- publishing a release: hash, sign, upload, register ----------------------
-
-CHUNK = 1 << 20
-#: uploads of large models take a while; connecting should not
-UPLOAD_TIMEOUT = {"connect": 10.0, "read": 300.0, "write": 300.0, "pool": 10.0}
+# --- publishing a release: controlplane/publishing.py ----------------------
 
 
 class PublishError(RuntimeError):
     """Publishing stopped; the message says what to fix."""
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def _hash(path: Path, progress: Progress) -> tuple[str, int]:
-    size = path.stat().st_size
-    task = progress.add_task(f"hash   {path.name}", total=size)
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            progress.advance(task, len(chunk))
-    return digest.hexdigest(), size
-
-
-def _chunks(path: Path, progress: Progress, task: Any) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            progress.advance(task, len(chunk))
-            yield chunk
-
-
-def _upload(client: ApiClient, path: str, file: Path, sha256: str, size: int,
-            progress: Progress) -> str:
-    url = f"/v1/artifacts/{path}"
-    head = client.request("HEAD", url, ok=(200, 404))
-    if head.status_code == 200:
-        if head.headers.get("etag", "").strip('"') == sha256:
-            return "already uploaded"
-        raise PublishError(
-            f"{path} already holds a different file on the server; publish a new version "
-            "or set `artifact:` in the spec"
-        )
-    task = progress.add_task(f"upload {file.name}", total=size)
-    try:
-        client.request(
-            "PUT",
-            url,
-            content=_chunks(file, progress, task),
-            headers={
-                "X-Content-SHA256": sha256,
-                "Content-Length": str(size),
-                "Content-Type": "application/octet-stream",
-            },
-        )
-    except ApiError as exc:
-        raise PublishError(f"upload of {path} failed: {exc}") from exc
-    return "uploaded"
-
-
 def publish_release(
     spec_path: Path, key_paths: list[Path], server: str | None = None, token: str | None = None
 ) -> dict[str, Any]:
-    """Hash, sign, upload and register; return the registered version (API JSON).
-
-    ``server`` and ``token`` resolve as for every command (:func:`resolve`).
+    """Hash, sign, upload what the store lacks and register; return the registered
+    version (API JSON). A file hashed by an earlier call in this process is not
+    read again. :func:`controlplane.publishing.publish` also returns the figures.
     """
-    import httpx
+    from .publishing import publish
 
-    from controlplane.keyfiles import KeyFileError, read_private_key
-    from controlplane.release_spec import SpecError, artifact_path, build_manifest, load_spec
-    from protocol import canonical_json, sign_release
-
-    try:
-        spec = load_spec(spec_path)
-        keys = [read_private_key(path, "release") for path in key_paths]
-    except (SpecError, KeyFileError) as exc:
-        raise PublishError(str(exc)) from exc
-    for tier, variant in spec.variants.items():
-        if not variant.file.is_file():
-            raise PublishError(f"variants.{tier.value}.file: {variant.file} does not exist")
-
-    with _progress() as progress:
-        measured = {tier: _hash(v.file, progress) for tier, v in spec.variants.items()}
-        try:
-            manifest = build_manifest(spec, measured, released_at=time.time())
-            envelope = sign_release(manifest, keys)
-        except (SpecError, ValueError) as exc:
-            raise PublishError(str(exc)) from exc
-        try:
-            with ApiClient(server, token, timeout=httpx.Timeout(**UPLOAD_TIMEOUT)) as client:
-                for tier, variant in spec.variants.items():
-                    sha256, size = measured[tier]
-                    path = artifact_path(spec, tier)
-                    outcome = _upload(client, path, variant.file, sha256, size, progress)
-                    console.print(f"{tier.value}: {path} {outcome}")
-                response = client.request(
-                    "POST",
-                    "/v1/models",
-                    content=canonical_json(envelope),
-                    headers={"Content-Type": "application/json"},
-                )
-        except ApiError as exc:
-            raise PublishError(f"publishing {manifest.ref} failed: {exc}") from exc
-    return response.json()
+    return publish(spec_path, key_paths, server, token, remember=True).version

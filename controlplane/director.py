@@ -38,7 +38,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +47,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, upd
 
 from protocol import (
     KeyList,
+    LockOverride,
     ReleaseManifest,
     SigningKey,
     Tier,
@@ -68,9 +69,11 @@ from .documents import (
     sign,
 )
 from .plans import AssignResult, Change, Plan, Status, plan_change
+from .policy_defaults import policies_for
 from .sequences import next_sequence, next_sequences, peek_next_sequences
 from .tier_policy import RAM_BYTES, choose_tier
 from .trust import DirectorKeys
+from .update_policies import PolicyLayer, stored, with_lock_override
 
 __all__ = [
     "AssignResult", "Director", "Status", "UnknownRelease", "add_resign_job", "new_assignment_id",
@@ -205,10 +208,13 @@ class Director:
         version: str,
         *,
         rollout_id: str | None = None,
+        policy: PolicyLayer | None = None,
     ) -> list[AssignResult]:
         """Make ``name@version`` each device's entry for model ``name``; one result per device.
 
-        The devices' other models keep their entries. Raises
+        Each entry's update policy is the device's defaults (label,
+        profile) with ``policy`` (a rollout's) over them, signed into the
+        entry. The devices' other models keep their entries. Raises
         :class:`UnknownRelease` if the release is not registered. Devices are
         signed in batches of :data:`ASSIGN_BATCH`, one transaction each; a
         batch is stored whole or not at all.
@@ -218,6 +224,8 @@ class Director:
         release = Release(version_id, manifest.ref, envelope, canonical_json(envelope))
         self._releases.put(release)
         facts = self._facts(ids)
+        with self._engine.connect() as conn:
+            policies = policies_for(conn, ids, policy)
         results: dict[str, AssignResult] = {}
         todo: list[tuple[str, Tier]] = []
         for device_id in ids:
@@ -233,7 +241,7 @@ class Director:
             todo.append((device_id, tier))
         changes = [
             Change(device_id, manifest.name, Entry(manifest.name, assignment_id, release, tier,
-                                                    rollout_id))
+                                                    rollout_id, policies.get(device_id)))
             for (device_id, tier), assignment_id in zip(
                 todo, new_assignment_ids(len(todo)), strict=True
             )
@@ -263,6 +271,18 @@ class Director:
         ids = list(dict.fromkeys(device_ids))
         results = self._apply_all([Change(d, clear=True) for d in ids])
         return [results[d] for d in ids]
+
+    def override_lock(self, device_id: str, name: str, override: LockOverride) -> AssignResult:
+        """Put ``override`` into the policy of the device's entry for model ``name`` and
+        re-sign its document: same assignment id, a refresh for the agent, whose
+        update locks taken before ``override.issued_at`` then no longer defer it.
+        ``not_assigned`` where the device has no entry of that name."""
+        with self._engine.connect() as conn:
+            entry = live_entries(conn, [device_id], self._releases).get(device_id, {}).get(name)
+        if entry is None:
+            return AssignResult(device_id, "not_assigned", reason=f"{name} is not assigned")
+        new = replace(entry, policy=with_lock_override(entry.policy, override))
+        return self._apply_all([Change(device_id, name, new, keeps_id=True)])[device_id]
 
     def resign_due(self, margin_s: float, *, batch: int = RESIGN_BATCH) -> int:
         """Re-sign the documents with less than ``margin_s`` left; return how many."""
@@ -406,7 +426,8 @@ def _row(device_id: str, plan: Plan, entry: Entry) -> dict[str, Any]:
     """The ``assignments`` row of ``entry`` in ``plan``'s signed document."""
     signed = plan.signed
     assert signed is not None and signed.expires_at is not None
-    changed = plan.change.kind == "assign" and plan.change.model_name == entry.model_name
+    changed = (plan.change.kind == "assign" and plan.change.model_name == entry.model_name
+               and not plan.change.keeps_id)
     return {
         "assignment_id": entry.assignment_id,
         "device_id": device_id,
@@ -422,6 +443,7 @@ def _row(device_id: str, plan: Plan, entry: Entry) -> dict[str, Any]:
         "status": AssignmentStatus.ACTIVE,
         "ended_at": None,
         "envelope": None,
+        "policy": stored(entry.policy),
     }
 
 

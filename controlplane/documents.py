@@ -24,6 +24,7 @@ from protocol import (
     ModelEntry,
     SigningKey,
     Tier,
+    UpdatePolicy,
     canonical_json,
     sign_assignment_bytes,
     sign_assignment_set,
@@ -31,6 +32,7 @@ from protocol import (
 
 from .db.models import AssignmentRecord, Device, ModelVersion
 from .db.statuses import AssignmentStatus
+from .update_policies import loaded
 
 Form = Literal["single", "set"]
 SINGLE: Form = "single"
@@ -62,6 +64,8 @@ class Entry:
     release: Release
     tier: Tier
     rollout_id: str | None
+    #: when and how fast it may update, signed into the entry; None: any time, uncapped
+    policy: UpdatePolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +124,7 @@ def live_entries(
     for chunk in _chunks(device_ids):
         rows.extend(conn.execute(
             select(A.device_id, A.model_name, A.assignment_id, A.version_id, A.tier,
-                   A.rollout_id)
+                   A.rollout_id, A.policy)
             .where(A.device_id.in_(chunk), A.status == AssignmentStatus.ACTIVE)
         ).all())
     known = releases.get(conn, {row.version_id for row in rows})
@@ -128,7 +132,7 @@ def live_entries(
     for row in rows:
         found.setdefault(row.device_id, {})[row.model_name] = Entry(
             row.model_name, row.assignment_id, known[row.version_id], Tier(row.tier),
-            row.rollout_id,
+            row.rollout_id, loaded(row.policy),
         )
     return found
 
@@ -158,9 +162,10 @@ def sign(
     """Sign ``entries`` as the device's document numbered ``sequence``.
 
     ``single`` with one entry: the old form; with none: nothing (clear
-    ``desired``). ``set``: every entry, possibly none. Raises ``ValueError``
-    for ``single`` with several entries (the caller decides before) or a
-    document over the size limit.
+    ``desired``). ``set``: every entry, possibly none, each with its policy.
+    Raises ``ValueError`` for ``single`` with several entries or an entry with
+    a policy (the old form has no place for one; the caller decides before),
+    or a document over the size limit.
     """
     expires_at = now + ttl_s
     if form == SINGLE:
@@ -169,6 +174,8 @@ def sign(
         if len(entries) > 1:
             raise ValueError(f"{device_id} reads one model; {len(entries)} given")
         (entry,) = entries.values()
+        if entry.policy is not None:
+            raise ValueError(f"{device_id} reads one model, with no place for an update policy")
         assignment = Assignment(
             assignment_id=entry.assignment_id, device_id=device_id, rollout_id=entry.rollout_id,
             sequence=sequence, issued_at=now, expires_at=expires_at, tier=entry.tier,
@@ -180,7 +187,7 @@ def sign(
             device_id=device_id, sequence=sequence, issued_at=now, expires_at=expires_at,
             artifact_url_base=artifact_url_base,
             models={name: ModelEntry(assignment_id=e.assignment_id, rollout_id=e.rollout_id,
-                                     tier=e.tier, release=e.release.envelope)
+                                     tier=e.tier, release=e.release.envelope, policy=e.policy)
                     for name, e in entries.items()},
         )
         _, data = sign_assignment_set(

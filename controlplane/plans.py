@@ -41,6 +41,9 @@ class Change:
     entry: Entry | None = None
     #: revoke every entry and clear ``desired`` (the device keeps what it runs)
     clear: bool = False
+    #: the new entry keeps the live one's assignment id: only its policy changed
+    #: (an operator's lock override), a refresh for the device
+    keeps_id: bool = False
 
     @property
     def kind(self) -> str:
@@ -82,6 +85,11 @@ def plan_change(
         del entries[change.model_name]
     elif kind == "assign":
         assert change.entry is not None and change.model_name is not None
+        live = entries.get(change.model_name)
+        if change.keeps_id and (live is None
+                                or live.assignment_id != change.entry.assignment_id):
+            return None, AssignResult(change.device_id, "not_assigned",
+                                      reason=f"{change.model_name}'s entry changed meanwhile")
         entries[change.model_name] = change.entry
     form = reads
     if reads == SINGLE and len(entries) > 1:
@@ -97,4 +105,18 @@ def plan_change(
         # Its agent went back to the old form while running several: the set
         # is all that says what it should run (the old agent refuses it, in events).
         form = SET
+    if form == SINGLE and any(e.policy is not None for e in entries.values()):
+        if kind != "assign" or change.entry is None or change.entry.policy is None:
+            # Its agent went back to the old form holding an entry with a
+            # policy: only the set can say it (the old agent refuses it, in events).
+            return Plan(change, reads, SET, entries), None
+        # The old form has no place for a policy, and an agent that cannot
+        # read one would update at once, outside every window: refused.
+        return None, AssignResult(
+            change.device_id, "needs_upgrade",
+            reason=("the assignment carries an update policy (windows, rate cap, metered "
+                    "links or a lock override) and the device's agent reads one model "
+                    "(slmfleet.hello/1) with no place for it: upgrade its agent to one that "
+                    "says slmfleet.hello/2"),
+        )
     return Plan(change, reads, form, entries), None

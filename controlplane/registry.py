@@ -2,8 +2,10 @@
 
 :func:`register_release` is the only way a release gets in. It verifies the
 envelope against the pinned release keys (:func:`protocol.verify_release`)
-before reading anything from it, requires every variant's artifact to be in
-the store already with the declared digest and size, and stores the
+before reading anything from it, requires every file it refers to (each
+variant's file or each file of a folder variant, the eval set) to be in the
+store already with the declared digest and size, lists those files as the
+release's (:class:`ReleaseFile`, what garbage collection keeps), and stores the
 envelope as canonical JSON -- the bytes every assignment will embed, which
 verify on the device exactly as they verified here.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_
@@ -28,15 +30,18 @@ from protocol import (
     MAX_RELEASE_BYTES,
     KeyList,
     ProtocolError,
-    ReleaseManifest,
     canonical_json,
     load_json,
     verify_release,
 )
 
+from .artifact_index import PathConflict, record_path, release_files
 from .artifacts import StoredFile
-from .db.models import Artifact, Model, ModelVariant, ModelVersion
+from .db.models import Artifact, Model, ModelVariant, ModelVersion, ReleaseFile
 from .semver_order import sort_key
+
+#: does the store hold this blob, with this size?
+HasBlob = Callable[[str, int], bool]
 
 
 class RegistryError(Exception):
@@ -59,12 +64,6 @@ class ReleaseConflict(RegistryError):
     reason = "conflict"
 
 
-class ArtifactMismatch(RegistryError):
-    """The artifact's database record disagrees with what was just stored on disk."""
-
-    reason = "conflict"
-
-
 @dataclass(frozen=True)
 class Registered:
     """Outcome of :func:`register_release`."""
@@ -78,24 +77,41 @@ def manifest_digest(signed: dict[str, object]) -> str:
     return hashlib.sha256(canonical_json(signed)).hexdigest()
 
 
-def _check_artifacts(session: Session, manifest: ReleaseManifest) -> None:
-    paths = [variant.artifact for variant in manifest.variants.values()]
-    stored = {a.path: a for a in session.scalars(select(Artifact).where(Artifact.path.in_(paths)))}
-    for tier, variant in sorted(manifest.variants.items()):
-        found = stored.get(variant.artifact)
-        if found is None:
+def _index_release_files(
+    session: Session, files: dict[str, tuple[str, int]], has_blob: HasBlob | None
+) -> None:
+    """Record every path of a release before it is registered. Commits.
+
+    Raises :class:`ReleaseRejected` with reason ``artifact_mismatch`` (a path
+    already resolves to other content) or ``missing_artifact`` (neither
+    recorded nor in the store). Nothing is recorded unless every file passes.
+    """
+    recorded = {a.path: a for a in session.scalars(select(Artifact).where(
+        Artifact.path.in_(list(files))))}
+    new = []
+    for path, (sha256, size) in sorted(files.items()):
+        found = recorded.get(path)
+        if found is not None:
+            if (found.sha256, found.size_bytes) != (sha256, size):
+                raise ReleaseRejected(
+                    "artifact_mismatch",
+                    f"{path!r} is stored as sha256 {found.sha256}, {found.size_bytes} bytes; "
+                    f"the manifest says {sha256}, {size} bytes (paths never change: "
+                    "publish under a new version or artifact path)",
+                )
+        elif has_blob is not None and has_blob(sha256, size):
+            new.append(StoredFile(path, sha256, size))
+        else:
             raise ReleaseRejected(
                 "missing_artifact",
-                f"{tier.value} variant: artifact {variant.artifact!r} is not in the store; "
-                f"upload it first (PUT /v1/artifacts/{variant.artifact})",
+                f"{path!r}: its blob (sha256 {sha256}, {size} bytes) is not in the store; "
+                f"upload it first (PUT /v1/blobs/sha256/{sha256})",
             )
-        if (found.sha256, found.size_bytes) != (variant.sha256, variant.size_bytes):
-            raise ReleaseRejected(
-                "artifact_mismatch",
-                f"{tier.value} variant: stored {variant.artifact!r} is sha256 {found.sha256}, "
-                f"{found.size_bytes} bytes; the manifest says {variant.sha256}, "
-                f"{variant.size_bytes} bytes",
-            )
+    for stored in new:
+        try:
+            record_path(session, stored)
+        except PathConflict as exc:
+            raise ReleaseRejected("artifact_mismatch", str(exc)) from exc
 
 
 def _existing(session: Session, name: str, version: str) -> ModelVersion | None:
@@ -114,12 +130,19 @@ def _same_or_conflict(existing: ModelVersion, digest: str) -> Registered:
 
 
 def register_release(
-    session: Session, payload: bytes, release_keys: KeyList, *, now: float | None = None
+    session: Session,
+    payload: bytes,
+    release_keys: KeyList,
+    *,
+    has_blob: HasBlob | None = None,
+    now: float | None = None,
 ) -> Registered:
     """Verify and store a signed release envelope (wire bytes); commit on success.
 
-    Idempotent: registering the same manifest again returns the stored
-    version with ``created=False``.
+    Every file the release refers to must resolve: a path already indexed
+    with the same digest, or a blob ``has_blob`` finds in the store (the
+    path is then indexed). Idempotent: registering the same manifest again
+    returns the stored version with ``created=False``.
     """
     now = time.time() if now is None else now
     try:
@@ -138,7 +161,11 @@ def register_release(
     existing = _existing(session, manifest.name, manifest.version)
     if existing is not None:
         return _same_or_conflict(existing, digest)
-    _check_artifacts(session, manifest)
+    try:
+        files = release_files(manifest)
+    except PathConflict as exc:
+        raise ReleaseRejected("artifact_mismatch", str(exc)) from exc
+    _index_release_files(session, files, has_blob)
 
     if session.get(Model, manifest.name) is None:
         session.add(Model(name=manifest.name, created_at=now))
@@ -165,6 +192,10 @@ def register_release(
                 ),
             )
         )
+    session.add_all(
+        ReleaseFile(version_id=row.id, path=path, sha256=sha256, size_bytes=size)
+        for path, (sha256, size) in files.items()
+    )
     try:
         session.commit()
     except IntegrityError:
@@ -175,38 +206,6 @@ def register_release(
             raise
         return _same_or_conflict(existing, digest)
     return Registered(row, created=True)
-
-
-def record_artifact(session: Session, stored: StoredFile, *, now: float | None = None) -> bool:
-    """Record a verified file; return True if the record is new. Commits.
-
-    The file is placed on disk before it is recorded, so a crash between
-    the two leaves a file the next identical upload records.
-    """
-    row = session.get(Artifact, stored.path)
-    if row is not None:
-        if (row.sha256, row.size_bytes) != (stored.sha256, stored.size_bytes):
-            raise ArtifactMismatch(f"{stored.path} is recorded with sha256 {row.sha256}")
-        return False
-    session.add(
-        Artifact(
-            path=stored.path,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            stored_at=time.time() if now is None else now,
-        )
-    )
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        return record_artifact(session, stored, now=now)
-    return True
-
-
-def get_artifact(session: Session, path: str) -> Artifact | None:
-    """The stored artifact at ``path``, or None."""
-    return session.get(Artifact, path)
 
 
 # --- reads ----------------------------------------------------------------------

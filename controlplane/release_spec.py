@@ -19,11 +19,25 @@ Example (``examples/smollm2.release.yaml`` has a complete one)::
           golden_prompts:
             - {prompt: "What is the capital of Germany?", expected: [Berlin]}
 
+An adapter release (a LoRA fine-tune of another release, see docs/adapters.md)
+has ``format: gguf-lora`` variants and says which base it applies to::
+
+    adapter_of:
+      name: smollm2
+      versions: ">=1.0.0,<2.0.0"
+      sha256: {micro: <sha256 of the base's micro artifact>}
+      scale: 1.0
+
 ``file`` is relative to the spec's directory (``~`` and ``$VARS`` expand).
+It may name a folder (an onnxruntime-genai model: ``model.onnx``,
+``model.onnx.data``, ``genai_config.json``, tokenizer files): the variant is
+then a folder variant, every file in it hashed and listed in ``files``
+(symlinks, hidden names and anything else :mod:`controlplane.spec_folders`
+refuses are errors), its ``sha256`` the digest of that list.
 ``artifact``, the path in the store, defaults to
-``<name>/<version>/<tier>/<file name>``. Everything else is a
-:class:`protocol.Variant` field with the same name and rules; the hash and
-size are measured from the file, never written by hand.
+``<name>/<version>/<tier>/<file or folder name>``. Everything else is a
+:class:`protocol.Variant` field with the same name and rules; hashes and
+sizes are measured from the files, never written by hand.
 """
 
 from __future__ import annotations
@@ -37,11 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from protocol import (
     RELEASE_NAME_PATTERN,
     SEMVER_PATTERN,
+    AdapterBase,
     HealthCheck,
     ReleaseManifest,
     RuntimeDefaults,
     Tier,
     Variant,
+    VariantFile,
+    files_digest,
     parse_yaml_mapping,
     validation_problems,
 )
@@ -60,7 +77,7 @@ class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: Path
-    format: Literal["gguf", "onnx"]
+    format: Literal["gguf", "onnx", "gguf-lora"]
     artifact: str | None = None
     quantization: str | None = None
     parameters: int
@@ -81,6 +98,8 @@ class ReleaseSpec(BaseModel):
     version: Annotated[str, StringConstraints(max_length=64, pattern=SEMVER_PATTERN)]
     description: str = ""
     variants: Annotated[dict[Tier, VariantSpec], Field(min_length=1)]
+    #: an adapter release: the base it applies to
+    adapter_of: AdapterBase | None = None
 
 
 def load_spec(path: Path) -> ReleaseSpec:
@@ -103,22 +122,30 @@ def load_spec(path: Path) -> ReleaseSpec:
 
 
 def artifact_path(spec: ReleaseSpec, tier: Tier) -> str:
-    """Where the tier's file goes in the artifact store."""
+    """Where the tier's file (or a folder variant's folder) goes in the artifact store."""
     variant = spec.variants[tier]
     return variant.artifact or f"{spec.name}/{spec.version}/{tier.value}/{variant.file.name}"
 
 
+#: what was measured of one tier: (sha256, size) of its file, or a folder's file list
+Measured = tuple[str, int] | list[VariantFile]
+
+
 def build_manifest(
-    spec: ReleaseSpec, measured: dict[Tier, tuple[str, int]], *, released_at: float
+    spec: ReleaseSpec, measured: dict[Tier, Measured], *, released_at: float
 ) -> ReleaseManifest:
-    """The release manifest for ``spec``, given each tier's measured (sha256, size)."""
+    """The release manifest for ``spec``, given each tier's measured (sha256, size),
+    or for a folder variant its files."""
     variants = {}
     for tier, v in spec.variants.items():
-        sha256, size = measured[tier]
+        found = measured[tier]
         fields = v.model_dump(exclude={"file", "artifact"}, exclude_none=True)
+        if isinstance(found, list):
+            fields.update(files=found, sha256=files_digest(found),
+                          size_bytes=sum(f.size_bytes for f in found))
+        else:
+            fields.update(sha256=found[0], size_bytes=found[1])
         fields.update(
-            sha256=sha256,
-            size_bytes=size,
             artifact=artifact_path(spec, tier),
             runtime_defaults=v.runtime_defaults,
             health_check=v.health_check,
@@ -138,6 +165,7 @@ def build_manifest(
             released_at=released_at,
             description=spec.description,
             variants=variants,
+            adapter_of=spec.adapter_of,
         )
     except ValidationError as exc:
         raise SpecError(validation_problems(exc, root="(root)")) from exc

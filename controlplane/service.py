@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -61,9 +62,11 @@ class ControlPlane:
 
     def __init__(
         self, settings: ControlPlaneSettings, *, rollout_tick_s: float | None = None,
-        leader_lease_s: float | None = None,
+        leader_lease_s: float | None = None, clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
+        #: the rollout engine's clock (bake times, decisions); tests set the time
+        self.clock = clock or time.time
         #: the settings' figures unless given here (tests, the demo)
         self.rollout_tick_s = rollout_tick_s or settings.rollout_tick_s
         self.leader_lease_s = leader_lease_s or settings.leader_lease_s
@@ -162,7 +165,7 @@ class ControlPlane:
                 on_change=self.publisher.kick,
             )
             # Rollouts need the director: without keys there is nothing to roll out.
-            self.rollouts = RolloutEngine(self.engine, self.director)
+            self.rollouts = RolloutEngine(self.engine, self.director, clock=self.clock)
         self.scheduler.start()
         self.leader = LeaderElector(LeaderLease(self.engine, ttl_s=self.leader_lease_s),
                                     self._on_leadership)

@@ -2,8 +2,10 @@
 
 Everything a device sends is a real protocol message (``protocol.messages``)
 and every assignment is checked with the agent's own verification
-(:func:`protocol.verify_assignment`: both signatures, device id, expiry,
-sequence, tier and RAM fit). What is simulated is the work in between:
+(:func:`protocol.verify_assignment`, or :func:`protocol.verify_desired` for
+devices that read sets: both signatures, device id, expiry, sequence, tier
+and RAM fit). Devices that read sets honour each entry's update policy
+(:mod:`fleetsim.policy`). What is simulated is the work in between:
 downloads and health checks take time drawn from the scenario, fail at its
 rates, and inference figures come from it too. The hardware is a recorded
 board preset, and every hello says ``simulated: true``.
@@ -20,6 +22,7 @@ from agent.profiles import FirmwareProfile, match_profile
 from agent.simulated import simulated_capabilities
 from agent.trust import TrustRoots
 from protocol import (
+    HELLO_SCHEMA_SETS,
     ActiveModel,
     Capabilities,
     DeviceState,
@@ -30,14 +33,17 @@ from protocol import (
     ReleaseManifest,
     State,
     Tier,
+    UpdatePolicy,
     UpdateState,
     UpdateStatus,
-    VerifiedAssignment,
+    Variant,
     code_from_reason,
     encode,
     verify_assignment,
+    verify_desired,
 )
 
+from .policy import AppLock
 from .scenario import Behaviour, Scenario
 
 AGENT_VERSION = "fleetsim"
@@ -62,6 +68,20 @@ class Step:
     reason: str | None = None
     #: the update's final state, reached with this step
     final: UpdateState | None = None
+    #: ``download`` or ``activate``: the entry's policy (and locks) may hold the update here
+    gate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A verified assignment (either form), as the device works on it."""
+
+    assignment_id: str
+    sequence: int
+    manifest: ReleaseManifest
+    variant: Variant
+    tier: Tier
+    policy: UpdatePolicy | None = None
 
 
 @dataclass
@@ -75,6 +95,13 @@ class Update:
     active: ActiveModel
     state: UpdateState = UpdateState.RECEIVED
     reason: str | None = None
+    policy: UpdatePolicy | None = None
+    #: the waiting reason last reported (said once per wait)
+    said: str | None = None
+    #: bumped when a refresh changes the policy: older scheduled looks are dropped
+    generation: int = 0
+    #: the gate step it waits at, if any
+    waiting_at: int | None = None
 
 
 @dataclass
@@ -94,6 +121,10 @@ class SimDevice:
     update: Update | None = None
     event_seq: int = 0
     telemetry_seq: int = 0
+    #: speaks hello/2 and reads signed sets (the form that carries update policies)
+    sets: bool = False
+    #: an update lock an app on it holds
+    lock: AppLock | None = None
 
     @property
     def tier(self) -> Tier:
@@ -109,11 +140,16 @@ class SimDevice:
             status = UpdateStatus(assignment_id=self.update.assignment_id,
                                   sequence=self.update.sequence, ref=self.update.ref,
                                   state=self.update.state, reason=self.update.reason,
-                                  ts=time.time())
+                                  ts=time.time(),
+                                  model=self.update.active.name if self.sets else None)
+        form: dict[str, object] = {"active_model": self.active, "update": status}
+        if self.sets:
+            form = {"schema": HELLO_SCHEMA_SETS, "models": [self.active] if self.active else [],
+                    "updates": [status] if status else []}
         return encode(Hello(device_id=self.device_id, ts=time.time(), agent_version=AGENT_VERSION,
                             capabilities=self.capabilities, profile=self.profile.id,
-                            tier=self.tier, active_model=self.active, update=status,
-                            labels=self.labels, simulated=True))
+                            tier=self.tier, labels=self.labels, simulated=True,
+                            **form))  # type: ignore[arg-type]
 
     def state(self, online: bool) -> bytes:
         """The retained liveness message."""
@@ -173,17 +209,20 @@ class SimDevice:
     def verify(
         self, payload: bytes, trust: TrustRoots | None,
         release_cache: dict[bytes, ReleaseManifest] | None = None,
-    ) -> VerifiedAssignment | str:
-        """The verified assignment, or the reason it is refused (as the agent words it).
+    ) -> Taken | str | None:
+        """The verified assignment, the reason it is refused (as the agent words it),
+        or None for a set with nothing in it to run.
 
         ``release_cache``: releases verified for other simulated devices (the
         same bytes, so the same answer); each device still checks its own
-        director signature, id, expiry, sequence, tier and fit.
+        director signature, id, expiry, sequence, tier and fit. A set's first
+        entry is taken (a simulated device runs one model).
         """
         if trust is None:
             return "keys_unavailable: the simulator was started without key lists"
+        check = verify_desired if self.sets else verify_assignment
         try:
-            return verify_assignment(
+            verified = check(
                 payload, device_id=self.device_id, release_keys=trust.release,
                 director_keys=trust.director, now=time.time(),
                 highest_sequence=self.highest_sequence, hardware=self.capabilities,
@@ -191,22 +230,33 @@ class SimDevice:
             )
         except ProtocolError as exc:
             return f"{exc.reason}: {exc}"
+        if not self.sets:
+            a = verified.assignment  # type: ignore[union-attr]
+            return Taken(a.assignment_id, a.sequence, verified.manifest, verified.variant,
+                         verified.tier)
+        self.highest_sequence = verified.sequence  # type: ignore[union-attr]
+        for entry in verified.entries.values():  # type: ignore[union-attr]
+            return Taken(entry.assignment_id, verified.sequence,  # type: ignore[union-attr]
+                         entry.manifest, entry.variant, entry.tier, entry.entry.policy)
+        refused = next(iter(verified.refused.values()), None)  # type: ignore[union-attr]
+        return f"{refused.error.reason}: {refused.error}" if refused else None
 
-    def is_refresh(self, verified: VerifiedAssignment) -> bool:
-        """A re-signed copy of the assignment already in hand: nothing to do but take it."""
+    def is_refresh(self, taken: Taken) -> bool:
+        """A re-signed copy of the assignment already in hand: nothing to do but take it
+        (and its policy, which an operator's lock override may have changed)."""
         u = self.update
-        return (u is not None and u.assignment_id == verified.assignment.assignment_id
-                and u.ref == verified.manifest.ref and u.tier == verified.tier)
+        return (u is not None and u.assignment_id == taken.assignment_id
+                and u.ref == taken.manifest.ref and u.tier == taken.tier)
 
-    def accept(self, verified: VerifiedAssignment, scenario: Scenario,
-               rng: random.Random) -> list[Step]:
-        """Start working on ``verified``; the steps the runner plays out, in order."""
-        a, variant = verified.assignment, verified.variant
-        self.highest_sequence = a.sequence
-        ref = verified.manifest.ref
-        self.update = Update(a.assignment_id, a.sequence, ref, verified.tier, ActiveModel(
-            name=verified.manifest.name, version=verified.manifest.version,
-            tier=verified.tier, sha256=variant.sha256))
+    def accept(self, taken: Taken, scenario: Scenario, rng: random.Random) -> list[Step]:
+        """Start working on ``taken``; the steps the runner plays out, in order."""
+        variant = taken.variant
+        self.highest_sequence = taken.sequence
+        ref = taken.manifest.ref
+        self.update = Update(taken.assignment_id, taken.sequence, ref, taken.tier, ActiveModel(
+            name=taken.manifest.name, version=taken.manifest.version,
+            tier=taken.tier, sha256=variant.sha256), policy=taken.policy)
+        gates = self.sets
         b = scenario.behaviour(self.tier, ref)
 
         def t(mean: float) -> float:
@@ -217,6 +267,8 @@ class SimDevice:
             return [*steps, Step(0.01, EventType.REJECTED, "insufficient_disk: simulated",
                                  UpdateState.REJECTED)]
         steps.append(Step(0.01, EventType.FIT_CHECKED))
+        if gates:
+            steps.append(Step(0.0, EventType.DOWNLOADING, gate="download"))
         if ref not in self.installed:
             steps.append(Step(0.01, EventType.DOWNLOADING))
             download = t(variant.size_bytes / b.download_bytes_per_s)
@@ -230,8 +282,10 @@ class SimDevice:
             reason = "golden prompt 1: expected text not found (simulated)"
             return [*steps, Step(health, EventType.HEALTH_FAILED, reason),
                     Step(0.0, EventType.FAILED, f"health_failed: {reason}", UpdateState.FAILED)]
-        return [*steps, Step(health, EventType.HEALTH_PASSED),
-                Step(0.01, EventType.ACTIVATED, None, UpdateState.ACTIVATED)]
+        steps.append(Step(health, EventType.HEALTH_PASSED))
+        if gates:
+            steps.append(Step(0.0, EventType.ACTIVATED, gate="activate"))
+        return [*steps, Step(0.01, EventType.ACTIVATED, None, UpdateState.ACTIVATED)]
 
     def finish(self, state: UpdateState, reason: str | None) -> None:
         """The update ended in ``state``: switch models if it was activated."""
@@ -243,8 +297,10 @@ class SimDevice:
             self.installed = [*[r for r in self.installed if r != ref][-1:], ref]
 
 
-def make_devices(scenario: Scenario, profiles: list[FirmwareProfile]) -> list[SimDevice]:
-    """The scenario's devices, boards drawn by weight with the scenario's seed."""
+def make_devices(scenario: Scenario, profiles: list[FirmwareProfile],
+                 locks: list[AppLock | None] | None = None) -> list[SimDevice]:
+    """The scenario's devices, boards drawn by weight with the scenario's seed;
+    ``locks``: the update lock each holds (None: none)."""
     rng = random.Random(scenario.seed)
     boards = sorted(scenario.boards)
     weights = [scenario.boards[b] for b in boards]
@@ -254,5 +310,6 @@ def make_devices(scenario: Scenario, profiles: list[FirmwareProfile]) -> list[Si
     for device_id in scenario.device_ids():
         board = rng.choices(boards, weights)[0]
         devices.append(SimDevice(device_id, board, caps[board], chosen[board],
-                                 {**scenario.labels, "board": board}))
+                                 {**scenario.labels, "board": board}, sets=scenario.sets,
+                                 lock=locks[len(devices)] if locks else None))
     return devices

@@ -48,6 +48,7 @@ from protocol import (
 )
 
 from .device import Step, make_devices
+from .policy import SimClock, app_locks, hold
 from .scenario import Scenario
 from .wheel import HeartbeatWheel
 from .wire import HeartbeatLink
@@ -114,7 +115,13 @@ class FleetSimulator:
                  *, trust: TrustRoots | None, profiles: list[FirmwareProfile],
                  connections: int | None = None, client_prefix: str = "fleetsim") -> None:
         self.scenario = scenario
-        self.devices = make_devices(scenario, profiles)
+        start = scenario.clock_start.timestamp() if scenario.clock_start else None
+        #: the devices' clock, for their update windows and locks
+        self.clock = SimClock(start)
+        locks = scenario.locks
+        self.devices = make_devices(scenario, profiles, locks=app_locks(
+            scenario.devices, locks.fraction, locks.hold_s, locks.reason, self.clock(),
+            scenario.seed) if locks else None)
         self.trust = trust
         #: every simulated device gets the same release bytes: verified once
         self._release_cache: dict[bytes, ReleaseManifest] = {}
@@ -133,6 +140,8 @@ class FleetSimulator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._by_id = {d.device_id: i for i, d in enumerate(self.devices)}
+        #: each device's steps of its current update (a refresh may look again)
+        self._steps: dict[int, list[Step]] = {}
         self._client_prefix = client_prefix
         self._links: list[HeartbeatLink] = []
         self._wheel = HeartbeatWheel([], 1.0)
@@ -288,25 +297,58 @@ class FleetSimulator:
             return  # not ours, or a cleared retained message
         device = self.devices[i]
         verified = device.verify(payload, self.trust, self._release_cache)
+        if verified is None:
+            return  # a set with nothing to run
         if isinstance(verified, str):
             self.stats.count(self.stats.assignments, "rejected")
             log.info("%s rejected an assignment: %s", device.device_id, verified)
             self._publish(i, TopicKind.EVENTS, device.event(_REJECTED, None, verified))
             return
         if device.is_refresh(verified):
-            device.highest_sequence = verified.assignment.sequence
+            device.highest_sequence = verified.sequence
             self.stats.count(self.stats.assignments, "refreshed")
+            update = device.update
+            assert update is not None
+            if update.policy != verified.policy:
+                # An operator's override (or another policy): look again now.
+                update.policy, update.generation = verified.policy, update.generation + 1
+                if update.waiting_at is not None:
+                    self._play(i, update.assignment_id, self._steps[i], update.waiting_at)
             return
         self.stats.count(self.stats.assignments, "accepted")
         steps = device.accept(verified, self.scenario, self._rng)
-        self._play(i, verified.assignment.assignment_id, steps, 0)
+        self._steps[i] = steps
+        self._play(i, verified.assignment_id, steps, 0)
 
-    def _play(self, i: int, assignment_id: str, steps: list[Step], at: int) -> None:
+    def _play(self, i: int, assignment_id: str, steps: list[Step], at: int,
+              generation: int | None = None) -> None:
         """Send ``steps[at]`` and schedule the next; a newer assignment ends the chain."""
         device = self.devices[i]
-        if device.update is None or device.update.assignment_id != assignment_id:
+        update = device.update
+        if update is None or update.assignment_id != assignment_id:
             return  # superseded: the new assignment has its own chain
+        if generation is not None and generation != update.generation:
+            return  # a refresh looked again meanwhile: its chain goes on
         step = steps[at]
+        if step.gate is not None:
+            held = hold(step.gate, update.policy, device.lock, self.clock(), self._rng)
+            if held is not None:
+                update.waiting_at = at
+                if update.said != held.reason:
+                    update.said = held.reason
+                    locked = held.reason.startswith("locked")
+                    self.stats.count(self.stats.assignments,
+                                     "held_locked" if locked else f"held_{held.event.value}")
+                    self._publish(i, TopicKind.EVENTS,
+                                  device.event(held.event, assignment_id, held.reason))
+                gen = update.generation
+                self._at(self.clock.monotonic_at(held.retry_at),
+                         lambda: self._play(i, assignment_id, steps, at, gen))
+                return
+            update.waiting_at, update.said = None, None
+            self._at(time.monotonic() + steps[at + 1].delay_s,
+                     lambda: self._play(i, assignment_id, steps, at + 1))
+            return
         self._publish(i, TopicKind.EVENTS, device.event(step.event, assignment_id, step.reason))
         if step.final is not None:
             device.finish(step.final, step.reason)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -90,6 +91,16 @@ DEFAULT_TIERS: dict[Tier, Behaviour] = {
 }
 
 
+class Locks(_Strict):
+    """Update locks apps on the devices hold from the start (fleetsim/policy.py)."""
+
+    #: share of the devices holding one
+    fraction: Rate = 0.1
+    #: how long each holds it (simulated seconds, +-50 %)
+    hold_s: NonNeg = 60.0
+    reason: Annotated[str, Field(min_length=1, max_length=128)] = "simulated app busy"
+
+
 class Scenario(_Strict):
     """A simulated fleet."""
 
@@ -109,6 +120,12 @@ class Scenario(_Strict):
     #: ``name@version`` -> how devices behave while installing or running it
     releases: dict[str, BehaviourOverride] = {}
     seed: int = 1
+    #: speak slmfleet.hello/2 and read signed sets, honouring each entry's update policy
+    sets: bool = False
+    #: the devices' clock at start (ISO 8601, with a zone); None: the real time
+    clock_start: AwareDatetime | None = None
+    #: update locks held by apps on some devices (needs ``sets``)
+    locks: Locks | None = None
 
     @model_validator(mode="after")
     def _known_boards(self) -> Scenario:
@@ -118,6 +135,8 @@ class Scenario(_Strict):
                              f"{', '.join(sorted(SIMULATED_PRESETS))}")
         if not self.boards:
             raise ValueError("boards must name at least one preset")
+        if (self.locks is not None or self.clock_start is not None) and not self.sets:
+            raise ValueError("locks and clock_start need sets: true (policies travel in sets)")
         return self
 
     def behaviour(self, tier: Tier, ref: str | None) -> Behaviour:

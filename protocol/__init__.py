@@ -5,6 +5,16 @@ verification, and the checks on what operators write by hand (broker URLs,
 YAML documents). No network, no disk, no clock it is not handed.
 """
 
+from .adapter import (
+    ADAPTER_FORMAT,
+    ADAPTER_SEPARATOR,
+    ActiveBase,
+    AdapterBase,
+    BaseMismatch,
+    check_base,
+    in_range,
+    split_model,
+)
 from .assignment import (
     CLOCK_SKEW_S,
     MAX_ASSIGNMENT_BYTES,
@@ -143,6 +153,8 @@ from .update_policy import LOCAL_ZONE, LockOverride, UpdatePolicy, Window
 from .variant_files import MAX_VARIANT_FILES, VariantFile, check_file_list, files_digest
 
 __all__ = [
+    "ADAPTER_FORMAT",
+    "ADAPTER_SEPARATOR",
     "ASSIGNMENT_SET_SCHEMA",
     "CLOCK_SKEW_S",
     "DEVICE_ID_PATTERN",
@@ -168,10 +180,13 @@ __all__ = [
     "TELEMETRY_SCHEMA_V1",
     "TOPIC_ROOT",
     "Accelerator",
+    "ActiveBase",
     "ActiveModel",
+    "AdapterBase",
     "Assignment",
     "AssignmentSet",
     "BadVersionError",
+    "BaseMismatch",
     "Capabilities",
     "CpuInfo",
     "DeviceMessage",
@@ -234,6 +249,7 @@ __all__ = [
     "WrongDeviceError",
     "WrongRoleError",
     "canonical_json",
+    "check_base",
     "check_broker_url",
     "check_device_id",
     "check_file_list",
@@ -245,6 +261,7 @@ __all__ = [
     "eval_set_ref",
     "files_digest",
     "fit_check",
+    "in_range",
     "is_valid_device_id",
     "key_id_for",
     "load_json",
@@ -263,6 +280,7 @@ __all__ = [
     "sign_assignment_set",
     "sign_key_list",
     "sign_release",
+    "split_model",
     "subscription",
     "trusted_keys",
     "validation_problems",

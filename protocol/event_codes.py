@@ -37,6 +37,8 @@ class EventCode(StrEnum):
     # the device cannot run this variant
     NO_VARIANT = "no_variant"
     DOES_NOT_FIT = "does_not_fit"
+    #: an adapter whose base is not the one active here (protocol.adapter)
+    BASE_MISMATCH = "base_mismatch"
     INSUFFICIENT_RAM = "insufficient_ram"
     INSUFFICIENT_DISK = "insufficient_disk"
     # the transport failed (a retry may work)

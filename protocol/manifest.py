@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from .adapter import ADAPTER_FORMAT, AdapterBase, check_adapter_release
 from .canonical import canonical_json
 from .eval_set import EvalSetRef
 from .keys import (
@@ -135,7 +136,8 @@ class RuntimeDefaults(Wire):
 class Variant(Wire):
     """One tier's build of a release: the artifact and what it needs to run."""
 
-    format: Literal["gguf", "onnx"]
+    #: ``gguf-lora``: a LoRA adapter for the base the release's ``adapter_of`` names
+    format: Literal["gguf", "onnx", "gguf-lora"]
     sha256: Sha256
     size_bytes: Annotated[int, Field(strict=True, ge=1, le=MAX_ARTIFACT_BYTES)]
     #: path under the artifact base URL; relative, no ``..``, URL-safe characters
@@ -170,7 +172,7 @@ class Variant(Wire):
             raise ValueError(
                 f"runtime context {defaults.context} exceeds context_length {self.context_length}"
             )
-        if self.format == "gguf" and defaults.onnx_providers is not None:
+        if self.format in ("gguf", ADAPTER_FORMAT) and defaults.onnx_providers is not None:
             raise ValueError("onnx_providers is for onnx variants")
         if self.format == "onnx" and defaults.gpu_layers is not None:
             raise ValueError("gpu_layers is for gguf variants")
@@ -204,6 +206,13 @@ class ReleaseManifest(SignedPart):
     variants: Annotated[dict[Tier, Variant], Field(min_length=1)]
     #: questions the agent scores the candidate on during its health check
     eval_set: EvalSetRef | None = None
+    #: set for an adapter release: the base it applies to (protocol/adapter.py)
+    adapter_of: AdapterBase | None = None
+
+    @model_validator(mode="after")
+    def _adapter(self) -> ReleaseManifest:
+        check_adapter_release(self)
+        return self
 
     @property
     def ref(self) -> str:

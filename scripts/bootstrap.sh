@@ -111,4 +111,5 @@ then
     exit 1
 fi
 scripts/build-onnx-genai.sh >/dev/null  # the same model as ONNX int4 (onnxruntime-genai), cached
+.venv/bin/python scripts/build-lora-adapter.py >/dev/null  # a small LoRA adapter for that model (llama.cpp GGUF), cached
 say "ready: .venv, Mosquitto, model at $MODEL"

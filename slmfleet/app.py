@@ -21,6 +21,8 @@ _GROUPS: dict[str, tuple[str, str, str]] = {
     "rollouts": ("controlplane.cli.rollouts", "app", "Staged canary rollouts of model releases."),
     "devices": ("controlplane.cli.devices", "app", "Devices: list, show, enroll, revoke."),
     "tokens": ("controlplane.cli.tokens", "app", "API tokens: create, list, revoke."),
+    "policies": ("controlplane.cli.policies", "app",
+                 "Default update policies by device label or firmware profile."),
 }
 #: top-level commands -> (module, function)
 _COMMANDS: dict[str, tuple[str, str]] = {

@@ -9,6 +9,11 @@ asserts that the device refused it with the code and reason in its event,
 that nothing is left in staging, and that the active model and its hash did
 not change.
 
+The ``folder:`` rows attack a folder variant (an onnxruntime-genai model's
+files, listed in the signed release): its list edited, files of another
+release served in its place (directly, by a redirect, by a symlink on the
+server), a path out of the folder, a listed size that lies.
+
 Every row runs against both forms of the desired state: the single-model
 assignment, and the set document naming the seeded model beside the
 attacked one. Rows marked ``sets`` only make sense for sets (an entry moved
@@ -19,6 +24,7 @@ other entries of its document activate, has a test of its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -33,16 +39,26 @@ import pytest
 import protocol as p
 from agent.gguf import tokenizer_sha256
 from controlplane.devfleet.mosquitto import MosquittoBroker
-from protocol import SigningKey
+from protocol import SigningKey, canonical_json
 from tests.support.http_artifacts import ArtifactServer
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator, flip_byte
-from tests.support.updates import DeviceRig, link_or_copy, seed_active, sign_set, variant_for
+from tests.support.updates import (
+    DeviceRig,
+    file_sha256,
+    folder_variant_for,
+    link_or_copy,
+    seed_active,
+    sign_set,
+    variant_for,
+)
 
 pytestmark = pytest.mark.integration
 
 E = p.EventType
 TINY = 64 * 1024
+#: a folder variant's files (the names of an onnxruntime-genai model), in two releases
+FOLDER_FILES = ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json")
 
 
 def swap_tokenizer(src: Path, dst: Path) -> Path:
@@ -133,6 +149,20 @@ def shared(tmp_path_factory, broker, cp_credentials, model_path) -> Iterator[Sha
         files[name].write_bytes(secrets.token_bytes(TINY))
     files["genuine.gguf"] = link_or_copy(model_path, root / "genuine.gguf")
     files["swapped.gguf"] = swap_tokenizer(model_path, root / "swapped.gguf")
+    for release in ("folder-a", "folder-b"):
+        (root / release).mkdir()
+        for name in FOLDER_FILES:
+            (root / release / name).write_bytes(secrets.token_bytes(TINY))
+        files[release] = root / release
+    # folder-a with one file from folder-b: same names, one file of another release
+    swapped = root / "folder-swapped"
+    shutil.copytree(root / "folder-a", swapped)
+    shutil.copyfile(root / "folder-b" / "tokenizer.json", swapped / "tokenizer.json")
+    # folder-a with one file a symlink to folder-b's (the server follows it)
+    linked = root / "folder-linked"
+    shutil.copytree(root / "folder-a", linked)
+    (linked / "model.onnx").unlink()
+    (linked / "model.onnx").symlink_to(root / "folder-b" / "model.onnx")
     sim = TrustSimulator(release_threshold=2, n_release_keys=3)
     with ArtifactServer(root) as server:
         yield Shared(broker, cp_credentials, server, sim, files)
@@ -296,6 +326,80 @@ def entry_dropped_by_replay(env: Env) -> bytes:
     return older
 
 
+def _relist(variant: dict[str, Any], edit: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Edit a variant's file list in place; its digest and size follow the new list."""
+    edit(variant["files"])
+    entries = sorted(variant["files"], key=lambda f: f["path"])
+    variant["sha256"] = hashlib.sha256(canonical_json(entries)).hexdigest()
+    variant["size_bytes"] = sum(f["size_bytes"] for f in entries)
+
+
+def _folder_release(env: Env, served: str, edit: Callable[[list[dict[str, Any]]], None]
+                    | None = None) -> dict[str, Any]:
+    """A release of folder-a's file list served from ``served``, signed by the release keys.
+
+    ``edit`` changes the list first (its digest and size follow), as a
+    release signer fooled into signing it would.
+    """
+    variant = folder_variant_for(env.files["folder-a"], served).model_dump(mode="json")
+    if edit is not None:
+        _relist(variant, edit)
+    release = env.tiny_release("ok.bin")[0]
+    release["signed"]["variants"]["micro"] = variant
+    return env.rig.sim.resign_release(release)
+
+
+def _folder_list_edited(env: Env, edit: Callable[[list[dict[str, Any]]], None]) -> bytes:
+    """A compromised control plane edits the folder's signed list and re-signs as director."""
+    payload = env.assign(_folder_release(env, "folder-a"))
+
+    def tamper(envelope: dict[str, Any]) -> None:
+        _relist(env.release_in(envelope)["signed"]["variants"]["micro"], edit)
+
+    return env.rig.sim.tamper(payload, tamper, resign=True)
+
+
+def folder_file_added(env: Env) -> bytes:
+    extra = env.files["folder-b"] / "model.onnx"
+    return _folder_list_edited(env, lambda files: files.append(
+        {"path": "extra.onnx", "sha256": file_sha256(extra), "size_bytes": TINY}))
+
+
+def folder_file_dropped(env: Env) -> bytes:
+    return _folder_list_edited(env, lambda files: files.pop())
+
+
+def folder_file_renamed(env: Env) -> bytes:
+    return _folder_list_edited(env, lambda files: files[0].update(path="genai-config.json"))
+
+
+def folder_file_from_another_release(env: Env) -> bytes:
+    return env.assign(_folder_release(env, "folder-swapped"))
+
+
+def folder_path_escapes(env: Env) -> bytes:
+    """The signed list names ``../escape.bin``: the manifest itself is refused."""
+    return env.assign(_folder_release(
+        env, "folder-a", lambda files: files[0].update(path="../escape.bin")))
+
+
+def folder_redirected_outside(env: Env) -> bytes:
+    """The server redirects one file to another release's, through a path with ``..``."""
+    env.server.set_fault("folder-a/model.onnx.data", times=1, redirect_to="/folder-a/../folder-b/"
+                         "model.onnx.data")
+    return env.assign(_folder_release(env, "folder-a"))
+
+
+def folder_symlinked_on_the_server(env: Env) -> bytes:
+    return env.assign(_folder_release(env, "folder-linked"))
+
+
+def folder_size_that_lies(env: Env) -> bytes:
+    """The signed list says one file is shorter than the server's: refused as it starts."""
+    return env.assign(_folder_release(
+        env, "folder-a", lambda files: files[-1].update(size_bytes=TINY - 1)))
+
+
 @dataclass(frozen=True)
 class Row:
     build: Callable[[Env], bytes]
@@ -345,6 +449,31 @@ ROWS = {
     "an entry dropped by a replayed older document": Row(
         entry_dropped_by_replay, E.REJECTED, "replayed_sequence", sets=True
     ),
+    "folder: a file added to the signed list": Row(
+        folder_file_added, E.REJECTED, "threshold_not_met", "release keys"
+    ),
+    "folder: a file dropped from the signed list": Row(
+        folder_file_dropped, E.REJECTED, "threshold_not_met", "release keys"
+    ),
+    "folder: a file renamed in the signed list": Row(
+        folder_file_renamed, E.REJECTED, "threshold_not_met", "release keys"
+    ),
+    "folder: a file swapped in from another release": Row(
+        folder_file_from_another_release, E.FAILED, "hash_mismatch", "tokenizer.json"
+    ),
+    "folder: a path that escapes the folder": Row(
+        folder_path_escapes, E.REJECTED, "malformed", "'..'"
+    ),
+    "folder: a redirect to another release's file": Row(
+        folder_redirected_outside, E.FAILED, "hash_mismatch", "model.onnx.data"
+    ),
+    "folder: a symlinked path on the server": Row(
+        folder_symlinked_on_the_server, E.FAILED, "hash_mismatch", "model.onnx"
+    ),
+    "folder: a listed size that lies": Row(
+        folder_size_that_lies, E.FAILED, "too_long", "tokenizer.json: remote size 65536, signed "
+        "size is 65535"
+    ),
 }
 
 
@@ -375,6 +504,7 @@ def test_attack_is_refused(env: Env, row: Row) -> None:
     assert installed(rig) <= installed_before, "nothing new may be installed"
     assert E.ACTIVATED not in {e.type for e in rig.events(aid)}
     assert [m.name for m in rig.wait_hello(lambda h: True).active_models()] == ["seed"]
+    assert not list(rig.work.parent.rglob("escape*")), "nothing lands outside the store"
 
 
 def installed(rig: DeviceRig) -> set[str]:

@@ -127,24 +127,24 @@ def test_same_blob_again_is_idempotent_different_blob_conflicts(stored: Any) -> 
     assert stored.get(f"/v1/artifacts/{PATH}").content == DATA
 
 
-def test_file_left_by_a_crash_before_recording_is_adopted_or_conflicts(
+def test_blob_left_by_a_crash_before_recording_is_not_served_until_recorded(
     api: Any, tmp_path: Path
 ) -> None:
-    """On disk but not in the database (crash between the two): the identical upload
-    records it; a different one is refused rather than overwriting it."""
-    file = tmp_path / "cp" / "artifacts" / PATH
-    file.parent.mkdir(parents=True)
-    file.write_bytes(DATA)
+    """A blob on disk whose path is not in the index (crash between the two) is not
+    served at that path; the identical upload records it, a different one then conflicts."""
+    blobs = tmp_path / "cp" / "artifacts" / "blobs" / "sha256"
+    (blobs / SHA).write_bytes(DATA)
     assert api.get(f"/v1/artifacts/{PATH}").status_code == 404  # not recorded: not served
-    assert upload(api, PATH, blob("other", 1000)).status_code == 409
     assert upload(api, PATH, DATA).status_code == 201  # newly recorded, hence served
     assert api.get(f"/v1/artifacts/{PATH}").content == DATA
+    assert upload(api, PATH, blob("other", 1000)).status_code == 409
+    assert sorted(p.name for p in blobs.iterdir()) == [SHA]
 
 
 @pytest.mark.parametrize(
     "path",
     ["../etc/passwd", "a/../b", "/abs", "a//b", ".incoming/x", "a/.hidden", "sp ace", "a%2Fb",
-     "x" * 300, ""],
+     "x" * 600, ""],
 )
 def test_unsafe_paths_are_refused_by_the_store(path: str) -> None:
     with pytest.raises(BadArtifactPath):
@@ -152,7 +152,7 @@ def test_unsafe_paths_are_refused_by_the_store(path: str) -> None:
 
 
 # HTTP clients normalise '..' segments away before sending; these reach the server as is.
-@pytest.mark.parametrize("path", ["a//b", ".incoming/x", "a/.hidden", "x" * 300, "a/%2E%2E/b"])
+@pytest.mark.parametrize("path", ["a//b", ".incoming/x", "a/.hidden", "x" * 600, "a/%2E%2E/b"])
 def test_unsafe_paths_are_refused_over_http(api: Any, path: str) -> None:
     assert upload(api, path, DATA).status_code == 422
     assert api.get(f"/v1/artifacts/{path}").status_code == 404

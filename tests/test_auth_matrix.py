@@ -39,7 +39,7 @@ OPEN: set[tuple[str, str]] = {
 #: a 5xx that is an operation's documented answer in this app, which has no
 #: broker: health is "degraded" (503), as a load balancer must be told
 DOCUMENTED_5XX: dict[tuple[str, str], int] = {("GET", "/healthz"): 503}
-ADMIN_PREFIXES = ("/v1/tokens", "/v1/audit", "/v1/keys")
+ADMIN_PREFIXES = ("/v1/tokens", "/v1/audit", "/v1/keys", "/v1/blobs/gc")
 ADMIN_PATTERNS = (re.compile(r"^/v1/devices/\{[^}]+\}/credentials"),)
 RANK = {None: -1, "viewer": 0, "operator": 1, "admin": 2}
 

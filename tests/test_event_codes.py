@@ -37,6 +37,7 @@ EXPECTED: dict[EventCode, Treatment] = {
     # the device cannot run this variant: it leaves the rollout, no gate counts it
     EventCode.NO_VARIANT: INCOMPATIBLE,
     EventCode.DOES_NOT_FIT: INCOMPATIBLE,
+    EventCode.BASE_MISMATCH: INCOMPATIBLE,
     EventCode.INSUFFICIENT_RAM: INCOMPATIBLE,
     EventCode.INSUFFICIENT_DISK: INCOMPATIBLE,
     # transport: reported only once the agent's own retries gave up
@@ -124,13 +125,14 @@ def test_the_last_final_event_decides_and_health_is_kept() -> None:
 
 @pytest.mark.parametrize("kind", [EventType.WAITING_WINDOW, EventType.WAITING_NETWORK,
                                   EventType.DEFERRED])
-def test_a_waiting_device_has_no_outcome_yet(kind: EventType) -> None:
+def test_a_waiting_device_waits_rather_than_fails(kind: EventType) -> None:
     """Waiting for a window, a link or a lock is neither failing nor succeeding."""
     code = {EventType.WAITING_WINDOW: EventCode.DOWNLOAD_WINDOW,
             EventType.WAITING_NETWORK: EventCode.METERED,
             EventType.DEFERRED: EventCode.LOCKED}[kind]
     waiting = ReportedEvent("a-1", kind, code, f"{code.value}: detail")
-    assert outcome([ReportedEvent("a-1", EventType.DOWNLOADING, None, None), waiting]) == {}
+    values = outcome([ReportedEvent("a-1", EventType.DOWNLOADING, None, None), waiting])
+    assert values["state"] is MemberState.WAITING
     overridden = ReportedEvent("a-1", EventType.ACTIVATED, EventCode.LOCK_OVERRIDDEN,
                                "lock_overridden: override o-1 (hotfix) skipped ...")
     assert outcome([waiting, overridden])["state"] is MemberState.SUCCEEDED

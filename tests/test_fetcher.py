@@ -286,7 +286,7 @@ def test_bad_arguments_are_value_errors(fetcher, server, artifact, tmp_path):
 
 
 def test_writeback_is_started_as_bytes_arrive(tmp_path) -> None:
-    """On Linux the sink starts writeback as it goes, so the final fsync is short."""
+    """On Linux the sink starts writeback as it goes, so the install's fsync is short."""
     from agent.update.sink import writeback_starter
 
     start = writeback_starter()

@@ -26,9 +26,10 @@ import openai
 import pytest
 
 from agent.inference.runtime import InferenceRuntime
-from tests.support.genai import HEALTH_CHECK, MODEL, gguf_spec, onnx_genai_path, onnx_spec
+from tests.support.genai import HEALTH_CHECK, MODEL, gguf_spec, onnx_spec
 from tests.support.inference import LoadClient, in_process_api
 from tests.support.structured import PROMPT, judge, response_format
+from tests.support.updates import built_onnx_folder
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -36,11 +37,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="session")
 def onnx_model() -> Path:
     """The int4 ONNX SmolLM2 folder scripts/build-onnx-genai.sh built into the cache."""
-    folder = onnx_genai_path()
-    if folder is None:
-        pytest.fail("ONNX test model missing: run scripts/bootstrap.sh (it runs "
-                    "scripts/build-onnx-genai.sh)", pytrace=False)
-    return folder
+    return built_onnx_folder()
 
 
 def test_a_second_build_finds_the_cached_model_and_changes_nothing(onnx_model: Path) -> None:

@@ -211,18 +211,17 @@ def test_versions_listed_newest_first_across_pages(api: Any, sim: TrustSimulator
     assert api.get("/v1/models/smollm2/versions", params={"cursor": "junk"}).status_code == 422
 
 
-def test_artifact_in_use_cannot_be_deleted_from_the_registry(
+def test_artifact_in_use_survives_garbage_collection(
     app: tuple[Any, Any], sim: TrustSimulator
 ) -> None:
-    """The foreign key from variants to artifacts is RESTRICT: a registered release
-    never loses its artifact record."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import IntegrityError
-
-    api, engine = app
-    publish(api, sim)
-    with pytest.raises(IntegrityError), engine.begin() as conn:
-        conn.execute(text("DELETE FROM artifacts"))
+    """A registered release lists its files: collection with no grace keeps their
+    blobs and paths, and the artifact is still served."""
+    api, _ = app
+    envelope = publish(api, sim)
+    done = api.post("/v1/blobs/gc", json={"grace_s": 0}).json()
+    assert done["removed_blobs"] == [] and done["removed_paths"] == []
+    artifact = envelope["signed"]["variants"]["micro"]["artifact"]
+    assert api.get(f"/v1/artifacts/{artifact}").status_code == 200
 
 
 def test_manifest_digest_is_sha256_of_the_canonical_signed_part(

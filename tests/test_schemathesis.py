@@ -74,9 +74,21 @@ NOT_IN_THE_SCHEMA: dict[tuple[str, str], tuple[Any, str]] = {
         positive_data_acceptance,
         "a selector in the body goes with the path id `*` only: a rule across path and body",
     ),
+    ("PUT", "/v1/update-policies/profile/{name}"): (
+        positive_data_acceptance,
+        "a window's cron expression must parse and its time zone must exist",
+    ),
+    ("PUT", "/v1/update-policies/label/{key}/{value}"): (
+        positive_data_acceptance,
+        "a window's cron expression must parse and its time zone must exist",
+    ),
     ("PUT", "/v1/artifacts/{path}"): (
         positive_data_acceptance,
         "the body must hash to X-Content-SHA256: a rule across header and body",
+    ),
+    ("PUT", "/v1/blobs/sha256/{sha256}"): (
+        positive_data_acceptance,
+        "the body must hash to the digest in the path: a rule across path and body",
     ),
 }
 

@@ -51,6 +51,9 @@ class HealthRequest:
     name: str | None = None
     version: str | None = None
     sha256: str | None = None
+    #: a LoRA adapter's base: (name, the build's artifact sha256, scale); checked on
+    #: that base's serving worker with the adapter applied
+    adapter_of: tuple[str, str, float] | None = None
 
     def to_json(self) -> bytes:
         """The request as :mod:`agent.healthcheck` reads it on stdin."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..inference.adapters import check_staged_adapter
 from ..inference.runtime import InferenceRuntime, PrepareAborted
 from ..inference.spec import ModelSpec
 from ..profiles import RuntimeSettings
@@ -23,6 +24,8 @@ class WorkerHealthChecker(HealthChecker):
 
     async def check(self, request: HealthRequest, abort: asyncio.Event) -> HealthResult:
         """See :meth:`HealthChecker.check`."""
+        if request.adapter_of is not None:
+            return await check_staged_adapter(self.runtime, request, abort, self.timeout_s)
         spec = ModelSpec(
             key=request.key or request.model.parent.name,
             name=request.name or "model",

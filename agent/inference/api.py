@@ -28,6 +28,7 @@ import h11
 
 from ..update.locks import UpdateLocks
 from . import metrics, ollama_api, schemas, update_lock_api
+from .adapters import openai_entries
 from .generation import Generation
 from .runtime import InferenceRuntime, NoModel, Overloaded, Unavailable
 from .schemas import ApiError
@@ -288,6 +289,7 @@ class LocalApi:
                          "owned_by": "slmfleet", "version": spec.version,
                          "format": spec.format, "embeddings": spec.runtime.embeddings,
                          "loaded": slot.loaded})
+            data += openai_entries(slot)
         await self._json(send, 200, {"object": "list", "data": data})
 
     async def chat(self, send: Send, body: bytes) -> None:

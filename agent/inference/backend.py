@@ -75,6 +75,14 @@ class Backend(ABC):
         """
         raise BadRequest("this model does not generate text", code="unsupported")
 
+    def load_adapter(self, name: str, path: str, scale: float) -> dict[str, Any]:
+        """Load a LoRA adapter under ``name`` for requests that name it (llama.cpp only)."""
+        raise BadRequest("this model takes no adapters", code="unsupported")
+
+    def drop_adapter(self, name: str) -> dict[str, Any]:
+        """Free adapter ``name`` once no request decodes with it."""
+        raise BadRequest("this model takes no adapters", code="unsupported")
+
     def close(self) -> None:
         """Stop what runs and free the model's threads (the worker is exiting)."""
         return None

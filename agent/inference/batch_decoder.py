@@ -10,6 +10,12 @@ on an end-of-generation token, a stop string, ``max_tokens`` or a cancel;
 their KV cells are kept for the next request that starts with the same
 tokens (a health check, a chat that goes on), like llama.cpp's prompt cache.
 
+A LoRA adapter applies to the whole context (:mod:`.lora`), so requests
+naming different adapters take turns, in the order they came: a request
+whose adapter is not the applied one waits until the sequences decoding
+now have ended, then the adapter changes and the cached cells, computed
+under the other one, are dropped.
+
 Each sequence id owns ``n_ctx / n_seq_max`` cells of the KV cache (the
 context is not unified), so a sequence always has the room the prompt check
 promised it and one caller's long answer cannot starve another.
@@ -22,13 +28,16 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 
-from .backend import Completion
+from .backend import BadRequest, Completion
 from .sampling import TokenSampler
 from .text_stream import TextStream
+
+if TYPE_CHECKING:
+    from .lora import AdapterSet
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,8 @@ class Job:
     cancelled: Callable[[], bool]
     #: called once, from the decoding thread: a Completion, or the exception that ended it
     finished: Callable[[Completion | BaseException], None]
+    #: the LoRA adapter it runs with (None: the base model alone)
+    adapter: str | None = None
 
 
 @dataclass(eq=False)
@@ -68,8 +79,12 @@ class _Sequence:
 class BatchDecoder:
     """The decoding thread of one context with ``n_seq`` sequences (see the module docstring)."""
 
-    def __init__(self, ctx: Any, vocab: Any, n_seq: int, n_batch: int) -> None:
+    def __init__(self, ctx: Any, vocab: Any, n_seq: int, n_batch: int,
+                 adapters: AdapterSet | None = None) -> None:
         self._ctx, self._vocab = ctx, vocab
+        self._adapters = adapters
+        #: work for the decoding thread once no sequence decodes (freeing an adapter)
+        self._between: list[Callable[[], None]] = []
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -98,6 +113,12 @@ class BatchDecoder:
             self._incoming.append(job)
             self._wake.notify()
 
+    def between_turns(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the decoding thread once no sequence decodes."""
+        with self._wake:
+            self._between.append(action)
+            self._wake.notify()
+
     def close(self) -> None:
         """Finish what was submitted, then stop the thread and free the batch.
 
@@ -116,11 +137,17 @@ class BatchDecoder:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._incoming and not self._active:
+                while (not self._closed and not self._incoming and not self._active
+                       and not self._between):
                     self._wake.wait()
-                if not self._incoming and not self._active:
+                if not self._incoming and not self._active and not self._between:
                     break  # closed, and nothing left to finish
-                while self._incoming and self._free:
+                if not self._active:
+                    self._run_between()
+                    self._turn()
+                # In order, and only those of the applied adapter's turn.
+                while (self._incoming and self._free
+                       and self._incoming[0].adapter == self._applied()):
                     self._admit(self._incoming.pop(0))
             try:
                 self._step()
@@ -128,6 +155,38 @@ class BatchDecoder:
                 log.exception("decoding step failed")
                 for sequence in list(self._active):
                     self._end(sequence, exc)
+
+    def _applied(self) -> str | None:
+        return self._adapters.applied if self._adapters is not None else None
+
+    def _run_between(self) -> None:
+        actions, self._between = self._between, []
+        for action in actions:
+            try:
+                action()
+            except Exception:  # freeing one adapter failed; decoding goes on
+                log.exception("work between turns failed")
+
+    def _turn(self) -> None:
+        """No sequence decodes: give the next request's adapter its turn."""
+        if not self._incoming:
+            return
+        wanted = self._incoming[0].adapter
+        try:
+            if self._adapters is None:
+                if wanted is not None:
+                    raise BadRequest("this model takes no adapters", code="unsupported")
+                return
+            changed = self._adapters.apply(wanted)
+        except Exception as exc:  # an unknown adapter fails its request, not the others
+            job = self._incoming.pop(0)
+            job.sampler.free()
+            job.finished(exc)
+            return
+        if changed:
+            # Cells computed under the other adapter must not be reused as a prefix.
+            llama_cpp.llama_memory_clear(self._memory, True)
+            self._free = {seq: [] for seq in self._free}
 
     def _admit(self, job: Job) -> None:
         # The free sequence whose cache shares the longest start with this prompt.

@@ -14,6 +14,7 @@ import time
 from types import TracebackType
 from typing import Any
 
+from .adapters import adapter_key
 from .runtime import InferenceRuntime, Slot
 from .supervisor import Worker
 
@@ -50,8 +51,16 @@ class Generation:
         self._started = time.perf_counter()
         self._lease = self._runtime.lease(self._model, self._keep_alive_s)
         self.slot, self.worker = await self._lease.__aenter__()
+        request = self._request
+        try:
+            adapter = adapter_key(self.slot, self._model)
+        except BaseException:
+            await self._lease.__aexit__(None, None, None)
+            raise
+        if adapter is not None:
+            request = {**request, "adapter": adapter}
         self._call = asyncio.create_task(self.worker.call(
-            "complete", {"request": self._request}, self._on_delta, self._ids.append))
+            "complete", {"request": request}, self._on_delta, self._ids.append))
         self._call.add_done_callback(lambda _: self._pieces.put_nowait(None))
         return self
 

@@ -11,6 +11,7 @@ from llama_cpp import _internals
 
 from .backend import Backend, BadRequest, Completion
 from .batch_decoder import BatchDecoder, Job
+from .lora import AdapterSet
 from .prompting import PromptBuilder
 from .sampling import TokenSampler
 
@@ -59,10 +60,12 @@ class LlamaBackend(Backend):
         self.context = runtime["context"]
         self.prompts = PromptBuilder(self.llm)
         self.decoder: BatchDecoder | None = None
+        self.adapters: AdapterSet | None = None
         if not self.embeddings:
             self.slots = slots
+            self.adapters = AdapterSet(self.llm._model.model, self.llm._ctx.ctx)
             self.decoder = BatchDecoder(self.llm._ctx.ctx, self.llm._model.vocab, slots,
-                                        self.llm.n_batch)
+                                        self.llm.n_batch, self.adapters)
 
     def info(self) -> dict[str, Any]:
         """See :meth:`Backend.info`."""
@@ -80,6 +83,10 @@ class LlamaBackend(Backend):
         """See :meth:`Backend.submit`."""
         if self.decoder is None:
             raise BadRequest("this model serves embeddings only", code="unsupported")
+        adapter = request.get("adapter")
+        if adapter is not None and (self.adapters is None or not self.adapters.has(adapter)):
+            raise BadRequest(f"adapter {adapter!r} is not loaded", status=404,
+                             code="model_not_found")
         prompt = self.prompts.prompt(request)
         tokens = prompt.tokens
         room = self.context - len(tokens)
@@ -93,7 +100,31 @@ class LlamaBackend(Backend):
         sampler = TokenSampler(self.llm._model.vocab, self.llm.n_vocab(), request,
                                self.prompts.grammar_text(request))
         self.decoder.submit(Job(tokens, prompt.stop, prompt.stopping_criteria, max_tokens,
-                                sampler, emit, cancelled, finished))
+                                sampler, emit, cancelled, finished, adapter))
+
+    def load_adapter(self, name: str, path: str, scale: float) -> dict[str, Any]:
+        """See :meth:`Backend.load_adapter`."""
+        if self.adapters is None:
+            raise BadRequest("this model takes no adapters", code="unsupported")
+        return {"load_ms": round(self.adapters.load(name, path, scale), 3),
+                "adapters": self.adapters.names()}
+
+    def drop_adapter(self, name: str) -> dict[str, Any]:
+        """See :meth:`Backend.drop_adapter`."""
+        if self.adapters is None or self.decoder is None:
+            raise BadRequest("this model takes no adapters", code="unsupported")
+        adapters = self.adapters
+        dropped = threading.Event()
+
+        def drop() -> None:
+            try:
+                adapters.drop(name)
+            finally:
+                dropped.set()
+
+        self.decoder.between_turns(drop)
+        dropped.wait()
+        return {"adapters": adapters.names()}
 
     def complete(
         self,
@@ -127,3 +158,5 @@ class LlamaBackend(Backend):
         if self.decoder is not None:
             self.decoder.close()
             self.decoder = None
+        if self.adapters is not None:
+            self.adapters.close()

@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
+from protocol import ADAPTER_SEPARATOR, split_model
+
 from . import ollama_model_info as info
 from . import ollama_shapes as shapes
+from .adapters import adapter_model_id, adapter_size
 from .generation import Generation
 from .ollama_shapes import OllamaError, Timing
 from .runtime import Slot
@@ -65,11 +68,16 @@ def _served(api: LocalApi, data: dict[str, Any]) -> tuple[Slot, str]:
     asked = data.get("model", data.get("name"))  # /api/show's older clients send `name`
     if not isinstance(asked, str) or not asked:
         raise OllamaError(400, "'model' is required and must be a string")
+    base, adapter = split_model(asked)
     for host in api.runtime.hosts.values():
         slot = host.serving
-        if slot is not None and (ref := shapes.resolve_name(asked, slot.spec.name,
+        if slot is not None and (ref := shapes.resolve_name(base, slot.spec.name,
                                                              slot.spec.version)):
-            return slot, ref
+            if adapter is None:
+                return slot, ref
+            adapter = adapter.removesuffix(":latest")
+            if adapter in slot.adapters:
+                return slot, f"{ref}{ADAPTER_SEPARATOR}{adapter}"
     raise shapes.not_found(asked)
 
 
@@ -263,6 +271,11 @@ async def tags(api: LocalApi, send: Send, body: bytes) -> None:
         for name in (f"{slot.spec.name}:latest", _shown(slot)):
             models.append({"name": name, "model": name, "modified_at": modified, "size": size,
                            "digest": slot.spec.sha256, "details": _details(slot)})
+        for adapter in slot.adapters.values():
+            name = f"{adapter_model_id(slot, adapter)}:latest"
+            models.append({"name": name, "model": name, "modified_at": modified,
+                           "size": adapter_size(adapter), "digest": adapter.sha256,
+                           "details": {**_details(slot), "format": "gguf-lora"}})
     await api._json(send, 200, {"models": models})
 
 

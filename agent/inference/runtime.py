@@ -40,9 +40,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from protocol import InferenceStats
+from protocol import InferenceStats, split_model
 
 from ..healthcheck.rules import judge
+from .adapters import adapter_key, carry_adapters
 from .candidate_freeze import CandidateFreeze
 from .memory import mem_available_bytes
 from .model_host import ModelHost
@@ -251,6 +252,8 @@ class InferenceRuntime:
     def _swap(self, host: ModelHost, slot: Slot) -> None:
         slot.supervised = True
         old, host.serving = host.serving, slot
+        if old is not None and old is not slot:
+            carry_adapters(self, old, slot)
         log.info("serving %s%s", slot.spec.ref, f" (was {old.spec.ref})" if old else "")
         if old is not None and old is not slot:
             old.retired = True
@@ -295,12 +298,16 @@ class InferenceRuntime:
     # -- taking requests ---------------------------------------------------------------
 
     def host_for(self, model: str) -> ModelHost:
-        """The assigned model a request's ``model`` (``name`` or ``name@version``) names."""
-        name, _, version = model.partition("@")
+        """The assigned model a request's ``model`` (``name`` or ``name@version``, and
+        ``+adapter``) names."""
+        base, adapter = split_model(model)
+        name, _, version = base.partition("@")
         host = self.hosts.get(name)
         slot = host.serving if host is not None else None
         if host is None or slot is None or (version and version != slot.spec.version):
             raise NoModel(self._not_served(model))
+        if adapter is not None:
+            adapter_key(slot, model)  # raises NoModel when it is not served there
         return host
 
     def _not_served(self, model: str) -> str:

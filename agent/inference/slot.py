@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .gate import Gate
-from .spec import ModelSpec
+from .spec import AdapterSpec, ModelSpec
 from .stats import VersionStats
-from .supervisor import Worker, WorkerLoadError
+from .supervisor import RemoteError, Worker, WorkerExited, WorkerLoadError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class Slot:
         #: its worker was unloaded on purpose (or never loaded): loads on the next request
         self.parked = False
         self.load_error: str | None = None
+        #: LoRA adapters served on this version, by adapter name (loaded again on restart)
+        self.adapters: dict[str, AdapterSpec] = {}
         self.crash_times: deque[float] = deque(maxlen=64)
         self._crashes_in_a_row = 0
         self._not_before = 0.0
@@ -129,6 +131,13 @@ class Slot:
         self.stats.loaded(time.perf_counter() - began)
         self.load_error = None
         self.parked = False
+        for adapter in list(self.adapters.values()):
+            # A restarted or reloaded worker serves the same adapters as before.
+            try:
+                await worker.call("adapter_load", adapter.load_payload())
+            except (RemoteError, WorkerExited) as exc:  # the base serves on without it
+                log.error("adapter %s does not load on %s: %s", adapter.ref, self.spec.ref, exc)
+                self.adapters.pop(adapter.name, None)
         self.worker = worker
         log.info("worker %s serves %s (loaded in %s ms): %s", worker.pid, self.spec.ref,
                  ready.get("load_ms"), worker.info)

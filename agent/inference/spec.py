@@ -42,6 +42,49 @@ class ModelSpec:
                 "runtime": self.runtime.as_dict()}
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """One installed LoRA adapter version and the base build it applies to."""
+
+    name: str
+    version: str
+    #: the base model's name, and the artifact sha256 of the build it was made for
+    base: str
+    base_sha256: str
+    path: Path
+    scale: float = 1.0
+    sha256: str = ""
+
+    @property
+    def ref(self) -> str:
+        """``name@version``: the key the worker knows it by."""
+        return f"{self.name}@{self.version}"
+
+    def load_payload(self) -> dict[str, Any]:
+        """The worker's ``adapter_load`` fields."""
+        return {"name": self.ref, "path": str(self.path), "scale": self.scale}
+
+
+def adapter_spec_for_version(version: ModelVersion) -> AdapterSpec | None:
+    """The adapter an installed version is, or None when it is a model.
+
+    Read from the stored release (verified when it was installed).
+    """
+    from protocol import ADAPTER_FORMAT, AdapterBase, Tier
+
+    manifest = version.manifest
+    if manifest.get("format") != ADAPTER_FORMAT:
+        return None
+    try:
+        binding = AdapterBase.model_validate(manifest["release"]["signed"]["adapter_of"])
+        base_sha = binding.sha256[Tier(manifest.get("tier", "micro"))]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return AdapterSpec(name=manifest["name"], version=manifest["version"], base=binding.name,
+                       base_sha256=base_sha, path=version.artifact, scale=binding.scale,
+                       sha256=manifest.get("sha256", ""))
+
+
 def spec_for_version(version: ModelVersion, profile: RuntimeSettings) -> ModelSpec:
     """The spec of an installed version, its runtime settings from the stored release.
 

@@ -7,12 +7,14 @@ code's own prints are sent to stderr, so they cannot corrupt a reply).
 agent -> worker::
 
     {"op": "load", "model": PATH, "format": "gguf"|"onnx", "runtime": {...}}
-    {"op": "check_prompt", "id": N, "item": {...}}        one golden prompt (golden.py)
+    {"op": "check_prompt", "id": N, "item": {...}, "adapter": S|null}   one golden prompt
     {"op": "check_embeddings", "id": N, "health_check": {...}}
     {"op": "complete", "id": N, "request": {"messages"|"prompt", "max_tokens", ...,
                                             "response_format": null|{"type", "schema"}}}
     {"op": "embed", "id": N, "input": [TEXT, ...]}
     {"op": "infer", "id": N, "inputs": {NAME: TENSOR}, "outputs": [NAME]|null}
+    {"op": "adapter_load", "id": N, "name": S, "path": PATH, "scale": F}   a LoRA adapter
+    {"op": "adapter_drop", "id": N, "name": S}            free it between turns
     {"op": "cancel", "id": N}                             stop generating N
 
 worker -> agent::
@@ -38,6 +40,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..child_lifetime import die_with, parent_from
@@ -130,6 +133,20 @@ class _Done:
         self.channel.cancelled.discard(self.rid)
 
 
+class _WithAdapter(Backend):
+    """A backend whose generations run with one LoRA adapter (an adapter's health check)."""
+
+    def __init__(self, backend: Backend, adapter: str) -> None:
+        self._backend, self._adapter = backend, adapter
+
+    def info(self) -> dict[str, Any]:
+        return self._backend.info()
+
+    def complete(self, request: dict[str, Any], emit: Callable[[str], None],
+                 cancelled: Callable[[], bool]) -> Completion:
+        return self._backend.complete({**request, "adapter": self._adapter}, emit, cancelled)
+
+
 def _error_frame(rid: int | None, exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, BadRequest):
         return {"op": "error", "id": rid, "status": exc.status, "code": exc.code,
@@ -150,7 +167,8 @@ def _start(backend: Backend, frame: dict[str, Any], channel: _Channel) -> None:
 def _handle(backend: Backend, frame: dict[str, Any], channel: _Channel) -> dict[str, Any]:
     op, rid = frame["op"], frame["id"]
     if op == "check_prompt":
-        return run_prompt(backend, frame["item"])
+        adapter = frame.get("adapter")
+        return run_prompt(_WithAdapter(backend, adapter) if adapter else backend, frame["item"])
     if op == "check_embeddings":
         return check_embeddings(backend, frame["health_check"])
     if op == "complete":
@@ -163,6 +181,10 @@ def _handle(backend: Backend, frame: dict[str, Any], channel: _Channel) -> dict[
         return {"embeddings": vectors, "prompt_tokens": tokens}
     if op == "infer":
         return {"outputs": backend.infer(frame["inputs"], frame.get("outputs"))}
+    if op == "adapter_load":
+        return backend.load_adapter(frame["name"], frame["path"], float(frame["scale"]))
+    if op == "adapter_drop":
+        return backend.drop_adapter(frame["name"])
     raise BadRequest(f"unknown op {op!r}", status=500, code="internal_error")
 
 

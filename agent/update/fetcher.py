@@ -222,6 +222,7 @@ def download_artifact(
     stall_window_s: float,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    pace: Callable[[int], None] | None = None,
 ) -> Path:
     """Download ``url`` into ``dest_partial`` and verify it against the signed size and sha256.
 
@@ -231,12 +232,18 @@ def download_artifact(
     than ``min_bytes_per_s * stall_window_s`` bytes arrive in a stall window,
     including when the server goes silent for ``stall_window_s``.
     ``progress(done, total)`` is called at most ~10 times a second; setting
-    ``cancel`` stops the download at the next chunk.
+    ``cancel`` stops the download at the next chunk. ``pace(nbytes)`` is
+    called once per chunk received, on the receiving thread, before the next
+    read: the one place a rate cap or a pause may block the download (it may
+    raise :class:`Cancelled` to stop it).
 
-    Returns ``dest_partial``, verified and fsynced; the caller moves it into
-    the store. Raises :class:`DownloadError` (partial kept: call again to
-    resume), :class:`ArtifactError` (partial deleted), or ``OSError`` for
-    local disk trouble (partial kept).
+    Returns ``dest_partial``, verified; its writeback to disk has started
+    but is not awaited: the store fsyncs it before the rename that installs
+    it (:meth:`~agent.update.store.ModelStore.install`), where durability
+    matters, so the download itself is bounded by the network and not by
+    the disk's write speed. Raises :class:`DownloadError` (partial kept:
+    call again to resume), :class:`ArtifactError` (partial deleted), or
+    ``OSError`` for local disk trouble (partial kept).
     """
     if expected_size < 0:
         raise ValueError(f"expected_size must be >= 0, got {expected_size}")
@@ -250,9 +257,7 @@ def download_artifact(
     try:
         # Unbuffered: the sink thread writes whole batches to the descriptor.
         with open(dest_partial, "a+b", buffering=0, opener=_open_private) as f:
-            _Download(fetcher, url, f, limits, progress, cancel).run()
-            # Durable before the caller renames it into the store.
-            os.fsync(f.fileno())
+            _Download(fetcher, url, f, limits, progress, cancel, pace).run()
     except ArtifactError:
         # Bad remote bytes are no base to resume from.
         dest_partial.unlink(missing_ok=True)
@@ -261,7 +266,9 @@ def download_artifact(
 
 
 def _open_private(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
+    # O_NOFOLLOW: a symlink planted where the partial goes must not send the
+    # bytes elsewhere on the disk.
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +290,10 @@ class _Download:
         limits: _Limits,
         progress: Callable[[int, int], None] | None,
         cancel: threading.Event | None,
+        pace: Callable[[int], None] | None = None,
     ) -> None:
         self.fetcher, self.url, self.f, self.limits = fetcher, url, f, limits
-        self.progress, self.cancel = progress, cancel
+        self.progress, self.cancel, self.pace = progress, cancel, pace
         self.digest = hashlib.sha256()
         #: bytes of the artifact received so far (on disk once the sink drained)
         self.done = 0
@@ -367,7 +375,7 @@ class _Download:
         # writes happen on the sink's thread.
         size, window = self.limits.size, self.limits.window
         need = self.limits.min_rate * window
-        clock, cancel, progress = time.monotonic, self.cancel, self.progress
+        clock, cancel, progress, pace = time.monotonic, self.cancel, self.progress, self.pace
         next_progress = clock()
         done = self.done
         batch: list[bytes] = []
@@ -401,6 +409,10 @@ class _Download:
                     batch, batch_bytes = [], 0
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"{self.url}: cancelled at {done} of {size} bytes")
+                if pace is not None:
+                    # The throttle's one hook: it may sleep (a rate cap) or wait
+                    # (a metered link) before the next read.
+                    pace(n)
                 if progress is not None and now >= next_progress:
                     progress(done, size)
                     next_progress = now + 1 / PROGRESS_HZ

@@ -35,6 +35,9 @@ and per model name, when the document is accepted (:class:`EntryPlan`):
 E1    the entry failed its own checks (release signature,     rejected ``exc.reason``
       tier, fit for this hardware; a unit fails together)
 E2    release name or version unusable as a store key         rejected ``malformed``
+E2a   a new adapter whose base is not active here, or is      rejected ``base_mismatch``
+      another build than the one it was made for (rules
+      B1-B4 of :mod:`protocol.adapter`; before any download)
 E3    same assignment id, release, tier and sha256 as the     refresh
       name's record (and not a removal)
 E4    anything else                                           new update
@@ -48,13 +51,15 @@ is no replay floor, and without keys nothing can be verified.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from protocol import (
     MAX_ASSIGNMENT_BYTES,
+    ActiveBase,
+    BaseMismatch,
     Capabilities,
     EventCode,
     ProtocolError,
@@ -63,6 +68,7 @@ from protocol import (
     UpdateState,
     VerifiedDesired,
     VerifiedEntry,
+    check_base,
     verify_desired,
 )
 
@@ -201,7 +207,19 @@ def is_refresh(record: EntryRecord, entry: VerifiedEntry) -> bool:
     )
 
 
-def _plan(verified: VerifiedDesired, record: UpdateFile) -> list[EntryPlan]:
+def _base_refusal(name: str, entry: VerifiedEntry,
+                  active: Mapping[str, ActiveBase]) -> EntryPlan | None:
+    """Rule E2a: a new adapter's base must be the one active here."""
+    try:
+        check_base(entry.manifest, entry.tier, active)
+    except BaseMismatch as exc:
+        return EntryPlan(name, Change.REJECTED, entry.assignment_id,
+                         code=EventCode.BASE_MISMATCH, reason=f"base_mismatch: {exc}")
+    return None
+
+
+def _plan(verified: VerifiedDesired, record: UpdateFile,
+          active: Mapping[str, ActiveBase]) -> list[EntryPlan]:
     plans = []
     for name, refused in verified.refused.items():  # E1
         code = EventCode(refused.error.reason)
@@ -218,6 +236,9 @@ def _plan(verified: VerifiedDesired, record: UpdateFile) -> list[EntryPlan]:
         current = record.models.get(name)
         change = Change.REFRESH if current is not None and is_refresh(current, entry) else (
             Change.NEW)  # E3, E4
+        if change is Change.NEW and (refusal := _base_refusal(name, entry, active)):
+            plans.append(refusal)  # E2a
+            continue
         plans.append(EntryPlan(name, change, entry.assignment_id, entry=entry, key=key))
     for name, current in record.models.items():
         if name not in verified.names and not current.remove:  # E5
@@ -236,13 +257,15 @@ def decide(
     last_rejected: str | None,
     disabled: str | None,
     now: float,
+    active: Mapping[str, ActiveBase] | None = None,
 ) -> Decision:
     """Apply rules I1-I8 and E1-E5 (module docstring) to one ``desired`` payload.
 
     ``digest`` is the payload's sha256; ``trust`` is None when the pinned
     keys could not be loaded (``trust_problem`` says why); ``disabled`` says
     why the update file could not be read, None when it could;
-    ``last_rejected`` is the digest of the last payload refused.
+    ``last_rejected`` is the digest of the last payload refused; ``active``
+    what the device serves now, by name (what an adapter's base is checked against).
     """
     if not payload:
         return Decision(Action.IGNORE)  # I1
@@ -259,7 +282,7 @@ def decide(
     except ProtocolError as exc:  # I5
         return _reject(payload, digest, EventCode(exc.reason), str(exc),
                        replay=isinstance(exc, ReplayError))
-    plans = tuple(_plan(verified, record))
+    plans = tuple(_plan(verified, record, active or {}))
     ids = tuple(plan.assignment_id for plan in plans if plan.change is not Change.REMOVE)
     if not any(plan.entry is not None for plan in plans) and any(
         plan.change is Change.REJECTED for plan in plans

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from protocol import (
+    ActiveBase,
     ActiveModel,
     Capabilities,
     EventCode,
@@ -241,6 +242,7 @@ class Updater:
             last_rejected=self._last_rejected,
             disabled=ledger.disabled,
             now=time.time(),
+            active=self.active_bases(),
         )
         if decision.action is Action.IGNORE:
             log.debug("desired redelivered; already handled")
@@ -441,6 +443,16 @@ class Updater:
             return
         if version is not None:
             self._on_activated(version)
+
+    def adapter_inactive(self, name: str, reason: str) -> None:
+        """Say that adapter ``name`` is installed and active but not served, and why."""
+        record = self._ledger.file.models.get(name)
+        self._events.emit(EventType.REMOVED, record.assignment_id if record else None,
+                          reason=reason, code=EventCode.BASE_MISMATCH)
+
+    def active_bases(self) -> dict[str, ActiveBase]:
+        """What each name has active, as an adapter's base is checked against it."""
+        return {name: ActiveBase(m.name, m.version, m.sha256) for name, m in self._active.items()}
 
     def active_key(self, name: str) -> str | None:
         """The key of ``name``'s active version, None when nothing (readable) is active."""

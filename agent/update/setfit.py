@@ -30,6 +30,7 @@ from ..cgroup import memory_limit_bytes
 from ..disk import disk_free_bytes
 from ..errors import StoreError
 from ..profiles import FirmwareProfile
+from .folder import held_bytes
 from .staging import DiskFit, ram_budget, reclaimable_bytes, slots_for
 from .stores import ModelStores
 
@@ -80,8 +81,7 @@ def set_fit(
         download = not _installed(stores, plan.name, plan.key)
         active = _active_key(stores, plan.name)
         if download:
-            partial = store.staging_path(plan.key)
-            held += partial.stat().st_size if partial.is_file() else 0
+            held += held_bytes(store.staging_path(plan.key))
         members.append(SetMember(
             name=plan.name,
             variant=plan.entry.variant,

@@ -24,12 +24,12 @@ def writeback_starter() -> Callable[[int, int, int], None] | None:
     """``start(fd, offset, nbytes)``: queue dirty pages for writeback without waiting.
 
     The artifact must be on disk (fsync) before it is installed. Left to the
-    end, that fsync writes the whole file at once and, on loopback, cost as
-    much as the transfer itself; started as the bytes arrive, the disk works
-    while the network does, and the final fsync finds little left to do.
-    Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` does exactly that and
-    Python's ``os`` does not wrap it; elsewhere (or if libc lacks it) the
-    final fsync does all the work, as before.
+    store's install, that fsync writes the whole file at once and, on
+    loopback, cost as much as the transfer itself; started as the bytes
+    arrive, the disk works while the network does, and the fsync finds
+    little left to do. Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``
+    does exactly that and Python's ``os`` does not wrap it; elsewhere (or if
+    libc lacks it) the install's fsync does all the work.
     """
     try:
         import ctypes
@@ -44,7 +44,7 @@ def writeback_starter() -> Callable[[int, int, int], None] | None:
 
     def start(fd: int, offset: int, nbytes: int) -> None:
         # Only a hint: a failure here (EINVAL on odd filesystems, say) leaves
-        # the work to the final fsync, which reports any real I/O error.
+        # the work to the install's fsync, which reports any real I/O error.
         sync_file_range(fd, offset, nbytes, write)
 
     return start

@@ -38,6 +38,7 @@ from ..disk import disk_free_bytes
 from ..errors import StoreError
 from ..gguf import GgufError, tokenizer_sha256
 from ..profiles import FirmwareProfile
+from .folder import held_bytes
 from .store import ModelStore, ModelVersion
 
 MIB = 1 << 20
@@ -55,6 +56,8 @@ def store_manifest(verified: VerifiedEntry) -> dict[str, Any]:
     """The manifest stored with an installed version: identity plus the signed release."""
     manifest, variant = verified.manifest, verified.variant
     release = verified.entry.release
+    # A folder's file list, so the store can check the folder whole without the release.
+    files = None if variant.files is None else [f.model_dump() for f in variant.files]
     return {
         "sha256": variant.sha256,
         "size": variant.size_bytes,
@@ -62,6 +65,7 @@ def store_manifest(verified: VerifiedEntry) -> dict[str, Any]:
         "version": manifest.version,
         "tier": verified.tier.value,
         "format": variant.format,
+        **({} if files is None else {"files": files}),
         "release_sha256": hashlib.sha256(canonical_json(release)).hexdigest(),
         # The release envelope as signed, so the version can be re-verified offline.
         "release": release,
@@ -117,8 +121,8 @@ def reclaimable_bytes(store: ModelStore, protect: Iterable[str] = ()) -> int:
     total = 0
     for key in store.installed():
         version = store.version(key) if key not in protected else None
-        if version is not None and version.artifact.is_file():
-            total += version.artifact.stat().st_size
+        if version is not None:
+            total += held_bytes(version.artifact)
     return total
 
 
@@ -142,8 +146,7 @@ def disk_fit(
     holds. An ``installed`` variant needs no disk, only RAM.
     """
     free = disk_free_bytes(store.root)
-    partial = store.staging_path(key)
-    held = partial.stat().st_size if partial.is_file() else 0
+    held = held_bytes(store.staging_path(key))
     if installed:
         # Nothing to download: only the RAM check can fail.
         free = max(free, disk_needed_bytes(variant))

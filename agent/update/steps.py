@@ -45,7 +45,9 @@ from ..errors import StoreError
 from ..healthcheck import HealthAborted, HealthChecker, HealthRequest
 from ..profiles import FirmwareProfile
 from ..runtime_settings import effective_runtime
+from .adapters import adapter_base
 from .download import ArtifactRequest, download_with_retries
+from .folder import held_bytes, remove_partial
 from .intake import DeviceFacts
 from .ledger import Ledger
 from .outcome import Failed, Stopped
@@ -83,6 +85,8 @@ class StepTools:
     protected: Callable[[], dict[str, set[str]]]
     #: windows, locks, caps and metered links (:mod:`agent.update.policy_gate`)
     gate: PolicyGate
+    #: called with each chunk's size as it arrives, on the download thread
+    pace: Callable[[int], None] | None = None
 
 
 async def activate(tools: StepTools, record: EntryRecord,
@@ -256,7 +260,7 @@ class UpdateRun:
             try:
                 await asyncio.to_thread(check_tokenizer, partial, self._entry.variant)
             except StagingError as exc:
-                partial.unlink(missing_ok=True)
+                await asyncio.to_thread(remove_partial, partial)
                 raise Failed.of(exc) from exc
             self._current()
             await asyncio.to_thread(store.install, record.key, partial,
@@ -279,9 +283,14 @@ class UpdateRun:
             partial=store.staging_path(key),
             size=variant.size_bytes,
             sha256=variant.sha256,
+            # A folder: each file from <url>/<path> into the partial folder.
+            files=None if variant.files is None else tuple(variant.files),
         )
         # Leftovers of this name's other updates go; this one's partial stays and resumes.
         await asyncio.to_thread(store.clean_staging, [key])
+        if request.partial.exists() and request.partial.is_dir() != variant.is_folder:
+            # A file where a folder's files go, or the reverse: no base to resume from.
+            await asyncio.to_thread(remove_partial, request.partial)
         gate, policy = tools.gate, self._entry.entry.policy
         loop = asyncio.get_running_loop()
 
@@ -290,7 +299,7 @@ class UpdateRun:
 
         while True:
             await self._hold(lambda: gate.download_hold(policy), threaded=True)
-            held = request.partial.stat().st_size if request.partial.is_file() else 0
+            held = await asyncio.to_thread(held_bytes, request.partial)
             self._transition(UpdateState.DOWNLOADING, None)
             self._progress(held, variant.size_bytes)
             try:
@@ -303,6 +312,7 @@ class UpdateRun:
                     cancel=self._cancel,
                     abort=self._abort,
                     still_current=self._current,
+                    pace=tools.pace,
                 )
                 return
             except DownloadHeld as exc:
@@ -348,6 +358,7 @@ class UpdateRun:
             name=entry.manifest.name,
             version=entry.manifest.version,
             sha256=entry.variant.sha256,
+            adapter_of=adapter_base(entry),
         )
         try:
             result = await tools.health.check(request, self._abort)

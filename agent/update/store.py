@@ -3,10 +3,12 @@
 Layout under ``root`` (one filesystem, so every rename below is atomic)::
 
     versions/<key>/              one installed version; never modified once here
-        model                    the artifact (read-only)
+        model                    the artifact (read-only): a file, or for a
+                                 folder variant a folder of its listed files
         manifest.json            the manifest it was installed with
     staging/
-        <key>.partial            a download in progress (staging_path)
+        <key>.partial            a download in progress (staging_path): a
+                                 file, or a folder for a folder variant
         .build-<key>-<rand>/     a version being assembled by install()
         .trash-<key>-<rand>/     a version being deleted by gc()
     active -> versions/<key>     relative symlinks, replaced atomically
@@ -24,7 +26,9 @@ syscalls, ``active()`` is a complete version or ``None`` if nothing was ever
 activated. Why each method keeps it:
 
 - ``install``: the version is assembled in a build directory under
-  ``staging/`` (artifact renamed in and fsynced, manifest written
+  ``staging/`` (artifact renamed in and fsynced -- a folder checked to
+  hold exactly its listed files, then every file and folder in it
+  fsynced --, manifest written
   atomically, build directory fsynced) and only then renamed into
   ``versions/`` in one step, followed by an fsync of ``versions/``. A crash
   before that rename leaves garbage in ``staging/`` only (and costs a
@@ -71,7 +75,10 @@ from agent.atomic import (
     replace_symlink_atomic,
     write_json_atomic,
 )
-from agent.errors import StoreError
+from agent.errors import ArtifactError, StoreError
+from protocol import VariantFile, check_file_list
+
+from .folder import check_folder, remove_partial
 
 __all__ = ["ModelStore", "ModelVersion", "model_key"]
 
@@ -150,7 +157,10 @@ class ModelStore:
             manifest = read_json(directory / MANIFEST)
         except ValueError as exc:
             raise StoreError(str(exc)) from exc
-        if not isinstance(manifest, dict) or not (directory / ARTIFACT).is_file():
+        artifact = directory / ARTIFACT
+        is_folder = isinstance(manifest, dict) and manifest.get("files") is not None
+        present = artifact.is_dir() if is_folder else artifact.is_file()
+        if not isinstance(manifest, dict) or artifact.is_symlink() or not present:
             raise StoreError(f"{directory} is incomplete: manifest or artifact missing")
         return ModelVersion(key, directory, directory / ARTIFACT, manifest)
 
@@ -178,6 +188,13 @@ class ModelStore:
         if version is None:
             return False
         expected_sha256, expected_size = _artifact_digest(version.manifest)
+        try:
+            files = manifest_files(version.manifest)
+            if files is not None:
+                check_folder(version.artifact, files, hashes=True)
+                return True
+        except (ValueError, ArtifactError, OSError):
+            return False
         digest = hashlib.sha256()
         try:
             with version.artifact.open("rb") as f:
@@ -198,25 +215,37 @@ class ModelStore:
         :meth:`staging_path`) and is consumed. ``manifest`` must carry the
         artifact's ``sha256`` and ``size``, which :meth:`verify_hash` checks
         later. Installing a key again with the same sha256 is a no-op.
+
+        A folder variant's ``verified_file`` is its verified partial folder
+        and ``manifest["files"]`` its file list (``sha256`` then the list's
+        digest): the folder must hold exactly those files, of those sizes
+        (:func:`~agent.update.folder.check_folder` raises otherwise), and
+        moves in whole, as one rename.
         """
         _check_key(key)
         sha256, size = _artifact_digest(manifest)
+        files = manifest_files(manifest)
         verified_file = Path(verified_file)
         final = self._versions / key
         existing = self.version(key)
         if existing is not None:
             if _artifact_digest(existing.manifest)[0] != sha256:
                 raise ValueError(f"{key} is already installed with a different sha256")
-            verified_file.unlink(missing_ok=True)
+            remove_partial(verified_file)
             return final
-        if verified_file.stat().st_size != size:
+        if files is not None:
+            check_folder(verified_file, files, hashes=False)
+        elif verified_file.stat().st_size != size:
             raise ValueError(f"{verified_file} is not {size} bytes as the manifest says")
 
         build = Path(tempfile.mkdtemp(prefix=f"{_BUILD}{key}-", dir=self._staging))
         artifact = build / ARTIFACT
         os.rename(verified_file, artifact)
-        os.chmod(artifact, 0o444)  # nothing writes a model in place
-        _fsync_file(artifact)  # not trusting every caller to have done it
+        if files is not None:
+            _seal_folder(artifact)
+        else:
+            os.chmod(artifact, 0o444)  # nothing writes a model in place
+            _fsync_file(artifact)  # not trusting every caller to have done it
         write_json_atomic(build / MANIFEST, manifest, mode=0o444)  # also fsyncs build/
         os.chmod(build, 0o755)
         # The one step that makes the version exist; all its data is on disk.
@@ -350,6 +379,35 @@ def _artifact_digest(manifest: Any) -> tuple[str, int]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError("manifest needs the artifact's size as a non-negative int")
     return sha256, size
+
+
+def manifest_files(manifest: Any) -> list[VariantFile] | None:
+    """A stored manifest's file list (a folder variant), or ``None`` for a single file.
+
+    Raises ``ValueError`` when the list is malformed or is not the one the
+    manifest's ``sha256`` and ``size`` name.
+    """
+    raw = manifest.get("files") if isinstance(manifest, dict) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ValueError("manifest files must be a list")
+    files = [VariantFile.model_validate(entry) for entry in raw]
+    sha256, size = _artifact_digest(manifest)
+    check_file_list(files, sha256=sha256, size_bytes=size)
+    return files
+
+
+def _seal_folder(folder: Path) -> None:
+    """Make a folder artifact's files read-only and every file and folder in it durable."""
+    # Deepest first: a folder's entries are on disk before the folder itself is fsynced.
+    for root, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            path = Path(root) / name
+            os.chmod(path, 0o444)
+            _fsync_file(path)
+        os.chmod(root, 0o755)
+        fsync_dir(root)
 
 
 def _fsync_file(path: Path) -> None:

@@ -22,6 +22,7 @@ from .routes import (
     artifacts,
     assignments,
     audit,
+    blobs,
     credentials,
     devices,
     health,
@@ -31,6 +32,7 @@ from .routes import (
     models,
     rollouts,
     tokens,
+    update_policies,
     whoami,
 )
 from .timing import TimingMiddleware
@@ -77,7 +79,7 @@ def create_app(context: AppContext) -> FastAPI:
     openapi.install(app, add_links, partial(document_page_max, cap=context.settings.page_max))
     allow.install(app)
     # In this order: a template declared first wins where two match a path.
-    for resource in (health, devices, assignments, models, artifacts, ingest, metrics,
-                     rollouts, inference, tokens, audit, whoami, credentials):
+    for resource in (health, devices, assignments, models, artifacts, blobs, ingest, metrics,
+                     rollouts, inference, tokens, audit, whoami, credentials, update_policies):
         app.include_router(resource.router)
     return app

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from .schemas_base import FromRow
+from .schemas_policies import WaitingOut
 from .schemas_registry import AssignmentSummary
 
 
@@ -85,6 +86,11 @@ class DeviceDetail(DeviceSummary):
     models: dict[str, DeviceModel] = Field(  # type: ignore[assignment]
         default_factory=dict,
         description="every model name the device runs or is assigned, with its state",
+    )
+    waiting: list[WaitingOut] = Field(
+        default_factory=list,
+        description="entries whose update waits on the device (window, lock, network), why "
+                    "and until when",
     )
 
 

@@ -79,6 +79,9 @@ class RolloutDetail(RolloutSummary):
 
     spec: dict[str, Any]
     stage_started_at: float | None
+    bake_started_at: float | None = Field(
+        None, description="when the current stage had enough activated devices for its bake "
+                          "to start (devices waiting for a window or a lock count as waiting)")
     counts: dict[str, int] = Field(description="devices by state")
     per_stage: list[StageOut]
     per_tier: dict[str, dict[str, int]] = Field(description="device tier -> state -> count")

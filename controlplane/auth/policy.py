@@ -51,6 +51,7 @@ EXCEPTIONS: tuple[Rule, ...] = (
     Rule(ANY_METHOD, "/v1/tokens*", Role.ADMIN, "tokens grant access, listing them included"),
     Rule(ANY_METHOD, "/v1/audit*", Role.ADMIN, "who did what is for admins"),
     Rule(ANY_METHOD, "/v1/keys*", Role.ADMIN, "trust roots"),
+    Rule(ANY_METHOD, "/v1/blobs/gc", Role.ADMIN, "removes stored model files for good"),
     Rule(ANY_METHOD, "/v1/devices/{device_id}/credentials*", Role.ADMIN,
          "device identities: issuing or revoking MQTT credentials"),
     # The console (controlplane/ui) follows the API: its pages are reads, its

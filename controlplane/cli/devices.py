@@ -98,6 +98,9 @@ def device_detail(d: dict[str, Any]) -> Table:
         assigned = (m.get("assignment") or {}).get("ref") or "-"
         rows.append((f"model {name}", f"{m.get('version') or '-'} ({m.get('state')}), "
                                       f"assigned {assigned}, tier {m.get('tier') or '?'}"))
+    for w in d.get("waiting") or []:
+        until = f" until {when(w['until'], seconds=True)}" if w.get("until") else ""
+        rows.append((f"waiting {w['model']}", f"{w['type']}{until}: {w.get('reason') or ''}"))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -143,6 +146,24 @@ def unassign(
     done = api.call(
         lambda client: client.request("DELETE", _assignment_path(device_id, model)).json())
     typer.echo(f"took {model} off {device_id} (sequence {done['sequence']})")
+
+
+@api_command(app, "override-lock")
+def override_lock(
+    api: Api,
+    device_id: str = typer.Argument(..., help="device id"),
+    model: str = typer.Argument(..., help="the model whose activation the locks defer"),
+    reason: str = typer.Option(..., "--reason", help="why; kept in the signed entry"),
+) -> None:
+    """Override the device's update locks for MODEL: locks taken before now no longer
+    defer its activation (signed into the device's entry; audited)."""
+    path = f"/v1/devices/{quote(device_id, safe='')}/lock-override"
+    done = api.call(lambda client: client.post(path, {"model": model, "reason": reason}))
+    if api.json:
+        emit_json(done)
+        return
+    typer.echo(f"override {done['override_id']} signed into {device_id}'s {model} entry "
+               f"(sequence {done['sequence']})")
 
 
 @api_command(app)

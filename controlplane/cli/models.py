@@ -8,7 +8,9 @@ from urllib.parse import quote
 
 import typer
 
-from ..client import PublishError, publish_release
+from ..client import PublishError
+from ..publishing import PublishSummary
+from ..publishing import publish as publish_spec
 from .options import Api, api_command, fail
 from .output import emit_json, titled_table, when
 
@@ -28,16 +30,47 @@ def publish(
         ..., "--key", help="release private key file; repeat to meet the threshold"
     ),
 ) -> None:
-    """Hash the spec's files, sign the manifest, upload the artifacts, register the release."""
+    """Hash the spec's files, sign the manifest, upload what the store lacks, register."""
     try:
-        version = publish_release(spec, key, api.server, api.token)
+        done = publish_spec(spec, key, api.server, api.token)
     except PublishError as exc:
         raise fail(exc) from exc
+    version = done.version
     if api.json:
-        emit_json(version)
+        emit_json({**version, "publish": done.summary.as_dict()})
         return
     tiers = ", ".join(v["tier"] for v in version["variants"])
     typer.echo(f"published {version['name']}@{version['version']} ({tiers})")
+    typer.echo(_summary_line(done.summary))
+
+
+def _summary_line(s: PublishSummary) -> str:
+    return (f"{s.files} files, {s.blobs} distinct ({s.bytes_total / 1e6:.1f} MB): "
+            f"sent {s.uploads} ({s.bytes_sent / 1e6:.1f} MB), "
+            f"already held {s.blobs - s.uploads} ({s.bytes_held / 1e6:.1f} MB) "
+            f"in {s.total_s:.1f} s")
+
+
+@api_command(app)
+def gc(
+    api: Api,
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would go; remove nothing"),
+    grace: float = typer.Option(
+        3600.0, "--grace", min=0, help="keep files stored or asked for less than this many "
+        "seconds ago (a publish in progress)"),
+) -> None:
+    """Remove stored model files no registered release refers to (admin)."""
+    done = api.call(lambda client: client.post(
+        "/v1/blobs/gc", {"dry_run": dry_run, "grace_s": grace}))
+    if api.json:
+        emit_json(done)
+        return
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"{verb} {len(done['removed_blobs'])} files ({done['removed_bytes'] / 1e6:.1f} MB)"
+               f" and {len(done['removed_paths'])} unreferenced paths; kept "
+               f"{done['kept_blobs']} files ({done['kept_bytes'] / 1e6:.1f} MB)")
+    for sha256 in done["removed_blobs"]:
+        typer.echo(f"  {sha256}")
 
 
 @api_command(app, "list")

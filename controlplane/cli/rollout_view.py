@@ -16,10 +16,12 @@ from rich.text import Text
 from .output import titled_table
 
 #: member states in the order columns show them
-STATES = ("succeeded", "assigned", "pending", "failed", "incompatible", "rolled_back",
-          "superseded")
+STATES = ("succeeded", "assigned", "waiting", "pending", "failed", "incompatible",
+          "rolled_back", "superseded")
 _STYLE = {"succeeded": "green", "failed": "red", "rolled_back": "yellow",
-          "incompatible": "dim", "assigned": "cyan"}
+          "incompatible": "dim", "assigned": "cyan", "waiting": "magenta"}
+#: waiting devices listed by name; the rest are counted
+WAITING_SHOWN = 10
 
 
 def _bar(done: int, total: int) -> ProgressBar:
@@ -90,9 +92,32 @@ def timeline_table(timeline: list[dict[str, Any]], last: int = 12) -> Table:
     return table
 
 
+def waiting_table(detail: dict[str, Any]) -> Table | None:
+    """Devices whose update waits on the device (a window, a lock, the network), by
+    what they wait for, the first few by name with their reason; None when none waits."""
+    waiting = [m for m in detail["devices"] if m["state"] == "waiting"]
+    if not waiting:
+        return None
+    by_kind: dict[str, int] = {}
+    for m in waiting:
+        kind = (m.get("reason") or "waiting").split(":", 1)[0]
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+    table = titled_table(
+        "waiting on the device: " + ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())),
+        "device", "stage", "reason", expand=False)
+    for m in waiting[:WAITING_SHOWN]:
+        table.add_row(m["device_id"], str(m.get("stage") or "-"), m.get("reason") or "")
+    if len(waiting) > WAITING_SHOWN:
+        table.add_row(f"... {len(waiting) - WAITING_SHOWN} more", "", "")
+    return table
+
+
 def rollout_view(detail: dict[str, Any]) -> Group:
     """Everything about one rollout, for ``show`` and each frame of ``watch``."""
     parts: list[Any] = [headline(detail), stage_table(detail), tier_table(detail)]
+    waiting = waiting_table(detail)
+    if waiting is not None:
+        parts.append(waiting)
     if detail["gates"]:
         parts.append(gate_table(detail["gates"]))
     parts.append(timeline_table(detail["timeline"]))

@@ -6,6 +6,7 @@ from controlplane.auth import tables as _auth_tables  # noqa: F401
 
 from .migrate import upgrade_to_head
 from .models import Base, CapabilitySnapshot, Device, DeviceEvent, DeviceLabel, TelemetryRow
+from .policy_tables import UpdatePolicyDefault
 from .retention_tables import RetentionMark, TelemetryHourly
 from .session import make_engine, session_factory
 
@@ -18,6 +19,7 @@ __all__ = [
     "RetentionMark",
     "TelemetryHourly",
     "TelemetryRow",
+    "UpdatePolicyDefault",
     "make_engine",
     "session_factory",
     "upgrade_to_head",

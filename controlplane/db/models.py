@@ -212,6 +212,8 @@ VERSION_LEN = 64
 #: hex of the order-preserving semver encoding (controlplane.semver_order)
 SORT_KEY_LEN = 512
 ARTIFACT_PATH_LEN = 256
+#: a path in the artifact index: a folder variant's artifact, ``/``, a file's path
+INDEXED_PATH_LEN = 512
 SHA256_LEN = 64
 
 
@@ -254,11 +256,11 @@ class ModelVersion(Base):
 
 
 class Artifact(Base):
-    """A file in the artifact store, verified on upload."""
+    """A path agents fetch, resolved for good to the blob (by sha256) it names."""
 
     __tablename__ = "artifacts"
 
-    path: Mapped[str] = mapped_column(String(ARTIFACT_PATH_LEN), primary_key=True)
+    path: Mapped[str] = mapped_column(String(INDEXED_PATH_LEN), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     stored_at: Mapped[float]
@@ -277,18 +279,28 @@ class ModelVariant(Base):
     format: Mapped[str] = mapped_column(String(16))
     sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    #: a registered variant's artifact cannot be deleted from under it
-    artifact: Mapped[str] = mapped_column(
-        String(ARTIFACT_PATH_LEN),
-        ForeignKey("artifacts.path", ondelete="RESTRICT"),
-        nullable=False,
-        index=True,
-    )
+    #: the file, or a folder variant's folder, under the artifact base URL; what
+    #: it resolves to is kept alive by the release's :class:`ReleaseFile` rows
+    artifact: Mapped[str] = mapped_column(String(ARTIFACT_PATH_LEN), nullable=False, index=True)
     quantization: Mapped[str | None] = mapped_column(String(32))
     parameters: Mapped[int] = mapped_column(BigInteger)
     context_length: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (UniqueConstraint("version_id", "tier"),)
+
+
+class ReleaseFile(Base):
+    """One file a registered release refers to: a variant's file, each file of a
+    folder variant, its eval set. Garbage collection keeps every blob named here."""
+
+    __tablename__ = "release_files"
+
+    version_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(INDEXED_PATH_LEN), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(SHA256_LEN), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 class AssignmentRecord(Base):
@@ -328,6 +340,8 @@ class AssignmentRecord(Base):
     #: the signed document, for rows written before it moved to
     #: ``desired_documents``; None since
     envelope: Mapped[str | None] = mapped_column(Text)
+    #: the entry's effective :class:`protocol.UpdatePolicy` as signed; None: none
+    policy: Mapped[dict[str, Any] | None]
 
     __table_args__ = (
         UniqueConstraint("device_id", "model_name", "sequence"),
@@ -412,6 +426,8 @@ class Rollout(Base):
     reason: Mapped[str | None] = mapped_column(String(1024))
     #: the latest gate evaluation of the current stage, as the engine measured it
     last_gates: Mapped[list[Any] | None]
+    #: when the current stage had enough activated devices for its bake to start
+    bake_started_at: Mapped[float | None]
 
 
 class RolloutDevice(Base):

@@ -67,6 +67,9 @@ class MemberState(StrEnum):
     PENDING = "pending"
     #: assigned; its update is in progress
     ASSIGNED = "assigned"
+    #: assigned; its update waits on the device for a window, a lock or an
+    #: unmetered link (neither failed nor stuck; its reason says why)
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     #: cannot run this release (no variant fits it); takes no part in stages

@@ -24,7 +24,11 @@ A tick, per rollout, in this order:
    anyway, but a device that is away must not hold a download slot).
 5. **Advance** once the stage is fully assigned, none of its devices is
    still updating, the bake time is over and every gate passes; or wait for
-   an operator's approval when the next stage asks for one.
+   an operator's approval when the next stage asks for one. The bake counts
+   from the moment the stage had enough activated devices (``bake_started``),
+   not from the assignment: devices waiting on the device for a window, a
+   lock or an unmetered link (``waiting``) are neither failed nor stuck, and
+   hold nothing up but the activations the bake waits for (:mod:`.waiting`).
 
 Rollback sends each device the rollout touched a new, higher-sequence
 document whose entry for the rollout's model is the version it ran when it
@@ -54,15 +58,17 @@ from controlplane.db.statuses import OUT_OF_ROLLOUT, MemberState, RolloutState
 from controlplane.db.telemetry_aggregates import Aggregate
 from controlplane.director import Director, UnknownRelease
 from controlplane.tier_policy import choose_tier
+from controlplane.update_policies import layer_of
 from protocol import ProtocolError, ReleaseManifest, Tier
 
 from . import queries, store
 from .cohort import cohort_key, stage_size
 from .gates import GateResult, evaluate, overall
-from .outcome import outcome
+from .outcome import changed_outcomes
 from .queries import Issued, Member
 from .spec import RolloutSpec
 from .store import RolloutRow
+from .waiting import bake_may_start, holds_download_slot
 
 log = logging.getLogger(__name__)
 
@@ -203,19 +209,16 @@ class RolloutEngine:
         now = self._clock()
         members = self._members(row.id)
         pending = [m.device_id for m in members if m.state == MemberState.PENDING]
-        watching = {m.assignment_id: m for m in members
-                    if m.state == MemberState.ASSIGNED and m.assignment_id}
+        watching = {m.assignment_id: m for m in members if m.assignment_id
+                    and m.state in (MemberState.ASSIGNED, MemberState.WAITING)}
         with self._engine.begin() as conn:
             # Adopt assignments this rollout issued but never recorded (a crash
             # between the director's commit and ours); none issued, none to adopt.
             if pending and queries.issued_any(conn, row.id):
                 queries.mark_assigned(conn, row.id, queries.issued_to(conn, row.id, pending),
                                       row.stage_index, now)
-            for assignment_id, events in queries.events_for(conn, list(watching)).items():
-                member = watching[assignment_id]
-                values = outcome(events)
-                if values and any(getattr(member, k) != v for k, v in values.items()):
-                    queries.set_outcome(conn, row.id, member, values, now)
+            queries.set_outcomes(conn, row.id, changed_outcomes(
+                watching, queries.events_for(conn, list(watching))), now)
 
     # -- 3. judge --------------------------------------------------------------------
 
@@ -294,15 +297,17 @@ class RolloutEngine:
         online = self._online(pending)
         todo = [m for m in pending if m.device_id in online]
         if spec.max_concurrent_downloads is not None:
-            busy = sum(m.state == MemberState.ASSIGNED for m in members)
+            busy = sum(holds_download_slot(m) for m in members)
             todo = todo[: max(0, spec.max_concurrent_downloads - busy)]
         if not todo:
             return
         # An operator may have paused since this tick read the rollout.
         if self._load(row.id).revision != row.revision:
             return
+        own = layer_of(spec)
         results = self._director.assign(
-            [m.device_id for m in todo], spec.model, spec.version, rollout_id=row.id
+            [m.device_id for m in todo], spec.model, spec.version, rollout_id=row.id,
+            policy=None if own.is_empty() else own,
         )
         now = self._clock()
         sent = [r for r in results if r.status == "assigned"]
@@ -340,7 +345,12 @@ class RolloutEngine:
         waiting = [m for m in cohort if m.state == MemberState.PENDING and m.device_id in online]
         updating = [m for m in cohort if m.state == MemberState.ASSIGNED]
         now = self._clock()
-        baked = row.stage_started_at is not None and now - row.stage_started_at >= stage.bake_s
+        if row.bake_started_at is None:
+            if not waiting and row.stage_started_at is not None \
+                    and bake_may_start(cohort, spec.gates_for(row.stage_index)):
+                self._start_bake(row, cohort, stage.bake_s, now)
+            return
+        baked = now - row.bake_started_at >= stage.bake_s
         if waiting or updating or not baked or overall(results) != "pass":
             return
         assert row.stage_started_at is not None  # baked
@@ -366,6 +376,7 @@ class RolloutEngine:
                 else RolloutState.ACTIVE,
                 "reason": f"waiting for approval of stage {nxt + 1}" if needs_approval else None,
                 "last_gates": None,
+                "bake_started_at": None,
             }
             store.transition(
                 conn, row, values,
@@ -378,11 +389,25 @@ class RolloutEngine:
                 details={"gates": gates}, now=now,
             )
 
+    def _start_bake(self, row: RolloutRow, cohort: Sequence[Member], bake_s: float,
+                    now: float) -> None:
+        activated, waiting = (sum(m.state == state for m in cohort)
+                              for state in (MemberState.SUCCEEDED, MemberState.WAITING))
+        with self._engine.begin() as conn:
+            store.transition(
+                conn, row, {"bake_started_at": now}, kind="bake_started",
+                reason=f"stage {row.stage_index + 1}: {activated} of {len(cohort)} device(s) "
+                       f"activated; its {bake_s:g} s bake starts now"
+                       + (f" ({waiting} still waiting on the device)" if waiting else ""),
+                details={"activated": activated, "waiting": waiting}, now=now,
+            )
+
     # -- rollback ------------------------------------------------------------------
 
     def _rollback(self, row: RolloutRow, spec: RolloutSpec) -> None:
         """Send every device this rollout assigned back to what it ran before; then finish."""
-        touched = (MemberState.ASSIGNED, MemberState.SUCCEEDED, MemberState.FAILED)
+        touched = (MemberState.ASSIGNED, MemberState.WAITING, MemberState.SUCCEEDED,
+                   MemberState.FAILED)
         members = [m for m in self._members(row.id) if m.state in touched]
         by_previous: dict[str | None, list[str]] = {}
         for m in members:

@@ -10,6 +10,10 @@ Every :class:`protocol.EventCode` has one :class:`Treatment` in
 * **failed**: everything else. The update ended on the device and the gates
   count it.
 
+Waiting is neither: a device whose latest event is ``waiting_window``,
+``waiting_network``, ``deferred`` (or ``staged`` with a ``deferred`` reason)
+is ``waiting``, with that event's reason, until a later event moves it on.
+
 There is no "transient" treatment, on purpose: the engine sees only final
 events (``activated``, ``failed``, ``rejected``, ``rolled_back``), and an
 agent reports a transport error as final only after its own retries
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
 
 from controlplane.db.statuses import MemberState
 from protocol import EventCode, EventType
@@ -58,6 +63,7 @@ TREATMENT: Mapping[EventCode, Treatment] = MappingProxyType({
     # the device cannot run this variant
     EventCode.NO_VARIANT: _I,
     EventCode.DOES_NOT_FIT: _I,
+    EventCode.BASE_MISMATCH: _I,
     EventCode.INSUFFICIENT_RAM: _I,
     EventCode.INSUFFICIENT_DISK: _I,
     # the transport failed, and the agent's retries with it (see above)
@@ -100,6 +106,9 @@ TREATMENT: Mapping[EventCode, Treatment] = MappingProxyType({
 
 _FINAL_EVENTS = frozenset({EventType.ACTIVATED, EventType.FAILED, EventType.REJECTED,
                            EventType.ROLLED_BACK})
+#: events that say the update waits on the device, neither failed nor stuck
+WAITING_EVENTS = frozenset({EventType.WAITING_WINDOW, EventType.WAITING_NETWORK,
+                            EventType.DEFERRED})
 
 
 def treatment(code: EventCode | None) -> Treatment:
@@ -121,7 +130,9 @@ def outcome(events: Iterable[ReportedEvent]) -> dict[str, str | None]:
     """A member's ``state``, ``health`` and ``reason`` from its assignment's events, in order.
 
     Only the keys the events say something about are present; the last
-    final event decides the state.
+    final event decides the state. Before one, a waiting event makes the
+    member ``waiting`` (its reason the event's) and any later step puts it
+    back to ``assigned``.
     """
     values: dict[str, str | None] = {}
     for ev in events:
@@ -130,6 +141,11 @@ def outcome(events: Iterable[ReportedEvent]) -> dict[str, str | None]:
         elif ev.type == EventType.HEALTH_FAILED:
             values["health"] = "failed"
         if ev.type not in _FINAL_EVENTS:
+            if is_waiting(ev):
+                values["state"], values["reason"] = MemberState.WAITING, \
+                    f"{ev.type}: {ev.reason or ''}"
+            elif values.get("state") == MemberState.WAITING:
+                values["state"], values["reason"] = MemberState.ASSIGNED, None
             continue
         if ev.type == EventType.ACTIVATED:
             values["state"], values["reason"] = MemberState.SUCCEEDED, None
@@ -138,3 +154,24 @@ def outcome(events: Iterable[ReportedEvent]) -> dict[str, str | None]:
         else:
             values["state"], values["reason"] = MemberState.FAILED, f"{ev.type}: {ev.reason or ''}"
     return values
+
+
+def is_waiting(ev: ReportedEvent) -> bool:
+    """Whether ``ev`` says the update waits on the device (a window, a lock, the network)."""
+    if ev.type in WAITING_EVENTS:
+        return True
+    return ev.type == EventType.STAGED and (ev.reason or "").startswith(EventType.DEFERRED.value)
+
+
+def changed_outcomes(
+    members: Mapping[str, Any], events: Mapping[str, Iterable[ReportedEvent]]
+) -> list[tuple[Any, dict[str, str | None]]]:
+    """``(member, values)`` for each member (a :class:`controlplane.rollouts.queries.Member`,
+    by assignment id) whose events say something its row does not say yet."""
+    changed = []
+    for assignment_id, reported in events.items():
+        member = members[assignment_id]
+        values = outcome(reported)
+        if values and any(getattr(member, k) != v for k, v in values.items()):
+            changed.append((member, values))
+    return changed

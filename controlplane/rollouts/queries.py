@@ -157,7 +157,8 @@ def take_over(conn: Connection, rollout: RolloutRow, device_ids: Sequence[str],
         conn.execute(
             update(members)
             .where(members.c.rollout_id.in_(older), members.c.device_id.in_(chunk),
-                   members.c.state.in_((MemberState.PENDING, MemberState.ASSIGNED)))
+                   members.c.state.in_((MemberState.PENDING, MemberState.ASSIGNED,
+                                        MemberState.WAITING)))
             .values(state=MemberState.SUPERSEDED, reason=f"taken over by rollout {rollout.id}",
                     updated_at=now)
         )
@@ -212,14 +213,23 @@ def events_for(conn: Connection, assignment_ids: Sequence[str]) -> dict[str, lis
     return events
 
 
-def set_outcome(conn: Connection, rollout_id: str, member: Member, values: dict[str, Any],
-                now: float) -> None:
-    """Record what ``member``'s assignment came to (``values``: state, health, reason)."""
+def set_outcomes(conn: Connection, rollout_id: str,
+                 changes: Sequence[tuple[Member, dict[str, Any]]], now: float) -> None:
+    """Record what each member's assignment came to (``values``: state, health, reason;
+    those left out keep the member's), in one executemany: a stage of thousands of
+    devices going from waiting to activated is one round trip, not one per device."""
+    if not changes:
+        return
+    m = members.c
     conn.execute(
         update(members)
-        .where(members.c.rollout_id == rollout_id, members.c.device_id == member.device_id,
-               members.c.assignment_id == member.assignment_id)
-        .values(**values, updated_at=now)
+        .where(m.rollout_id == rollout_id, m.device_id == bindparam("b_d"),
+               m.assignment_id == bindparam("b_a"))
+        .values(state=bindparam("b_s"), health=bindparam("b_h"), reason=bindparam("b_r"),
+                updated_at=now),
+        [{"b_d": member.device_id, "b_a": member.assignment_id,
+          "b_s": values.get("state", member.state), "b_h": values.get("health", member.health),
+          "b_r": values.get("reason", member.reason)} for member, values in changes],
     )
 
 

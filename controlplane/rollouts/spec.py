@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from protocol import Tier
+from protocol import Tier, Window
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 #: a rollout has at most this many stages
@@ -104,6 +104,12 @@ class RolloutSpec(_Strict):
     on_failure: Literal["pause", "rollback"] = "rollback"
     #: devices updating at once (assigned, not yet activated or failed); None: no cap
     max_concurrent_downloads: Annotated[int, Field(ge=1)] | None = None
+    #: the update policy signed into each entry, over the devices' label and profile
+    #: defaults (docs/update-policy-controlplane.md); None: the defaults' say
+    download_window: Window | None = None
+    activation_window: Window | None = None
+    max_bytes_per_s: Annotated[int, Field(strict=True, ge=1024)] | None = None
+    allow_metered: Annotated[bool, Field(strict=True)] | None = None
 
     @model_validator(mode="after")
     def _stages_grow_to_100(self) -> RolloutSpec:

@@ -45,6 +45,8 @@ class RolloutRow:
     created_at: float
     reason: str | None
     last_gates: list[Any] | None
+    #: when the current stage had enough activated devices for its bake to start
+    bake_started_at: float | None = None
 
     @classmethod
     def of(cls, row: Row[Any]) -> RolloutRow:

@@ -46,6 +46,8 @@ class Fault:
     flip_at: int | None = None
     #: answer with this status (e.g. 500) and a short text body instead of the file
     status: int | None = None
+    #: answer ``302 Found`` with this ``Location`` (absolute, or relative to the request)
+    redirect_to: str | None = None
     #: apply to this many requests, then clear; ``None``: until cleared
     times: int | None = None
 
@@ -199,6 +201,13 @@ class _Handler(BaseHTTPRequestHandler):
         file = (owner.directory / rel).resolve()
         if fault.status is not None:
             return self._text(record, fault.status, f"fault: status {fault.status}\n", head)
+        if fault.redirect_to is not None:
+            record.status = 302
+            self.send_response(302)
+            self.send_header("Location", fault.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if not file.is_relative_to(owner.directory) or not file.is_file():
             return self._text(record, 404, "not found\n", head)
 

@@ -29,7 +29,9 @@ from protocol import (
     RuntimeDefaults,
     SigningKey,
     Variant,
+    VariantFile,
     canonical_json,
+    files_digest,
     sign_key_list,
 )
 from tests.support.agents import AgentProcess, write_agent_config
@@ -111,6 +113,57 @@ def variant_for(
         "runtime_defaults": RuntimeDefaults(context=2048),
         # Generous: the 2-core test machine runs agents and checks side by side
         # (and sometimes other suites); tests of the gates set their own.
+        "health_check": HealthCheck(
+            golden_prompts=list(prompts), max_ttft_ms=30_000.0, min_tokens_per_s=1.0
+        ),
+    }
+    fields.update(overrides)
+    return Variant(**fields)
+
+
+def built_onnx_folder() -> Path:
+    """The ONNX SmolLM2 folder the set-up built; fails the test (not skips) when it is missing."""
+    import pytest
+
+    from tests.support.genai import onnx_genai_path
+
+    folder = onnx_genai_path()
+    if folder is None:
+        pytest.fail("ONNX test model missing: run scripts/bootstrap.sh (it runs "
+                    "scripts/build-onnx-genai.sh)", pytrace=False)
+    return folder
+
+
+def folder_files(folder: Path) -> list[VariantFile]:
+    """Every file under ``folder`` as a folder variant lists it, by path."""
+    return [VariantFile(path=f.relative_to(folder).as_posix(), sha256=file_sha256(f),
+                        size_bytes=f.stat().st_size)
+            for f in sorted(folder.rglob("*")) if f.is_file()]
+
+
+#: the ONNX build answers this right at temperature 0 (tests/support/genai.py)
+ONNX_PROMPTS = (
+    GoldenPrompt(prompt="What is the chemical symbol for water?", expected=["h2o"],
+                 max_tokens=24),
+)
+
+
+def folder_variant_for(
+    folder: Path | None, artifact: str, *, files: list[VariantFile] | None = None,
+    prompts: Iterable[GoldenPrompt] = ONNX_PROMPTS, **overrides: Any,
+) -> Variant:
+    """A micro ONNX folder variant listing the files of ``folder`` (or ``files``)."""
+    listed = folder_files(folder) if files is None else files
+    fields: dict[str, Any] = {
+        "format": "onnx",
+        "sha256": files_digest(listed),
+        "size_bytes": sum(f.size_bytes for f in listed),
+        "artifact": artifact,
+        "files": listed,
+        "quantization": "int4",
+        "parameters": 135_000_000,
+        "context_length": 8192,
+        "runtime_defaults": RuntimeDefaults(context=2048, threads=1),
         "health_check": HealthCheck(
             golden_prompts=list(prompts), max_ttft_ms=30_000.0, min_tokens_per_s=1.0
         ),

@@ -1,12 +1,17 @@
-"""``/v1/artifacts``: upload model files (verified) and serve them with HTTP Range.
+"""``/v1/artifacts``: serve model files by path with HTTP Range; upload one by path.
 
-``GET``/``HEAD`` answer 200, 206 with ``Content-Range`` for a satisfiable
-range, or 416 with ``Content-Range: bytes */N``; ``ETag`` is the quoted
-sha256, so ``If-Range`` with it resumes only the same content. Content at a
-path never changes, so responses may be cached for good.
+A path resolves through the artifact index (controlplane/artifact_index.py)
+to a blob stored once by its sha256. ``GET``/``HEAD`` answer 200, 206 with
+``Content-Range`` for a satisfiable range, or 416 with ``Content-Range:
+bytes */N``; ``ETag`` is the quoted sha256, so ``If-Range`` with it resumes
+only the same content. Content at a path never changes, so responses may be
+cached for good, and so may the resolution: it is kept in memory, and a
+download asks the database only the first time its path is seen.
 
 ``PUT`` streams the body to disk while hashing it; the file becomes visible
-only once its sha256 matches ``X-Content-SHA256``.
+only once its sha256 matches ``X-Content-SHA256``. ``slmfleet models
+publish`` uses ``/v1/blobs`` instead: it uploads only the blobs the store
+lacks, and registering the release records the paths.
 """
 
 from __future__ import annotations
@@ -18,21 +23,20 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from controlplane.api.deps import ContextDep, described, not_configured
+from controlplane.api.blob_transfer import path_cache, receive, refuse, store_of
+from controlplane.api.deps import ContextDep, described
 from controlplane.api.schemas_registry import ArtifactOut
+from controlplane.artifact_index import PathConflict, record_path
 from controlplane.artifacts import (
     ArtifactConflict,
     ArtifactError,
-    ArtifactStore,
     ArtifactTooLarge,
     BadArtifactPath,
-    DigestMismatch,
     StoredFile,
-    Upload,
+    check_path,
 )
 from controlplane.context import AppContext
 from controlplane.db.models import Artifact
-from controlplane.registry import ArtifactMismatch, get_artifact, record_artifact
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -40,28 +44,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: what ``X-Content-SHA256`` may hold: the hex digest, either case, blanks around it
 #: (the route strips and lower-cases it before comparing)
 SHA256_HEADER_PATTERN = r"^\s*[0-9a-fA-F]{64}\s*$"
-#: bytes gathered before one trip to the worker thread that writes them
-WRITE_CHUNK = 1 << 20
 #: content at a path never changes (a different blob is a 409), so caches may keep it
 IMMUTABLE = "public, max-age=31536000, immutable"
-
-_STATUS = {
-    BadArtifactPath: 422,
-    ArtifactTooLarge: 413,
-    DigestMismatch: 422,
-    ArtifactConflict: 409,
-}
-
-
-def _store(context: AppContext) -> ArtifactStore:
-    if context.artifacts is None:
-        raise not_configured("the artifact store is not configured (artifacts_dir)")
-    return context.artifacts
-
-
-def _refuse(exc: ArtifactError) -> HTTPException:
-    status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 400)
-    return HTTPException(status, detail={"reason": exc.reason, "message": str(exc)})
 
 
 _READ_RESPONSES = described({
@@ -83,23 +67,21 @@ _READ_RESPONSES = described({
     responses=_READ_RESPONSES,
     operation_id="get_artifact",
 )
-def get_artifact_file(path: str, context: ContextDep) -> Response:
+def get_artifact_file(path: str, request: Request, context: ContextDep) -> Response:
     """The artifact's bytes; honours ``Range`` and ``If-Range``."""
-    store = _store(context)
+    store = store_of(context)
     try:
-        file = store.file_for(path)
+        check_path(path)
     except BadArtifactPath as exc:
         raise HTTPException(404, detail=f"artifact {path!r} not found") from exc
-    # A session of its own, closed before the body streams: a request-scoped
-    # one would stay checked out of the pool for the whole download, and a
-    # stage of devices fetching a large model at once would starve the API.
-    record = _lookup(context, path)
-    if record is None or not file.is_file():
+    found = path_cache(request, context).resolve(path)
+    file = store.blob_path(found[0]) if found is not None else None
+    if found is None or file is None or not file.is_file():
         raise HTTPException(404, detail=f"artifact {path!r} not found")
     return FileResponse(
         file,
         media_type="application/octet-stream",
-        headers={"ETag": f'"{record.sha256}"', "Cache-Control": IMMUTABLE},
+        headers={"ETag": f'"{found[0]}"', "Cache-Control": IMMUTABLE},
     )
 
 
@@ -111,25 +93,13 @@ def _content_length(request: Request) -> int | None:
 
 def _lookup(context: AppContext, path: str) -> Artifact | None:
     with context.sessions() as session:
-        return get_artifact(session, path)
+        return session.get(Artifact, path)
 
 
 def _record(context: AppContext, stored: StoredFile) -> tuple[bool, Artifact | None]:
     with context.sessions() as session:
-        created = record_artifact(session, stored)
-        return created, get_artifact(session, stored.path)
-
-
-async def _receive(request: Request, upload: Upload) -> None:
-    pending = bytearray()
-    async for chunk in request.stream():
-        pending += chunk
-        if len(pending) >= WRITE_CHUNK:
-            data, pending = bytes(pending), bytearray()
-            # Disk writes and hashing leave the event loop free for downloads.
-            await to_thread.run_sync(upload.write, data)
-    if pending:
-        await to_thread.run_sync(upload.write, bytes(pending))
+        created = record_path(session, stored)
+        return created, session.get(Artifact, stored.path)
 
 
 @router.put(
@@ -159,7 +129,7 @@ async def put_artifact(
     ],
 ) -> ArtifactOut:
     """Store the request body at ``path`` once it hashes to ``X-Content-SHA256``."""
-    store = _store(context)
+    store = store_of(context)
     # Read from the request, not declared as a parameter: Content-Length frames
     # the body, and a client cannot choose it apart from what it sends.
     content_length = _content_length(request)
@@ -169,26 +139,27 @@ async def put_artifact(
             422,
             detail={"reason": "missing_digest", "message": "X-Content-SHA256 must be a sha256 hex"},
         )
+    try:
+        check_path(path)
+    except BadArtifactPath as exc:
+        raise refuse(exc) from exc
     if content_length is not None and content_length > store.max_bytes:
-        raise _refuse(ArtifactTooLarge(f"{content_length} bytes exceeds {store.max_bytes}"))
+        raise refuse(ArtifactTooLarge(f"{content_length} bytes exceeds {store.max_bytes}"))
     existing = await to_thread.run_sync(_lookup, context, path)
     if existing is not None:
         if existing.sha256 != expected:
-            raise _refuse(ArtifactConflict(f"{path} already holds sha256 {existing.sha256}"))
-        # Same content already here: nothing to read, nothing to write.
-        response.status_code = 200
-        return ArtifactOut.model_validate(existing)
+            raise refuse(ArtifactConflict(f"{path} already holds sha256 {existing.sha256}"))
+        if store.has(existing.sha256, existing.size_bytes):
+            # Same content already here: nothing to read, nothing to write.
+            response.status_code = 200
+            return ArtifactOut.model_validate(existing)
     try:
-        upload = store.begin(path, expected)
-        try:
-            await _receive(request, upload)
-            stored, _ = await to_thread.run_sync(upload.commit)
-        finally:
-            upload.abort()
-        created, row = await to_thread.run_sync(_record, context, stored)
+        blob = await receive(request, store, expected)
+        created, row = await to_thread.run_sync(
+            _record, context, StoredFile(path, blob.sha256, blob.size_bytes))
     except ArtifactError as exc:
-        raise _refuse(exc) from exc
-    except ArtifactMismatch as exc:
+        raise refuse(exc) from exc
+    except PathConflict as exc:
         raise HTTPException(409, detail={"reason": exc.reason, "message": str(exc)}) from exc
     response.status_code = 201 if created else 200
     return ArtifactOut.model_validate(row)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from controlplane.api.deps import SessionDep, described
 from controlplane.api.device_models import device_models
+from controlplane.api.device_waiting import device_waiting
 from controlplane.api.pagination import PageDep, query_error
 from controlplane.api.schemas import DeviceDetail, DevicePage, DeviceSummary, TelemetryPoint
 from controlplane.api.schemas_registry import AssignmentSummary
@@ -85,4 +86,5 @@ def get_device(device_id: str, session: SessionDep) -> DeviceDetail:
         update=device.update_status,
         assignment=AssignmentSummary.model_validate(last) if last else None,
         models=device_models(device, live),
+        waiting=device_waiting(session, device_id, live),
     )

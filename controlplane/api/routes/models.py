@@ -139,7 +139,11 @@ async def post_model(request: Request, response: Response, context: ContextDep) 
 
     def register() -> VersionDetail:
         with context.sessions() as session:
-            outcome = register_release(session, payload, release_keys)
+            store = context.artifacts
+            outcome = register_release(
+                session, payload, release_keys,
+                has_blob=None if store is None else store.has,
+            )
             response.status_code = 201 if outcome.created else 200
             return _detail(outcome.version, session)
 

@@ -74,6 +74,7 @@ def _detail(session: SessionDep, row: Rollout) -> RolloutDetail:
         **_summary(row).model_dump(),
         spec=row.spec,
         stage_started_at=row.stage_started_at,
+        bake_started_at=row.bake_started_at,
         counts=dict(counts),
         per_stage=stages,
         per_tier={tier: dict(c) for tier, c in sorted(per_tier.items())},

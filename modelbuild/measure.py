@@ -1,0 +1,100 @@
+"""Every figure the build judges a variant by, measured on this machine.
+
+Perplexity on the held-out text (:mod:`.perplexity`), the evaluation set
+and speed (:mod:`.evaluate`), file size, peak RSS at each tier's context
+(:mod:`.rss`), and the types its tensors hold (:mod:`.tensors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol import EvalSet
+
+from .evaluate import load_chat_model, measure_speed, run_eval_set
+from .perplexity import load_scoring_model, perplexity
+from .rss import peak_rss_bytes
+from .spec import BuildSpec
+from .tensors import read_tensors, type_counts
+
+#: the chat context the evaluation set runs in (prompt plus at most 512 answer tokens)
+EVAL_CONTEXT = 1024
+
+
+@dataclass
+class Measurement:
+    """One variant's figures (JSON round-trip through :meth:`as_dict` / :meth:`from_dict`)."""
+
+    perplexity: float
+    eval_score: float
+    eval_by_category: dict[str, Any]
+    eval_s_per_item: float
+    ttft_ms: float
+    tokens_per_s: float
+    size_bytes: int
+    #: peak RSS (bytes) at each tier context, keyed by the context as a string
+    ram_bytes: dict[str, int]
+    #: how many tensors hold each type
+    tensor_types: dict[str, int]
+    #: answers per eval item, for reading why a score dropped
+    answers: dict[str, str] = field(default_factory=dict)
+
+    def ram_at(self, context: int) -> int:
+        """Peak RSS at ``context``."""
+        return self.ram_bytes[str(context)]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        """Inverse of :meth:`as_dict`."""
+        return cls(**data)
+
+
+#: progress callback: (step name, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+def measure(path: Path, spec: BuildSpec, text: str, items: EvalSet,
+            progress: Progress | None = None) -> Measurement:
+    """Measure the GGUF at ``path`` with the settings of ``spec``."""
+    def step(name: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(name, done, total))
+
+    threads = spec.threads
+    scorer = load_scoring_model(path, spec.held_out.context, threads)
+    try:
+        ppl = perplexity(scorer, text, spec.held_out.context, max_chunks=spec.held_out.chunks,
+                         progress=step("perplexity"))
+    finally:
+        scorer.close()
+    chat = load_chat_model(path, EVAL_CONTEXT, threads)
+    try:
+        score, answers, per_item = run_eval_set(chat, items, progress=step("eval set"))
+        speed = measure_speed(chat)
+    finally:
+        chat.close()
+    ram = {}
+    contexts = spec.contexts()
+    for done, context in enumerate(contexts, start=1):
+        ram[str(context)] = peak_rss_bytes(path, context, threads)
+        if progress is not None:
+            progress("RAM", done, len(contexts))
+    score_dict = score.as_dict()
+    return Measurement(
+        perplexity=ppl.perplexity,
+        eval_score=score.score,
+        eval_by_category=score_dict["by_category"],
+        eval_s_per_item=per_item,
+        ttft_ms=speed.ttft_ms,
+        tokens_per_s=speed.tokens_per_s,
+        size_bytes=path.stat().st_size,
+        ram_bytes=ram,
+        tensor_types=type_counts(read_tensors(path)),
+        answers=answers,
+    )
