@@ -19,6 +19,7 @@ from pydantic import (
 from protocol import check_broker_url, check_device_id, validation_problems
 
 from .profiles import MAX_PARALLEL
+from .update.timezone import check_zone
 
 DEFAULT_CONFIG_PATH = Path("/etc/slmfleet/agent.toml")
 
@@ -73,6 +74,15 @@ class AgentConfig(BaseModel):
     download_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     #: first pause between download attempts; doubles each time
     download_retry_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    #: cap on download throughput (bytes/s); an assignment's own cap applies when lower
+    download_max_bytes_per_s: Annotated[int, Field(ge=1024)] | None = None
+    #: is the link metered: ``auto`` asks NetworkManager (absent: not metered)
+    metered: Literal["auto", "yes", "no"] = "auto"
+    #: a file whose first word (yes/no) says whether the link is metered; overrides ``metered``
+    metered_file: Path | None = None
+    #: the device's IANA time zone, for update windows in ``local`` time;
+    #: None: the system's (/etc/localtime)
+    timezone: str | None = None
     #: the health-check subprocess is killed after this long
     health_check_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
     #: installed versions kept on disk, active and previous included
@@ -123,6 +133,13 @@ class AgentConfig(BaseModel):
                              "served on api_port as well)")
         return value
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_zone(value)
+        return value
+
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, value: str) -> str:
@@ -161,6 +178,11 @@ class AgentConfig(BaseModel):
     def update_state_path(self) -> Path:
         """The update pipeline's persisted record."""
         return self.state_dir / "update" / "state.json"
+
+    @property
+    def update_locks_path(self) -> Path:
+        """The update locks apps hold, persisted for their lease."""
+        return self.state_dir / "update" / "locks.json"
 
     @property
     def event_spool_path(self) -> Path:

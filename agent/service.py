@@ -276,7 +276,7 @@ class Agent:
             max_body_bytes=config.api_max_body_bytes,
             limits=Limits(max_prompt_chars=config.api_max_prompt_chars,
                           default_max_tokens=config.api_default_max_tokens),
-        ))
+        ), locks=self.updater.locks)
         try:
             await api.start()
         except OSError as exc:

@@ -73,6 +73,18 @@ class EventCode(StrEnum):
     ACTIVE_BROKEN = "active_broken"
     # the update was replaced before it finished
     SUPERSEDED = "superseded"
+    # the update waits (never an end: they ride on waiting_window,
+    # waiting_network, deferred and activated events)
+    #: the download window is closed; the reason names the next opening
+    DOWNLOAD_WINDOW = "download_window"
+    #: the activation window is closed; the reason names the next opening
+    ACTIVATION_WINDOW = "activation_window"
+    #: the link is metered and the policy does not allow it
+    METERED = "metered"
+    #: an app on the device holds an update lock; the reason names its reason
+    LOCKED = "locked"
+    #: activated although locks were held: an operator's lock override (named) skipped them
+    LOCK_OVERRIDDEN = "lock_overridden"
 
 
 def code_from_reason(reason: str | None) -> EventCode | None:

@@ -68,6 +68,13 @@ EXPECTED: dict[EventCode, Treatment] = {
     EventCode.ACTIVE_BROKEN: FAILED,
     # replaced before it finished
     EventCode.SUPERSEDED: FAILED,
+    # waiting codes ride on non-final events only (waiting, deferred, activated):
+    # the engine never reads an outcome from them; a final one would be a bug
+    EventCode.DOWNLOAD_WINDOW: FAILED,
+    EventCode.ACTIVATION_WINDOW: FAILED,
+    EventCode.METERED: FAILED,
+    EventCode.LOCKED: FAILED,
+    EventCode.LOCK_OVERRIDDEN: FAILED,
 }
 
 #: member state each treatment leads to
@@ -114,3 +121,18 @@ def test_the_last_final_event_decides_and_health_is_kept() -> None:
     assert outcome(events) == {"health": "passed", "state": MemberState.SUCCEEDED,
                                "reason": None}
     assert outcome(events[:1]) == {}
+
+
+@pytest.mark.parametrize("kind", [EventType.WAITING_WINDOW, EventType.WAITING_NETWORK,
+                                  EventType.DEFERRED])
+def test_a_waiting_device_waits_rather_than_fails(kind: EventType) -> None:
+    """Waiting for a window, a link or a lock is neither failing nor succeeding."""
+    code = {EventType.WAITING_WINDOW: EventCode.DOWNLOAD_WINDOW,
+            EventType.WAITING_NETWORK: EventCode.METERED,
+            EventType.DEFERRED: EventCode.LOCKED}[kind]
+    waiting = ReportedEvent("a-1", kind, code, f"{code.value}: detail")
+    values = outcome([ReportedEvent("a-1", EventType.DOWNLOADING, None, None), waiting])
+    assert values["state"] is MemberState.WAITING
+    overridden = ReportedEvent("a-1", EventType.ACTIVATED, EventCode.LOCK_OVERRIDDEN,
+                               "lock_overridden: override o-1 (hotfix) skipped ...")
+    assert outcome([waiting, overridden])["state"] is MemberState.SUCCEEDED

@@ -9,7 +9,7 @@ Routes: ``POST /v1/chat/completions``, ``/v1/completions`` (both streamed
 as server-sent events when ``stream`` is true), ``/v1/embeddings``,
 ``/v1/infer`` (ONNX inputs and outputs by name), ``GET /v1/models``,
 ``/healthz``, ``/metrics``; Ollama's ``/api/*`` routes from :mod:`.ollama_api`,
-also on ``ollama_port`` when set.
+also on ``ollama_port`` when set; ``/v1/update-lock`` from :mod:`.update_lock_api`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 
 import h11
 
-from . import metrics, ollama_api, schemas
+from ..update.locks import UpdateLocks
+from . import metrics, ollama_api, schemas, update_lock_api
 from .adapters import openai_entries
 from .generation import Generation
 from .runtime import InferenceRuntime, NoModel, Overloaded, Unavailable
@@ -64,8 +65,9 @@ class _ClientGone(Exception):
 class LocalApi:
     """Serves :class:`InferenceRuntime` over HTTP; ``await start()``, then ``close()``."""
 
-    def __init__(self, runtime: InferenceRuntime, settings: ApiSettings) -> None:
-        self.runtime, self.settings = runtime, settings
+    def __init__(self, runtime: InferenceRuntime, settings: ApiSettings,
+                 locks: UpdateLocks | None = None) -> None:
+        self.runtime, self.settings, self.locks = runtime, settings, locks
         self._servers: list[asyncio.base_events.Server] = []
         self.port: int | None = None
         self.ollama_port: int | None = None
@@ -228,6 +230,7 @@ class LocalApi:
             # Read to the end of every request, a GET's (empty) body included:
             # h11 starts the connection's next cycle only once the request is done.
             body = await self._body(conn, reader, request)
+            update_lock_api.REQUEST_PATH.set(path)
             route = _route(path)
             if route is None:
                 raise ApiError(404, f"no route {path}", code="not_found")
@@ -469,12 +472,14 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/embeddings": {"POST": LocalApi.embeddings},
     "/v1/infer": {"POST": LocalApi.infer},
     **ollama_api.ROUTES,
+    **update_lock_api.ROUTES,
 }
 
 
 def _route(path: str) -> dict[str, Handler] | None:
-    """The handlers of ``path``: its own, or those of the ``/*`` route above it."""
-    route = _ROUTES.get(path)
-    if route is None and path.count("/") > 1:
-        route = _ROUTES.get(path.rsplit("/", 1)[0] + "/*")
+    """The handlers of ``path``: its own, or those of the nearest ``/*`` route above it."""
+    route, head = _ROUTES.get(path), path
+    while route is None and head.count("/") > 1:
+        head = head.rsplit("/", 1)[0]
+        route = _ROUTES.get(head + "/*")
     return route

@@ -11,7 +11,10 @@ activate; units activate together), with :mod:`.download` retrying
 :mod:`.store` (versioned directories with an atomic ``active`` pointer),
 one per model name under :mod:`.stores`; :mod:`.ledger` records each
 transition in :mod:`.state`'s persisted file and reports it;
-:mod:`.outcome` holds how a step stops; :mod:`.startup` and
+:mod:`.outcome` holds how a step stops; :mod:`.policy_gate` holds an
+entry's download and activation for its signed update policy (windows on
+:mod:`.clock`, :mod:`.locks`, :mod:`.metered` links; the rate cap of
+:mod:`.throttle`); :mod:`.startup` and
 :mod:`.recovery` make a crash harmless at the next start. Nothing is
 re-exported here, so importing one part does not drag in the rest.
 """

@@ -32,7 +32,8 @@ _FINAL_EVENTS = {
 }
 #: how far along the pipeline each state is (a document reports its least advanced entry)
 _ORDER = [UpdateState.RECEIVED, UpdateState.VERIFIED, UpdateState.FIT_CHECKED,
-          UpdateState.DOWNLOADING, UpdateState.STAGED, UpdateState.HEALTH_CHECKED]
+          UpdateState.WAITING_WINDOW, UpdateState.WAITING_NETWORK, UpdateState.DOWNLOADING,
+          UpdateState.STAGED, UpdateState.HEALTH_CHECKED]
 #: how a document's entries ended, worst first
 _WORST = [UpdateState.FAILED, UpdateState.ROLLED_BACK, UpdateState.REJECTED]
 

@@ -67,9 +67,12 @@ from ..events import EventLog
 from ..healthcheck import HealthChecker, SubprocessHealthChecker
 from ..profiles import FirmwareProfile
 from ..trust import TrustRoots, TrustUnavailable, load_trust
+from .clock import Clock, SystemClock
 from .intake import Action, Change, Decision, DeviceFacts, accepted, decide, refreshed, verify
 from .ledger import Ledger, document_status
+from .locks import UpdateLocks
 from .outcome import Failed, Stopped
+from .policy_gate import PolicyGate
 from .recovery import write_clean_marker
 from .setfit import PlannedEntry, set_fit
 from .startup import recover
@@ -102,6 +105,7 @@ class Updater:
         on_status: Callable[[], None] = lambda: None,
         on_activated: Callable[[ModelVersion], None] = lambda version: None,
         on_removed: Callable[[str], None] = lambda name: None,
+        clock: Clock | None = None,
     ) -> None:
         self._config = config
         self._device = DeviceFacts(config.device_id, capabilities, profile.tier)
@@ -112,6 +116,9 @@ class Updater:
         self.stores = ModelStores(config.models_path)
         self._ledger = Ledger(UpdateStateStore(config.update_state_path), events, self.stores,
                               on_status)
+        clock = clock or SystemClock()
+        #: update locks apps hold through the local API (they defer activations)
+        self.locks = UpdateLocks(config.update_locks_path, clock)
         self._tools = StepTools(
             config=config,
             device=self._device,
@@ -123,6 +130,7 @@ class Updater:
             active_key=self.active_key,
             on_activated=self._activated,
             protected=self._protected,
+            gate=PolicyGate(config, clock, self.locks),
         )
         self._trust: TrustRoots | None = None
         self._trust_problem: str | None = None

@@ -11,9 +11,12 @@ state says it stands::
 - **download and stage**: skipped when the exact variant is already
   installed intact; otherwise :mod:`agent.update.download`, the tokenizer
   check, and install into the name's own store, in its own versioned
-  directory.
+  directory. The entry's update policy may hold the download first, or
+  pause it, for its window or a metered link, and caps its rate
+  (:mod:`agent.update.policy_gate`).
 - **health check** in the worker that will serve the model.
-- **activate**: the one pointer swap of this name, then old versions are
+- **activate**: once the policy's activation window is open and no update
+  lock holds it off, the one pointer swap of this name, then old versions are
   cleaned up (every name's, keeping what pending updates need). An entry
   that belongs to a ``unit`` stops after its health check: its unit
   activates once every member passed (:func:`activate_unit`).
@@ -49,9 +52,11 @@ from .folder import held_bytes, remove_partial
 from .intake import DeviceFacts
 from .ledger import Ledger
 from .outcome import Failed, Stopped
+from .policy_gate import Hold, PolicyGate, record_hold
 from .staging import StagingError, check_tokenizer, installed_copy, store_manifest
 from .state import EntryRecord
 from .stores import ModelStores
+from .throttle import DownloadHeld
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher
@@ -79,13 +84,17 @@ class StepTools:
     on_activated: Callable[[str], None]
     #: keys each name's pending updates still need (never garbage-collected)
     protected: Callable[[], dict[str, set[str]]]
-    #: called with each chunk's size as it arrives, on the download thread:
-    #: where a rate cap or a metered-link pause holds a download back
+    #: windows, locks, caps and metered links (:mod:`agent.update.policy_gate`)
+    gate: PolicyGate
+    #: called with each chunk's size as it arrives, on the download thread
     pace: Callable[[int], None] | None = None
 
 
-async def activate(tools: StepTools, record: EntryRecord) -> None:
+async def activate(tools: StepTools, record: EntryRecord,
+                   note: tuple[str, EventCode] | None = None) -> None:
     """Swap ``record``'s name to its version, report it, clean up old versions.
+
+    ``note``: the activated event's reason and code (a lock override).
 
     One synchronous block up to the event: nothing can supersede the update
     between the caller's check that it is current and the pointer swap.
@@ -95,7 +104,8 @@ async def activate(tools: StepTools, record: EntryRecord) -> None:
     # Traffic follows the pointer at once: the warm worker that passed the
     # health check takes new requests, in-flight ones finish on the old.
     tools.on_activated(record.name)
-    tools.ledger.finish(record.name, record.update_id, UpdateState.ACTIVATED)
+    tools.ledger.finish(record.name, record.update_id, UpdateState.ACTIVATED,
+                        *(note or ()))
     # Every name's, not only this one's: a crash between another name's
     # activation and its clean-up left its old version behind, and start-up
     # collects only once nothing is pending.
@@ -207,14 +217,31 @@ class UpdateRun:
             # checked it yet: the set it came in was a set of one.
             self._transition(UpdateState.FIT_CHECKED, EventType.FIT_CHECKED)
             state = UpdateState.FIT_CHECKED
-        if state in (UpdateState.FIT_CHECKED, UpdateState.DOWNLOADING):
+        if state in (UpdateState.FIT_CHECKED, UpdateState.WAITING_WINDOW,
+                     UpdateState.WAITING_NETWORK, UpdateState.DOWNLOADING):
             await self._stage()
             state = UpdateState.STAGED
         if state is UpdateState.STAGED:
             await self._health_check()
             state = UpdateState.HEALTH_CHECKED
         if state is UpdateState.HEALTH_CHECKED and record.unit is None:
-            await activate(self._tools, self._current())
+            gate, policy = self._tools.gate, self._entry.entry.policy
+            if await self._hold(lambda: gate.activation_hold(policy)):
+                self._transition(UpdateState.HEALTH_CHECKED, None)
+            await activate(self._tools, self._current(), gate.override_note(policy))
+
+    async def _hold(self, check: Callable[[], Hold | None], *, threaded: bool = False) -> bool:
+        """Wait while ``check`` names a hold, recording each new one; True if it held.
+
+        ``threaded``: ask in a thread (asking NetworkManager runs a subprocess).
+        """
+        held = False
+        while (hold := await asyncio.to_thread(check) if threaded else check()) is not None:
+            record_hold(self._tools.ledger, self._current(), hold)
+            held = True
+            await self._tools.gate.wait(hold, self._abort)
+            self._current()
+        return held
 
     # -- download and stage ---------------------------------------------------------
 
@@ -281,24 +308,33 @@ class UpdateRun:
         if request.partial.exists() and request.partial.is_dir() != variant.is_folder:
             # A file where a folder's files go, or the reverse: no base to resume from.
             await asyncio.to_thread(remove_partial, request.partial)
-        held = await asyncio.to_thread(held_bytes, request.partial)
-        self._transition(UpdateState.DOWNLOADING, None)
-        self._progress(held, variant.size_bytes)
+        gate, policy = tools.gate, self._entry.entry.policy
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:
             loop.call_soon_threadsafe(self._progress, done, total)
 
-        await download_with_retries(
-            request,
-            config=tools.config,
-            fetcher_factory=tools.fetcher_factory,
-            progress=progress,
-            cancel=self._cancel,
-            abort=self._abort,
-            still_current=self._current,
-            pace=tools.pace,
-        )
+        while True:
+            await self._hold(lambda: gate.download_hold(policy), threaded=True)
+            held = await asyncio.to_thread(held_bytes, request.partial)
+            self._transition(UpdateState.DOWNLOADING, None)
+            self._progress(held, variant.size_bytes)
+            try:
+                await download_with_retries(
+                    request,
+                    config=gate.download_config(policy),
+                    fetcher_factory=gate.fetcher_factory(tools.fetcher_factory, policy,
+                                                         self._cancel),
+                    progress=progress,
+                    cancel=self._cancel,
+                    abort=self._abort,
+                    still_current=self._current,
+                    pace=tools.pace,
+                )
+                return
+            except DownloadHeld as exc:
+                # The partial keeps its bytes: the next attempt resumes with Range.
+                log.info("download of %s paused: %s", key, exc.reason)
 
     def _progress(self, done: int, total: int) -> None:
         """Report download progress, at most one event per PROGRESS_STEP_PCT."""

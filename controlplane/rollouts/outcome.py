@@ -94,6 +94,14 @@ TREATMENT: Mapping[EventCode, Treatment] = MappingProxyType({
     EventCode.ACTIVE_BROKEN: _F,
     # replaced before it finished
     EventCode.SUPERSEDED: _F,
+    # waiting, not failing: these never end an update (they ride on waiting,
+    # deferred and activated events, which are not outcomes); a final event
+    # carrying one would be an agent bug, counted as a failure
+    EventCode.DOWNLOAD_WINDOW: _F,
+    EventCode.ACTIVATION_WINDOW: _F,
+    EventCode.METERED: _F,
+    EventCode.LOCKED: _F,
+    EventCode.LOCK_OVERRIDDEN: _F,
 })
 
 _FINAL_EVENTS = frozenset({EventType.ACTIVATED, EventType.FAILED, EventType.REJECTED,
