@@ -30,14 +30,13 @@ A tick, per rollout, in this order:
    lock or an unmetered link (``waiting``) are neither failed nor stuck, and
    hold nothing up but the activations the bake waits for (:mod:`.waiting`).
 
-Rollback sends each device the rollout touched a new, higher-sequence
-document whose entry for the rollout's model is the version it ran when it
-joined (or has no entry of that model when it ran none), through the
-director like any other assignment; the device's other models keep their
-entries. Everything is read from and written to the database, so a
-restarted control plane resumes exactly where the last committed tick left
-it: stage advances are conditional on the rollout's revision, and a device
-is assigned only from ``pending``.
+Rollback sends each device the rollout touched a new document (through the
+director) whose entry for the rollout's model is the version it ran when it
+joined, or none; the device's other models keep their entries. Everything
+is read from and written to the database, so a restarted control plane
+resumes exactly where the last committed tick left it: stage advances are
+conditional on the rollout's revision, and a device is assigned only from
+``pending``.
 """
 
 from __future__ import annotations
@@ -63,7 +62,6 @@ from protocol import ProtocolError, ReleaseManifest, Tier
 
 from . import queries, store
 from .cohort import cohort_key, stage_size
-from .eval_gate import DeviceEval
 from .eval_scores import device_evals
 from .gates import GateResult, evaluate, overall
 from .outcome import changed_outcomes
@@ -234,17 +232,16 @@ class RolloutEngine:
             gates.max_crashes))
         if needs_metrics and assigned:
             new_by_tier, old_by_tier = self._metrics(row, spec, assigned)
-        evals = self._evals(assigned) if gates.min_eval_ratio is not None else None
+        evals = None
+        if gates.min_eval_ratio is not None:
+            with self._engine.connect() as conn:
+                evals = device_evals(conn, assigned)
         results = evaluate(gates, [m.view() for m in assigned], new_by_tier, old_by_tier, evals)
         public = [r.public() for r in results]
         if public != row.last_gates:
             with self._engine.begin() as conn:
                 queries.save_gates(conn, row.id, public)
         return results
-
-    def _evals(self, assigned: Sequence[Member]) -> dict[str, DeviceEval]:
-        with self._engine.connect() as conn:
-            return device_evals(conn, assigned)
 
     def _metrics(
         self, row: RolloutRow, spec: RolloutSpec, assigned: Sequence[Member]
