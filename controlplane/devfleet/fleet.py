@@ -389,25 +389,29 @@ class DevFleet:
         model alone; return the rollouts' final details.
 
         A good release goes canary-first to every device, each getting its
-        tier's variant; an embedding model is assigned beside it; the chat
-        model's next version goes out canary-first while the embedder keeps
-        serving; then a release whose health check fails on the devices
-        stops at the canary and is rolled back automatically (the chat
-        model only: the embedder's entry never changes); last, a release
+        tier's variant; an embedding model is assigned beside it; a release
         that passes every health check but answers fewer of the evaluation
-        set stops at the canary on the quality gate and is rolled back.
+        set stops at the canary on the quality gate and is rolled back (it
+        goes before the ONNX release so the canary compares two GGUF builds
+        of one model); the chat model's next version goes out canary-first
+        while the embedder keeps serving; last, a release whose health check
+        fails on the devices stops at the canary and is rolled back
+        automatically (the chat model only: the embedder's entry never
+        changes).
         """
         self.publish_releases(model)
         done = []
         steps: list[tuple[str, str]] = [
             (GOOD_VERSION, "a good release"),
             ("", "the embedder"),
-            (NEXT_VERSION, "the chat model's next version, the embedder serving beside it"),
-            (BAD_VERSION, "a release whose health check fails"),
         ]
         if self.low_quality:
             steps.append((LOW_QUALITY_VERSION,
                           "a healthy release that answers fewer of the evaluation set"))
+        steps += [
+            (NEXT_VERSION, "the chat model's next version, the embedder serving beside it"),
+            (BAD_VERSION, "a release whose health check fails"),
+        ]
         for version, why in steps:
             if should_stop():
                 break
