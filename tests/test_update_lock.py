@@ -26,7 +26,15 @@ from agent.inference.api import ApiSettings, LocalApi
 from agent.inference.runtime import InferenceRuntime
 from agent.update.locks import MAX_LOCKS, UpdateLocks
 from protocol.update_policy import LockOverride, UpdatePolicy
-from tests.support.policy import START, ManualClock, PolicyDevice, policy_device
+from tests.support.policy import (
+    DEVICE,
+    START,
+    ManualClock,
+    PolicyDevice,
+    policy_device,
+    sign_policy_set,
+    variant_for,
+)
 from tests.test_agent_updater import run
 
 E = p.EventType
@@ -162,6 +170,39 @@ def test_an_operator_override_skips_locks_taken_before_it(device: PolicyDevice) 
         second = await device.deliver("a.bin", "1.0.1", UpdatePolicy(lock_override=override))
         assert deferred_by_lock(device, second)[0].reason == \
             "locked: update lock held by 'new task'"
+        await app.api.close()
+
+    run(go)
+
+
+def test_an_override_re_signed_into_a_waiting_entry_ends_the_wait(device: PolicyDevice) -> None:
+    """The control plane's override keeps the entry's assignment id: the agent takes
+    the re-signed entry's policy into the update already deferred by a lock."""
+    clock = device.clock
+
+    async def go() -> None:
+        app = await serve(device)
+        await app.take("stuck kiosk session", 3600)
+        release = device.sim.release("m", "1.0.0", variants={
+            p.Tier.MICRO: variant_for(device.server.directory / "a.bin", "a.bin")})
+
+        def signed(policy: UpdatePolicy | None) -> bytes:
+            device.sequence += 1
+            return sign_policy_set(device.sim, DEVICE, "m", release, policy,
+                                   sequence=device.sequence, assignment_id="a-m-held",
+                                   artifact_url_base=device.server.base_url)
+
+        assert device.updater is not None
+        await device.updater.offer(signed(None))
+        await device.until(lambda: deferred_by_lock(device, "a-m-held"), "the lock to defer it")
+        assert device.final("a-m-held") is None
+        clock.advance(5)
+        override = LockOverride(id="ovr-9", issued_at=clock.now(), reason="security fix")
+        await device.updater.offer(signed(UpdatePolicy(lock_override=override)))
+        await device.until(lambda: device.final("a-m-held"), "the activation")
+        activated = device.final("a-m-held")
+        assert activated.type == E.ACTIVATED and activated.code == p.EventCode.LOCK_OVERRIDDEN
+        assert "override ovr-9 (security fix)" in activated.reason
         await app.api.close()
 
     run(go)

@@ -251,6 +251,10 @@ class Updater:
         elif decision.action is Action.REFRESH:
             ledger.save(refreshed(ledger.file, payload, decision, now=time.time()))
             self._keep_verified(decision)
+            if self._run is not None and decision.verified is not None:
+                fresh = decision.verified.entries.get(self._run.name)
+                if fresh is not None:
+                    self._run.refresh(fresh)
             log.info("desired set re-signed: sequence %d", decision.sequence)
             ledger.status_changed()
         else:

@@ -185,9 +185,9 @@ class PolicyGate:
 
     # -- waiting ------------------------------------------------------------------------
 
-    async def wait(self, hold: Hold, abort: asyncio.Event) -> None:
-        """Sleep until ``hold`` may have ended (or ``abort`` is set)."""
-        await self.clock.sleep_until(hold.until, (abort, *hold.wake), hold.poll_s)
+    async def wait(self, hold: Hold, *wake: asyncio.Event) -> None:
+        """Sleep until ``hold`` may have ended (or one of ``wake`` is set)."""
+        await self.clock.sleep_until(hold.until, (*wake, *hold.wake), hold.poll_s)
 
 
 def record_hold(ledger: Ledger, record: EntryRecord, hold: Hold) -> None:

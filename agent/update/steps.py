@@ -38,7 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from protocol import EventCode, EventType, UpdateState, VerifiedEntry, code_from_reason
+from protocol import (
+    EventCode,
+    EventType,
+    UpdatePolicy,
+    UpdateState,
+    VerifiedEntry,
+    code_from_reason,
+)
 
 from ..config import AgentConfig
 from ..errors import StoreError
@@ -171,11 +178,23 @@ class UpdateRun:
         self._entry = entry
         self._url_base = artifact_url_base
         self._abort = asyncio.Event()
+        #: set when the entry is re-signed while the run waits (:meth:`refresh`)
+        self._refreshed = asyncio.Event()
         self._cancel = threading.Event()
         self._progress_step = -1
         self._running = False
         #: the release's evaluation set, verified (fetched before the model)
         self._eval: FetchedEvalSet | None = None
+
+    @property
+    def _policy(self) -> UpdatePolicy | None:
+        return self._entry.entry.policy
+
+    def refresh(self, entry: VerifiedEntry) -> None:
+        """This update's entry, re-signed: take its policy and wake a wait to re-check it."""
+        if entry.entry.assignment_id == self._entry.entry.assignment_id:
+            self._entry = entry
+            self._refreshed.set()
 
     def abort(self) -> None:
         """Stop at the next safe point: the download's next chunk, a back-off, a health check."""
@@ -225,10 +244,12 @@ class UpdateRun:
             await self._health_check()
             state = UpdateState.HEALTH_CHECKED
         if state is UpdateState.HEALTH_CHECKED and record.unit is None:
-            gate, policy = self._tools.gate, self._entry.entry.policy
-            if await self._hold(lambda: gate.activation_hold(policy)):
+            # The policy is read at each check: a re-signed entry (an operator's
+            # lock override, a new window) replaces it while this run waits.
+            gate = self._tools.gate
+            if await self._hold(lambda: gate.activation_hold(self._policy)):
                 self._transition(UpdateState.HEALTH_CHECKED, None)
-            await activate(self._tools, self._current(), gate.override_note(policy))
+            await activate(self._tools, self._current(), gate.override_note(self._policy))
 
     async def _hold(self, check: Callable[[], Hold | None], *, threaded: bool = False) -> bool:
         """Wait while ``check`` names a hold, recording each new one; True if it held.
@@ -239,7 +260,8 @@ class UpdateRun:
         while (hold := await asyncio.to_thread(check) if threaded else check()) is not None:
             record_hold(self._tools.ledger, self._current(), hold)
             held = True
-            await self._tools.gate.wait(hold, self._abort)
+            await self._tools.gate.wait(hold, self._abort, self._refreshed)
+            self._refreshed.clear()
             self._current()
         return held
 
@@ -308,22 +330,22 @@ class UpdateRun:
         if request.partial.exists() and request.partial.is_dir() != variant.is_folder:
             # A file where a folder's files go, or the reverse: no base to resume from.
             await asyncio.to_thread(remove_partial, request.partial)
-        gate, policy = tools.gate, self._entry.entry.policy
+        gate = tools.gate
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:
             loop.call_soon_threadsafe(self._progress, done, total)
 
         while True:
-            await self._hold(lambda: gate.download_hold(policy), threaded=True)
+            await self._hold(lambda: gate.download_hold(self._policy), threaded=True)
             held = await asyncio.to_thread(held_bytes, request.partial)
             self._transition(UpdateState.DOWNLOADING, None)
             self._progress(held, variant.size_bytes)
             try:
                 await download_with_retries(
                     request,
-                    config=gate.download_config(policy),
-                    fetcher_factory=gate.fetcher_factory(tools.fetcher_factory, policy,
+                    config=gate.download_config(self._policy),
+                    fetcher_factory=gate.fetcher_factory(tools.fetcher_factory, self._policy,
                                                          self._cancel),
                     progress=progress,
                     cancel=self._cancel,
