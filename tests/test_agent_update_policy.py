@@ -11,6 +11,7 @@ open and when it next opens across time zones, midnight and DST changes.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from agent.update.clock import SystemClock
 from agent.update.locks import UpdateLocks
 from agent.update.policy_gate import PolicyGate
 from protocol.update_policy import UpdatePolicy, Window
-from tests.support.policy import ManualClock, PolicyDevice, at, policy_device
+from tests.support.policy import DEVICE, ManualClock, PolicyDevice, at, policy_device
+from tests.support.updates import sign_set, variant_for
 from tests.test_agent_updater import run
 
 E = p.EventType
@@ -65,6 +67,35 @@ def test_a_closed_activation_window_keeps_the_candidate_staged_until_it_opens(
         assert device.final(aid).type == E.ACTIVATED
         assert updater.stores.store("m").active().key == "m@1.0.0-micro"
         assert len(device.health.calls) == 1
+
+    run(go)
+
+
+def test_a_unit_waits_whole_for_a_members_activation_window(device: PolicyDevice) -> None:
+    """Entries sharing a unit (a base and its adapter) activate together: a window
+    on either holds both, each told why, and both go at the opening."""
+
+    async def go() -> None:
+        updater = await device.boot()
+        device.sequence += 1
+        releases = {name: device.sim.release(name, "1.0.0", variants={
+            p.Tier.MICRO: variant_for(device.server.directory / "a.bin", "a.bin")})
+            for name in ("base", "adapter")}
+        device.sim.now = time.time()
+        await updater.offer(sign_set(
+            device.sim, DEVICE, releases, sequence=device.sequence,
+            artifact_url_base=device.server.base_url, ids={"base": "a-b", "adapter": "a-a"},
+            units={"base": "u", "adapter": "u"},
+            policies={"adapter": UpdatePolicy(activation_window=NIGHT)}))
+        await device.until(lambda: device.of_type("a-b", E.DEFERRED)
+                           and device.of_type("a-a", E.DEFERRED), "the unit to wait")
+        assert device.of_type("a-b", E.DEFERRED)[0].code == p.EventCode.ACTIVATION_WINDOW
+        assert updater.stores.store("base").active() is None
+        assert updater.stores.store("adapter").active() is None
+        device.clock.set(NIGHT_OPENS)
+        await device.until(lambda: device.final("a-b") and device.final("a-a"),
+                           "the unit to activate")
+        assert device.final("a-b").type == E.ACTIVATED == device.final("a-a").type
 
     run(go)
 

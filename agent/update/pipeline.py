@@ -72,7 +72,7 @@ from .intake import Action, Change, Decision, DeviceFacts, accepted, decide, ref
 from .ledger import Ledger, document_status
 from .locks import UpdateLocks
 from .outcome import Failed, Stopped
-from .policy_gate import PolicyGate
+from .policy_gate import Hold, PolicyGate
 from .recovery import write_clean_marker
 from .setfit import PlannedEntry, set_fit
 from .startup import recover
@@ -351,7 +351,10 @@ class Updater:
                 if record is not None:
                     await self._run_entry(record)
                     continue
-                if await settle_units(self._tools):
+                if settled := await settle_units(self._tools, self._entry):
+                    if isinstance(settled, Hold):  # a unit waits for its window or a lock
+                        self._wake.clear()
+                        await self._tools.gate.wait(settled, self._wake)
                     continue
             except Stopped:
                 continue  # superseded or stopping: the loop's condition decides

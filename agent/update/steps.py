@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -133,13 +134,28 @@ async def activate_unit(tools: StepTools, members: list[EntryRecord]) -> None:
         await activate(tools, tools.ledger.record(member.name, member.update_id))
 
 
-async def settle_units(tools: StepTools) -> bool:
+def _policy(entry_of: Callable[[EntryRecord], tuple[VerifiedEntry, str | None]] | None,
+            record: EntryRecord) -> UpdatePolicy | None:
+    if entry_of is None:
+        return None
+    try:
+        return entry_of(record)[0].entry.policy
+    except Failed:
+        return None  # the entry no longer verifies: its own run fails it, not the hold
+
+
+async def settle_units(
+    tools: StepTools,
+    entry_of: Callable[[EntryRecord], tuple[VerifiedEntry, str | None]] | None = None,
+) -> bool | Hold:
     """Activate or fail each unit whose pending members have all gone as far as alone.
 
     Members are the records of one document sharing a ``unit``. Once any
     member ended other than activated, the pending ones fail with it; once
-    every pending member passed its health check, they are all activated.
-    Returns whether anything changed.
+    every pending member passed its health check, they are all activated,
+    unless a member's policy (its entry, ``entry_of``) holds the activation: then the
+    unit waits whole, each member told why, and that hold is returned.
+    Otherwise returns whether anything changed.
     """
     ledger = tools.ledger
     units: dict[tuple[str, int], list[EntryRecord]] = {}
@@ -160,7 +176,18 @@ async def settle_units(tools: StepTools) -> bool:
                     code_from_reason(broken.reason) or EventCode.INTERNAL_ERROR)
             return True
         if all(m.state is UpdateState.HEALTH_CHECKED for m in pending):
-            await activate_unit(tools, sorted(pending, key=lambda m: m.name))
+            ordered = sorted(pending, key=lambda m: m.name)
+            hold = next((h for m in ordered
+                         if (h := tools.gate.activation_hold(_policy(entry_of, m))) is not None),
+                        None)
+            if hold is not None:
+                # Members stay health-checked (a unit is settled here, not run
+                # alone); their records and events say what holds them.
+                kept = dataclasses.replace(hold, state=UpdateState.HEALTH_CHECKED)
+                for member in ordered:
+                    record_hold(tools.ledger, member, kept)
+                return kept
+            await activate_unit(tools, ordered)
             return True
     return False
 

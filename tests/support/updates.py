@@ -196,7 +196,7 @@ def sign_set(
     sequence: int, artifact_url_base: str, ids: dict[str, str] | None = None,
     units: dict[str, str] | None = None, tiers: dict[str, p.Tier] | None = None,
     issued_at: float | None = None, expires_in: float = 3600.0,
-    signers: list[SigningKey] | None = None,
+    signers: list[SigningKey] | None = None, policies: dict[str, p.UpdatePolicy] | None = None,
 ) -> bytes:
     """A director-signed set document of ``releases`` (name -> release; micro by default).
 
@@ -208,7 +208,7 @@ def sign_set(
         name: p.ModelEntry(
             assignment_id=(ids or {}).get(name, f"a-{device_id}-{name}-{sequence}"),
             rollout_id="r-1", tier=(tiers or {}).get(name, p.Tier.MICRO), release=dict(release),
-            unit=(units or {}).get(name),
+            unit=(units or {}).get(name), policy=(policies or {}).get(name),
         )
         for name, release in releases.items()
     }
