@@ -17,7 +17,8 @@ from .agent_entry import run_agent
 _GROUPS: dict[str, tuple[str, str, str]] = {
     "controlplane": ("controlplane.cli.serve", "app", "Run the control plane."),
     "keys": ("controlplane.cli.keys", "app", "Release and director keys; the lists agents pin."),
-    "models": ("controlplane.cli.models", "app", "Publish signed model releases and list them."),
+    "models": ("controlplane.cli.models", "app", "Publish signed model releases and list them; "
+               "`models build SPEC` makes tier variants by quantization (its own --help)."),
     "rollouts": ("controlplane.cli.rollouts", "app", "Staged canary rollouts of model releases."),
     "devices": ("controlplane.cli.devices", "app", "Devices: list, show, enroll, revoke."),
     "tokens": ("controlplane.cli.tokens", "app", "API tokens: create, list, revoke."),

@@ -21,9 +21,14 @@ CHROMIUM = "/usr/bin/chromium"
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """One headless Chromium for the whole session."""
+    """One headless Chromium per test module.
+
+    Not per session: Playwright's sync API keeps an asyncio loop running in
+    the main thread while it is open, and tests in later modules that call
+    ``asyncio.run`` would fail with "cannot be called from a running event loop".
+    """
     if shutil.which("chromium") is None and not Path(CHROMIUM).exists():
         pytest.fail("chromium not found: run scripts/bootstrap.sh (Debian package chromium)",
                     pytrace=False)
