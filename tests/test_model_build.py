@@ -91,9 +91,14 @@ def test_emitted_spec_follows_the_figures_and_publishes(built) -> None:
     # now a micro budget only the smaller variants fit, set from the measured RAM
     rows = {v["name"]: v["measurement"] for v in report["variants"]}
     ram = {n: rows[n]["ram_bytes"]["512"] for n in names}
-    budget = sorted(ram.values())[1]  # the two leanest fit, the largest does not
+    # Peak RSS at a small context differs little between these variants and can
+    # tie: the budget is the second-highest distinct figure, so whatever needs
+    # the most does not fit and the rest do.
+    ranked = sorted(set(ram.values()))
+    assert len(ranked) >= 2, f"the variants' measured RAM does not differ: {ram}"
+    budget = ranked[-2]
     fitting = [n for n in names if ram[n] <= budget]
-    assert len(fitting) == 2
+    assert 0 < len(fitting) < len(names)
     spec = write_spec(work, Path(report["source"]["file"]), candidates=CANDIDATES,
                       tiers={"micro": {"ram_bytes": budget, "context": 512},
                              "small": ROOMY["small"]},
