@@ -11,27 +11,33 @@ rest, so the scorer does too, by one fixed rule (:func:`extract_json`):
    answer (an answer cut by ``max_tokens`` may never close it); with
    neither, or when that block holds no JSON value, the whole answer.
 2. In that text the value is the whole text, stripped, when that is one
-   JSON value; otherwise the first complete JSON object or array: at the
-   earliest ``{`` or ``[`` where one parses (Python's
-   ``json.JSONDecoder.raw_decode``), whatever follows it ignored.
+   JSON value; otherwise the first top-level ``{...}`` or ``[...]`` that
+   parses as JSON (Python's ``json.JSONDecoder.raw_decode``), whatever
+   follows it ignored. Top-level: not inside an earlier bracket. A bracketed
+   span that does not parse (``[sic]`` in prose) is skipped whole; one left
+   open ends the search, so what is nested in an object the model never
+   finished (an answer cut by ``max_tokens``) is not taken for the answer.
 
-Bounded work: the caller cuts answers to ``MAX_SCORED_CHARS`` first, and
-at most :data:`MAX_STARTS` openings are tried.
+Bounded work: the caller cuts answers to ``MAX_SCORED_CHARS`` first, the
+scan is one pass, and at most :data:`MAX_STARTS` openings are parsed.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-#: ``{`` / ``[`` positions tried as the start of a value (bounds the scan)
+#: top-level ``{`` / ``[`` positions parsed as the start of a value (bounds the work)
 MAX_STARTS = 64
 
 #: a fence's opening line: three backticks, an optional label, the end of the line
 _OPENING = re.compile(r"```([A-Za-z0-9_+.-]*)[ \t]*(?:\r?\n|(?=[{\[]))")
-_STARTS = re.compile(r"[{\[]")
+#: what moves the bracket scan: brackets, and inside them the strings
+_SIGNIFICANT = re.compile(r'[{}\[\]"]')
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _DECODER = json.JSONDecoder()
 
 
@@ -76,12 +82,34 @@ def _value_in(text: str) -> Extracted | None:
         return Extracted(json.loads(stripped), stripped)
     except (ValueError, RecursionError):
         pass
-    for tried, start in enumerate(_STARTS.finditer(text)):
+    for tried, start in enumerate(_top_level_openings(text)):
         if tried >= MAX_STARTS:
             break
         try:
-            value, end = _DECODER.raw_decode(text, start.start())
+            value, end = _DECODER.raw_decode(text, start)
         except (ValueError, RecursionError):
             continue
-        return Extracted(value, text[start.start():end])
+        return Extracted(value, text[start:end])
     return None
+
+
+def _top_level_openings(text: str) -> Iterator[int]:
+    """Positions of the ``{`` and ``[`` not inside an earlier bracket, in order.
+
+    Strings count only inside brackets (prose has stray quotes); the kind of
+    bracket is not matched, only the depth, which is all the scan needs.
+    """
+    depth, at = 0, 0
+    while (found := _SIGNIFICANT.search(text, at)) is not None:
+        char, at = found.group(), found.end()
+        if char in "{[":
+            if depth == 0:
+                yield found.start()
+            depth += 1
+        elif char in "}]":
+            depth = max(depth - 1, 0)
+        elif depth > 0:  # a string inside brackets: skip it whole
+            string = _STRING.match(text, found.start())
+            if string is None:
+                return  # never closed: so is the bracket around it
+            at = string.end()

@@ -18,15 +18,16 @@ Scorers, all answering pass (1.0) or fail (0.0):
 * ``choice``: of the listed ``options``, the one the answer names first
   (case-insensitive, whole words) is ``answer``;
 * ``json_schema``: the JSON value extracted from the answer
-  (:func:`extract_json`) is valid against ``schema``. The value is taken
-  from the first Markdown code block fenced with ```` ```json ```` (any
-  case), or without one the first bare ```` ``` ```` block, up to its
-  closing fence or the end of the answer; with neither, from the whole
-  answer. In that text it is the whole text, stripped, when that is one
-  JSON value; otherwise the first complete JSON object or array, starting
-  at the earliest ``{`` or ``[`` where one parses, whatever follows it
-  ignored (a model that writes on after its object is judged on the
-  object). The item's result records the extracted text.
+  (:mod:`protocol.eval_json`) is valid against ``schema``. The value is
+  taken from the first Markdown code block fenced with ```` ```json ````
+  (any case), or without one the first bare ```` ``` ```` block, up to its
+  closing fence or the end of the answer; with neither, or when that block
+  holds no JSON value, from the whole answer. In that text it is the whole
+  text, stripped, when that is one JSON value; otherwise the first
+  top-level ``{...}`` or ``[...]`` that parses, whatever follows it ignored
+  (a model that writes on after its object is judged on the object; one
+  whose object was cut off fails). The item's result records the
+  extracted text.
 
 An item may carry a ``response_format`` (the OpenAI request field:
 ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":

@@ -44,8 +44,13 @@ def _text(answer: str) -> str | None:
     ('{"name": "Alice"} is the object you asked for.', '{"name": "Alice"}'),
     ('Here [is] the list: [1, 2] and more', "[1, 2]"),
     ('{"a": {"b": [1, 2]}} {"c": 3}', '{"a": {"b": [1, 2]}}'),
-    # brackets inside strings do not end the value
-    ('{"s": "a } b"} tail', '{"s": "a } b"}'),
+    # brackets and escaped quotes inside strings do not end the value
+    ('{"s": "a } \\" ] b"} tail', '{"s": "a } \\" ] b"}'),
+    # a bracketed span that is not JSON is skipped whole, nested brackets and all
+    ('{name: [Alice]} then {"name": "Alice"}', '{"name": "Alice"}'),
+    # an object cut off by max_tokens ends the search: nothing nested in it is taken
+    ('```json\n{"name": "Alice", "job": ["M", "J"], "', None),
+    ('{"job": ["M", "J"], "note": "never closed', None),
     # a closing fence never opened: the fenced text holds nothing, the answer does
     ('{"a": 1}\n```\nbye', '{"a": 1}'),
     # no JSON at all, or an object that never closes
@@ -57,11 +62,12 @@ def test_the_scorer_extracts_the_json_value_by_one_rule(answer: str,
     assert _text(answer) == extracted
 
 
-def test_extraction_tries_a_bounded_number_of_openings() -> None:
-    answer = "{" * (MAX_STARTS + 5) + ' {"a": 1}'
-    assert extract_json(answer) is None  # the object starts past the openings tried
-    assert _text("{" * 3 + ' {"a": 1}') == '{"a": 1}'
+def test_extraction_parses_a_bounded_number_of_openings() -> None:
+    answer = "[sic] " * (MAX_STARTS + 5) + '{"a": 1}'
+    assert extract_json(answer) is None  # the object starts past the openings parsed
+    assert _text("[sic] " * 3 + '{"a": 1}') == '{"a": 1}'
     assert extract_json("[" * 5000) is None  # nesting too deep for the parser: no value
+    assert extract_json("[" * 5000 + "]" * 5000) is None
 
 
 def test_a_json_schema_item_passes_on_the_extracted_value_and_says_what_it_was() -> None:
