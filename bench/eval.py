@@ -6,7 +6,9 @@ GGUF twice: with the demo's golden prompts only, then with the 50-item
 ``examples/smollm2.eval.json`` as well. The difference is what the
 evaluation adds to a device's health check; per-item times show what
 dominates. With ``--low`` the demo's low-quality variant (Q2_K, built
-into the cache on first use) is scored too.
+into the cache on first use) is scored too. For each model a line gives
+the score per category and the items that failed, with the JSON the
+``json_schema`` scorer extracted from each (null: none found).
 
 The last line is the figures as one JSON object.
 """
@@ -53,6 +55,13 @@ async def _check(model: Path, threads: int, eval_file: Path | None) -> tuple[flo
     return elapsed, result.details
 
 
+def _per_model(label: str, scores: dict) -> str:
+    """One line: the categories' scores and the failed items (with what was extracted)."""
+    failed = {item["id"]: item.get("extracted") for item in scores["items"]
+              if not item["passed"]}
+    return json.dumps({label: scores["by_category"], "failed": failed})
+
+
 def main() -> None:
     """Measure and report (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,12 +83,12 @@ def main() -> None:
         "per_item_ms": round(1000 * scores["elapsed_s"] / max(scores["run"], 1), 1),
         "score_q4_1": scores["score"],
     }
-    print(json.dumps({"Q4_1": scores["by_category"]}), flush=True)
+    print(_per_model("Q4_1", scores), flush=True)
     if args.low:
         _, low = asyncio.run(_check(low_quality_model(model), args.threads, args.eval_set))
         figures |= {"score_q2_k": low["eval"]["score"],
                     "eval_run_s_q2_k": low["eval"]["elapsed_s"]}
-        print(json.dumps({"Q2_K": low["eval"]["by_category"]}), flush=True)
+        print(_per_model("Q2_K", low["eval"]), flush=True)
     report(figures)
 
 

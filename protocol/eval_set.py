@@ -17,14 +17,29 @@ Scorers, all answering pass (1.0) or fail (0.0):
 * ``regex``: ``pattern`` matches somewhere in the answer (Python ``re.search``);
 * ``choice``: of the listed ``options``, the one the answer names first
   (case-insensitive, whole words) is ``answer``;
-* ``json_schema``: the answer (stripped, one surrounding Markdown code
-  fence allowed) is JSON valid against ``schema``.
+* ``json_schema``: the JSON value extracted from the answer
+  (:mod:`protocol.eval_json`) is valid against ``schema``. The value is
+  taken from the first Markdown code block fenced with ```` ```json ````
+  (any case), or without one the first bare ```` ``` ```` block, up to its
+  closing fence or the end of the answer; with neither, or when that block
+  holds no JSON value, from the whole answer. In that text it is the whole
+  text, stripped, when that is one JSON value; otherwise the first
+  top-level ``{...}`` or ``[...]`` that parses, whatever follows it ignored
+  (a model that writes on after its object is judged on the object; one
+  whose object was cut off fails). The item's result records the
+  extracted text.
+
+An item may carry a ``response_format`` (the OpenAI request field:
+``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+{"name", "schema"}}``), sent with its request, so the agent's
+grammar-constrained structured output is what gets scored. The format
+fixes the answer's shape; the scorer judges its content (a schema with the
+expected values, say), so a format alone never makes an item pass.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +48,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from .errors import MalformedPayload, PayloadTooLarge, SchemaMismatch
+from .eval_json import extract_json
 from .keys import load_json
 from .messages import Wire
 from .variant_files import check_relative_path
@@ -109,19 +125,53 @@ class JsonSchemaScorer(Wire):
     @field_validator("json_schema")
     @classmethod
     def _is_a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from jsonschema import Draft202012Validator, SchemaError
-
-        try:
-            Draft202012Validator.check_schema(value)
-        except SchemaError as exc:
-            raise ValueError(f"schema is not a JSON Schema: {exc.message}") from None
-        return value
+        return _check_json_schema(value)
 
 
 Scorer = Annotated[
     ExactScorer | ContainsScorer | RegexScorer | ChoiceScorer | JsonSchemaScorer,
     Field(discriminator="kind"),
 ]
+
+
+def _check_json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(value)
+    except SchemaError as exc:
+        raise ValueError(f"schema is not a JSON Schema: {exc.message}") from None
+    return value
+
+
+class JsonObjectFormat(Wire):
+    """``{"type": "json_object"}``: the answer is any JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(Wire):
+    """``response_format.json_schema``: the schema the answer is generated under."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    json_schema: dict[str, Any] = Field(alias="schema")
+    description: Annotated[str, StringConstraints(max_length=256)] | None = None
+    strict: Annotated[bool, Field(strict=True)] | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _is_a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_json_schema(value)
+
+
+class JsonSchemaFormat(Wire):
+    """``{"type": "json_schema", "json_schema": {...}}``: the answer follows a schema."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class EvalItem(Wire):
@@ -133,6 +183,8 @@ class EvalItem(Wire):
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
     max_tokens: Annotated[int, Field(strict=True, ge=1, le=512)] = 32
     scorer: Scorer
+    #: sent with the request: the answer is generated under this structured-output format
+    response_format: ResponseFormat | None = None
 
 
 class EvalSet(Wire):
@@ -217,17 +269,6 @@ def parse_eval_set(data: bytes, ref: EvalSetRef) -> EvalSet:
     return parsed
 
 
-_FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
-
-
-def _json_answer(text: str) -> Any:
-    stripped = text.strip()
-    fenced = _FENCE_RE.match(stripped)
-    if fenced:
-        stripped = fenced.group(1).strip()
-    return json.loads(stripped)
-
-
 def _first_named(options: Iterable[str], text: str) -> str | None:
     best: tuple[int, str] | None = None
     for option in options:
@@ -237,8 +278,30 @@ def _first_named(options: Iterable[str], text: str) -> str | None:
     return None if best is None else best[1]
 
 
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """One answer's verdict, with the JSON text a ``json_schema`` scorer read (else None)."""
+
+    passed: bool
+    extracted: str | None = None
+
+
+def judge_answer(scorer: Scorer, answer: str) -> Judged:
+    """Judge one answer against ``scorer``, saying what JSON was extracted for ``json_schema``."""
+    if not isinstance(scorer, JsonSchemaScorer):
+        return Judged(score_answer(scorer, answer) == 1.0)
+    from jsonschema import Draft202012Validator
+
+    found = extract_json(answer[:MAX_SCORED_CHARS])
+    if found is None:
+        return Judged(False)
+    return Judged(Draft202012Validator(scorer.json_schema).is_valid(found.value), found.text)
+
+
 def score_answer(scorer: Scorer, answer: str) -> float:
     """Score one answer: 1.0 when it passes ``scorer``, else 0.0."""
+    if isinstance(scorer, JsonSchemaScorer):
+        return float(judge_answer(scorer, answer).passed)
     text = answer[:MAX_SCORED_CHARS]
     if isinstance(scorer, ExactScorer):
         if scorer.case_sensitive:
@@ -249,16 +312,9 @@ def score_answer(scorer: Scorer, answer: str) -> float:
         return float(any(expected.lower() in lowered for expected in scorer.expected))
     if isinstance(scorer, RegexScorer):
         return float(re.search(scorer.pattern, text) is not None)
-    if isinstance(scorer, ChoiceScorer):
-        named = _first_named(scorer.options, text.lower())
-        return float(named is not None and named.lower() == scorer.answer.lower())
-    from jsonschema import Draft202012Validator
-
-    try:
-        document = _json_answer(text)
-    except ValueError:
-        return 0.0
-    return float(Draft202012Validator(scorer.json_schema).is_valid(document))
+    assert isinstance(scorer, ChoiceScorer)
+    named = _first_named(scorer.options, text.lower())
+    return float(named is not None and named.lower() == scorer.answer.lower())
 
 
 @dataclass

@@ -22,10 +22,11 @@ GOLDEN = {"max_ttft_ms": 1000, "min_tokens_per_s": 0,
           "golden_prompts": [{"prompt": "hi", "expected": ["hi"]}]}
 
 
-def test_the_example_set_parses_with_fifty_items_in_four_categories() -> None:
+def test_the_example_set_parses_with_fifty_items_in_five_categories() -> None:
     items = p.parse_eval_set_bytes(EXAMPLE.read_bytes())
     assert len(items.items) == 50
-    assert {i.category for i in items.items} == {"facts", "choice", "arith", "json"}
+    assert {i.category for i in items.items} == {"facts", "choice", "arith", "json",
+                                                 "json-structured"}
 
 
 def _spec(tmp_path: Path, eval_file: Path) -> Path:
@@ -81,6 +82,10 @@ def test_scoring_stops_at_the_budget_and_counts_the_rest_as_failed() -> None:
     assert scores["total"] == 40
     assert scores["score"] == pytest.approx(scores["passed"] / 40)
     assert "the rest count as failed" in describe(scores)
+    # one result per item run, none for those the budget cut
+    assert [r["id"] for r in scores["items"]] == asked
+    assert [r["passed"] for r in scores["items"]] == [
+        int(i[1:]) % 2 == 0 for i in asked]
 
 
 def test_frozen_time_does_not_count_against_the_budget() -> None:
@@ -93,6 +98,7 @@ def test_frozen_time_does_not_count_against_the_budget() -> None:
     assert (scores["run"], scores["passed"], scores["stopped_early"]) == (10, 0, False)
     assert scores["by_category"] == {"even": {"passed": 0, "run": 5},
                                      "odd": {"passed": 0, "run": 5}}
+    assert scores["items"][0] == {"id": "i0", "passed": False, "answered": False}
 
 
 def test_cache_keeps_scores_by_model_and_set_and_bounds_itself(tmp_path: Path) -> None:

@@ -58,12 +58,11 @@ def _evaluate(backend: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """Score the loaded model on the evaluation set the request carries."""
     import asyncio
 
-    from .evaluation import eval_set_of, score_model
+    from .evaluation import eval_set_of, item_request, score_model
     from .rules import run_prompt
 
     async def ask(item: Any) -> str | None:
-        outcome = run_prompt(backend, {"prompt": item.prompt, "max_tokens": item.max_tokens})
-        return outcome.get("answer")
+        return run_prompt(backend, item_request(item)).get("answer")
 
     return asyncio.run(score_model(eval_set_of(spec), spec["time_budget_s"], ask))
 

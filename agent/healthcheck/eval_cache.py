@@ -23,6 +23,7 @@ from typing import Any
 from protocol import ActiveModel, CategoryScore, InferenceStats
 
 from ..atomic import read_json, write_json_atomic
+from .evaluation import public_scores
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ class EvalCache:
     def put(self, model_sha256: str, eval_sha256: str, scores: dict[str, Any]) -> None:
         """Record scores (a failed write is logged: the cache only saves time)."""
         data = self._load()
-        data[f"{model_sha256}:{eval_sha256}"] = {"at": time.time(), "scores": scores}
+        # The per-item results stay out: the cache keeps what telemetry and events carry.
+        data[f"{model_sha256}:{eval_sha256}"] = {"at": time.time(),
+                                                 "scores": public_scores(scores)}
         while len(data) > MAX_ENTRIES:
             oldest = min(data, key=lambda k: data[k].get("at", 0)
                          if isinstance(data[k], dict) else 0)

@@ -9,10 +9,11 @@ from typing import Any
 from ..inference.adapters import check_staged_adapter
 from ..inference.runtime import InferenceRuntime, PrepareAborted
 from ..inference.spec import ModelSpec
+from ..inference.supervisor import RemoteError
 from ..profiles import RuntimeSettings
 from . import HealthAborted, HealthChecker, HealthRequest, HealthResult
 from .eval_cache import EvalCache
-from .evaluation import score_model
+from .evaluation import chat_request, score_model
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,13 @@ class WorkerHealthChecker(HealthChecker):
 
         async def ask(item: Any) -> str | None:
             parts: list[str] = []
-            body = {"messages": [{"role": "user", "content": item.prompt}],
-                    "temperature": 0.0, "max_tokens": item.max_tokens, "seed": 0}
-            async with self.runtime.lease(name) as (_, worker):
-                await worker.call("complete", {"request": body}, parts.append)
+            try:
+                async with self.runtime.lease(name) as (_, worker):
+                    await worker.call("complete", {"request": chat_request(item)}, parts.append)
+            except RemoteError as exc:  # this item's request refused: it fails, the rest run
+                log.warning("evaluation item %s not answered by the active %s: %s",
+                            item.id, name, exc)
+                return None
             return "".join(parts)
 
         try:

@@ -65,7 +65,9 @@ def run_prompt(backend: Backend, item: dict[str, Any]) -> dict[str, Any]:
     try:
         backend.complete(
             {"messages": [{"role": "user", "content": item["prompt"]}], "temperature": 0.0,
-             "max_tokens": item.get("max_tokens", 64), "seed": 0},
+             "max_tokens": item.get("max_tokens", 64), "seed": 0,
+             # an evaluation item's structured-output format (golden prompts have none)
+             "response_format": item.get("response_format")},
             emit, lambda: False,
         )
     except BadRequest as exc:

@@ -35,7 +35,7 @@ from ..config import AgentConfig
 from ..errors import StoreError
 from ..events import EventLog
 from ..healthcheck import HealthResult
-from ..healthcheck.evaluation import describe
+from ..healthcheck.evaluation import describe, public_scores
 from .download import ArtifactRequest, download_with_retries
 from .outcome import Failed
 from .store import ModelStore
@@ -118,9 +118,9 @@ def report_evaluation(events: EventLog, assignment_id: str, fetched: FetchedEval
     active = result.details.get("eval_active")
     outcome = EvalOutcome(
         eval_sha256=fetched.sha256,
-        candidate=EvalScores.model_validate(scores),
+        candidate=EvalScores.model_validate(public_scores(scores)),
         active_sha256=result.details.get("eval_active_sha256") if active else None,
-        active=EvalScores.model_validate(active) if active else None,
+        active=EvalScores.model_validate(public_scores(active)) if active else None,
     )
     reason = f"candidate {describe(scores)}"
     if active:
