@@ -7,7 +7,9 @@ connected but stops reporting, or a broker restart that lost the will.
 The check reads the index ``(online, last_seen)``
 (:data:`controlplane.db.retention_tables.LIVENESS_INDEX`): each run visits
 the online devices silent since the cutoff, not every device, so its cost
-follows the devices going offline, not the size of the fleet.
+follows the devices going offline, not the size of the fleet. Each run also
+folds the device counts' appended changes (:mod:`controlplane.db.device_counts`),
+the table ``/metrics`` reads instead of counting devices.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import Engine, true, update
 
+from .db.device_counts import compact
 from .db.models import Device
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,11 @@ def mark_silent_devices_offline(engine: Engine, now: float, max_silence_s: float
             marked += conn.execute(
                 update(Device).where(*where).values(online=False, state_changed_at=now)
             ).rowcount
+    # Its own transaction: folding the device counts' changes (the triggers on
+    # devices appended them, these offline marks included) must not hold the
+    # marks' locks longer.
+    with engine.begin() as conn:
+        compact(conn)
     return marked
 
 
