@@ -25,19 +25,13 @@ from controlplane.db.session import session_factory
 from controlplane.db.writes import BatchStore, IngestItem
 from controlplane.liveness import mark_silent_devices_offline
 from tests.support.controlplane import hello, state, telemetry
+from tests.support.migrated import KINDS, migrated_engine
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=KINDS)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database of each kind."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'cp.db'}"
-    engine = make_engine(url)
-    upgrade_to_head(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(request, tmp_path)
 
 
 def _item(kind: p.TopicKind, message: Any, at: float | None = None) -> IngestItem:

@@ -38,22 +38,16 @@ from controlplane.retention import RetentionJob
 from controlplane.retention import partitions as parts
 from controlplane.retention.prune import delete_through, last_id_before
 from tests.support.controlplane import hello, telemetry
+from tests.support.migrated import KINDS, migrated_engine
 
 DAY = 86400.0
 DEVICES = ("ret-a", "ret-b")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=KINDS)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database of each kind."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'cp.db'}"
-    engine = make_engine(url)
-    upgrade_to_head(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(request, tmp_path)
 
 
 def _settings(tmp_path: Path, engine: Engine, **extra: object) -> ControlPlaneSettings:
