@@ -17,12 +17,12 @@ import pytest
 from sqlalchemy import Engine, insert, update
 
 import protocol as p
-from controlplane.db.models import Model, ModelVersion, Rollout, RolloutDevice
+from controlplane.db.models import Rollout, RolloutDevice
 from controlplane.db.writes import BatchStore, IngestItem
 from controlplane.metrics import EvalScoreCache
 from controlplane.rollouts.eval_scores import recent_eval_scores
 from tests.support.controlplane import hello
-from tests.support.migrated import KINDS, migrated_engine
+from tests.support.migrated import KINDS, add_release, add_rollout, migrated_engine
 
 MEMBERS = ("e1", "e2", "e3")
 
@@ -35,15 +35,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         BatchStore(engine).write([IngestItem(p.TopicKind.HELLO, hello(d), now, False)
                                   for d in MEMBERS])
         with engine.begin() as conn:
-            conn.execute(insert(Model), [{"name": "m", "created_at": now}])
-            version_id = conn.execute(insert(ModelVersion).returning(ModelVersion.id), [{
-                "model_name": "m", "version": "1.1.0", "sort_key": "01", "released_at": now,
-                "registered_at": now, "description": "", "manifest_sha256": "0" * 64,
-                "envelope": "{}"}]).scalar_one()
-            conn.execute(insert(Rollout), [{
-                "id": "r1", "model_name": "m", "version": "1.1.0", "version_id": version_id,
-                "spec": {}, "state": "active", "stage_index": 0, "approved_stage": -1,
-                "revision": 0, "created_at": now, "updated_at": now}])
+            add_rollout(conn, "r1", add_release(conn))
             conn.execute(insert(RolloutDevice), [{
                 "rollout_id": "r1", "device_id": d, "device_tier": "micro",
                 "variant_tier": "micro", "cohort_key": d, "state": "assigned",

@@ -178,7 +178,8 @@ def test_heartbeats_not_yet_rolled_up_are_kept(engine: Engine, tmp_path: Path) -
 
 
 def test_events_have_their_own_period(engine: Engine, tmp_path: Path) -> None:
-    settings = _settings(tmp_path, engine, events_days=2, telemetry_raw_days=30,
+    settings = _settings(tmp_path, engine, events_days=2, audit_window_days=1,
+                         telemetry_raw_days=30,
                          telemetry_rollup_days=30)
     start = time.time() - 10 * DAY
     store = BatchStore(engine)
