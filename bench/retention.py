@@ -5,16 +5,22 @@ while retention prunes.
     RETENTION_DB=postgresql .venv/bin/python bench/retention.py
 
 A controlled clock walks ``RETENTION_DAYS`` (8) days. Each day,
-``RETENTION_DEVICES`` devices (30) send a heartbeat every 30 s (2,880 a
-device-day, with one inference entry each), written through the ingest's
+``RETENTION_DEVICES`` devices (30) send a heartbeat every
+``RETENTION_HEARTBEAT_S`` (30 s: 2,880 a device-day, with one inference
+entry each), written through the ingest's
 own batch writer in batches of 500 as the ingest writes them; at the end of
 each day the retention job runs (raw kept ``RAW_DAYS`` = 2 days, rollups
 400) while the next day's first batches are written beside it, and the
-database's size is read. Size is linear in devices, so the figures are per
-device: bytes per device-day of raw telemetry before retention, the
-database's size per device once retention holds it steady, and what the
-settings predict for that (raw days x raw bytes per device-day, plus the
-rollups). The write rate is rows per second of the batches written while
+database's size is read, less what the empty database took. Size is
+linear in devices, so the figures are per device: bytes per device-day of
+raw telemetry (``telemetry`` with its indexes after day 1, before anything
+is pruned), of rollups, the database's size per device once retention holds
+it steady, and what the settings predict for that (raw days plus the day
+being written, times raw bytes per device-day, plus the rollups). Raw bytes
+are one row per heartbeat, so a run at a longer heartbeat is scaled to 30 s
+(``HEARTBEAT_S / 30``) for the week of ``FLEET`` (10,000) devices at 30 s
+it projects, with the default raw period (7 days) and with the run's. The
+write rate is rows per second of the batches written while
 the job ran, against those written with no job running.
 
 The last line is one JSON object with every figure.
@@ -47,9 +53,15 @@ DEVICES = int(os.environ.get("RETENTION_DEVICES", "30"))
 DAYS = int(os.environ.get("RETENTION_DAYS", "8"))
 DATABASE = os.environ.get("RETENTION_DB", "sqlite")
 RAW_DAYS = 2
-HEARTBEAT_S = 30
+#: seconds between two heartbeats of a device; raw bytes per device-day are
+#: also given as at 30 s (scaled by HEARTBEAT_S / 30: one row per heartbeat)
+HEARTBEAT_S = int(os.environ.get("RETENTION_HEARTBEAT_S", "30"))
+#: the fleet whose week the figures are projected to
+FLEET = 10_000
+WEEK_DAYS = 7
 BATCH = 500
 DAY_S = 86400
+BEATS = DAY_S // HEARTBEAT_S
 
 
 def db_bytes(engine: Engine, path: Path) -> int:
@@ -65,6 +77,18 @@ def db_bytes(engine: Engine, path: Path) -> int:
                 "SELECT sum(pg_total_relation_size(relid)) FROM pg_stat_user_tables")).scalar())
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     return path.stat().st_size
+
+
+def telemetry_bytes(engine: Engine) -> int:
+    """Bytes of raw ``telemetry`` with its indexes (every partition on PostgreSQL)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            return int(conn.execute(text(
+                "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+                "WHERE inhparent = 'telemetry'::regclass")).scalar())
+        return int(conn.execute(text(
+            "SELECT sum(pgsize) FROM dbstat WHERE name IN "
+            "(SELECT name FROM sqlite_master WHERE tbl_name = 'telemetry')")).scalar() or 0)
 
 
 def rollup_bytes(engine: Engine) -> int:
@@ -141,14 +165,18 @@ def main() -> None:
         worker.start()
         jobs.send(start)  # partitions of the first days, on PostgreSQL
         jobs.recv()
+        # what an empty database takes (schema, catalog, the empty partitions ahead)
+        empty = db_bytes(engine, path)
         store = BatchStore(engine)
         sizes, quiet, busy = [], [], []
         pending: list[list[IngestItem]] = []
         for day in range(DAYS):
-            batches = pending or day_batches(start + day * DAY_S, day * 2880 + 1)
+            batches = pending or day_batches(start + day * DAY_S, day * BEATS + 1)
             quiet.append(write(store, batches))
+            if day == 0:  # one whole day of raw heartbeats, before the job or the next day
+                raw_per_device_day = telemetry_bytes(engine) / DEVICES
             clock[0] = start + (day + 1) * DAY_S + 120
-            pending = day_batches(start + (day + 1) * DAY_S, (day + 1) * 2880 + 1)
+            pending = day_batches(start + (day + 1) * DAY_S, (day + 1) * BEATS + 1)
             # The job, in a process of its own as in a control plane (its writer is
             # another process), with the next day's first batches written beside it.
             t0 = time.perf_counter()
@@ -164,13 +192,14 @@ def main() -> None:
             if rows:
                 busy.append(busy_rate)
             pending = pending[written:]
-            sizes.append(db_bytes(engine, path))
+            sizes.append(db_bytes(engine, path) - empty)
             print(f"day {day + 1}: {quiet[-1]:,.0f} rows/s alone, {busy_rate:,.0f} rows/s beside "
                   f"the job ({job_s:.1f} s: {result}), database {sizes[-1] / 1e6:.1f} MB",
                   flush=True)
-        raw_per_device_day = sizes[0] / DEVICES  # day 1: nothing pruned yet, rollups small
         rollup_per_device_day = rollup_bytes(engine) / DEVICES / DAYS
         steady = sizes[-1] / DEVICES
+        raw_30s = raw_per_device_day * HEARTBEAT_S / 30
+        predicted = (RAW_DAYS + 1) * raw_per_device_day + DAYS * rollup_per_device_day
         figures = {
             "database": engine.dialect.name, "devices": DEVICES, "days": DAYS,
             "raw_days": RAW_DAYS, "heartbeat_s": HEARTBEAT_S,
@@ -178,8 +207,15 @@ def main() -> None:
             "db_bytes_per_device_after_days": round(steady),
             # raw_days whole days plus the day being written, the rollups on top
             "rollup_bytes_per_device_day": round(rollup_per_device_day),
-            "predicted_bytes_per_device": round((RAW_DAYS + 1) * raw_per_device_day
-                                                + DAYS * rollup_per_device_day),
+            "predicted_bytes_per_device": round(predicted),
+            "measured_over_predicted": round(steady / predicted, 3),
+            "raw_bytes_per_device_day_at_30s": round(raw_30s),
+            # 10,000 devices at 30 s for a week, with the default raw period (7
+            # days, plus the day being written) and the week's rollups
+            "fleet_week_bytes_predicted_at_30s_raw_7_days": round(
+                FLEET * (8 * raw_30s + WEEK_DAYS * rollup_per_device_day)),
+            f"fleet_week_bytes_at_30s_raw_{RAW_DAYS}_days": round(
+                FLEET * ((RAW_DAYS + 1) * raw_30s + WEEK_DAYS * rollup_per_device_day)),
             "db_bytes_per_device_by_day": [round(s / DEVICES) for s in sizes],
             "write_rows_per_s_alone": round(statistics.median(quiet)),
             "write_rows_per_s_beside_retention": round(statistics.median(busy)) if busy else -1,
