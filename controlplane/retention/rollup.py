@@ -4,7 +4,7 @@ Heartbeats are taken in pages by id after the mark ``telemetry_rollup``
 (ids grow as rows are written, on SQLite and PostgreSQL alike), summed per
 device, hour (of the heartbeat's own ``ts``) and model version by the
 database itself (``INSERT ... SELECT ... GROUP BY``, the inference list
-unnested with ``json_each`` or ``json_array_elements``), and added to
+unnested with ``json_each`` or ``jsonb_array_elements``), and added to
 ``telemetry_hourly`` (``ON CONFLICT ... DO UPDATE``) in the same transaction
 that moves the mark: a page is folded in exactly once.
 
@@ -67,7 +67,10 @@ _DIALECT = {
                "entries": "json_each(t.inference) AS e", "greater": "max"},
     "postgresql": {"hour": "floor(t.ts / 3600) * 3600",
                    "field": "(e ->> '{name}')::float8",
-                   "entries": "json_array_elements(t.inference) AS e", "greater": "greatest"},
+                   # jsonb: parsed once a row; ->> on json parses the entry again
+                   # for each of its twenty-odd fields
+                   "entries": "jsonb_array_elements(t.inference::jsonb) AS e",
+                   "greater": "greatest"},
 }
 
 
