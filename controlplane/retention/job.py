@@ -41,7 +41,7 @@ from ..db.statuses import MOVING_ROLLOUT_STATES
 from . import partitions
 from .history import prune_history
 from .prune import prune_older
-from .rollup import ROLLUP_MARK, read_mark, roll_up
+from .rollup import roll_up, rolled_up_to
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class RetentionJob:
         keep_from = self._live_rollouts_since()
         raw_cutoff = self._cutoff(now, s.telemetry_raw_days, keep_from)
         with self._engine.connect() as conn:
-            mark = read_mark(conn, ROLLUP_MARK)
+            mark = rolled_up_to(conn)
         batch = s.retention_batch_rows
         if partitioned:
             report.partitions_dropped = self._drop_days(raw_cutoff, mark)
@@ -126,14 +126,14 @@ class RetentionJob:
             log.info("retention: %s", report)
         return report
 
-    def _drop_days(self, cutoff: float, mark: float) -> int:
+    def _drop_days(self, cutoff: float, mark: int) -> int:
         with self._engine.begin() as conn:
             names = partitions.droppable_days(conn, cutoff, mark)
             for name in names:
                 partitions.drop_day(conn, name)
         return len(names)
 
-    def _prune_default(self, cutoff: float, mark: float, batch: int) -> int:
+    def _prune_default(self, cutoff: float, mark: int, batch: int) -> int:
         """Old rows of the default partition (a device clock off, or a day never created)."""
         deleted = 0
         while True:
