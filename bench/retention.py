@@ -226,7 +226,7 @@ def scrape() -> None:
             with engine.begin() as conn:  # the second round runs without the triggers
                 for name in ("insert", "delete", "update") if DATABASE == "sqlite" else (
                         "insert_delete ON devices", "update ON devices"):
-                    conn.exec_driver_sql(f"DROP TRIGGER device_counts_{name}")
+                    conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS device_counts_{name}")
     finally:
         engine.dispose()
         if postgres is not None:
