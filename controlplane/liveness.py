@@ -46,11 +46,6 @@ def mark_silent_devices_offline(engine: Engine, now: float, max_silence_s: float
             marked += conn.execute(
                 update(Device).where(*where).values(online=False, state_changed_at=now)
             ).rowcount
-    # Its own transaction: folding the device counts' changes (the triggers on
-    # devices appended them, these offline marks included) must not hold the
-    # marks' locks longer.
-    with engine.begin() as conn:
-        compact(conn)
     return marked
 
 
@@ -73,11 +68,15 @@ class LivenessCheck:
     def __call__(self) -> int:
         """Run one check; return the number of devices marked offline."""
         now = self._clock()
-        if now - self._listening_since < self._max_silence_s:
-            return 0
-        count = mark_silent_devices_offline(self._engine, now, self._max_silence_s)
+        count = 0
+        if now - self._listening_since >= self._max_silence_s:
+            count = mark_silent_devices_offline(self._engine, now, self._max_silence_s)
         if count:
             log.info("marked %d silent device(s) offline", count)
+        # Also while holding off: a restart's reconnecting fleet appends a
+        # change per device. Its own transaction, after the marks committed.
+        with self._engine.begin() as conn:
+            compact(conn)
         return count
 
 

@@ -23,7 +23,7 @@ from controlplane.db.device_counts import FleetCounts, compact, counts, read_cou
 from controlplane.db.queries import count_devices_by_form, count_devices_by_tier_and_state
 from controlplane.db.session import session_factory
 from controlplane.db.writes import BatchStore, IngestItem
-from controlplane.liveness import mark_silent_devices_offline
+from controlplane.liveness import LivenessCheck, mark_silent_devices_offline
 from tests.support.controlplane import hello, state, telemetry
 from tests.support.migrated import KINDS, migrated_engine
 
@@ -129,6 +129,19 @@ def test_compaction_folds_rows_and_keeps_the_counts(engine: Engine) -> None:
     assert _assert_exact(engine) == before
     with engine.begin() as conn:
         assert compact(conn) == 0  # nothing to fold twice
+
+
+def test_offline_detection_folds_the_counts_even_while_it_holds_off(engine: Engine) -> None:
+    """The scheduled check folds on every run, also in its first silence period."""
+    store = BatchStore(engine)
+    store.write([_hello(f"l{i}", tier="medium") for i in range(10)])
+    store.write([_state(f"l{i}", False) for i in range(5)])
+    before = _assert_exact(engine)
+    assert _rows(engine) > 2
+    check = LivenessCheck(engine, max_silence_s=3600)  # just started: marks nothing yet
+    assert check() == 0
+    assert _rows(engine) == 2  # medium online, medium offline
+    assert _assert_exact(engine) == before
 
 
 def test_heartbeats_of_online_devices_add_no_rows(engine: Engine) -> None:
