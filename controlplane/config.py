@@ -109,6 +109,12 @@ class ControlPlaneSettings(BaseModel):
     telemetry_rollup_days: Annotated[int, Field(ge=1, le=36500)] = 90
     #: update events (``device_events``) are kept this many days
     events_days: Annotated[int, Field(ge=1, le=36500)] = 90
+    #: assignment history (entries no longer active) and superseded capability
+    #: reports are kept this many days; a device's newest report always stays
+    history_days: Annotated[int, Field(ge=1, le=36500)] = 365
+    #: the period an audit-log entry must stay explainable: events and history
+    #: are never kept for less (the audit log itself is never pruned)
+    audit_window_days: Annotated[int, Field(ge=1, le=36500)] = 30
     #: how often retention runs (rollups, pruning, partitions ahead)
     retention_interval_s: Annotated[float, Field(ge=1.0)] = 300.0
     #: rows one delete statement removes; each batch is its own short transaction
@@ -293,6 +299,11 @@ class ControlPlaneSettings(BaseModel):
     def _rollups_outlive_raw(self) -> ControlPlaneSettings:
         if self.telemetry_rollup_days < self.telemetry_raw_days:
             raise ValueError("telemetry_rollup_days must be at least telemetry_raw_days")
+        for name in ("events_days", "history_days"):
+            if getattr(self, name) < self.audit_window_days:
+                raise ValueError(f"{name} must be at least audit_window_days "
+                                 f"({self.audit_window_days}): what the audit window covers "
+                                 "is never pruned")
         return self
 
     @property

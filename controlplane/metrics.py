@@ -1,26 +1,85 @@
-"""Prometheus metrics, read at scrape time from the ingest and the database."""
+"""Prometheus metrics, read at scrape time from the ingest and the database.
+
+What a scrape reads does not grow with the fleet: device counts come from
+``device_counts`` (kept by the database as devices are written), evaluation
+scores from a cache recomputed only when a new ``evaluated`` event or a
+rollout change arrives (:mod:`.metrics_cache`), and rollout figures from
+the rollouts still moving.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from controlplane.rollouts.eval_scores import recent_eval_scores
+from controlplane.rollouts.eval_scores import METRIC_ROLLOUTS, recent_eval_scores
+from protocol import EventType
 
 from .context import AppContext
-from .db.models import Rollout, RolloutDevice
-from .db.queries import count_devices_by_form, count_devices_by_tier_and_state
+from .db.device_counts import read_counts
+from .db.models import DeviceEvent, Rollout, RolloutDevice
 from .db.statuses import MOVING_ROLLOUT_STATES
 
 log = logging.getLogger(__name__)
 
 _VERDICT = {"pass": 1, "wait": 0, "fail": -1}
+
+#: the longest a cached score table is served unchanged: what its key does not
+#: see (a member moved to a new assignment with no evaluated event yet) is
+#: caught up within this
+EVAL_CACHE_MAX_AGE_S = 60.0
+
+
+class EvalScoreCache:
+    """The newest rollouts' score tables, recomputed only when what they read moved.
+
+    Computing them reads every member of ten rollouts and their events, which
+    grows with the fleet. The key is the newest ``evaluated`` event (an
+    index lookup) and the newest rollouts' ids, states and stages (a few
+    rows); a scrape with the same key gets the tables computed before.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 max_age_s: float = EVAL_CACHE_MAX_AGE_S) -> None:
+        self._clock = clock
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._key: object = None
+        self._at = 0.0
+        self._rows: list[tuple[str, str, dict[str, Any]]] = []
+        #: how many times the tables were computed (what tests and benches check)
+        self.computed = 0
+
+    @staticmethod
+    def key(conn: Connection) -> tuple[object, ...]:
+        """What the score tables depend on that a scrape can read cheaply."""
+        newest = conn.execute(select(func.max(DeviceEvent.id))
+                              .where(DeviceEvent.type == EventType.EVALUATED.value)).scalar()
+        recent = conn.execute(
+            select(Rollout.id, Rollout.state, Rollout.stage_index)
+            .order_by(Rollout.created_at.desc()).limit(METRIC_ROLLOUTS)).all()
+        return newest, tuple(tuple(r) for r in recent)
+
+    def read(self, conn: Connection) -> list[tuple[str, str, dict[str, Any]]]:
+        """(rollout id, model, score row) as :func:`recent_eval_scores` gives them."""
+        key = self.key(conn)
+        with self._lock:
+            if key == self._key and self._clock() - self._at < self._max_age_s:
+                return self._rows
+            # No evaluated event at all: every table is empty, nothing to read.
+            rows = recent_eval_scores(conn) if key[0] is not None else []
+            self.computed += 1
+            self._key, self._at, self._rows = key, self._clock(), rows
+            return rows
 
 
 class ControlPlaneCollector(Collector):
@@ -32,6 +91,7 @@ class ControlPlaneCollector(Collector):
 
     def __init__(self, context: AppContext) -> None:
         self._context = context
+        self._eval_scores = EvalScoreCache()
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family (called by the registry on each scrape)."""
@@ -73,7 +133,7 @@ class ControlPlaneCollector(Collector):
         """Mean on-device evaluation score per version and tier of the newest rollouts."""
         try:
             with self._context.engine.connect() as conn:
-                rows = recent_eval_scores(conn)
+                rows = self._eval_scores.read(conn)
         except SQLAlchemyError as exc:
             log.warning("metrics: cannot read evaluation scores: %s", exc)
             return
@@ -145,10 +205,10 @@ class ControlPlaneCollector(Collector):
         yield from (stage, devices, value, threshold, verdict)
 
     def _device_metrics(self) -> Iterator[Metric]:
+        """Devices by tier and state and by form, from the counts kept as rows are written."""
         try:
-            with self._context.sessions() as session:
-                counts = count_devices_by_tier_and_state(session)
-                by_form = count_devices_by_form(session)
+            with self._context.engine.connect() as conn:
+                fleet = read_counts(conn)
         except SQLAlchemyError as exc:
             # The scrape still reports the ingest; health says the database is down.
             log.warning("metrics: cannot count devices: %s", exc)
@@ -156,7 +216,7 @@ class ControlPlaneCollector(Collector):
         devices = GaugeMetricFamily(
             "slmfleet_devices", "devices by tier and online state", labels=["tier", "online"]
         )
-        for tier, online, count in counts:
+        for (tier, online), count in fleet.by_tier_and_state.items():
             devices.add_metric([tier or "unknown", "true" if online else "false"], count)
         yield devices
         forms = GaugeMetricFamily(
@@ -166,7 +226,7 @@ class ControlPlaneCollector(Collector):
             labels=["form"],
         )
         for form in ("single", "set"):
-            forms.add_metric([form], dict(by_form).get(form, 0))
+            forms.add_metric([form], fleet.by_form.get(form, 0))
         yield forms
 
 

@@ -38,22 +38,16 @@ from controlplane.retention import RetentionJob
 from controlplane.retention import partitions as parts
 from controlplane.retention.prune import delete_through, last_id_before
 from tests.support.controlplane import hello, telemetry
+from tests.support.migrated import KINDS, migrated_engine
 
 DAY = 86400.0
 DEVICES = ("ret-a", "ret-b")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=KINDS)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database of each kind."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'cp.db'}"
-    engine = make_engine(url)
-    upgrade_to_head(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(request, tmp_path)
 
 
 def _settings(tmp_path: Path, engine: Engine, **extra: object) -> ControlPlaneSettings:
@@ -184,7 +178,8 @@ def test_heartbeats_not_yet_rolled_up_are_kept(engine: Engine, tmp_path: Path) -
 
 
 def test_events_have_their_own_period(engine: Engine, tmp_path: Path) -> None:
-    settings = _settings(tmp_path, engine, events_days=2, telemetry_raw_days=30,
+    settings = _settings(tmp_path, engine, events_days=2, audit_window_days=1,
+                         telemetry_raw_days=30,
                          telemetry_rollup_days=30)
     start = time.time() - 10 * DAY
     store = BatchStore(engine)

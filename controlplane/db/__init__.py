@@ -4,6 +4,7 @@
 # them on the one metadata that migrations and schema checks compare against.
 from controlplane.auth import tables as _auth_tables  # noqa: F401
 
+from .device_counts import DeviceCount
 from .migrate import upgrade_to_head
 from .models import Base, CapabilitySnapshot, Device, DeviceEvent, DeviceLabel, TelemetryRow
 from .policy_tables import UpdatePolicyDefault
@@ -14,6 +15,7 @@ __all__ = [
     "Base",
     "CapabilitySnapshot",
     "Device",
+    "DeviceCount",
     "DeviceEvent",
     "DeviceLabel",
     "RetentionMark",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .models import SHORT_LEN, Base, Device, _DeviceRows
+from .models import SHORT_LEN, AssignmentRecord, Base, Device, DeviceEvent, _DeviceRows
 
 #: the per-version figures merged by request-weighted mean
 WEIGHTED = ("ttft_p50_ms", "ttft_p95_ms", "latency_p50_ms", "latency_p95_ms", "tokens_per_s")
@@ -78,3 +78,11 @@ class RetentionMark(Base):
 #: Offline detection reads the online devices silent since a cutoff from
 #: this index, instead of walking every device row (controlplane.liveness).
 LIVENESS_INDEX = Index("ix_devices_online_last_seen", Device.online, Device.last_seen)
+
+#: ``/metrics`` keys its evaluation scores by the newest ``evaluated`` event,
+#: read from this index (controlplane.metrics)
+EVALUATED_INDEX = Index("ix_device_events_type_id", DeviceEvent.type, DeviceEvent.id)
+
+#: history retention finds the entries that ended before a cutoff here
+#: (controlplane.retention.history)
+ENDED_INDEX = Index("ix_assignments_ended_at", AssignmentRecord.ended_at)

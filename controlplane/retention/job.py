@@ -11,7 +11,13 @@ Each run, in this order:
    and never one from after the start of a rollout still in progress (its
    gates compare what devices reported since it began);
 4. delete rollups older than ``telemetry_rollup_days`` and events older than
-   ``events_days`` (again never those of a rollout in progress).
+   ``events_days`` (again never those of a rollout in progress);
+5. delete history older than ``history_days`` (:mod:`.history`: assignment
+   entries no longer active, capability reports replaced by a newer one;
+   never those of a rollout in progress). ``events_days`` and
+   ``history_days`` are at least ``audit_window_days``, so nothing an
+   audit-log entry of that window points to goes; the audit log itself is
+   never pruned.
 
 Every replica may run it; the statements are idempotent, and the rollup
 mark moves in the same transaction as the rollups it covers. The leader
@@ -33,8 +39,9 @@ from ..db.models import DeviceEvent, Rollout, TelemetryRow
 from ..db.retention_tables import TelemetryHourly
 from ..db.statuses import MOVING_ROLLOUT_STATES
 from . import partitions
+from .history import prune_history
 from .prune import prune_older
-from .rollup import ROLLUP_MARK, read_mark, roll_up
+from .rollup import roll_up, rolled_up_to
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ class RetentionReport:
     partitions_dropped: int = 0
     rollups_deleted: int = 0
     events_deleted: int = 0
+    history_deleted: int = 0
+    snapshots_deleted: int = 0
 
 
 class RetentionJob:
@@ -95,7 +104,7 @@ class RetentionJob:
         keep_from = self._live_rollouts_since()
         raw_cutoff = self._cutoff(now, s.telemetry_raw_days, keep_from)
         with self._engine.connect() as conn:
-            mark = read_mark(conn, ROLLUP_MARK)
+            mark = rolled_up_to(conn)
         batch = s.retention_batch_rows
         if partitioned:
             report.partitions_dropped = self._drop_days(raw_cutoff, mark)
@@ -110,18 +119,21 @@ class RetentionJob:
         report.events_deleted = prune_older(
             self._engine, events, "received_at",
             self._cutoff(now, s.events_days, keep_from), batch=batch, deadline=deadline)
+        report.history_deleted, report.snapshots_deleted = prune_history(
+            self._engine, self._cutoff(now, s.history_days, keep_from),
+            batch=batch, deadline=deadline)
         if any(vars(report).values()):
             log.info("retention: %s", report)
         return report
 
-    def _drop_days(self, cutoff: float, mark: float) -> int:
+    def _drop_days(self, cutoff: float, mark: int) -> int:
         with self._engine.begin() as conn:
             names = partitions.droppable_days(conn, cutoff, mark)
             for name in names:
                 partitions.drop_day(conn, name)
         return len(names)
 
-    def _prune_default(self, cutoff: float, mark: float, batch: int) -> int:
+    def _prune_default(self, cutoff: float, mark: int, batch: int) -> int:
         """Old rows of the default partition (a device clock off, or a day never created)."""
         deleted = 0
         while True:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Engine, Table, delete, func, select
+from sqlalchemy import ColumnElement, Engine, Table, delete, func, select
 
 #: pause between two batches: the ingest's turn at the write lock. SQLite's busy
 #: handler sleeps up to 100 ms between its tries, so a shorter pause could pass
@@ -76,3 +76,25 @@ def prune_older(engine: Engine, table: Table, column: str, cutoff: float, *, bat
     if not_after_id is not None:
         last = min(last, int(not_after_id))
     return delete_through(engine, table, last, batch=batch, deadline=deadline)
+
+
+def delete_matching(engine: Engine, table: Table, where: ColumnElement[bool], *, batch: int,
+                    deadline: float, clock: Callable[[], float] = time.monotonic) -> int:
+    """Delete ``table``'s rows matching ``where``, ``batch`` at a time, until ``deadline``.
+
+    For rows whose ids do not follow their times (an assignment ends long
+    after it was issued): each batch picks up to ``batch`` ids through
+    ``where``'s own index and deletes them in a short transaction.
+    """
+    ids = table.c.id
+    deleted = 0
+    while clock() < deadline:
+        with engine.begin() as conn:
+            chunk = conn.execute(select(ids).where(where).order_by(ids).limit(batch)
+                                 ).scalars().all()
+            if chunk:
+                deleted += conn.execute(delete(table).where(ids.in_(chunk))).rowcount
+        if len(chunk) < batch:
+            return deleted
+        time.sleep(PAUSE_S)
+    return deleted
