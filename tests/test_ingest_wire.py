@@ -20,8 +20,11 @@ def publish(topic: str, payload: bytes, packet_id: int | None = 1, retain: bool 
     return bytes([first]) + wire.varint(len(body)) + body
 
 
-def parse_all(reader: wire.FrameReader, chunks: list[bytes]) -> list[tuple[int, bytes] | wire.Skipped]:
-    out: list[tuple[int, bytes] | wire.Skipped] = []
+Frame = tuple[int, bytes] | wire.Skipped
+
+
+def parse_all(reader: wire.FrameReader, chunks: list[bytes]) -> list[Frame]:
+    out: list[Frame] = []
     for chunk in chunks:
         while chunk:
             space = reader.space()

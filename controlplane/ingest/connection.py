@@ -43,6 +43,10 @@ _SUBSCRIBE_ID = 1
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
+class BrokerRefused(ConnectionRefusedError):
+    """The broker answered CONNECT with a refusal (already reported when raised)."""
+
+
 class BrokerClosed(ConnectionError):
     """The broker closed the connection, sent DISCONNECT or stopped answering."""
 
@@ -129,6 +133,8 @@ class BulkLink:
         while not self._closing.is_set():
             try:
                 sock, reader = self._open()
+            except BrokerRefused:
+                pass
             except (OSError, wire.MalformedStream, wire.MalformedPacket) as exc:
                 self._log.log(logging.WARNING, "connect", "MQTT connect to %s:%s failed: %s",
                               self._config.host, self._config.port, exc)
@@ -200,8 +206,10 @@ class BulkLink:
                 "SLMFLEET_MQTT_PASSWORD) against the broker's password file and ACL"
             )
             self._events.refused(message)
-            raise ConnectionRefusedError(message)
-        raise ConnectionRefusedError(f"broker refused the connection: {connack.describe()}")
+            raise BrokerRefused(message)
+        message = f"broker refused the connection: {connack.describe()}"
+        self._log.log(logging.ERROR, "refused", "%s", message)
+        raise BrokerRefused(message)
 
     # -- serving ----------------------------------------------------------------
 
