@@ -5,7 +5,9 @@ connection loop (:mod:`.connection`) does the I/O around them. Only what a
 QoS 1 subscriber needs is here: CONNECT §3.1, CONNACK §3.2, PUBLISH §3.3,
 PUBACK §3.4, SUBSCRIBE §3.8, SUBACK §3.9, PINGREQ/PINGRESP §3.12-3.13,
 DISCONNECT §3.14 (MQTT v5.0, OASIS, 2019). ``fleetsim/wire.py`` speaks the
-publishing side of the same wire for the simulator.
+publishing side of the same wire for the simulator; :func:`varint`,
+:func:`utf8_string`, :func:`packet` and :func:`read_varint` are the pieces
+both sides need.
 """
 
 from __future__ import annotations
@@ -65,12 +67,14 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _utf8(text: str) -> bytes:
+def utf8_string(text: str) -> bytes:
+    """MQTT UTF-8 string: two-byte length, then the bytes (§1.5.4)."""
     data = text.encode()
     return struct.pack("!H", len(data)) + data
 
 
-def _packet(first: int, body: bytes) -> bytes:
+def packet(first: int, body: bytes) -> bytes:
+    """A control packet: first byte, remaining length, body (§2.1)."""
     return bytes([first]) + varint(len(body)) + body
 
 
@@ -86,26 +90,26 @@ def connect_packet(
 ) -> bytes:
     """CONNECT, MQTT v5, with the session and credentials the ingest uses."""
     flags = 0x02 if clean_start else 0x00
-    payload = _utf8(client_id)
+    payload = utf8_string(client_id)
     if username is not None:
         flags |= 0x80
-        payload += _utf8(username)
+        payload += utf8_string(username)
     if password is not None:
         flags |= 0x40
-        payload += _utf8(password)
+        payload += utf8_string(password)
     props = struct.pack("!BH", _RECEIVE_MAXIMUM, receive_maximum)
     if session_expiry_s:
         props += struct.pack("!BI", _SESSION_EXPIRY, session_expiry_s)
-    header = _utf8("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive_s)
-    return _packet(0x10, header + varint(len(props)) + props + payload)
+    header = utf8_string("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive_s)
+    return packet(0x10, header + varint(len(props)) + props + payload)
 
 
 def subscribe_packet(packet_id: int, topics: Sequence[str], options: int) -> bytes:
     """SUBSCRIBE to ``topics``, each with the same subscription options byte."""
     body = struct.pack("!H", packet_id) + b"\x00"  # no properties
     for topic in topics:
-        body += _utf8(topic) + bytes([options])
-    return _packet(0x82, body)
+        body += utf8_string(topic) + bytes([options])
+    return packet(0x82, body)
 
 
 def pubacks(packet_ids: Sequence[int]) -> bytes:
@@ -114,7 +118,7 @@ def pubacks(packet_ids: Sequence[int]) -> bytes:
     return b"".join([pack(0x40, 2, packet_id) for packet_id in packet_ids])
 
 
-def _read_varint(data: bytes | bytearray | memoryview, at: int, end: int) -> tuple[int, int] | None:
+def read_varint(data: bytes | bytearray | memoryview, at: int, end: int) -> tuple[int, int] | None:
     """(value, offset after it), or None when the bytes end first."""
     value, shift = 0, 0
     for count in range(_MAX_VARINT_BYTES):
@@ -160,7 +164,7 @@ def parse_suback(body: bytes) -> tuple[int, list[int]]:
     """(packet id, one reason code per topic) of a SUBACK."""
     if len(body) < 3:
         raise MalformedPacket("SUBACK shorter than three bytes")
-    parsed = _read_varint(body, 2, len(body))
+    parsed = read_varint(body, 2, len(body))
     if parsed is None or parsed[0] + parsed[1] > len(body):
         raise MalformedPacket("SUBACK properties run past the packet")
     return struct.unpack_from("!H", body)[0], list(body[parsed[0] + parsed[1]:])
@@ -194,7 +198,7 @@ def parse_publish(flags: int, body: bytes) -> tuple[str, int | None, bytes, bool
             if packet_id is None:
                 raise MalformedPacket("PUBLISH without its packet id")
             at += 2
-        parsed = _read_varint(body, at, len(body))
+        parsed = read_varint(body, at, len(body))
         if parsed is None or parsed[0] + parsed[1] > len(body):
             raise MalformedPacket("PUBLISH properties run past the packet")
         payload = body[parsed[0] + parsed[1]:]
@@ -227,7 +231,7 @@ class FrameReader:
         if size < 16:
             raise ValueError("buffer too small")
         self.max_packet = max_packet
-        self._buffer = bytearray(max(size, 5))
+        self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)
         self._filled = 0
         #: bytes of an oversized packet still to discard as they arrive
@@ -266,7 +270,7 @@ class FrameReader:
         out, self._held = self._held, []
         data, end, at = self._view, self._filled, 0
         while at < end:
-            parsed = _read_varint(data, at + 1, end)
+            parsed = read_varint(data, at + 1, end)
             if parsed is None:
                 break
             length, body_at = parsed
