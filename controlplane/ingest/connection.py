@@ -388,9 +388,10 @@ class _Batch:
         return len(self.messages) >= config.batch_max or now - self.since >= config.flush_s
 
     def clear(self) -> None:
+        # ``busy`` stays: a batch handed off in the middle of a read that
+        # filled the buffer still leaves more to read at once.
         self.messages = []
         self.ids = []
-        self.busy = False
 
 
 def _send_all(sock: socket.socket, data: bytes, timeout: float = CONNECT_TIMEOUT_S) -> None:
