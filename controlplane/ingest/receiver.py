@@ -1,14 +1,15 @@
 """MQTT ingest: device messages in, validated, batched into the database.
 
 Two processes share the work (see :mod:`controlplane.ingest.writer_process` for
-why). Here, one paho network thread (``loop_start``) stamps each message
-and appends it to a batch; a full batch, or one older than
-``ingest_flush_ms``, is shipped raw through a pipe to the worker process,
-which validates every payload (schema, size, device id in the payload
-equal to the topic's), counts and logs the bad ones, and writes the good
-ones in batches. When the worker falls behind, the pipe fills, the network
-thread blocks, stops reading and stops acknowledging QoS 1 messages, so the
-broker holds the backlog instead of either process growing without bound.
+why). Here, one connection thread (:class:`.connection.BulkLink`) reads
+every message the broker has sent in one go, stamps each and ships the
+batch raw through a pipe to the worker process, which validates every
+payload (schema, size, device id in the payload equal to the topic's),
+counts and logs the bad ones, and writes the good ones in batches. A batch
+is acknowledged to the broker once the worker has it. When the worker falls
+behind, the pipe fills, the connection thread blocks, stops reading and
+stops acknowledging, so the broker holds the backlog instead of either
+process growing without bound.
 
 A worker that dies is restarted; what it held is counted as dropped.
 Nothing a device sends can stop the ingest.
@@ -25,18 +26,12 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 import protocol
 from protocol import DEVICE_TO_CP
 
 from ..config import ControlPlaneSettings
 from ..logs import RateLimitedLog
+from .connection import BulkLink, LinkConfig, LinkEvents
 from .decode import DeviceIdMismatch, EmptyPayload, decode_device_message
 from .stats import IngestStatsSnapshot
 from .writer_process import STOP, RawMessage, WorkerConfig, encode_batch, run_worker
@@ -51,9 +46,6 @@ __all__ = [
     "decode_device_message",
 ]
 
-KEEPALIVE_S = 30
-RECONNECT_MIN_S = 0.5
-RECONNECT_MAX_S = 30
 #: worker counters that add up across worker restarts
 _SUMMED = ("received", "accepted", "written", "dropped", "batches", "write_errors", "settled")
 
@@ -102,88 +94,66 @@ class MqttIngest:
             log_level=logging.getLogger().getEffectiveLevel(),
             max_clock_skew_s=settings.ingest_max_clock_skew_s,
         )
-        self._batch_max = settings.ingest_batch_max
-        self._flush_s = settings.ingest_flush_ms / 1000.0
         self._log = RateLimitedLog(log)
-        # _ship_lock guards the pending batch and the pipe to the worker (one
-        # writer at a time); _cond guards the counters the worker reports.
+        # _ship_lock keeps one writer at a time on the pipe to the worker;
+        # _cond guards the counters the worker reports.
         self._ship_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._pending: list[RawMessage] = []
-        self._pending_since = 0.0
-        self._received = 0
         #: counters of workers that died or were replaced, carried forward
         self._retired: dict[str, Any] = {}
+        #: packets the connection could not read, by reason (the worker counts payloads)
+        self._refused_packets: dict[str, int] = {}
         self._lost = 0
         self._worker: _WorkerHandle | None = None
         self._threads: list[threading.Thread] = []
-        self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._closing = threading.Event()
         self._auth_error: str | None = None
-        self._subscribe_mid: int | None = None
-        self._client: mqtt.Client | None = None
+        self._link: BulkLink | None = None
         self._connect_lock = threading.Lock()
-        self._connect_started = False
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker process; the MQTT network thread connects once it is up."""
+        """Start the worker process; the MQTT connection opens once it is up."""
         if self._started:
             raise RuntimeError("MqttIngest already started")
         self._started = True
         self._worker = _WorkerHandle(self._worker_config)
-        settings = self._settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=settings.mqtt_client_id or f"slmfleet-cp-{secrets.token_hex(4)}",
-            protocol=mqtt.MQTTv5,
-        )
-        password = settings.mqtt_password
-        client.username_pw_set(
-            settings.mqtt_username, password.get_secret_value() if password else None
-        )
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        tls = settings.mqtt_tls_context()
-        if tls is not None:
-            client.tls_set_context(tls)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self._client = client
         # The connection opens once the writer's first report says it is up
         # (see _collect_reports): a backlog the broker queued for us would
-        # otherwise block the network thread for the writer's whole start-up.
-        threads = ((self._collect_reports, "ingest-reports"), (self._tick, "ingest-tick"))
-        for target, name in threads:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        # otherwise block the connection thread for the writer's whole start-up.
+        thread = threading.Thread(target=self._collect_reports, name="ingest-reports",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _connect(self) -> None:
         """Open the MQTT connection (in the background); once, unless stopping."""
         settings = self._settings
         with self._connect_lock:
-            client = self._client
-            if client is None or self._connect_started or self._closing.is_set():
+            if self._link is not None or self._closing.is_set():
                 return
-            self._connect_started = True
-            connect_props = None
-            if settings.mqtt_session_expiry_s:
-                connect_props = Properties(PacketTypes.CONNECT)
-                connect_props.SessionExpiryInterval = settings.mqtt_session_expiry_s
-            client.connect_async(
-                settings.mqtt_host,
-                settings.mqtt_port,
-                KEEPALIVE_S,
+            password = settings.mqtt_password
+            group = settings.mqtt_shared_group
+            config = LinkConfig(
+                host=settings.mqtt_host,
+                port=settings.mqtt_port,
+                client_id=settings.mqtt_client_id or f"slmfleet-cp-{secrets.token_hex(4)}",
+                username=settings.mqtt_username,
+                password=password.get_secret_value() if password else None,
+                topics=[protocol.subscription(kind, group) for kind in DEVICE_TO_CP],
                 clean_start=not settings.mqtt_session_expiry_s,
-                properties=connect_props,
+                session_expiry_s=settings.mqtt_session_expiry_s,
+                flush_s=settings.ingest_flush_ms / 1000.0,
+                batch_max=settings.ingest_batch_max,
+                tls=settings.mqtt_tls_context(),
             )
-            client.loop_start()
+            events = LinkEvents(hand_off=self._ship, subscribed=self._on_subscribed,
+                                refused=self._on_refused, rejected=self._on_rejected_packet)
+            self._link = BulkLink(config, events)
+            self._link.start()
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until subscribed and the writer process is up.
@@ -210,19 +180,15 @@ class MqttIngest:
             return
         with self._connect_lock:
             self._closing.set()
-            client, self._client = self._client, None
-        if client is not None and self._connect_started:
-            client.disconnect()
-            # Joins the network thread; it sleeps at most 1 s between
-            # reconnect checks, so this returns even with the broker gone.
-            client.loop_stop()
+            link = self._link
+        if link is not None:
+            # Hands off and acknowledges what it read, then disconnects.
+            link.stop(timeout)
         worker = self._worker
         if worker is not None:
-            with self._ship_lock:
-                self._ship_locked()
-                # Already gone: the report collector has counted the loss.
-                with contextlib.suppress(OSError):
-                    worker.inbox.send_bytes(STOP)
+            # Already gone: the report collector has counted the loss.
+            with self._ship_lock, contextlib.suppress(OSError):
+                worker.inbox.send_bytes(STOP)
             worker.process.join(timeout + 5.0)
             if worker.process.is_alive():
                 log.error("ingest worker did not stop in time; terminating it")
@@ -259,8 +225,9 @@ class MqttIngest:
         for key in _SUMMED:
             totals[key] = int(report.get(key, 0)) + int(self._retired.get(key, 0))
         rejected = dict(self._retired.get("rejected", {}))
-        for reason, count in report.get("rejected", {}).items():
-            rejected[reason] = rejected.get(reason, 0) + count
+        for source in (report.get("rejected", {}), self._refused_packets):
+            for reason, count in source.items():
+                rejected[reason] = rejected.get(reason, 0) + count
         totals["rejected"] = rejected
         totals["dropped"] += self._lost
         totals["last_batch_ms"] = report.get("last_batch_ms")
@@ -270,13 +237,12 @@ class MqttIngest:
 
     def stats(self) -> IngestStatsSnapshot:
         """Current counters; ``queue_depth`` counts everything not yet validated or written."""
-        with self._ship_lock:
-            pending = len(self._pending)
+        link = self._link
+        pending, received = (link.pending, link.received) if link else (0, 0)
         with self._cond:
             totals = self._totals()
             worker = self._worker
             in_pipe = worker.shipped - int(worker.report.get("received", 0)) if worker else 0
-            received = self._received
         accepted_waiting = totals["accepted"] - totals["settled"]
         return IngestStatsSnapshot(
             received=received,
@@ -301,11 +267,13 @@ class MqttIngest:
         """
         deadline = time.monotonic() + timeout
         while True:
-            with self._ship_lock:
-                self._ship_locked()
+            link = self._link
+            if link is not None:
+                link.hurry()
+            pending, received = (link.pending, link.received) if link else (0, 0)
             with self._cond:
                 worker = self._worker
-                if worker is not None and self._received >= received_at_least:
+                if worker is not None and received >= received_at_least and not pending:
                     report = worker.report
                     if (
                         int(report.get("received", 0)) >= worker.shipped
@@ -319,32 +287,25 @@ class MqttIngest:
 
     # -- the pipe to the worker -----------------------------------------------
 
-    def _ship_locked(self) -> None:
-        """Send the pending batch to the worker; caller holds ``_ship_lock``."""
-        if not self._pending or self._worker is None:
-            return
-        batch, self._pending = self._pending, []
-        worker = self._worker
-        try:
-            # Blocks while the worker is behind: that is the backpressure.
-            worker.inbox.send_bytes(encode_batch(batch))
-        except OSError as exc:
+    def _ship(self, batch: list[RawMessage]) -> None:
+        """Send a batch to the worker; blocks while it is behind."""
+        with self._ship_lock:
+            worker = self._worker
+            if worker is None:
+                return
+            try:
+                # Blocks while the worker is behind: that is the backpressure.
+                worker.inbox.send_bytes(encode_batch(batch))
+            except OSError as exc:
+                with self._cond:
+                    self._lost += len(batch)
+                self._log.log(
+                    logging.ERROR, "ship", "ingest worker unreachable (%s); %d messages lost",
+                    exc, len(batch),
+                )
+                return
             with self._cond:
-                self._lost += len(batch)
-            self._log.log(
-                logging.ERROR, "ship", "ingest worker unreachable (%s); %d messages lost",
-                exc, len(batch),
-            )
-            return
-        with self._cond:
-            worker.shipped += len(batch)
-
-    def _tick(self) -> None:
-        """Ship a batch that has waited ``flush_s``, however small."""
-        while not self._closing.wait(self._flush_s / 2):
-            with self._ship_lock:
-                if self._pending and time.monotonic() - self._pending_since >= self._flush_s:
-                    self._ship_locked()
+                worker.shipped += len(batch)
 
     def _collect_reports(self) -> None:
         """Receive the worker's counters; restart the worker if it dies."""
@@ -392,59 +353,20 @@ class MqttIngest:
             self._worker = _WorkerHandle(self._worker_config)
             self._cond.notify_all()
 
-    # -- paho callbacks (network thread) ------------------------------------
+    # -- the connection's events (its thread) -----------------------------------
 
-    def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
-    ) -> None:
-        if reason.is_failure:
-            if reason.value in (0x86, 0x87, 0x8C):  # bad credentials / not authorized / bad auth
-                self._auth_error = f"broker refused the control plane's login: {reason}"
-            self._log.log(logging.ERROR, "connect", "MQTT connect failed: %s", reason)
-            return
-        self._auth_error = None
-        self._connected.set()
-        group = self._settings.mqtt_shared_group
-        # Subscribe on every (re)connect: after a broker restart the session
-        # and its subscriptions are gone. Retained hellos and states are
-        # replayed only for a new subscription, not into a resumed session.
-        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        result, mid = client.subscribe(
-            [(protocol.subscription(kind, group), options) for kind in DEVICE_TO_CP]
-        )
-        if result != mqtt.MQTT_ERR_SUCCESS:
-            log.error("MQTT subscribe could not be sent: %s", mqtt.error_string(result))
-        self._subscribe_mid = mid
-        log.info("connected to %s; subscribing", self._settings.mqtt_url)
+    def _on_subscribed(self, subscribed: bool) -> None:
+        if subscribed:
+            self._auth_error = None
+            self._subscribed.set()
+            log.info("subscribed at %s", self._settings.mqtt_url)
+        else:
+            self._subscribed.clear()
 
-    def _on_subscribe(
-        self, _client: mqtt.Client, _userdata: Any, mid: int, reasons: list[ReasonCode], _p: Any
-    ) -> None:
-        if mid != self._subscribe_mid:
-            return
-        refused = [str(r) for r in reasons if r.is_failure]
-        if refused:
-            log.error("broker refused ingest subscriptions: %s", ", ".join(refused))
-            return
-        self._subscribed.set()
+    def _on_refused(self, message: str) -> None:
+        self._auth_error = message
+        self._log.log(logging.ERROR, "connect", "%s", message)
 
-    def _on_disconnect(
-        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _p: Any
-    ) -> None:
-        self._connected.clear()
-        self._subscribed.clear()
-        if not self._closing.is_set():
-            self._log.log(
-                logging.WARNING, "disconnect", "MQTT disconnected (%s); reconnecting", reason
-            )
-
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # The hot path, on paho's only thread: stamp and batch, nothing else.
-        # Validation happens in the worker process.
-        with self._ship_lock:
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending.append((msg.topic, msg.payload, msg.retain, time.time()))
-            self._received += 1
-            if len(self._pending) >= self._batch_max:
-                self._ship_locked()
+    def _on_rejected_packet(self, reason: str) -> None:
+        with self._cond:
+            self._refused_packets[reason] = self._refused_packets.get(reason, 0) + 1

@@ -1,12 +1,12 @@
 """The ingest's validating and writing half, in a process of its own.
 
-The MQTT client (paho, pure Python) needs most of one core to receive a
-few thousand messages a second; validating every payload and writing it to
-the database needs about a third as much again. In one process both share
-one GIL, and the receiving thread then waits for the writer at every socket
-read, which halves what the ingest sustains. So the MQTT side only stamps
-each message and ships it, raw, in batches through a pipe; this process
-decodes, validates, counts and writes on the other core.
+Receiving MQTT in Python takes a good part of one core at a few thousand
+messages a second; validating every payload and writing it to the database
+needs as much again. In one process both share one GIL, and the receiving
+thread then waits for the writer at every socket read, which halves what
+the ingest sustains. So the MQTT side only stamps each message and ships
+it, raw, in batches through a pipe; this process decodes, validates,
+counts and writes on the other core.
 
 Wire format on the pipe (parent to worker): ``pickle`` of a list of
 :data:`RawMessage`; an empty byte string asks the worker to finish and exit.
