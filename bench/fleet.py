@@ -265,6 +265,7 @@ def sent_rate(summary: dict[str, Any], since: float, until: float) -> dict[str, 
     start = summary.get("started_wall", 0.0)
     per_second = summary.get("heartbeats_per_second") or []
     inside = [n for i, n in enumerate(per_second) if since <= start + i and start + i + 1 <= until]
+    print(f"  simulator, heartbeats in each second of the window: {inside}", flush=True)
     pick = {"mean": statistics.mean, "median": statistics.median, "min": min}
     out = {f"ceiling_sent_{what}_msgs_per_s": round(float(f(inside)), 1) if inside else -1.0
            for what, f in pick.items()}

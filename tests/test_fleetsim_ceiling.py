@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -143,3 +144,23 @@ def test_procs_need_json_output(broker, cp_credentials) -> None:
          "--username", cp_credentials[0], "--password", cp_credentials[1], "--devices", "4",
          "--procs", "2"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--output json" in out.stderr
+
+
+def test_the_ceiling_counts_only_whole_seconds_inside_its_window() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fleet import DEVICES, lag_growth, sent_rate
+
+    summary = {"started_wall": 1000.0, "published_per_s": 1.0,
+               "heartbeats_per_second": [0, 5, DEVICES, 100, DEVICES, DEVICES, 7]}
+    # seconds 2..5 lie wholly in [1001.5, 1006.0]; 1 starts before it, 6 ends after it
+    out = sent_rate(summary, 1001.5, 1006.0)
+    assert out["ceiling_sent_seconds"] == 4
+    assert out["ceiling_sent_min_msgs_per_s"] == 100
+    assert out["ceiling_sent_median_msgs_per_s"] == DEVICES
+    assert out["ceiling_sent_mean_msgs_per_s"] == round((3 * DEVICES + 100) / 4, 1)
+    assert out["ceiling_sent_seconds_below_90pct"] == 1
+    polls = [(1000.0 + t, 2.0 + 0.5 * t) for t in range(0, 31)]  # lag grows 0.5 s a second
+    growth = lag_growth(polls, 1000.0, 1030.0)
+    assert growth["ceiling_lag_growth_s_per_s"] == 0.5
+    assert growth["ceiling_lag_first_5s_s"] < growth["ceiling_lag_last_5s_s"]
+    assert lag_growth(polls[:1], 1000.0, 1030.0)["ceiling_lag_growth_s_per_s"] == -1.0
