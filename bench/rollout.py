@@ -232,6 +232,7 @@ def one_size(n: int, broker: MosquittoBroker, keys: DevKeys, work: Path) -> dict
             spy.wait(60)
             figures |= {f"n{n}_profile_cpu_s_{k.replace(' ', '_')}": v for k, v in breakdown(
                 Path(PROFILE_DIR or "") / f"rollout-{n}.txt", PROFILE_RATE).items()}
+        print(f"N={n}: signed {signed - t0:.2f} s, published {published - t0:.2f} s", flush=True)
         line = sim.stdout.readline().split()
         if not line or line[0] != "delivered":
             raise SystemExit(f"the simulator did not get every assignment: {line}")
