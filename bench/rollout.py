@@ -23,6 +23,12 @@ rollout (median), the longest tick during the rollout (the one that joins
 and assigns all N devices), and the median tick over the completed rollout
 of N devices (what every tick pays while the rollout stays live).
 
+``ROLLOUT_PROFILE=DIR``: py-spy samples this process (the control plane:
+engine, director, publisher, ingest receiver, API) from just before the
+``POST`` until every ``desired`` is acknowledged, into ``DIR/rollout-N.txt``
+(collapsed stacks), and the figures get the CPU seconds per category
+(``bench/_profile.py``).
+
 The last line is one JSON object with every figure.
 """
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +50,7 @@ from typing import Any
 import httpx
 import yaml
 from _common import report, scratch_broker
+from _profile import breakdown
 from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +73,8 @@ SCHEDULED_TICK_S = 3600.0
 TIMED_TICKS = 5
 #: upper bound on any one wait, so the benchmark always ends
 WAIT_S = 300.0
+PROFILE_DIR = os.environ.get("ROLLOUT_PROFILE")
+PROFILE_RATE = 100
 
 #: a simulator process's start (shared with bench/_fleet_window.py): the imports,
 #: ``n`` and ``prefix`` (argv 5 and 6) and ``trust``, the pinned key lists (argv 7 and 8)
@@ -122,6 +132,18 @@ def release_spec(work: Path) -> Path:
     path.write_text(yaml.safe_dump({"name": "bench", "version": "2.0.0", "variants": {
         "micro": variant(), "small": variant(), "medium": variant()}}))
     return path
+
+
+def profile(n: int) -> subprocess.Popen[bytes]:
+    """py-spy on this process until SIGINT, into ``PROFILE_DIR/rollout-N.txt``."""
+    Path(PROFILE_DIR or "").mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(os.getpid()),
+         "--nonblocking", "--rate", str(PROFILE_RATE), "--format", "raw",
+         "-o", str(Path(PROFILE_DIR or "") / f"rollout-{n}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the clock starts
+    return spy
 
 
 def wait(what: str, predicate: Callable[[], bool], poll: float = 0.25) -> float:
@@ -192,6 +214,7 @@ def one_size(n: int, broker: MosquittoBroker, keys: DevKeys, work: Path) -> dict
             Device.tier.is_not(None), Device.id.like(f"{prefix}-%"))) >= n, poll=0.2)
         time.sleep(2.0)  # let the ingest settle: the clock below is the rollout's
 
+        spy = profile(n) if PROFILE_DIR else None
         t0 = time.time()
         r = api.post("/v1/rollouts", json={
             "model": "bench", "version": "2.0.0", "target": {"labels": {"bench": prefix}},
@@ -204,6 +227,12 @@ def one_size(n: int, broker: MosquittoBroker, keys: DevKeys, work: Path) -> dict
             DeviceSequence).where(DeviceSequence.published_sequence > 0,
                                   DeviceSequence.published_sequence
                                   == DeviceSequence.last_sequence)) >= n)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+            spy.wait(60)
+            figures |= {f"n{n}_profile_cpu_s_{k.replace(' ', '_')}": v for k, v in breakdown(
+                Path(PROFILE_DIR or "") / f"rollout-{n}.txt", PROFILE_RATE).items()}
+        print(f"N={n}: signed {signed - t0:.2f} s, published {published - t0:.2f} s", flush=True)
         line = sim.stdout.readline().split()
         if not line or line[0] != "delivered":
             raise SystemExit(f"the simulator did not get every assignment: {line}")
@@ -215,7 +244,7 @@ def one_size(n: int, broker: MosquittoBroker, keys: DevKeys, work: Path) -> dict
             raise SystemExit(f"not every device succeeded: {detail['counts']}")
         time.sleep(TIMED_TICKS * TICK_S + 1)  # a few ticks over the completed rollout
         now = time.time()
-        figures = {
+        figures |= {
             f"n{n}_signed_s": round(signed - t0, 2),
             f"n{n}_published_s": round(published - t0, 2),
             f"n{n}_delivered_s": round(delivered - t0, 2),

@@ -57,6 +57,15 @@ def _table(sim: object) -> Table:
     return table
 
 
+def _part_options(**given: object) -> list[str]:
+    """The options a part is started with: those given, in ``--name value`` form."""
+    out: list[str] = []
+    for name, value in given.items():
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
 def simulate(
     broker: str = typer.Option("mqtt://127.0.0.1:1883", help="broker URL"),
     username: str = typer.Option(..., envvar="SLMFLEET_SIM_USERNAME",
@@ -73,20 +82,41 @@ def simulate(
                                            help="MQTT connections shared by the devices"),
     duration: float = typer.Option(0.0, min=0.0, help="stop after this many s (0: Ctrl-C)"),
     output: str = typer.Option("table", help="`table` (live) or `json` (a summary at the end)"),
+    procs: int = typer.Option(1, min=1, max=32,
+                              help="processes sharing the devices (needs --output json)"),
+    catch_up: int = typer.Option(0, min=0, help="heartbeat periods a late tick still sends "
+                                 "(0: one beat after a stall, as an agent does)"),
+    part: str = typer.Option("0/1", hidden=True, help="k/n: this process's share (--procs)"),
 ) -> None:
     """Simulate a fleet of devices against a real broker and control plane."""
     from agent.profiles import default_profiles_dir, load_profiles
 
     from . import FleetSimulator, load_scenario
+    from .procs import parse_part, run_parts
 
     try:
         spec = load_scenario(scenario, devices=devices, heartbeat_s=heartbeat, ramp_s=ramp)
+        share = parse_part(part)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if procs > 1:
+        if output != "json":
+            raise typer.BadParameter("--procs above 1 needs --output json")
+        options = _part_options(broker=broker, username=username, scenario=scenario,
+                                devices=devices, heartbeat=heartbeat, ramp=ramp,
+                                release_keys=release_keys, director_keys=director_keys,
+                                connections=connections, duration=duration, catch_up=catch_up)
+        try:
+            typer.echo(json.dumps(run_parts(options, procs, password)))
+        except RuntimeError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sim = FleetSimulator(spec, broker, username, password,
                          trust=_trust(release_keys, director_keys),  # type: ignore[arg-type]
-                         profiles=load_profiles(default_profiles_dir()), connections=connections)
+                         profiles=load_profiles(default_profiles_dir()), connections=connections,
+                         catch_up=catch_up, part=share)
     done = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:

@@ -49,8 +49,11 @@ from .scenario import Behaviour, Scenario
 AGENT_VERSION = "fleetsim"
 _json = json.dumps
 #: a heartbeat up to its inference list (%.1f: the precision a device reports)
-_TELEMETRY = ('{"schema":"slmfleet.telemetry/1","device_id":%s,"ts":%r,"seq":%d,'
-              '"uptime_s":%.3f,"cpu_percent":%.1f,"ram_used_bytes":%d,"temp_c":%.1f')
+#: a heartbeat up to its inference list, after the device's own head (%.1f: the
+#: precision a device reports; ts to the millisecond, as the ingest stores it)
+_TELEMETRY_HEAD = '{"schema":"slmfleet.telemetry/1","device_id":%s,"ts":'
+_TELEMETRY = ('%.3f,"seq":%d,"uptime_s":%.3f,"cpu_percent":%.1f,"ram_used_bytes":%d,'
+              '"temp_c":%.1f')
 _INFERENCE = ('{"model":%s,"version":%s,"requests":%d,"errors":%d,"tokens":%d,'
               '"crashes":%d,"ooms":0')
 _FIGURES = (',"ttft_p50_ms":%.1f,"ttft_p95_ms":%.1f,"latency_p50_ms":%.1f,'
@@ -125,6 +128,8 @@ class SimDevice:
     sets: bool = False
     #: an update lock an app on it holds
     lock: AppLock | None = None
+    #: the heartbeat's constant start, formatted at the first heartbeat
+    _telemetry_head: str | None = field(default=None, init=False, repr=False)
 
     @property
     def tier(self) -> Tier:
@@ -166,10 +171,13 @@ class SimDevice:
         """
         self.telemetry_seq += 1
         now = time.time()
-        body = _TELEMETRY % (
-            _json(self.device_id), now, self.telemetry_seq, now - self.started,
-            rng.uniform(3, 60), int(self.capabilities.ram_bytes * rng.uniform(0.2, 0.6)),
-            rng.uniform(40, 70))
+        head = self._telemetry_head
+        if head is None:
+            head = self._telemetry_head = _TELEMETRY_HEAD % _json(self.device_id)
+        random_ = rng.random
+        body = head + _TELEMETRY % (
+            now, self.telemetry_seq, now - self.started, 3 + 57 * random_(),
+            int(self.capabilities.ram_bytes * (0.2 + 0.4 * random_())), 40 + 30 * random_())
         if self.active is None:
             return (body + ',"inference":[]}').encode()
         ref = f"{self.active.name}@{self.active.version}"

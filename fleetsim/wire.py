@@ -43,6 +43,16 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+#: the Remaining Length field of every packet a heartbeat makes, encoded once
+_VARINTS = [_varint(n) for n in range(16_384)]
+_PACKET_IDS = [n.to_bytes(2, "big") + b"\x00" for n in range(65_536)]  # id, no properties
+
+
+def topic_head(topic: bytes) -> bytes:
+    """A PUBLISH's topic name field (length and UTF-8 bytes), built once per device."""
+    return struct.pack("!H", len(topic)) + topic
+
+
 def _utf8(text: str) -> bytes:
     data = text.encode()
     return struct.pack("!H", len(data)) + data
@@ -142,15 +152,19 @@ class HeartbeatLink:
 
     def publish(self, topic: bytes, payload: bytes) -> None:
         """Queue one QoS 1 PUBLISH (``topic`` already UTF-8); sent at the next :meth:`flush`."""
+        self.publish_head(topic_head(topic), payload)
+
+    def publish_head(self, head: bytes, payload: bytes) -> None:
+        """:meth:`publish` with the topic field from :func:`topic_head`: all but the
+        payload, the packet id and the length comes ready-made."""
         packet_id = self._next_id
         self._next_id = packet_id % 65535 + 1
-        body_len = 2 + len(topic) + 2 + 1 + len(payload)  # topic, packet id, no properties
+        body_len = len(head) + 3 + len(payload)  # topic, packet id, no properties
         out = self._out
         out.append(PUBLISH_QOS1)
-        out += _varint(body_len)
-        out += struct.pack("!H", len(topic))
-        out += topic
-        out += struct.pack("!HB", packet_id, 0)
+        out += _VARINTS[body_len] if body_len < 16_384 else _varint(body_len)
+        out += head
+        out += _PACKET_IDS[packet_id]
         out += payload
         self.inflight += 1
         self.published += 1

@@ -38,9 +38,19 @@ def canonical_object(fields: Mapping[str, Any], encoded: Mapping[str, bytes]) ->
     """
     if fields.keys() & encoded.keys():
         raise ValueError("a key is given both as a value and encoded")
-    parts = [
-        canonical_json(key) + b":"
-        + (encoded[key] if key in encoded else canonical_json(fields[key]))
-        for key in sorted({*fields, *encoded})
-    ]
+    # The plain fields between two encoded keys are encoded together, one
+    # dumps each run instead of one per key and one per value: this runs once
+    # per device when a stage of thousands of devices is signed.
+    parts: list[bytes] = []
+    run: dict[str, Any] = {}
+    for key in sorted({*fields, *encoded}):
+        if key not in encoded:
+            run[key] = fields[key]
+            continue
+        if run:
+            parts.append(canonical_json(run)[1:-1])
+            run = {}
+        parts.append(canonical_json(key) + b":" + encoded[key])
+    if run:
+        parts.append(canonical_json(run)[1:-1])
     return b"{" + b",".join(parts) + b"}"

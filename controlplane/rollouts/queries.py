@@ -237,12 +237,17 @@ def set_outcomes(conn: Connection, rollout_id: str,
 
 
 def online_ids(conn: Connection, device_ids: Sequence[str]) -> set[str]:
-    """Which of ``device_ids`` are online now."""
+    """Which of ``device_ids`` are online now.
+
+    By primary key, the flag read and tested here: with ``online`` in the
+    WHERE clause SQLite walks the liveness index's every online device for
+    each chunk (the fleet times the chunks, 200,000 index rows to check
+    10,000 devices), not the chunk's rows.
+    """
     online: set[str] = set()
     for chunk in chunks(device_ids):
-        online.update(conn.execute(
-            select(Device.id).where(Device.online.is_(True), Device.id.in_(chunk))
-        ).scalars())
+        online.update(device_id for device_id, is_online in conn.execute(
+            select(Device.id, Device.online).where(Device.id.in_(chunk))) if is_online)
     return online
 
 
