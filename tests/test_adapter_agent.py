@@ -34,7 +34,7 @@ from tests.support.adapters import (
     chat_answer,
 )
 from tests.support.http_artifacts import ArtifactServer
-from tests.support.inference import LoadClient, ready_url, worker_pids
+from tests.support.inference import LoadClient, ready_url, telemetry, worker_pids
 from tests.support.mqtt import provision_device
 from tests.support.signer import TrustSimulator
 from tests.support.updates import (
@@ -189,9 +189,18 @@ def test_adapter_arrives_alone_serves_by_name_and_rolls_back(device: DeviceRig,
     assert final.type is E.ACTIVATED, (final, device.agent.log()[-3000:])
     kinds = [e.type for e in device.events(aid)]
     assert E.DOWNLOADING in kinds and E.HEALTH_PASSED in kinds
-    # Only the adapter's bytes moved; the base stayed where it was.
+    # Only the adapter's bytes moved; the base stayed where it was. The device
+    # says so itself: its staged and activated events and its heartbeats.
     assert shared.server.bytes_sent("adapter.gguf") - sent == adapter.size_bytes
     assert shared.server.bytes_sent("base.gguf") == base_sent
+    moved = {e.type: e.downloaded_bytes for e in device.events(aid)
+             if e.type in (E.STAGED, E.ACTIVATED)}
+    assert moved == {E.STAGED: adapter.size_bytes, E.ACTIVATED: adapter.size_bytes}, moved
+    beat = wait_for(lambda: next((t for t in reversed(telemetry(device))
+                                  if f"{ADAPTER}@1.0.0" in (t.downloaded_bytes or {})), None),
+                    30, "a heartbeat with the adapter's bytes")
+    # The base was already installed: the set named it again and nothing moved.
+    assert beat.downloaded_bytes == {f"{ADAPTER}@1.0.0": adapter.size_bytes, f"{BASE}@1.1.0": 0}
     installed = device.stores.store(ADAPTER).active()
     assert installed is not None and file_sha256(installed.artifact) == adapter.sha256
 
@@ -257,3 +266,42 @@ def test_kill_9_during_an_adapter_install_leaves_old_or_new(device: DeviceRig,
     assert status == 200 and adapter.expected.lower() in answer.lower()
     status, plain = chat_answer(url, BASE, adapter.prompt)
     assert status == 200 and adapter.expected.lower() not in plain.lower()
+
+
+def _workers(agent_pid: int, count: int) -> list[int] | None:
+    """The agent's worker pids once there are ``count`` of them."""
+    pids = worker_pids(agent_pid)
+    return pids if len(pids) == count else None
+
+
+def test_a_model_leaving_the_set_stops_its_worker(tmp_path: Path, shared: Shared) -> None:
+    """Removal ends the removed model's worker process at once, not at the next restart."""
+    other = "smollm2-other"
+    device_id = f"rm-{secrets.token_hex(3)}"
+    rig = DeviceRig(tmp_path, shared.broker, shared.cp_credentials, device_id,
+                    provision_device(shared.broker, device_id), shared.server,
+                    TrustSimulator(), api_port=0)
+    for name in (BASE, other):
+        seed_active(rig.state_dir / "models", name, "1.1.0", shared.model_path)
+    rig.start()
+    try:
+        url = ready_url(rig)
+        for name in (BASE, other):
+            assert chat_answer(url, name, "Hi")[0] == 200
+        pid = rig.agent.proc.pid
+        both = wait_for(lambda: _workers(pid, 2), 120, "a worker for each model")
+        variant = variant_for(shared.model_path, "base.gguf")
+        rig.sim.now = time.time()
+        for names in ((BASE, other), (BASE,)):  # both assigned, then the base alone
+            rig.publish(sign_set(rig.sim, rig.device_id,
+                                 {n: rig.release("1.1.0", variant, name=n) for n in names},
+                                 sequence=rig.next_sequence(),
+                                 artifact_url_base=shared.server.base_url))
+        rig.wait_hello(lambda h: {m.name for m in h.models} == {BASE}, timeout=60)
+        left = wait_for(lambda: _workers(pid, 1), 30, "the removed model's worker to exit")
+        assert left[0] in both  # the base's worker, never restarted
+        assert chat_answer(url, other, "Hi")[0] == 404
+        assert chat_answer(url, BASE, "Hi")[0] == 200
+        assert worker_pids(pid) == left
+    finally:
+        rig.close()
