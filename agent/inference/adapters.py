@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import ADAPTER_SEPARATOR, split_model
 
 from ..healthcheck import HealthAborted, HealthRequest, HealthResult
+from ..healthcheck.evaluation import score_in_worker
 from ..healthcheck.rules import judge
 from .slot import NoModel, Slot, Unavailable
 from .supervisor import RemoteError, WorkerExited, WorkerLoadError
@@ -99,14 +100,24 @@ async def check_adapter(runtime: InferenceRuntime, adapter: AdapterSpec,
     if isinstance(slot, str):
         return {"passed": False, "reasons": [slot]}
     started = time.perf_counter()
+
+    async def applied(op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        # Every prompt of the check, golden or evaluation item, with the adapter applied.
+        if slot.worker is None:
+            raise Unavailable(f"{slot.spec.ref} stopped during the check of {adapter.ref}")
+        return await slot.worker.call(op, {**payload, "adapter": adapter.ref})
+
     try:
         loaded = await _load(slot, adapter)
-        outcomes = [await slot.worker.call("check_prompt", {"item": item, "adapter": adapter.ref})
-                    for item in health_check.get("golden_prompts") or []
-                    if slot.worker is not None]
+        outcomes = [await applied("check_prompt", {"item": item})
+                    for item in health_check.get("golden_prompts") or []]
+        result = judge(health_check, outcomes)
+        if result["passed"] and health_check.get("eval"):
+            # The quality gate compares it with the previous adapter version on
+            # this base (or the base alone): see WorkerHealthChecker.
+            result["eval"] = await score_in_worker(applied, health_check["eval"])
     except (RemoteError, WorkerExited, WorkerLoadError, Unavailable) as exc:
         return {"passed": False, "reasons": [f"adapter check failed: {exc}"]}
-    result = judge(health_check, outcomes)
     result["adapter_load_ms"] = loaded.get("load_ms")
     result["check_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if not result.get("passed"):
@@ -196,6 +207,11 @@ async def check_staged_adapter(runtime: InferenceRuntime, request: HealthRequest
     result = work.result()
     details = {k: v for k, v in result.items() if k not in ("passed", "reasons")}
     return HealthResult(bool(result.get("passed")), list(result.get("reasons", [])), details)
+
+
+def adapter_cache_key(adapter_sha256: str, base_sha256: str) -> str:
+    """What an adapter's evaluation scores are kept under: it applied to that base build."""
+    return f"{adapter_sha256}+{base_sha256}"
 
 
 def adapter_model_id(slot: Slot, adapter: AdapterSpec) -> str:
