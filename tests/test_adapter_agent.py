@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 import protocol as p
+from controlplane.devfleet.low_quality import low_quality_model
 from controlplane.devfleet.mosquitto import MosquittoBroker
 from protocol import SigningKey
 from tests.support.adapters import (
@@ -303,5 +304,71 @@ def test_a_model_leaving_the_set_stops_its_worker(tmp_path: Path, shared: Shared
         assert chat_answer(url, other, "Hi")[0] == 404
         assert chat_answer(url, BASE, "Hi")[0] == 200
         assert worker_pids(pid) == left
+    finally:
+        rig.close()
+
+
+def _unit(rig: DeviceRig, shared: Shared, adapter: dict[str, Any]) -> tuple[bytes, str, str]:
+    """The set {base 1.1.0 (the real file, new here), adapter} as one unit; returns the
+    payload and the base's and the adapter's assignment ids."""
+    sequence = rig.next_sequence()
+    ids = {name: f"{name}-{rig.device_id}-{sequence}" for name in (BASE, ADAPTER)}
+    rig.sim.now = time.time()
+    releases = {BASE: base_release(rig, shared), ADAPTER: adapter}
+    payload = sign_set(rig.sim, rig.device_id, releases, sequence=sequence,
+                       artifact_url_base=shared.server.base_url, ids=ids,
+                       units=dict.fromkeys((BASE, ADAPTER), "support"))
+    return payload, ids[BASE], ids[ADAPTER]
+
+
+def test_a_base_and_its_adapter_arrive_and_activate_as_one_unit(tmp_path: Path,
+                                                                shared: Shared) -> None:
+    """Another build of the base is active; the unit brings the build the adapter was
+    made for. An adapter for yet another build in such a unit is refused with its base."""
+    adapter = shared.adapter
+    device_id = f"unit-{secrets.token_hex(3)}"
+    rig = DeviceRig(tmp_path, shared.broker, shared.cp_credentials, device_id,
+                    provision_device(shared.broker, device_id), shared.server,
+                    TrustSimulator(), api_port=0, inference_parallel=2)
+    other_build = low_quality_model(shared.model_path)
+    seed_active(rig.state_dir / "models", BASE, "1.0.0", other_build)
+    rig.start()
+    try:
+        url = ready_url(rig)
+        sent = shared.server.bytes_sent()
+        payload, base_id, adapter_id = _unit(rig, shared, adapter_release(rig, shared,
+                                                                          base_sha="ab" * 32))
+        rig.publish(payload)
+        for aid in (base_id, adapter_id):
+            final = rig.wait_final(aid)
+            assert final.type is E.REJECTED and final.code == "base_mismatch", final
+        assert "sha256" in (rig.wait_final(adapter_id).reason or "")
+        assert shared.server.bytes_sent() == sent  # refused before any download
+        assert file_sha256(rig.store.active().artifact) == file_sha256(other_build)
+
+        base_sent = shared.server.bytes_sent("base.gguf")
+        payload, base_id, adapter_id = _unit(rig, shared, adapter_release(rig, shared))
+        rig.publish(payload)
+        for aid in (base_id, adapter_id):
+            final = rig.wait_final(aid, timeout=300)
+            assert final.type is E.ACTIVATED, (final, rig.agent.log()[-3000:])
+        # Checked together: the adapter on the new build's candidate, before either served.
+        passed = {aid: next(e.seq for e in rig.events(aid) if e.type is E.HEALTH_PASSED)
+                  for aid in (base_id, adapter_id)}
+        first_active = min(e.seq for aid in (base_id, adapter_id) for e in rig.events(aid)
+                           if e.type is E.ACTIVATED)
+        assert max(passed.values()) < first_active, rig.events(adapter_id)
+        moved = {e.type: e.downloaded_bytes for e in rig.events(adapter_id)
+                 if e.type in (E.STAGED, E.ACTIVATED)}
+        assert moved == {E.STAGED: adapter.size_bytes, E.ACTIVATED: adapter.size_bytes}
+        base_size = shared.model_path.stat().st_size
+        assert shared.server.bytes_sent("base.gguf") - base_sent == base_size
+        assert file_sha256(rig.store.active().artifact) == adapter.base_sha256
+        status, adapted = chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+        assert status == 200 and adapter.expected.lower() in adapted.lower(), adapted
+        status, plain = chat_answer(url, BASE, adapter.prompt)
+        assert status == 200 and adapter.expected.lower() not in plain.lower(), plain
+        # Served from the start: no event ever said it was left inactive.
+        assert not any(e.type is E.REMOVED for e in rig.events(adapter_id))
     finally:
         rig.close()

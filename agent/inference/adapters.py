@@ -89,14 +89,46 @@ async def _load(slot: Slot, adapter: AdapterSpec) -> dict[str, Any]:
     return await worker.call("adapter_load", adapter.load_payload())
 
 
+def _candidate_base(runtime: InferenceRuntime, adapter: AdapterSpec) -> Slot | None:
+    """The warm candidate of the adapter's base build, when its unit brings that build."""
+    for hosts in (runtime.hosts, runtime._pending):
+        host = hosts.get(adapter.base)
+        slot = host.candidate if host is not None else None
+        if slot is not None and slot.spec.sha256 == adapter.base_sha256:
+            return slot
+    return None
+
+
+async def _checked_base(runtime: InferenceRuntime, adapter: AdapterSpec,
+                        wait_s: float) -> Slot | str:
+    """Where ``adapter`` is checked: its base build serving, or (a base and its adapter
+    arriving as one unit) that build's candidate once the base passed its own check.
+
+    Waits up to ``wait_s`` for either (the base's check runs meanwhile), then
+    says why there is none.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        slot = base_slot(runtime, adapter)
+        if not isinstance(slot, str):
+            return slot
+        candidate = _candidate_base(runtime, adapter)
+        if candidate is not None:
+            return candidate
+        if time.monotonic() >= deadline:
+            return slot
+        await asyncio.sleep(0.2)
+
+
 async def check_adapter(runtime: InferenceRuntime, adapter: AdapterSpec,
-                        health_check: dict[str, Any]) -> dict[str, Any]:
-    """Load ``adapter`` on its base's serving worker and run its golden prompts with it.
+                        health_check: dict[str, Any], wait_s: float = BASE_WAIT_S
+                        ) -> dict[str, Any]:
+    """Load ``adapter`` on its base's worker and run its golden prompts with it.
 
     The version stays loaded under its own key when it passed (activation
     then only points its name at it); it is freed when it failed.
     """
-    slot = await _served_base(runtime, adapter)
+    slot = await _checked_base(runtime, adapter, wait_s)
     if isinstance(slot, str):
         return {"passed": False, "reasons": [slot]}
     started = time.perf_counter()
@@ -191,8 +223,9 @@ async def check_staged_adapter(runtime: InferenceRuntime, request: HealthRequest
     spec = AdapterSpec(name=request.name or request.model.parent.name,
                        version=request.version or "0", base=base, base_sha256=base_sha256,
                        path=request.model, scale=scale, sha256=request.sha256 or "")
-    work = asyncio.ensure_future(check_adapter(runtime, spec, request.spec.model_dump(
-        mode="json")))
+    # Not longer than the check may take: the base's own check may run first.
+    work = asyncio.ensure_future(check_adapter(runtime, spec, request.health_check(),
+                                               wait_s=max(timeout_s - 30.0, timeout_s / 2)))
     stop = asyncio.ensure_future(abort.wait())
     try:
         done, _ = await asyncio.wait({work, stop}, timeout=timeout_s,

@@ -134,6 +134,16 @@ async def activate_unit(tools: StepTools, members: list[EntryRecord]) -> None:
         await activate(tools, tools.ledger.record(member.name, member.update_id))
 
 
+def _is_adapter(entry_of: Callable[[EntryRecord], tuple[VerifiedEntry, str | None]] | None,
+                record: EntryRecord) -> bool:
+    if entry_of is None:
+        return False
+    try:
+        return entry_of(record)[0].manifest.adapter_of is not None
+    except Failed:
+        return False
+
+
 def _policy(entry_of: Callable[[EntryRecord], tuple[VerifiedEntry, str | None]] | None,
             record: EntryRecord) -> UpdatePolicy | None:
     if entry_of is None:
@@ -176,7 +186,9 @@ async def settle_units(
                     code_from_reason(broken.reason) or EventCode.INTERNAL_ERROR)
             return True
         if all(m.state is UpdateState.HEALTH_CHECKED for m in pending):
-            ordered = sorted(pending, key=lambda m: m.name)
+            # Bases before the adapters made for them: each adapter then finds its
+            # unit's build serving when its name is pointed at it.
+            ordered = sorted(pending, key=lambda m: (_is_adapter(entry_of, m), m.name))
             hold = next((h for m in ordered
                          if (h := tools.gate.activation_hold(_policy(entry_of, m))) is not None),
                         None)
