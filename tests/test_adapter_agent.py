@@ -372,3 +372,48 @@ def test_a_base_and_its_adapter_arrive_and_activate_as_one_unit(tmp_path: Path,
         assert not any(e.type is E.REMOVED for e in rig.events(adapter_id))
     finally:
         rig.close()
+
+
+def test_a_base_build_the_adapter_was_not_made_for_leaves_it_inactive_and_says_so(
+    device: DeviceRig, shared: Shared,
+) -> None:
+    adapter = shared.adapter
+    url = ready_url(device)
+    payload, aid = assign(device, shared, adapter_release(device, shared))
+    device.publish(payload)
+    assert device.wait_final(aid, timeout=180).type is E.ACTIVATED
+    other = low_quality_model(shared.model_path)
+    link_or_copy(other, shared.server.directory / "other.gguf")
+
+    def with_base(version: str, variant: p.Variant) -> bytes:
+        # The adapter's entry as it was (a refresh); the base moves to ``variant``.
+        sequence = device.next_sequence()
+        device.sim.now = time.time()
+        return sign_set(device.sim, device.device_id, {
+            BASE: device.release(version, variant), ADAPTER: adapter_release(device, shared)},
+            sequence=sequence, artifact_url_base=shared.server.base_url,
+            ids={BASE: f"{BASE}-{device.device_id}-{version}", ADAPTER: aid})
+
+    # The other build answers the demo's golden prompt (not the sums), slowly on a busy machine.
+    check = p.HealthCheck(max_ttft_ms=60_000.0, golden_prompts=[p.GoldenPrompt(
+        prompt="What is the capital of Germany?", expected=["Berlin"], max_tokens=24)])
+    device.publish(with_base("1.2.0", variant_for(other, "other.gguf", health_check=check)))
+    hello = device.wait_hello(lambda h: any(m.name == ADAPTER and m.inactive for m in h.models),
+                              timeout=300)
+    why = next(m.inactive for m in hello.models if m.name == ADAPTER)
+    assert why is not None and why.startswith("base_mismatch:") and f"{BASE}@1.2.0" in why
+    said = wait_for(lambda: [e for e in device.events(aid) if e.type is E.REMOVED], 30,
+                    "the adapter's removed event")
+    assert said[-1].code == "base_mismatch" and said[-1].reason == why, said
+    assert chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)[0] == 404
+    assert chat_answer(url, BASE, adapter.prompt)[0] == 200
+
+    # The base back on the build the adapter was made for: served again, nothing said.
+    device.publish(with_base("1.3.0", variant_for(shared.model_path, "base.gguf")))
+    device.wait_hello(lambda h: {m.name: m.inactive for m in h.models} == {BASE: None,
+                                                                           ADAPTER: None}
+                      and any(m.version == "1.3.0" for m in h.models), timeout=300)
+    wait_for(lambda: chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)[0] == 200, 60,
+             "the adapter served again")
+    status, adapted = chat_answer(url, f"{BASE}+{ADAPTER}", adapter.prompt)
+    assert status == 200 and adapter.expected.lower() in adapted.lower(), adapted
