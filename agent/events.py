@@ -88,6 +88,7 @@ class EventLog:
         code: EventCode | None = None,
         progress_pct: float | None = None,
         eval: EvalOutcome | None = None,
+        downloaded_bytes: int | None = None,
     ) -> Event:
         """Number and spool one event, and wake the flusher. Call from the event loop.
 
@@ -104,6 +105,7 @@ class EventLog:
             code=code,
             progress_pct=progress_pct,
             eval=eval,
+            downloaded_bytes=downloaded_bytes,
         )
         write_bytes_atomic(self._path(event.seq), encode(event))
         self._pending.append(event.seq)

@@ -157,7 +157,10 @@ class Agent:
             config.device_id,
             active_models=self.updater.active_refs,
             inference=self._inference_stats if self.inference else list,
+            downloads=self._downloads,
         )
+        #: active adapters that are not served, and why (their base's build differs)
+        self._inactive: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._hello_dirty = asyncio.Event()
         #: why the agent must exit non-zero once stopped (raised by :meth:`run`)
@@ -181,7 +184,8 @@ class Agent:
             profile=self.profile.id,
             tier=self.profile.tier,
             runtimes=self.runtimes,
-            models=self.updater.active_models(),
+            models=[m.model_copy(update={"inactive": self._inactive[m.name][:1024]})
+                    if m.name in self._inactive else m for m in self.updater.active_models()],
             updates=self.updater.updates(),
             update=self.updater.status(),
             labels=self.config.labels,
@@ -211,6 +215,12 @@ class Agent:
         return with_scores(self.inference.telemetry(), self.eval_cache,
                            self.updater.active_models())
 
+    def _downloads(self) -> dict[str, int]:
+        """Bytes each active ``name@version`` fetched over the network when it was installed."""
+        active = set(self.updater.active_refs())
+        return {u.ref: u.downloaded_bytes for u in self.updater.updates()
+                if u.ref in active and u.downloaded_bytes is not None}
+
     def _hello_changed(self) -> None:
         self._hello_dirty.set()
 
@@ -238,25 +248,44 @@ class Agent:
         active = [a for v in self.updater.active_versions()
                   if (a := adapter_spec_for_version(v)) is not None]
         for adapter in inactive_adapters(spec.name, spec.sha256, active):
-            self.updater.adapter_inactive(adapter.name, f"base_mismatch: {adapter.ref} was made "
-                                          f"for another build of {spec.name}; {spec.ref} serves "
-                                          "without it until a matching adapter arrives")
+            self._adapter_inactive(adapter, f"base_mismatch: {adapter.ref} was made for "
+                                   f"another build of {spec.name}; {spec.ref} serves without "
+                                   "it until a matching adapter arrives")
+        for adapter in active:
+            if adapter.name in self._inactive and adapter.base_sha256 == spec.sha256:
+                # The base is back on the build the adapter was made for.
+                adapters.spawn(self.inference, self._serve_adapter(adapter),
+                               f"adapter-{adapter.ref}")
+
+    def _adapter_inactive(self, adapter: AdapterSpec, why: str) -> None:
+        """Say (event, then every hello until it serves again) that ``adapter`` is not served."""
+        log.warning("adapter %s is not served: %s", adapter.ref, why)
+        self._inactive[adapter.name] = why
+        self.updater.adapter_inactive(adapter.name, why)
+        self._hello_changed()
 
     async def _serve_adapter(self, adapter: AdapterSpec) -> None:
         assert self.inference is not None
         why = await adapters.activate_adapter(self.inference, adapter)
         if why is not None:
-            log.warning("adapter %s is not served: %s", adapter.ref, why)
-            self.updater.adapter_inactive(adapter.name, why)
+            self._adapter_inactive(adapter, why)
+        elif self._inactive.pop(adapter.name, None) is not None:
+            self._hello_changed()
 
     def _removed(self, name: str) -> None:
-        """``name`` left the desired set: the runtime stops serving it (if it can)."""
-        remove = getattr(self.inference, "remove", None)
-        if remove is not None:
-            remove(name)
-        if self.inference is not None:
-            adapters.spawn(self.inference, adapters.remove_adapter(self.inference, name),
-                           f"remove-adapter-{name}")
+        """``name`` left the desired set: the runtime stops serving it and its worker ends.
+
+        The runtime's removal is a coroutine (requests being answered finish
+        first): it runs as one of the runtime's tasks, so the worker process
+        is stopped now rather than at the next restart.
+        """
+        if self._inactive.pop(name, None) is not None:
+            self._hello_changed()
+        if self.inference is None:
+            return
+        adapters.spawn(self.inference, self.inference.remove(name), f"remove-{name}")
+        adapters.spawn(self.inference, adapters.remove_adapter(self.inference, name),
+                       f"remove-adapter-{name}")
 
     async def _start_inference(self) -> None:
         """Serve the active model and open the local API (neither delays joining the fleet)."""

@@ -130,10 +130,13 @@ class TelemetrySampler:
         inference: Callable[[], list[InferenceStats]] = list,
         *,
         root: Path = Path("/"),
+        downloads: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self._device_id = device_id
         self._active_models = active_models
         self._inference = inference
+        #: bytes each active ``name@version`` fetched when it was installed
+        self._downloads = downloads
         self._proc = root / "proc"
         self._sys = root / "sys"
         self._started = time.monotonic()
@@ -186,4 +189,5 @@ class TelemetrySampler:
             temp_c=max(-100.0, min(200.0, temp)) if temp is not None else None,
             models=self._active_models()[:MAX_REPORTED_MODELS],
             inference=self._inference(),
+            downloaded_bytes=dict(list(self._downloads().items())[:MAX_REPORTED_MODELS]) or None,
         )

@@ -15,6 +15,10 @@ takes to load an adapter file (``llama_adapter_lora_init``; activation is
 then a pointer in the agent), against the time a fresh worker takes to load
 the base (process start and model load, what a full update or a
 ``lora_path`` reload pays).
+
+Part C, in one process: the example evaluation set scored on the base alone
+and with the adapter applied, in one worker, as the device's check scores
+an adapter release for its quality gate.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ DEVICE = "bench-adapter"
 BASE = "smollm2-135m"
 ROUNDS = 3
 APPLY_ROUNDS = 5
+#: the evaluation set of part C (the demo's)
+EVAL_SET = Path(__file__).resolve().parents[1] / "examples" / "smollm2.eval.json"
 
 
 def _adapter_set(rig: Any, server: Any, adapter: Any, model: Path, base_version: str,
@@ -163,9 +169,54 @@ def apply_vs_reload(model: Path) -> dict[str, float]:
             "adapter_file_mb": round(adapter.size_bytes / 1e6, 2)}
 
 
+async def _scores_with_and_without(model: Path, adapter_path: Path,
+                                   eval_file: Path) -> dict[str, dict[str, Any]]:
+    from agent.healthcheck.evaluation import eval_request, score_in_worker
+    from agent.inference.spec import ModelSpec
+    from agent.inference.supervisor import Worker
+    from agent.runtime_settings import EffectiveRuntime
+    from protocol import EvalSet
+
+    items = EvalSet.model_validate_json(eval_file.read_bytes())
+    request = eval_request(items, time_budget_s=3600.0)
+    runtime = EffectiveRuntime(threads=2, gpu_layers=0, batch=None, context=2048, mmap=True,
+                               embeddings=False, parallel=1)
+    worker = Worker(ModelSpec(f"{BASE}@1.1.0-micro", BASE, "1.1.0", "gguf", model, runtime))
+    await worker.start(120)
+    try:
+        await worker.call("adapter_load", {"name": "support-formal@1.0.0",
+                                           "path": str(adapter_path), "scale": 1.0})
+
+        async def applied(op: str, payload: dict[str, Any]) -> dict[str, Any]:
+            return await worker.call(op, {**payload, "adapter": "support-formal@1.0.0"})
+
+        return {"base": await score_in_worker(worker.call, request),
+                "adapter": await score_in_worker(applied, request)}
+    finally:
+        await worker.stop()
+
+
+def adapter_eval(model: Path, eval_file: Path) -> dict[str, float]:
+    """Part C: the evaluation set's score on the base alone and with the adapter applied
+    (what an adapter release's quality gate compares on a device), and the time per item."""
+    from tests.support.adapters import built_adapter
+
+    adapter = built_adapter(model)
+    scores = asyncio.run(_scores_with_and_without(model, adapter.path, eval_file))
+    for role, s in scores.items():
+        print(f"eval {role}: {s['score']:.3f} ({s['passed']}/{s['total']}) in "
+              f"{s['elapsed_s']:.1f} s", flush=True)
+    base, adapted = scores["base"], scores["adapter"]
+    return {"eval_base_score": base["score"], "eval_adapter_score": adapted["score"],
+            "eval_items": base["total"],
+            "eval_base_item_s": round(base["elapsed_s"] / base["total"], 3),
+            "eval_adapter_item_s": round(adapted["elapsed_s"] / adapted["total"], 3)}
+
+
 def adapter_figures(work: Path, model: Path) -> dict[str, float]:
-    """Both parts, as the figures ``bench/update.py`` reports."""
+    """The three parts, as the figures ``bench/update.py`` reports."""
     figures = fleet_move(work, model)
     figures |= apply_vs_reload(model)
+    figures |= adapter_eval(model, EVAL_SET)
     print("adapter: " + json.dumps(figures), flush=True)
     return figures

@@ -21,8 +21,9 @@ the set-up built, fetched file by file by
 file. Target: download+verify >= 0.8 of raw, for a file and for a folder.
 
 Part 3, LoRA adapters (``bench/_adapters.py``): moving the device to a new
-adapter against a full model update (seconds and bytes), and applying an
-adapter against loading the base in a fresh worker.
+adapter against a full model update (seconds and bytes), applying an
+adapter against loading the base in a fresh worker, and the evaluation set's
+score on the base alone and with the adapter applied.
 
 ``--throughput`` runs part 2 alone.
 """

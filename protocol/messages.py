@@ -110,6 +110,9 @@ class ActiveModel(Wire):
     version: ShortStr
     tier: Tier
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    #: an active adapter that is not served, and why (its base's build is not
+    #: the one it was made for); None while it serves (optional: older agents)
+    inactive: LongStr | None = None
 
 
 class UpdateState(StrEnum):
@@ -172,6 +175,9 @@ class UpdateStatus(Wire):
     state: UpdateState
     reason: LongStr | None = None
     ts: Timestamp
+    #: bytes the update fetched over the network for its artifact, once staged
+    #: (0: an installed copy was reused; optional: older agents send none)
+    downloaded_bytes: NonNegInt | None = None
 
 
 #: the hello of an agent that runs a set of models and reads ``slmfleet.assignment/2``
@@ -341,6 +347,10 @@ class Telemetry(Wire):
     inference: Annotated[list[InferenceStats], Field(max_length=8)] = []
     #: telemetry/2: ``name@version`` of every active model (``active_model`` is then unset)
     models: Annotated[list[ShortStr], Field(max_length=MAX_REPORTED_MODELS)] = []
+    #: bytes each active ``name@version`` fetched over the network when it was
+    #: installed (an adapter's are its own file's, not its base's); optional
+    downloaded_bytes: Annotated[dict[ShortStr, NonNegInt],
+                                Field(max_length=MAX_REPORTED_MODELS)] | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -414,6 +424,9 @@ class Event(Wire):
     progress_pct: Annotated[float, Field(ge=0, le=100)] | None = None
     #: ``evaluated`` events: the scores (optional: older agents send none)
     eval: EvalOutcome | None = None
+    #: ``staged`` and ``activated`` events: bytes the update fetched over the
+    #: network for its artifact (0: an installed copy was reused; optional)
+    downloaded_bytes: NonNegInt | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -72,3 +72,35 @@ def test_a_re_signed_adapter_is_a_refresh_even_after_its_base_changed() -> None:
     other = {"smollm2-135m": p.ActiveBase("smollm2-135m", "1.2.0", "cd" * 32)}
     decision = run(payload(2), other, record)
     assert decision.action is Action.REFRESH
+
+
+def unit_payload(adapter: dict, sequence: int = 1) -> bytes:
+    """The base and ``adapter`` as one unit."""
+    return sign_set(SIM, DEVICE, {"smollm2-135m": BASE, "support-formal": adapter},
+                    sequence=sequence, artifact_url_base="https://cp.example/artifacts",
+                    ids={"smollm2-135m": "a-base", "support-formal": "a-adapter"},
+                    units={"smollm2-135m": "formal", "support-formal": "formal"})
+
+
+def test_in_a_unit_the_adapter_is_checked_against_the_build_its_unit_brings() -> None:
+    other = {"smollm2-135m": p.ActiveBase("smollm2-135m", "1.0.0", "cd" * 32)}
+    for active in (other, {}):  # another build active, or no base at all yet
+        decision = run(unit_payload(ADAPTER), active)
+        assert decision.action is Action.ACCEPT
+        assert {plan.name: plan.change for plan in decision.plans} == {
+            "smollm2-135m": Change.NEW, "support-formal": Change.NEW}
+
+
+def test_in_a_unit_an_adapter_for_another_build_is_refused_with_its_base() -> None:
+    wrong = SIM.release("support-formal", "1.0.0", variants={p.Tier.MICRO: adapter_variant()},
+                        adapter_of=adapter_of("ab" * 32))
+    decision = run(unit_payload(wrong), {})
+    assert decision.action is Action.REJECT and decision.code is p.EventCode.BASE_MISMATCH
+    # The names match; the hash does not, and the whole unit goes with it.
+    assert "sha256" in (decision.reason or "")
+    not_in_unit = sign_set(SIM, DEVICE, {"smollm2-135m": BASE, "support-formal": ADAPTER},
+                           sequence=1, artifact_url_base="https://cp.example/artifacts")
+    decision = run(not_in_unit, {})  # outside a unit the base must be active already
+    plan = plan_of(decision, "support-formal")
+    assert plan.change is Change.REJECTED and "not active here" in (plan.reason or "")
+    assert plan_of(decision, "smollm2-135m").change is Change.NEW

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +32,19 @@ from sqlalchemy import select
 from controlplane.cli.rollout_view import rollout_view
 from controlplane.client import publish_release
 from controlplane.db.models import DeviceEvent
-from controlplane.devfleet.fleet import ensure_dev_keys
 from controlplane.devfleet.low_quality import low_quality_model
 from controlplane.devfleet.mosquitto import MosquittoBroker
-from controlplane.service import ControlPlane
-from tests.support.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.support.controlplane import cp_settings
-from tests.support.mqtt import provision_device
-from tests.support.rollout_agents import FleetAgent, start_agents
+from tests.support.adapters import built_adapter, chat_answer
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.fleet_e2e import Fleet, adapter_spec, running_fleet
 from tests.support.rollout_runs import poll, run_rollout
+from tests.support.updates import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-TICK_S = 0.5
 MODEL = "smollm2-eval"
+#: an adapter release on the model's 2.1.0 build (the real LoRA adapter)
+ADAPTER = "eval-formal"
 LABEL = {"suite": "quality-gate-e2e"}
 DEVICES = 2
 EXAMPLE = Path(__file__).parent.parent / "examples" / "smollm2.eval.json"
@@ -55,15 +53,6 @@ PROFILES = Path(__file__).parent.parent / "firmware-profiles"
 #: docs/benchmarks.md): a short set keeps each check to a few seconds
 ITEMS = 8
 GOLDEN = [{"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 24}]
-
-
-@dataclass
-class World:
-    """The control plane, its API client and the agents."""
-
-    cp: ControlPlane
-    api: httpx.Client
-    agents: list[FleetAgent]
 
 
 def _one_thread_profiles(root: Path) -> Path:
@@ -98,53 +87,30 @@ def _spec(root: Path, model: Path, version: str, eval_set: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker,
-          cp_credentials: tuple[str, str], model_path: Path) -> Iterator[World]:
+          cp_credentials: tuple[str, str], model_path: Path) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("quality-e2e")
-    keys = ensure_dev_keys(root / "keys")
-    cp = ControlPlane(cp_settings(
-        root / "cp", broker, cp_credentials, release_keys_file=keys.release_keys_file,
-        director_keys_file=keys.director_keys_file, director_key_files=[keys.director_key],
-    ), rollout_tick_s=TICK_S).start()
-    agents = start_agents(
-        root / "agents", broker.url, lambda d: provision_device(broker, d),
-        [(f"qg-{i}", "raspberry-pi-5-8gb") for i in range(DEVICES)],
-        labels=LABEL, heartbeat_interval_s=1.0, health_check_timeout_s=600.0,
-        profiles_dir=str(_one_thread_profiles(root)),
-        log_level="INFO", release_keys_file=str(keys.release_keys_file),
-        director_keys_file=str(keys.director_keys_file),
-    )
-    api = httpx.Client(base_url=cp.api_url, headers=ADMIN_HEADERS, timeout=60)
-    try:
+    with running_fleet(root, broker, cp_credentials,
+                       [(f"qg-{i}", "raspberry-pi-5-8gb") for i in range(DEVICES)],
+                       labels=LABEL, health_check_timeout_s=600.0,
+                       profiles_dir=str(_one_thread_profiles(root)), log_level="INFO") as fleet:
         eval_set = _eval_file(root)
         low = low_quality_model(model_path)
         for version, model in (("1.0.0", model_path), ("2.0.0", low), ("2.1.0", model_path)):
-            publish_release(_spec(root, model, version, eval_set), [keys.release_key],
-                            cp.api_url, ADMIN_TOKEN)
-
-        def all_online() -> bool:
-            items = api.get("/v1/devices", params={"label": "suite=quality-gate-e2e",
-                                                   "limit": 100}).json()["items"]
-            return len([d for d in items if d["online"] and d["tier"]]) == DEVICES
-
-        poll(all_online, 90, "every agent online with its tier")
-        yield World(cp, api, agents)
-    finally:
-        for agent in agents:
-            agent.process.stop()
-        api.close()
-        cp.stop()
+            publish_release(_spec(root, model, version, eval_set), [fleet.keys.release_key],
+                            fleet.cp.api_url, ADMIN_TOKEN)
+        yield fleet
 
 
-def _run(api: httpx.Client, version: str, timeout: float) -> dict[str, Any]:
+def _run(api: httpx.Client, version: str, timeout: float, model: str = MODEL) -> dict[str, Any]:
     return run_rollout(api, {
-        "model": MODEL, "version": version, "target": {"labels": LABEL},
+        "model": model, "version": version, "target": {"labels": LABEL},
         "stages": [{"percent": 10, "bake_s": 1}, {"percent": 100, "bake_s": 1}],
         "gates": {"min_eval_ratio": 0.9},
         "on_failure": "rollback", "max_concurrent_downloads": 1,
     }, timeout)
 
 
-def _events(world: World, assignment_id: str) -> list[str]:
+def _events(world: Fleet, assignment_id: str) -> list[str]:
     assert world.cp.engine is not None
     with world.cp.engine.connect() as conn:
         return list(conn.execute(select(DeviceEvent.type).where(
@@ -156,7 +122,7 @@ def _scores(detail: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_lower_scoring_release_stops_at_the_canary_and_equal_quality_passes(
-    world: World,
+    world: Fleet,
 ) -> None:
     first = _run(world.api, "1.0.0", timeout=300)
     assert first["state"] == "completed", first["reason"]
@@ -204,3 +170,46 @@ def test_lower_scoring_release_stops_at_the_canary_and_equal_quality_passes(
     assert scores["new"]["devices"] == DEVICES
     gate = next(g for g in equal["gates"] if g["gate"] == "min_eval_ratio")
     assert gate["verdict"] == "pass" and gate["measured"] >= 0.9
+
+
+def test_adapter_versions_are_gated_against_the_previous_one_on_the_same_base(
+    world: Fleet, model_path: Path,
+) -> None:
+    """After the model's rollouts (2.1.0 active everywhere): adapter releases pinning
+    the same evaluation set, scored on the device with the adapter applied."""
+    adapter = built_adapter(model_path)
+    for version in ("1.0.0", "1.0.1"):
+        world.publish(adapter_spec(
+            adapter, name=ADAPTER, version=version, base=MODEL,
+            base_sha256=file_sha256(model_path), versions=">=2.1.0", tiers=["small"],
+            eval_set={"path": str(world.root / "eval.json"), "time_budget_s": 300}))
+    base_score = _scores(_latest(world, MODEL))["new"]["score"]
+
+    first = _run(world.api, "1.0.0", timeout=300, model=ADAPTER)
+    assert first["state"] == "completed", first["reason"]
+    scores = _scores(first)
+    # A first adapter is compared with its base alone on that device (cached from
+    # the base's own check: the same build, the same set).
+    assert scores["new"]["devices"] == scores["old"]["devices"] == DEVICES, scores
+    assert scores["old"]["score"] == pytest.approx(base_score, abs=1 / ITEMS)
+    gate = next(g for g in first["gates"] if g["gate"] == "min_eval_ratio")
+    assert gate["verdict"] == "pass" and gate["measured"] >= 0.9, gate
+
+    second = _run(world.api, "1.0.1", timeout=300, model=ADAPTER)
+    assert second["state"] == "completed", second["reason"]
+    scores_next = _scores(second)
+    # The next version is compared with the previous adapter version, not the base.
+    assert scores_next["old"]["version"] == "1.0.0", scores_next
+    assert scores_next["old"]["score"] == pytest.approx(scores["new"]["score"], abs=1 / ITEMS)
+    assert scores_next["new"]["devices"] == DEVICES
+    for agent in world.agents:
+        status, answer = chat_answer(agent.api_url(), f"{MODEL}+{ADAPTER}", adapter.prompt)
+        assert status == 200 and adapter.expected.lower() in answer.lower(), answer
+
+
+def _latest(world: Fleet, model: str) -> dict[str, Any]:
+    """The detail of ``model``'s newest completed rollout."""
+    items = world.api.get("/v1/rollouts", params={"limit": 100}).json()["items"]
+    done = [r for r in items if r["model"] == model and r["state"] == "completed"]
+    newest = max(done, key=lambda r: r["created_at"])
+    return world.api.get(f"/v1/rollouts/{newest['id']}").json()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import ADAPTER_SEPARATOR, split_model
 
 from ..healthcheck import HealthAborted, HealthRequest, HealthResult
+from ..healthcheck.evaluation import score_in_worker
 from ..healthcheck.rules import judge
 from .slot import NoModel, Slot, Unavailable
 from .supervisor import RemoteError, WorkerExited, WorkerLoadError
@@ -88,25 +89,67 @@ async def _load(slot: Slot, adapter: AdapterSpec) -> dict[str, Any]:
     return await worker.call("adapter_load", adapter.load_payload())
 
 
+def _candidate_base(runtime: InferenceRuntime, adapter: AdapterSpec) -> Slot | None:
+    """The warm candidate of the adapter's base build, when its unit brings that build."""
+    for hosts in (runtime.hosts, runtime._pending):
+        host = hosts.get(adapter.base)
+        slot = host.candidate if host is not None else None
+        if slot is not None and slot.spec.sha256 == adapter.base_sha256:
+            return slot
+    return None
+
+
+async def _checked_base(runtime: InferenceRuntime, adapter: AdapterSpec,
+                        wait_s: float) -> Slot | str:
+    """Where ``adapter`` is checked: its base build serving, or (a base and its adapter
+    arriving as one unit) that build's candidate once the base passed its own check.
+
+    Waits up to ``wait_s`` for either (the base's check runs meanwhile), then
+    says why there is none.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        slot = base_slot(runtime, adapter)
+        if not isinstance(slot, str):
+            return slot
+        candidate = _candidate_base(runtime, adapter)
+        if candidate is not None:
+            return candidate
+        if time.monotonic() >= deadline:
+            return slot
+        await asyncio.sleep(0.2)
+
+
 async def check_adapter(runtime: InferenceRuntime, adapter: AdapterSpec,
-                        health_check: dict[str, Any]) -> dict[str, Any]:
-    """Load ``adapter`` on its base's serving worker and run its golden prompts with it.
+                        health_check: dict[str, Any], wait_s: float = BASE_WAIT_S
+                        ) -> dict[str, Any]:
+    """Load ``adapter`` on its base's worker and run its golden prompts with it.
 
     The version stays loaded under its own key when it passed (activation
     then only points its name at it); it is freed when it failed.
     """
-    slot = await _served_base(runtime, adapter)
+    slot = await _checked_base(runtime, adapter, wait_s)
     if isinstance(slot, str):
         return {"passed": False, "reasons": [slot]}
     started = time.perf_counter()
+
+    async def applied(op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        # Every prompt of the check, golden or evaluation item, with the adapter applied.
+        if slot.worker is None:
+            raise Unavailable(f"{slot.spec.ref} stopped during the check of {adapter.ref}")
+        return await slot.worker.call(op, {**payload, "adapter": adapter.ref})
+
     try:
         loaded = await _load(slot, adapter)
-        outcomes = [await slot.worker.call("check_prompt", {"item": item, "adapter": adapter.ref})
-                    for item in health_check.get("golden_prompts") or []
-                    if slot.worker is not None]
+        outcomes = [await applied("check_prompt", {"item": item})
+                    for item in health_check.get("golden_prompts") or []]
+        result = judge(health_check, outcomes)
+        if result["passed"] and health_check.get("eval"):
+            # The quality gate compares it with the previous adapter version on
+            # this base (or the base alone): see WorkerHealthChecker.
+            result["eval"] = await score_in_worker(applied, health_check["eval"])
     except (RemoteError, WorkerExited, WorkerLoadError, Unavailable) as exc:
         return {"passed": False, "reasons": [f"adapter check failed: {exc}"]}
-    result = judge(health_check, outcomes)
     result["adapter_load_ms"] = loaded.get("load_ms")
     result["check_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if not result.get("passed"):
@@ -180,8 +223,9 @@ async def check_staged_adapter(runtime: InferenceRuntime, request: HealthRequest
     spec = AdapterSpec(name=request.name or request.model.parent.name,
                        version=request.version or "0", base=base, base_sha256=base_sha256,
                        path=request.model, scale=scale, sha256=request.sha256 or "")
-    work = asyncio.ensure_future(check_adapter(runtime, spec, request.spec.model_dump(
-        mode="json")))
+    # Not longer than the check may take: the base's own check may run first.
+    work = asyncio.ensure_future(check_adapter(runtime, spec, request.health_check(),
+                                               wait_s=max(timeout_s - 30.0, timeout_s / 2)))
     stop = asyncio.ensure_future(abort.wait())
     try:
         done, _ = await asyncio.wait({work, stop}, timeout=timeout_s,
@@ -196,6 +240,11 @@ async def check_staged_adapter(runtime: InferenceRuntime, request: HealthRequest
     result = work.result()
     details = {k: v for k, v in result.items() if k not in ("passed", "reasons")}
     return HealthResult(bool(result.get("passed")), list(result.get("reasons", [])), details)
+
+
+def adapter_cache_key(adapter_sha256: str, base_sha256: str) -> str:
+    """What an adapter's evaluation scores are kept under: it applied to that base build."""
+    return f"{adapter_sha256}+{base_sha256}"
 
 
 def adapter_model_id(slot: Slot, adapter: AdapterSpec) -> str:

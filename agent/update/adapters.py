@@ -11,9 +11,9 @@ being served and say so (:func:`inactive_adapters`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from protocol import VerifiedEntry
+from protocol import ActiveBase, VerifiedEntry
 
 from ..inference.spec import AdapterSpec
 
@@ -30,3 +30,20 @@ def inactive_adapters(base: str, base_sha256: str,
                       adapters: Iterable[AdapterSpec]) -> list[AdapterSpec]:
     """The active ``adapters`` of ``base`` that were made for another build than ``base_sha256``."""
     return [a for a in adapters if a.base == base and a.base_sha256 != base_sha256]
+
+
+def incoming_bases(entries: Mapping[str, VerifiedEntry]) -> dict[tuple[str, str], ActiveBase]:
+    """What each unit of a document brings, by (unit, model name): the build it will run."""
+    return {(e.entry.unit, e.manifest.name): ActiveBase(e.manifest.name, e.manifest.version,
+                                                        e.variant.sha256)
+            for e in entries.values() if e.entry.unit is not None and e.manifest.adapter_of is None}
+
+
+def bases_for(entry: VerifiedEntry, active: Mapping[str, ActiveBase],
+              incoming: Mapping[tuple[str, str], ActiveBase]) -> Mapping[str, ActiveBase]:
+    """What an adapter entry's base is checked against: the active bases, except the
+    one its own unit brings (they are installed and activated together)."""
+    binding, unit = entry.manifest.adapter_of, entry.entry.unit
+    if binding is None or unit is None or (unit, binding.name) not in incoming:
+        return active
+    return {**active, binding.name: incoming[(unit, binding.name)]}

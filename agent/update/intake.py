@@ -37,7 +37,9 @@ E1    the entry failed its own checks (release signature,     rejected ``exc.rea
 E2    release name or version unusable as a store key         rejected ``malformed``
 E2a   a new adapter whose base is not active here, or is      rejected ``base_mismatch``
       another build than the one it was made for (rules
-      B1-B4 of :mod:`protocol.adapter`; before any download)
+      B1-B4 of :mod:`protocol.adapter`; before any download);
+      in a unit, the base its unit brings counts as active,
+      and the unit's new members are refused with it
 E3    same assignment id, release, tier and sha256 as the     refresh
       name's record (and not a removal)
 E4    anything else                                           new update
@@ -72,6 +74,7 @@ from protocol import (
     verify_desired,
 )
 
+from .adapters import bases_for, incoming_bases
 from .state import DocumentRecord, EntryRecord, UpdateFile
 from .store import model_key
 
@@ -120,6 +123,8 @@ class EntryPlan:
     key: str | None = None
     code: EventCode | None = None
     reason: str | None = None
+    #: the entry's unit (members are accepted and refused together)
+    entry_unit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,13 +219,15 @@ def _base_refusal(name: str, entry: VerifiedEntry,
         check_base(entry.manifest, entry.tier, active)
     except BaseMismatch as exc:
         return EntryPlan(name, Change.REJECTED, entry.assignment_id,
-                         code=EventCode.BASE_MISMATCH, reason=f"base_mismatch: {exc}")
+                         code=EventCode.BASE_MISMATCH, reason=f"base_mismatch: {exc}",
+                         entry_unit=entry.entry.unit)
     return None
 
 
 def _plan(verified: VerifiedDesired, record: UpdateFile,
           active: Mapping[str, ActiveBase]) -> list[EntryPlan]:
     plans = []
+    incoming = incoming_bases(verified.entries)
     for name, refused in verified.refused.items():  # E1
         code = EventCode(refused.error.reason)
         plans.append(EntryPlan(name, Change.REJECTED, refused.assignment_id, code=code,
@@ -236,14 +243,25 @@ def _plan(verified: VerifiedDesired, record: UpdateFile,
         current = record.models.get(name)
         change = Change.REFRESH if current is not None and is_refresh(current, entry) else (
             Change.NEW)  # E3, E4
-        if change is Change.NEW and (refusal := _base_refusal(name, entry, active)):
+        if change is Change.NEW and (
+                refusal := _base_refusal(name, entry, bases_for(entry, active, incoming))):
             plans.append(refusal)  # E2a
             continue
-        plans.append(EntryPlan(name, change, entry.assignment_id, entry=entry, key=key))
+        plans.append(EntryPlan(name, change, entry.assignment_id, entry=entry, key=key,
+                               entry_unit=entry.entry.unit))
     for name, current in record.models.items():
         if name not in verified.names and not current.remove:  # E5
             plans.append(EntryPlan(name, Change.REMOVE, current.assignment_id))
-    return sorted(plans, key=lambda plan: plan.name)
+    return sorted(_unit_refusals(plans), key=lambda plan: plan.name)
+
+
+def _unit_refusals(plans: list[EntryPlan]) -> list[EntryPlan]:
+    """E2a for a unit: the new members of a unit whose adapter was refused go with it."""
+    refused = {p.entry_unit: p for p in plans if p.code is EventCode.BASE_MISMATCH and p.entry_unit}
+    return [EntryPlan(p.name, Change.REJECTED, p.assignment_id, code=EventCode.BASE_MISMATCH,
+                      reason=f"base_mismatch: unit {p.entry_unit!r}: {refused[p.entry_unit].name} "
+                             f"was refused ({refused[p.entry_unit].reason})")
+            if p.change is Change.NEW and p.entry_unit in refused else p for p in plans]
 
 
 def decide(

@@ -140,6 +140,14 @@ class Ledger:
         if event is not None:
             self.events.emit(event, record.assignment_id)
 
+    def staged(self, name: str, update_id: str, downloaded_bytes: int) -> None:
+        """``name``'s update is staged, having fetched ``downloaded_bytes`` for its artifact."""
+        record = self.record(name, update_id).model_copy(
+            update={"downloaded_bytes": downloaded_bytes})
+        self.save_record(record, UpdateState.STAGED, None)
+        self.events.emit(EventType.STAGED, record.assignment_id,
+                         downloaded_bytes=downloaded_bytes)
+
     def finish(
         self,
         name: str,
@@ -157,5 +165,8 @@ class Ledger:
             # sees its staging empty.
             self._stores.store(name).clean_staging()
         event = _FINAL_EVENTS.get(state, EventType.FAILED)
-        self.events.emit(event, record.assignment_id, reason=reason, code=code)
+        # What the activated version cost the link, where the device sees it whole.
+        moved = record.downloaded_bytes if state is UpdateState.ACTIVATED else None
+        self.events.emit(event, record.assignment_id, reason=reason, code=code,
+                         downloaded_bytes=moved)
         self._on_status()

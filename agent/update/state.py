@@ -82,6 +82,9 @@ class EntryRecord(BaseModel):
     ts: float
     #: start-ups that found this update unfinished; bounds a crash loop
     resumes: NonNegInt = 0
+    #: bytes fetched over the network for the artifact, set once it is staged
+    #: (0: an installed copy was reused)
+    downloaded_bytes: NonNegInt | None = None
 
     def status(self, *, with_model: bool = True) -> UpdateStatus:
         """This record as ``hello`` reports it (``model`` set in ``updates``)."""
@@ -93,6 +96,7 @@ class EntryRecord(BaseModel):
             state=self.state,
             reason=self.reason[:1024] if self.reason else None,
             ts=self.ts,
+            downloaded_bytes=self.downloaded_bytes,
         )
 
 

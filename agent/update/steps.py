@@ -134,6 +134,16 @@ async def activate_unit(tools: StepTools, members: list[EntryRecord]) -> None:
         await activate(tools, tools.ledger.record(member.name, member.update_id))
 
 
+def _is_adapter(entry_of: Callable[[EntryRecord], tuple[VerifiedEntry, str | None]] | None,
+                record: EntryRecord) -> bool:
+    if entry_of is None:
+        return False
+    try:
+        return entry_of(record)[0].manifest.adapter_of is not None
+    except Failed:
+        return False
+
+
 def _policy(entry_of: Callable[[EntryRecord], tuple[VerifiedEntry, str | None]] | None,
             record: EntryRecord) -> UpdatePolicy | None:
     if entry_of is None:
@@ -176,7 +186,9 @@ async def settle_units(
                     code_from_reason(broken.reason) or EventCode.INTERNAL_ERROR)
             return True
         if all(m.state is UpdateState.HEALTH_CHECKED for m in pending):
-            ordered = sorted(pending, key=lambda m: m.name)
+            # Bases before the adapters made for them: each adapter then finds its
+            # unit's build serving when its name is pointed at it.
+            ordered = sorted(pending, key=lambda m: (_is_adapter(entry_of, m), m.name))
             hold = next((h for m in ordered
                          if (h := tools.gate.activation_hold(_policy(entry_of, m))) is not None),
                         None)
@@ -212,6 +224,8 @@ class UpdateRun:
         self._running = False
         #: the release's evaluation set, verified (fetched before the model)
         self._eval: FetchedEvalSet | None = None
+        #: bytes of the artifact this run fetched (every attempt's, resumed ones' new bytes)
+        self._fetched = 0
 
     @property
     def _policy(self) -> UpdatePolicy | None:
@@ -307,6 +321,7 @@ class UpdateRun:
         if await asyncio.to_thread(self._installed, record.key):
             # Already in the store (a rollback to the previous version): no download.
             log.info("%s is installed and intact; not downloading", record.key)
+            self._fetched = 0
         else:
             await self._download(record.key)
             partial = store.staging_path(record.key)
@@ -318,7 +333,7 @@ class UpdateRun:
             self._current()
             await asyncio.to_thread(store.install, record.key, partial,
                                     store_manifest(self._entry))
-        self._transition(UpdateState.STAGED, EventType.STAGED)
+        self._tools.ledger.staged(self.name, self.update_id, self._fetched)
 
     def _artifact_base(self) -> str:
         base = self._url_base or self._tools.config.artifact_base_url
@@ -378,12 +393,18 @@ class UpdateRun:
                     cancel=self._cancel,
                     abort=self._abort,
                     still_current=self._current,
-                    pace=tools.pace,
+                    pace=self._pace,
                 )
                 return
             except DownloadHeld as exc:
                 # The partial keeps its bytes: the next attempt resumes with Range.
                 log.info("download of %s paused: %s", key, exc.reason)
+
+    def _pace(self, nbytes: int) -> None:
+        """Count each chunk as it arrives (on the download thread), then pace it."""
+        self._fetched += nbytes
+        if self._tools.pace is not None:
+            self._tools.pace(nbytes)
 
     def _progress(self, done: int, total: int) -> None:
         """Report download progress, at most one event per PROGRESS_STEP_PCT."""

@@ -21,7 +21,7 @@ def _state(device: Device, active: Mapping[str, Any] | None, live: LiveAssignmen
         # way off. The old form has no way to say so: the model is just not managed.
         return "removing" if device.assignment_form == "set" else "unmanaged"
     if active is not None and f"{active.get('name')}@{active.get('version')}" == live.ref:
-        return "serving"
+        return "inactive" if active.get("inactive") else "serving"
     if (update is not None and update.get("assignment_id") == live.assignment_id
             and update.get("state") in FAILED_UPDATES):
         return "failed"
@@ -43,5 +43,6 @@ def device_models(device: Device, live: Mapping[str, LiveAssignment]) -> dict[st
             state=_state(device, active, assigned, update),  # type: ignore[arg-type]
             assignment=AssignmentSummary.model_validate(assigned) if assigned else None,
             update=update,
+            reason=active.get("inactive") if active else None,
         )
     return views

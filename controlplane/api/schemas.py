@@ -61,11 +61,14 @@ class DeviceModel(BaseModel):
     version: str | None = Field(description="the version the device reports active")
     tier: str | None = Field(description="the active variant's tier, else the assigned one's")
     sha256: str | None = None
-    state: Literal["serving", "updating", "failed", "removing", "unmanaged"] = Field(
+    state: Literal["serving", "inactive", "updating", "failed", "removing", "unmanaged"] = Field(
         description=(
-            "serving: runs what is assigned; updating: an assigned version is on its way; "
+            "serving: runs what is assigned; inactive: an adapter that is installed as "
+            "assigned but not served (its base's build is not the one it was made for, see "
+            "reason); updating: an assigned version is on its way; "
             "failed: the device refused or failed the assigned version; removing: taken "
             "off, still reported active; unmanaged: active with no assignment (old form)"))
+    reason: str | None = Field(None, description="inactive: why the device does not serve it")
     assignment: AssignmentSummary | None = Field(description="its live assignment, if any")
     update: dict[str, Any] | None = Field(description="its latest update, as hello reported")
 

@@ -169,6 +169,9 @@ class HistoryItem(BaseModel):
     )
     reason: str | None = Field(None, description="the same, for people")
     progress_pct: float | None = None
+    downloaded_bytes: int | None = Field(
+        None, description="staged and activated events: bytes the update fetched for its artifact"
+    )
     received_at: float | None = None
 
 

@@ -97,13 +97,34 @@ def device_detail(d: dict[str, Any]) -> Table:
     for name, m in sorted((d.get("models") or {}).items()):
         assigned = (m.get("assignment") or {}).get("ref") or "-"
         rows.append((f"model {name}", f"{m.get('version') or '-'} ({m.get('state')}), "
-                                      f"assigned {assigned}, tier {m.get('tier') or '?'}"))
+                                      f"assigned {assigned}, tier {m.get('tier') or '?'}"
+                                      f"{_model_notes(m)}"))
     for w in d.get("waiting") or []:
         until = f" until {when(w['until'], seconds=True)}" if w.get("until") else ""
         rows.append((f"waiting {w['model']}", f"{w['type']}{until}: {w.get('reason') or ''}"))
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _model_notes(m: dict[str, Any]) -> str:
+    """What a model's row adds: its last update's bytes, and why it is not served."""
+    update = m.get("update") or {}
+    notes = ""
+    if (moved := update.get("downloaded_bytes")) is not None:
+        notes += f", downloaded {_size(moved)}"
+    if m.get("state") == "inactive":
+        notes += f": {m.get('reason') or 'not served'}"
+    return notes
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` for people: bytes, KiB or MiB."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    if nbytes < 1 << 20:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 @api_command(app)

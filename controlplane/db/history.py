@@ -186,6 +186,7 @@ def device_timeline(
                     "code": ev.code,
                     "reason": ev.reason,
                     "progress_pct": ev.progress_pct,
+                    "downloaded_bytes": ev.downloaded_bytes,
                     "received_at": ev.received_at,
                 },
             )

@@ -202,6 +202,8 @@ class DeviceEvent(_DeviceRows, Base):
     progress_pct: Mapped[float | None]
     #: an ``evaluated`` event's scores (:class:`protocol.EvalOutcome`)
     eval: Mapped[dict[str, Any] | None]
+    #: ``staged`` / ``activated`` events: bytes the update fetched for its artifact
+    downloaded_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (UniqueConstraint("device_id", "seq"),)
 

@@ -138,6 +138,7 @@ _EVENT_KEYS = [
     "reason",
     "progress_pct",
     "eval",
+    "downloaded_bytes",
 ]
 _DEVICE_KEYS = [
     "id",
@@ -259,6 +260,7 @@ def _plan(items: Iterable[IngestItem]) -> _Plan:
                     "reason": msg.reason,
                     "progress_pct": msg.progress_pct,
                     "eval": msg.eval.model_dump_json() if msg.eval else None,
+                    "downloaded_bytes": msg.downloaded_bytes,
                 },
             )
         elif isinstance(msg, Hello):
@@ -304,7 +306,7 @@ def hello_models(hello: Hello) -> dict[str, Any]:
     """The hello's device-model fields: the form its agent reads, every active model
     by name, each model's latest update by name, and the one active model (set only
     when there is exactly one, as the old form has it)."""
-    active = {m.name: m.model_dump(mode="json") for m in hello.active_models()}
+    active = {m.name: m.model_dump(mode="json", exclude_none=True) for m in hello.active_models()}
     updates = {}
     for status in hello.model_updates():
         # hello/1's one update names no model; its ref ("name@version") does.
