@@ -46,7 +46,7 @@ def load_scoring_model(path: Path, n_ctx: int, threads: int):
                            verbose=False)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Negative log-softmax of each row's target (max taken in float, sum in double)."""
     top = logits.max(axis=1, keepdims=True)
     sum_exp = np.exp(logits - top).astype(np.float64).sum(axis=1)
@@ -83,7 +83,7 @@ def perplexity(llm, text: str, n_ctx: int, *, max_chunks: int | None = None,
         logits = np.asarray(llm.scores[first:n_ctx - 1], dtype=np.float32)
         # the original tokens are the targets, as in llama.cpp (only the input had BOS)
         targets = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx], dtype=np.int64)
-        total += float(_nll(logits, targets).sum())
+        total += float(negative_log_likelihood(logits, targets).sum())
         count += len(targets)
         if progress is not None:
             progress(i + 1, chunks)

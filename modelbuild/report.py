@@ -18,7 +18,7 @@ def table(report: dict[str, Any]) -> Table:
     tiers = list(report["tiers"])
     out = Table(title=f"{report['name']} {report['version']}: variants measured on this machine")
     for column in ("variant", "tensor types", "MiB", "perplexity", "eval", "tok/s", "TTFT ms",
-                   "RAM MiB", "built"):
+                   "model RAM MiB", "built"):
         out.add_column(column, justify="left" if column in ("variant", "tensor types") else "right")
     for tier in tiers:
         out.add_column(tier)
@@ -30,7 +30,7 @@ def table(report: dict[str, Any]) -> Table:
         verdicts = []
         for tier in tiers:
             info = report["tiers"][tier]
-            if row["name"] == "source":
+            if row["name"] == "source" or row["name"] not in info["verdicts"]:
                 verdicts.append("")
             elif info["chosen"] == row["name"]:
                 verdicts.append("[bold green]chosen[/]")
