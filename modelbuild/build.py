@@ -190,7 +190,8 @@ def run_build(spec_path: Path, build_dir: Path, *, out: Path | None = None,
         ],
         "tiers": {
             tier.value: {"chosen": chosen[tier].name if tier in chosen else None,
-                         "verdicts": {j.candidate.name: j.refusal for j in verdicts[tier]}}
+                         "verdicts": {j.candidate.name: j.refusal for j in verdicts[tier]},
+                         "floors": (spec.tiers[tier].floors or spec.floors).model_dump()}
             for tier in verdicts
         },
         "floors": spec.floors.model_dump(),

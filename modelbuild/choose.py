@@ -6,7 +6,8 @@ order (the first failure is the one reported):
 1. **perplexity floor**: at most ``floors.max_perplexity_increase`` above
    the source's, on the same held-out text;
 2. **eval floor**: its eval score at least ``floors.min_eval_ratio`` times
-   the source's;
+   the source's (a tier's own ``floors``, where it has them, replace the
+   spec's);
 3. **fit**: :func:`protocol.fit_check` of the variant as it would be
    published (its size, the RAM measured at the tier's context as
    ``min_ram_bytes``) against the tier's budget, as an agent checks it.
@@ -59,7 +60,7 @@ def _mib(n: int) -> str:
 def judge(spec: BuildSpec, tier: Tier, candidate: Candidate, measured: Measurement,
           source: Measurement, as_variant: Callable[[Candidate, Tier], Variant]) -> str | None:
     """Why ``candidate`` cannot serve ``tier``, or None when it can."""
-    floors = spec.floors
+    floors = spec.tiers[tier].floors or spec.floors
     ppl_limit = source.perplexity * (1 + floors.max_perplexity_increase)
     if measured.perplexity > ppl_limit:
         rise = measured.perplexity / source.perplexity - 1

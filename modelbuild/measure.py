@@ -15,7 +15,7 @@ from typing import Any
 
 from protocol import EvalSet
 
-from .evaluate import load_chat_model, measure_speed, run_eval_set
+from .evaluate import answer_figures, load_chat_model, measure_speed, run_eval_set
 from .onnx import measure_folder
 from .perplexity import load_scoring_model, perplexity
 from .rss import model_ram
@@ -100,9 +100,5 @@ def _measure_gguf(path: Path, spec: BuildSpec, text: str, items: EvalSet,
         speed = measure_speed(chat)
     finally:
         chat.close()
-    score_dict = score.as_dict()
-    return {"perplexity": ppl.perplexity, "eval_score": score.score,
-            "eval_by_category": score_dict["by_category"], "eval_s_per_item": per_item,
-            "ttft_ms": speed.ttft_ms, "tokens_per_s": speed.tokens_per_s,
-            "size_bytes": path.stat().st_size,
-            "tensor_types": type_counts(read_tensors(path)), "answers": answers}
+    return {**answer_figures(score, answers, per_item, speed), "perplexity": ppl.perplexity,
+            "size_bytes": path.stat().st_size, "tensor_types": type_counts(read_tensors(path))}

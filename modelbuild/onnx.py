@@ -27,8 +27,8 @@ import numpy as np
 
 from protocol import EvalSet, score_answers
 
-from .evaluate import SPEED_PROMPT, SPEED_TOKENS, Speed
-from .perplexity import PerplexityError, PerplexityResult, negative_log_likelihood
+from .evaluate import SPEED_PROMPT, SPEED_TOKENS, Speed, answer_figures
+from .perplexity import PerplexityResult, chunk_count, negative_log_likelihood
 
 
 def folder_files(folder: Path) -> list[Path]:
@@ -113,12 +113,7 @@ def perplexity(backend, text: str, n_ctx: int, *, max_chunks: int | None = None,
     if text.endswith("\n"):
         text = text[:-1]
     tokens = [int(t) for t in backend.tokenizer.encode(text)]
-    if len(tokens) < 2 * n_ctx:
-        raise PerplexityError(f"the held-out text is {len(tokens)} tokens; perplexity with a "
-                              f"context of {n_ctx} needs at least {2 * n_ctx}")
-    chunks = len(tokens) // n_ctx
-    if max_chunks is not None:
-        chunks = min(chunks, max_chunks)
+    chunks = chunk_count(len(tokens), n_ctx, max_chunks)
     first = n_ctx // 2
     total, count = 0.0, 0
     for i in range(chunks):
@@ -152,8 +147,5 @@ def measure_folder(folder: Path, spec: Any, text: str, items: EvalSet,
         speed = measure_speed(backend)
     finally:
         backend.close()
-    score_dict = score.as_dict()
-    return {"perplexity": ppl.perplexity, "eval_score": score.score,
-            "eval_by_category": score_dict["by_category"], "eval_s_per_item": per_item,
-            "ttft_ms": speed.ttft_ms, "tokens_per_s": speed.tokens_per_s,
-            "size_bytes": folder_size(folder), "tensor_types": {}, "answers": answers}
+    return {**answer_figures(score, answers, per_item, speed), "perplexity": ppl.perplexity,
+            "size_bytes": folder_size(folder), "tensor_types": {}}

@@ -54,6 +54,15 @@ def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> np.ndarr
     return np.log(sum_exp) - picked.astype(np.float64)
 
 
+def chunk_count(tokens: int, n_ctx: int, max_chunks: int | None) -> int:
+    """Whole chunks of ``n_ctx`` in ``tokens`` (at most ``max_chunks``); at least two needed."""
+    if tokens < 2 * n_ctx:
+        raise PerplexityError(f"the held-out text is {tokens} tokens; perplexity with a "
+                              f"context of {n_ctx} needs at least {2 * n_ctx}")
+    chunks = tokens // n_ctx
+    return chunks if max_chunks is None else min(chunks, max_chunks)
+
+
 def perplexity(llm, text: str, n_ctx: int, *, max_chunks: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Perplexity of ``llm`` (from :func:`load_scoring_model`) on ``text``, chunks of ``n_ctx``.
@@ -63,12 +72,7 @@ def perplexity(llm, text: str, n_ctx: int, *, max_chunks: int | None = None,
     if text.endswith("\n"):
         text = text[:-1]
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-    if len(tokens) < 2 * n_ctx:
-        raise PerplexityError(f"the held-out text is {len(tokens)} tokens; perplexity with a "
-                              f"context of {n_ctx} needs at least {2 * n_ctx}")
-    chunks = len(tokens) // n_ctx
-    if max_chunks is not None:
-        chunks = min(chunks, max_chunks)
+    chunks = chunk_count(len(tokens), n_ctx, max_chunks)
     add_bos = llm._model.add_bos_token()
     bos = llm.token_bos()
     first = n_ctx // 2

@@ -169,6 +169,8 @@ class TierBudget(_Strict):
     #: the format the tier's devices run (an NPU laptop's profile: ``onnx``); only
     #: candidates of this format are judged for the tier
     format: Format = "gguf"
+    #: this tier's quality floors, in place of the spec's (None: the spec's)
+    floors: Floors | None = None
 
 
 class ReleaseFields(_Strict):

@@ -42,6 +42,7 @@ CANDIDATES = [
 ROOMY = {"micro": {"ram_bytes": 8 << 30, "context": 512},
          "small": {"ram_bytes": 8 << 30, "context": 1024}}
 LOOSE = {"max_perplexity_increase": 1.0, "min_eval_ratio": 0.5}
+LOOSE_ONNX = {"max_perplexity_increase": 1.0, "min_eval_ratio": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +237,10 @@ def test_an_onnx_candidate_is_measured_and_chosen_for_the_onnx_tier(built, model
                                   "folder": str(folder)}]
     # the shared build's contexts, so the source and q8_0 are reused and only the folder
     # is measured
-    tiers = {"micro": ROOMY["micro"], "small": {**ROOMY["small"], "format": "onnx"}}
-    spec = write_spec(work, model_path, candidates=candidates, tiers=tiers,
-                      floors={"max_perplexity_increase": 1.0, "min_eval_ratio": 0.0},
-                      name="onnx.yaml")
+    # the int4 build is judged against floors of its own tier: it is far below the GGUF's
+    tiers = {"micro": ROOMY["micro"],
+             "small": {**ROOMY["small"], "format": "onnx", "floors": LOOSE_ONNX}}
+    spec = write_spec(work, model_path, candidates=candidates, tiers=tiers, name="onnx.yaml")
     done = run_build(spec, build_dir, out=work / "onnx.release.yaml")
     rows = {v["name"]: v for v in done.report["variants"]}
     onnx = rows["onnx-int4"]["measurement"]
@@ -253,8 +254,8 @@ def test_an_onnx_candidate_is_measured_and_chosen_for_the_onnx_tier(built, model
     assert onnx["ram_bytes"]["1024"] > onnx["ram_bytes"]["512"] > 0
     assert rows["q8_0"]["reused"]
     # each tier judged only on its own format
-    assert done.report["tiers"]["small"] == {"chosen": "onnx-int4",
-                                             "verdicts": {"onnx-int4": None}}
+    small_tier = done.report["tiers"]["small"]
+    assert (small_tier["chosen"], small_tier["verdicts"]) == ("onnx-int4", {"onnx-int4": None})
     assert done.report["tiers"]["micro"]["chosen"] == "q8_0"
     # a folder variant `models publish` reads
     release = load_spec(done.release_spec)
@@ -263,6 +264,13 @@ def test_an_onnx_candidate_is_measured_and_chosen_for_the_onnx_tier(built, model
     assert small.min_ram_bytes == onnx["ram_bytes"]["1024"] + onnx["runtime_base_bytes"]
     assert small.runtime_defaults.mmap is None and small.runtime_defaults.context == 1024
     assert release.variants[Tier.MICRO].format == "gguf"
+    # under the spec's floors (+10 % perplexity, 0.95x the eval score) it is refused
+    del tiers["small"]["floors"]
+    strict = write_spec(work, model_path, candidates=candidates, tiers=tiers,
+                        name="onnx-strict.yaml")
+    with pytest.raises(NoVariantFits, match=r"tier small: no candidate qualifies: onnx-int4: "
+                                            r"perplexity .* \(floor \+10%\)"):
+        run_build(strict, build_dir, out=work / "onnx-strict.release.yaml")
 
 
 def test_a_bad_spec_is_refused_by_name(tmp_path: Path, model_path: Path) -> None:
