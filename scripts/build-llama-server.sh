@@ -41,7 +41,7 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 wheel_lib=""
 if [ "$TOOL" = llama-perplexity ]; then
-    wheel_lib="$(.venv/bin/python -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')"
+    wheel_lib="$(.venv/bin/python -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(os.path.realpath(llama_cpp.__file__)), "lib"))')"
     [ -f "$wheel_lib/libllama.so" ] || wheel_lib=""
     # the wheel's libraries carry its kernels and flags: the tool adds none
     [ -z "$wheel_lib" ] || flavour="wheel"
