@@ -244,8 +244,9 @@ def load_build_spec(path: Path) -> BuildSpec:
             raise BuildSpecError(f"{source}: {what}: {file} does not exist")
     for c in candidates:
         if c.folder is not None and not (c.folder / "genai_config.json").is_file():
+            unset = " (a variable in it is not set)" if "$" in str(c.folder) else ""
             raise BuildSpecError(f"{source}: candidates.{c.name}.folder: {c.folder} is not an "
-                                 "onnxruntime-genai model folder (no genai_config.json)")
+                                 f"onnxruntime-genai model folder (no genai_config.json){unset}")
     for tier, budget in spec.tiers.items():
         if not any(c.format == budget.format for c in candidates):
             raise BuildSpecError(f"{source}: tiers.{tier.value}: its devices run "
