@@ -6,8 +6,8 @@ SmolLM2-135M, the example held-out text and 14-item evaluation set) into a
 fresh build directory, so every variant is quantized and measured, then
 builds it again into the same directory to time a build that reuses every
 variant. Prints a table per variant (quantize seconds, eval seconds per
-item, perplexity, eval score, size, RAM, tokens/s, TTFT) and the JSON last
-line.
+item, perplexity, eval score, size, the model's RAM at each tier context,
+tokens/s, TTFT) and the JSON last line.
 
     .venv/bin/python bench/build.py [SPEC]
 """
@@ -49,7 +49,7 @@ def main() -> None:
     assert first is not None
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"{'variant':>12} {'quant s':>8} {'eval s/item':>11} {'ppl':>8} {'eval':>6} "
-          f"{'MiB':>7} {'RAM MiB':>15} {'tok/s':>6} {'TTFT ms':>8}")
+          f"{'MiB':>7} {'model RAM MiB':>15} {'tok/s':>6} {'TTFT ms':>8}")
     figures: dict[str, float | int | str] = {}
     for row in [first["source"], *first["variants"]]:
         m = row["measurement"]
@@ -63,6 +63,8 @@ def main() -> None:
         figures[f"{row['name']}_eval_s_per_item"] = round(m["eval_s_per_item"], 3)
         figures[f"{row['name']}_perplexity"] = round(m["perplexity"], 3)
         figures[f"{row['name']}_eval_score"] = round(m["eval_score"], 4)
+        for context, ram_bytes in m["ram_bytes"].items():
+            figures[f"{row['name']}_ram_mib_at_{context}"] = round(ram_bytes / 2**20, 1)
     for tier, info in first["tiers"].items():
         print(f"tier {tier}: {info['chosen'] or 'refused'}")
         figures[f"tier_{tier}"] = info["chosen"] or "refused"

@@ -29,6 +29,7 @@ from protocol import EvalSet, Tier, parse_eval_set_bytes
 from .choose import NoVariantFits, choose
 from .emit import as_variant, release_spec, write_release_spec
 from .measure import Measurement, measure
+from .onnx import folder_digest
 from .quantize import quantize
 from .report import write_chart
 from .spec import BuildSpec, Candidate, load_build_spec
@@ -99,8 +100,17 @@ def _measured(store: BuildStore, directory: Path, path: Path, spec: BuildSpec, t
 
 def _quantized(store: BuildStore, spec: BuildSpec, candidate: Candidate,
                bars: _Bars) -> tuple[Path, dict[str, Any], bool]:
-    """The candidate's file and its quantize record, made unless already there. (.., reused)"""
+    """The candidate's file and its quantize record, made unless already there. (.., reused)
+
+    An ONNX candidate is its folder as given, recorded once (its digest)."""
     directory = store.variant_dir(candidate)
+    if candidate.folder is not None:
+        record = store.read(directory / "quantize.json")
+        if record is None:
+            record = {"type": candidate.type, "format": "onnx", "folder": str(candidate.folder),
+                      "seconds": 0.0, "sha256": folder_digest(candidate.folder), "tensors": {}}
+            store.write(directory / "quantize.json", record)
+        return candidate.folder, record, True
     file = directory / f"{spec.name}-{candidate.name}.gguf"
     record = store.read(directory / "quantize.json")
     if record is not None and file.is_file():
@@ -150,8 +160,8 @@ def run_build(spec_path: Path, build_dir: Path, *, out: Path | None = None,
                               bars, "source")
         for candidate in spec.candidates:
             file, record, file_reused = _quantized(store, spec, candidate, bars)
-            figures, figures_reused = _measured(store, file.parent, file, spec, text, items,
-                                                bars, candidate.name)
+            figures, figures_reused = _measured(store, store.variant_dir(candidate), file, spec,
+                                                text, items, bars, candidate.name)
             files[candidate.name], records[candidate.name] = file, record
             measured[candidate.name] = figures
             reused[candidate.name] = file_reused and figures_reused
@@ -180,7 +190,8 @@ def run_build(spec_path: Path, build_dir: Path, *, out: Path | None = None,
         ],
         "tiers": {
             tier.value: {"chosen": chosen[tier].name if tier in chosen else None,
-                         "verdicts": {j.candidate.name: j.refusal for j in verdicts[tier]}}
+                         "verdicts": {j.candidate.name: j.refusal for j in verdicts[tier]},
+                         "floors": (spec.tiers[tier].floors or spec.floors).model_dump()}
             for tier in verdicts
         },
         "floors": spec.floors.model_dump(),

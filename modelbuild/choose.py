@@ -6,12 +6,15 @@ order (the first failure is the one reported):
 1. **perplexity floor**: at most ``floors.max_perplexity_increase`` above
    the source's, on the same held-out text;
 2. **eval floor**: its eval score at least ``floors.min_eval_ratio`` times
-   the source's;
+   the source's (a tier's own ``floors``, where it has them, replace the
+   spec's);
 3. **fit**: :func:`protocol.fit_check` of the variant as it would be
-   published (its size, its measured peak RSS at the tier's context as
+   published (its size, the RAM measured at the tier's context as
    ``min_ram_bytes``) against the tier's budget, as an agent checks it.
 
-Of those that pass, the highest eval score wins, then the lower
+Only candidates of the format the tier's devices run are judged for it
+(``tiers.<tier>.format``: an NPU laptop's tier takes ONNX folders, the
+others GGUF files). Of those that pass, the highest eval score wins, then the lower
 perplexity, then the smaller file. A tier no candidate passes is refused,
 with each candidate's failing figure.
 """
@@ -57,7 +60,7 @@ def _mib(n: int) -> str:
 def judge(spec: BuildSpec, tier: Tier, candidate: Candidate, measured: Measurement,
           source: Measurement, as_variant: Callable[[Candidate, Tier], Variant]) -> str | None:
     """Why ``candidate`` cannot serve ``tier``, or None when it can."""
-    floors = spec.floors
+    floors = spec.tiers[tier].floors or spec.floors
     ppl_limit = source.perplexity * (1 + floors.max_perplexity_increase)
     if measured.perplexity > ppl_limit:
         rise = measured.perplexity / source.perplexity - 1
@@ -75,7 +78,7 @@ def judge(spec: BuildSpec, tier: Tier, candidate: Candidate, measured: Measureme
                     os_reserved_bytes=budget.os_reserved_bytes, slots=budget.slots)
     if not fit.ok:
         return (f"{candidate.name}: {fit.reason} at context {budget.context}: {fit.detail} "
-                f"(peak RSS {_mib(measured.ram_at(budget.context))}, "
+                f"(RAM {_mib(measured.ram_at(budget.context))}, "
                 f"file {_mib(measured.size_bytes)})")
     return None
 
@@ -91,9 +94,10 @@ def choose(spec: BuildSpec, measured: dict[str, Measurement], source: Measuremen
     verdicts: dict[Tier, list[Judged]] = {}
     refusals: dict[Tier, list[str]] = {}
     for tier in sorted(spec.tiers, key=lambda t: t.rank):
+        # a tier's devices run one format: the others' candidates are not theirs to judge
         judged = [Judged(c, measured[c.name],
                          judge(spec, tier, c, measured[c.name], source, as_variant))
-                  for c in spec.candidates]
+                  for c in spec.candidates if c.format == spec.tiers[tier].format]
         verdicts[tier] = judged
         passing = [j for j in judged if j.refusal is None]
         if not passing:

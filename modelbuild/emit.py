@@ -2,9 +2,11 @@
 
 The format of ``examples/smollm2.release.yaml`` (:mod:`controlplane.release_spec`):
 one variant per tier, its ``file`` the chosen candidate's file in the build
-directory, ``min_ram_bytes`` its peak RSS measured at the tier's context
+directory, ``min_ram_bytes`` the RAM measured at the tier's context
 (so a device's fit check uses the measured figure, not an estimate), and
-``runtime_defaults.context`` that context.
+``runtime_defaults.context`` that context. The evaluation set the variants
+were judged on is pinned too (``eval_set.path``), so the devices score the
+release on the same items and a rollout's quality gate compares like with like.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ def variant_fields(spec: BuildSpec, tier: Tier, candidate: Candidate,
     budget = spec.tiers[tier]
     defaults = spec.release.runtime_defaults.model_dump(exclude_none=True)
     defaults["context"] = budget.context
+    if candidate.format == "onnx":
+        # onnxruntime-genai reads its folder whole: there is no mapping to choose
+        defaults.pop("mmap", None)
     return {
-        "format": "gguf",
+        "format": candidate.format,
         "quantization": candidate.quantization,
         "parameters": spec.source.parameters,
         "context_length": spec.source.context_length,
@@ -40,8 +45,9 @@ def variant_fields(spec: BuildSpec, tier: Tier, candidate: Candidate,
 def as_variant(spec: BuildSpec, tier: Tier, candidate: Candidate, measured: Measurement,
                sha256: str) -> Variant:
     """The :class:`protocol.Variant` the candidate would publish as (for the fit check)."""
+    name = candidate.name if candidate.format == "onnx" else f"{candidate.name}.gguf"
     return Variant(sha256=sha256, size_bytes=measured.size_bytes,
-                   artifact=f"{spec.name}/{spec.version}/{tier.value}/{candidate.name}.gguf",
+                   artifact=f"{spec.name}/{spec.version}/{tier.value}/{name}",
                    **variant_fields(spec, tier, candidate, measured))
 
 
@@ -54,7 +60,8 @@ def release_spec(spec: BuildSpec, chosen: dict[Tier, Candidate], files: dict[str
         variants[tier.value] = {"file": str(files[candidate.name]),
                                 **variant_fields(spec, tier, candidate, measured[candidate.name])}
     return {"name": spec.name, "version": spec.version,
-            "description": spec.release.description, "variants": variants}
+            "description": spec.release.description, "variants": variants,
+            "eval_set": {"path": str(spec.eval_set)}}
 
 
 def write_release_spec(path: Path, document: dict[str, Any], spec_path: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocol import EvalScore, EvalSet, score_answers
 
@@ -66,6 +67,14 @@ def run_eval_set(llm, items: EvalSet,
             progress(done, len(items.items))
     per_item = (time.perf_counter() - started) / len(items.items)
     return score_answers(items, answers), answers, per_item
+
+
+def answer_figures(score: EvalScore, answers: dict[str, str], per_item: float,
+                   speed: Speed) -> dict[str, Any]:
+    """The evaluation and speed figures of a measurement (:class:`.measure.Measurement`)."""
+    return {"eval_score": score.score, "eval_by_category": score.as_dict()["by_category"],
+            "eval_s_per_item": per_item, "answers": answers, "ttft_ms": speed.ttft_ms,
+            "tokens_per_s": speed.tokens_per_s}
 
 
 def measure_speed(llm) -> Speed:

@@ -46,12 +46,21 @@ def load_scoring_model(path: Path, n_ctx: int, threads: int):
                            verbose=False)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Negative log-softmax of each row's target (max taken in float, sum in double)."""
     top = logits.max(axis=1, keepdims=True)
     sum_exp = np.exp(logits - top).astype(np.float64).sum(axis=1)
     picked = logits[np.arange(len(targets)), targets] - top[:, 0]
     return np.log(sum_exp) - picked.astype(np.float64)
+
+
+def chunk_count(tokens: int, n_ctx: int, max_chunks: int | None) -> int:
+    """Whole chunks of ``n_ctx`` in ``tokens`` (at most ``max_chunks``); at least two needed."""
+    if tokens < 2 * n_ctx:
+        raise PerplexityError(f"the held-out text is {tokens} tokens; perplexity with a "
+                              f"context of {n_ctx} needs at least {2 * n_ctx}")
+    chunks = tokens // n_ctx
+    return chunks if max_chunks is None else min(chunks, max_chunks)
 
 
 def perplexity(llm, text: str, n_ctx: int, *, max_chunks: int | None = None,
@@ -63,12 +72,7 @@ def perplexity(llm, text: str, n_ctx: int, *, max_chunks: int | None = None,
     if text.endswith("\n"):
         text = text[:-1]
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-    if len(tokens) < 2 * n_ctx:
-        raise PerplexityError(f"the held-out text is {len(tokens)} tokens; perplexity with a "
-                              f"context of {n_ctx} needs at least {2 * n_ctx}")
-    chunks = len(tokens) // n_ctx
-    if max_chunks is not None:
-        chunks = min(chunks, max_chunks)
+    chunks = chunk_count(len(tokens), n_ctx, max_chunks)
     add_bos = llm._model.add_bos_token()
     bos = llm.token_bos()
     first = n_ctx // 2
@@ -83,7 +87,7 @@ def perplexity(llm, text: str, n_ctx: int, *, max_chunks: int | None = None,
         logits = np.asarray(llm.scores[first:n_ctx - 1], dtype=np.float32)
         # the original tokens are the targets, as in llama.cpp (only the input had BOS)
         targets = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx], dtype=np.int64)
-        total += float(_nll(logits, targets).sum())
+        total += float(negative_log_likelihood(logits, targets).sum())
         count += len(targets)
         if progress is not None:
             progress(i + 1, chunks)

@@ -17,8 +17,11 @@ def table(report: dict[str, Any]) -> Table:
     """One row per variant (the source first): figures, then each tier's verdict."""
     tiers = list(report["tiers"])
     out = Table(title=f"{report['name']} {report['version']}: variants measured on this machine")
+    contexts = sorted({int(c) for row in [report["source"], *report["variants"]]
+                       for c in row["measurement"]["ram_bytes"]})
+    ram_title = "model RAM MiB at " + " / ".join(str(c) for c in contexts)
     for column in ("variant", "tensor types", "MiB", "perplexity", "eval", "tok/s", "TTFT ms",
-                   "RAM MiB", "built"):
+                   ram_title, "built"):
         out.add_column(column, justify="left" if column in ("variant", "tensor types") else "right")
     for tier in tiers:
         out.add_column(tier)
@@ -26,11 +29,12 @@ def table(report: dict[str, Any]) -> Table:
         m = row["measurement"]
         by_context = sorted(m["ram_bytes"].items(), key=lambda kv: int(kv[0]))
         ram = " / ".join(_mib(v) for _, v in by_context)
-        types = " ".join(f"{k}x{v}" for k, v in m["tensor_types"].items() if k != "F32")
+        types = " ".join(f"{k}x{v}" for k, v in m["tensor_types"].items() if k != "F32") \
+            or "(ONNX folder)"
         verdicts = []
         for tier in tiers:
             info = report["tiers"][tier]
-            if row["name"] == "source":
+            if row["name"] == "source" or row["name"] not in info["verdicts"]:
                 verdicts.append("")
             elif info["chosen"] == row["name"]:
                 verdicts.append("[bold green]chosen[/]")

@@ -1,53 +1,105 @@
-"""RAM a variant needs at a runtime context: the peak RSS of a fresh process serving it.
+"""RAM a variant costs at a runtime context, measured in a fresh process.
 
-What the fit check's ``min_ram_bytes`` means (protocol/fit.py): the measured
-peak resident size at the runtime context, KV cache and runtime overhead
-included. Measured in a child process so the figure is the model's alone,
-not the build's: it loads the file as the agent's worker does (mmap, the
-context allocated up front), answers one short chat prompt, and reports
-``ru_maxrss`` plus the whole f16 KV cache at the context. The cache's pages
-become resident only as a conversation fills them, so a short prompt's peak
-leaves most of it out; a device must have room for all of it.
+What the fit check's ``min_ram_bytes`` means (protocol/fit.py): the resident
+memory serving the variant at the runtime context needs, KV cache and
+runtime included. A fresh child process measures it, so nothing of the
+build's own memory counts:
+
+1. its resident size once Python and llama.cpp are loaded (the runtime's
+   base, the same for every variant);
+2. the model loaded at the context, its weights read into memory rather
+   than mapped: llama.cpp repacks some types (Q4_0, IQ4_NL) for its CPU
+   kernels into memory of its own, and with a mapped file the original
+   pages of those tensors stay mapped though nothing reads them again, so
+   a mapped load would count them twice; read in, every weight is counted
+   once, as it is held while serving;
+3. a prompt of :data:`PROMPT_TOKENS` tokens (or the context, when shorter)
+   evaluated, so the compute buffers a prompt uses are resident; the KV
+   cache is resident in full from the start (llama.cpp zeroes it when the
+   context is made).
+
+The model's cost is the resident size after 3 less the base after 1; both
+come back, so the fit check can count the base too. Variants then differ by
+what differs between them, their weights: a smaller file costs less.
 
 Run as ``python -m modelbuild.rss PATH CONTEXT THREADS``.
 """
 
 from __future__ import annotations
 
-import resource
+import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+#: tokens of the prompt evaluated before measuring (a long chat turn)
+PROMPT_TOKENS = 256
 
-def peak_rss_bytes(path: Path, context: int, threads: int) -> int:
-    """Peak RSS of a fresh process that loads ``path`` at ``context`` and answers once."""
+
+@dataclass(frozen=True, slots=True)
+class RamCost:
+    """Resident bytes: the runtime's base, and what the model adds at a context."""
+
+    base_bytes: int
+    model_bytes: int
+
+
+def model_ram(path: Path, context: int, threads: int) -> RamCost:
+    """What serving ``path`` at ``context`` costs, measured in a fresh process."""
     done = subprocess.run([sys.executable, "-m", __name__, str(path), str(context), str(threads)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring RAM of {path.name} at context {context} failed: "
                            f"{done.stderr.strip()[-500:]}")
-    return int(done.stdout.strip().splitlines()[-1])
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return RamCost(base_bytes=figures["base"], model_bytes=figures["model"])
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (``VmRSS`` of /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _prompt(vocab: int, count: int) -> list[int]:
+    # any token ids do: the cost of a prompt depends on its length, not its words
+    return [(i * 7919) % (vocab - 256) + 128 for i in range(count)]
+
+
+def _onnx_cost(folder: Path, context: int, threads: int) -> dict[str, int]:
+    """An onnxruntime-genai folder loaded as the agent's worker loads it, a prompt evaluated."""
+    import onnxruntime_genai as og
+
+    from agent.inference.genai_backend import GenaiBackend  # noqa: F401 (in the base)
+
+    from .onnx import load_backend
+
+    base = resident_bytes()
+    backend = load_backend(folder, context, threads)
+    params = og.GeneratorParams(backend.model)
+    params.set_search_options(max_length=context, batch_size=1)
+    generator = og.Generator(backend.model, params)
+    config = json.loads((folder / "genai_config.json").read_text())
+    generator.append_tokens(_prompt(int(config["model"]["vocab_size"]),
+                                    min(context, PROMPT_TOKENS)))
+    return {"base": base, "model": resident_bytes() - base}
 
 
 def _main(path: str, context: int, threads: int) -> None:
-    from .evaluate import answer, load_chat_model
+    if Path(path).is_dir():
+        print(json.dumps(_onnx_cost(Path(path), context, threads)))
+        return
+    import llama_cpp
 
-    llm = load_chat_model(Path(path), context, threads)
-    answer(llm, "What is the opposite of hot?", 8)
-    # ru_maxrss is in KiB on Linux
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + kv_cache_bytes(llm, context))
-
-
-def kv_cache_bytes(llm, context: int) -> int:
-    """The f16 K and V caches of every layer at ``context`` (grouped-query heads counted)."""
-    meta = llm.metadata
-    arch = meta["general.architecture"]
-    layers = int(meta[f"{arch}.block_count"])
-    width = int(meta[f"{arch}.embedding_length"])
-    heads = int(meta[f"{arch}.attention.head_count"])
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    return 2 * layers * (width // heads * kv_heads) * context * 2
+    base = resident_bytes()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads,
+                          n_threads_batch=threads, use_mmap=False, verbose=False)
+    llm.eval([llm.token_bos(), *_prompt(llm.n_vocab(), min(context, PROMPT_TOKENS) - 1)])
+    print(json.dumps({"base": base, "model": resident_bytes() - base}))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -37,7 +37,9 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from protocol import (
@@ -92,12 +94,22 @@ class Floors(_Strict):
     min_eval_ratio: Annotated[float, Field(ge=0, le=1)] = 0.95
 
 
+#: the model formats a candidate can be and a tier's devices can run
+Format = Literal["gguf", "onnx"]
+
+
 class Candidate(_Strict):
-    """One quantization to make: a llama.cpp file type, with per-tensor overrides."""
+    """One variant to judge: a quantization to make (a llama.cpp file type, with
+    per-tensor overrides), or an ONNX build that exists already (``folder``)."""
 
     name: Annotated[str, StringConstraints(pattern=_CANDIDATE_NAME)]
-    #: llama.cpp file type (``Q8_0``, ``Q5_1``, ``Q4_0``, ``IQ4_NL``, ``Q2_0``, ...)
-    type: str
+    #: ``gguf``: quantized from the source by llama.cpp; ``onnx``: an onnxruntime-genai folder
+    format: Format = "gguf"
+    #: llama.cpp file type (``Q8_0``, ``Q5_1``, ``Q4_0``, ``IQ4_NL``, ``Q2_0``, ...); for an
+    #: ONNX candidate, the manifest's ``quantization`` label (``int4``)
+    type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,32}$")]
+    #: an ONNX candidate's folder (``model.onnx``, ``genai_config.json``, tokenizer files)
+    folder: Path | None = None
     #: tensor-name regex -> tensor type, first match wins (llama-quantize's --tensor-type)
     overrides: dict[str, str] = Field(default_factory=dict)
     #: a GGUF importance matrix (llama-imatrix's output) to weigh the rounding with
@@ -105,9 +117,24 @@ class Candidate(_Strict):
 
     @field_validator("type")
     @classmethod
-    def _known_type(cls, value: str) -> str:
+    def _known_type(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("format") == "onnx":
+            return value
         file_type(value)
         return value.upper()
+
+    @model_validator(mode="after")
+    def _onnx_is_a_folder(self) -> Candidate:
+        if self.format == "onnx":
+            if self.folder is None:
+                raise ValueError(f"candidate {self.name}: an onnx candidate names its folder")
+            if self.overrides or self.imatrix:
+                raise ValueError(f"candidate {self.name}: overrides and imatrix are llama.cpp "
+                                 "quantization settings; an onnx candidate is built already")
+        elif self.folder is not None:
+            raise ValueError(f"candidate {self.name}: folder is for onnx candidates; a gguf "
+                             "one is quantized from source.file")
+        return self
 
     @field_validator("overrides")
     @classmethod
@@ -139,6 +166,11 @@ class TierBudget(_Strict):
     context: Annotated[int, Field(ge=16)] = 2048
     #: generations decoded at once (a firmware profile's ``runtime.parallel``)
     slots: Annotated[int, Field(ge=1)] = 1
+    #: the format the tier's devices run (an NPU laptop's profile: ``onnx``); only
+    #: candidates of this format are judged for the tier
+    format: Format = "gguf"
+    #: this tier's quality floors, in place of the spec's (None: the spec's)
+    floors: Floors | None = None
 
 
 class ReleaseFields(_Strict):
@@ -200,8 +232,9 @@ def load_build_spec(path: Path) -> BuildSpec:
         "held_out": spec.held_out.model_copy(update={"text": _resolve(base, spec.held_out.text)}),
         "eval_set": _resolve(base, spec.eval_set),
     })
-    candidates = [c if c.imatrix is None else c.model_copy(update={
-        "imatrix": _resolve(base, c.imatrix)}) for c in spec.candidates]
+    candidates = [c.model_copy(update={
+        "imatrix": c.imatrix and _resolve(base, c.imatrix),
+        "folder": c.folder and _resolve(base, c.folder)}) for c in spec.candidates]
     spec = spec.model_copy(update={"candidates": candidates})
     files = [("source.file", spec.source.file), ("held_out.text", spec.held_out.text),
              ("eval_set", spec.eval_set)]
@@ -209,4 +242,13 @@ def load_build_spec(path: Path) -> BuildSpec:
     for what, file in files:
         if not file.is_file():
             raise BuildSpecError(f"{source}: {what}: {file} does not exist")
+    for c in candidates:
+        if c.folder is not None and not (c.folder / "genai_config.json").is_file():
+            unset = " (a variable in it is not set)" if "$" in str(c.folder) else ""
+            raise BuildSpecError(f"{source}: candidates.{c.name}.folder: {c.folder} is not an "
+                                 f"onnxruntime-genai model folder (no genai_config.json){unset}")
+    for tier, budget in spec.tiers.items():
+        if not any(c.format == budget.format for c in candidates):
+            raise BuildSpecError(f"{source}: tiers.{tier.value}: its devices run "
+                                 f"{budget.format} and no candidate is {budget.format}")
     return spec

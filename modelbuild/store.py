@@ -28,11 +28,12 @@ from typing import Any
 
 from agent.atomic import read_json, write_json_atomic
 
+from .onnx import folder_digest
 from .spec import BuildSpec, Candidate
 
 #: bumped when the way a file is made or measured changes, so old figures are not reused
 QUANTIZE_FORMAT = 1
-MEASURE_FORMAT = 1
+MEASURE_FORMAT = 2
 
 
 def file_sha256(path: Path) -> str:
@@ -82,6 +83,10 @@ class BuildStore:
 
     def variant_dir(self, candidate: Candidate) -> Path:
         """The candidate's directory (its key: source, type, overrides, llama.cpp version)."""
+        if candidate.folder is not None:
+            # an ONNX candidate is not made from the source: its folder is what it is
+            key = _key({"format": QUANTIZE_FORMAT, "onnx": folder_digest(candidate.folder)})
+            return self.root / f"{candidate.name}-{key}"
         key = _key({"format": QUANTIZE_FORMAT, "source": self.source_sha256,
                     "type": candidate.type, "overrides": candidate.overrides,
                     "imatrix": candidate.imatrix and file_sha256(candidate.imatrix),

@@ -2,8 +2,9 @@
 
 Same model (the source GGUF), same text, same context and chunks, one
 sequence per batch on both sides; ``llama-perplexity`` is built once from
-the sources the pinned llama-cpp-python vendors (scripts/build-llama-server.sh
-llama-perplexity, cached like llama-server) and run here as a process.
+the sources the pinned llama-cpp-python vendors, linked against the wheel's
+own libllama and libggml (scripts/build-llama-server.sh llama-perplexity,
+cached like llama-server), and run here as a process.
 """
 
 from __future__ import annotations

@@ -116,3 +116,14 @@ def show(
             v["artifact"],
         )
     api.emit(found, table)
+
+
+@app.command("build", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def build(ctx: typer.Context) -> None:
+    """Quantize a model into tier variants on this machine, measure each, emit a release spec."""
+    # The `slmfleet` entry point hands `models build` to the build before this
+    # app is made (the control plane never imports llama.cpp); this entry only
+    # lists the command here.
+    typer.echo("run it as `slmfleet models build SPEC` (see docs/build.md)", err=True)
+    raise typer.Exit(2)

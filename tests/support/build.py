@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,28 @@ HEALTH_CHECK = {
     "golden_prompts": [{"prompt": "What is the capital of Germany?", "expected": ["Berlin"],
                         "max_tokens": 32}],
 }
+
+
+@contextmanager
+def shared_build_dir() -> Iterator[Path]:
+    """The model-build tests' build directory in the cache, held under a lock.
+
+    Sessions and the tests of one session share it: the build's own keys
+    (source sha256, type, overrides, llama-cpp-python version, measuring
+    settings) say which variants and figures can be reused, so a change to
+    any of them builds anew beside the old ones. The lock keeps two test
+    sessions from writing one variant at once.
+    """
+    from controlplane.devfleet.model_cache import cache_dir
+
+    root = cache_dir() / "model-builds-tests"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield root
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def small_eval_set(directory: Path) -> Path:
