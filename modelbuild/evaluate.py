@@ -2,7 +2,9 @@
 
 Each item is asked as the one user message of a chat, rendered through the
 model's own chat template exactly as the agent renders requests
-(:class:`agent.inference.prompting.PromptBuilder`), and answered greedily;
+(:class:`agent.inference.prompting.PromptBuilder`), under the grammar of the
+item's ``response_format`` where it has one (as the device sends it), and
+answered greedily;
 the answers are scored with the release's scorers
 (:func:`protocol.score_answers`), so a build scores a variant the way a
 device does.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import EvalScore, EvalSet, score_answers
+from protocol import EvalItem, EvalScore, EvalSet, score_answers
 
 #: the prompt speed is measured with: short, answered at length by any chat model
 SPEED_PROMPT = "Tell me a short story about a lighthouse keeper."
@@ -45,14 +47,39 @@ def _prompt(llm, text: str):
     return PromptBuilder(llm).prompt({"messages": [{"role": "user", "content": text}]})
 
 
-def answer(llm, prompt_text: str, max_tokens: int) -> str:
-    """The greedy answer of ``llm`` to one user message."""
-    prompt = _prompt(llm, prompt_text)
+def answer(llm, prompt_text: str, max_tokens: int,
+           response_format: dict[str, Any] | None = None) -> str:
+    """The greedy answer of ``llm`` to one user message (constrained to ``response_format``).
+
+    A format whose grammar the agent refuses (a schema feature it cannot
+    enforce) gets an empty answer, which fails the item, as on a device.
+    """
+    import llama_cpp
+
+    from agent.inference.backend import BadRequest
+    from agent.inference.prompting import PromptBuilder
+
+    request = {"messages": [{"role": "user", "content": prompt_text}],
+               "response_format": response_format}
+    builder = PromptBuilder(llm)
+    prompt = builder.prompt(request)
+    try:
+        grammar_text = builder.grammar_text(request)
+    except BadRequest:
+        return ""
+    grammar = (llama_cpp.LlamaGrammar.from_string(grammar_text, verbose=False)
+               if grammar_text is not None else None)
     llm.reset()
     out = llm.create_completion(prompt.tokens, max_tokens=max_tokens, temperature=0.0,
                                 stop=prompt.stop or None,
-                                stopping_criteria=prompt.stopping_criteria)
+                                stopping_criteria=prompt.stopping_criteria, grammar=grammar)
     return out["choices"][0]["text"]
+
+
+def _answer_item(llm, item: EvalItem) -> str:
+    from agent.healthcheck.evaluation import worker_format
+
+    return answer(llm, item.prompt, item.max_tokens, worker_format(item))
 
 
 def run_eval_set(llm, items: EvalSet,
@@ -62,7 +89,7 @@ def run_eval_set(llm, items: EvalSet,
     answers: dict[str, str] = {}
     started = time.perf_counter()
     for done, item in enumerate(items.items, start=1):
-        answers[item.id] = answer(llm, item.prompt, item.max_tokens)
+        answers[item.id] = _answer_item(llm, item)
         if progress is not None:
             progress(done, len(items.items))
     per_item = (time.perf_counter() - started) / len(items.items)
