@@ -484,3 +484,37 @@ def test_a_locked_database_is_reported_and_the_queue_catches_up(start_cp: StartC
     # the same writer process rode it out: nothing crashed and restarted
     assert ingest.writer_pid == writer
     assert ingest.connected
+
+
+def test_the_writer_rides_out_postgresql_dropping_its_connections(
+    start_cp: StartCP, device, database_backend: str
+) -> None:
+    """A PostgreSQL restart or failover ends every connection the writer holds.
+    The writer does not ping before each batch, so the first write on a dead
+    connection fails; it must be retried on a new one, losing nothing."""
+    if database_backend != "postgresql":
+        pytest.skip("SQLite has no server connections to lose")
+    cp = start_cp()
+    assert cp.ingest is not None and cp.engine is not None
+    ingest = cp.ingest
+    dev = device("pgdrop")
+    did = dev.device_id
+    _send(dev, hello(did))
+    for seq in range(10):
+        _send(dev, telemetry(did, seq))
+    wait_until(lambda: _telemetry_seqs(cp, did) == list(range(10)), 10, "the first ten written")
+    writer = ingest.writer_pid
+
+    with cp.engine.connect() as conn:
+        dropped = conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )).scalar_one()
+    assert dropped >= 1  # the writer's connection at least
+    for seq in range(10, 20):
+        _send(dev, telemetry(did, seq))
+    wait_until(lambda: _telemetry_seqs(cp, did) == list(range(20)), 15, "the next ten written")
+    assert ingest.flush(5)
+    stats = ingest.stats()
+    assert stats.dropped == 0 and stats.queue_depth == 0
+    assert ingest.writer_pid == writer

@@ -103,7 +103,9 @@ def run_worker(config: WorkerConfig, inbox: Connection, outbox: Connection) -> N
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    engine = make_engine(config.database_url)
+    # No ping before each batch: it is a round trip per flush, and a write on a
+    # dead connection already invalidates it and is retried (is_transient).
+    engine = make_engine(config.database_url, pool_pre_ping=False)
     store = BatchStore(engine)
     stats = IngestStats()
     items: queue.Queue[IngestItem] = queue.Queue(maxsize=config.queue_max)
