@@ -21,6 +21,8 @@ import socket
 import struct
 import time
 
+from protocol.mqtt_codec import packet, read_varint, utf8_string, varint
+
 #: packet type nibbles (high 4 bits of the fixed header)
 CONNACK, PUBLISH_QOS1, PUBACK, PINGRESP, DISCONNECT = 0x20, 0x32, 0x40, 0xD0, 0xE0
 #: CONNACK property: the most unacknowledged QoS 1 PUBLISHes the broker accepts
@@ -34,17 +36,8 @@ class LinkError(ConnectionError):
     """The broker refused the connection or closed it."""
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 #: the Remaining Length field of every packet a heartbeat makes, encoded once
-_VARINTS = [_varint(n) for n in range(16_384)]
+_VARINTS = [varint(n) for n in range(16_384)]
 _PACKET_IDS = [n.to_bytes(2, "big") + b"\x00" for n in range(65_536)]  # id, no properties
 
 
@@ -53,32 +46,12 @@ def topic_head(topic: bytes) -> bytes:
     return struct.pack("!H", len(topic)) + topic
 
 
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
 def connect_packet(client_id: str, username: str, password: str) -> bytes:
     """CONNECT, MQTT v5, clean start, user name and password, no properties."""
     flags = 0x80 | 0x40 | 0x02  # user name, password, clean start
-    header = _utf8("MQTT") + bytes([5, flags]) + struct.pack("!H", KEEPALIVE_S) + b"\x00"
-    return _packet(0x10, header + _utf8(client_id) + _utf8(username) + _utf8(password))
-
-
-def _read_varint(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
-    value, shift = 0, 0
-    while at < len(data):
-        byte = data[at]
-        value += (byte & 0x7F) << shift
-        at += 1
-        if not byte & 0x80:
-            return value, at
-        shift += 7
-    return None
+    header = utf8_string("MQTT") + bytes([5, flags]) + struct.pack("!H", KEEPALIVE_S) + b"\x00"
+    payload = utf8_string(client_id) + utf8_string(username) + utf8_string(password)
+    return packet(0x10, header + payload)
 
 
 #: fixed widths of MQTT v5 properties by identifier (§2.2.2.2); others are strings
@@ -93,7 +66,7 @@ def _connack_receive_maximum(body: bytes) -> int:
     """The Receive Maximum a CONNACK body grants (65,535 when absent, §3.2.2.3.3)."""
     if len(body) < 2 or body[1] != 0:
         raise LinkError(f"broker refused the connection (reason code {body[1:2].hex()})")
-    parsed = _read_varint(body, 2)
+    parsed = read_varint(body, 2)
     if parsed is None:
         return 65535
     length, at = parsed
@@ -105,7 +78,7 @@ def _connack_receive_maximum(body: bytes) -> int:
         if prop in _WIDTH:
             at += _WIDTH[prop]
         elif prop == _VARINT:
-            found = _read_varint(body, at)
+            found = read_varint(body, at)
             at = found[1] if found else end
         else:  # UTF-8 string or binary data: two-byte length first; a pair is two
             for _ in range(2 if prop == _STRING_PAIR else 1):
@@ -141,7 +114,7 @@ class HeartbeatLink:
             if not chunk:
                 raise LinkError("broker closed the connection during CONNECT")
             data += chunk
-            parsed = _read_varint(data, 1)
+            parsed = read_varint(data, 1)
             if parsed is not None and len(data) >= parsed[1] + parsed[0]:
                 return data[0], data[parsed[1]:parsed[1] + parsed[0]]
 
@@ -162,7 +135,7 @@ class HeartbeatLink:
         body_len = len(head) + 3 + len(payload)  # topic, packet id, no properties
         out = self._out
         out.append(PUBLISH_QOS1)
-        out += _VARINTS[body_len] if body_len < 16_384 else _varint(body_len)
+        out += _VARINTS[body_len] if body_len < 16_384 else varint(body_len)
         out += head
         out += _PACKET_IDS[packet_id]
         out += payload
@@ -193,7 +166,7 @@ class HeartbeatLink:
             self._in += chunk
         data, at = self._in, 0
         while True:
-            parsed = _read_varint(data, at + 1) if at < len(data) else None
+            parsed = read_varint(data, at + 1) if at < len(data) else None
             if parsed is None or parsed[1] + parsed[0] > len(data):
                 break
             first = data[at]

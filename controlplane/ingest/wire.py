@@ -5,9 +5,9 @@ connection loop (:mod:`.connection`) does the I/O around them. Only what a
 QoS 1 subscriber needs is here: CONNECT §3.1, CONNACK §3.2, PUBLISH §3.3,
 PUBACK §3.4, SUBSCRIBE §3.8, SUBACK §3.9, PINGREQ/PINGRESP §3.12-3.13,
 DISCONNECT §3.14 (MQTT v5.0, OASIS, 2019). ``fleetsim/wire.py`` speaks the
-publishing side of the same wire for the simulator; :func:`varint`,
-:func:`utf8_string`, :func:`packet` and :func:`read_varint` are the pieces
-both sides need.
+publishing side of the same wire for the simulator; the encodings both
+share (:func:`varint`, :func:`utf8_string`, :func:`packet`,
+:func:`read_varint`) are :mod:`protocol.mqtt_codec`'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from protocol.mqtt_codec import MalformedStream, packet, read_varint, utf8_string, varint
 
 #: packet types (high nibble of the fixed header's first byte)
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 3, 4, 9, 13, 14
@@ -25,8 +27,6 @@ DISCONNECT_PACKET = b"\xe0\x00"
 _SESSION_EXPIRY, _RECEIVE_MAXIMUM = 0x11, 0x21
 #: SUBSCRIBE options: QoS 1, retained messages only for a new subscription (§3.8.3.1)
 SUBSCRIBE_QOS1_RETAIN_IF_NEW = 0x01 | (1 << 4)
-#: a remaining length is at most four bytes (§1.5.5)
-_MAX_VARINT_BYTES = 4
 _PUBACK = struct.Struct("!BBH")
 
 #: reason codes a CONNACK may carry, named for logs and errors (§3.2.2.2)
@@ -49,33 +49,8 @@ REASON_NAMES = {
 AUTH_REFUSALS = frozenset({0x86, 0x87, 0x8C})
 
 
-class MalformedStream(ValueError):
-    """The bytes from the broker cannot be split into packets; the connection must close."""
-
-
 class MalformedPacket(ValueError):
     """One packet's fields do not parse; the packets around it are unaffected."""
-
-
-def varint(n: int) -> bytes:
-    """MQTT variable byte integer (§1.5.5)."""
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def utf8_string(text: str) -> bytes:
-    """MQTT UTF-8 string: two-byte length, then the bytes (§1.5.4)."""
-    data = text.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def packet(first: int, body: bytes) -> bytes:
-    """A control packet: first byte, remaining length, body (§2.1)."""
-    return bytes([first]) + varint(len(body)) + body
 
 
 def connect_packet(
@@ -116,23 +91,6 @@ def pubacks(packet_ids: Sequence[int]) -> bytes:
     """PUBACKs (success, no properties: four bytes each) for a whole read, to send at once."""
     pack = _PUBACK.pack
     return b"".join([pack(0x40, 2, packet_id) for packet_id in packet_ids])
-
-
-def read_varint(data: bytes | bytearray | memoryview, at: int, end: int) -> tuple[int, int] | None:
-    """(value, offset after it), or None when the bytes end first."""
-    value, shift = 0, 0
-    for count in range(_MAX_VARINT_BYTES):
-        if at >= end:
-            return None
-        byte = data[at]
-        value += (byte & 0x7F) << shift
-        at += 1
-        if not byte & 0x80:
-            return value, at
-        shift += 7
-        if count == _MAX_VARINT_BYTES - 1:
-            break
-    raise MalformedStream("remaining length longer than four bytes")
 
 
 @dataclass(frozen=True, slots=True)
