@@ -1,6 +1,6 @@
 """An adapter release rolled out canary-first to three real agents serving the real base.
 
-The session's shared fleet (:mod:`tests.support.fleet_e2e`: a control plane,
+The module's fleet (:mod:`tests.support.fleet_e2e`: a control plane,
 the shared broker, three agents of micro, small and medium tier) with
 ``smollm2-135m@1.1.0`` active; ``support-formal@1.0.0`` (the real LoRA
 adapter, one ``gguf-lora`` variant per tier bound to the base's sha256) is

@@ -1,6 +1,6 @@
 """A set of models end to end: three real agents run a chat model and an embedder at once.
 
-The session's shared fleet (:mod:`tests.support.fleet_e2e`: real Mosquitto
+The module's fleet (:mod:`tests.support.fleet_e2e`: real Mosquitto
 with ACLs on, a control plane on SQLite, three ``slmfleet agent run``
 processes with simulated hardware presets) and the real SmolLM2-135M GGUF
 (the embedder is the same file with embeddings on). Each device is

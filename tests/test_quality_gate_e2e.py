@@ -52,6 +52,8 @@ PROFILES = Path(__file__).parent.parent / "firmware-profiles"
 #: the example's items the Q4_1 file answers and Q2_0 mostly does not (measured:
 #: docs/benchmarks.md): a short set keeps each check to a few seconds
 ITEMS = 8
+#: the first adapter's gate against its bare base: one item of ITEMS may change with its style
+ADAPTER_FLOOR = 0.85
 GOLDEN = [{"prompt": "What is the capital of Germany?", "expected": ["Berlin"], "max_tokens": 24}]
 
 
@@ -101,11 +103,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker,
         yield fleet
 
 
-def _run(api: httpx.Client, version: str, timeout: float, model: str = MODEL) -> dict[str, Any]:
+def _run(api: httpx.Client, version: str, timeout: float, model: str = MODEL,
+         min_eval_ratio: float = 0.9) -> dict[str, Any]:
     return run_rollout(api, {
         "model": model, "version": version, "target": {"labels": LABEL},
         "stages": [{"percent": 10, "bake_s": 1}, {"percent": 100, "bake_s": 1}],
-        "gates": {"min_eval_ratio": 0.9},
+        "gates": {"min_eval_ratio": min_eval_ratio},
         "on_failure": "rollback", "max_concurrent_downloads": 1,
     }, timeout)
 
@@ -185,7 +188,9 @@ def test_adapter_versions_are_gated_against_the_previous_one_on_the_same_base(
             eval_set={"path": str(world.root / "eval.json"), "time_budget_s": 300}))
     base_score = _scores(_latest(world, MODEL))["new"]["score"]
 
-    first = _run(world.api, "1.0.0", timeout=300, model=ADAPTER)
+    # The adapter restyles answers by design ("Dear ..."), so against the bare base
+    # it may lose one of the items; the gate for a first adapter allows one.
+    first = _run(world.api, "1.0.0", timeout=300, model=ADAPTER, min_eval_ratio=ADAPTER_FLOOR)
     assert first["state"] == "completed", first["reason"]
     scores = _scores(first)
     # A first adapter is compared with its base alone on that device (cached from
@@ -193,9 +198,9 @@ def test_adapter_versions_are_gated_against_the_previous_one_on_the_same_base(
     assert scores["new"]["devices"] == scores["old"]["devices"] == DEVICES, scores
     assert scores["old"]["score"] == pytest.approx(base_score, abs=1 / ITEMS)
     gate = next(g for g in first["gates"] if g["gate"] == "min_eval_ratio")
-    assert gate["verdict"] == "pass" and gate["measured"] >= 0.9, gate
+    assert gate["verdict"] == "pass" and gate["measured"] >= ADAPTER_FLOOR, gate
 
-    second = _run(world.api, "1.0.1", timeout=300, model=ADAPTER)
+    second = _run(world.api, "1.0.1", timeout=300, model=ADAPTER, min_eval_ratio=0.9)
     assert second["state"] == "completed", second["reason"]
     scores_next = _scores(second)
     # The next version is compared with the previous adapter version, not the base.

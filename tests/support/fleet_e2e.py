@@ -5,8 +5,8 @@ director keys, one ``slmfleet agent run`` process per device (simulated
 hardware presets, the session's broker) and an admin API client, and
 waits until every agent is online with its tier and speaks the set form.
 
-``three_agents`` is one such fleet (micro, small and medium tier) for the
-whole session: the model-set and adapter rollout tests share it. Use with
+``three_agents`` is one such fleet (micro, small and medium tier) for each
+test module that uses it (the model-set and adapter rollout tests). Use with
 ``pytest_plugins = ["tests.support.fleet_e2e"]``. Each test that uses it
 leaves it as it found it in what the next one checks (a test that adds a
 model takes it off again), so the order the tests run in does not matter.
@@ -129,10 +129,15 @@ def running_fleet(root: Path, broker: MosquittoBroker, cp_credentials: tuple[str
         cp.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def three_agents(tmp_path_factory: pytest.TempPathFactory, broker: MosquittoBroker,
                  cp_credentials: tuple[str, str]) -> Iterator[Fleet]:
-    """One fleet of three agents (micro, small, medium) shared by the tests that use it."""
+    """One fleet of three agents (micro, small, medium) for a test module's tests.
+
+    Per module, not per session: a fleet left running for the rest of the
+    suite (three agents and their loaded workers) takes CPU and memory from
+    every later test, and the timing-sensitive ones fail.
+    """
     with running_fleet(tmp_path_factory.mktemp("fleet-e2e"), broker, cp_credentials,
                        [(f"fleet-{i}", preset) for i, preset in enumerate(PRESETS)],
                        labels=FLEET_LABEL, health_check_timeout_s=180.0) as fleet:
