@@ -115,3 +115,26 @@ def test_score_table_groups_new_and_old_versions_per_tier() -> None:
 
 def test_an_unreadable_event_is_ignored() -> None:
     assert device_eval("a", {"candidate": "nonsense"}) is None
+
+
+def test_a_check_cut_short_by_its_budget_is_judged_on_the_items_it_ran() -> None:
+    """Seen on a busy device: the candidate ran 31 of 50 items (22 passed), the old
+    version 22 (all passed); both report 22/50 = 0.44, a ratio of 1.0 that would
+    pass a release that answers far worse. Judged on what each ran, it fails."""
+    new = {"facts": (7, 8), "choice": (6, 8), "arith": (4, 6), "json": (5, 9)}
+    old = {"facts": (5, 5), "choice": (5, 5), "arith": (5, 5), "json": (7, 7)}
+    evals = {"a": DeviceEval("a", 0.44, 0.44, new, old, stopped_early=True)}
+    [result] = eval_gates(0.9, [view("a")], evals)
+    assert result.verdict == "fail"
+    assert result.measured == pytest.approx((22 / 31) / 1.0)
+    assert "within its time budget" in result.note
+
+
+def test_whole_runs_keep_the_reported_scores() -> None:
+    """With every item run on both sides, the passed share is the reported score."""
+    by_category = {"facts": (9, 10), "json": (4, 5)}
+    evals = {"a": DeviceEval("a", 13 / 15, 14 / 15, by_category,
+                             {"facts": (10, 10), "json": (4, 5)})}
+    [result] = eval_gates(0.9, [view("a")], evals)
+    assert result.measured == pytest.approx(13 / 14)
+    assert "time budget" not in result.note

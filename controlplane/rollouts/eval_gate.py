@@ -8,6 +8,12 @@ quantization-specific luck weigh on both sides alike, and judges per tier::
 
     ratio = sum(new scores) / sum(old scores)      over the stage's device pairs
 
+A side's score here is the share of the items it *ran* that passed: a
+check that ran out of its time budget counts the items it never reached
+as failed in its reported score, and two such truncated scores (the old
+version's from an earlier, quieter check, the new one's on a busy device)
+would otherwise compare how far each got, not how well each answered.
+
 The tier fails when ``ratio < min_eval_ratio``. A tier with no pair yet
 waits while a device of it is still updating; with none left updating it
 passes and says why (the release has no evaluation set, the devices ran no
@@ -39,6 +45,33 @@ class DeviceEval:
     old_by_category: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     stopped_early: bool = False
 
+    @property
+    def new_rate(self) -> float:
+        """The candidate's passed share of the items it ran."""
+        return _rate(self.new, self.new_by_category)
+
+    @property
+    def old_rate(self) -> float | None:
+        """The old version's passed share of the items it ran (None: not scored)."""
+        return None if self.old is None else _rate(self.old, self.old_by_category)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether either side left items unrun (its budget ran out)."""
+        return self.stopped_early or _ran(self.new_by_category) != _ran(self.old_by_category)
+
+
+def _ran(by_category: Mapping[str, tuple[int, int]]) -> int:
+    return sum(run for _, run in by_category.values())
+
+
+def _rate(score: float, by_category: Mapping[str, tuple[int, int]]) -> float:
+    """Passed over run from the per-category counts; the reported score without them."""
+    run = _ran(by_category)
+    if not by_category or run == 0:
+        return score
+    return sum(passed for passed, _ in by_category.values()) / run
+
 
 @dataclass(frozen=True)
 class TierScores:
@@ -48,6 +81,8 @@ class TierScores:
     devices: int
     new: float
     old: float
+    #: whether some device's check (either side) ran out of its budget
+    truncated: bool = False
 
     @property
     def ratio(self) -> float | None:
@@ -58,14 +93,17 @@ class TierScores:
 def tier_scores(members: Sequence[MemberView],
                 evals: Mapping[str, DeviceEval]) -> dict[str, TierScores]:
     """Each tier's paired scores over ``members`` that reported both sides."""
-    sums: dict[str, tuple[int, float, float]] = {}
+    sums: dict[str, tuple[int, float, float, bool]] = {}
     for member in members:
         report = evals.get(member.device_id)
-        if report is None or report.old is None or not member.tier:
+        old_rate = report.old_rate if report is not None else None
+        if report is None or old_rate is None or not member.tier:
             continue
-        n, new, old = sums.get(member.tier, (0, 0.0, 0.0))
-        sums[member.tier] = (n + 1, new + report.new, old + report.old)
-    return {tier: TierScores(tier, n, new / n, old / n) for tier, (n, new, old) in sums.items()}
+        n, new, old, cut = sums.get(member.tier, (0, 0.0, 0.0, False))
+        sums[member.tier] = (n + 1, new + report.new_rate, old + old_rate,
+                             cut or report.truncated)
+    return {tier: TierScores(tier, n, new / n, old / n, cut)
+            for tier, (n, new, old, cut) in sums.items()}
 
 
 def eval_gates(threshold: float, members: Sequence[MemberView],
@@ -86,6 +124,8 @@ def eval_gates(threshold: float, members: Sequence[MemberView],
             continue
         figures = (f"new {paired.new:.3f} vs old {paired.old:.3f} "
                    f"on {paired.devices} device(s)")
+        if paired.truncated:
+            figures += " (passed share of the items each ran within its time budget)"
         ratio = paired.ratio
         if ratio is None:
             out.append(GateResult(GATE, "pass", None, threshold, tier,
