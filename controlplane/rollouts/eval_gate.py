@@ -58,7 +58,10 @@ class DeviceEval:
     @property
     def truncated(self) -> bool:
         """Whether either side left items unrun (its budget ran out)."""
-        return self.stopped_early or _ran(self.new_by_category) != _ran(self.old_by_category)
+        if self.stopped_early:
+            return True
+        return bool(self.old_by_category) and (
+            _ran(self.new_by_category) != _ran(self.old_by_category))
 
 
 def _ran(by_category: Mapping[str, tuple[int, int]]) -> int:
