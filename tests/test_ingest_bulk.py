@@ -250,8 +250,10 @@ def test_a_stalled_writer_stops_the_acks_and_the_broker_delivers_the_rest_again(
                    "every heartbeat written")
         assert second.flush(30)
         assert _telemetry_seqs(settings.database_url, device_id) == list(range(total))
-        # the broker redelivered what the first never acknowledged
-        assert second.stats().received >= total - stalled
+        # Every heartbeat reached one of the two: what the first never acknowledged
+        # the broker delivered again, to the second or (when the first, resumed
+        # while stopping, read on before the second took the session) to the first.
+        assert first.stats().received + second.stats().received >= total
     finally:
         client.close()
 
